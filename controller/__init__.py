@@ -1,0 +1,1 @@
+"""The operator side of jetfleet: CLI, rollout engine, fleet registry, telemetry ingestion."""

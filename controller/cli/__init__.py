@@ -1,0 +1,1 @@
+"""The `jetfleet` command line: one module per command group, assembled in main.py."""

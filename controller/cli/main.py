@@ -1,0 +1,46 @@
+"""`jetfleet`: global options, then one sub-command group per module of this package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from controller.cli.common import EXIT_USAGE
+from controller.settings import ControllerSettings, SettingsError
+
+app = typer.Typer(
+    name="jetfleet",
+    help="Build, sign and roll out ML models to a fleet of Jetson robots.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    broker: str | None = typer.Option(None, help="MQTT broker URL [env JETFLEET_BROKER]"),
+    keys: Path | None = typer.Option(
+        None, help="key directory from `jetfleet keys init` [env JETFLEET_KEYS]"
+    ),
+    db: Path | None = typer.Option(None, help="controller SQLite database [env JETFLEET_DB]"),
+    ca: str | None = typer.Option(None, help="CA certificate for mqtts://"),
+    cert: str | None = typer.Option(None, help="client certificate for mutual TLS"),
+    key: str | None = typer.Option(None, help="client key for mutual TLS"),
+    config: Path | None = typer.Option(
+        None, help="config file [default ~/.config/jetfleet/config.toml]"
+    ),
+) -> None:
+    try:
+        ctx.obj = ControllerSettings.load(
+            {"broker": broker, "keys": keys, "db": db, "ca": ca, "cert": cert, "key": key},
+            config=config,
+        )
+    except SettingsError as e:
+        typer.echo(f"jetfleet: {e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+
+
+# Command groups register themselves here, one line each.

@@ -1,0 +1,97 @@
+"""Every error the protocol package raises, each carrying a machine `code` and a sentence.
+
+The agent turns these into REJECTED events (`code` + `reason`) and the CLI into exit 3,
+so the message must say what failed in words an operator can act on.
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """Base class: `code` is stable (scripts match on it), `str(err)` is for people."""
+
+    code = "protocol_error"
+
+    def __init__(self, reason: str, *, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
+class MessageError(ProtocolError):
+    """A payload that is not a valid message (bad JSON, missing field, wrong type)."""
+
+    code = "malformed"
+
+
+class SchemaError(MessageError):
+    """Missing `schema`, another kind of document, or an unsupported major version."""
+
+    code = "schema"
+
+
+class InvalidIdError(MessageError):
+    """A device id or group name outside `^[a-z0-9][a-z0-9._-]{0,63}$`."""
+
+    code = "invalid_id"
+
+
+class VerificationError(ProtocolError):
+    """Base class of everything that makes a signed document or a bundle untrusted."""
+
+    code = "verification_failed"
+
+
+class UnsignedError(VerificationError):
+    code = "unsigned"
+
+
+class SignatureError(VerificationError):
+    """A signature that does not verify, or an unknown key id."""
+
+    code = "bad_signature"
+
+
+class WrongRoleError(VerificationError):
+    """Valid signatures, but by keys that do not hold the role this document needs."""
+
+    code = "wrong_role"
+
+
+class ThresholdError(VerificationError):
+    """Fewer valid signatures of the role than its threshold."""
+
+    code = "threshold"
+
+
+class PayloadTypeError(VerificationError):
+    code = "payload_type"
+
+
+class TrustRootError(VerificationError):
+    """A trust root that is malformed or fails the rotation rule."""
+
+    code = "trust_root"
+
+
+class TrustExpiredError(TrustRootError):
+    code = "trust_expired"
+
+
+class RollbackAttackError(TrustRootError):
+    """A trust root whose version is not higher than the one already trusted."""
+
+    code = "trust_version"
+
+
+class CommandRejected(VerificationError):
+    """A correctly signed command this device must not act on (expired, other target)."""
+
+    code = "command_rejected"
+
+
+class BundleError(VerificationError):
+    """A bundle whose archive, manifest or files do not match what was signed."""
+
+    code = "bundle_invalid"

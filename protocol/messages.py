@@ -1,0 +1,309 @@
+"""Commands, job events, device status (SPEC §5, §6) and their reason codes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from protocol.errors import MessageError
+from protocol.ids import validate_id, validate_semver
+from protocol.schema import Document
+
+COMMAND_PAYLOAD_TYPE = "application/vnd.jetfleet.command+json"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise MessageError("timestamps must carry a timezone (RFC 3339 with Z or an offset)")
+    return value
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CommandKind(str, Enum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+    CANCEL = "cancel"
+    PING = "ping"
+    TRUST_UPDATE = "trust_update"
+
+
+class DeployBody(_Body):
+    url: str = Field(min_length=1, description="http(s):// or file:// of the .jfb bundle")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0, description="bundle size in bytes: a hard cap on the download")
+    rollout_id: str | None = None
+    name: str | None = Field(default=None, description="model name, informative")
+    version: str | None = Field(default=None, description="model version, informative")
+
+
+class RollbackBody(_Body):
+    model: str = Field(min_length=1)
+    to_version: str
+    rollout_id: str | None = None
+
+    _v = field_validator("to_version")(lambda cls, v: validate_semver(v))
+
+
+class CancelBody(_Body):
+    command_id: str
+
+
+class PingBody(_Body):
+    pass
+
+
+class TrustUpdateBody(_Body):
+    trust_root: dict[str, Any] = Field(description="the new trust root's DSSE envelope")
+
+
+CommandBody = Union[DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody]
+BODY_BY_KIND: dict[CommandKind, type[_Body]] = {
+    CommandKind.DEPLOY: DeployBody,
+    CommandKind.ROLLBACK: RollbackBody,
+    CommandKind.CANCEL: CancelBody,
+    CommandKind.PING: PingBody,
+    CommandKind.TRUST_UPDATE: TrustUpdateBody,
+}
+
+
+class Command(Document):
+    """A controller → device instruction; travels inside an operator-signed DSSE envelope."""
+
+    KIND: ClassVar[str] = "command"
+
+    command_id: str
+    issued_at: datetime
+    expires_at: datetime
+    target: str = Field(description="a device id or group:NAME")
+    kind: CommandKind
+    body: CommandBody
+
+    @field_validator("command_id")
+    @classmethod
+    def _uuid(cls, v: str) -> str:
+        try:
+            return str(uuid.UUID(v))
+        except (ValueError, AttributeError, TypeError) as e:
+            raise MessageError(f"command_id {v!r} is not a UUID") from e
+
+    @field_validator("issued_at", "expires_at")
+    @classmethod
+    def _tz(cls, v: datetime) -> datetime:
+        return _aware(v)
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        if v.startswith("group:"):
+            validate_id(v[6:], "group name")
+        else:
+            validate_id(v, "device id")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_body(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kind" in data:
+            try:
+                kind = CommandKind(data["kind"])
+            except ValueError as e:
+                raise MessageError(f"unknown command kind {data['kind']!r}") from e
+            body = data.get("body", {})
+            if not isinstance(body, BaseModel):
+                data = {**data, "body": BODY_BY_KIND[kind].model_validate(body)}
+        return data
+
+    @model_validator(mode="after")
+    def _body_matches_kind(self) -> Command:
+        if not isinstance(self.body, BODY_BY_KIND[self.kind]):
+            raise MessageError(f"{self.kind.value} command has a {type(self.body).__name__}")
+        if self.expires_at <= self.issued_at:
+            raise MessageError("expires_at must be after issued_at")
+        return self
+
+    @property
+    def rollout_id(self) -> str | None:
+        return getattr(self.body, "rollout_id", None)
+
+
+class JobState(str, Enum):
+    RECEIVED = "RECEIVED"
+    QUEUED = "QUEUED"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    BUILDING = "BUILDING"
+    VALIDATING = "VALIDATING"
+    ACTIVATING = "ACTIVATING"
+    PROBATION = "PROBATION"
+    SUCCEEDED = "SUCCEEDED"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+    ROLLED_BACK = "ROLLED_BACK"
+    CANCELED = "CANCELED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def failed(self) -> bool:
+        """Terminal and not a success: counts against a rollout's failure rate."""
+        return self in FAILURE_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        JobState.SUCCEEDED,
+        JobState.REJECTED,
+        JobState.FAILED,
+        JobState.ROLLED_BACK,
+        JobState.CANCELED,
+        JobState.TIMED_OUT,
+    }
+)
+FAILURE_STATES = frozenset(
+    {JobState.REJECTED, JobState.FAILED, JobState.ROLLED_BACK, JobState.TIMED_OUT}
+)
+# The forward path; a job may leave it for a terminal state at any step.
+PIPELINE = (
+    JobState.RECEIVED,
+    JobState.QUEUED,
+    JobState.DOWNLOADING,
+    JobState.VERIFYING,
+    JobState.BUILDING,
+    JobState.VALIDATING,
+    JobState.ACTIVATING,
+    JobState.PROBATION,
+    JobState.SUCCEEDED,
+)
+
+
+class ReasonCode(str, Enum):
+    """Machine codes carried next to the human `reason` of a non-success terminal event."""
+
+    MALFORMED = "malformed"
+    SCHEMA = "schema"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_ROLE = "wrong_role"
+    THRESHOLD = "threshold"
+    PAYLOAD_TYPE = "payload_type"
+    TRUST_ROOT = "trust_root"
+    TRUST_EXPIRED = "trust_expired"
+    TRUST_VERSION = "trust_version"
+    COMMAND_EXPIRED = "command_expired"
+    REPLAY = "replay"
+    WRONG_TARGET = "wrong_target"
+    BUNDLE_INVALID = "bundle_invalid"
+    DOWNGRADE = "downgrade"
+    UNKNOWN_VERSION = "unknown_version"
+    TARGET_MISMATCH = "target_mismatch"
+    UNSUPPORTED = "unsupported"
+    DOWNLOAD_FAILED = "download_failed"
+    DISK_FULL = "disk_full"
+    TOO_LARGE = "too_large"
+    BUILD_FAILED = "build_failed"
+    ACCURACY = "accuracy"
+    LATENCY_REGRESSION = "latency_regression"
+    LATENCY_BUDGET = "latency_budget"
+    THROUGHPUT = "throughput"
+    HOOK_FAILED = "hook_failed"
+    HEALTH_FAILED = "health_failed"
+    PROBATION_LATENCY = "probation_latency"
+    CANCELED = "canceled"
+    TIMED_OUT = "timed_out"
+    INTERRUPTED = "interrupted"
+    INTERNAL = "internal"
+
+
+class JobEvent(Document):
+    """One step of a job, published QoS 1 on the device's events topic."""
+
+    KIND: ClassVar[str] = "event"
+
+    command_id: str
+    rollout_id: str | None = None
+    device_id: str
+    state: JobState
+    seq: int = Field(ge=0, description="per device, strictly increasing across restarts")
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    reason: str | None = None
+    code: str | None = None
+    kind: CommandKind | None = None
+    model: str | None = None
+    version: str | None = None
+    gate: dict[str, Any] | None = Field(default=None, description="gate figures when it ran")
+    at: datetime = Field(default_factory=utcnow)
+
+    _id = field_validator("device_id")(lambda cls, v: validate_id(v))
+
+    @model_validator(mode="after")
+    def _reason_on_failure(self) -> JobEvent:
+        failed = self.state.terminal and self.state is not JobState.SUCCEEDED
+        if failed and not (self.reason and self.code):
+            raise MessageError(f"a {self.state.value} event needs a reason and a code")
+        return self
+
+
+class HardwareProfile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    device_model: str | None = None  # e.g. "NVIDIA Jetson AGX Orin Developer Kit"
+    jetpack: str | None = None
+    l4t: str | None = None  # e.g. "36.3.0"
+    tensorrt: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    backend: str | None = None  # engine backend in use: tensorrt | onnxruntime
+    backend_version: str | None = None
+
+
+class ModelSlot(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    active: str | None = None
+    previous: str | None = None
+
+
+class JobSummary(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    command_id: str
+    state: JobState
+    kind: CommandKind | None = None
+    rollout_id: str | None = None
+    model: str | None = None
+    version: str | None = None
+
+
+class DeviceStatus(Document):
+    """Retained on the status topic; the MQTT will publishes `online: false`."""
+
+    KIND: ClassVar[str] = "status"
+
+    device_id: str
+    online: bool
+    agent_version: str | None = None
+    groups: list[str] = Field(default_factory=list)
+    hardware: HardwareProfile = Field(default_factory=HardwareProfile)
+    models: dict[str, ModelSlot] = Field(default_factory=dict)
+    job: JobSummary | None = None
+    last_seq: int | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+    _id = field_validator("device_id")(lambda cls, v: validate_id(v))
+
+
+StatusKind = Literal["status"]
