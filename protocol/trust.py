@@ -166,7 +166,7 @@ def build_trust_root(
 ) -> Envelope:
     """Make a signed trust root envelope. `sign_with` defaults to the new root keys; for a
     rotation pass the old root keys too."""
-    limits: dict[str, int] = dict(thresholds or {})
+    limits: dict[str, int] = {str(k): v for k, v in (thresholds or {}).items()}
     expires = expires or datetime.now(timezone.utc) + timedelta(days=365)
     every = {k.keyid: k for k in [*root, *release, *operator]}
     doc = TrustRoot.new(
