@@ -225,6 +225,7 @@ class ReasonCode(str, Enum):
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"
+    NOT_CANCELABLE = "not_cancelable"  # a cancel naming an unknown job or one already activating
     INTERNAL = "internal"
 
 

@@ -7,10 +7,14 @@ needs when a certificate is wrong.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from cryptography import x509
 
 from protocol.errors import ProtocolError
 
@@ -70,10 +74,12 @@ def client_tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLCo
             raise TransportConfigError(
                 f"CA certificate file {ca_path} is not a PEM certificate ({e.reason})"
             ) from e
+        _check_ca_file(ca_path)
     if bool(cert) != bool(key):
         raise TransportConfigError("mutual TLS needs both a client certificate and its key")
     if cert:
         cert_path, key_path = _read(cert, "client certificate"), _read(key, "client key")
+        check_certificate_dates(cert_path, "client certificate")
         try:
             ctx.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path))
         except ssl.SSLError as e:
@@ -82,3 +88,145 @@ def client_tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLCo
                 "check that the key matches the certificate and both are PEM"
             ) from e
     return ctx
+
+
+# -- certificate checks and TLS failure explanations (additive, transport security) -------
+
+
+def _load_pem_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError:
+        return []
+
+
+def check_certificate_dates(path: Path, what: str, now: datetime | None = None) -> None:
+    """Raise TransportConfigError naming `path` when its (first) certificate is expired or
+    not yet valid: far clearer at start-up than a failed handshake later. A not-yet-valid
+    certificate on a robot usually means its clock is wrong (no RTC battery, no NTP yet)."""
+    certs = _load_pem_certs(path)
+    if not certs:
+        raise TransportConfigError(f"{what} file {path} holds no PEM certificate")
+    c = certs[0]
+    now = now or datetime.now(timezone.utc)
+    if now > c.not_valid_after_utc:
+        raise TransportConfigError(
+            f"{what} {path} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+            "issue a new one (jetfleet pki issue)"
+        )
+    if now < c.not_valid_before_utc:
+        raise TransportConfigError(
+            f"{what} {path} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+            f"and this machine's clock says {now:%Y-%m-%d %H:%M}: check the clock (NTP)"
+        )
+
+
+def _check_ca_file(path: Path) -> None:
+    for c in _load_pem_certs(path):
+        try:
+            if c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                return
+        except x509.ExtensionNotFound:
+            continue
+    raise TransportConfigError(
+        f"CA certificate file {path} holds no CA certificate (is it a device's or the "
+        "broker's own certificate? use the fleet CA, ca.crt)"
+    )
+
+
+# OpenSSL X509_V_ERR_* codes Python reports in SSLCertVerificationError.verify_code.
+_X509_EXPIRED, _X509_NOT_YET_VALID = 10, 9
+_X509_UNTRUSTED = {2, 18, 19, 20, 21}  # issuer unknown, self-signed, chain incomplete
+_X509_NAME_MISMATCH, _X509_BAD_PURPOSE = {62, 64}, 26  # host name / IP address
+
+# Alerts the broker sends when it refuses our client certificate (OpenSSL reason names).
+_CLIENT_CERT_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "it requires a client certificate and none was sent",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the handshake failed (no client certificate?)",
+    "TLSV1_ALERT_UNKNOWN_CA": "it was not issued by a CA the broker trusts",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it has expired",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the broker finds it invalid",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "it is not a client certificate (clientAuth)",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "it has been revoked",
+    "TLSV1_ALERT_DECRYPT_ERROR": "its key does not match it",
+    "TLSV1_ALERT_ACCESS_DENIED": "access is denied",
+}
+
+
+def explain_ssl_error(
+    err: BaseException, address: BrokerAddress, *, ca: str = "", cert: str = ""
+) -> str:
+    """One sentence for an operator, naming the file to fix, for a TLS failure talking to
+    `address` (a handshake error from connect, or an alert read right after it)."""
+    where = f"TLS with broker {address.host}:{address.port}"
+    ca_name = f"the CA in {ca}" if ca else "the system's CA certificates"
+    if isinstance(err, ssl.SSLCertVerificationError):
+        code = err.verify_code
+        if code in _X509_NAME_MISMATCH:
+            return (
+                f"{where}: the broker's certificate does not name {address.host!r}; connect "
+                f"with a name it holds or reissue it (jetfleet pki issue-server --host "
+                f"{address.host})"
+            )
+        if code in _X509_UNTRUSTED:
+            return f"{where}: the broker's certificate is not signed by {ca_name}"
+        if code == _X509_EXPIRED:
+            return f"{where}: the broker's certificate has expired"
+        if code == _X509_NOT_YET_VALID:
+            return f"{where}: the broker's certificate is not valid yet: check this clock"
+        if code == _X509_BAD_PURPOSE:
+            return f"{where}: the broker's certificate is not a server certificate"
+        return f"{where}: the broker's certificate is not trusted ({err.verify_message})"
+    if isinstance(err, ssl.SSLError):
+        reason = str(err.reason or "")
+        if reason in _CLIENT_CERT_ALERTS:
+            subject = f"client certificate {cert}" if cert else "this client (no certificate)"
+            return f"{where}: the broker refused {subject}: {_CLIENT_CERT_ALERTS[reason]}"
+        if reason == "WRONG_VERSION_NUMBER":
+            return f"{where}: the broker does not speak TLS on this port (use mqtt://?)"
+        return f"{where} failed: {err.reason or err}"
+    if isinstance(err, TransportConfigError):
+        return str(err)
+    if isinstance(err, OSError):
+        return f"cannot reach broker {address.host}:{address.port}: {err}"
+    return f"{where} failed: {err}"
+
+
+def diagnose_tls(
+    address: BrokerAddress, ca: str = "", cert: str = "", key: str = "", timeout: float = 5.0
+) -> str | None:
+    """Open a TLS connection the way the MQTT client would and say what is wrong, or
+    None when the broker accepts us. For use after a failed connect: under TLS 1.3 a
+    broker refuses a client certificate only after the handshake, which an MQTT client
+    reports as a bare "connection lost"; this reads the broker's alert instead."""
+    try:
+        ctx = client_tls_context(ca, cert, key)
+    except TransportConfigError as e:
+        return str(e)
+    try:
+        raw = socket.create_connection((address.host, address.port), timeout=timeout)
+    except OSError as e:
+        return f"cannot reach broker {address.host}:{address.port}: {e}"
+    try:
+        with raw, ctx.wrap_socket(raw, server_hostname=address.host) as tls:
+            tls.settimeout(min(timeout, 1.0))
+            try:
+                # An MQTT broker says nothing before CONNECT: silence means accepted.
+                data = tls.recv(1)
+            except TimeoutError:
+                return None
+            if data == b"":
+                return (
+                    f"TLS with broker {address.host}:{address.port}: the broker closed the "
+                    f"connection after the handshake (client certificate {cert or 'none'} "
+                    "refused? see the broker's log)"
+                )
+            return None
+    except ssl.SSLError as e:
+        return explain_ssl_error(e, address, ca=ca, cert=cert)
+    except OSError as e:
+        # A plain MQTT listener reads the ClientHello as a bad CONNECT and hangs up.
+        return (
+            f"TLS with broker {address.host}:{address.port}: the broker closed the connection "
+            f"during the handshake ({e.strerror or e}): is this a plain mqtt:// port?"
+        )

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +46,29 @@ def trust_material() -> TrustMaterial:
     return TrustMaterial(
         root, release, operator, data, load_trust_root(data, datetime.now(timezone.utc))
     )
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private RabbitMQ node with the MQTT plugin (MQTT 3.1.1 on Debian bookworm's 3.10):
+    `.url` (plain) and `.tls_url` (mutual TLS with the fleet PKI in `.pki_dir`, made by
+    controller.pki; issue client certificates from it). One node per session (it takes
+    ~10 s to start): use unique device ids per test. Skips where RabbitMQ is not installed."""
+    from controller import pki
+    from controller.localbroker import free_port
+    from tests.transport.rabbit import LocalRabbitMQ, TlsListener, rabbitmq_missing
+
+    why = rabbitmq_missing()
+    if why:
+        pytest.skip(why)
+    work = tmp_path_factory.mktemp("rabbitmq")
+    pki_dir = work / "pki"
+    pki.init_ca(pki_dir)
+    server = pki.issue_server(pki_dir, ["127.0.0.1", "localhost"])
+    node = LocalRabbitMQ(
+        work / "node", tls=TlsListener(free_port(), server.ca, server.cert, server.key)
+    )
+    node.pki_dir = pki_dir  # type: ignore[attr-defined]
+    node.start()
+    yield node
+    node.stop()

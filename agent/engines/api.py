@@ -61,6 +61,12 @@ class EngineLoadError(EngineError):
     code = "build_failed"
 
 
+class InferenceError(EngineError):
+    """Inference refused or failed: missing/unknown input, wrong dtype or shape, backend error."""
+
+    code = "build_failed"
+
+
 @dataclass(frozen=True)
 class EngineMeta:
     """The sidecar `<engine>.json`."""

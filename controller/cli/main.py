@@ -44,3 +44,33 @@ def _global(
 
 
 # Command groups register themselves here, one line each.
+from controller.cli import pki as _pki  # noqa: E402
+
+app.add_typer(_pki.app, name="pki")
+from controller.cli import broker as _broker  # noqa: E402
+
+app.add_typer(_broker.app, name="broker")
+from controller.cli import devices as _devices  # noqa: E402
+
+app.command("devices")(_devices.devices)
+from controller.cli import rollout as _rollout  # noqa: E402
+
+app.add_typer(_rollout.app, name="rollout")
+from controller.cli import rollback as _rollback  # noqa: E402
+
+app.command("rollback")(_rollback.rollback)
+from controller.cli import keys as _keys  # noqa: E402
+
+app.add_typer(_keys.app, name="keys")
+from controller.cli import bundle as _bundle  # noqa: E402
+
+app.add_typer(_bundle.app, name="bundle")
+from controller.demo import demo_command  # noqa: E402
+
+app.command("demo")(demo_command)
+from controller.cli import telemetry as _telemetry  # noqa: E402
+
+app.add_typer(_telemetry.app, name="telemetry")
+from controller.cli import serve as _serve  # noqa: E402
+
+app.command("serve")(_serve.serve)

@@ -1,0 +1,310 @@
+"""The on-disk activation layout and the switch between engine versions.
+
+    data_dir/models/<name>/versions/<version>/  engine, engine.json, manifest.json, golden.npz
+    data_dir/models/<name>/current  -> versions/<v>
+    data_dir/models/<name>/previous -> versions/<v0>
+
+A version directory is written under a temporary name, fsynced and renamed into place,
+and never changed afterwards: the robot's runtime may have the engine open. The
+symlinks are replaced with os.replace() of a freshly made temporary symlink (atomic on
+POSIX), then the directory is fsynced so the switch survives a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from protocol.ids import SemVer
+from protocol.messages import ModelSlot
+
+log = structlog.get_logger("jetfleet.agent.activation")
+
+ENGINE = "engine"
+ENGINE_META = "engine.json"
+MANIFEST = "manifest.json"
+GOLDEN = "golden.npz"
+TMP_PREFIX = ".tmp-"
+
+
+class ActivationError(Exception):
+    """A hook or health check that failed; `code` is a ReasonCode value."""
+
+    code = "hook_failed"
+
+    def __init__(self, reason: str, *, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        _fsync_file(dst)
+
+
+@dataclass(frozen=True)
+class Slot:
+    active: str | None
+    previous: str | None
+
+
+class ModelStore:
+    """The models/ tree of a data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir) / "models"
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def versions_dir(self, name: str) -> Path:
+        return self.root / name / "versions"
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return self.versions_dir(name) / version
+
+    def current_link(self, name: str) -> Path:
+        return self.root / name / "current"
+
+    def previous_link(self, name: str) -> Path:
+        return self.root / name / "previous"
+
+    def engine_path(self, name: str, version: str) -> Path:
+        return self.version_dir(name, version) / ENGINE
+
+    # ---- reading --------------------------------------------------------------------
+    def _target_version(self, link: Path) -> str | None:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        version = Path(target).name
+        return version if (link.parent / target).is_dir() else None
+
+    def slot(self, name: str) -> Slot:
+        return Slot(
+            self._target_version(self.current_link(name)),
+            self._target_version(self.previous_link(name)),
+        )
+
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def slots(self) -> dict[str, ModelSlot]:
+        out: dict[str, ModelSlot] = {}
+        for name in self.models():
+            s = self.slot(name)
+            if s.active or s.previous:
+                out[name] = ModelSlot(active=s.active, previous=s.previous)
+        return out
+
+    def held_versions(self, name: str) -> list[str]:
+        vdir = self.versions_dir(name)
+        if not vdir.is_dir():
+            return []
+        held = [
+            p.name
+            for p in vdir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / ENGINE).is_file()
+        ]
+        return sorted(held, key=_semver_key)
+
+    def active_engine(self, name: str) -> Path | None:
+        active = self.slot(name).active
+        return self.engine_path(name, active) if active else None
+
+    def protected_engines(self) -> list[Path]:
+        """Engines of every current/previous version: never evicted from the cache."""
+        paths = []
+        for name in self.models():
+            s = self.slot(name)
+            for v in (s.active, s.previous):
+                if v:
+                    paths.append(self.engine_path(name, v))
+        return paths
+
+    # ---- writing --------------------------------------------------------------------
+    def install_version(
+        self, name: str, version: str, engine: Path, manifest_json: bytes, golden: Path
+    ) -> Path:
+        """Lay out versions/<version>/ from the cache entry (hard links) and the bundle."""
+        vdir = self.versions_dir(name)
+        vdir.mkdir(parents=True, exist_ok=True)
+        final = vdir / version
+        tmp = vdir / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _link_or_copy(engine, tmp / ENGINE)
+            meta = engine.with_name(engine.name + ".json")
+            if meta.is_file():
+                _link_or_copy(meta, tmp / ENGINE_META)
+            (tmp / MANIFEST).write_bytes(manifest_json)
+            _fsync_file(tmp / MANIFEST)
+            _link_or_copy(golden, tmp / GOLDEN)
+            fsync_dir(tmp)
+            if final.exists():
+                # A version re-installed (e.g. rebuilt engine): move the old one aside first;
+                # it is never the active one here (the worker refuses that case earlier).
+                trash = vdir / f"{TMP_PREFIX}old-{version}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, trash)
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            fsync_dir(vdir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _set_link(self, link: Path, version: str | None) -> None:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if version is None:
+            link.unlink(missing_ok=True)
+        else:
+            tmp = link.with_name(f"{TMP_PREFIX}{link.name}-{uuid.uuid4().hex[:8]}")
+            os.symlink(f"versions/{version}", tmp)
+            os.replace(tmp, link)
+        fsync_dir(link.parent)
+
+    def set_slot(self, name: str, active: str | None, previous: str | None) -> None:
+        """Point current/previous at the given versions. previous first: a crash in between
+        leaves current untouched, so what runs is always a whole version."""
+        self._set_link(self.previous_link(name), previous)
+        self._set_link(self.current_link(name), active)
+
+    def switch(self, name: str, version: str) -> Slot:
+        """Make `version` current and the old current previous; returns the old slot."""
+        old = self.slot(name)
+        previous = old.active if old.active and old.active != version else old.previous
+        self.set_slot(name, version, previous)
+        return old
+
+    def remove_tmp(self) -> int:
+        """Delete leftovers of an interrupted install or link swap (called at start)."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for mdir in self.root.iterdir():
+            for p in [*mdir.glob(f"{TMP_PREFIX}*"), *mdir.glob(f"versions/{TMP_PREFIX}*")]:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def prune(self, name: str, keep: int) -> list[str]:
+        """Remove held versions beyond the `keep` newest, never current or previous."""
+        s = self.slot(name)
+        held = self.held_versions(name)
+        spare = [v for v in held if v not in (s.active, s.previous)]
+        room = max(keep - len([v for v in (s.active, s.previous) if v]), 0)
+        doomed = spare[: max(len(spare) - room, 0)]
+        for v in doomed:
+            shutil.rmtree(self.version_dir(name, v), ignore_errors=True)
+        return doomed
+
+
+def _semver_key(v: str) -> tuple[int, object]:
+    try:
+        return (0, SemVer(v))
+    except Exception:
+        return (1, v)
+
+
+def run_hook(command: str, *, timeout: float, env: dict[str, str]) -> None:
+    """Run the activation hook (a shell command line); ActivationError unless it exits 0."""
+    if not command:
+        return
+    try:
+        proc = subprocess.run(
+            command,
+            shell=True,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise ActivationError(
+            f"activation hook {command!r} did not finish within {timeout:.0f}s"
+        ) from e
+    except OSError as e:
+        raise ActivationError(f"activation hook {command!r} could not run: {e}") from e
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or b"").decode("utf-8", "replace").strip()[-300:]
+        raise ActivationError(
+            f"activation hook {command!r} exited {proc.returncode}" + (f": {tail}" if tail else "")
+        )
+
+
+def check_health(spec: str, *, timeout: float, env: dict[str, str] | None = None) -> None:
+    """Health check: an http(s):// URL that must answer 2xx, or a command that must exit 0.
+    Raises ActivationError(code health_failed) with what was seen."""
+    if not spec:
+        return
+    if spec.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(spec, timeout=timeout) as resp:
+                status = int(resp.status)
+        except urllib.error.HTTPError as e:
+            status = int(e.code)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ActivationError(f"health check {spec} failed: {e}", code="health_failed") from e
+        if not 200 <= status < 300:
+            raise ActivationError(
+                f"health check {spec} answered HTTP {status}", code="health_failed"
+            )
+        return
+    try:
+        proc = subprocess.run(
+            spec,
+            shell=True,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise ActivationError(
+            f"health check {spec!r} did not answer within {timeout:.0f}s", code="health_failed"
+        ) from e
+    except OSError as e:
+        raise ActivationError(
+            f"health check {spec!r} could not run: {e}", code="health_failed"
+        ) from e
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or b"").decode("utf-8", "replace").strip()[-300:]
+        raise ActivationError(
+            f"health check {spec!r} exited {proc.returncode}" + (f": {tail}" if tail else ""),
+            code="health_failed",
+        )

@@ -1,0 +1,190 @@
+"""Agent configuration (SPEC §8): `agent.toml`, every key overridable by environment.
+
+Environment variables are `JETFLEET_AGENT_` + the key path in upper case joined by `__`
+(`JETFLEET_AGENT_BROKER__URL`), and win over the file. Unknown keys in the file are
+refused so that a typo (`[activaton]`) is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from protocol.errors import ProtocolError
+from protocol.ids import validate_id
+from protocol.topics import DEFAULT_PREFIX
+from protocol.transport import TransportConfigError, parse_broker_url
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/jetfleet/agent.toml")
+ENV_PREFIX = "JETFLEET_AGENT_"
+
+
+class ConfigError(ValueError):
+    """A config the agent cannot run with; the message names the key and the reason."""
+
+    def __init__(self, reason: str, *, key: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.key = key
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: str = "5"
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    username: str = ""
+    password: str = ""
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    # How long the broker keeps the session (and queued commands) while we are away.
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: Any) -> str:
+        text = str(v).strip()
+        if text in ("5", "5.0"):
+            return "5"
+        if text in ("3.1.1", "311", "4"):
+            return "3.1.1"
+        raise ValueError(f"must be 5 or 3.1.1, not {v!r}")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        try:
+            parse_broker_url(v)
+        except TransportConfigError as e:
+            raise ValueError(e.reason) from e
+        return v
+
+
+class ActivationConfig(_Section):
+    hook: str = ""
+    health: str = ""
+    hook_timeout_s: float = Field(default=120.0, gt=0)
+    health_timeout_s: float = Field(default=10.0, gt=0)
+    health_interval_s: float = Field(default=2.0, gt=0)
+
+
+class TelemetryConfig(_Section):
+    interval_s: float = Field(default=5.0, gt=0)
+
+
+class LimitsConfig(_Section):
+    max_bundle_mb: int = Field(default=4096, gt=0)
+    min_free_disk_mb: int = Field(default=256, ge=0)
+    engine_cache_mb: int = Field(default=8192, gt=0)
+    # From receipt to activation (download + build + gate); TensorRT builds of large
+    # models take tens of minutes on an Orin Nano.
+    job_timeout_s: float = Field(default=4 * 3600.0, gt=0)
+
+
+class DownloadConfig(_Section):
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+
+
+class AgentConfig(BaseSettings):
+    """SPEC §8 keys exactly, plus optional sections with defaults (limits, download)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    device_id: str
+    groups: list[str] = Field(default_factory=list)
+    data_dir: Path = Path("/var/lib/jetfleet")
+    trust_root: Path = Path("/etc/jetfleet/trust.json")
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
+    topic_prefix: str = DEFAULT_PREFIX
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    activation: ActivationConfig = Field(default_factory=ActivationConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        validate_id(v)
+        return v
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        for g in v:
+            validate_id(g, "group name")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init kwargs; the environment must win over them.
+        return (env_settings, init_settings)
+
+    @property
+    def max_bundle_bytes(self) -> int:
+        return self.limits.max_bundle_mb * 1024 * 1024
+
+
+def _key_of(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int)) or "config"
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
+    """Read `path` (TOML; None: only the environment), apply `JETFLEET_AGENT_*` overrides.
+
+    Raises ConfigError naming the bad key: `broker.protocol: must be 5 or 3.1.1`.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror or e}") from e
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    data.update(overrides)
+    try:
+        return AgentConfig(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = _key_of(tuple(err["loc"]))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown key (check the spelling against SPEC §8)"
+        elif err.get("type") == "missing":
+            msg = "required key is missing"
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"config key {key}{where}: {msg}", key=key) from e
+    except ProtocolError as e:  # e.g. InvalidIdError from a validator, already worded
+        raise ConfigError(f"config{' ' + str(path) if path else ''}: {e.reason}") from e

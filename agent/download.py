@@ -1,0 +1,264 @@
+"""Fetching a bundle: http(s):// with Range resume, or file://; hashed while streaming.
+
+The size the signed command declares is a hard cap (no endless data), itself capped by
+the config's max bundle size; the disk must have that much room plus a reserve before a
+byte is written. A partial download stays in downloads/<sha256>.part so a retry or an
+agent restart resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import structlog
+
+log = structlog.get_logger("jetfleet.agent.download")
+
+CHUNK = 256 * 1024
+
+
+class DownloadError(Exception):
+    """`code` is a ReasonCode value: download_failed, too_large, disk_full, canceled."""
+
+    code = "download_failed"
+
+    def __init__(self, reason: str, *, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
+class Canceled(Exception):
+    """Raised from inside a long step when the job's cancel flag is set."""
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    max_bytes: int
+    min_free_bytes: int
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    retries: int = 3
+
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+CancelCheck = Callable[[], bool]
+
+
+def _check_size(size: int, limits: DownloadLimits) -> None:
+    if size > limits.max_bytes:
+        raise DownloadError(
+            f"bundle declares {size} bytes, above this device's limit of {limits.max_bytes}",
+            code="too_large",
+        )
+
+
+def _check_disk(directory: Path, needed: int, limits: DownloadLimits) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed + limits.min_free_bytes:
+        raise DownloadError(
+            f"not enough disk in {directory}: {free // 2**20} MiB free, the bundle needs "
+            f"{needed // 2**20} MiB plus a {limits.min_free_bytes // 2**20} MiB reserve",
+            code="disk_full",
+        )
+
+
+def fetch(
+    url: str,
+    *,
+    sha256: str,
+    size: int,
+    downloads: Path,
+    limits: DownloadLimits,
+    progress: Progress | None = None,
+    canceled: CancelCheck | None = None,
+) -> Path:
+    """Return a local path whose content has `sha256`, at most `size` bytes.
+
+    file:// is read in place (hashed, not copied: the bundle verification that follows
+    checks the signatures again on the same file); http(s):// lands in downloads/.
+    """
+    _check_size(size, limits)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "file" or scheme == "":
+        return _local(url, sha256=sha256, size=size, canceled=canceled, progress=progress)
+    if scheme not in ("http", "https"):
+        raise DownloadError(f"bundle url {url!r}: scheme must be http, https or file")
+    downloads.mkdir(parents=True, exist_ok=True)
+    final = downloads / f"{sha256}.jfb"
+    if final.is_file() and _sha256_file(final, canceled) == sha256:
+        return final
+    part = downloads / f"{sha256}.part"
+    have = part.stat().st_size if part.exists() else 0
+    _check_disk(downloads, size - have, limits)
+    attempt = 0
+    while True:
+        try:
+            _http_into(url, part, size=size, limits=limits, progress=progress, canceled=canceled)
+            break
+        except DownloadError as e:
+            attempt += 1
+            if e.code != "download_failed" or attempt > limits.retries:
+                raise
+            log.warning("download_retry", url=url, attempt=attempt, reason=e.reason)
+            time.sleep(min(0.5 * 2.0 ** (attempt - 1), 10.0))
+    digest = _sha256_file(part, canceled)
+    if digest != sha256:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"downloaded bundle has sha256 {digest[:16]}…, the command says {sha256[:16]}…",
+            code="bundle_invalid",
+        )
+    os.replace(part, final)
+    return final
+
+
+def _local(
+    url: str, *, sha256: str, size: int, canceled: CancelCheck | None, progress: Progress | None
+) -> Path:
+    parts = urlsplit(url)
+    path = Path(unquote(parts.path)) if parts.scheme else Path(url)
+    try:
+        actual = path.stat().st_size
+    except OSError as e:
+        raise DownloadError(f"bundle {path} cannot be read: {e.strerror or e}") from e
+    if actual > size:
+        raise DownloadError(
+            f"bundle {path} has {actual} bytes, more than the {size} the command declares",
+            code="too_large",
+        )
+    digest = _sha256_file(path, canceled, progress, size)
+    if digest != sha256:
+        raise DownloadError(
+            f"bundle {path} has sha256 {digest[:16]}…, the command says {sha256[:16]}…",
+            code="bundle_invalid",
+        )
+    return path
+
+
+def _sha256_file(
+    path: Path,
+    canceled: CancelCheck | None = None,
+    progress: Progress | None = None,
+    total: int = 0,
+) -> str:
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+            if canceled and canceled():
+                raise Canceled()
+            if progress:
+                progress(done, total or done)
+    return h.hexdigest()
+
+
+def _http_into(
+    url: str,
+    part: Path,
+    *,
+    size: int,
+    limits: DownloadLimits,
+    progress: Progress | None,
+    canceled: CancelCheck | None,
+) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    if have == size:
+        return
+    req = urllib.request.Request(url, headers={"User-Agent": "jetfleet-agent"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=limits.connect_timeout_s)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:
+            # Our partial file is longer than or equal to the server's: start over.
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"GET {url}: range not satisfiable, restarting") from e
+        raise DownloadError(f"GET {url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"GET {url}: {getattr(e, 'reason', e)}") from e
+    with resp:
+        status = int(resp.status)
+        if have and status == 200:
+            have = 0  # the server ignored Range: take the whole body again
+        elif have and status != 206:
+            raise DownloadError(f"GET {url}: unexpected HTTP {status} to a range request")
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and have + int(length) > size:
+            raise DownloadError(
+                f"GET {url}: server announces {have + int(length)} bytes, the command "
+                f"declares {size}",
+                code="too_large",
+            )
+        # The socket timeout bounds every read: a server that trickles or stalls fails.
+        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+        if isinstance(sock, socket.socket):
+            sock.settimeout(limits.read_timeout_s)
+        mode = "ab" if have else "wb"
+        done = have
+        last_sync = time.monotonic()
+        with open(part, mode) as out:
+            while True:
+                if canceled and canceled():
+                    out.flush()
+                    os.fsync(out.fileno())
+                    raise Canceled()
+                try:
+                    chunk = resp.read(CHUNK)
+                except TimeoutError as e:
+                    raise DownloadError(
+                        f"GET {url}: no data for {limits.read_timeout_s:.0f}s (slow retrieval)"
+                    ) from e
+                except OSError as e:
+                    raise DownloadError(f"GET {url}: connection lost ({e})") from e
+                if not chunk:
+                    break
+                done += len(chunk)
+                if done > size:
+                    raise DownloadError(
+                        f"GET {url}: more than the declared {size} bytes (endless data)",
+                        code="too_large",
+                    )
+                out.write(chunk)
+                if progress:
+                    progress(done, size)
+                if time.monotonic() - last_sync > 2.0:
+                    # Keep the resumable prefix durable without an fsync per chunk.
+                    out.flush()
+                    os.fsync(out.fileno())
+                    last_sync = time.monotonic()
+            out.flush()
+            os.fsync(out.fileno())
+    if done != size:
+        raise DownloadError(f"GET {url}: got {done} bytes, the command declares {size}")
+
+
+def remove_partials(downloads: Path, keep: set[str] | None = None) -> int:
+    """Delete .part files not belonging to a job that will resume (by sha256)."""
+    if not downloads.is_dir():
+        return 0
+    n = 0
+    for p in downloads.iterdir():
+        sha = p.name.split(".", 1)[0]
+        if keep and sha in keep:
+            continue
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

@@ -1,0 +1,239 @@
+"""Engine work (target check, build, gate) in a child process.
+
+TensorRT and ONNX Runtime are large (tens to hundreds of MiB, a CUDA context on a
+Jetson), can take minutes, and can crash or be OOM-killed on a model that does not fit.
+None of that may happen inside the daemon: the worker starts
+
+    python -m agent.enginejob      (request: one JSON line on stdin)
+
+which checks targets and builds (through the EngineCache), prints `{"built": ...}`, waits
+for `gate` on stdin (the worker persists VALIDATING first), runs the gate and prints
+`{"gate": ...}`. Errors come back as `{"error": {"code", "reason"}}`. The daemon stays
+small when idle, a crash of the builder fails the job instead of the agent, and a
+cancel or a SIGTERM stops a build at once by killing the child. The child dies with its
+parent (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan build running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from agent.download import Canceled
+
+
+class EngineJobError(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Interrupted(Exception):
+    """The agent is stopping: the child was killed, the job keeps its persisted state."""
+
+
+@dataclass
+class Built:
+    engine: Path
+    hardware: dict[str, Any]
+    backend: str
+    backend_version: str
+
+
+class EngineJob:
+    """Parent side: one child per deploy job."""
+
+    def __init__(
+        self,
+        request: dict[str, Any],
+        *,
+        canceled: Callable[[], bool],
+        stopping: Callable[[], bool],
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._canceled = canceled
+        self._stopping = stopping
+        self._heartbeat = heartbeat
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.enginejob"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # the child's logs go where the agent's go (journald)
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        self._send(json.dumps(request))
+
+    def _read(self, out: IO[str]) -> None:
+        for line in out:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the child is gone; _next() reports how it ended
+
+    def _next(self) -> dict[str, Any]:
+        while True:
+            if self._stopping():
+                self.kill()
+                raise Interrupted()
+            if self._canceled():
+                self.kill()
+                raise Canceled()
+            self._heartbeat()
+            try:
+                line = self._lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                rc = self.proc.wait()
+                if rc < 0:
+                    name = signal.Signals(-rc).name
+                    hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
+                    raise EngineJobError(
+                        "build_failed", f"the engine builder was killed by {name}{hint}"
+                    )
+                raise EngineJobError("build_failed", f"the engine builder exited {rc}")
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a library printed to stdout; not ours
+            if isinstance(msg, dict):
+                if "error" in msg:
+                    err = msg["error"]
+                    raise EngineJobError(str(err.get("code")), str(err.get("reason")))
+                return msg
+
+    def build(self) -> Built:
+        msg = self._next()
+        b = msg.get("built")
+        if not isinstance(b, dict):
+            raise EngineJobError("build_failed", f"unexpected reply from the builder: {msg}")
+        return Built(Path(b["engine"]), b.get("hardware") or {}, b["backend"], b["backend_version"])
+
+    def gate(self) -> dict[str, Any]:
+        self._send("gate")
+        msg = self._next()
+        g = msg.get("gate")
+        if not isinstance(g, dict):
+            raise EngineJobError("build_failed", f"unexpected reply from the gate: {msg}")
+        return g
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self._send("done")
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+
+
+# ---- child side ---------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _emit(msg: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(msg, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def child_main() -> int:
+    _die_with_parent()
+    from agent.logs import configure_logging
+
+    configure_logging(os.environ.get("JETFLEET_AGENT_LOG_LEVEL", "warning"))
+    try:
+        req = json.loads(sys.stdin.readline())
+        from agent.engines import select_backend
+        from agent.engines.cache import EngineCache
+        from agent.engines.targets import check_targets
+        from agent.gate import run_gate
+        from agent.hardware import detect_hardware
+        from protocol.manifest import BuildOptions, GateSpec, Targets
+
+        backend = select_backend(req["backend"])
+        build = BuildOptions.model_validate(req["build"])
+        hardware = detect_hardware(backend)
+        check_targets(Targets.model_validate(req["targets"]), hardware, backend, build=build)
+        cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]))
+        engine = cache.get_or_build(
+            backend,
+            Path(req["model"]),
+            req["model_sha256"],
+            build,
+            protect=[Path(p) for p in req["protect"]],
+        )
+        _emit(
+            {
+                "built": {
+                    "engine": str(engine),
+                    "hardware": hardware.to_dict(),
+                    "backend": backend.name,
+                    "backend_version": backend.version,
+                }
+            }
+        )
+        if sys.stdin.readline().strip() != "gate":
+            return 0
+        active = Path(req["active"]) if req.get("active") else None
+        result = run_gate(
+            backend, engine, active, Path(req["golden"]), GateSpec.model_validate(req["gate"])
+        )
+        _emit(
+            {
+                "gate": {
+                    "passed": bool(result.passed),
+                    "code": result.code,
+                    "reason": result.reason,
+                    "figures": result.figures,
+                }
+            }
+        )
+        sys.stdin.readline()
+        return 0
+    except Exception as e:
+        code = getattr(e, "code", None)
+        reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+        _emit(
+            {"error": {"code": code if isinstance(code, str) else "build_failed", "reason": reason}}
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

@@ -1,0 +1,102 @@
+"""The engine sidecar `<engine>.json` (EngineMeta): written atomically, read strictly.
+
+The sidecar is what lets anything (the gate, the robot's runtime library) load an engine
+without knowing which backend made it, and what lets a load refuse a corrupted file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from agent.engines.api import EngineLoadError, EngineMeta
+
+SIDECAR_SUFFIX = ".json"
+_CHUNK = 1 << 20
+
+
+def sidecar_path(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """tmp + fsync + rename + fsync(dir): a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_plan(path: Path, data: memoryview | bytes) -> None:
+    """Write an engine file (the caller renames it into place) and fsync it."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_meta(engine_path: Path, meta: EngineMeta) -> Path:
+    path = sidecar_path(engine_path)
+    write_bytes_atomic(path, json.dumps(asdict(meta), indent=2, sort_keys=True).encode())
+    return path
+
+
+def read_meta(engine_path: Path) -> EngineMeta:
+    path = sidecar_path(engine_path)
+    try:
+        raw: Any = json.loads(path.read_bytes())
+    except FileNotFoundError as e:
+        raise EngineLoadError(f"engine {engine_path} has no sidecar {path.name}") from e
+    except (OSError, ValueError) as e:
+        raise EngineLoadError(f"engine sidecar {path} is unreadable: {e}") from e
+    if not isinstance(raw, dict):
+        raise EngineLoadError(f"engine sidecar {path} is not a JSON object")
+    try:
+        meta = EngineMeta(
+            backend=str(raw["backend"]),
+            backend_version=str(raw["backend_version"]),
+            sha256=str(raw["sha256"]),
+            key=str(raw["key"]),
+            extra=dict(raw.get("extra") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise EngineLoadError(f"engine sidecar {path} lacks field {e}") from e
+    return meta
+
+
+def verify_engine_file(engine_path: Path) -> EngineMeta:
+    """Read the sidecar and check the engine's sha256 against it (EngineLoadError if not)."""
+    meta = read_meta(engine_path)
+    try:
+        actual = file_sha256(engine_path)
+    except FileNotFoundError as e:
+        raise EngineLoadError(f"engine file {engine_path} is missing") from e
+    if actual != meta.sha256:
+        raise EngineLoadError(
+            f"engine file {engine_path} is corrupt: sha256 {actual[:12]}… does not match "
+            f"its sidecar's {meta.sha256[:12]}…"
+        )
+    return meta

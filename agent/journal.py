@@ -1,0 +1,151 @@
+"""Job states and their events, persisted together: the state row and the event with its
+seq are written in one SQLite transaction before the agent acts on that state."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from agent.store import JobRecord, Store
+from protocol.messages import JobEvent, JobState
+from protocol.topics import Topics
+
+log = structlog.get_logger("jetfleet.agent.journal")
+
+# Test-only hook (documented in docs/agent.md): JETFLEET_AGENT_TEST_PAUSE_AT=STATE makes the
+# worker hold right after persisting STATE, so a test can kill -9 the agent there.
+PAUSE_ENV = "JETFLEET_AGENT_TEST_PAUSE_AT"
+
+
+class Journal:
+    def __init__(
+        self,
+        store: Store,
+        topics: Topics,
+        device_id: str,
+        *,
+        on_event: Callable[[], None] = lambda: None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.topics = topics
+        self.device_id = device_id
+        self._on_event = on_event
+        self._on_change = on_change
+        self._stop = threading.Event()
+
+    def _fields(
+        self,
+        job: JobRecord | None,
+        command_id: str,
+        state: JobState,
+        *,
+        progress: float = 0.0,
+        code: str | None = None,
+        reason: str | None = None,
+        gate: dict[str, Any] | None = None,
+        kind: str | None = None,
+        rollout_id: str | None = None,
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "command_id": command_id,
+            "device_id": self.device_id,
+            "state": state,
+            "progress": max(0.0, min(1.0, progress)),
+            "rollout_id": job.rollout_id if job else rollout_id,
+            "kind": job.kind if job else kind,
+            "model": job.model if job else None,
+            "version": job.version if job else None,
+        }
+        if code is not None:
+            fields["code"] = code
+        if reason is not None:
+            fields["reason"] = reason
+        if gate is not None:
+            fields["gate"] = gate
+        return fields
+
+    def transition(
+        self,
+        job: JobRecord,
+        state: JobState,
+        *,
+        progress: float | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+        gate: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> JobEvent:
+        """Persist `state` for the job and queue its event, atomically; then publish."""
+        if progress is None:
+            progress = 1.0 if state.terminal else 0.0
+        if data is not None:
+            job.data = data
+        with self.store.tx() as db:
+            self.store.update_job(
+                db,
+                job.command_id,
+                state=state,
+                data=job.data,
+                model=job.model,
+                version=job.version,
+                code=code,
+                reason=reason,
+            )
+            event = self.store.add_event(
+                db,
+                self.topics.events(self.device_id),
+                self._fields(
+                    job,
+                    job.command_id,
+                    state,
+                    progress=progress,
+                    code=code,
+                    reason=reason,
+                    gate=gate,
+                ),
+            )
+        job.state = state
+        job.code, job.reason = code, reason
+        log.info(
+            "job_state",
+            command_id=job.command_id,
+            kind=job.kind,
+            state=state.value,
+            seq=event.seq,
+            code=code,
+            reason=reason,
+        )
+        self._on_event()
+        self._on_change()
+        self._maybe_pause(state)
+        return event
+
+    def progress(self, job: JobRecord, progress: float) -> None:
+        """A progress event within the current state (not a new state)."""
+        with self.store.tx() as db:
+            self.store.add_event(
+                db,
+                self.topics.events(self.device_id),
+                self._fields(job, job.command_id, job.state, progress=progress),
+            )
+        self._on_event()
+
+    def _maybe_pause(self, state: JobState) -> None:
+        self.maybe_pause_named(state.value)
+
+    def maybe_pause_named(self, point: str) -> None:
+        """Test-only: hold here while PAUSE_ENV names this point (a state, or a named
+        point inside one such as ACTIVATING:switched)."""
+        if os.environ.get(PAUSE_ENV, "").upper() == point.upper():
+            log.warning("test_pause", point=point, env=PAUSE_ENV)
+            while not self._stop.is_set():
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,220 @@
+"""Live inference latencies from the robot's own service, over a unix datagram socket.
+
+The robot's inference process (agent/runtime.py ModelRuntime) sends small binary
+datagrams to data_dir/run/live.sock; the agent runs one LiveStats that keeps, per model,
+a bounded window of the latest latencies. During probation the agent compares the live
+p99 with the gate's p99 and rolls back when it exceeds it by the allowed margin.
+
+Datagram (little-endian):  b"JFL1" | u8 len + model | u8 len + version | u16 n | n x f32 ms
+
+Datagrams are fire-and-forget: a lost one costs a few samples, a malformed one is counted
+and dropped, and nothing a client sends can stop or grow the server beyond its bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+log = structlog.get_logger(__name__)
+
+MAGIC = b"JFL1"
+MAX_SAMPLES_PER_DATAGRAM = 512
+MAX_DATAGRAM = 4 + 1 + 255 + 1 + 255 + 2 + 4 * MAX_SAMPLES_PER_DATAGRAM
+
+
+class LiveStatsError(ValueError):
+    """A datagram that is not a latency report."""
+
+
+def encode_report(model: str, version: str, latencies_ms: list[float]) -> bytes:
+    m, v = model.encode()[:255], version.encode()[:255]
+    lat = latencies_ms[:MAX_SAMPLES_PER_DATAGRAM]
+    return b"".join(
+        [MAGIC, bytes([len(m)]), m, bytes([len(v)]), v, struct.pack("<H", len(lat)),
+         np.asarray(lat, dtype="<f4").tobytes()]
+    )  # fmt: skip
+
+
+def decode_report(data: bytes) -> tuple[str, str, np.ndarray]:
+    try:
+        if data[:4] != MAGIC:
+            raise LiveStatsError("bad magic")
+        pos = 4
+        ml = data[pos]
+        model = data[pos + 1 : pos + 1 + ml].decode()
+        pos += 1 + ml
+        vl = data[pos]
+        version = data[pos + 1 : pos + 1 + vl].decode()
+        pos += 1 + vl
+        (n,) = struct.unpack_from("<H", data, pos)
+        pos += 2
+        if len(data) != pos + 4 * n or not model:
+            raise LiveStatsError(f"length {len(data)} does not match {n} samples")
+        lat = np.frombuffer(data, dtype="<f4", count=n, offset=pos).astype(np.float64)
+    except (IndexError, struct.error, UnicodeDecodeError) as e:
+        raise LiveStatsError(f"truncated or garbled report: {e}") from e
+    if not np.all(np.isfinite(lat)) or np.any(lat < 0):
+        raise LiveStatsError("latencies must be finite and non-negative")
+    return model, version, lat
+
+
+@dataclass(frozen=True)
+class LiveWindow:
+    count: int  # samples since the last reset (the percentiles use the latest `window`)
+    p50_ms: float
+    p99_ms: float
+    window: int
+    version: str | None  # the version the samples came from (the one reset() expects)
+    since: float  # epoch seconds of the last reset
+    last_at: float  # epoch seconds of the newest sample
+
+
+class _Window:
+    def __init__(self, size: int, version: str | None) -> None:
+        self.buf = np.zeros(size, dtype=np.float64)
+        self.n = 0  # total since reset
+        self.version = version
+        self.since = time.time()
+        self.last_at = 0.0
+
+    def add(self, lat: np.ndarray) -> None:
+        size = self.buf.size
+        if lat.size >= size:
+            self.buf[:] = lat[-size:]
+        else:
+            start = self.n % size
+            end = start + lat.size
+            if end <= size:
+                self.buf[start:end] = lat
+            else:
+                cut = size - start
+                self.buf[start:] = lat[:cut]
+                self.buf[: end - size] = lat[cut:]
+        self.n += int(lat.size)
+        self.last_at = time.time()
+
+
+class LiveStats:
+    """Server side: `.start()`, `.stop()`, `.snapshot(model)`, `.reset(model, version)`."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        window: int = 2048,
+        max_models: int = 64,
+        mode: int = 0o660,
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.window = window
+        self.max_models = max_models
+        self.mode = mode
+        self.dropped = 0  # malformed datagrams, or samples of another version
+        self._models: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # a stale socket from a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(self.socket_path))
+        os.chmod(self.socket_path, self.mode)
+        sock.settimeout(0.2)
+        self._sock = sock
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, name="livestats", daemon=True)
+        self._thread.start()
+        log.info("livestats_started", socket=str(self.socket_path))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    def __enter__(self) -> LiveStats:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        while not self._stop.is_set():
+            try:
+                data = sock.recv(MAX_DATAGRAM + 1)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self._stop.is_set():
+                    return
+                log.warning("livestats_recv_failed", error=str(e))
+                time.sleep(0.05)
+                continue
+            try:
+                self.ingest(data)
+            except Exception as e:  # never let a datagram end the thread
+                self.dropped += 1
+                log.debug("livestats_bad_datagram", error=str(e), size=len(data))
+
+    def ingest(self, data: bytes) -> None:
+        """Take one datagram (the server thread calls this; tests may too)."""
+        model, version, lat = decode_report(data)
+        with self._lock:
+            w = self._models.get(model)
+            if w is None:
+                if len(self._models) >= self.max_models:
+                    self.dropped += 1
+                    return
+                w = self._models[model] = _Window(self.window, None)
+            if w.version is None:
+                w.version = version or None
+            elif version and version != w.version:
+                # Stragglers of the version just replaced (or a reset for the new one
+                # not yet seen): they must not count towards this version's probation.
+                self.dropped += 1
+                return
+            w.add(lat)
+
+    def reset(self, model: str, version: str | None = None) -> None:
+        """Start a fresh window; with `version`, only that version's samples count."""
+        with self._lock:
+            self._models[model] = _Window(self.window, version)
+
+    def snapshot(self, model: str) -> LiveWindow | None:
+        with self._lock:
+            w = self._models.get(model)
+            if w is None or w.n == 0:
+                return None
+            held = w.buf[: min(w.n, w.buf.size)].copy()
+            n, version, since, last_at = w.n, w.version, w.since, w.last_at
+        p50, p99 = np.percentile(held, [50, 99])
+        return LiveWindow(n, round(float(p50), 4), round(float(p99), 4), int(held.size),
+                          version, since, last_at)  # fmt: skip
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)

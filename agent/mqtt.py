@@ -1,0 +1,221 @@
+"""The agent's MQTT connection (paho-mqtt 2.x, CallbackAPIVersion.VERSION2).
+
+- client id = device id, persistent session (MQTT 5 clean_start=False + session expiry,
+  or 3.1.1 clean_session=False), so commands sent while the device is away arrive later;
+- the will publishes a retained `online: false` status;
+- reconnects by paho's own loop thread with a jittered exponential backoff;
+- subscribes the device and group command topics at QoS 1 on every connect.
+
+Commands are acknowledged manually: the network thread only hands the payload to the
+command processor, which sends the PUBACK after the command's outcome (the job and its
+RECEIVED or REJECTED event) is committed to disk. Until then the broker holds the
+message in the persistent session and redelivers it after a crash or a reconnect, so a
+command is durable without a second fsync on the latency path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import AgentConfig
+from protocol.topics import Topics
+from protocol.transport import client_tls_context, parse_broker_url
+
+log = structlog.get_logger("jetfleet.agent.mqtt")
+
+# Anything larger is not a command we could have sent (a deploy command is < 2 KiB); it
+# is dropped before it reaches the disk.
+MAX_COMMAND_BYTES = 256 * 1024
+
+
+Ack = Callable[[], None]
+
+
+class AgentMqtt:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        on_command: Callable[[str, bytes, Ack, bool], None],
+        will_payload: bytes,
+        on_connected: Callable[[], None] | None = None,
+        on_published: Callable[[int], None] | None = None,
+        on_disconnected: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.topic_prefix)
+        self.device_id = config.device_id
+        self._on_command = on_command
+        self._on_connected = on_connected
+        self._on_published = on_published
+        self._on_disconnected = on_disconnected
+        self.connected = threading.Event()
+        self.ever_connected = threading.Event()
+        self._v5 = config.broker.protocol == "5"
+        addr = parse_broker_url(config.broker.url)
+        self._addr = addr
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.device_id,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else False,
+            manual_ack=True,
+        )
+        # Bumped on every connect: a PUBACK for a message of an earlier connection must
+        # not be sent (its mid may name another message now); the broker redelivers it.
+        self.generation = 0
+        self._gen_lock = threading.Lock()
+        # 0 = unlimited: events that pile up while offline stay queued in order (they
+        # are on disk too, in the outbox).
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(20)
+        b = config.broker
+        if b.username:
+            self.client.username_pw_set(b.username, b.password or None)
+        if addr.tls:
+            self.client.tls_set_context(client_tls_context(b.ca, b.cert, b.key))
+        self.client.will_set(self.topics.status(self.device_id), will_payload, qos=1, retain=True)
+        self._min_delay = b.reconnect_min_s
+        self._max_delay = b.reconnect_max_s
+        self._jitter()
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_message = self._handle_message
+        self.client.on_publish = self._handle_publish
+        self.client.on_socket_open = self._handle_socket_open
+        self._subscribe_topics = [self.topics.device_cmd(self.device_id)] + [
+            self.topics.group_cmd(g) for g in config.groups
+        ]
+
+    def _jitter(self) -> None:
+        # A fleet that lost its broker must not reconnect in lockstep: randomize the first
+        # delay; paho doubles it per failed attempt up to the max.
+        first = random.uniform(self._min_delay, self._min_delay * 2)
+        self.client.reconnect_delay_set(first, self._max_delay)  # type: ignore[arg-type]
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        props: Properties | None = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.config.broker.session_expiry_s
+        self.client.connect_async(
+            self._addr.host,
+            self._addr.port,
+            keepalive=self.config.broker.keepalive_s,
+            clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+        self.client.loop_start()
+
+    def stop(self, final_status: bytes | None = None) -> None:
+        """Publish the last status (online false) then disconnect cleanly."""
+        try:
+            if final_status is not None and self.client.is_connected():
+                info = self.client.publish(
+                    self.topics.status(self.device_id), final_status, qos=1, retain=True
+                )
+                info.wait_for_publish(timeout=2.0)
+            self.client.disconnect()
+        except Exception as e:  # stopping must not fail on a dead socket
+            log.warning("mqtt_stop_error", error=str(e))
+        self.client.loop_stop()
+
+    # ---- publishing -----------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> int:
+        """Queue a publish; returns its mid (paho keeps QoS 1 messages across reconnects)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return int(info.mid)
+
+    def publish_status(self, payload: bytes) -> None:
+        self.client.publish(self.topics.status(self.device_id), payload, qos=1, retain=True)
+
+    def publish_telemetry(self, payload: bytes) -> None:
+        # QoS 0 and only when connected: stale samples are worth nothing, and paho would
+        # otherwise queue them in memory for as long as the broker is away.
+        if self.client.is_connected():
+            self.client.publish(self.topics.telemetry(self.device_id), payload, qos=0)
+
+    # ---- callbacks (paho's network thread) ------------------------------------------
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("mqtt_connect_refused", reason=str(reason))
+            return
+        with self._gen_lock:
+            self.generation += 1
+        self.connected.set()
+        self.ever_connected.set()
+        self._jitter()
+        client.subscribe([(t, 1) for t in self._subscribe_topics])
+        log.info(
+            "mqtt_connected",
+            broker=self._addr.url,
+            session_present=bool(getattr(flags, "session_present", False)),
+        )
+        if self._on_connected:
+            try:
+                self._on_connected()
+            except Exception:
+                log.exception("on_connected_failed")
+
+    def _handle_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho leaves Nagle on: an event written right after the PUBACK of its command
+        # would wait for the broker's delayed ACK (40 ms on Linux). Small, latency-bound
+        # messages are all we send, so turn it off.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _handle_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self.connected.clear()
+        self._jitter()
+        log.warning("mqtt_disconnected", reason=str(reason))
+        if self._on_disconnected:
+            self._on_disconnected()
+
+    def _ack_later(self, mid: int, qos: int) -> Ack:
+        gen = self.generation
+
+        def ack() -> None:
+            with self._gen_lock:
+                current = gen == self.generation
+            if current and qos > 0:
+                self.client.ack(mid, qos)
+
+        ack.stale = lambda: gen != self.generation  # type: ignore[attr-defined]
+        return ack
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        ack = self._ack_later(msg.mid, msg.qos)
+        try:
+            payload = bytes(msg.payload)
+            if len(payload) > MAX_COMMAND_BYTES:
+                log.warning(
+                    "command_dropped", topic=msg.topic, reason="too large", size=len(payload)
+                )
+                ack()
+                return
+            self._on_command(msg.topic, payload, ack, bool(msg.dup))
+        except Exception:
+            # Never let a payload kill the network thread (e.g. a full disk while storing).
+            log.exception("command_enqueue_failed", topic=msg.topic)
+
+    def _handle_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        if self._on_published:
+            self._on_published(mid)

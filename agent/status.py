@@ -1,0 +1,81 @@
+"""The retained device status (SPEC §2): what runs here, read from the disk itself.
+
+Active/previous versions come from the `current`/`previous` symlinks, not from memory,
+so the status can never disagree with what the robot's runtime loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from agent import __version__
+from agent.activation import ModelStore
+from agent.store import JobRecord, Store
+from protocol.messages import CommandKind, DeviceStatus, HardwareProfile, JobSummary
+
+
+def job_summary(job: JobRecord | None) -> JobSummary | None:
+    if job is None:
+        return None
+    try:
+        kind: CommandKind | None = CommandKind(job.kind)
+    except ValueError:
+        kind = None
+    return JobSummary(
+        command_id=job.command_id,
+        state=job.state,
+        kind=kind,
+        rollout_id=job.rollout_id,
+        model=job.model,
+        version=job.version,
+    )
+
+
+class StatusBuilder:
+    def __init__(
+        self,
+        device_id: str,
+        groups: list[str],
+        store: Store,
+        models: ModelStore,
+        *,
+        hardware: Callable[[], HardwareProfile] = HardwareProfile,
+        current_job: Callable[[], JobRecord | None] = lambda: None,
+    ) -> None:
+        self.device_id = device_id
+        self.groups = list(groups)
+        self.store = store
+        self.models = models
+        self._hardware = hardware
+        self._current_job = current_job
+
+    def build(self, *, online: bool = True) -> DeviceStatus:
+        job = self._current_job()
+        if job is None:
+            # A job waiting in the queue (or settled by recovery) is still "in flight".
+            active = self.store.active_jobs()
+            job = active[0] if active else None
+        return DeviceStatus.new(
+            device_id=self.device_id,
+            online=online,
+            agent_version=__version__,
+            groups=self.groups,
+            hardware=self._hardware(),
+            models=self.models.slots(),
+            job=job_summary(job),
+            last_seq=self.store.last_seq(),
+        )
+
+    def offline(self) -> DeviceStatus:
+        """The will: no disk reads that could fail, just who we are."""
+        return DeviceStatus.new(
+            device_id=self.device_id,
+            online=False,
+            agent_version=__version__,
+            groups=self.groups,
+        )
+
+    def local_view(self) -> dict[str, Any]:
+        """For `jetfleet-agent status` and the telemetry deployment view."""
+        return self.build(online=False).to_dict()

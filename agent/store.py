@@ -1,0 +1,302 @@
+"""The agent's durable state: one SQLite database (WAL, synchronous=FULL) in data_dir.
+
+Tables: `jobs` (one row per accepted command, with its persisted state), `seen` (command ids
+with their expiry: replay defense), `outbox` (events waiting for their PUBACK, keyed by
+the per-device `seq`), `kv` (device-level values such as the seq counter).
+
+One connection shared by the agent's threads behind a lock: every statement is short,
+and a single writer is what SQLite wants anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.messages import JobEvent, JobState
+
+SCHEMA_VERSION = 1
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS jobs (
+    command_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    rollout_id TEXT,
+    model TEXT,
+    version TEXT,
+    envelope BLOB,
+    data TEXT NOT NULL DEFAULT '{}',
+    code TEXT,
+    reason TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
+CREATE TABLE IF NOT EXISTS seen (
+    command_id TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+ACTIVE_STATES = tuple(s.value for s in JobState if not s.terminal)
+# How long a seen command id is kept after its own expiry: a replay after that is refused
+# by the expiry check anyway; the margin covers devices whose clock is a little behind.
+SEEN_MARGIN_S = 24 * 3600.0
+
+
+@dataclass
+class JobRecord:
+    command_id: str
+    kind: str
+    state: JobState
+    rollout_id: str | None
+    model: str | None
+    version: str | None
+    envelope: bytes | None
+    data: dict[str, Any] = field(default_factory=dict)
+    code: str | None = None
+    reason: str | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    """Thread-safe access to state.db; every write commits (fsync) before returning."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives power loss, which is the whole point of persisting a
+        # state before acting on it.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_DDL)
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO kv(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction under the lock; commits on success, rolls back else."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- kv -------------------------------------------------------------------------
+    def get(self, key: str, default: str | None = None) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def put(self, key: str, value: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
+
+    # ---- replay defense ---------------------------------------------------------------
+    def seen(self, command_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM seen WHERE command_id=?", (command_id,)
+            ).fetchone()
+        return row is not None
+
+    def mark_seen(self, db: sqlite3.Connection, command_id: str, expires_at: float) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO seen(command_id, expires_at) VALUES (?, ?)",
+            (command_id, expires_at),
+        )
+
+    def purge_seen(self, now: float) -> int:
+        with self.tx() as db:
+            cur = db.execute("DELETE FROM seen WHERE expires_at < ?", (now - SEEN_MARGIN_S,))
+            return cur.rowcount
+
+    # ---- events (outbox) ------------------------------------------------------------
+    def next_seq(self, db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM kv WHERE key='seq'").fetchone()
+        seq = int(row[0]) + 1 if row else 1
+        db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES ('seq', ?)", (str(seq),))
+        return seq
+
+    def last_seq(self) -> int:
+        return int(self.get("seq", "0") or 0)
+
+    def add_event(self, db: sqlite3.Connection, topic: str, fields: dict[str, Any]) -> JobEvent:
+        """Give the event the next seq and queue it for publishing, in the caller's tx."""
+        seq = self.next_seq(db)
+        event = JobEvent.new(seq=seq, **fields)
+        db.execute(
+            "INSERT INTO outbox(seq, topic, payload, created_at) VALUES (?, ?, ?, ?)",
+            (seq, topic, event.encode(), time.time()),
+        )
+        return event
+
+    def outbox_after(self, seq: int, limit: int = 100) -> list[tuple[int, str, bytes]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            ).fetchall()
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def outbox_ack(self, seqs: Iterable[int]) -> None:
+        seqs = list(seqs)
+        if not seqs:
+            return
+        with self.tx() as db:
+            db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+
+    def outbox_size(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    # ---- jobs -----------------------------------------------------------------------
+    def insert_job(self, db: sqlite3.Connection, job: JobRecord) -> None:
+        now = time.time()
+        job.created_at = job.updated_at = now
+        db.execute(
+            "INSERT INTO jobs(command_id, kind, state, rollout_id, model, version, envelope,"
+            " data, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.command_id,
+                job.kind,
+                job.state.value,
+                job.rollout_id,
+                job.model,
+                job.version,
+                job.envelope,
+                json.dumps(job.data),
+                now,
+                now,
+            ),
+        )
+
+    def update_job(
+        self,
+        db: sqlite3.Connection,
+        command_id: str,
+        *,
+        state: JobState | None = None,
+        data: dict[str, Any] | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        sets: list[str] = ["updated_at=?"]
+        args: list[Any] = [time.time()]
+        for col, val in (
+            ("state", state.value if state else None),
+            ("data", json.dumps(data) if data is not None else None),
+            ("model", model),
+            ("version", version),
+            ("code", code),
+            ("reason", reason),
+            ("attempts", attempts),
+        ):
+            if val is not None:
+                sets.append(f"{col}=?")
+                args.append(val)
+        args.append(command_id)
+        db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE command_id=?", args)
+
+    def job(self, command_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE command_id=?", (command_id,)
+            ).fetchone()
+        return _job(row) if row else None
+
+    def active_jobs(self) -> list[JobRecord]:
+        marks = ",".join("?" for _ in ACTIVE_STATES)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at, rowid",
+                ACTIVE_STATES,
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def recent_jobs(self, limit: int = 20) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY updated_at DESC, rowid DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def request_cancel(self, db: sqlite3.Connection, command_id: str) -> None:
+        db.execute("UPDATE jobs SET cancel_requested=1 WHERE command_id=?", (command_id,))
+
+    def cancel_requested(self, command_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT cancel_requested FROM jobs WHERE command_id=?", (command_id,)
+            ).fetchone()
+        return bool(row and row[0])
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        command_id=row["command_id"],
+        kind=row["kind"],
+        state=JobState(row["state"]),
+        rollout_id=row["rollout_id"],
+        model=row["model"],
+        version=row["version"],
+        envelope=bytes(row["envelope"]) if row["envelope"] is not None else None,
+        data=json.loads(row["data"] or "{}"),
+        code=row["code"],
+        reason=row["reason"],
+        cancel_requested=bool(row["cancel_requested"]),
+        attempts=int(row["attempts"]),
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+    )

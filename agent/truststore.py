@@ -1,0 +1,62 @@
+"""The trust root the agent holds now: the provisioned file plus every rotation since.
+
+Each accepted rotation is kept as data_dir/trust/<version>.json (written atomically); on
+start the chain is replayed from the provisioned root with protocol.trust.rotate, so a
+file dropped into that directory by anyone without the root keys is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+
+from agent.activation import fsync_dir
+from protocol.dsse import Envelope
+from protocol.errors import ProtocolError
+from protocol.trust import TrustRoot, load_trust_root, rotate
+
+log = structlog.get_logger("jetfleet.agent.trust")
+
+
+class TrustStore:
+    def __init__(self, provisioned: Path, data_dir: Path, now: datetime) -> None:
+        self.dir = Path(data_dir) / "trust"
+        self._lock = threading.Lock()
+        self._root = load_trust_root(Path(provisioned).read_bytes(), now)
+        if self.dir.is_dir():
+            chain = sorted(
+                (p for p in self.dir.glob("*.json") if p.stem.isdigit()), key=lambda p: int(p.stem)
+            )
+            for p in chain:
+                if int(p.stem) <= self._root.version:
+                    continue
+                try:
+                    self._root = rotate(self._root, Envelope.decode(p.read_bytes()), now)
+                except ProtocolError as e:
+                    log.error("trust_chain_refused", file=str(p), code=e.code, reason=e.reason)
+                    break
+
+    @property
+    def root(self) -> TrustRoot:
+        with self._lock:
+            return self._root
+
+    def update(self, envelope: Envelope, now: datetime) -> TrustRoot:
+        """Rotate to a new trust root (TUF rule) and persist it before using it."""
+        with self._lock:
+            new = rotate(self._root, envelope, now)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            final = self.dir / f"{new.version}.json"
+            tmp = self.dir / f".{new.version}.json.tmp"
+            with open(tmp, "wb") as f:
+                f.write(envelope.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            fsync_dir(self.dir)
+            self._root = new
+            return new

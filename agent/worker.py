@@ -1,0 +1,625 @@
+"""The single job worker: runs deploy and rollback jobs one at a time through SPEC §6.
+
+Every state is persisted (with its event) before the worker acts on it, so that on
+restart `recover()` knows what may have happened:
+
+- RECEIVED/QUEUED: nothing happened yet; the job is run.
+- DOWNLOADING/VERIFYING/BUILDING/VALIDATING: nothing outside data_dir/downloads,
+  bundles and the engine cache was touched; temporary files are removed and the job is
+  resumed (the download continues with Range, the engine cache makes a rebuild free),
+  at most MAX_RESUMES times, then it ends FAILED (code interrupted).
+- ACTIVATING/PROBATION: the switch may be half done, or the new engine may be what
+  crashed us: the slot recorded before the switch is restored, the hook runs again,
+  and the job ends ROLLED_BACK (code interrupted). A device that had an engine active
+  therefore always has one active afterwards.
+
+Engine work (target check, build, gate: onnxruntime or TensorRT) runs in a child process
+(agent/enginejob.py): the daemon stays small, a crashing builder fails the job and not
+the agent, and a cancel stops a build at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.activation import ActivationError, ModelStore, check_health, run_hook
+from agent.commands import reason_code
+from agent.config import AgentConfig
+from agent.download import Canceled, DownloadError, DownloadLimits, fetch, remove_partials
+from agent.enginejob import EngineJob, EngineJobError, Interrupted
+from agent.journal import Journal
+from agent.store import JobRecord, Store
+from agent.truststore import TrustStore
+from protocol.errors import ProtocolError
+from protocol.ids import SemVer
+from protocol.messages import DeployBody, JobState, ReasonCode, RollbackBody
+
+if TYPE_CHECKING:
+    from protocol.manifest import Manifest
+
+log = structlog.get_logger("jetfleet.agent.worker")
+
+MAX_RESUMES = 2
+PRE_ACTIVATION = (
+    JobState.DOWNLOADING,
+    JobState.VERIFYING,
+    JobState.BUILDING,
+    JobState.VALIDATING,
+)
+KEEP_VERSIONS = 3  # per model: current, previous and one more to roll back to
+MIN_LIVE_SAMPLES = 20  # live p99 over fewer inferences is noise
+_CODES = {c.value for c in ReasonCode}
+
+
+class Stopping(Exception):
+    """The agent is shutting down: leave the job in its persisted state."""
+
+
+class JobEnded(Exception):
+    """A step decided the job's terminal state (already persisted)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: Store,
+        journal: Journal,
+        trust: TrustStore,
+        *,
+        live: Any | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        on_hardware: Callable[[dict[str, Any], str, str], None] = lambda hw, name, version: None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.journal = journal
+        self.trust = trust
+        self.live = live
+        self.models = ModelStore(config.data_dir)
+        self.downloads = Path(config.data_dir) / "downloads"
+        self.bundles = Path(config.data_dir) / "bundles"
+        self._on_change = on_change
+        self._on_hardware = on_hardware
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._cancels: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self.current: JobRecord | None = None
+        self.heartbeat = time.monotonic()
+
+    # ---- thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=timeout)
+
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, command_id: str) -> None:
+        self._cancels.add(command_id)
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            job = self._next_job()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+
+    def _next_job(self) -> JobRecord | None:
+        for job in self.store.active_jobs():
+            if job.state in (JobState.QUEUED, JobState.RECEIVED) or (
+                job.state in PRE_ACTIVATION and job.data.get("resume")
+            ):
+                return job
+        return None
+
+    # ---- jobs -----------------------------------------------------------------------
+    def run_job(self, job: JobRecord) -> None:
+        self.current = job
+        self._on_change()
+        try:
+            if self._canceled(job):
+                raise Canceled()
+            if job.kind == "deploy":
+                self._deploy(job)
+            elif job.kind == "rollback":
+                self._rollback(job)
+            else:  # ping/cancel/trust_update are finished by the command processor
+                self._end(job, JobState.FAILED, ReasonCode.INTERNAL, f"no worker for {job.kind}")
+        except (JobEnded, Stopping):
+            pass
+        except Canceled:
+            self._cleanup(job)
+            if self._timed_out(job):
+                limit = self.config.limits.job_timeout_s
+                self._end(
+                    job,
+                    JobState.TIMED_OUT,
+                    ReasonCode.TIMED_OUT,
+                    f"the job did not reach activation within {limit:g}s "
+                    "(limits.job_timeout_s); the previous engine stays active",
+                )
+            else:
+                self._end(
+                    job, JobState.CANCELED, ReasonCode.CANCELED, "canceled by an operator command"
+                )
+        except Exception as e:
+            log.exception("job_crashed", command_id=job.command_id)
+            if job.state in (JobState.ACTIVATING, JobState.PROBATION):
+                self._restore(job, ReasonCode.INTERNAL.value, f"internal error: {e}")
+            elif not job.state.terminal:
+                self._cleanup(job)
+                self._end(job, JobState.FAILED, ReasonCode.INTERNAL, f"internal error: {e}")
+        finally:
+            self.current = None
+            self._cancels.discard(job.command_id)
+            self._on_change()
+
+    def _end(
+        self,
+        job: JobRecord,
+        state: JobState,
+        code: ReasonCode | str | None,
+        reason: str | None,
+        *,
+        gate: dict[str, Any] | None = None,
+    ) -> None:
+        code_s = code.value if isinstance(code, ReasonCode) else code
+        self.journal.transition(job, state, code=code_s, reason=reason, gate=gate)
+
+    def _step(self, job: JobRecord, state: JobState, **data: Any) -> None:
+        if state is JobState.PROBATION:
+            # Past the switch a cancel or timeout no longer applies; stopping leaves the
+            # job in ACTIVATING, which the next start rolls back.
+            if self._stop.is_set():
+                raise Stopping()
+        else:
+            self._check(job)
+        job.data.update(data)
+        job.data.pop("resume", None)
+        self.journal.transition(job, state, data=job.data)
+        self.heartbeat = time.monotonic()
+
+    def _check(self, job: JobRecord) -> None:
+        if self._stop.is_set():
+            raise Stopping()
+        if self._canceled(job):
+            raise Canceled()
+
+    def _timed_out(self, job: JobRecord) -> bool:
+        return time.time() > job.created_at + self.config.limits.job_timeout_s
+
+    def _canceled(self, job: JobRecord) -> bool:
+        """A cancel command or the job's time limit: both stop it before activation."""
+        if self._timed_out(job):
+            return True
+        if job.command_id in self._cancels:
+            return True
+        if self.store.cancel_requested(job.command_id):
+            self._cancels.add(job.command_id)
+            return True
+        return False
+
+    def _body(self, job: JobRecord) -> DeployBody | RollbackBody:
+        """The verified command body, stored at intake (an offline install has no envelope)."""
+        model = DeployBody if job.kind == "deploy" else RollbackBody
+        return model.model_validate(job.data.get("body") or {})
+
+    # ---- deploy ---------------------------------------------------------------------
+    def _deploy(self, job: JobRecord) -> None:
+        body = self._body(job)
+        assert isinstance(body, DeployBody)
+        sha = body.sha256
+        cancel_check = lambda: self._stop.is_set() or self._canceled(job)  # noqa: E731
+
+        # DOWNLOADING
+        self._step(job, JobState.DOWNLOADING)
+        limits = DownloadLimits(
+            max_bytes=self.config.max_bundle_bytes,
+            min_free_bytes=self.config.limits.min_free_disk_mb * 2**20,
+            connect_timeout_s=self.config.download.connect_timeout_s,
+            read_timeout_s=self.config.download.read_timeout_s,
+            retries=self.config.download.retries,
+        )
+        last = [time.monotonic(), 0.0]
+
+        def progress(done: int, total: int) -> None:
+            self.heartbeat = time.monotonic()
+            frac = done / total if total else 0.0
+            # At most one progress event a second and only for visible steps.
+            if time.monotonic() - last[0] >= 1.0 and frac - last[1] >= 0.05:
+                last[0], last[1] = time.monotonic(), frac
+                self.journal.progress(job, frac)
+
+        try:
+            path = fetch(
+                body.url,
+                sha256=sha,
+                size=body.size,
+                downloads=self.downloads,
+                limits=limits,
+                progress=progress,
+                canceled=cancel_check,
+            )
+        except Canceled:
+            if self._stop.is_set():
+                raise Stopping() from None
+            raise
+        except DownloadError as e:
+            state = (
+                JobState.REJECTED if e.code in ("bundle_invalid", "too_large") else JobState.FAILED
+            )
+            self._cleanup(job)
+            self._end(job, state, e.code, e.reason)
+            raise JobEnded() from e
+
+        # VERIFYING
+        self._step(job, JobState.VERIFYING)
+        from protocol.bundle import extract_bundle
+
+        dest = self.bundles / sha
+        if dest.exists():
+            shutil.rmtree(dest)  # re-verified against the trust root we hold now
+        try:
+            bundle = extract_bundle(
+                path, self.trust.root, dest, _now(), max_size=min(body.size, limits.max_bytes)
+            )
+        except ProtocolError as e:
+            self._cleanup(job)
+            self._end(job, JobState.REJECTED, reason_code(e), f"bundle refused: {e.reason}")
+            raise JobEnded() from e
+        manifest = bundle.manifest
+        if bundle.sha256 != sha:
+            self._reject(job, ReasonCode.BUNDLE_INVALID, "bundle changed while it was verified")
+        if (body.name and body.name != manifest.name) or (
+            body.version and body.version != manifest.version
+        ):
+            self._reject(
+                job,
+                ReasonCode.BUNDLE_INVALID,
+                f"command names {body.name} {body.version}, the bundle is "
+                f"{manifest.name} {manifest.version}",
+            )
+        job.model, job.version = manifest.name, manifest.version
+        active = self.models.slot(manifest.name).active
+        if active is not None:
+            if manifest.semver < SemVer(active):
+                self._reject(
+                    job,
+                    ReasonCode.DOWNGRADE,
+                    f"{manifest.name} {manifest.version} is older than the active {active}; "
+                    "going back needs an operator-signed rollback command",
+                )
+            if manifest.semver == SemVer(active):
+                self._cleanup(job)
+                self._end(
+                    job, JobState.SUCCEEDED, None, f"{manifest.name} {active} is already active"
+                )
+                raise JobEnded()
+
+        # BUILDING and VALIDATING run in a child process (agent/enginejob.py).
+        self._step(job, JobState.BUILDING, bundle=str(dest))
+        request = {
+            "backend": self.config.backend,
+            "cache_root": str(Path(self.config.data_dir) / "engines"),
+            "cache_bytes": self.config.limits.engine_cache_mb * 2**20,
+            "model": str(bundle.model_path),
+            "model_sha256": manifest.file(manifest.model).sha256,
+            "build": manifest.build.model_dump(mode="json"),
+            "targets": manifest.targets.model_dump(mode="json"),
+            "protect": [str(p) for p in self.models.protected_engines()],
+            "golden": str(bundle.golden_path),
+            "gate": manifest.gate.model_dump(mode="json"),
+            "active": str(self.models.active_engine(manifest.name) or "") or None,
+        }
+        engine_job = EngineJob(
+            request,
+            canceled=lambda: self._canceled(job),
+            stopping=self._stop.is_set,
+            heartbeat=self._beat,
+        )
+        try:
+            try:
+                built = engine_job.build()
+            except EngineJobError as e:
+                state = (
+                    JobState.REJECTED
+                    if e.code in (ReasonCode.TARGET_MISMATCH.value, ReasonCode.UNSUPPORTED.value)
+                    else JobState.FAILED
+                )
+                code = e.code if e.code in _CODES else ReasonCode.BUILD_FAILED.value
+                self._cleanup(job)
+                self._end(job, state, code, f"engine build: {e.reason}")
+                raise JobEnded() from e
+            self._on_hardware(built.hardware, built.backend, built.backend_version)
+            engine = built.engine
+
+            # VALIDATING
+            self._step(job, JobState.VALIDATING, engine=str(engine))
+            try:
+                result = engine_job.gate()
+            except EngineJobError as e:
+                self._cleanup(job)
+                self._end(job, JobState.FAILED, e.code, f"gate could not run: {e.reason}")
+                raise JobEnded() from e
+        except Interrupted:
+            raise Stopping() from None
+        finally:
+            engine_job.close()
+        figures = dict(result.get("figures") or {})
+        if not result.get("passed"):
+            code = result.get("code") or ReasonCode.ACCURACY.value
+            self._cleanup(job)
+            self._end(
+                job,
+                JobState.ROLLED_BACK,
+                code,
+                f"gate failed, {active or 'no engine'} stays active: {result.get('reason')}",
+                gate=figures,
+            )
+            raise JobEnded()
+
+        # ACTIVATING: past this point the job cannot be canceled.
+        slot = self.models.slot(manifest.name)
+        self._step(
+            job,
+            JobState.ACTIVATING,
+            prev={"active": slot.active, "previous": slot.previous},
+            gate=figures,
+        )
+        self.models.install_version(
+            manifest.name,
+            manifest.version,
+            Path(engine),
+            manifest.model_dump_json(by_alias=True).encode(),
+            bundle.golden_path,
+        )
+        self.models.switch(manifest.name, manifest.version)
+        self._on_change()
+        self.journal.maybe_pause_named("ACTIVATING:switched")
+        try:
+            self._hook(job)
+            self._health(job)
+        except ActivationError as e:
+            self._restore(job, e.code, e.reason)
+            raise JobEnded() from e
+
+        # PROBATION
+        self._step(job, JobState.PROBATION)
+        try:
+            self._probation(job, manifest, figures)
+        except ActivationError as e:
+            self._restore(job, e.code, e.reason, gate=figures)
+            raise JobEnded() from e
+        self._cleanup(job)
+        self.models.prune(manifest.name, KEEP_VERSIONS)
+        self._end(job, JobState.SUCCEEDED, None, None, gate=figures)
+
+    def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> None:
+        self._cleanup(job)
+        self._end(job, JobState.REJECTED, code, reason)
+        raise JobEnded()
+
+    def _env(self, job: JobRecord) -> dict[str, str]:
+        name = job.model or ""
+        slot = self.models.slot(name)
+        engine = self.models.current_link(name) / "engine"
+        return {
+            "JETFLEET_MODEL": name,
+            "JETFLEET_VERSION": slot.active or "",
+            "JETFLEET_PREVIOUS_VERSION": slot.previous or "",
+            "JETFLEET_ENGINE": str(engine),
+            "JETFLEET_COMMAND_ID": job.command_id,
+        }
+
+    def _hook(self, job: JobRecord) -> None:
+        a = self.config.activation
+        run_hook(a.hook, timeout=a.hook_timeout_s, env=self._env(job))
+
+    def _health(self, job: JobRecord) -> None:
+        a = self.config.activation
+        check_health(a.health, timeout=a.health_timeout_s, env=self._env(job))
+
+    def _probation(self, job: JobRecord, manifest: Manifest, figures: dict[str, Any]) -> None:
+        spec = manifest.gate
+        gate_p99 = figures.get("p99_ms")
+        limit = (
+            float(gate_p99) * (1 + spec.max_regression_pct / 100.0)
+            if gate_p99 is not None
+            else None
+        )
+        if self.live is not None:
+            # Only the new version's samples count (stragglers of the old one are dropped).
+            self.live.reset(manifest.name, manifest.version)
+        a = self.config.activation
+        start = time.monotonic()
+        end = start + spec.probation_s
+        step = min(a.health_interval_s, max(spec.probation_s, 0.05))
+        last_progress = start
+        while True:
+            if self._stop.is_set():
+                raise Stopping()
+            self.heartbeat = time.monotonic()
+            self._health(job)
+            if self.live is not None and limit is not None:
+                window = self.live.snapshot(manifest.name)
+                if (
+                    window is not None
+                    and window.count >= MIN_LIVE_SAMPLES
+                    and window.p99_ms > limit
+                ):
+                    figures["live_p99_ms"] = window.p99_ms
+                    figures["live_count"] = window.count
+                    raise ActivationError(
+                        f"live p99 {window.p99_ms:.2f} ms over {window.count} inferences exceeds "
+                        f"the gate's {float(gate_p99 or 0):.2f} ms + {spec.max_regression_pct:g}%",
+                        code=ReasonCode.PROBATION_LATENCY.value,
+                    )
+            now = time.monotonic()
+            if now >= end:
+                return
+            if now - last_progress >= 5.0:
+                last_progress = now
+                self.journal.progress(job, (now - start) / max(spec.probation_s, 1e-9))
+            self._stop.wait(min(step, max(end - now, 0.0)))
+
+    def _restore(
+        self, job: JobRecord, code: str, reason: str, *, gate: dict[str, Any] | None = None
+    ) -> None:
+        """Put back the slot recorded before the switch, rerun the hook, end ROLLED_BACK."""
+        name = job.model
+        prev = job.data.get("prev") or {}
+        if name:
+            new_version = job.version
+            self.models.set_slot(name, prev.get("active"), prev.get("previous"))
+            if self.live is not None:
+                self.live.reset(name, prev.get("active"))
+            if (
+                job.kind == "deploy"
+                and new_version
+                and new_version not in (prev.get("active"), prev.get("previous"))
+            ):
+                shutil.rmtree(self.models.version_dir(name, new_version), ignore_errors=True)
+            self._on_change()
+            try:
+                if prev.get("active"):
+                    self._hook(job)
+            except ActivationError as e:
+                log.error("hook_failed_after_restore", command_id=job.command_id, reason=e.reason)
+        self._cleanup(job)
+        back = prev.get("active") or "no engine"
+        self._end(
+            job,
+            JobState.ROLLED_BACK,
+            code,
+            f"{reason}; {back} is active again",
+            gate=gate if gate is not None else job.data.get("gate"),
+        )
+
+    def _cleanup(self, job: JobRecord) -> None:
+        """Remove what this job downloaded or extracted (the version dir stays if active)."""
+        sha = (job.data.get("body") or {}).get("sha256") if job.kind == "deploy" else None
+        if sha:
+            shutil.rmtree(self.bundles / sha, ignore_errors=True)
+            for p in (self.downloads / f"{sha}.part", self.downloads / f"{sha}.jfb"):
+                p.unlink(missing_ok=True)
+        for p in self.bundles.glob(".*.partial") if self.bundles.is_dir() else []:
+            shutil.rmtree(p, ignore_errors=True)
+
+    # ---- rollback -------------------------------------------------------------------
+    def _rollback(self, job: JobRecord) -> None:
+        body = self._body(job)
+        assert isinstance(body, RollbackBody)
+        name, version = body.model, body.to_version
+        if version not in self.models.held_versions(name):
+            held = ", ".join(self.models.held_versions(name)) or "none"
+            self._end(
+                job,
+                JobState.REJECTED,
+                ReasonCode.UNKNOWN_VERSION,
+                f"{name} {version} is not held on this device (held: {held})",
+            )
+            return
+        slot = self.models.slot(name)
+        if slot.active == version:
+            self._end(job, JobState.SUCCEEDED, None, f"{name} {version} is already active")
+            return
+        self._step(
+            job, JobState.ACTIVATING, prev={"active": slot.active, "previous": slot.previous}
+        )
+        self.models.switch(name, version)
+        self._on_change()
+        try:
+            self._hook(job)
+            self._health(job)
+        except ActivationError as e:
+            self._restore(job, e.code, e.reason)
+            return
+        self._end(job, JobState.SUCCEEDED, None, None)
+
+    # ---- crash recovery -------------------------------------------------------------
+    def recover(self) -> None:
+        """Called once at start, before the threads: settle every job left in flight."""
+        removed = self.models.remove_tmp()
+        resumable: set[str] = set()
+        for job in self.store.active_jobs():
+            if job.state in (JobState.ACTIVATING, JobState.PROBATION):
+                log.warning("recover_rollback", command_id=job.command_id, state=job.state.value)
+                self._restore(
+                    job,
+                    ReasonCode.INTERRUPTED.value,
+                    f"the agent stopped during {job.state.value}",
+                )
+            elif job.state in PRE_ACTIVATION:
+                if job.attempts >= MAX_RESUMES:
+                    self._cleanup(job)
+                    self._end(
+                        job,
+                        JobState.FAILED,
+                        ReasonCode.INTERRUPTED,
+                        f"the agent stopped during {job.state.value} {job.attempts + 1} times; "
+                        "giving up (the previous engine stays active)",
+                    )
+                    continue
+                with self.store.tx() as db:
+                    job.data["resume"] = True
+                    self.store.update_job(
+                        db, job.command_id, data=job.data, attempts=job.attempts + 1
+                    )
+                sha = (job.data.get("body") or {}).get("sha256")
+                if isinstance(sha, str):
+                    resumable.add(sha)
+                log.info("recover_resume", command_id=job.command_id, state=job.state.value)
+            elif job.state is JobState.RECEIVED:
+                self._recover_received(job)
+        # Partial downloads of jobs that will not resume, half-extracted bundles.
+        remove_partials(self.downloads, keep=resumable)
+        if self.bundles.is_dir():
+            for p in self.bundles.iterdir():
+                if p.name.startswith(".") or p.name not in resumable:
+                    shutil.rmtree(p, ignore_errors=True)
+        if removed:
+            log.info("recover_removed_tmp", count=removed)
+
+    def _recover_received(self, job: JobRecord) -> None:
+        # The command processor stopped between RECEIVED and its next step.
+        if job.kind in ("deploy", "rollback"):
+            self.journal.transition(job, JobState.QUEUED)
+        elif job.kind == "ping":
+            self.journal.transition(job, JobState.SUCCEEDED)
+        else:
+            self.journal.transition(
+                job,
+                JobState.FAILED,
+                code=ReasonCode.INTERRUPTED.value,
+                reason="the agent stopped before it acted on this command; send it again",
+            )

@@ -1,0 +1,131 @@
+"""`jetfleet devices [--group G] [--output json]`: the fleet, from retained status."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import structlog
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from controller.cli.common import Output, OutputOption, fail, print_json, settings
+from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
+from controller.registry import DeviceRecord, Registry, sync_from_broker
+from controller.settings import ControllerSettings
+from protocol.errors import ProtocolError
+from protocol.ids import validate_id
+from protocol.topics import Topics
+from protocol.transport import TransportConfigError
+
+
+def configure_cli_logging() -> None:
+    """Logs go to stderr (stdout is for data, e.g. --output json); warnings and up unless
+    JETFLEET_LOG_LEVEL says otherwise (the background rollout driver logs at info)."""
+    level = os.environ.get("JETFLEET_LOG_LEVEL", "warning").upper()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level, logging.WARNING)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def mqtt_options(s: ControllerSettings, *, client_id: str = "") -> MqttOptions:
+    return MqttOptions(
+        broker=s.broker, protocol=s.protocol, ca=s.ca, cert=s.cert, key=s.key, client_id=client_id
+    )
+
+
+def open_registry(s: ControllerSettings) -> Registry:
+    return Registry.open(s.db, Topics(s.prefix))
+
+
+def refresh_registry(s: ControllerSettings, registry: Registry, timeout: float = 10.0) -> int:
+    """Pull every retained status from the broker into the registry (MqttError if down)."""
+    try:
+        client = ControllerMqtt(mqtt_options(s))
+    except TransportConfigError as e:
+        fail(f"TLS settings: {e.reason}")
+    with client.connect(timeout=timeout) as m:
+        return sync_from_broker(registry, m, timeout=timeout)
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    s = max(0.0, time.time() - ts)
+    if s < 60:
+        return f"{s:.0f}s ago"
+    if s < 3600:
+        return f"{s / 60:.0f}m ago"
+    if s < 86400:
+        return f"{s / 3600:.1f}h ago"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _models(d: DeviceRecord) -> str:
+    parts = []
+    for name, slot in sorted(d.models.items()):
+        prev = f" (prev {slot['previous']})" if slot.get("previous") else ""
+        parts.append(f"{name} {slot.get('active') or '-'}{prev}")
+    return "\n".join(parts) or "-"
+
+
+def _job(d: DeviceRecord) -> str:
+    if not d.job:
+        return "-"
+    what = " ".join(str(x) for x in (d.job.get("model"), d.job.get("version")) if x)
+    return f"{d.job.get('state')} {what}".strip()
+
+
+def devices_table(records: list[DeviceRecord]) -> Table:
+    table = Table(title=f"{len(records)} device(s)", title_justify="left")
+    for col in ("device", "groups", "online", "last seen", "hardware", "models", "job"):
+        table.add_column(col)
+    for d in records:
+        hw = " / ".join(
+            str(v) for v in (d.hardware.get("device_model"), d.hardware.get("backend")) if v
+        )
+        table.add_row(
+            d.id,
+            ",".join(d.groups) or "-",
+            "[green]yes[/]" if d.online else "[red]no[/]",
+            _ago(d.last_seen),
+            hw or "-",
+            _models(d),
+            _job(d),
+        )
+    return table
+
+
+def devices(
+    ctx: typer.Context,
+    group: str | None = typer.Option(None, "--group", help="only devices in this group"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the broker"),
+    output: Output = OutputOption,
+) -> None:
+    """List the fleet as the devices report it (retained status on the broker)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    if group is not None:
+        try:
+            validate_id(group, "group name")
+        except ProtocolError as e:
+            fail(e.reason)
+    registry = open_registry(s)
+    stale = False
+    try:
+        refresh_registry(s, registry, timeout)
+    except MqttError as e:
+        stale = True
+        typer.echo(f"jetfleet: {e}; showing the last known state", err=True)
+    records = registry.devices(group)
+    if output is Output.json:
+        print_json([{**d.to_dict(), "stale": stale} for d in records])
+        return
+    Console().print(devices_table(records))

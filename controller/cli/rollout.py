@@ -1,0 +1,632 @@
+"""`jetfleet rollout start|status|list|pause|resume|abort` (SPEC §7)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from controller.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VERIFY,
+    Output,
+    OutputOption,
+    fail,
+    print_json,
+    settings,
+)
+from controller.cli.devices import (
+    configure_cli_logging,
+    mqtt_options,
+    open_registry,
+    refresh_registry,
+)
+from controller.commands import CommandSigner
+from controller.keystore import KeySet, KeystoreError, load_keys
+from controller.mqtt import MqttError
+from controller.registry import Registry, TargetError
+from controller.rollout import (
+    RolloutDriver,
+    RolloutError,
+    WaveSpecError,
+    create_rollout,
+    driver_alive,
+    pause,
+    resume_state,
+)
+from controller.rollout_store import (
+    ABORTED,
+    FINISHED,
+    PAUSED,
+    SUCCEEDED,
+    Rollout,
+    RolloutStore,
+    RolloutSummary,
+)
+from controller.settings import ControllerSettings
+from protocol.bundle import bundle_filename, verify_bundle
+from protocol.errors import ProtocolError, VerificationError
+from protocol.topics import Topics
+from protocol.transport import TransportConfigError
+
+app = typer.Typer(
+    help="Roll a bundle out to the fleet in waves, and steer rollouts.", no_args_is_help=True
+)
+
+SERVE_STATE = "serve.json"
+
+# Options shared with `jetfleet rollback`.
+WavesOption = typer.Option("1,10%,100%", "--waves", help="cumulative wave sizes: counts or %")
+MaxFailOption = typer.Option(
+    0.05, "--max-failure-rate", help="abort when failed/assigned exceeds this (0..1)"
+)
+WaveTimeoutOption = typer.Option(900.0, "--wave-timeout", help="seconds a wave may take")
+WaitOption = typer.Option(False, "--wait", help="show live progress; exit 1 if it aborts")
+CanaryOption = typer.Option(None, "--canary", help="device id to deploy to first")
+TargetOption = typer.Option(..., "--target", help="group:NAME, ID[,ID...] or all")
+
+
+# -- shared plumbing -------------------------------------------------------------------
+def keyset(s: ControllerSettings) -> KeySet:
+    if s.keys is None:
+        fail("no key directory: pass --keys DIR or set JETFLEET_KEYS (see `jetfleet keys init`)")
+    try:
+        return load_keys(s.keys)
+    except KeystoreError as e:
+        fail(str(e), EXIT_VERIFY)
+
+
+def open_store(s: ControllerSettings) -> tuple[RolloutStore, Registry]:
+    registry = open_registry(s)
+    return RolloutStore(registry.conn), registry
+
+
+def find_rollout(store: RolloutStore, rollout_id: str) -> Rollout:
+    r = store.find(rollout_id)
+    if r is None:
+        fail(f"no rollout {rollout_id!r} (see `jetfleet rollout list`)")
+    return r
+
+
+def serve_base_url(s: ControllerSettings) -> str | None:
+    """The bundle server of a running `jetfleet serve`, from its state file."""
+    data_dir = Path(getattr(s, "data_dir", None) or s.db.parent)
+    path = data_dir / SERVE_STATE
+    try:
+        state = json.loads(path.read_text())
+        pid, base = int(state["pid"]), str(state["bundle_url_base"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return base.rstrip("/") if psutil.pid_exists(pid) else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class BundleConflictError(ValueError):
+    """A different bundle is already published under the same name and version."""
+
+
+def publish_bundle(bundle: Path, s: ControllerSettings, name: str, version: str) -> Path:
+    """Copy the bundle into the bundle directory (temp + fsync + rename): what devices
+    download must not change if the operator rebuilds their working copy. A published
+    name-version is immutable: commands already out carry its sha256."""
+    s.bundle_dir.mkdir(parents=True, exist_ok=True)
+    dest = s.bundle_dir / bundle_filename(name, version)
+    if dest.exists():
+        if _sha256(dest) == _sha256(bundle):
+            return dest
+        raise BundleConflictError(
+            f"{dest} is already published with different content; a version is immutable "
+            "once rolled out: build this one with a new version"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=s.bundle_dir)
+    try:
+        with os.fdopen(fd, "wb") as out, bundle.open("rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+# -- progress --------------------------------------------------------------------------
+_STATE_STYLE = {
+    "SUCCEEDED": "green",
+    "ROLLED_BACK": "yellow",
+    "FAILED": "red",
+    "REJECTED": "red",
+    "TIMED_OUT": "red",
+    "CANCELED": "yellow",
+}
+
+
+def render(summary: RolloutSummary) -> Group:
+    r = summary.rollout
+    head = Text.assemble(
+        (f"rollout {r.id}", "bold"),
+        f"  {r.kind} {r.model} {r.version}  ",
+        (r.state.upper(), {"succeeded": "green", "aborted": "red"}.get(r.state, "cyan")),
+        f"  failure rate {summary.failure_rate:.0%} ({summary.failed}/{summary.assigned}, "
+        f"max {r.max_failure_rate:.0%})",
+    )
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("wave")
+    table.add_column("devices", justify="right")
+    table.add_column("state")
+    table.add_column("per state")
+    now = time.time()
+    for w in summary.waves:
+        counts = ", ".join(
+            f"[{_STATE_STYLE.get(k, 'white')}]{k} {v}[/]" for k, v in sorted(w.counts.items())
+        )
+        state = w.state
+        if w.state == "running" and w.deadline:
+            state += f" ({max(0, w.deadline - now):.0f}s left)"
+        label = "rollback" if w.state in ("rollback", "rolled_back") else str(w.idx + 1)
+        table.add_row(label, str(w.size), state, counts or "-")
+    parts: list[Any] = [head, table]
+    if summary.rollbacks:
+        parts.append(
+            Text(
+                "rollback commands: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(summary.rollbacks.items()))
+            )
+        )
+    if summary.offline_pending:
+        names = ", ".join(summary.offline_pending[:10])
+        more = (
+            f" and {len(summary.offline_pending) - 10} more"
+            if len(summary.offline_pending) > 10
+            else ""
+        )
+        parts.append(
+            Text(f"pending, offline (command waits in the broker): {names}{more}", style="yellow")
+        )
+    for f in summary.failures[:20]:
+        parts.append(
+            Text(f"  {f['device_id']}: {f['state']} [{f['code']}] {f['reason']}", style="red")
+        )
+    if len(summary.failures) > 20:
+        parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
+    if r.abort_reason:
+        parts.append(Text(f"abort: {r.abort_reason}", style="bold red"))
+    return Group(*parts)
+
+
+def _finish(store: RolloutStore, rollout_id: str, output: Output) -> None:
+    summary = store.summary(rollout_id)
+    if output is Output.json:
+        data = summary.to_dict()
+        data["devices"] = [a.to_dict() for a in store.assignments(rollout_id)]
+        print_json(data)
+    state = summary.rollout.state
+    raise typer.Exit(EXIT_OK if state == SUCCEEDED else EXIT_FAILED if state == ABORTED else 0)
+
+
+def drive(
+    s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output
+) -> None:  # never returns: exits with the rollout's outcome
+    store, registry = open_store(s)
+    console = Console(stderr=output is Output.json)
+    live: Live | None = None
+    last = [0.0]
+
+    def progress(st: RolloutStore, rid: str) -> None:
+        if live is None or time.monotonic() - last[0] < 0.25:
+            return
+        last[0] = time.monotonic()
+        live.update(render(st.summary(rid)))
+
+    driver = RolloutDriver(
+        store,
+        registry,
+        CommandSigner([keys.operator]),
+        mqtt_options(s),
+        rollout_id,
+        topics=Topics(s.prefix),
+        on_progress=progress,
+    )
+    try:
+        if output is Output.human and console.is_terminal:
+            with Live(
+                render(store.summary(rollout_id)), console=console, refresh_per_second=4
+            ) as lv:
+                live = lv
+                driver.run()
+                lv.update(render(store.summary(rollout_id)))
+        else:
+            driver.run()
+            if output is Output.human:
+                console.print(render(store.summary(rollout_id)))
+    except RolloutError as e:
+        fail(str(e))
+    except (MqttError, TransportConfigError) as e:
+        fail(
+            f"{e}; the rollout is saved: `jetfleet rollout resume {rollout_id}` continues it",
+            EXIT_FAILED,
+        )
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; continue with `jetfleet rollout resume {rollout_id}`", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    _finish(store, rollout_id, output)
+
+
+def watch(s: ControllerSettings, rollout_id: str, output: Output) -> None:
+    """Follow a rollout another process drives (read-only) until it finishes."""
+    store, _ = open_store(s)
+    console = Console(stderr=output is Output.json)
+    with Live(
+        render(store.summary(rollout_id)),
+        console=console,
+        refresh_per_second=2,
+        transient=output is Output.json,
+    ) as lv:
+        while True:
+            summary = store.summary(rollout_id)
+            lv.update(render(summary))
+            if summary.rollout.state in FINISHED:
+                break
+            if not driver_alive(summary.rollout):
+                fail(
+                    f"the process driving rollout {rollout_id} is gone; "
+                    f"run `jetfleet rollout resume {rollout_id}`",
+                    EXIT_FAILED,
+                )
+            time.sleep(0.5)
+    _finish(store, rollout_id, output)
+
+
+def spawn_driver(s: ControllerSettings, rollout_id: str) -> int:
+    """Continue the rollout in a detached process (it outlives this command)."""
+    args = [
+        sys.executable,
+        "-c",
+        "from controller.cli.main import app; app()",
+        "--broker",
+        s.broker,
+        "--db",
+        str(s.db),
+    ]
+    if s.keys:
+        args += ["--keys", str(s.keys)]
+    for opt, val in (("--ca", s.ca), ("--cert", s.cert), ("--key", s.key)):
+        if val:
+            args += [opt, val]
+    args += ["rollout", "resume", rollout_id, "--wait", "--output", "json"]
+    log_dir = s.db.parent / "rollouts"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "JETFLEET_LOG_LEVEL": os.environ.get("JETFLEET_LOG_LEVEL", "info")}
+    with (log_dir / f"{rollout_id}.log").open("ab") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    return proc.pid
+
+
+def launch(
+    s: ControllerSettings, keys: KeySet, rollout_id: str, wait: bool, output: Output
+) -> None:
+    if wait:
+        drive(s, keys, rollout_id, output)
+    pid = spawn_driver(s, rollout_id)
+    store, _ = open_store(s)
+    if output is Output.json:
+        print_json({**store.summary(rollout_id).to_dict(), "driver_pid": pid})
+    else:
+        typer.echo(
+            f"rollout {rollout_id} started (driver pid {pid}); "
+            f"follow it with `jetfleet rollout status {rollout_id}`"
+        )
+
+
+def start_rollout(
+    s: ControllerSettings,
+    *,
+    kind: str,
+    keys: KeySet,
+    model: str,
+    version: str,
+    target: str,
+    waves: str,
+    max_failure_rate: float,
+    wave_timeout: float,
+    auto_rollback: bool,
+    canary: str | None,
+    bundle: tuple[str, str, int] | None = None,
+) -> str:
+    """Resolve the target against a fresh view of the fleet and store the planned rollout."""
+    store, registry = open_store(s)
+    try:
+        refresh_registry(s, registry)
+    except MqttError as e:
+        fail(f"{e}; the rollout was not started", EXIT_FAILED)
+    try:
+        ids = registry.resolve_target(target)
+        unknown = registry.unknown(ids)
+        offline = [d.id for d in registry.devices() if d.id in set(ids) and not d.online]
+        if offline:
+            shown = ", ".join(offline[:10]) + (" …" if len(offline) > 10 else "")
+            typer.echo(
+                f"jetfleet: warning: {len(offline)} target device(s) offline ({shown}): "
+                "their commands wait in the broker; they count as TIMED_OUT if they do not "
+                f"finish within --wave-timeout {wave_timeout:g}s",
+                err=True,
+            )
+        if unknown:
+            typer.echo(
+                f"jetfleet: warning: never seen {', '.join(unknown)}: their commands wait in "
+                "the broker until they connect or the wave times out",
+                err=True,
+            )
+        r = create_rollout(
+            store,
+            registry,
+            kind=kind,
+            model=model,
+            version=version,
+            device_ids=ids,
+            waves_spec=waves,
+            max_failure_rate=max_failure_rate,
+            wave_timeout=wave_timeout,
+            auto_rollback=auto_rollback,
+            canary=canary,
+            target=target,
+            bundle_url=bundle[0] if bundle else None,
+            bundle_sha256=bundle[1] if bundle else None,
+            bundle_size=bundle[2] if bundle else None,
+        )
+    except (TargetError, WaveSpecError) as e:
+        fail(str(e))
+    except ProtocolError as e:
+        fail(e.reason)
+    return r.id
+
+
+def check_plan_options(waves: str, max_failure_rate: float, wave_timeout: float) -> None:
+    from controller.rollout import parse_waves
+
+    try:
+        parse_waves(waves)
+    except WaveSpecError as e:
+        fail(str(e))
+    if not 0 <= max_failure_rate <= 1:
+        fail(f"--max-failure-rate {max_failure_rate:g} must be within 0..1")
+    if wave_timeout <= 0:
+        fail("--wave-timeout must be positive")
+
+
+# -- commands --------------------------------------------------------------------------
+@app.command("start")
+def start(
+    ctx: typer.Context,
+    bundle: Path = typer.Argument(..., help="the .jfb bundle to roll out"),
+    target: str = TargetOption,
+    waves: str = WavesOption,
+    max_failure_rate: float = MaxFailOption,
+    wave_timeout: float = WaveTimeoutOption,
+    no_auto_rollback: bool = typer.Option(
+        False, "--no-auto-rollback", help="on abort, leave succeeded devices on the new version"
+    ),
+    wait: bool = WaitOption,
+    canary: str | None = CanaryOption,
+    bundle_url: str | None = typer.Option(None, "--bundle-url", help="where devices fetch it"),
+    output: Output = OutputOption,
+) -> None:
+    """Verify BUNDLE, publish it, and deploy it to the target in waves."""
+    configure_cli_logging()
+    s = settings(ctx)
+    check_plan_options(waves, max_failure_rate, wave_timeout)
+    if not bundle.is_file():
+        fail(f"bundle {bundle} does not exist")
+    keys = keyset(s)
+    try:
+        manifest = verify_bundle(bundle, keys.trust, datetime.now(timezone.utc))
+    except VerificationError as e:
+        fail(f"bundle {bundle} failed verification [{e.code}]: {e.reason}", EXIT_VERIFY)
+    except OSError as e:
+        fail(f"bundle {bundle}: {e.strerror}")
+    try:
+        published = publish_bundle(bundle.resolve(), s, manifest.name, manifest.version)
+    except BundleConflictError as e:
+        fail(str(e))
+    if bundle_url:
+        url = bundle_url
+    elif base := serve_base_url(s):
+        url = f"{base}/{published.name}"
+    else:
+        url = published.resolve().as_uri()
+    rid = start_rollout(
+        s,
+        kind="deploy",
+        keys=keys,
+        model=manifest.name,
+        version=manifest.version,
+        target=target,
+        waves=waves,
+        max_failure_rate=max_failure_rate,
+        wave_timeout=wave_timeout,
+        auto_rollback=not no_auto_rollback,
+        canary=canary,
+        bundle=(url, _sha256(published), published.stat().st_size),
+    )
+    if output is Output.human:
+        typer.echo(f"rollout {rid}: {manifest.name} {manifest.version} from {url}", err=True)
+    launch(s, keys, rid, wait, output)
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(..., help="rollout id (or a unique prefix)"),
+    output: Output = OutputOption,
+) -> None:
+    """Where a rollout stands: waves, per-state counts, failures with their reasons."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    r = find_rollout(store, rollout_id)
+    summary = store.summary(r.id)
+    driven = driver_alive(r)
+    if output is Output.json:
+        data = summary.to_dict()
+        data["driver_alive"] = driven
+        data["devices"] = [a.to_dict() for a in store.assignments(r.id)]
+        print_json(data)
+        return
+    Console().print(render(summary))
+    if r.state not in FINISHED and not driven:
+        typer.echo(f"no controller process is driving it: `jetfleet rollout resume {r.id}`")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    limit: int = typer.Option(50, "--limit", min=1),
+    output: Output = OutputOption,
+) -> None:
+    """Recent rollouts, newest first."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    rows: list[dict[str, Any]] = []
+    for r in store.recent(limit):
+        sm = store.summary(r.id)
+        rows.append(
+            {
+                "id": r.id,
+                "kind": r.kind,
+                "model": r.model,
+                "version": r.version,
+                "state": r.state,
+                "target": r.target,
+                "devices": sum(
+                    w.size for w in sm.waves if w.state not in ("rollback", "rolled_back")
+                ),
+                "failed": sm.failed,
+                "created_at": r.created_at,
+            }
+        )
+    if output is Output.json:
+        print_json(rows)
+        return
+    table = Table(title="rollouts")
+    for col in (
+        "id",
+        "kind",
+        "model",
+        "version",
+        "state",
+        "target",
+        "devices",
+        "failed",
+        "created",
+    ):
+        table.add_column(col)
+    for row in rows:
+        created = datetime.fromtimestamp(row["created_at"], timezone.utc)
+        table.add_row(
+            row["id"],
+            row["kind"],
+            row["model"],
+            row["version"],
+            row["state"],
+            row["target"],
+            str(row["devices"]),
+            str(row["failed"]),
+            f"{created:%Y-%m-%d %H:%M:%S}",
+        )
+    Console().print(table)
+
+
+@app.command("pause")
+def pause_cmd(ctx: typer.Context, rollout_id: str = typer.Argument(...)) -> None:
+    """Start no further waves (devices already commanded finish their jobs)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    r = find_rollout(store, rollout_id)
+    if not pause(store, r.id):
+        fail(f"rollout {r.id} is {r.state}; only a running rollout can be paused", EXIT_FAILED)
+    typer.echo(f"rollout {r.id} paused; `jetfleet rollout resume {r.id}` continues it")
+
+
+@app.command("resume")
+def resume(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(...),
+    wait: bool = WaitOption,
+    output: Output = OutputOption,
+) -> None:
+    """Continue a paused rollout, or one whose controller died (no device gets a second
+    command for the same job)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    r = find_rollout(store, rollout_id)
+    if r.state in FINISHED:
+        if output is Output.json:
+            _finish(store, r.id, output)
+        fail(f"rollout {r.id} already {r.state}", EXIT_FAILED if r.state == ABORTED else EXIT_OK)
+    if r.state == PAUSED:
+        resume_state(store, r.id)
+    if driver_alive(r):
+        if wait:
+            watch(s, r.id, output)
+        typer.echo(f"rollout {r.id} resumed; driven by process {r.driver_pid}")
+        return
+    launch(s, keyset(s), r.id, wait, output)
+
+
+@app.command("abort")
+def abort(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(...),
+    no_rollback: bool = typer.Option(
+        False, "--no-rollback", help="leave devices that already succeeded on the new version"
+    ),
+    wait: bool = WaitOption,
+    output: Output = OutputOption,
+) -> None:
+    """Stop a rollout: no further waves, in-flight jobs of the running wave are canceled
+    (a device already activating finishes), and devices that succeeded are rolled back
+    unless --no-rollback or the rollout had --no-auto-rollback."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    r = find_rollout(store, rollout_id)
+    rollback = r.auto_rollback and not no_rollback
+    if not store.request_abort(r.id, "aborted by the operator", rollback):
+        fail(f"rollout {r.id} already {r.state}", EXIT_USAGE)
+    if driver_alive(r):
+        if wait:
+            watch(s, r.id, output)
+        typer.echo(f"rollout {r.id} aborting; process {r.driver_pid} is finishing it")
+        return
+    launch(s, keyset(s), r.id, wait, output)

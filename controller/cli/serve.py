@@ -1,0 +1,82 @@
+"""`jetfleet serve`: telemetry ingestion, bundle hosting and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import structlog
+import typer
+
+from controller.cli.common import EXIT_FAILED, fail, settings
+from controller.serve import JetfleetServer, ServeConfig, ServeState
+from controller.telemetry_store import TelemetryStoreError, default_telemetry_db
+from protocol.errors import ProtocolError
+from protocol.ids import validate_id
+
+
+def _daemon_logging() -> None:
+    level = os.environ.get("JETFLEET_LOG_LEVEL", "info").upper()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def serve(
+    ctx: typer.Context,
+    http_port: int = typer.Option(8380, "--http-port", help="bundles (and /metrics) port"),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="also serve /metrics on this port"
+    ),
+    host: str = typer.Option("0.0.0.0", "--host", help="address to listen on"),
+    advertise_host: str | None = typer.Option(
+        None, "--advertise-host", help="host name devices use to reach this server [hostname]"
+    ),
+    share_group: str = typer.Option(
+        "jetfleet", "--share-group", help="MQTT 5 shared-subscription group of the ingesters"
+    ),
+    telemetry_db: Path | None = typer.Option(
+        None, "--telemetry-db", help="telemetry database [default: telemetry.db next to --db]"
+    ),
+    no_ingest: bool = typer.Option(False, "--no-ingest", help="host bundles and metrics only"),
+) -> None:
+    """Run telemetry ingestion, bundle hosting over HTTP and the Prometheus endpoint."""
+    _daemon_logging()
+    s = settings(ctx)
+    try:
+        validate_id(share_group, "share group")
+    except ProtocolError as e:
+        fail(e.reason)
+    cfg = ServeConfig(
+        broker=s.broker,
+        telemetry_db=telemetry_db or default_telemetry_db(s.db),
+        bundle_dir=s.bundle_dir,
+        data_dir=s.db.parent,
+        controller_db=s.db,
+        host=host,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        advertise_host=advertise_host,
+        protocol=s.protocol,
+        share_group=share_group,
+        prefix=s.prefix,
+        ca=s.ca,
+        cert=s.cert,
+        key=s.key,
+        ingest=not no_ingest,
+    )
+
+    def ready(state: ServeState) -> None:
+        typer.echo(f"bundles: {state.bundle_url_base}/  metrics: {state.metrics_url}", err=True)
+
+    try:
+        JetfleetServer(cfg).run_forever(ready)
+    except ProtocolError as e:  # TLS files, broker URL
+        fail(e.reason)
+    except TelemetryStoreError as e:
+        fail(str(e), EXIT_FAILED)
+    except (OSError, ConnectionError) as e:
+        fail(f"cannot start: {e}", EXIT_FAILED)

@@ -1,0 +1,295 @@
+"""The fleet as the controller sees it: SQLite (WAL), fed from retained status and events.
+
+A device's retained status (SPEC §2) is the source of truth for who it is (groups,
+hardware, agent version) and what runs on it (active/previous version per model); its
+events only advance the job in flight between two statuses. The will message (`online:
+false`) arrives as an ordinary status, so statuses are applied in arrival order, which
+the broker keeps per topic.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from controller.mqtt import ControllerMqtt
+from protocol.errors import MessageError
+from protocol.ids import validate_id
+from protocol.messages import DeviceStatus, JobEvent
+from protocol.topics import Topics
+
+log = structlog.get_logger("jetfleet.controller.registry")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    groups TEXT NOT NULL DEFAULT '[]',
+    online INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL,
+    agent_version TEXT,
+    hardware TEXT NOT NULL DEFAULT '{}',
+    models TEXT NOT NULL DEFAULT '{}',
+    job TEXT,
+    last_seq INTEGER,
+    status_at TEXT
+);
+"""
+
+
+class TargetError(ValueError):
+    """A `--target` that names nothing, or names something invalid."""
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """The controller database: WAL so a `rollout status` can read while a driver writes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across a process kill (the WAL is on disk); only a power cut may
+    # lose the last transactions, and rollout resume tolerates that (see rollout.py).
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@dataclass
+class DeviceRecord:
+    id: str
+    groups: list[str] = field(default_factory=list)
+    online: bool = False
+    last_seen: float | None = None
+    agent_version: str | None = None
+    hardware: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    job: dict[str, Any] | None = None
+    last_seq: int | None = None
+
+    def active_version(self, model: str) -> str | None:
+        return (self.models.get(model) or {}).get("active")
+
+    def previous_version(self, model: str) -> str | None:
+        return (self.models.get(model) or {}).get("previous")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "groups": self.groups,
+            "online": self.online,
+            "last_seen": self.last_seen,
+            "agent_version": self.agent_version,
+            "hardware": self.hardware,
+            "models": self.models,
+            "job": self.job,
+            "last_seq": self.last_seq,
+        }
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> DeviceRecord:
+        return cls(
+            id=row["id"],
+            groups=json.loads(row["groups"]),
+            online=bool(row["online"]),
+            last_seen=row["last_seen"],
+            agent_version=row["agent_version"],
+            hardware=json.loads(row["hardware"]),
+            models=json.loads(row["models"]),
+            job=json.loads(row["job"]) if row["job"] else None,
+            last_seq=row["last_seq"],
+        )
+
+
+class Registry:
+    """Device records in the controller database; safe to share between threads."""
+
+    def __init__(self, conn: sqlite3.Connection, topics: Topics | None = None) -> None:
+        self.conn = conn
+        self.topics = topics or Topics()
+        self._lock = threading.RLock()
+        with self._lock:
+            conn.executescript(_SCHEMA)
+
+    @classmethod
+    def open(cls, path: Path, topics: Topics | None = None) -> Registry:
+        return cls(open_db(path), topics)
+
+    # -- ingest ------------------------------------------------------------------------
+    def apply_status(self, status: DeviceStatus, received_at: float | None = None) -> None:
+        models = {name: slot.model_dump() for name, slot in status.models.items()}
+        job = status.job.model_dump(mode="json") if status.job else None
+        with self._lock:
+            self.conn.execute(
+                """INSERT INTO devices (id, groups, online, last_seen, agent_version, hardware,
+                       models, job, last_seq, status_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(id) DO UPDATE SET groups=excluded.groups, online=excluded.online,
+                       last_seen=excluded.last_seen, agent_version=excluded.agent_version,
+                       hardware=excluded.hardware, models=excluded.models, job=excluded.job,
+                       last_seq=MAX(COALESCE(devices.last_seq, -1),
+                                    COALESCE(excluded.last_seq, -1)),
+                       status_at=excluded.status_at""",
+                (
+                    status.device_id,
+                    json.dumps(status.groups),
+                    int(status.online),
+                    received_at or time.time(),
+                    status.agent_version,
+                    status.hardware.model_dump_json(exclude_none=True),
+                    json.dumps(models),
+                    json.dumps(job) if job else None,
+                    status.last_seq,
+                    status.at.isoformat(),
+                ),
+            )
+
+    def apply_event(self, event: JobEvent, received_at: float | None = None) -> None:
+        """Advance the device's job in flight; an event older than what we know is ignored."""
+        job = {
+            "command_id": event.command_id,
+            "state": event.state.value,
+            "kind": event.kind.value if event.kind else None,
+            "rollout_id": event.rollout_id,
+            "model": event.model,
+            "version": event.version,
+        }
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT last_seq FROM devices WHERE id=?", (event.device_id,)
+            ).fetchone()
+            if row is None:
+                # Events before any status (e.g. the controller missed the retained one):
+                # an event proves the device is connected.
+                self.conn.execute(
+                    "INSERT INTO devices (id, online, last_seen, job, last_seq) "
+                    "VALUES (?, 1, ?, ?, ?)",
+                    (event.device_id, received_at or time.time(), json.dumps(job), event.seq),
+                )
+                return
+            if row["last_seq"] is not None and event.seq <= row["last_seq"]:
+                self.conn.execute(
+                    "UPDATE devices SET last_seen=? WHERE id=?",
+                    (received_at or time.time(), event.device_id),
+                )
+                return
+            self.conn.execute(
+                "UPDATE devices SET job=?, last_seq=?, last_seen=?, online=1 WHERE id=?",
+                (json.dumps(job), event.seq, received_at or time.time(), event.device_id),
+            )
+
+    def handle(self, topic: str, payload: bytes) -> DeviceStatus | JobEvent | None:
+        """Apply one MQTT message of ours; returns what it was, None for other channels.
+
+        Raises MessageError for a payload that is not a valid status/event, or one whose
+        device id disagrees with its topic (a device may only speak for itself)."""
+        parsed = self.topics.parse(topic)
+        if parsed.scope != "devices":
+            return None
+        if parsed.channel == "status":
+            if not payload:  # a cleared retained message: the device was decommissioned
+                self.forget(parsed.name)
+                return None
+            status = DeviceStatus.decode(payload)
+            if status.device_id != parsed.name:
+                raise MessageError(f"status on {topic} claims device {status.device_id!r}; ignored")
+            self.apply_status(status)
+            return status
+        if parsed.channel == "events":
+            event = JobEvent.decode(payload)
+            if event.device_id != parsed.name:
+                raise MessageError(f"event on {topic} claims device {event.device_id!r}; ignored")
+            self.apply_event(event)
+            return event
+        return None
+
+    def forget(self, device_id: str) -> None:
+        with self._lock:
+            self.conn.execute("DELETE FROM devices WHERE id=?", (device_id,))
+
+    # -- queries -----------------------------------------------------------------------
+    def get(self, device_id: str) -> DeviceRecord | None:
+        with self._lock:
+            row = self.conn.execute("SELECT * FROM devices WHERE id=?", (device_id,)).fetchone()
+        return DeviceRecord.from_row(row) if row else None
+
+    def devices(self, group: str | None = None) -> list[DeviceRecord]:
+        with self._lock:
+            rows = self.conn.execute("SELECT * FROM devices ORDER BY id").fetchall()
+        records = [DeviceRecord.from_row(r) for r in rows]
+        if group is not None:
+            records = [r for r in records if group in r.groups]
+        return records
+
+    def resolve_target(self, target: str) -> list[str]:
+        """`all`, `group:NAME` or `ID[,ID...]` to a sorted list of device ids.
+
+        Explicit ids need not be known yet: a device that has never connected gets its
+        command when it does (if its session exists) or times out with its wave."""
+        target = target.strip()
+        if not target:
+            raise TargetError("empty --target: use all, group:NAME or ID[,ID...]")
+        if target == "all":
+            ids = [d.id for d in self.devices()]
+            if not ids:
+                raise TargetError("--target all: no device has reported to this controller yet")
+            return ids
+        if target.startswith("group:"):
+            group = validate_id(target[6:], "group name")
+            ids = [d.id for d in self.devices(group)]
+            if not ids:
+                raise TargetError(f"--target {target}: no known device is in group {group!r}")
+            return ids
+        ids = [p.strip() for p in target.split(",") if p.strip()]
+        for i in ids:
+            validate_id(i)
+        if len(set(ids)) != len(ids):
+            raise TargetError(f"--target {target}: a device is named twice")
+        return sorted(ids)
+
+    def unknown(self, ids: Iterable[str]) -> list[str]:
+        with self._lock:
+            known = {r["id"] for r in self.conn.execute("SELECT id FROM devices")}
+        return [i for i in ids if i not in known]
+
+
+def sync_from_broker(registry: Registry, mqtt: ControllerMqtt, timeout: float = 10.0) -> int:
+    """Read every retained status into the registry; returns how many arrived.
+
+    Retained messages carry no end marker, so after subscribing we publish a marker to a
+    private topic we also subscribe to: the broker sends it after the retained statuses it
+    queued for us at subscribe time. A quiet period is the fallback for brokers that
+    interleave."""
+    marker_topic = f"{registry.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
+    done = threading.Event()
+    count = 0
+    last = [time.monotonic()]
+
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        nonlocal count
+        last[0] = time.monotonic()
+        if topic == marker_topic:
+            done.set()
+            return
+        try:
+            if registry.handle(topic, payload) is not None:
+                count += 1
+        except MessageError as e:
+            log.warning("bad_status_ignored", topic=topic, reason=e.reason)
+
+    mqtt.set_handler(on_message)
+    mqtt.subscribe([marker_topic, registry.topics.all_status()], timeout=timeout)
+    mqtt.publish(marker_topic, b"sync", qos=1)
+    deadline = time.monotonic() + timeout
+    while not done.wait(0.05):
+        if time.monotonic() > deadline or time.monotonic() - last[0] > 2.0:
+            break
+    return count

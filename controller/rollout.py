@@ -1,0 +1,680 @@
+"""The rollout engine: waves, failure accounting, abort and automatic rollback.
+
+Planning is pure (`parse_waves`, `plan_waves`). Driving (`RolloutDriver.run`) is one
+loop on one thread: MQTT callbacks only enqueue raw messages; the loop applies them to
+the registry and the rollout store in batches (one SQLite transaction each), ends waves
+when every device is terminal or the wave's deadline passes, checks the failure rate,
+and starts the next wave or aborts.
+
+Resume after a crash relies on three things: (1) every command is stored, signed, before
+it is published, and an assignment with a command never gets a second one; (2) the
+driver's MQTT session is persistent (client id = rollout id), so the broker queued the
+devices' events while it was dead; (3) each device's retained status names its last job
+and its state, which settles devices whose events were lost anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import structlog
+
+from controller.commands import CommandSigner
+from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
+from controller.registry import Registry
+from controller.rollout_store import (
+    ABORTED,
+    ABORTING,
+    FINISHED,
+    PAUSED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Rollout,
+    RolloutStore,
+)
+from protocol.errors import ProtocolError
+from protocol.ids import validate_id
+from protocol.messages import DeviceStatus, JobEvent, JobState
+from protocol.topics import Topics
+
+log = structlog.get_logger("jetfleet.controller.rollout")
+
+
+class WaveSpecError(ValueError):
+    """A `--waves` value the engine cannot plan with."""
+
+
+class RolloutError(RuntimeError):
+    """A rollout that cannot be driven (unknown id, already driven by a live process…)."""
+
+
+# -- planning (pure) -------------------------------------------------------------------
+@dataclass(frozen=True)
+class WaveStep:
+    count: int | None = None  # an absolute cumulative number of devices
+    percent: float | None = None  # or a cumulative share of the whole target
+
+    def cumulative(self, total: int) -> int:
+        if self.count is not None:
+            return min(self.count, total)
+        assert self.percent is not None
+        # Round up: "10%" of 5 devices is one device, never none.
+        return min(total, math.ceil(total * self.percent / 100.0 - 1e-9))
+
+
+def parse_waves(spec: str) -> list[WaveStep]:
+    """`1,10%,100%` → steps. Counts and percentages are cumulative and must not shrink."""
+    steps: list[WaveStep] = []
+    parts = [p.strip() for p in spec.split(",")]
+    if not spec.strip() or any(not p for p in parts):
+        raise WaveSpecError(f"--waves {spec!r}: expected comma-separated counts or percentages")
+    for p in parts:
+        try:
+            if p.endswith("%"):
+                pct = float(p[:-1])
+                if not 0 < pct <= 100:
+                    raise WaveSpecError(f"--waves {spec!r}: {p} is not in (0%, 100%]")
+                steps.append(WaveStep(percent=pct))
+            else:
+                n = int(p)
+                if n < 1:
+                    raise WaveSpecError(f"--waves {spec!r}: a wave count must be at least 1")
+                steps.append(WaveStep(count=n))
+        except ValueError as e:
+            if isinstance(e, WaveSpecError):
+                raise
+            raise WaveSpecError(f"--waves {spec!r}: {p!r} is neither a count nor a %") from e
+    return steps
+
+
+def plan_waves(
+    device_ids: list[str], steps: list[WaveStep], canary: str | None = None
+) -> list[list[str]]:
+    """Split the target into waves: devices in sorted id order (`canary` first), each step
+    a cumulative size; the last wave always takes the rest, empty waves are dropped."""
+    if len(set(device_ids)) != len(device_ids):
+        raise WaveSpecError("the target names a device twice")
+    ordered = sorted(device_ids)
+    if canary is not None:
+        if canary not in ordered:
+            raise WaveSpecError(f"--canary {canary!r} is not in the target")
+        ordered.remove(canary)
+        ordered.insert(0, canary)
+    total = len(ordered)
+    waves: list[list[str]] = []
+    done = 0
+    for step in steps:
+        upto = step.cumulative(total)
+        if upto < done:
+            raise WaveSpecError("--waves must not shrink (each entry is cumulative)")
+        if upto > done:
+            waves.append(ordered[done:upto])
+            done = upto
+    if done < total:
+        waves.append(ordered[done:])
+    return waves
+
+
+def failure_rate(assigned: int, failed: int) -> float:
+    return failed / assigned if assigned else 0.0
+
+
+def crosses(assigned: int, failed: int, max_failure_rate: float) -> bool:
+    """Strictly above the threshold aborts: 0.34 tolerates one failure out of three."""
+    return failure_rate(assigned, failed) > max_failure_rate + 1e-12
+
+
+# -- driver lock -------------------------------------------------------------------------
+def driver_alive(rollout: Rollout) -> bool:
+    """Whether the process recorded as this rollout's driver is still running (a pid
+    alone could have been reused, so its start time must match too)."""
+    if not rollout.driver_pid:
+        return False
+    if rollout.driver_pid == os.getpid():
+        return False
+    try:
+        proc = psutil.Process(rollout.driver_pid)
+        return abs(proc.create_time() - (rollout.driver_started or 0)) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _this_process_started() -> float:
+    return psutil.Process(os.getpid()).create_time()
+
+
+# -- driving -------------------------------------------------------------------------
+ProgressCallback = Callable[[RolloutStore, str], None]
+
+
+class RolloutDriver:
+    """Drives one rollout to its end (or until `stop` is set)."""
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        registry: Registry,
+        signer: CommandSigner,
+        mqtt_options: MqttOptions,
+        rollout_id: str,
+        *,
+        topics: Topics | None = None,
+        on_progress: ProgressCallback | None = None,
+        tick_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.signer = signer
+        self.topics = topics or registry.topics
+        self.rollout_id = rollout_id
+        self.on_progress = on_progress
+        self.tick_s = tick_s
+        self.clock = clock
+        self.stop = threading.Event()
+        self.inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self.options = MqttOptions(
+            broker=mqtt_options.broker,
+            protocol=mqtt_options.protocol,
+            ca=mqtt_options.ca,
+            cert=mqtt_options.cert,
+            key=mqtt_options.key,
+            client_id=f"jetfleet-rollout-{rollout_id}",
+            persistent=True,
+        )
+        self.mqtt: ControllerMqtt | None = None
+        # A private topic: our own message on it comes back after everything the broker
+        # had for us (queued session messages, retained statuses) when we subscribed.
+        self._marker = f"{self.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
+        self._caught_up = False
+        self._canceled_waves: set[int] = set()
+        self.messages_handled = 0
+        self.busy_s = 0.0  # time spent applying messages: messages_handled / busy_s = capacity
+        self._dirty = True
+
+    # MQTT network thread: only enqueue.
+    def _enqueue(self, topic: str, payload: bytes, retained: bool) -> None:
+        self.inbox.put((topic, payload))
+
+    def run(self) -> Rollout:
+        rollout = self.store.get(self.rollout_id)
+        if rollout is None:
+            raise RolloutError(f"no rollout {self.rollout_id!r}")
+        if rollout.state in FINISHED:
+            return rollout
+        if driver_alive(rollout):
+            raise RolloutError(
+                f"rollout {rollout.id} is being driven by process {rollout.driver_pid}; "
+                "use pause/resume/abort to steer it"
+            )
+        if not self.store.claim_driver(
+            rollout.id, os.getpid(), _this_process_started(), replacing=rollout.driver_pid
+        ):
+            raise RolloutError(f"another process just took over rollout {rollout.id}")
+        self.mqtt = ControllerMqtt(self.options, self._enqueue)
+        try:
+            self.mqtt.connect()
+            self.mqtt.subscribe([self.topics.all_status(), self.topics.all_events(), self._marker])
+            self._catch_up()
+            self._recover()
+            while not self.stop.is_set():
+                self._drain()
+                rollout = self._step()
+                if self.on_progress and self._dirty:
+                    self.on_progress(self.store, self.rollout_id)
+                    self._dirty = False
+                if rollout.state in FINISHED:
+                    break
+            return rollout
+        finally:
+            self.store.set_driver(self.rollout_id, None, None)
+            final = self.store.get(self.rollout_id)
+            if self.mqtt is not None:
+                if final is not None and final.state in FINISHED:
+                    self._end_session()
+                else:
+                    self.mqtt.close()
+
+    def _end_session(self) -> None:
+        """A finished rollout needs its broker session no more: reconnect clean to drop it."""
+        assert self.mqtt is not None
+        self.mqtt.close()
+        try:
+            opts = MqttOptions(**{**self.options.__dict__, "persistent": False})
+            ControllerMqtt(opts).connect(timeout=5).close()
+        except MqttError as e:
+            log.warning("session_cleanup_failed", rollout_id=self.rollout_id, reason=str(e))
+
+    # -- inbox ---------------------------------------------------------------------------
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.tick_s
+        batch: list[tuple[str, bytes]] = []
+        while True:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(self.inbox.get(timeout=timeout))
+            except queue.Empty:
+                break
+            if len(batch) >= 2000:
+                break
+        if not batch:
+            return
+        started = time.perf_counter()
+        with self.store.transaction():
+            for topic, payload in batch:
+                self._apply(topic, payload)
+        self.busy_s += time.perf_counter() - started
+        self.messages_handled += len(batch)
+        self._dirty = True
+
+    def _catch_up(self, timeout: float = 10.0) -> None:
+        """Apply what the broker holds for us before the first decision, so a resume
+        after a long outage does not time out devices whose results are queued."""
+        assert self.mqtt is not None
+        self.mqtt.publish(self._marker, b"sync")
+        deadline = time.monotonic() + timeout
+        while not self._caught_up and time.monotonic() < deadline:
+            self._drain()
+
+    def _apply(self, topic: str, payload: bytes) -> None:
+        if topic == self._marker:
+            self._caught_up = True
+            return
+        try:
+            message = self.registry.handle(topic, payload)
+            if isinstance(message, JobEvent):
+                self._apply_event(message)
+            elif isinstance(message, DeviceStatus):
+                self._apply_status(message)
+        except ProtocolError as e:
+            # A daemon never dies on bad input: log it with the reason and go on.
+            log.warning("bad_message_ignored", topic=topic, reason=e.reason, code=e.code)
+        except Exception:
+            # Nor on a message that trips a bug: one device's report must not stop the
+            # rollout for the fleet.
+            log.exception("message_failed", topic=topic)
+
+    def _apply_event(self, event: JobEvent) -> None:
+        owner = self.store.command_owner(event.command_id)
+        if owner is None or owner[1] != event.device_id:
+            return  # another rollout's, a manual command's, or a device lying about others
+        self.store.apply_job_state(
+            event.command_id,
+            event.state.value,
+            seq=event.seq,
+            reason=event.reason,
+            code=event.code,
+            gate=event.gate,
+            device_id=event.device_id,
+        )
+        self.store.record_event(
+            owner[0],
+            event.device_id,
+            event.command_id,
+            event.seq,
+            event.state.value,
+            event.reason,
+            event.code,
+            event.at.isoformat(),
+        )
+
+    def _apply_status(self, status: DeviceStatus) -> None:
+        """Settle outcomes whose events were lost (published while this controller was
+        dead and beyond its session): the retained status names the device's job in
+        flight, and once the device is idle, which version it runs."""
+        job = status.job
+        if job is not None:
+            self.store.apply_job_state(job.command_id, job.state.value, device_id=status.device_id)
+            return
+        rollout = self.store.get(self.rollout_id)
+        if rollout is None:
+            return
+        a = self.store.assignment(rollout.id, status.device_id)
+        if a is None:
+            return
+        active = (status.models.get(rollout.model) or None) and status.models[rollout.model].active
+        reason = "inferred from the device's status (its events were not received)"
+        # Only success can be inferred: an idle device on the old version may simply not
+        # have received its command yet.
+        if a.command_id and a.published_at and active == rollout.version:
+            self.store.apply_job_state(
+                a.command_id, JobState.SUCCEEDED.value, reason=reason, device_id=status.device_id
+            )
+        if a.rb_command_id and a.rb_published_at and active == a.rb_to_version:
+            self.store.apply_job_state(
+                a.rb_command_id, JobState.SUCCEEDED.value, reason=reason, device_id=status.device_id
+            )
+
+    # -- the state machine ---------------------------------------------------------------
+    def _step(self) -> Rollout:
+        rollout = self.store.get(self.rollout_id)
+        assert rollout is not None
+        if rollout.state in FINISHED:
+            return rollout
+        waves = self.store.waves(rollout.id)
+        running = next((w for w in waves if w.state == "running"), None)
+        rollback_wave = next((w for w in waves if w.state == "rollback"), None)
+        now = self.clock()
+
+        if rollback_wave is not None:
+            return self._step_rollback(rollout, rollback_wave.idx, rollback_wave.deadline or now)
+
+        if running is not None:
+            if rollout.state == ABORTING and running.idx not in self._canceled_waves:
+                self._cancel_in_flight(rollout, running.idx)
+            if self.store.open_count(rollout.id, running.idx) == 0 or now >= (
+                running.deadline or now
+            ):
+                late = self.store.time_out(
+                    rollout.id,
+                    running.idx,
+                    f"did not finish within the wave timeout of {rollout.wave_timeout:g}s",
+                )
+                if late:
+                    log.warning(
+                        "wave_timed_out", rollout_id=rollout.id, wave=running.idx, devices=late
+                    )
+                self.store.end_wave(rollout.id, running.idx)
+                self._dirty = True
+                log.info("wave_done", rollout_id=rollout.id, wave=running.idx)
+                summary = self.store.summary(rollout.id)
+                if rollout.state != ABORTING and crosses(
+                    summary.assigned, summary.failed, rollout.max_failure_rate
+                ):
+                    reason = (
+                        f"failure rate {summary.failure_rate:.0%} ({summary.failed} of "
+                        f"{summary.assigned}) crossed --max-failure-rate "
+                        f"{rollout.max_failure_rate:g} in wave {running.idx + 1}"
+                    )
+                    self.store.request_abort(rollout.id, reason, rollout.auto_rollback)
+                    log.warning("rollout_aborting", rollout_id=rollout.id, reason=reason)
+                rollout = self.store.get(rollout.id) or rollout
+            else:
+                return rollout  # the wave goes on
+
+        if rollout.state == ABORTING:
+            return self._begin_rollback(rollout)
+        if rollout.state == PAUSED:
+            return rollout
+        pending = [w for w in waves if w.state == "pending"]
+        if not pending:
+            self.store.set_state(rollout.id, SUCCEEDED)
+            self._dirty = True
+            log.info("rollout_succeeded", rollout_id=rollout.id)
+            return self.store.get(rollout.id) or rollout
+        self._start_wave(rollout, pending[0].idx)
+        return self.store.get(rollout.id) or rollout
+
+    def _start_wave(self, rollout: Rollout, idx: int) -> None:
+        self.store.start_wave(rollout.id, idx, self.clock() + rollout.wave_timeout)
+        log.info("wave_started", rollout_id=rollout.id, wave=idx)
+        self._command_wave(rollout, idx)
+
+    def _command_wave(self, rollout: Rollout, idx: int) -> None:
+        """Sign, record, then publish a command for every device of the wave that has none
+        (all of them, unless a crash interrupted this very step before)."""
+        to_publish: list[tuple[str, str, bytes]] = []
+        with self.store.transaction():
+            for a in self.store.assignments(rollout.id, idx):
+                if a.command_id is not None:  # assigned before a crash: never sign anew
+                    continue
+                command_id, envelope = self._sign(rollout, a.device_id)
+                if self.store.record_command(rollout.id, a.device_id, command_id, envelope):
+                    to_publish.append((a.device_id, command_id, envelope))
+        self._publish(to_publish, rollback=False)
+        self._dirty = True
+
+    def _sign(self, rollout: Rollout, device_id: str) -> tuple[str, bytes]:
+        if rollout.kind == "deploy":
+            assert rollout.bundle_url and rollout.bundle_sha256 and rollout.bundle_size
+            signed = self.signer.deploy(
+                device_id,
+                url=rollout.bundle_url,
+                sha256=rollout.bundle_sha256,
+                size=rollout.bundle_size,
+                rollout_id=rollout.id,
+                name=rollout.model,
+                version=rollout.version,
+            )
+        else:
+            signed = self.signer.rollback(
+                device_id, model=rollout.model, to_version=rollout.version, rollout_id=rollout.id
+            )
+        return signed.command_id, signed.envelope
+
+    def _publish(
+        self, commands: list[tuple[str, str, bytes]], *, rollback: bool, cancel: bool = False
+    ) -> None:
+        assert self.mqtt is not None
+        infos = []
+        for device_id, _command_id, envelope in commands:
+            infos.append(self.mqtt.publish_nowait(self.topics.device_cmd(device_id), envelope))
+        try:
+            ControllerMqtt.wait_all(infos, timeout=60)
+        except MqttError as e:
+            # Left unmarked: they are re-published (same envelope) on the next resume.
+            log.error("publish_unacknowledged", rollout_id=self.rollout_id, reason=str(e))
+        acked = [
+            cid for (_, cid, _), info in zip(commands, infos, strict=True) if info.is_published()
+        ]
+        self.store.mark_published(acked, rollback=rollback, cancel=cancel)
+
+    def _recover(self) -> None:
+        """After a crash: commands stored but never acknowledged go out again, unchanged;
+        a running wave whose commands were not all recorded gets the missing ones."""
+        rollout = self.store.get(self.rollout_id)
+        assert rollout is not None
+        self._republish_unacknowledged()
+        for w in self.store.waves(rollout.id):
+            if w.state == "running":
+                self._command_wave(rollout, w.idx)
+
+    def _republish_unacknowledged(self) -> None:
+        deploy, rollback, cancel = [], [], []
+        for a in self.store.assignments(self.rollout_id):
+            if a.command_id and a.envelope and a.published_at is None:
+                deploy.append((a.device_id, a.command_id, a.envelope))
+            if a.rb_command_id and a.rb_envelope and a.rb_published_at is None:
+                rollback.append((a.device_id, a.rb_command_id, a.rb_envelope))
+            if a.cx_command_id and a.cx_envelope and a.cx_published_at is None:
+                cancel.append((a.device_id, a.cx_command_id, a.cx_envelope))
+        if cancel:
+            self._publish(cancel, rollback=False, cancel=True)
+        if deploy or rollback:
+            log.info(
+                "republishing",
+                rollout_id=self.rollout_id,
+                deploy=len(deploy),
+                rollback=len(rollback),
+            )
+        if deploy:
+            self._publish(deploy, rollback=False)
+        if rollback:
+            self._publish(rollback, rollback=True)
+
+    # -- abort and rollback --------------------------------------------------------------
+    def _begin_rollback(self, rollout: Rollout) -> Rollout:
+        succeeded = [
+            a
+            for a in self.store.assignments(rollout.id)
+            if a.state == JobState.SUCCEEDED.value and a.rb_command_id is None and not a.rb_state
+        ]
+        if rollout.kind != "deploy" or not rollout.rollback_on_abort or not succeeded:
+            self._skip_pending_waves(rollout)
+            self.store.set_state(rollout.id, ABORTED)
+            self._dirty = True
+            log.warning("rollout_aborted", rollout_id=rollout.id, reason=rollout.abort_reason)
+            return self.store.get(rollout.id) or rollout
+        # The rollback runs as a pseudo-wave with its own deadline, so a resume after a
+        # crash in this phase knows it is rolling back and until when.
+        self._skip_pending_waves(rollout)
+        idx = len(self.store.waves(rollout.id))
+        with self.store.transaction() as c:
+            c.execute(
+                "INSERT INTO waves (rollout_id, idx, size, state, started_at, deadline) "
+                "VALUES (?, ?, ?, 'rollback', ?, ?)",
+                (rollout.id, idx, len(succeeded), time.time(), self.clock() + rollout.wave_timeout),
+            )
+        to_publish: list[tuple[str, str, bytes]] = []
+        with self.store.transaction():
+            for a in succeeded:
+                device = self.registry.get(a.device_id)
+                to_version = a.prev_version or (
+                    device.previous_version(rollout.model) if device else None
+                )
+                if not to_version or to_version == rollout.version:
+                    self.store.mark_rollback_impossible(
+                        rollout.id,
+                        a.device_id,
+                        f"no version of {rollout.model} before {rollout.version} is known on "
+                        f"{a.device_id}; it keeps {rollout.version}",
+                    )
+                    continue
+                signed = self.signer.rollback(
+                    a.device_id, model=rollout.model, to_version=to_version, rollout_id=rollout.id
+                )
+                if self.store.record_rollback(
+                    rollout.id, a.device_id, signed.command_id, signed.envelope, to_version
+                ):
+                    to_publish.append((a.device_id, signed.command_id, signed.envelope))
+        log.warning("rolling_back", rollout_id=rollout.id, devices=len(to_publish))
+        self._publish(to_publish, rollback=True)
+        self._dirty = True
+        return self.store.get(rollout.id) or rollout
+
+    def _cancel_in_flight(self, rollout: Rollout, idx: int) -> None:
+        """An abort does not wait for jobs it no longer wants: every unfinished device of
+        the running wave gets a signed cancel (a device already activating refuses it and
+        finishes; if it succeeds, the rollback phase returns it to its old version)."""
+        self._canceled_waves.add(idx)
+        to_publish: list[tuple[str, str, bytes]] = []
+        with self.store.transaction():
+            for a in self.store.assignments(rollout.id, idx):
+                if a.command_id is None or a.terminal or a.cx_command_id is not None:
+                    continue
+                signed = self.signer.cancel(a.device_id, command_id=a.command_id)
+                if self.store.record_cancel(
+                    rollout.id, a.device_id, signed.command_id, signed.envelope
+                ):
+                    to_publish.append((a.device_id, signed.command_id, signed.envelope))
+        if to_publish:
+            log.warning(
+                "canceling_in_flight", rollout_id=rollout.id, wave=idx, devices=len(to_publish)
+            )
+        self._publish(to_publish, rollback=False, cancel=True)
+        self._dirty = True
+
+    def _skip_pending_waves(self, rollout: Rollout) -> None:
+        with self.store.transaction() as c:
+            c.execute(
+                "UPDATE waves SET state='skipped' WHERE rollout_id=? AND state='pending'",
+                (rollout.id,),
+            )
+
+    def _step_rollback(self, rollout: Rollout, idx: int, deadline: float) -> Rollout:
+        sent = [a for a in self.store.assignments(rollout.id) if a.rb_command_id is not None]
+        if all((a.rb_state or PENDING) in TERMINAL for a in sent) or self.clock() >= deadline:
+            self.store.time_out_rollbacks(
+                rollout.id, f"rollback did not finish within {rollout.wave_timeout:g}s"
+            )
+            self.store.end_wave(rollout.id, idx, "rolled_back")
+            self.store.set_state(rollout.id, ABORTED)
+            self._dirty = True
+            log.warning(
+                "rollout_aborted",
+                rollout_id=rollout.id,
+                reason=rollout.abort_reason,
+                rolled_back=len(sent),
+            )
+        return self.store.get(rollout.id) or rollout
+
+
+# -- creating a rollout ------------------------------------------------------------------
+def new_rollout_id() -> str:
+    return "r-" + uuid.uuid4().hex[:12]
+
+
+def create_rollout(
+    store: RolloutStore,
+    registry: Registry,
+    *,
+    kind: str,
+    model: str,
+    version: str,
+    device_ids: list[str],
+    waves_spec: str,
+    max_failure_rate: float,
+    wave_timeout: float,
+    auto_rollback: bool,
+    canary: str | None = None,
+    target: str = "",
+    bundle_url: str | None = None,
+    bundle_sha256: str | None = None,
+    bundle_size: int | None = None,
+    rollout_id: str | None = None,
+) -> Rollout:
+    """Plan the waves and store the rollout (nothing is signed or sent yet)."""
+    if kind not in ("deploy", "rollback"):
+        raise ValueError(f"rollout kind {kind!r}")
+    if not 0 <= max_failure_rate <= 1:
+        raise WaveSpecError(f"--max-failure-rate {max_failure_rate:g} is not within 0..1")
+    if wave_timeout <= 0:
+        raise WaveSpecError("--wave-timeout must be positive")
+    if not device_ids:
+        raise WaveSpecError("the target has no devices")
+    for d in device_ids:
+        validate_id(d)
+    if canary is not None:
+        validate_id(canary)
+    waves = plan_waves(device_ids, parse_waves(waves_spec), canary)
+    # The version each device runs now is what an abort returns it to.
+    prev: dict[str, str | None] = {}
+    for d in device_ids:
+        rec = registry.get(d)
+        prev[d] = rec.active_version(model) if rec else None
+    return store.create(
+        rollout_id=rollout_id or new_rollout_id(),
+        kind=kind,
+        model=model,
+        version=version,
+        target=target or ",".join(sorted(device_ids)),
+        waves_spec=waves_spec,
+        waves=waves,
+        max_failure_rate=max_failure_rate,
+        wave_timeout=wave_timeout,
+        auto_rollback=auto_rollback,
+        canary=canary,
+        bundle_url=bundle_url,
+        bundle_sha256=bundle_sha256,
+        bundle_size=bundle_size,
+        prev_versions=prev,
+    )
+
+
+def pause(store: RolloutStore, rollout_id: str) -> bool:
+    r = store.get(rollout_id)
+    if r is None or r.state != RUNNING:
+        return False
+    store.set_state(rollout_id, PAUSED)
+    return True
+
+
+def resume_state(store: RolloutStore, rollout_id: str) -> bool:
+    """Paused → running (the driver, live or started by `resume`, picks it up)."""
+    r = store.get(rollout_id)
+    if r is None or r.state != PAUSED:
+        return False
+    store.set_state(rollout_id, RUNNING)
+    return True

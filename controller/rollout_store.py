@@ -1,0 +1,710 @@
+"""Rollouts as they go, in SQLite: the rollout, its waves, one assignment per device
+(with the exact signed command sent to it) and the events seen.
+
+The store is what makes `rollout resume` safe after a kill -9: a command is written here,
+signed envelope included, before it is published, and an assignment that has a command
+never gets another one; resume re-publishes that same envelope when the broker never
+acknowledged it (the agent remembers command ids, so a repeat is a no-op there).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.messages import FAILURE_STATES, JobState
+
+# Assignment states besides the agent's job states (SPEC §6).
+WAITING = "WAITING"  # its wave has not started: no command exists
+PENDING = "PENDING"  # commanded, no event yet (e.g. the device is offline)
+NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier version known
+
+TERMINAL = frozenset(s.value for s in JobState if s.terminal)
+FAILED = frozenset(s.value for s in FAILURE_STATES)
+_PIPELINE_ORDER = {
+    s.value: i
+    for i, s in enumerate(
+        [
+            JobState.RECEIVED,
+            JobState.QUEUED,
+            JobState.DOWNLOADING,
+            JobState.VERIFYING,
+            JobState.BUILDING,
+            JobState.VALIDATING,
+            JobState.ACTIVATING,
+            JobState.PROBATION,
+        ]
+    )
+}
+
+# Rollout states.
+RUNNING = "running"
+PAUSED = "paused"
+ABORTING = "aborting"  # threshold crossed or operator abort: waits for the wave, rolls back
+SUCCEEDED = "succeeded"
+ABORTED = "aborted"
+FINISHED = frozenset({SUCCEEDED, ABORTED})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,              -- deploy | rollback
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,           -- deployed version, or the version rolled back to
+    bundle_url TEXT,
+    bundle_sha256 TEXT,
+    bundle_size INTEGER,
+    target TEXT NOT NULL,
+    waves_spec TEXT NOT NULL,
+    max_failure_rate REAL NOT NULL,
+    wave_timeout REAL NOT NULL,
+    auto_rollback INTEGER NOT NULL,
+    canary TEXT,
+    abort_reason TEXT,
+    rollback_on_abort INTEGER NOT NULL DEFAULT 1,
+    driver_pid INTEGER,
+    driver_started REAL
+);
+CREATE TABLE IF NOT EXISTS waves (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    idx INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL,             -- pending | running | done | rollback
+    started_at REAL,
+    deadline REAL,
+    ended_at REAL,
+    PRIMARY KEY (rollout_id, idx)
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    device_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    command_id TEXT UNIQUE,
+    envelope BLOB,
+    published_at REAL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    code TEXT,
+    last_seq INTEGER,
+    gate TEXT,
+    prev_version TEXT,
+    updated_at REAL,
+    rb_command_id TEXT UNIQUE,
+    rb_envelope BLOB,
+    rb_published_at REAL,
+    rb_to_version TEXT,
+    rb_state TEXT,
+    rb_reason TEXT,
+    rb_last_seq INTEGER,
+    cx_command_id TEXT UNIQUE,       -- cancel sent when the rollout aborted mid-wave
+    cx_envelope BLOB,
+    cx_published_at REAL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS assignments_wave ON assignments(rollout_id, wave);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    command_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    code TEXT,
+    at TEXT,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (device_id, command_id, seq)
+);
+"""
+
+
+@dataclass
+class Rollout:
+    id: str
+    kind: str
+    state: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    model: str
+    version: str
+    bundle_url: str | None
+    bundle_sha256: str | None
+    bundle_size: int | None
+    target: str
+    waves_spec: str
+    max_failure_rate: float
+    wave_timeout: float
+    auto_rollback: bool
+    canary: str | None
+    abort_reason: str | None
+    rollback_on_abort: bool
+    driver_pid: int | None
+    driver_started: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Rollout:
+        d = dict(row)
+        d["auto_rollback"] = bool(d["auto_rollback"])
+        d["rollback_on_abort"] = bool(d["rollback_on_abort"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Wave:
+    idx: int
+    size: int
+    state: str
+    started_at: float | None
+    deadline: float | None
+    ended_at: float | None
+
+
+@dataclass
+class Assignment:
+    rollout_id: str
+    device_id: str
+    wave: int
+    position: int
+    command_id: str | None
+    envelope: bytes | None
+    published_at: float | None
+    state: str
+    reason: str | None
+    code: str | None
+    last_seq: int | None
+    gate: dict[str, Any] | None
+    prev_version: str | None
+    updated_at: float | None
+    rb_command_id: str | None
+    rb_envelope: bytes | None
+    rb_published_at: float | None
+    rb_to_version: str | None
+    rb_state: str | None
+    rb_reason: str | None
+    rb_last_seq: int | None
+    cx_command_id: str | None = None
+    cx_envelope: bytes | None = None
+    cx_published_at: float | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Assignment:
+        d = dict(row)
+        d["gate"] = json.loads(d["gate"]) if d["gate"] else None
+        return cls(**d)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def failed(self) -> bool:
+        return self.state in FAILED
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("envelope", "rb_envelope", "cx_envelope")
+        }
+        return d
+
+
+@dataclass
+class WaveSummary:
+    idx: int
+    size: int
+    state: str
+    counts: dict[str, int] = field(default_factory=dict)
+    deadline: float | None = None
+
+
+@dataclass
+class RolloutSummary:
+    rollout: Rollout
+    waves: list[WaveSummary]
+    assigned: int
+    failed: int
+    failure_rate: float
+    failures: list[dict[str, Any]]
+    rollbacks: dict[str, int]
+    offline_pending: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offline_pending": self.offline_pending,
+            "rollout": self.rollout.to_dict(),
+            "waves": [w.__dict__ for w in self.waves],
+            "assigned": self.assigned,
+            "failed": self.failed,
+            "failure_rate": self.failure_rate,
+            "failures": self.failures,
+            "rollbacks": self.rollbacks,
+        }
+
+
+def advances(current: str, new: str) -> bool:
+    """Whether a reported job state moves an assignment forward (events may arrive late or
+    twice; a terminal state is final)."""
+    if current in TERMINAL:
+        return False
+    if new in TERMINAL:
+        return True
+    return _PIPELINE_ORDER.get(new, -1) > _PIPELINE_ORDER.get(current, -1)
+
+
+class RolloutStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._lock = threading.RLock()
+        conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE … COMMIT); nested calls join the outer one."""
+        with self._lock:
+            if self.conn.in_transaction:
+                yield self.conn
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    # -- creation ----------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        rollout_id: str,
+        kind: str,
+        model: str,
+        version: str,
+        target: str,
+        waves_spec: str,
+        waves: list[list[str]],
+        max_failure_rate: float,
+        wave_timeout: float,
+        auto_rollback: bool,
+        canary: str | None = None,
+        bundle_url: str | None = None,
+        bundle_sha256: str | None = None,
+        bundle_size: int | None = None,
+        prev_versions: dict[str, str | None] | None = None,
+    ) -> Rollout:
+        now = time.time()
+        prev_versions = prev_versions or {}
+        with self.transaction() as c:
+            c.execute(
+                """INSERT INTO rollouts (id, kind, state, created_at, updated_at, model, version,
+                   bundle_url, bundle_sha256, bundle_size, target, waves_spec, max_failure_rate,
+                   wave_timeout, auto_rollback, canary)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    rollout_id,
+                    kind,
+                    RUNNING,
+                    now,
+                    now,
+                    model,
+                    version,
+                    bundle_url,
+                    bundle_sha256,
+                    bundle_size,
+                    target,
+                    waves_spec,
+                    max_failure_rate,
+                    wave_timeout,
+                    int(auto_rollback),
+                    canary,
+                ),
+            )
+            position = 0
+            for idx, devices in enumerate(waves):
+                c.execute(
+                    "INSERT INTO waves (rollout_id, idx, size, state) VALUES (?, ?, ?, 'pending')",
+                    (rollout_id, idx, len(devices)),
+                )
+                for device in devices:
+                    c.execute(
+                        """INSERT INTO assignments (rollout_id, device_id, wave, position, state,
+                           prev_version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                        (
+                            rollout_id,
+                            device,
+                            idx,
+                            position,
+                            WAITING,
+                            prev_versions.get(device),
+                            now,
+                        ),
+                    )
+                    position += 1
+        rollout = self.get(rollout_id)
+        assert rollout is not None
+        return rollout
+
+    # -- reads -------------------------------------------------------------------------
+    def get(self, rollout_id: str) -> Rollout | None:
+        with self._lock:
+            row = self.conn.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+        return Rollout.from_row(row) if row else None
+
+    def find(self, prefix: str) -> Rollout | None:
+        """By full id or a unique prefix (operators type the first few characters)."""
+        exact = self.get(prefix)
+        if exact:
+            return exact
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT * FROM rollouts WHERE id LIKE ? LIMIT 2", (prefix.replace("%", "") + "%",)
+            ).fetchall()
+        return Rollout.from_row(rows[0]) if len(rows) == 1 else None
+
+    def recent(self, limit: int = 50) -> list[Rollout]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT * FROM rollouts ORDER BY created_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [Rollout.from_row(r) for r in rows]
+
+    def waves(self, rollout_id: str) -> list[Wave]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT idx, size, state, started_at, deadline, ended_at FROM waves "
+                "WHERE rollout_id=? ORDER BY idx",
+                (rollout_id,),
+            ).fetchall()
+        return [Wave(**dict(r)) for r in rows]
+
+    def assignments(self, rollout_id: str, wave: int | None = None) -> list[Assignment]:
+        sql = "SELECT * FROM assignments WHERE rollout_id=?"
+        args: tuple[Any, ...] = (rollout_id,)
+        if wave is not None:
+            sql += " AND wave=?"
+            args = (rollout_id, wave)
+        with self._lock:
+            rows = self.conn.execute(sql + " ORDER BY position", args).fetchall()
+        return [Assignment.from_row(r) for r in rows]
+
+    def assignment(self, rollout_id: str, device_id: str) -> Assignment | None:
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT * FROM assignments WHERE rollout_id=? AND device_id=?",
+                (rollout_id, device_id),
+            ).fetchone()
+        return Assignment.from_row(row) if row else None
+
+    def assignment_by_command(self, command_id: str) -> tuple[Assignment, bool] | None:
+        """The assignment a command belongs to, and whether it is its rollback command."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT * FROM assignments WHERE command_id=? OR rb_command_id=?",
+                (command_id, command_id),
+            ).fetchone()
+        if row is None:
+            return None
+        a = Assignment.from_row(row)
+        return a, a.rb_command_id == command_id
+
+    def summary(self, rollout_id: str) -> RolloutSummary:
+        rollout = self.get(rollout_id)
+        if rollout is None:
+            raise KeyError(rollout_id)
+        assignments = self.assignments(rollout_id)
+        waves = []
+        for w in self.waves(rollout_id):
+            counts: dict[str, int] = {}
+            for a in assignments:
+                if a.wave == w.idx:
+                    counts[a.state] = counts.get(a.state, 0) + 1
+            waves.append(WaveSummary(w.idx, w.size, w.state, counts, w.deadline))
+        assigned = [a for a in assignments if a.command_id is not None]
+        failed = [a for a in assigned if a.failed]
+        try:
+            # The registry's table in the same database: commanded devices that are
+            # offline, whose commands wait in the broker.
+            offline = {r[0] for r in self.conn.execute("SELECT id FROM devices WHERE online=0")}
+        except sqlite3.OperationalError:
+            offline = set()
+        rollbacks: dict[str, int] = {}
+        for a in assignments:
+            if a.rb_state:
+                rollbacks[a.rb_state] = rollbacks.get(a.rb_state, 0) + 1
+        return RolloutSummary(
+            rollout=rollout,
+            waves=waves,
+            assigned=len(assigned),
+            failed=len(failed),
+            failure_rate=(len(failed) / len(assigned)) if assigned else 0.0,
+            failures=[
+                {
+                    "device_id": a.device_id,
+                    "wave": a.wave,
+                    "state": a.state,
+                    "code": a.code,
+                    "reason": a.reason,
+                }
+                for a in failed
+            ],
+            rollbacks=rollbacks,
+            offline_pending=[
+                a.device_id for a in assignments if a.state == PENDING and a.device_id in offline
+            ],
+        )
+
+    # -- writes ------------------------------------------------------------------------
+    def set_state(self, rollout_id: str, state: str, *, abort_reason: str | None = None) -> None:
+        now = time.time()
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE rollouts SET state=?, updated_at=?, "
+                "abort_reason=COALESCE(?, abort_reason), "
+                "finished_at=CASE WHEN ? IN ('succeeded','aborted') THEN ? ELSE finished_at END "
+                "WHERE id=?",
+                (state, now, abort_reason, state, now, rollout_id),
+            )
+
+    def request_abort(self, rollout_id: str, reason: str, rollback: bool) -> bool:
+        """Mark an unfinished rollout for abort; False if it had already finished."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE rollouts SET state=?, abort_reason=?, rollback_on_abort=?, updated_at=? "
+                "WHERE id=? AND state NOT IN ('succeeded','aborted')",
+                (ABORTING, reason, int(rollback), time.time(), rollout_id),
+            )
+            return cur.rowcount == 1
+
+    def claim_driver(
+        self, rollout_id: str, pid: int, started: float, *, replacing: int | None
+    ) -> bool:
+        """Become the rollout's driver, atomically: only if the driver is still the one we
+        saw (None, or a dead process), so two `resume`s cannot both drive it."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=? AND driver_pid IS ?",
+                (pid, started, rollout_id, replacing),
+            )
+            return cur.rowcount == 1
+
+    def set_driver(self, rollout_id: str, pid: int | None, started: float | None) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=?",
+                (pid, started, rollout_id),
+            )
+
+    def start_wave(self, rollout_id: str, idx: int, deadline: float) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE waves SET state='running', started_at=?, deadline=? "
+                "WHERE rollout_id=? AND idx=? AND state='pending'",
+                (time.time(), deadline, rollout_id, idx),
+            )
+
+    def end_wave(self, rollout_id: str, idx: int, state: str = "done") -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE waves SET state=?, ended_at=? WHERE rollout_id=? AND idx=?",
+                (state, time.time(), rollout_id, idx),
+            )
+
+    def record_command(
+        self, rollout_id: str, device_id: str, command_id: str, envelope: bytes
+    ) -> bool:
+        """Attach the signed command to a device's assignment, once: False (and nothing
+        changes) if the assignment already has one."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET command_id=?, envelope=?, state=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=? AND command_id IS NULL",
+                (command_id, envelope, PENDING, time.time(), rollout_id, device_id),
+            )
+            return cur.rowcount == 1
+
+    def record_rollback(
+        self, rollout_id: str, device_id: str, command_id: str, envelope: bytes, to_version: str
+    ) -> bool:
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET rb_command_id=?, rb_envelope=?, rb_to_version=?, "
+                "rb_state=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=? AND rb_command_id IS NULL",
+                (command_id, envelope, to_version, PENDING, time.time(), rollout_id, device_id),
+            )
+            return cur.rowcount == 1
+
+    def record_cancel(
+        self, rollout_id: str, device_id: str, command_id: str, envelope: bytes
+    ) -> bool:
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET cx_command_id=?, cx_envelope=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=? AND cx_command_id IS NULL",
+                (command_id, envelope, time.time(), rollout_id, device_id),
+            )
+            return cur.rowcount == 1
+
+    def mark_rollback_impossible(self, rollout_id: str, device_id: str, reason: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE assignments SET rb_state=?, rb_reason=? WHERE rollout_id=? AND device_id=?",
+                (NO_PREVIOUS, reason, rollout_id, device_id),
+            )
+
+    def mark_published(
+        self, command_ids: list[str], *, rollback: bool = False, cancel: bool = False
+    ) -> None:
+        column, key = ("published_at", "command_id")
+        if rollback:
+            column, key = "rb_published_at", "rb_command_id"
+        if cancel:
+            column, key = "cx_published_at", "cx_command_id"
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany(
+                f"UPDATE assignments SET {column}=? WHERE {key}=? AND {column} IS NULL",
+                [(now, cid) for cid in command_ids],
+            )
+
+    def apply_job_state(
+        self,
+        command_id: str,
+        state: str,
+        *,
+        seq: int | None = None,
+        reason: str | None = None,
+        code: str | None = None,
+        gate: dict[str, Any] | None = None,
+        device_id: str | None = None,
+    ) -> bool:
+        """Move the assignment of `command_id` (deploy or rollback) to `state` if that is
+        progress; True when it changed."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT device_id, command_id, state, rb_state FROM assignments "
+                "WHERE command_id=? OR rb_command_id=?",
+                (command_id, command_id),
+            ).fetchone()
+        if row is None:
+            return False
+        if device_id is not None and device_id != row["device_id"]:
+            return False  # a device reporting on another device's command: not ours to trust
+        is_rollback = row["command_id"] != command_id
+        current = (row["rb_state"] or PENDING) if is_rollback else row["state"]
+        if not advances(current, state):
+            return False
+        now = time.time()
+        with self.transaction() as c:
+            if is_rollback:
+                c.execute(
+                    "UPDATE assignments SET rb_state=?, rb_reason=?, rb_last_seq=?, updated_at=? "
+                    "WHERE rb_command_id=?",
+                    (state, reason, seq, now, command_id),
+                )
+            else:
+                c.execute(
+                    "UPDATE assignments SET state=?, reason=?, code=?, last_seq=?, "
+                    "gate=COALESCE(?, gate), updated_at=? WHERE command_id=?",
+                    (state, reason, code, seq, json.dumps(gate) if gate else None, now, command_id),
+                )
+        return True
+
+    def command_owner(self, command_id: str) -> tuple[str, str] | None:
+        """(rollout id, device id) of a deploy or rollback command we sent."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT rollout_id, device_id FROM assignments WHERE command_id=? "
+                "OR rb_command_id=?",
+                (command_id, command_id),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def open_count(self, rollout_id: str, wave: int) -> int:
+        """Devices of the wave not yet in a terminal state."""
+        placeholders = ",".join("?" for _ in TERMINAL)
+        with self._lock:
+            return int(
+                self.conn.execute(
+                    f"SELECT COUNT(*) FROM assignments WHERE rollout_id=? AND wave=? "
+                    f"AND state NOT IN ({placeholders})",
+                    (rollout_id, wave, *TERMINAL),
+                ).fetchone()[0]
+            )
+
+    def time_out(self, rollout_id: str, wave: int, reason: str) -> list[str]:
+        """Every unfinished, commanded device of the wave becomes TIMED_OUT."""
+        placeholders = ",".join("?" for _ in TERMINAL)
+        with self.transaction() as c:
+            rows = c.execute(
+                f"SELECT device_id FROM assignments WHERE rollout_id=? AND wave=? "
+                f"AND state NOT IN ({placeholders})",
+                (rollout_id, wave, *TERMINAL),
+            ).fetchall()
+            ids = [r["device_id"] for r in rows]
+            c.executemany(
+                "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=?",
+                [
+                    (JobState.TIMED_OUT.value, reason, "timed_out", time.time(), rollout_id, d)
+                    for d in ids
+                ],
+            )
+        return ids
+
+    def time_out_rollbacks(self, rollout_id: str, reason: str) -> list[str]:
+        placeholders = ",".join("?" for _ in TERMINAL)
+        with self.transaction() as c:
+            rows = c.execute(
+                f"SELECT device_id FROM assignments WHERE rollout_id=? AND rb_command_id IS NOT "
+                f"NULL AND rb_state NOT IN ({placeholders})",
+                (rollout_id, *TERMINAL),
+            ).fetchall()
+            ids = [r["device_id"] for r in rows]
+            c.executemany(
+                "UPDATE assignments SET rb_state=?, rb_reason=? WHERE rollout_id=? AND device_id=?",
+                [(JobState.TIMED_OUT.value, reason, rollout_id, d) for d in ids],
+            )
+        return ids
+
+    def record_event(
+        self,
+        rollout_id: str,
+        device_id: str,
+        command_id: str,
+        seq: int,
+        state: str,
+        reason: str | None,
+        code: str | None,
+        at: str | None,
+    ) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO rollout_events (rollout_id, device_id, command_id, seq, "
+                "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rollout_id, device_id, command_id, seq, state, reason, code, at, time.time()),
+            )
+
+    def events(self, rollout_id: str, device_id: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM rollout_events WHERE rollout_id=?"
+        args: tuple[Any, ...] = (rollout_id,)
+        if device_id:
+            sql += " AND device_id=?"
+            args = (rollout_id, device_id)
+        with self._lock:
+            return [dict(r) for r in self.conn.execute(sql + " ORDER BY received_at, seq", args)]

@@ -1,0 +1,330 @@
+"""The telemetry database (SQLite, WAL): raw samples, 1-minute means, latest per device.
+
+Kept apart from the controller's registry database (`telemetry.db` next to it): the
+ingester writes thousands of rows a second and must not hold the registry's write lock.
+
+    telemetry_raw     one row per sample: indexed numeric columns for queries and plots,
+                      plus the sample's JSON as received (export jsonl hands it back)
+    telemetry_minute  per device and minute: sample count and the mean of each column
+    device_latest     the newest sample of each device (watch, metrics)
+
+Retention (`maintain`): raw rows older than `raw_retention_s` (24 h) are folded into
+minute means first, then deleted; minute rows older than `minute_retention_s` (30 d) are
+deleted. Times are the device's `at`, in Unix seconds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.telemetry import TelemetrySample
+
+RAW_RETENTION_S = 24 * 3600
+MINUTE_RETENTION_S = 30 * 24 * 3600
+# Minutes are (re)computed from raw rows this far back on every maintenance run, so a
+# sample that arrives a little late still lands in its minute's mean.
+DOWNSAMPLE_LAG_S = 300
+
+# The numeric columns, in row order after (device_id, ts). Plot/export metric names.
+METRICS: tuple[str, ...] = (
+    "cpu_pct",
+    "load1",
+    "mem_used",
+    "mem_total",
+    "swap_used",
+    "disk_free",
+    "temp_max",
+    "gpu_load",
+    "gpu_freq",
+    "emc_pct",
+    "gpu_temp",
+    "power_w",
+)
+METRIC_HELP = {
+    "cpu_pct": "mean CPU load over all cores, %",
+    "load1": "1-minute load average",
+    "mem_used": "memory in use, bytes",
+    "mem_total": "memory, bytes",
+    "swap_used": "swap in use, bytes",
+    "disk_free": "free bytes of the data directory's file system",
+    "temp_max": "hottest sensor, °C",
+    "gpu_load": "GPU load, %",
+    "gpu_freq": "GPU clock, MHz",
+    "emc_pct": "memory controller (EMC) load, %",
+    "gpu_temp": "GPU temperature, °C",
+    "power_w": "board input power, W",
+}
+
+Row = tuple[Any, ...]  # (device_id, ts, *METRICS, payload)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS telemetry_raw (
+    device_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    {", ".join(f"{m} REAL" for m in METRICS)},
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS telemetry_raw_device_ts ON telemetry_raw(device_id, ts);
+CREATE INDEX IF NOT EXISTS telemetry_raw_ts ON telemetry_raw(ts);
+CREATE TABLE IF NOT EXISTS telemetry_minute (
+    device_id TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    {", ".join(f"{m} REAL" for m in METRICS)},
+    PRIMARY KEY (device_id, minute)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS telemetry_minute_minute ON telemetry_minute(minute);
+CREATE TABLE IF NOT EXISTS device_latest (
+    device_id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    received REAL NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS telemetry_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_INSERT_RAW = (
+    f"INSERT INTO telemetry_raw (device_id, ts, {', '.join(METRICS)}, payload) "
+    f"VALUES ({', '.join('?' * (len(METRICS) + 3))})"
+)
+_UPSERT_LATEST = (
+    "INSERT INTO device_latest (device_id, ts, received, payload) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(device_id) DO UPDATE SET ts = excluded.ts, received = excluded.received, "
+    "payload = excluded.payload WHERE excluded.ts >= device_latest.ts"
+)
+
+
+class TelemetryStoreError(RuntimeError):
+    """A telemetry database that cannot be opened or a query that cannot be answered."""
+
+
+def default_telemetry_db(controller_db: Path) -> Path:
+    return Path(controller_db).with_name("telemetry.db")
+
+
+def row_from_sample(sample: TelemetrySample, payload: str) -> Row:
+    """The stored row of one sample: numeric columns pulled out once, at ingestion."""
+    temps = list(sample.temps.values())
+    g = sample.gpu
+    if g is not None and g.temp_c is not None:
+        temps.append(g.temp_c)
+    mem = sample.mem
+    power = g.input_power_mw if g is not None else None
+    return (
+        sample.device_id,
+        sample.at.timestamp(),
+        sample.cpu.mean_percent,
+        sample.cpu.load1,
+        mem.used if mem else None,
+        mem.total if mem else None,
+        mem.swap_used if mem else None,
+        sample.disk_free_bytes,
+        max(temps) if temps else None,
+        g.load_pct if g else None,
+        g.freq_mhz if g else None,
+        g.emc_pct if g else None,
+        g.temp_c if g else None,
+        power / 1000.0 if power is not None else None,
+        payload,
+    )
+
+
+@dataclass(frozen=True)
+class LatestSample:
+    device_id: str
+    ts: float
+    received: float
+    payload: str
+
+    def sample(self) -> TelemetrySample:
+        return TelemetrySample.decode(self.payload)
+
+
+def connect(path: Path, *, readonly: bool = False, timeout: float = 10.0) -> sqlite3.Connection:
+    path = Path(path)
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, timeout=timeout, check_same_thread=False
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a committed batch survives a process crash; only an OS crash
+            # can lose the last batches, which for telemetry is the right trade.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+    except sqlite3.Error as e:
+        raise TelemetryStoreError(f"telemetry database {path}: {e}") from e
+    return conn
+
+
+class TelemetryStore:
+    """Writes (one thread) and queries. Readers may open their own with readonly=True."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly and not self.path.is_file():
+            raise TelemetryStoreError(
+                f"no telemetry database at {self.path} (has `jetfleet serve` run?)"
+            )
+        self.conn = connect(self.path, readonly=readonly)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def insert_batch(self, rows: Sequence[Row], received: float | None = None) -> None:
+        """One transaction: every raw row, and the newest row of each device as latest."""
+        if not rows:
+            return
+        now = time.time() if received is None else received
+        newest: dict[str, Row] = {}
+        for r in rows:
+            cur = newest.get(r[0])
+            if cur is None or r[1] >= cur[1]:
+                newest[r[0]] = r
+        with self.conn:
+            self.conn.executemany(_INSERT_RAW, rows)
+            self.conn.executemany(
+                _UPSERT_LATEST, [(r[0], r[1], now, r[-1]) for r in newest.values()]
+            )
+
+    def maintain(
+        self,
+        now: float | None = None,
+        *,
+        raw_retention_s: float = RAW_RETENTION_S,
+        minute_retention_s: float = MINUTE_RETENTION_S,
+    ) -> dict[str, int]:
+        """Fold finished minutes into means, then apply retention. Returns row counts."""
+        now = time.time() if now is None else now
+        done_until = self._meta_float("downsampled_until")
+        end = (int(now) // 60) * 60  # the current minute is not finished
+        if done_until is None:
+            first = self.conn.execute("SELECT MIN(ts) FROM telemetry_raw").fetchone()[0]
+            start = (int(first) // 60) * 60 if first is not None else end
+        else:
+            start = int(done_until) - DOWNSAMPLE_LAG_S
+        means = ", ".join(f"AVG({m})" for m in METRICS)
+        with self.conn:
+            folded = self.conn.execute(
+                f"INSERT OR REPLACE INTO telemetry_minute (device_id, minute, n, "
+                f"{', '.join(METRICS)}) SELECT device_id, CAST(ts / 60 AS INTEGER) * 60, "
+                f"COUNT(*), {means} FROM telemetry_raw WHERE ts >= ? AND ts < ? "
+                f"GROUP BY device_id, CAST(ts / 60 AS INTEGER)",
+                (start, end),
+            ).rowcount
+            self._set_meta("downsampled_until", str(end))
+            # Never drop a raw row that has not been folded into its minute yet.
+            # Cut on a minute boundary, so raw rows always start with a whole minute.
+            raw_cut = min((int(now - raw_retention_s) // 60) * 60, end)
+            raw_deleted = self.conn.execute(
+                "DELETE FROM telemetry_raw WHERE ts < ?", (raw_cut,)
+            ).rowcount
+            minute_deleted = self.conn.execute(
+                "DELETE FROM telemetry_minute WHERE minute < ?", (now - minute_retention_s,)
+            ).rowcount
+        return {"minutes": folded, "raw_deleted": raw_deleted, "minute_deleted": minute_deleted}
+
+    def _meta_float(self, key: str) -> float | None:
+        row = self.conn.execute("SELECT value FROM telemetry_meta WHERE key = ?", (key,)).fetchone()
+        return float(row[0]) if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO telemetry_meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- reading ---------------------------------------------------------------------
+
+    def count_raw(self, device_id: str | None = None) -> int:
+        if device_id is None:
+            return int(self.conn.execute("SELECT COUNT(*) FROM telemetry_raw").fetchone()[0])
+        return int(
+            self.conn.execute(
+                "SELECT COUNT(*) FROM telemetry_raw WHERE device_id = ?", (device_id,)
+            ).fetchone()[0]
+        )
+
+    def devices(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT device_id FROM device_latest ORDER BY 1")]
+
+    def latest(self) -> list[LatestSample]:
+        return [
+            LatestSample(*r)
+            for r in self.conn.execute(
+                "SELECT device_id, ts, received, payload FROM device_latest ORDER BY device_id"
+            )
+        ]
+
+    def raw_rows(
+        self, device_id: str, since: float, until: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Raw samples of one device in time order: {device_id, ts, *METRICS, payload}."""
+        cols = ("device_id", "ts", *METRICS, "payload")
+        cur = self.conn.execute(
+            f"SELECT {', '.join(cols)} FROM telemetry_raw WHERE device_id = ? AND ts >= ? "
+            f"AND ts < ? ORDER BY ts",
+            (device_id, since, until if until is not None else float("inf")),
+        )
+        for r in cur:
+            yield dict(zip(cols, r, strict=False))
+
+    def minute_rows(
+        self, device_id: str, since: float, until: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """1-minute means of one device: {device_id, ts (minute start), n, *METRICS}."""
+        cols = ("device_id", "minute", "n", *METRICS)
+        cur = self.conn.execute(
+            f"SELECT {', '.join(cols)} FROM telemetry_minute WHERE device_id = ? "
+            f"AND minute >= ? AND minute < ? ORDER BY minute",
+            (device_id, since, until if until is not None else float("inf")),
+        )
+        for r in cur:
+            d = dict(zip(cols, r, strict=False))
+            d["ts"] = d.pop("minute")
+            yield d
+
+    def series(
+        self, device_id: str, metric: str, since: float, until: float | None = None
+    ) -> list[tuple[float, float]]:
+        """(ts, value) points: raw rows where retention kept them, minute means before."""
+        if metric not in METRICS:
+            raise TelemetryStoreError(
+                f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}"
+            )
+        hi = until if until is not None else float("inf")
+        first_raw = self.conn.execute(
+            "SELECT MIN(ts) FROM telemetry_raw WHERE device_id = ?", (device_id,)
+        ).fetchone()[0]
+        points: list[tuple[float, float]] = []
+        if first_raw is None or since < first_raw:
+            # Minutes before the first raw row's minute; from there on, raw rows.
+            edge = min(hi, (int(first_raw) // 60) * 60) if first_raw is not None else hi
+            points += [
+                (float(t), float(v))
+                for t, v in self.conn.execute(
+                    f"SELECT minute, {metric} FROM telemetry_minute WHERE device_id = ? "
+                    f"AND minute >= ? AND minute < ? AND {metric} IS NOT NULL ORDER BY minute",
+                    (device_id, since, edge),
+                )
+            ]
+        points += [
+            (float(t), float(v))
+            for t, v in self.conn.execute(
+                f"SELECT ts, {metric} FROM telemetry_raw WHERE device_id = ? AND ts >= ? "
+                f"AND ts < ? AND {metric} IS NOT NULL ORDER BY ts",
+                (device_id, since, hi),
+            )
+        ]
+        return points

@@ -1,0 +1,333 @@
+"""Rollouts to REAL agents (`python -m agent.cli run` subprocesses) on a real Mosquitto.
+
+Three robots. robot-c runs a fast build of `detector`; robot-a and robot-b run a slow
+build (same outputs, genuine extra matmuls). Every new version is the slow build, so on
+robot-c, and only there, the agent's own speed gate measures a real latency regression
+against its active engine and rolls back: a device whose gate genuinely fails.
+
+The tests share the three agents (starting and provisioning them costs most of the time)
+and deploy increasing versions, so they run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fleet import CommandCounter, build_bundle, cli_env, jetfleet_cmd, run_cli, wait_until
+
+from controller.keystore import KeySet, init_keys
+from controller.localbroker import LocalMosquitto
+
+pytestmark = pytest.mark.slow
+
+DIMS = {"in_dim": 256, "hidden": 512, "out_dim": 64, "layers": 3}
+SLOW = 3.0  # extra_work of the slow build: about 4x the multiply-adds
+# Same-speed builds pass even on a busy 2-core machine; 4x slower fails clearly.
+GATE = {"probation_s": 0, "max_regression_pct": 100}
+DEVICES = ("robot-a", "robot-b", "robot-c")
+
+
+@dataclass
+class Fleet:
+    env: dict[str, str]
+    keys: KeySet
+    root: Path
+    broker: LocalMosquitto
+
+    def bundle(self, version: str, extra_work: float = SLOW) -> Path:
+        return build_bundle(
+            self.root / "build",
+            self.keys.release,
+            version=version,
+            extra_work=extra_work,
+            gate=GATE,
+            **DIMS,
+        )
+
+    def jetfleet(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.env, *args, timeout=timeout)  # type: ignore[no-any-return]
+
+    def devices(self) -> dict[str, dict]:  # type: ignore[type-arg]
+        out = self.jetfleet("devices", "--output", "json")
+        assert out.returncode == 0, out.stderr
+        return {d["id"]: d for d in json.loads(out.stdout)}
+
+    def active(self, device: str) -> str | None:
+        return self.devices()[device]["models"].get("detector", {}).get("active")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    from tests.agent.harness import AgentProcess, write_agent_config
+
+    root = tmp_path_factory.mktemp("agents")
+    keys = init_keys(root / "keys")
+    broker = LocalMosquitto(root / "broker")
+    broker.start()
+    agents = []
+    try:
+        for d in DEVICES:
+            cfg = write_agent_config(
+                root / d / "agent.toml",
+                device_id=d,
+                groups=["fleet"],
+                broker_url=broker.url,
+                data_dir=root / d / "data",
+                trust_root=root / "keys" / "trust.json",
+                telemetry_interval_s=60,
+            )
+            agents.append(AgentProcess(cfg, env={"OMP_NUM_THREADS": "1"}).start())
+        f = Fleet(cli_env(root, broker.url, root / "keys"), keys, root, broker)
+        wait_until(
+            lambda: sum(d["online"] for d in f.devices().values()) == 3,
+            timeout=60,
+            what="three agents online",
+        )
+        # Provision: the fast build on robot-c, the slow one on robot-a and robot-b.
+        for version, extra, target in (
+            ("1.0.0", 0.0, "robot-c"),
+            ("1.0.1", SLOW, "robot-a,robot-b"),
+        ):
+            out = f.jetfleet(
+                "rollout",
+                "start",
+                str(f.bundle(version, extra)),
+                "--target",
+                target,
+                "--waves",
+                "100%",
+                "--wait",
+            )
+            assert out.returncode == 0, out.stdout + out.stderr + agents[0].log()[-2000:]
+        yield f
+    finally:
+        for a in agents:
+            a.stop()
+        broker.stop()
+
+
+def test_gate_failure_on_the_canary_aborts_before_the_others_get_a_command_and_a_tolerant_threshold_completes_with_one_rolled_back(  # noqa: E501
+    fleet: Fleet,
+) -> None:
+    counter = CommandCounter(fleet.broker.url)
+    try:
+        bundle = fleet.bundle("2.0.0")
+        out = fleet.jetfleet(
+            "rollout",
+            "start",
+            str(bundle),
+            "--target",
+            "all",
+            "--waves",
+            "1,100%",
+            "--canary",
+            "robot-c",
+            "--wait",
+            "--output",
+            "json",
+        )
+        assert out.returncode == 1, out.stderr
+        data = json.loads(out.stdout)
+        assert data["rollout"]["state"] == "aborted"
+        states = {d["device_id"]: d["state"] for d in data["devices"]}
+        assert states == {"robot-c": "ROLLED_BACK", "robot-a": "WAITING", "robot-b": "WAITING"}
+        failure = data["failures"][0]
+        assert failure["code"] == "latency_regression", failure
+        assert set(counter.per_device()) == {"robot-c"}
+        assert fleet.active("robot-c") == "1.0.0"
+
+        # Same bundle, robot-a as canary, a threshold that tolerates one failure in three.
+        out = fleet.jetfleet(
+            "rollout",
+            "start",
+            str(bundle),
+            "--target",
+            "all",
+            "--waves",
+            "1,100%",
+            "--max-failure-rate",
+            "0.34",
+            "--wait",
+            "--output",
+            "json",
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        data = json.loads(out.stdout)
+        states = {d["device_id"]: d["state"] for d in data["devices"]}
+        assert states == {"robot-a": "SUCCEEDED", "robot-b": "SUCCEEDED", "robot-c": "ROLLED_BACK"}
+        actives = {d: fleet.active(d) for d in DEVICES}
+        assert actives == {"robot-a": "2.0.0", "robot-b": "2.0.0", "robot-c": "1.0.0"}
+    finally:
+        counter.close()
+
+
+def test_abort_in_the_second_wave_rolls_the_first_wave_back_to_the_old_version(
+    fleet: Fleet,
+) -> None:
+    before = {d: fleet.active(d) for d in DEVICES}
+    bundle = fleet.bundle("3.0.0")
+    out = fleet.jetfleet(
+        "rollout",
+        "start",
+        str(bundle),
+        "--target",
+        "all",
+        "--waves",
+        "2,100%",
+        "--max-failure-rate",
+        "0.2",
+        "--wait",
+        "--output",
+        "json",
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    data = json.loads(out.stdout)
+    devices = {d["device_id"]: d for d in data["devices"]}
+    assert devices["robot-c"]["state"] == "ROLLED_BACK"
+    for d in ("robot-a", "robot-b"):
+        assert devices[d]["state"] == "SUCCEEDED"
+        assert devices[d]["rb_state"] == "SUCCEEDED", devices[d]
+        assert devices[d]["rb_to_version"] == before[d]
+    # The agents' retained status shows the old version active again.
+    wait_until(
+        lambda: all(fleet.active(d) == before[d] for d in DEVICES),
+        timeout=30,
+        what="the first wave back on its old version",
+    )
+
+
+def test_controller_killed_during_a_wave_resumes_with_no_duplicate_command(
+    fleet: Fleet,
+) -> None:
+    counter = CommandCounter(fleet.broker.url)
+    try:
+        bundle = fleet.bundle("4.0.0")
+        proc = subprocess.Popen(
+            jetfleet_cmd(
+                "rollout",
+                "start",
+                str(bundle),
+                "--target",
+                "robot-a,robot-b",
+                "--waves",
+                "1,100%",
+                "--wait",
+                "--output",
+                "json",
+            ),
+            env=fleet.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+        def in_second_wave() -> bool:
+            conn = sqlite3.connect(fleet.env["JETFLEET_DB"])
+            try:
+                rows = conn.execute(
+                    "SELECT a.state FROM assignments a JOIN rollouts r ON r.id=a.rollout_id "
+                    "WHERE r.version='4.0.0' AND a.wave=1 AND a.published_at IS NOT NULL"
+                ).fetchall()
+            finally:
+                conn.close()
+            return bool(rows)
+
+        wait_until(in_second_wave, timeout=120, what="the second wave's command published")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        conn = sqlite3.connect(fleet.env["JETFLEET_DB"])
+        rid = conn.execute("SELECT id FROM rollouts WHERE version='4.0.0'").fetchone()[0]
+        conn.close()
+        out = fleet.jetfleet("rollout", "resume", rid, "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        data = json.loads(out.stdout)
+        assert [d["state"] for d in data["devices"]] == ["SUCCEEDED", "SUCCEEDED"]
+        seen = counter.per_device()
+        assert sorted(seen) == ["robot-a", "robot-b"]
+        for device, commands in seen.items():
+            assert len(commands) == 1, (device, commands)
+        assert fleet.active("robot-a") == fleet.active("robot-b") == "4.0.0"
+    finally:
+        counter.close()
+
+
+class SlowBundleServer:
+    """Serves one file over HTTP at about 100 KiB/s: a robot on a poor link."""
+
+    def __init__(self, path: Path) -> None:
+        import http.server
+        import threading
+        import time
+
+        data = path.read_bytes()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    for i in range(0, len(data), 16384):
+                        self.wfile.write(data[i : i + 16384])
+                        time.sleep(0.16)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the agent hung up: the job was canceled
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{path.name}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_operator_abort_cancels_a_real_agents_job_in_flight(fleet: Fleet) -> None:
+    before = fleet.active("robot-a")
+    bundle = fleet.bundle("5.0.0")
+    server = SlowBundleServer(bundle)
+    try:
+        out = fleet.jetfleet(
+            "rollout",
+            "start",
+            str(bundle),
+            "--target",
+            "robot-a",
+            "--waves",
+            "100%",
+            "--bundle-url",
+            server.url,
+            "--output",
+            "json",
+        )
+        assert out.returncode == 0, out.stderr
+        rid = json.loads(out.stdout)["rollout"]["id"]
+
+        def downloading() -> bool:
+            conn = sqlite3.connect(fleet.env["JETFLEET_DB"])
+            try:
+                row = conn.execute(
+                    "SELECT state FROM assignments WHERE rollout_id=?", (rid,)
+                ).fetchone()
+            finally:
+                conn.close()
+            return row is not None and row[0] == "DOWNLOADING"
+
+        wait_until(downloading, timeout=60, what="the agent downloading the bundle")
+        out = fleet.jetfleet("rollout", "abort", rid, "--wait", "--output", "json")
+        assert out.returncode == 1, out.stdout + out.stderr
+        data = json.loads(out.stdout)
+        assert data["rollout"]["state"] == "aborted"
+        assert data["devices"][0]["state"] == "CANCELED", data["devices"][0]
+        assert fleet.active("robot-a") == before != "5.0.0"
+    finally:
+        server.close()

@@ -1,0 +1,239 @@
+"""`jetfleet serve`: bundles over HTTP with Range requests and nothing else, the state
+file rollouts read, and the whole service (ingestion + HTTP + metrics) up and down."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from controller.localbroker import LocalMosquitto, free_port
+from controller.serve import (
+    JetfleetHTTPServer,
+    JetfleetServer,
+    ServeConfig,
+    ServeState,
+    parse_range,
+    read_serve_state,
+    remove_serve_state,
+    write_serve_state,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """CLI commands configure structlog for the process (bound to the stderr of their
+    moment); start and end each test with the default configuration."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+BUNDLE = bytes(range(256)) * 40  # 10240 bytes, every offset recognisable
+
+
+@pytest.fixture
+def bundle_server(tmp_path: Path) -> Iterator[tuple[JetfleetHTTPServer, Path]]:
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    (bundles / "detector-1.2.0.jfb").write_bytes(BUNDLE)
+    (tmp_path / "secret.key").write_text("do not serve")
+    srv = JetfleetHTTPServer(("127.0.0.1", 0), bundle_dir=bundles, registry=None)
+    srv.start()
+    yield srv, bundles
+    srv.shutdown()
+    srv.server_close()
+
+
+def get(
+    srv: JetfleetHTTPServer, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def test_whole_bundle_is_served_with_length_and_range_support(bundle_server) -> None:
+    srv, _ = bundle_server
+    status, h, body = get(srv, "/bundles/detector-1.2.0.jfb")
+    assert status == 200 and body == BUNDLE
+    assert h["content-length"] == str(len(BUNDLE)) and h["accept-ranges"] == "bytes"
+    assert h["content-type"] == "application/octet-stream" and h["etag"]
+
+
+@pytest.mark.parametrize(
+    ("rng", "start", "end"),
+    [("bytes=100-199", 100, 199), ("bytes=10000-", 10000, 10239), ("bytes=-40", 10200, 10239)],
+)
+def test_range_request_resumes_a_download(bundle_server, rng: str, start: int, end: int) -> None:
+    srv, _ = bundle_server
+    status, h, body = get(srv, "/bundles/detector-1.2.0.jfb", {"Range": rng})
+    assert status == 206
+    assert body == BUNDLE[start : end + 1]
+    assert h["content-range"] == f"bytes {start}-{end}/{len(BUNDLE)}"
+    assert h["content-length"] == str(end - start + 1)
+
+
+def test_unsatisfiable_range_is_416_with_the_size(bundle_server) -> None:
+    srv, _ = bundle_server
+    status, h, _ = get(srv, "/bundles/detector-1.2.0.jfb", {"Range": "bytes=20000-"})
+    assert status == 416 and h["content-range"] == f"bytes */{len(BUNDLE)}"
+
+
+def test_a_stale_if_range_gets_the_whole_new_file(bundle_server) -> None:
+    srv, _ = bundle_server
+    status, _, body = get(
+        srv, "/bundles/detector-1.2.0.jfb", {"Range": "bytes=100-199", "If-Range": '"old"'}
+    )
+    assert status == 200 and body == BUNDLE
+
+
+def test_head_gives_headers_without_body(bundle_server) -> None:
+    srv, _ = bundle_server
+    status, h, body = get(srv, "/bundles/detector-1.2.0.jfb", method="HEAD")
+    assert status == 200 and body == b"" and h["content-length"] == str(len(BUNDLE))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/bundles/",
+        "/bundles",
+        "/bundles/../secret.key",
+        "/bundles/%2e%2e%2fsecret.key",
+        "/bundles/..%2Fsecret.key",
+        "/bundles/%2Fetc%2Fpasswd",
+        "/bundles/.hidden.jfb",
+        "/bundles/missing.jfb",
+        "/bundles/sub/detector-1.2.0.jfb",
+        "/secret.key",
+        "/",
+    ],
+)
+def test_no_listing_no_traversal_nothing_outside_the_bundle_dir(bundle_server, path: str) -> None:
+    srv, _ = bundle_server
+    status, _, body = get(srv, path)
+    assert status == 404
+    assert b"do not serve" not in body and b"detector" not in body
+
+
+def test_symlinks_and_directories_in_the_bundle_dir_are_not_served(
+    bundle_server, tmp_path: Path
+) -> None:
+    srv, bundles = bundle_server
+    (bundles / "link.jfb").symlink_to(tmp_path / "secret.key")
+    (bundles / "adir.jfb").mkdir()
+    assert get(srv, "/bundles/link.jfb")[0] == 404
+    assert get(srv, "/bundles/adir.jfb")[0] == 404
+
+
+def test_parse_range_edge_cases() -> None:
+    assert parse_range("bytes=0-0", 10) == (0, 0)
+    assert parse_range("bytes=5-100", 10) == (5, 9)
+    assert parse_range("bytes=-100", 10) == (0, 9)
+    assert parse_range("bytes=10-", 10) is None
+    assert parse_range("bytes=-0", 10) is None
+    assert parse_range("bytes=7-3", 10) is None
+    for bad in ("bytes=0-1,4-5", "items=0-1", "bytes=-", "garbage"):
+        with pytest.raises(ValueError):
+            parse_range(bad, 10)
+
+
+def test_state_file_is_atomic_and_only_trusted_while_its_process_lives(tmp_path: Path) -> None:
+    state = ServeState("http://ctl:8380/bundles", "http://ctl:8380/metrics", os.getpid())
+    write_serve_state(tmp_path, state)
+    assert read_serve_state(tmp_path) == state
+    assert state.bundle_url("a-1.0.0.jfb") == "http://ctl:8380/bundles/a-1.0.0.jfb"
+    assert not list(tmp_path.glob(".*tmp"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_serve_state(tmp_path, ServeState(state.bundle_url_base, state.metrics_url, dead.pid))
+    assert read_serve_state(tmp_path) is None  # a crashed server's leftover
+    remove_serve_state(tmp_path, pid=os.getpid())  # not ours: stays
+    assert (tmp_path / "serve.json").exists()
+    remove_serve_state(tmp_path, pid=dead.pid)
+    assert not (tmp_path / "serve.json").exists()
+    (tmp_path / "serve.json").write_text("{half")
+    assert read_serve_state(tmp_path) is None
+
+
+def test_server_runs_ingestion_bundles_and_metrics_then_cleans_up(
+    mosquitto: LocalMosquitto, tmp_path: Path
+) -> None:
+    cfg = ServeConfig(
+        broker=mosquitto.url,
+        telemetry_db=tmp_path / "data" / "telemetry.db",
+        bundle_dir=tmp_path / "bundles",
+        data_dir=tmp_path / "data",
+        host="127.0.0.1",
+        http_port=0,
+        metrics_port=free_port(),
+        advertise_host="controller.local",
+    )
+    server = JetfleetServer(cfg)
+    state = server.start()
+    try:
+        assert read_serve_state(cfg.data_dir) == state
+        assert state.bundle_url_base.startswith("http://controller.local:")
+        assert state.bundle_url_base.endswith("/bundles")
+        (cfg.bundle_dir / "m-1.0.0.jfb").write_bytes(b"bundle bytes")
+        assert server.http is not None and server.metrics_http is not None
+        assert get(server.http, "/bundles/m-1.0.0.jfb")[2] == b"bundle bytes"
+        status, h, body = get(server.metrics_http, "/metrics")
+        assert status == 200 and h["content-type"].startswith("text/plain")
+        assert b"jetfleet_telemetry_samples_total" in body
+        assert get(server.metrics_http, "/bundles/m-1.0.0.jfb")[0] == 404  # metrics only
+        assert server.ingester is not None and server.ingester.wait_connected(5)
+    finally:
+        server.stop()
+    assert not (cfg.data_dir / "serve.json").exists()
+
+
+def test_jetfleet_serve_command_runs_until_sigterm_and_removes_its_state_file(
+    mosquitto: LocalMosquitto, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    env = {
+        **os.environ,
+        "JETFLEET_BROKER": mosquitto.url,
+        "JETFLEET_DB": str(data / "controller.db"),
+        "JETFLEET_CONFIG": str(tmp_path / "none.toml"),
+    }
+    cli = [sys.executable, "-c", "from controller.cli.main import app; app()", "serve"]
+    proc = subprocess.Popen(
+        [*cli, "--host", "127.0.0.1", "--http-port", str(port), "--advertise-host", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and read_serve_state(data) is None:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.1)
+        state = read_serve_state(data)
+        assert state is not None and state.pid == proc.pid
+        assert state.bundle_url_base == f"http://127.0.0.1:{port}/bundles"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert not (data / "serve.json").exists()

@@ -1,0 +1,190 @@
+"""A private RabbitMQ node with the MQTT plugin, on free loopback ports, for tests.
+
+Runs the Debian package's `rabbitmq-server` directly (not the /usr/sbin wrapper, which
+switches to the `rabbitmq` user, nor systemd), with its own node name, Erlang port mapper
+port, distribution port, database, logs, config and enabled-plugins file, so it never
+touches a system RabbitMQ and several can run side by side.
+
+Debian bookworm ships RabbitMQ 3.10: MQTT 3.1.1 only (an MQTT 5 CONNECT is refused),
+QoS 0 and 1 (a QoS 2 subscription is granted as 1), retained messages kept per node and
+delivered only to subscriptions without wildcards. Topic levels map to AMQP routing-key
+words on the `amq.topic` exchange (`/` becomes `.`), so a `.` inside a topic level cannot
+be told apart from a level separator: device ids with dots must not be used there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.localbroker import free_port, wait_for_port
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+PLUGIN_GLOB = "/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/rabbitmq_mqtt-*"
+
+
+def rabbitmq_missing() -> str | None:
+    """Why RabbitMQ with the MQTT plugin cannot run here, or None if it can."""
+    if not Path(RABBITMQ_SERVER).is_file():
+        return (
+            "RabbitMQ is not installed (apt-get install rabbitmq-server; "
+            "JETFLEET_WITH_RABBITMQ=1 bash scripts/setup does it)"
+        )
+    if not glob.glob(PLUGIN_GLOB):
+        return "RabbitMQ is installed without its MQTT plugin (rabbitmq_mqtt)"
+    if not shutil.which("epmd") and not glob.glob("/usr/lib/erlang/erts-*/bin/epmd"):
+        return "Erlang's epmd is missing (apt-get install erlang-base)"
+    return None
+
+
+@dataclass
+class TlsListener:
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass
+class LocalRabbitMQ:
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    tls: TlsListener | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.epmd_port = free_port()
+        self.dist_port = free_port()
+        self.node = f"jetfleet-test-{self.port}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls is not None
+        return f"mqtts://{self.host}:{self.tls.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "rabbitmq.out"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _config(self) -> str:
+        lines = [
+            "listeners.tcp = none",  # no AMQP listener: this node serves MQTT only
+            f"mqtt.listeners.tcp.default = {self.host}:{self.port}",
+            "mqtt.allow_anonymous = true",
+            "mqtt.vhost = /",
+            "mqtt.exchange = amq.topic",
+            "log.console = true",
+            "log.console.level = warning",
+            "log.file = false",
+        ]
+        if self.tls:
+            lines += [
+                f"mqtt.listeners.ssl.default = {self.host}:{self.tls.port}",
+                f"ssl_options.cacertfile = {self.tls.ca}",
+                f"ssl_options.certfile = {self.tls.cert}",
+                f"ssl_options.keyfile = {self.tls.key}",
+                # Mutual TLS, as on Mosquitto: no certificate from the fleet CA, no connection.
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = true",
+                "ssl_options.versions.1 = tlsv1.3",
+                "ssl_options.versions.2 = tlsv1.2",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def env(self) -> dict[str, str]:
+        w = self.workdir
+        return {
+            **os.environ,
+            "HOME": str(w),  # the Erlang cookie goes here
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_MNESIA_BASE": str(w / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(w / "log"),
+            "RABBITMQ_CONFIG_FILE": str(w / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(w / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(w / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(w / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(w / "rabbitmq.pid"),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+        }
+
+    def start(self, timeout: float = 90.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "rabbitmq.conf").write_text(self._config())
+        (self.workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        out = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [RABBITMQ_SERVER],
+            env=self.env(),
+            cwd=self.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() ends the whole node
+        )
+        out.close()
+        try:
+            wait_for_port(self.host, self.port, timeout)
+            if self.tls:
+                wait_for_port(self.host, self.tls.port, 10)
+        except Exception as e:
+            self.stop()
+            raise RuntimeError(f"RabbitMQ did not start: {e}\n{self.log()[-3000:]}") from e
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            self.proc = None
+        # The node started its own epmd (a daemon outside our process group) on our port.
+        epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), "")
+        if epmd:
+            subprocess.run(
+                [epmd, "-port", str(self.epmd_port), "-kill"],
+                env={**os.environ, "ERL_EPMD_PORT": str(self.epmd_port)},
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self._epmd_listening():
+            time.sleep(0.1)
+
+    def _epmd_listening(self) -> bool:
+        import socket
+
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            return s.connect_ex(("127.0.0.1", self.epmd_port)) == 0
+
+    def __enter__(self) -> LocalRabbitMQ:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
