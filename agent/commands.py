@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import queue
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable
@@ -50,6 +51,7 @@ log = structlog.get_logger("jetfleet.agent.commands")
 
 _CODES = {c.value for c in ReasonCode}
 QUEUED_KINDS = (CommandKind.DEPLOY, CommandKind.ROLLBACK)
+STORE_RETRIES = 5
 
 
 def reason_code(err: BaseException) -> str:
@@ -142,14 +144,29 @@ class CommandProcessor:
                 # Received on a connection that has since dropped, not yet acknowledged:
                 # the broker redelivers it on the new one; acting now would double it.
                 continue
-            try:
-                self.process(payload, dup=dup)
-            except Exception:
-                log.exception("command_processing_failed", topic=topic)
+            if not self._process_durably(topic, payload, dup):
+                continue  # not acknowledged: the broker redelivers it after a reconnect
             if self._stop.is_set():
                 break  # not acknowledged: redelivered after the restart
             ack()
             self.processed += 1
+
+    def _process_durably(self, topic: str, payload: bytes, dup: bool) -> bool:
+        """True when the command's outcome is settled (stored, or refused for good) and
+        the message may be acknowledged; False when the store kept failing (disk full,
+        I/O error): then it stays unacknowledged rather than lost."""
+        for attempt in range(STORE_RETRIES):
+            try:
+                self.process(payload, dup=dup)
+                return True
+            except sqlite3.Error as e:
+                log.error("command_store_failed", topic=topic, attempt=attempt + 1, error=str(e))
+                if self._stop.wait(min(0.5 * 2**attempt, 5.0)):
+                    return False
+            except Exception:
+                log.exception("command_processing_failed", topic=topic)
+                return True
+        return False
 
     def process(self, payload: bytes, *, dup: bool = False) -> JobRecord | None:
         """Verify and act on one command; returns the job it created (None if refused).

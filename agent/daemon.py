@@ -12,6 +12,7 @@ flight keeps its persisted state and is resumed or rolled back on the next start
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import os
 import signal
@@ -141,7 +142,7 @@ class Agent:
             self.store,
             self.topics,
             config.device_id,
-            on_event=self.outbox.wake,
+            on_event=self._on_event,
             on_change=self._dirty.set,
         )
         self.worker = Worker(
@@ -167,6 +168,11 @@ class Agent:
     # ---- callbacks --------------------------------------------------------------------
     def _on_command(self, topic: str, payload: bytes, ack: Callable[[], None], dup: bool) -> None:
         self.commands.enqueue(topic, payload, ack, dup)
+
+    def _on_event(self) -> None:
+        # Publish from the committing thread: one thread hop less before RECEIVED.
+        self.outbox.pump()
+        self._dirty.set()  # the status carries last_seq (coalesced, at most 5 a second)
 
     def _on_connected(self) -> None:
         self._dirty.set()
@@ -274,6 +280,7 @@ class Agent:
                 last_status_text = text
             if now - last_purge > SEEN_PURGE_EVERY_S:
                 self.store.purge_seen(time.time())
+                self.store.prune_jobs(time.time())
                 last_purge = now
             if self._dirty.is_set():
                 # Coalesce a burst of changes into one status message.
@@ -341,4 +348,6 @@ def run_agent(config: AgentConfig) -> None:
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
+    # `kill -USR1 <pid>`: every thread's stack to stderr (the journal), for a stuck agent.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     agent.run()

@@ -19,6 +19,7 @@ import contextlib
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig
 from protocol.topics import Topics
-from protocol.transport import client_tls_context, parse_broker_url
+from protocol.transport import client_tls_context, diagnose_tls, parse_broker_url
 
 log = structlog.get_logger("jetfleet.agent.mqtt")
 
@@ -91,6 +92,11 @@ class AgentMqtt:
         self._jitter()
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
+        # paho retries a failed TLS connect silently: say why, naming the file (see
+        # _explain_connect_failure).
+        self.client.on_connect_fail = self._handle_connect_fail
+        self._tls_problem: str | None = None
+        self._tls_checked_at = float("-inf")
         self.client.on_message = self._handle_message
         self.client.on_publish = self._handle_publish
         self.client.on_socket_open = self._handle_socket_open
@@ -158,6 +164,7 @@ class AgentMqtt:
             self.generation += 1
         self.connected.set()
         self.ever_connected.set()
+        self._tls_problem = None  # a later TLS failure is news again
         self._jitter()
         client.subscribe([(t, 1) for t in self._subscribe_topics])
         log.info(
@@ -178,12 +185,35 @@ class AgentMqtt:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._explain_connect_failure()
+
+    def _explain_connect_failure(self) -> None:
+        """After a failed connect over TLS, find out why the broker will not have us (wrong
+        CA, broker name, refused or expired certificate) and log it once per distinct
+        reason, at most one check a minute: the one line an operator needs."""
+        if not self._addr.tls:
+            return
+        now = time.monotonic()
+        if now - self._tls_checked_at < 60.0:
+            return
+        self._tls_checked_at = now
+        b = self.config.broker
+        reason = diagnose_tls(self._addr, b.ca, b.cert, b.key, timeout=5.0)
+        if reason and reason != self._tls_problem:
+            log.error("mqtt_tls_problem", broker=self._addr.url, reason=reason)
+        self._tls_problem = reason
+
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self.connected.clear()
         self._jitter()
         log.warning("mqtt_disconnected", reason=str(reason))
+        if not self.ever_connected.is_set():
+            # TLS 1.3: a broker refuses a client certificate after the handshake, which
+            # paho reports as this disconnect before any CONNACK.
+            self._explain_connect_failure()
         if self._on_disconnected:
             self._on_disconnected()
 

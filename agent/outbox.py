@@ -49,6 +49,7 @@ class Outbox:
         self._last_sent = 0
         self.last_acked = 0
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
@@ -59,7 +60,8 @@ class Outbox:
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=5)
-        self._flush_acks()
+        with self._lock:
+            self._flush_acks()
 
     def wake(self) -> None:
         self._wake.set()
@@ -90,6 +92,17 @@ class Outbox:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            delay = self.pump()
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def pump(self) -> float:
+        """Publish what is due, in seq order; returns how long the thread may sleep.
+
+        Called by the outbox thread and, to save a thread hop on the latency path, by
+        whoever just committed an event (the command processor, the worker); the lock
+        keeps one pump at a time, so the order holds."""
+        with self._lock:
             try:
                 self._flush_acks()
                 if self._disconnected.is_set():
@@ -99,14 +112,10 @@ class Outbox:
                 self._stale &= set(self._mid_to_seq)
                 if not self._is_connected():
                     self._stale_since = time.monotonic()
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                    continue
+                    return 0.5
                 if self._stale:
                     if time.monotonic() - self._stale_since < STALE_RESEND_S:
-                        self._wake.wait(0.2)
-                        self._wake.clear()
-                        continue
+                        return 0.2
                     oldest = min(self._mid_to_seq[m] for m in self._stale)
                     log.warning("outbox_resend", from_seq=oldest, pending=len(self._stale))
                     self._last_sent = oldest - 1
@@ -122,6 +131,5 @@ class Outbox:
                         self._last_sent = seq
             except Exception:
                 log.exception("outbox_error")
-                self._stop.wait(1.0)
-            self._wake.wait(1.0)
-            self._wake.clear()
+                return 1.0
+        return 1.0

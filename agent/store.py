@@ -149,6 +149,19 @@ class Store:
             (command_id, expires_at),
         )
 
+    def prune_jobs(self, now: float, *, keep: int = 1000, max_age_s: float = 30 * 86400) -> int:
+        """Forget finished jobs beyond the newest `keep` and older than `max_age_s` (a
+        device pinged every minute must not grow its database for ever). Their command
+        ids stay in `seen` until they expire, so replay defense is unaffected."""
+        marks = ",".join("?" for _ in ACTIVE_STATES)
+        with self.tx() as db:
+            cur = db.execute(
+                f"DELETE FROM jobs WHERE state NOT IN ({marks}) AND updated_at < ? AND rowid "
+                "NOT IN (SELECT rowid FROM jobs ORDER BY updated_at DESC LIMIT ?)",
+                (*ACTIVE_STATES, now - max_age_s, keep),
+            )
+            return cur.rowcount
+
     def purge_seen(self, now: float) -> int:
         with self.tx() as db:
             cur = db.execute("DELETE FROM seen WHERE expires_at < ?", (now - SEEN_MARGIN_S,))

@@ -136,7 +136,9 @@ class Worker:
 
     def _next_job(self) -> JobRecord | None:
         for job in self.store.active_jobs():
-            if job.state in (JobState.QUEUED, JobState.RECEIVED) or (
+            # RECEIVED belongs to the command processor until it queues the job (recover()
+            # settles those left by a crash), so the worker never races it.
+            if job.state is JobState.QUEUED or (
                 job.state in PRE_ACTIVATION and job.data.get("resume")
             ):
                 return job

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from protocol.keys import SigningKey
 from protocol.messages import (
@@ -19,6 +20,7 @@ from protocol.messages import (
     CommandKind,
     DeployBody,
     RollbackBody,
+    TrustUpdateBody,
     utcnow,
 )
 from protocol.trust import sign_command
@@ -105,3 +107,15 @@ class CommandSigner:
 
     def ping(self, target: str, now: datetime | None = None) -> SignedCommand:
         return self.sign(self._command(target, CommandKind.PING, {}, now))
+
+    def trust_update(
+        self,
+        device_id: str,
+        *,
+        trust_root: dict[str, Any],
+        now: datetime | None = None,
+    ) -> SignedCommand:
+        """Hand a device a new trust root (the DSSE envelope of `keys rotate`'s trust.json);
+        the device accepts it only under TUF's rotation rule (protocol.trust.rotate)."""
+        body = TrustUpdateBody(trust_root=trust_root)
+        return self.sign(self._command(device_id, CommandKind.TRUST_UPDATE, body, now))

@@ -158,6 +158,37 @@ def load_keys(directory: Path, *, now: datetime | None = None, check_expiry: boo
     return KeySet(keys["root"], keys["release"], keys["operator"], envelope, trust)
 
 
+def retired_keys(directory: Path, role: RoleName) -> list[tuple[int, SigningKey]]:
+    """The `role` keys that `rotate_keys` replaced, as (trust root version they served,
+    key), newest first: DIR/retired/v<N>/<role>.key."""
+    base = Path(directory).expanduser() / RETIRED_DIR
+    found: list[tuple[int, SigningKey]] = []
+    if not base.is_dir():
+        return found
+    for sub in base.iterdir():
+        if not (sub.name.startswith("v") and sub.name[1:].isdigit()):
+            continue
+        path = sub / KEY_FILES[role]
+        if path.is_file():
+            found.append((int(sub.name[1:]), _read_key(path)))
+    return sorted(found, key=lambda vk: vk[0], reverse=True)
+
+
+def trust_update_signers(directory: Path, keys: KeySet) -> list[SigningKey]:
+    """The operator keys a `trust_update` is signed with: the current one and every
+    retired one, newest first (at most a DSSE envelope's 32 signatures).
+
+    A device checks a command against the trust root it holds, which is the one being
+    replaced: after a rotation of the operator key only a retired key is still its
+    operator. Signatures by keys a device does not know are ignored, so one envelope
+    serves devices on any earlier version. Only trust updates are signed this way:
+    everything else is signed with the current operator key alone."""
+    signers = {keys.operator.keyid: keys.operator}
+    for _version, key in retired_keys(directory, "operator"):
+        signers.setdefault(key.keyid, key)
+    return list(signers.values())[:32]
+
+
 def rotate_keys(
     directory: Path,
     *,

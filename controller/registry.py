@@ -261,35 +261,66 @@ class Registry:
         return [i for i in ids if i not in known]
 
 
-def sync_from_broker(registry: Registry, mqtt: ControllerMqtt, timeout: float = 10.0) -> int:
-    """Read every retained status into the registry; returns how many arrived.
+# Topics per SUBSCRIBE packet when reading statuses by name (keeps packets and the
+# broker's per-packet work small for large fleets).
+NAMED_SUBSCRIBE_BATCH = 100
+
+
+def sync_from_broker(
+    registry: Registry,
+    mqtt: ControllerMqtt,
+    timeout: float = 10.0,
+    device_ids: Iterable[str] = (),
+) -> int:
+    """Read every retained status into the registry; returns how many devices reported.
 
     Retained messages carry no end marker, so after subscribing we publish a marker to a
     private topic we also subscribe to: the broker sends it after the retained statuses it
     queued for us at subscribe time. A quiet period is the fallback for brokers that
-    interleave."""
+    interleave.
+
+    Some brokers (RabbitMQ 3.10) never match retained messages against a wildcard
+    subscription. So, second pass: the status topic of every device this registry
+    already knows, and of each of `device_ids` (explicitly named targets), that did not
+    arrive through the wildcard is subscribed to by name. On Mosquitto that is only the
+    devices without a retained status (normally none), so it costs nothing there. A
+    device never seen before is still only learned from its live status or events."""
     marker_topic = f"{registry.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
     done = threading.Event()
-    count = 0
+    reported: set[str] = set()
     last = [time.monotonic()]
 
     def on_message(topic: str, payload: bytes, retained: bool) -> None:
-        nonlocal count
         last[0] = time.monotonic()
         if topic == marker_topic:
             done.set()
             return
         try:
-            if registry.handle(topic, payload) is not None:
-                count += 1
+            message = registry.handle(topic, payload)
         except MessageError as e:
             log.warning("bad_status_ignored", topic=topic, reason=e.reason)
+            return
+        if isinstance(message, DeviceStatus):
+            reported.add(message.device_id)
 
+    def wait_for_marker() -> None:
+        done.clear()
+        last[0] = time.monotonic()
+        mqtt.publish(marker_topic, b"sync", qos=1)
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.05):
+            if time.monotonic() > deadline or time.monotonic() - last[0] > 2.0:
+                break
+
+    wanted = {d.id for d in registry.devices()} | {validate_id(d) for d in device_ids}
     mqtt.set_handler(on_message)
     mqtt.subscribe([marker_topic, registry.topics.all_status()], timeout=timeout)
-    mqtt.publish(marker_topic, b"sync", qos=1)
-    deadline = time.monotonic() + timeout
-    while not done.wait(0.05):
-        if time.monotonic() > deadline or time.monotonic() - last[0] > 2.0:
-            break
-    return count
+    wait_for_marker()
+    missing = sorted(wanted - reported)
+    if missing:
+        for i in range(0, len(missing), NAMED_SUBSCRIBE_BATCH):
+            batch = missing[i : i + NAMED_SUBSCRIBE_BATCH]
+            mqtt.subscribe([registry.topics.status(d) for d in batch], timeout=timeout)
+        wait_for_marker()
+        log.debug("status_read_by_name", asked=len(missing), got=len(reported & set(missing)))
+    return len(reported)

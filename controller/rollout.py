@@ -15,6 +15,7 @@ and its state, which settles devices whose events were lost anyway.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -448,6 +449,9 @@ class RolloutDriver:
                 name=rollout.model,
                 version=rollout.version,
             )
+        elif rollout.kind == "trust_update":
+            assert rollout.payload
+            signed = self.signer.trust_update(device_id, trust_root=json.loads(rollout.payload))
         else:
             signed = self.signer.rollback(
                 device_id, model=rollout.model, to_version=rollout.version, rollout_id=rollout.id
@@ -602,6 +606,11 @@ class RolloutDriver:
 
 
 # -- creating a rollout ------------------------------------------------------------------
+ROLLOUT_KINDS = ("deploy", "rollback", "trust_update")
+# What a trust_update rollout shows as its "model" (its version is the trust root's).
+TRUST_ROOT_MODEL = "trust-root"
+
+
 def new_rollout_id() -> str:
     return "r-" + uuid.uuid4().hex[:12]
 
@@ -624,10 +633,16 @@ def create_rollout(
     bundle_sha256: str | None = None,
     bundle_size: int | None = None,
     rollout_id: str | None = None,
+    payload: str | None = None,
 ) -> Rollout:
-    """Plan the waves and store the rollout (nothing is signed or sent yet)."""
-    if kind not in ("deploy", "rollback"):
+    """Plan the waves and store the rollout (nothing is signed or sent yet).
+
+    kind `trust_update`: `payload` is the new trust root's DSSE envelope (JSON text), sent
+    to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version)."""
+    if kind not in ROLLOUT_KINDS:
         raise ValueError(f"rollout kind {kind!r}")
+    if (kind == "trust_update") != (payload is not None):
+        raise ValueError("a trust_update rollout, and only one, carries a payload")
     if not 0 <= max_failure_rate <= 1:
         raise WaveSpecError(f"--max-failure-rate {max_failure_rate:g} is not within 0..1")
     if wave_timeout <= 0:
@@ -660,6 +675,7 @@ def create_rollout(
         bundle_sha256=bundle_sha256,
         bundle_size=bundle_size,
         prev_versions=prev,
+        payload=payload,
     )
 
 

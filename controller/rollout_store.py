@@ -54,7 +54,7 @@ FINISHED = frozenset({SUCCEEDED, ABORTED})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,              -- deploy | rollback
+    kind TEXT NOT NULL,              -- deploy | rollback | trust_update
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     abort_reason TEXT,
     rollback_on_abort INTEGER NOT NULL DEFAULT 1,
     driver_pid INTEGER,
-    driver_started REAL
+    driver_started REAL,
+    payload TEXT                     -- trust_update: the trust root's DSSE envelope (JSON)
 );
 CREATE TABLE IF NOT EXISTS waves (
     rollout_id TEXT NOT NULL REFERENCES rollouts(id),
@@ -151,6 +152,7 @@ class Rollout:
     rollback_on_abort: bool
     driver_pid: int | None
     driver_started: float | None
+    payload: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Rollout:
@@ -160,7 +162,8 @@ class Rollout:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # The payload (a trust root envelope) is what every command carries, not status.
+        return {k: v for k, v in self.__dict__.items() if k != "payload"}
 
 
 @dataclass
@@ -271,6 +274,17 @@ class RolloutStore:
         self.conn = conn
         self._lock = threading.RLock()
         conn.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after the first release, for databases created before them."""
+        cols = {r[1] for r in self.conn.execute("PRAGMA table_info(rollouts)")}
+        if "payload" not in cols:
+            try:
+                self.conn.execute("ALTER TABLE rollouts ADD COLUMN payload TEXT")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):  # another process just added it
+                    raise
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -306,6 +320,7 @@ class RolloutStore:
         bundle_sha256: str | None = None,
         bundle_size: int | None = None,
         prev_versions: dict[str, str | None] | None = None,
+        payload: str | None = None,
     ) -> Rollout:
         now = time.time()
         prev_versions = prev_versions or {}
@@ -313,8 +328,8 @@ class RolloutStore:
             c.execute(
                 """INSERT INTO rollouts (id, kind, state, created_at, updated_at, model, version,
                    bundle_url, bundle_sha256, bundle_size, target, waves_spec, max_failure_rate,
-                   wave_timeout, auto_rollback, canary)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   wave_timeout, auto_rollback, canary, payload)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     rollout_id,
                     kind,
@@ -332,6 +347,7 @@ class RolloutStore:
                     wave_timeout,
                     int(auto_rollback),
                     canary,
+                    payload,
                 ),
             )
             position = 0

@@ -32,7 +32,7 @@ import structlog
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from controller.ingest import TelemetryIngester
+from controller.ingest import IngestPool
 from controller.metrics import FleetCollector, make_registry
 
 log = structlog.get_logger(__name__)
@@ -279,6 +279,7 @@ class ServeConfig:
     cert: str = ""
     key: str = ""
     ingest: bool = True
+    ingest_workers: int = 1
 
 
 class JetfleetServer:
@@ -286,7 +287,7 @@ class JetfleetServer:
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
-        self.ingester: TelemetryIngester | None = None
+        self.ingester: IngestPool | None = None
         self.http: JetfleetHTTPServer | None = None
         self.metrics_http: JetfleetHTTPServer | None = None
         self.state: ServeState | None = None
@@ -296,7 +297,8 @@ class JetfleetServer:
         cfg = self.cfg
         cfg.bundle_dir.mkdir(parents=True, exist_ok=True)
         if cfg.ingest:
-            self.ingester = TelemetryIngester(
+            self.ingester = IngestPool(
+                cfg.ingest_workers,
                 cfg.telemetry_db,
                 cfg.broker,
                 protocol=cfg.protocol,

@@ -22,7 +22,8 @@ GpuSource = Literal["tegrastats", "sysfs", "nvml"]
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinity are not JSON; a sensor that reads them reports nothing instead.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class CpuStats(_Part):
@@ -83,6 +84,7 @@ class TelemetrySample(Document):
     """One device's vital signs at `at`; published on `.../devices/{id}/telemetry`."""
 
     KIND: ClassVar[str] = "telemetry"
+    model_config = ConfigDict(allow_inf_nan=False)
 
     device_id: str
     at: datetime

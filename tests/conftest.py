@@ -72,3 +72,14 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     node.start()
     yield node
     node.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """CLI commands configure structlog to write to the stderr of the moment; a later test's
+    background thread would then log to a closed file. Each test starts from the defaults."""
+    import structlog
+
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

@@ -44,11 +44,14 @@ class TelemetryLoop:
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0, *, close_sampler: bool = True) -> None:
+        """End the thread; by default also close the sampler (its tegrastats process)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if close_sampler:
+            self.sampler.close()
 
     @property
     def running(self) -> bool:

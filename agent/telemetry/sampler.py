@@ -205,6 +205,7 @@ class TelemetrySampler:
         )
 
     def close(self) -> None:
+        """Stop tegrastats and release NVML; idempotent."""
         if self._tegrastats is not None:
             self._tegrastats.stop()
         if self._nvml is not None:

@@ -15,6 +15,7 @@ Every path is read under `root` (default `/`), so tests feed a recorded tree. Wh
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -39,9 +40,10 @@ def _read_num(path: Path) -> float | None:
     if text is None:
         return None
     try:
-        return float(text.split()[0])
+        v = float(text.split()[0])
     except (ValueError, IndexError):
         return None
+    return v if math.isfinite(v) else None
 
 
 class JetsonSysfs:

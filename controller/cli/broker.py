@@ -88,4 +88,12 @@ def config(
     for c in unissued:
         typer.echo(f"  note: no certificate issued yet for controller {c!r} "
                    f"(jetfleet pki issue-controller --name {c})")  # fmt: skip
+    if controller_port is None:
+        typer.echo("  note: one listener: a robot can take over another robot's session by "
+                   "its client id; for production add --controller-port and "
+                   "--controller-bind (docs/brokers.md §2)", err=True)  # fmt: skip
+    elif not controller_bind:
+        typer.echo(f"  warning: the controllers' port {controller_port} listens on every "
+                   "interface: it protects nothing unless robots cannot reach it "
+                   "(--controller-bind or a firewall)", err=True)  # fmt: skip
     typer.echo(f"start it with: mosquitto -c {files.config}")

@@ -45,14 +45,33 @@ def open_registry(s: ControllerSettings) -> Registry:
     return Registry.open(s.db, Topics(s.prefix))
 
 
-def refresh_registry(s: ControllerSettings, registry: Registry, timeout: float = 10.0) -> int:
-    """Pull every retained status from the broker into the registry (MqttError if down)."""
+def named_devices(target: str | None) -> list[str]:
+    """The device ids a `--target ID[,ID...]` names (none for `all` or `group:G`)."""
+    if not target or target.strip() == "all" or target.strip().startswith("group:"):
+        return []
+    ids = [p.strip() for p in target.split(",") if p.strip()]
+    try:
+        return [validate_id(i) for i in ids]
+    except ProtocolError as e:
+        fail(e.reason)
+
+
+def refresh_registry(
+    s: ControllerSettings,
+    registry: Registry,
+    timeout: float = 10.0,
+    *,
+    target: str | None = None,
+) -> int:
+    """Pull every retained status from the broker into the registry (MqttError if down):
+    the wildcard, then by name the known devices and those `target` names that it missed
+    (brokers such as RabbitMQ never send retained messages to wildcards)."""
     try:
         client = ControllerMqtt(mqtt_options(s))
     except TransportConfigError as e:
         fail(f"TLS settings: {e.reason}")
     with client.connect(timeout=timeout) as m:
-        return sync_from_broker(registry, m, timeout=timeout)
+        return sync_from_broker(registry, m, timeout=timeout, device_ids=named_devices(target))
 
 
 def _ago(ts: float | None) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from controller import keystore
-from controller.cli.common import Output, OutputOption, fail, print_json, settings
+from controller.cli.common import EXIT_VERIFY, Output, OutputOption, fail, print_json, settings
 from protocol.trust import ROLES, RoleName
 
 app = typer.Typer(
@@ -88,7 +88,7 @@ def rotate(
     """Issue the next trust root version with new keys for the given roles.
 
     It is signed by the old and the new root key, so devices holding the current trust
-    root accept it (send it to them as a trust_update command). Old keys are kept in
+    root accept it: send it to them with `jetfleet keys push`. Old keys are kept in
     DIR/retired/v<N>/.
     """
     d = _directory(ctx, directory)
@@ -101,6 +101,69 @@ def rotate(
     except keystore.KeystoreError as e:
         fail(str(e))
     _report(f"rotated {', '.join(roles)} in", d, keys, output)
+    if output is Output.human:
+        typer.echo(f"send it to the fleet: jetfleet --keys {d} keys push --target all --wait")
+
+
+@app.command("push")
+def push(
+    ctx: typer.Context,
+    target: str = typer.Option(..., "--target", help="group:NAME, ID[,ID...] or all"),
+    wait: bool = typer.Option(
+        False, "--wait", help="show live progress; exit 1 if a device refuses it"
+    ),
+    wave_timeout: float = typer.Option(
+        900.0, "--wave-timeout", help="seconds devices have to answer (offline ones time out)"
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """Send the trust root of the global --keys directory (its trust.json) to devices.
+
+    One signed trust_update command per device, run as a rollout of one wave (listed by
+    `jetfleet rollout list`, resumable with `jetfleet rollout resume`). It is signed with
+    the current operator key and the retired ones, because a device checks it against
+    the trust root it still holds. Each device answers SUCCEEDED, or REJECTED with the
+    reason (e.g. a trust root not signed by the root keys it trusts); --wait exits 1 if
+    any device did not take it.
+    """
+    # Imported here: `keys init/rotate/show` need none of the rollout machinery.
+    from controller.cli.devices import configure_cli_logging
+    from controller.cli.rollout import keyset, launch, start_rollout
+    from controller.rollout import TRUST_ROOT_MODEL
+
+    configure_cli_logging()
+    s = settings(ctx)
+    if wave_timeout <= 0:
+        fail("--wave-timeout must be positive")
+    keys = keyset(s)
+    assert s.keys is not None  # keyset() fails without a key directory
+    try:
+        signers = keystore.trust_update_signers(s.keys, keys)
+    except keystore.KeystoreError as e:
+        fail(str(e), EXIT_VERIFY)
+    rid = start_rollout(
+        s,
+        kind="trust_update",
+        keys=keys,
+        model=TRUST_ROOT_MODEL,
+        version=str(keys.trust.version),
+        target=target,
+        waves="100%",
+        # Every device's answer is its own: a refusal does not stop the others (one
+        # wave), and it makes the push end as failed (exit 1) with the reasons.
+        max_failure_rate=0.0,
+        wave_timeout=wave_timeout,
+        auto_rollback=False,
+        canary=None,
+        payload=keys.trust_envelope.decode(),
+    )
+    if output is Output.human:
+        typer.echo(
+            f"rollout {rid}: trust root version {keys.trust.version} to {target}, signed by "
+            f"{len(signers)} operator key(s) (current + retired)",
+            err=True,
+        )
+    launch(s, keys, rid, wait, output)
 
 
 @app.command("show")

@@ -39,7 +39,7 @@ from controller.cli.devices import (
     refresh_registry,
 )
 from controller.commands import CommandSigner
-from controller.keystore import KeySet, KeystoreError, load_keys
+from controller.keystore import KeySet, KeystoreError, load_keys, trust_update_signers
 from controller.mqtt import MqttError
 from controller.registry import Registry, TargetError
 from controller.rollout import (
@@ -230,6 +230,17 @@ def _finish(store: RolloutStore, rollout_id: str, output: Output) -> None:
     raise typer.Exit(EXIT_OK if state == SUCCEEDED else EXIT_FAILED if state == ABORTED else 0)
 
 
+def command_signer(s: ControllerSettings, keys: KeySet, rollout: Rollout | None) -> CommandSigner:
+    """The current operator key; for a trust update also the retired ones, since devices
+    still on the old trust root know only those (see keystore.trust_update_signers)."""
+    if rollout is not None and rollout.kind == "trust_update" and s.keys is not None:
+        try:
+            return CommandSigner(trust_update_signers(s.keys, keys))
+        except KeystoreError as e:
+            fail(str(e), EXIT_VERIFY)
+    return CommandSigner([keys.operator])
+
+
 def drive(
     s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output
 ) -> None:  # never returns: exits with the rollout's outcome
@@ -247,7 +258,7 @@ def drive(
     driver = RolloutDriver(
         store,
         registry,
-        CommandSigner([keys.operator]),
+        command_signer(s, keys, store.get(rollout_id)),
         mqtt_options(s),
         rollout_id,
         topics=Topics(s.prefix),
@@ -360,11 +371,12 @@ def start_rollout(
     auto_rollback: bool,
     canary: str | None,
     bundle: tuple[str, str, int] | None = None,
+    payload: str | None = None,
 ) -> str:
     """Resolve the target against a fresh view of the fleet and store the planned rollout."""
     store, registry = open_store(s)
     try:
-        refresh_registry(s, registry)
+        refresh_registry(s, registry, target=target)
     except MqttError as e:
         fail(f"{e}; the rollout was not started", EXIT_FAILED)
     try:
@@ -401,6 +413,7 @@ def start_rollout(
             bundle_url=bundle[0] if bundle else None,
             bundle_sha256=bundle[1] if bundle else None,
             bundle_size=bundle[2] if bundle else None,
+            payload=payload,
         )
     except (TargetError, WaveSpecError) as e:
         fail(str(e))

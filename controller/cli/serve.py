@@ -42,6 +42,12 @@ def serve(
         None, "--telemetry-db", help="telemetry database [default: telemetry.db next to --db]"
     ),
     no_ingest: bool = typer.Option(False, "--no-ingest", help="host bundles and metrics only"),
+    ingest_workers: int = typer.Option(
+        1,
+        "--ingest-workers",
+        min=1,
+        help="ingester processes sharing the MQTT 5 subscription (one per spare core)",
+    ),
 ) -> None:
     """Run telemetry ingestion, bundle hosting over HTTP and the Prometheus endpoint."""
     _daemon_logging()
@@ -67,6 +73,7 @@ def serve(
         cert=s.cert,
         key=s.key,
         ingest=not no_ingest,
+        ingest_workers=ingest_workers,
     )
 
     def ready(state: ServeState) -> None:
@@ -78,5 +85,7 @@ def serve(
         fail(e.reason)
     except TelemetryStoreError as e:
         fail(str(e), EXIT_FAILED)
+    except ValueError as e:  # e.g. several workers on MQTT 3.1.1
+        fail(str(e))
     except (OSError, ConnectionError) as e:
         fail(f"cannot start: {e}", EXIT_FAILED)

@@ -92,8 +92,8 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
-        env.pop("NOTIFY_SOCKET", None)
+        base = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env = {**base, "PYTHONPATH": str(REPO), **self.env}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
@@ -176,6 +176,7 @@ class EventCollector:
         self.events: list[JobEvent] = []
         self.raw_events: list[bytes] = []
         self.statuses: list[DeviceStatus] = []
+        self.errors: list[str] = []
         self._cond = threading.Condition()
         self.client = _client()
         if tls is not None:
@@ -192,11 +193,14 @@ class EventCollector:
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            if msg.topic.endswith("/events"):
-                self.raw_events.append(bytes(msg.payload))
-                self.events.append(JobEvent.decode(msg.payload))
-            elif msg.payload:
-                self.statuses.append(DeviceStatus.decode(msg.payload))
+            try:
+                if msg.topic.endswith("/events"):
+                    self.raw_events.append(bytes(msg.payload))
+                    self.events.append(JobEvent.decode(msg.payload))
+                elif msg.payload:
+                    self.statuses.append(DeviceStatus.decode(msg.payload))
+            except Exception as e:  # recorded, and the test's assertions will see it
+                self.errors.append(f"{msg.topic}: {e}")
             self._cond.notify_all()
 
     def start(self) -> EventCollector:
@@ -209,7 +213,10 @@ class EventCollector:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 600
         self.client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]
-        self.client.connect(host, port, 30, clean_start=True, properties=props)
+        # clean_start=False from the first connect (the client id is fresh anyway):
+        # Mosquitto persists across its own restart only sessions that never asked to
+        # start clean.
+        self.client.connect(host, port, 30, clean_start=False, properties=props)
         self.client.loop_start()
         assert self._connected.wait(10), "event collector could not connect"
         time.sleep(0.1)  # SUBACK
@@ -232,7 +239,11 @@ class EventCollector:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     states = [(e.command_id[:8], e.state.value, e.seq) for e in self.events]
-                    raise AssertionError(f"timed out waiting for {what}; events: {states}")
+                    raise AssertionError(
+                        f"timed out waiting for {what}; events: {states}; "
+                        f"collector connected: {self.client.is_connected()}; "
+                        f"decode errors: {self.errors[-3:]}"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def for_command(self, command_id: str) -> list[JobEvent]:

@@ -425,3 +425,11 @@ def test_cancel_stops_a_running_download(tmp_path: Path, trust_material) -> None
     assert (e.state, e.code) == (JobState.CANCELED, "canceled")
     assert "DOWNLOADING" in device.states(cid)
     assert tmp_leftovers(device.data) == [] and device.slot() == (None, None)
+
+
+def test_old_finished_jobs_are_pruned_but_ids_stay_seen(device: Device) -> None:
+    ids = [device.send("ping") for _ in range(5)]
+    future = time.time() + 31 * 86400
+    assert device.store.prune_jobs(future, keep=2) == 3
+    assert [device.store.job(c) is not None for c in ids] == [False] * 3 + [True] * 2
+    assert all(device.store.seen(c) for c in ids)

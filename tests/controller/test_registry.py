@@ -11,7 +11,7 @@ from fleet import SimFleet, make_devices, wait_until
 from controller.keystore import init_keys
 from controller.localbroker import LocalMosquitto
 from controller.mqtt import ControllerMqtt, MqttOptions
-from controller.registry import Registry, TargetError, sync_from_broker
+from controller.registry import Registry, TargetError, open_db, sync_from_broker
 from protocol.errors import MessageError
 from protocol.messages import DeviceStatus, JobEvent, JobState
 
@@ -157,3 +157,34 @@ def test_devices_command_prints_json_and_filters_by_group(
     assert out.returncode == 0
     assert all(d["stale"] for d in json.loads(out.stdout))
     assert "showing the last known state" in out.stderr
+
+
+class CountingRegistry(Registry):
+    """A registry that remembers every topic it was handed, in order."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(open_db(path))
+        self.topics_seen: list[str] = []
+
+    def handle(self, topic: str, payload: bytes) -> DeviceStatus | JobEvent | None:
+        self.topics_seen.append(topic)
+        return super().handle(topic, payload)
+
+
+def test_sync_on_mosquitto_reads_each_status_once_and_asks_by_name_only_for_devices_the_wildcard_missed(  # noqa: E501
+    tmp_path: Path, mosquitto: LocalMosquitto
+) -> None:
+    reg = CountingRegistry(tmp_path / "c.db")
+    # robot-9 is known from an event but has no retained status (e.g. never finished
+    # starting); robot-3 is named by an operator and has never connected.
+    reg.handle(T.format("robot-9", "events"), event("robot-9", 1, "RECEIVED"))
+    with ControllerMqtt(MqttOptions(broker=mosquitto.url)) as m:
+        for d in ("robot-1", "robot-2"):
+            m.publish(T.format(d, "status"), status(d), retain=True)
+    reg.topics_seen.clear()
+    with ControllerMqtt(MqttOptions(broker=mosquitto.url)) as m:
+        assert sync_from_broker(reg, m, device_ids=["robot-1", "robot-3"]) == 2
+    # Mosquitto matches retained statuses against the wildcard: read once each, no
+    # duplicate from a by-name subscription; the by-name pass found nothing more.
+    assert sorted(reg.topics_seen) == [T.format("robot-1", "status"), T.format("robot-2", "status")]
+    assert reg.get("robot-9") is not None and reg.get("robot-3") is None

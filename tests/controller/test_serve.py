@@ -237,3 +237,53 @@ def test_jetfleet_serve_command_runs_until_sigterm_and_removes_its_state_file(
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert not (data / "serve.json").exists()
+
+
+def test_serve_with_an_unreachable_broker_exits_1_with_the_reason(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from controller.cli.main import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "--broker",
+            f"mqtt://127.0.0.1:{free_port()}",
+            "--db",
+            str(tmp_path / "c.db"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+        ],
+    )
+    assert r.exit_code == 1
+    assert "cannot connect" in r.stderr and "Connection refused" in r.stderr
+    assert not (tmp_path / "serve.json").exists()
+
+
+def test_several_ingest_workers_on_mqtt311_is_a_usage_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from controller.cli.main import app
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('protocol = "3.1.1"\n')
+    r = CliRunner().invoke(
+        app,
+        [
+            "--config",
+            str(cfg),
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--db",
+            str(tmp_path / "c.db"),
+            "serve",
+            "--http-port",
+            "0",
+            "--ingest-workers",
+            "2",
+        ],
+    )
+    assert r.exit_code == 2 and "MQTT 5 shared subscription" in r.stderr

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from agent.telemetry.loop import TelemetryLoop
 from agent.telemetry.sampler import TelemetrySampler
-from controller.ingest import TelemetryIngester
+from controller.ingest import IngestPool, TelemetryIngester
 from controller.localbroker import LocalMosquitto
 from controller.telemetry_store import TelemetryStore, row_from_sample
 from protocol.messages import DeviceStatus
@@ -156,6 +156,13 @@ def test_three_agents_samples_arrive_in_sqlite_one_from_the_real_sampler(
             "robot-a",
             "malformed",
             "uptime_s",
+        ),
+        (
+            b'{"schema":"jetfleet.telemetry/v1","device_id":"robot-a","at":"2026-01-01T00:00:00Z",'
+            b'"uptime_s":1,"temps":{"cpu":NaN}}',
+            "robot-a",
+            "malformed",
+            "finite number",
         ),
         (None, "robot-b", "topic_mismatch", "robot-a"),  # robot-a's sample on robot-b's topic
         (b"x" * (64 * 1024 + 1), "robot-a", "oversized", "65537 bytes"),
@@ -312,3 +319,52 @@ def test_writer_drains_the_queue_on_stop(mosquitto: LocalMosquitto, tmp_path: Pa
     store = TelemetryStore(tmp_path / "t.db", readonly=True)
     assert store.count_raw() == 20
     store.close()
+
+
+def test_an_ingest_pool_spreads_over_processes_and_sums_its_counters(
+    mosquitto: LocalMosquitto, tmp_path: Path
+) -> None:
+    pool = IngestPool(2, tmp_path / "t.db", mosquitto.url, idle_wait_s=0.01)
+    pool.start()
+    pub = Publisher(mosquitto, "robot-a")
+    try:
+        time.sleep(0.3)
+        for i in range(60):
+            pub.publish(sample("robot-a", i).encode())
+        pub.publish(b"garbage")
+        assert wait_for(lambda: pool.stats.stored == 60, 20)
+        assert wait_for(lambda: pool.stats.dropped.get("malformed") == 1, 5)
+        in_worker = pool.stats.stored - pool.main.stats.stored
+    finally:
+        pub.close()
+        pool.stop()
+    assert 0 < in_worker < 60  # both processes took a share
+    store = TelemetryStore(tmp_path / "t.db", readonly=True)
+    assert store.count_raw() == 60  # and nothing twice
+    store.close()
+
+
+def test_several_workers_on_mqtt311_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="MQTT 5 shared subscription"):
+        IngestPool(2, tmp_path / "t.db", "mqtt://127.0.0.1:1", protocol="3.1.1")
+
+
+def test_ingestion_resumes_after_the_broker_restarts(
+    mosquitto: LocalMosquitto, ingester: TelemetryIngester
+) -> None:
+    pub = Publisher(mosquitto, "robot-a")
+    try:
+        pub.publish(sample("robot-a", 0).encode())
+        assert ingester.wait_stored(1, 10)
+        with capture_logs() as logs:
+            mosquitto.stop()
+            assert wait_for(lambda: not ingester.wait_connected(0), 10)
+            mosquitto.start()
+            assert ingester.wait_connected(15), "the ingester did not reconnect"
+        assert any(e["event"] == "ingest_disconnected" for e in logs)
+        assert wait_for(lambda: pub.client.is_connected(), 15)
+        time.sleep(0.2)  # the ingester's SUBSCRIBE follows its CONNACK
+        pub.publish(sample("robot-a", 1).encode())
+        assert ingester.wait_stored(2, 10)
+    finally:
+        pub.close()

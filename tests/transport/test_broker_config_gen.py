@@ -169,6 +169,46 @@ def test_pinned_client_ids_stop_a_device_taking_over_another_devices_session(
         broker.stop()
 
 
+def test_pinned_ids_are_no_default_controllers_must_move_and_devices_must_not_reach_their_port(
+    tmp_path: Path, fleet_pki: FleetPki
+) -> None:
+    """Why `--controller-port` stays opt-in (docs/brokers.md): the generator cannot know
+    the network. (1) Controllers left on the devices' port all become "controller" and
+    kick each other off; (2) a device that can reach the controllers' port takes over
+    another device's session there, since client ids are broker-wide."""
+    from controller.localbroker import free_port
+
+    ctl_port = free_port()
+    broker = start_tls_broker(tmp_path / "b", fleet_pki, controller_port=ctl_port,
+                              controller_bind="127.0.0.1")  # fmt: skip
+    made: list[Probe] = []
+
+    def connect(name: str, port: int, **kw: object) -> Probe:
+        p = Probe(broker.host, port, fleet_pki.tls(name), **kw)  # type: ignore[arg-type]
+        assert p.connect(), broker.log[-1500:]
+        made.append(p)
+        return p
+
+    try:
+        ctl1 = connect("controller", broker.port, client_id="jetfleet-rollout-r-1")
+        connect("controller", broker.port, client_id="jetfleet-rollout-r-2")
+        assert ctl1.disconnected.wait(5), "the second controller should have taken the id"
+
+        b = connect("robot-b", broker.port, client_id="robot-b", clean=False, protocol=V311)
+        b.subscribe(T.device_cmd("robot-b"))
+        b.close()
+        connect("robot-a", ctl_port, client_id="robot-b", clean=False, protocol=V311)
+        ops = connect("controller", ctl_port, client_id="ops")
+        ops.publish(T.device_cmd("robot-b"), b"queued for b")
+        time.sleep(0.5)
+        back = connect("robot-b", broker.port, client_id="robot-b", clean=False, protocol=V311)
+        assert back.receive(2) == []  # consumed under robot-a's name, denied, lost
+    finally:
+        for p in made:
+            p.close()
+        broker.stop()
+
+
 def test_a_burst_of_events_beyond_mosquittos_default_queue_all_reach_a_slow_controller(
     probe: Callable[..., Probe],
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -182,3 +183,35 @@ def test_controller_connect_errors_name_the_certificate_file(
         assert expected in str(e.value)
     ControllerMqtt(MqttOptions(broker=tls_broker.url, ca=str(c.ca), cert=str(c.cert),
                                key=str(c.key))).connect(timeout=5).close()  # fmt: skip
+
+
+def test_agent_logs_why_the_broker_refuses_it_naming_the_file(
+    tls_broker: TlsBroker, fleet_pki: FleetPki, tmp_path: Path, trust_material: Any
+) -> None:
+    import time
+
+    from tests.agent.harness import AgentProcess, write_agent_config
+
+    other = tmp_path / "other"
+    pki.init_ca(other)
+    stranger = pki.issue_device(other, "robot-a")
+    a = fleet_pki.certs["robot-a"]
+    trust = trust_material.write(tmp_path / "trust.json")
+    cases = [
+        ({"ca": str(other / pki.CA_CERT), "cert": str(a.cert), "key": str(a.key)},
+         f"the broker's certificate is not signed by the CA in {other / pki.CA_CERT}"),
+        ({"ca": str(a.ca), "cert": str(stranger.cert), "key": str(stranger.key)},
+         f"the broker refused client certificate {stranger.cert}"),
+    ]  # fmt: skip
+    for i, (tls, expected) in enumerate(cases):
+        cfg = write_agent_config(
+            tmp_path / f"agent{i}.toml", device_id="robot-a", broker_url=tls_broker.url,
+            data_dir=tmp_path / f"data{i}", trust_root=trust, extra={"broker": tls},
+        )  # fmt: skip
+        with AgentProcess(cfg) as agent:
+            deadline = time.monotonic() + 20
+            while "mqtt_tls_problem" not in agent.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            log = agent.log()
+        assert expected in log, log[-2000:]
+        assert log.count("mqtt_tls_problem") == 1  # once, not on every retry
