@@ -54,6 +54,9 @@ class BrokerConfig(_Section):
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    # systemd READY=1 is sent on the first connection, or after this long without one
+    # (kept well under the unit's TimeoutStartSec).
+    ready_without_broker_s: float = Field(default=60.0, ge=0)
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -172,7 +172,6 @@ class Agent:
     def _on_event(self) -> None:
         # Publish from the committing thread: one thread hop less before RECEIVED.
         self.outbox.pump()
-        self._dirty.set()  # the status carries last_seq (coalesced, at most 5 a second)
 
     def _on_connected(self) -> None:
         self._dirty.set()
@@ -253,16 +252,24 @@ class Agent:
         )
         self._start_telemetry()
         ready_sent = False
+        started = time.monotonic()
         wd = sdnotify.watchdog_interval()
         last_wd = 0.0
         last_purge = 0.0
         last_status_text = ""
         last_status = 0.0
         while not self.stop_event.is_set():
+            now = time.monotonic()
             if not ready_sent and self.mqtt.connected.is_set():
                 sdnotify.ready("connected to " + self.config.broker.url)
                 ready_sent = True
-            now = time.monotonic()
+            elif not ready_sent and now - started >= self.config.broker.ready_without_broker_s:
+                # A robot that boots out of network reach is still a working agent (its
+                # engine stays active, events wait in the outbox, `install` works): tell
+                # systemd so, rather than be killed at TimeoutStartSec and restarted forever.
+                sdnotify.ready("broker unreachable, retrying: " + self.config.broker.url)
+                log.warning("ready_without_broker", broker=self.config.broker.url)
+                ready_sent = True
             if (
                 self._dirty.is_set()
                 and self.mqtt.connected.is_set()

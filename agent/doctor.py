@@ -225,6 +225,7 @@ def _load_trust(config: AgentConfig, now: datetime) -> tuple[TrustRoot | None, C
     path = config.trust_root
     try:
         trust = TrustStore(path, config.data_dir, now).root
+        trust.check_expiry(now)
     except OSError as e:
         return None, _result(
             "trust",

@@ -64,7 +64,7 @@ def _check_size(size: int, limits: DownloadLimits) -> None:
         )
 
 
-def _check_disk(directory: Path, needed: int, limits: DownloadLimits) -> None:
+def check_disk(directory: Path, needed: int, limits: DownloadLimits) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed + limits.min_free_bytes:
         raise DownloadError(
@@ -101,7 +101,7 @@ def fetch(
         return final
     part = downloads / f"{sha256}.part"
     have = part.stat().st_size if part.exists() else 0
-    _check_disk(downloads, size - have, limits)
+    check_disk(downloads, size - have, limits)
     attempt = 0
     while True:
         try:

@@ -26,7 +26,9 @@ class TrustStore:
     def __init__(self, provisioned: Path, data_dir: Path, now: datetime) -> None:
         self.dir = Path(data_dir) / "trust"
         self._lock = threading.Lock()
-        self._root = load_trust_root(Path(provisioned).read_bytes(), now)
+        # Expiry is judged on the newest root only (TUF): the provisioned file may well have
+        # expired after the fleet rotated to a newer root that is stored in trust/.
+        self._root = load_trust_root(Path(provisioned).read_bytes(), now, check_expiry=False)
         if self.dir.is_dir():
             chain = sorted(
                 (p for p in self.dir.glob("*.json") if p.stem.isdigit()), key=lambda p: int(p.stem)
@@ -35,10 +37,20 @@ class TrustStore:
                 if int(p.stem) <= self._root.version:
                     continue
                 try:
-                    self._root = rotate(self._root, Envelope.decode(p.read_bytes()), now)
+                    env = Envelope.decode(p.read_bytes())
+                    self._root = rotate(self._root, env, now, check_expiry=False)
                 except ProtocolError as e:
                     log.error("trust_chain_refused", file=str(p), code=e.code, reason=e.reason)
                     break
+        if now >= self._root.expires:
+            # Keep running: every command and bundle is then rejected with code
+            # trust_expired, which the operator sees, instead of a restart loop they don't.
+            log.error(
+                "trust_root_expired",
+                version=self._root.version,
+                expires=self._root.expires.isoformat(),
+                fix="push a new trust root (jetfleet keys rotate + keys push) or fix the clock",
+            )
 
     @property
     def root(self) -> TrustRoot:

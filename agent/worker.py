@@ -33,7 +33,14 @@ import structlog
 from agent.activation import ActivationError, ModelStore, check_health, run_hook
 from agent.commands import reason_code
 from agent.config import AgentConfig
-from agent.download import Canceled, DownloadError, DownloadLimits, fetch, remove_partials
+from agent.download import (
+    Canceled,
+    DownloadError,
+    DownloadLimits,
+    check_disk,
+    fetch,
+    remove_partials,
+)
 from agent.enginejob import EngineJob, EngineJobError, Interrupted
 from agent.journal import Journal
 from agent.store import JobRecord, Store
@@ -291,6 +298,14 @@ class Worker:
         dest = self.bundles / sha
         if dest.exists():
             shutil.rmtree(dest)  # re-verified against the trust root we hold now
+        try:
+            # Extraction needs the bundle's size again (the engine later comes on top).
+            self.bundles.mkdir(parents=True, exist_ok=True)
+            check_disk(self.bundles, body.size, limits)
+        except DownloadError as e:
+            self._cleanup(job)
+            self._end(job, JobState.FAILED, e.code, e.reason)
+            raise JobEnded() from e
         try:
             bundle = extract_bundle(
                 path, self.trust.root, dest, _now(), max_size=min(body.size, limits.max_bytes)

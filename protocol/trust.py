@@ -110,24 +110,38 @@ def _parse_root(envelope: Envelope) -> TrustRoot:
         raise TrustRootError(f"invalid trust root: {e.reason}") from e
 
 
-def load_trust_root(data: bytes, now: datetime) -> TrustRoot:
+def load_trust_root(data: bytes, now: datetime, *, check_expiry: bool = True) -> TrustRoot:
     """Parse a provisioned trust root: self-signed by a threshold of its root keys, unexpired.
 
     A device trusts the first file on its disk (it is installed by the operator); every
-    later one must pass `rotate`.
+    later one must pass `rotate`. `check_expiry=False` is for the start of a rotation
+    chain: as in TUF, only the newest root of the chain has to be unexpired.
     """
     try:
         envelope = Envelope.decode(data)
     except MessageError as e:
         raise TrustRootError(f"trust root file: {e.reason}") from e
     root = _parse_root(envelope)
-    root.verify(envelope, "root", TRUST_PAYLOAD_TYPE, now)
+    r = root.roles["root"]
+    verify_threshold(
+        envelope,
+        payload_type=TRUST_PAYLOAD_TYPE,
+        all_keys=root.public_keys(),
+        role_name="root",
+        role_keyids=r.keyids,
+        threshold=r.threshold,
+    )
+    if check_expiry:
+        root.check_expiry(now)
     return root
 
 
-def rotate(current: TrustRoot, new_envelope: Envelope, now: datetime) -> TrustRoot:
+def rotate(
+    current: TrustRoot, new_envelope: Envelope, now: datetime, *, check_expiry: bool = True
+) -> TrustRoot:
     """TUF's root rotation: signed by a threshold of the old root keys AND of the new root
-    keys, with a higher version, and not already expired."""
+    keys, with a higher version, and not already expired (`check_expiry=False` while
+    walking a stored chain whose newest root is checked at the end)."""
     new = _parse_root(new_envelope)
     if new.version <= current.version:
         raise RollbackAttackError(
@@ -145,12 +159,20 @@ def rotate(current: TrustRoot, new_envelope: Envelope, now: datetime) -> TrustRo
         )
     except VerificationError as e:
         raise TrustRootError(f"new trust root is not signed by the current root keys: {e}") from e
+    new_role = new.roles["root"]
     try:
-        new.verify(new_envelope, "root", TRUST_PAYLOAD_TYPE, now)
-    except TrustExpiredError:
-        raise
+        verify_threshold(
+            new_envelope,
+            payload_type=TRUST_PAYLOAD_TYPE,
+            all_keys=new.public_keys(),
+            role_name="root",
+            role_keyids=new_role.keyids,
+            threshold=new_role.threshold,
+        )
     except VerificationError as e:
         raise TrustRootError(f"new trust root is not signed by its own root keys: {e}") from e
+    if check_expiry:
+        new.check_expiry(now)
     return new
 
 

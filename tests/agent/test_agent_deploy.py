@@ -86,3 +86,43 @@ def test_signed_deploy_succeeds_and_status_shows_new_version(
         out, _ = sub.communicate(timeout=5)
     seen = [line for line in out.splitlines() if cmd.command_id in line]
     assert any('"state":"SUCCEEDED"' in line for line in seen)
+
+
+def test_deploy_over_http_from_a_bundle_server(tmp_path: Path, mosquitto, trust_material) -> None:
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    data = tmp_path / "data"
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        device_id="robot-1",
+        broker_url=mosquitto.url,
+        data_dir=data,
+        trust_root=trust_material.write(tmp_path / "trust.json"),
+    )
+    served = tmp_path / "served"
+    served.mkdir()
+    bundle = build_bundle(served, trust_material.release, version="2.0.0")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/{bundle.name}"
+    try:
+        with EventCollector(mosquitto.url, "robot-1") as events, AgentProcess(cfg):
+            events.wait_online()
+            cmd = make_command("robot-1", "deploy", deploy_body(bundle, url=url))
+            publish(
+                mosquitto.url,
+                Topics().device_cmd("robot-1"),
+                sign_command(cmd, trust_material.operator),
+            )
+            assert events.wait_terminal(cmd.command_id).state.value == "SUCCEEDED"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert engine_link_state(data, "detector") == ("2.0.0", None)
+    assert tmp_leftovers(data) == [] and not any((data / "downloads").iterdir())

@@ -433,3 +433,12 @@ def test_old_finished_jobs_are_pruned_but_ids_stay_seen(device: Device) -> None:
     assert device.store.prune_jobs(future, keep=2) == 3
     assert [device.store.job(c) is not None for c in ids] == [False] * 3 + [True] * 2
     assert all(device.store.seen(c) for c in ids)
+
+
+def test_no_room_to_extract_fails_before_touching_anything(tmp_path: Path, trust_material) -> None:
+    # A reserve larger than any disk: the check refuses before extraction starts.
+    device = Device(tmp_path, trust_material, extra={"limits": {"min_free_disk_mb": 2**30}})
+    e = device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
+    assert (e.state, e.code) == (JobState.FAILED, "disk_full"), e
+    assert "not enough disk" in (e.reason or "")
+    assert tmp_leftovers(device.data) == [] and device.slot() == (None, None)

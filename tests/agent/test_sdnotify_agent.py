@@ -82,3 +82,49 @@ def test_the_agent_notifies_ready_status_watchdog_and_stopping(
             proc.wait()
         log.close()
         sock.close()
+
+
+def test_an_agent_that_boots_without_a_broker_still_becomes_ready_and_says_why(
+    tmp_path: Path, trust_material: Any
+) -> None:
+    """Under Type=notify, an agent that never sent READY is killed at TimeoutStartSec and
+    restarted in a loop: a robot booting out of network reach must not do that."""
+    from controller.localbroker import free_port
+
+    unreachable = f"mqtt://127.0.0.1:{free_port()}"
+    config = write_agent_config(
+        tmp_path / "agent.toml",
+        device_id="robot-1",
+        broker_url=unreachable,
+        data_dir=tmp_path / "data",
+        trust_root=trust_material.write(tmp_path / "trust.json"),
+    )
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "NOTIFY_SOCKET": str(sock_path),
+        "JETFLEET_AGENT_BROKER__READY_WITHOUT_BROKER_S": "1.5",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        seen: list[dict[str, str]] = []
+        deadline = time.monotonic() + 15
+        while not any(m.get("READY") == "1" for m in seen) and time.monotonic() < deadline:
+            seen += _messages(sock, time.monotonic() + 0.5)
+        ready = [m for m in seen if m.get("READY") == "1"]
+        assert len(ready) == 1, seen
+        assert ready[0]["STATUS"] == f"broker unreachable, retrying: {unreachable}"
+    finally:
+        proc.kill()
+        proc.wait()
+        sock.close()
