@@ -206,6 +206,8 @@ class TelemetryIngester:
         )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self._telemetry_mid: int | None = None
         self.client.on_message = self._on_message
         # Open (and create) the database now, so a bad path fails `start`, not a thread.
         TelemetryStore(self.store_path).close()
@@ -241,7 +243,7 @@ class TelemetryIngester:
         if not self._connected.wait(connect_timeout):
             self.stop()
             raise ConnectionError(
-                f"telemetry ingester: no CONNACK from {self._host}:{self._port} "
+                f"telemetry ingester: no CONNACK + SUBACK from {self._host}:{self._port} "
                 f"within {connect_timeout:.0f}s"
             )
 
@@ -300,9 +302,20 @@ class TelemetryIngester:
         if reason_code.is_failure:
             log.error("ingest_connect_refused", reason=str(reason_code))
             return
-        client.subscribe(self.telemetry_subscription, qos=0)
         if self.subscribe_status:
             client.subscribe(self.topics.all_status(), qos=1)
+        # Telemetry last: "connected" is announced on its SUBACK (see _on_subscribe), so a
+        # caller that waited for it cannot publish a QoS 0 sample the broker drops for us.
+        _, self._telemetry_mid = client.subscribe(self.telemetry_subscription, qos=0)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, props: Any
+    ) -> None:
+        if mid != self._telemetry_mid:
+            return
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("ingest_subscribe_refused", subscription=self.telemetry_subscription)
+            return
         self._connected.set()
         log.info("ingest_connected", subscription=self.telemetry_subscription)
 

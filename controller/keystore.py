@@ -12,7 +12,6 @@ name the keys next to it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from controller.files import fsync_dir, write_atomic
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError
 from protocol.keys import SigningKey
@@ -45,29 +45,6 @@ class KeySet:
 
     def key(self, role: RoleName) -> SigningKey:
         return {"root": self.root, "release": self.release, "operator": self.operator}[role]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def existing_key_files(directory: Path) -> list[str]:
@@ -102,9 +79,9 @@ def init_keys(
         expires=now + timedelta(days=expires_days),
     ).encode()
     for role, key in keys.items():
-        _write_atomic(directory / KEY_FILES[role], key.to_pem(), 0o600)
-    _write_atomic(directory / TRUST_FILE, envelope, 0o644)
-    _fsync_dir(directory)
+        write_atomic(directory / KEY_FILES[role], key.to_pem(), 0o600)
+    write_atomic(directory / TRUST_FILE, envelope, 0o644)
+    fsync_dir(directory)
     return KeySet(
         keys["root"], keys["release"], keys["operator"], envelope, load_trust_root(envelope, now)
     )
@@ -223,10 +200,10 @@ def rotate_keys(
     for role in sorted(wanted):
         shutil.copy2(directory / KEY_FILES[role], retired / KEY_FILES[role])
     shutil.copy2(directory / TRUST_FILE, retired / TRUST_FILE)
-    _fsync_dir(retired)
+    fsync_dir(retired)
     for role in sorted(wanted):
-        _write_atomic(directory / KEY_FILES[role], new_keys[role].to_pem(), 0o600)
+        write_atomic(directory / KEY_FILES[role], new_keys[role].to_pem(), 0o600)
     data = envelope.encode()
-    _write_atomic(directory / TRUST_FILE, data, 0o644)
-    _fsync_dir(directory)
+    write_atomic(directory / TRUST_FILE, data, 0o644)
+    fsync_dir(directory)
     return KeySet(new_keys["root"], new_keys["release"], new_keys["operator"], data, trust)

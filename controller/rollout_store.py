@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.messages import FAILURE_STATES, JobState
+from protocol.messages import FAILURE_STATES, PIPELINE, JobState
 
 # Assignment states besides the agent's job states (SPEC §6).
 WAITING = "WAITING"  # its wave has not started: no command exists
@@ -27,21 +27,7 @@ NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier versio
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
-_PIPELINE_ORDER = {
-    s.value: i
-    for i, s in enumerate(
-        [
-            JobState.RECEIVED,
-            JobState.QUEUED,
-            JobState.DOWNLOADING,
-            JobState.VERIFYING,
-            JobState.BUILDING,
-            JobState.VALIDATING,
-            JobState.ACTIVATING,
-            JobState.PROBATION,
-        ]
-    )
-}
+_PIPELINE_ORDER = {s.value: i for i, s in enumerate(PIPELINE[:-1])}  # not SUCCEEDED
 
 # Rollout states.
 RUNNING = "running"

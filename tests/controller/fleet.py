@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 from protocol.errors import ProtocolError
 from protocol.keys import SigningKey
 from protocol.messages import (
+    PIPELINE,
     CancelBody,
     Command,
     CommandKind,
@@ -45,16 +46,7 @@ from protocol.topics import Topics
 from protocol.transport import parse_broker_url
 from protocol.trust import TrustRoot, verify_command
 
-DEPLOY_STEPS = (
-    JobState.RECEIVED,
-    JobState.QUEUED,
-    JobState.DOWNLOADING,
-    JobState.VERIFYING,
-    JobState.BUILDING,
-    JobState.VALIDATING,
-    JobState.ACTIVATING,
-    JobState.PROBATION,
-)
+DEPLOY_STEPS = PIPELINE[:-1]  # every step of a deploy before SUCCEEDED
 
 
 def write_keys_dir(

@@ -210,6 +210,7 @@ def test_a_flood_of_bad_samples_is_counted_in_full_but_logged_once(
 def test_a_full_queue_drops_with_its_own_reason(mosquitto: LocalMosquitto, tmp_path: Path) -> None:
     ing = TelemetryIngester(tmp_path / "t.db", mosquitto.url, queue_max=0)
     ing.start()
+    assert ing.wait_connected(10)
     pub = Publisher(mosquitto, "robot-a")
     try:
         pub.publish(sample("robot-a").encode())
