@@ -33,6 +33,7 @@ ENGINE_META = "engine.json"
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 TMP_PREFIX = ".tmp-"
+BUNDLE_REF = "bundle.sha256"  # the bundle a version came from (data_dir/bundles/<sha256>/)
 
 
 class ActivationError(Exception):
@@ -152,8 +153,55 @@ class ModelStore:
         return paths
 
     # ---- writing --------------------------------------------------------------------
+    def has_version(self, name: str, version: str) -> bool:
+        """The version was installed here (its engine may since have gone or gone bad)."""
+        return (self.version_dir(name, version) / MANIFEST).is_file()
+
+    def bundle_ref(self, name: str, version: str) -> str | None:
+        """sha256 of the bundle the version was installed from, if recorded."""
+        try:
+            ref = (self.version_dir(name, version) / BUNDLE_REF).read_text().strip()
+        except OSError:
+            return None
+        return ref if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref) else None
+
+    def bundle_refs(self) -> set[str]:
+        """Bundles some installed version still needs to rebuild its engine."""
+        refs: set[str] = set()
+        for name in self.models():
+            vdir = self.versions_dir(name)
+            for p in vdir.iterdir() if vdir.is_dir() else []:
+                if p.is_dir() and not p.name.startswith("."):
+                    ref = self.bundle_ref(name, p.name)
+                    if ref:
+                        refs.add(ref)
+        return refs
+
+    def replace_engine(self, name: str, version: str, engine: Path) -> None:
+        """Put a rebuilt cache entry (engine + sidecar, hard links) into a held version.
+
+        Sidecar first, engine last, each by rename: until the engine lands the old
+        engine fails its sidecar check (it is unloadable either way), never half-written.
+        """
+        vdir = self.version_dir(name, version)
+        meta = engine.with_name(engine.name + ".json")
+        for src, dst in ((meta, vdir / ENGINE_META), (engine, vdir / ENGINE)):
+            if not src.is_file():
+                continue
+            tmp = vdir / f"{TMP_PREFIX}{dst.name}-{uuid.uuid4().hex[:8]}"
+            _link_or_copy(src, tmp)
+            os.replace(tmp, dst)
+        fsync_dir(vdir)
+
     def install_version(
-        self, name: str, version: str, engine: Path, manifest_json: bytes, golden: Path
+        self,
+        name: str,
+        version: str,
+        engine: Path,
+        manifest_json: bytes,
+        golden: Path,
+        *,
+        bundle_sha256: str | None = None,
     ) -> Path:
         """Lay out versions/<version>/ from the cache entry (hard links) and the bundle."""
         vdir = self.versions_dir(name)
@@ -169,6 +217,9 @@ class ModelStore:
             (tmp / MANIFEST).write_bytes(manifest_json)
             _fsync_file(tmp / MANIFEST)
             _link_or_copy(golden, tmp / GOLDEN)
+            if bundle_sha256:
+                (tmp / BUNDLE_REF).write_text(bundle_sha256 + "\n")
+                _fsync_file(tmp / BUNDLE_REF)
             fsync_dir(tmp)
             if final.exists():
                 # A version re-installed (e.g. rebuilt engine): move the old one aside first;
@@ -214,7 +265,11 @@ class ModelStore:
         if not self.root.is_dir():
             return 0
         for mdir in self.root.iterdir():
-            for p in [*mdir.glob(f"{TMP_PREFIX}*"), *mdir.glob(f"versions/{TMP_PREFIX}*")]:
+            for p in [
+                *mdir.glob(f"{TMP_PREFIX}*"),
+                *mdir.glob(f"versions/{TMP_PREFIX}*"),
+                *mdir.glob(f"versions/*/{TMP_PREFIX}*"),  # an interrupted replace_engine
+            ]:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

@@ -49,6 +49,7 @@ class Built:
     hardware: dict[str, Any]
     backend: str
     backend_version: str
+    rebuilt: bool = True  # False: an `ensure` request found the engine it named loadable
 
 
 class EngineJob:
@@ -128,7 +129,13 @@ class EngineJob:
         b = msg.get("built")
         if not isinstance(b, dict):
             raise EngineJobError("build_failed", f"unexpected reply from the builder: {msg}")
-        return Built(Path(b["engine"]), b.get("hardware") or {}, b["backend"], b["backend_version"])
+        return Built(
+            Path(b["engine"]),
+            b.get("hardware") or {},
+            b["backend"],
+            b["backend_version"],
+            bool(b.get("rebuilt", True)),
+        )
 
     def gate(self) -> dict[str, Any]:
         self._send("gate")
@@ -172,6 +179,20 @@ def _emit(msg: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _check_model_sha256(model: Path, expected: str) -> None:
+    """A held bundle was verified when extracted; check the model did not rot since."""
+    import hashlib
+
+    from protocol.errors import BundleError
+
+    h = hashlib.sha256()
+    with model.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise BundleError(f"held model {model} no longer matches its manifest's sha256")
+
+
 def child_main() -> int:
     _die_with_parent()
     from agent.logs import configure_logging
@@ -179,16 +200,38 @@ def child_main() -> int:
     configure_logging(os.environ.get("JETFLEET_AGENT_LOG_LEVEL", "warning"))
     try:
         req = json.loads(sys.stdin.readline())
-        from agent.engines import select_backend
+        from agent.engines import EngineLoadError, load_engine, select_backend
         from agent.engines.cache import EngineCache
         from agent.engines.targets import check_targets
         from agent.gate import run_gate
         from agent.hardware import detect_hardware
         from protocol.manifest import BuildOptions, GateSpec, Targets
 
-        backend = select_backend(req["backend"])
+        # TensorRT keeps its timing cache (per TensorRT version and GPU) next to the
+        # engine cache, so a rebuild after eviction or a rollback reuses the tactics;
+        # ONNX Runtime ignores the option.
+        timing = req.get("timing_cache_dir") or Path(req["cache_root"]) / "timing"
+        backend = select_backend(req["backend"], timing_cache_dir=Path(timing))
         build = BuildOptions.model_validate(req["build"])
         hardware = detect_hardware(backend)
+        if req.get("mode") == "ensure" and req.get("engine"):
+            # A rollback target: keep its engine when it loads here (same file, same
+            # TensorRT version); rebuild it from the held bundle when it does not.
+            try:
+                load_engine(Path(req["engine"]))
+                _emit({"built": {"engine": req["engine"], "hardware": hardware.to_dict(),
+                                 "backend": backend.name, "backend_version": backend.version,
+                                 "rebuilt": False}})  # fmt: skip
+                sys.stdin.readline()
+                return 0
+            except EngineLoadError as e:
+                import structlog
+
+                structlog.get_logger(__name__).warning(
+                    "engine_unloadable_rebuilding", engine=req["engine"], reason=e.reason
+                )
+        if req.get("mode") == "ensure":
+            _check_model_sha256(Path(req["model"]), req["model_sha256"])
         check_targets(Targets.model_validate(req["targets"]), hardware, backend, build=build)
         cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]))
         engine = cache.get_or_build(

@@ -9,20 +9,26 @@ Datagram (little-endian):  b"JFL1" | u8 len + model | u8 len + version | u16 n |
 
 Datagrams are fire-and-forget: a lost one costs a few samples, a malformed one is counted
 and dropped, and nothing a client sends can stop or grow the server beyond its bounds.
+
+Stdlib only (no numpy): this module is imported by the agent daemon, whose idle memory
+budget is tight (issue 3); a window is at most a few thousand floats, so sorting it for
+a snapshot costs well under a millisecond.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import struct
 import threading
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -36,16 +42,16 @@ class LiveStatsError(ValueError):
     """A datagram that is not a latency report."""
 
 
-def encode_report(model: str, version: str, latencies_ms: list[float]) -> bytes:
+def encode_report(model: str, version: str, latencies_ms: Sequence[float]) -> bytes:
     m, v = model.encode()[:255], version.encode()[:255]
-    lat = latencies_ms[:MAX_SAMPLES_PER_DATAGRAM]
+    lat = [float(x) for x in latencies_ms[:MAX_SAMPLES_PER_DATAGRAM]]
     return b"".join(
         [MAGIC, bytes([len(m)]), m, bytes([len(v)]), v, struct.pack("<H", len(lat)),
-         np.asarray(lat, dtype="<f4").tobytes()]
+         struct.pack(f"<{len(lat)}f", *lat)]
     )  # fmt: skip
 
 
-def decode_report(data: bytes) -> tuple[str, str, np.ndarray]:
+def decode_report(data: bytes) -> tuple[str, str, array[float]]:
     try:
         if data[:4] != MAGIC:
             raise LiveStatsError("bad magic")
@@ -60,12 +66,20 @@ def decode_report(data: bytes) -> tuple[str, str, np.ndarray]:
         pos += 2
         if len(data) != pos + 4 * n or not model:
             raise LiveStatsError(f"length {len(data)} does not match {n} samples")
-        lat = np.frombuffer(data, dtype="<f4", count=n, offset=pos).astype(np.float64)
+        lat = array("d", struct.unpack_from(f"<{n}f", data, pos))
     except (IndexError, struct.error, UnicodeDecodeError) as e:
         raise LiveStatsError(f"truncated or garbled report: {e}") from e
-    if not np.all(np.isfinite(lat)) or np.any(lat < 0):
+    if not all(math.isfinite(x) and x >= 0 for x in lat):
         raise LiveStatsError("latencies must be finite and non-negative")
     return model, version, lat
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), on sorted data."""
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)
@@ -81,26 +95,27 @@ class LiveWindow:
 
 class _Window:
     def __init__(self, size: int, version: str | None) -> None:
-        self.buf = np.zeros(size, dtype=np.float64)
+        self.buf = array("d", bytes(8 * size))  # zeros; a ring of the latest `size`
         self.n = 0  # total since reset
         self.version = version
         self.since = time.time()
         self.last_at = 0.0
 
-    def add(self, lat: np.ndarray) -> None:
-        size = self.buf.size
-        if lat.size >= size:
+    def add(self, lat: array[float]) -> None:
+        size = len(self.buf)
+        k = len(lat)
+        if k >= size:
             self.buf[:] = lat[-size:]
         else:
             start = self.n % size
-            end = start + lat.size
+            end = start + k
             if end <= size:
                 self.buf[start:end] = lat
             else:
                 cut = size - start
                 self.buf[start:] = lat[:cut]
                 self.buf[: end - size] = lat[cut:]
-        self.n += int(lat.size)
+        self.n += k
         self.last_at = time.time()
 
 
@@ -209,10 +224,11 @@ class LiveStats:
             w = self._models.get(model)
             if w is None or w.n == 0:
                 return None
-            held = w.buf[: min(w.n, w.buf.size)].copy()
+            held = w.buf[: min(w.n, len(w.buf))]  # a slice of an array is a copy
             n, version, since, last_at = w.n, w.version, w.since, w.last_at
-        p50, p99 = np.percentile(held, [50, 99])
-        return LiveWindow(n, round(float(p50), 4), round(float(p99), 4), int(held.size),
+        ordered = sorted(held)
+        p50, p99 = _percentile(ordered, 50), _percentile(ordered, 99)
+        return LiveWindow(n, round(p50, 4), round(p99, 4), len(ordered),
                           version, since, last_at)  # fmt: skip
 
     def models(self) -> list[str]:

@@ -50,6 +50,7 @@ from protocol.ids import SemVer
 from protocol.messages import DeployBody, JobState, ReasonCode, RollbackBody
 
 if TYPE_CHECKING:
+    from agent.livestats import LiveWindow
     from protocol.manifest import Manifest
 
 log = structlog.get_logger("jetfleet.agent.worker")
@@ -63,6 +64,7 @@ PRE_ACTIVATION = (
 )
 KEEP_VERSIONS = 3  # per model: current, previous and one more to roll back to
 MIN_LIVE_SAMPLES = 20  # live p99 over fewer inferences is noise
+MIN_BASELINE_SAMPLES = 50  # the old version's live p99 is a probation baseline from here
 _CODES = {c.value for c in ReasonCode}
 
 
@@ -215,7 +217,9 @@ class Worker:
             self._check(job)
         job.data.update(data)
         job.data.pop("resume", None)
-        self.journal.transition(job, state, data=job.data)
+        # PROBATION's event carries the figures it judges by (gate + baseline).
+        gate = data.get("gate") if state is JobState.PROBATION else None
+        self.journal.transition(job, state, data=job.data, gate=gate)
         self.heartbeat = time.monotonic()
 
     def _check(self, job: JobRecord) -> None:
@@ -348,6 +352,7 @@ class Worker:
         request = {
             "backend": self.config.backend,
             "cache_root": str(Path(self.config.data_dir) / "engines"),
+            "timing_cache_dir": str(Path(self.config.data_dir) / "engines" / "timing"),
             "cache_bytes": self.config.limits.engine_cache_mb * 2**20,
             "model": str(bundle.model_path),
             "model_sha256": manifest.file(manifest.model).sha256,
@@ -419,7 +424,19 @@ class Worker:
             Path(engine),
             manifest.model_dump_json(by_alias=True).encode(),
             bundle.golden_path,
+            bundle_sha256=sha,
         )
+        # Probation compares the new version's live p99 with the old one's under the same
+        # load (taken before the switch); the gate's single-threaded p99 is only the
+        # fallback, as a loaded robot's live p99 sits above it and would roll back falsely.
+        baseline = self._live_baseline(manifest.name, slot.active)
+        if baseline is not None:
+            figures["probation_baseline"] = "live"
+            figures["probation_baseline_p99_ms"] = baseline.p99_ms
+            figures["probation_baseline_count"] = baseline.count
+        else:
+            figures["probation_baseline"] = "gate"
+            figures["probation_baseline_p99_ms"] = figures.get("p99_ms")
         self.models.switch(manifest.name, manifest.version)
         self._on_change()
         self.journal.maybe_pause_named("ACTIVATING:switched")
@@ -431,14 +448,17 @@ class Worker:
             raise JobEnded() from e
 
         # PROBATION
-        self._step(job, JobState.PROBATION)
+        self._step(job, JobState.PROBATION, gate=figures)
         try:
             self._probation(job, manifest, figures)
         except ActivationError as e:
             self._restore(job, e.code, e.reason, gate=figures)
             raise JobEnded() from e
-        self._cleanup(job)
         self.models.prune(manifest.name, KEEP_VERSIONS)
+        # The bundle stays while a held version needs it to rebuild its engine (rollback
+        # after a TensorRT upgrade); bundles of pruned versions go.
+        self._cleanup(job)
+        self._gc_bundles()
         self._end(job, JobState.SUCCEEDED, None, None, gate=figures)
 
     def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> None:
@@ -466,12 +486,22 @@ class Worker:
         a = self.config.activation
         check_health(a.health, timeout=a.health_timeout_s, env=self._env(job))
 
+    def _live_baseline(self, name: str, version: str | None) -> LiveWindow | None:
+        """The running version's live latency window, if it has enough samples."""
+        if self.live is None or version is None:
+            return None
+        w = self.live.snapshot(name)
+        if w is None or w.count < MIN_BASELINE_SAMPLES or w.version not in (None, version):
+            return None
+        return w
+
     def _probation(self, job: JobRecord, manifest: Manifest, figures: dict[str, Any]) -> None:
         spec = manifest.gate
-        gate_p99 = figures.get("p99_ms")
+        base_p99 = figures.get("probation_baseline_p99_ms", figures.get("p99_ms"))
+        base_kind = figures.get("probation_baseline", "gate")
         limit = (
-            float(gate_p99) * (1 + spec.max_regression_pct / 100.0)
-            if gate_p99 is not None
+            float(base_p99) * (1 + spec.max_regression_pct / 100.0)
+            if base_p99 is not None
             else None
         )
         if self.live is not None:
@@ -498,7 +528,8 @@ class Worker:
                     figures["live_count"] = window.count
                     raise ActivationError(
                         f"live p99 {window.p99_ms:.2f} ms over {window.count} inferences exceeds "
-                        f"the gate's {float(gate_p99 or 0):.2f} ms + {spec.max_regression_pct:g}%",
+                        f"the {'previous version live' if base_kind == 'live' else 'gate'} "
+                        f"p99 {float(base_p99 or 0):.2f} ms + {spec.max_regression_pct:g}%",
                         code=ReasonCode.PROBATION_LATENCY.value,
                     )
             now = time.monotonic()
@@ -517,6 +548,17 @@ class Worker:
         prev = job.data.get("prev") or {}
         if name:
             new_version = job.version
+            back_to = prev.get("active")
+            if back_to and back_to != new_version:
+                # The version going back live may not load any more (e.g. a TensorRT
+                # upgrade since it was built): rebuild it first when its bundle is held.
+                try:
+                    problem = self._ensure_engine(job, name, back_to, restoring=True)
+                except Stopping:
+                    problem = (ReasonCode.INTERRUPTED, "the agent is stopping; not rebuilt")
+                if problem is not None:
+                    log.error("restore_engine_unusable", model=name, version=back_to,
+                              reason=problem[1])  # fmt: skip
             self.models.set_slot(name, prev.get("active"), prev.get("previous"))
             if self.live is not None:
                 self.live.reset(name, prev.get("active"))
@@ -546,18 +588,119 @@ class Worker:
         """Remove what this job downloaded or extracted (the version dir stays if active)."""
         sha = (job.data.get("body") or {}).get("sha256") if job.kind == "deploy" else None
         if sha:
-            shutil.rmtree(self.bundles / sha, ignore_errors=True)
+            if sha not in self.models.bundle_refs():
+                shutil.rmtree(self.bundles / sha, ignore_errors=True)
             for p in (self.downloads / f"{sha}.part", self.downloads / f"{sha}.jfb"):
                 p.unlink(missing_ok=True)
         for p in self.bundles.glob(".*.partial") if self.bundles.is_dir() else []:
             shutil.rmtree(p, ignore_errors=True)
+
+    def _gc_bundles(self) -> None:
+        """Remove extracted bundles no installed version refers to any more."""
+        if not self.bundles.is_dir():
+            return
+        keep = self.models.bundle_refs()
+        for p in self.bundles.iterdir():
+            if not p.name.startswith(".") and p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _ensure_engine(
+        self, job: JobRecord, name: str, version: str, *, restoring: bool = False
+    ) -> tuple[ReasonCode, str] | None:
+        """Make the held version's engine loadable here before it goes live.
+
+        An engine file that is missing or fails its sidecar check, or any TensorRT engine
+        (a plan from another TensorRT version does not load), goes through the builder
+        child: it keeps a loadable engine and rebuilds an unloadable one from the bundle
+        held at bundles/<sha256>/ through the EngineCache (same key as a deploy). Returns
+        None when the engine is good, else (code, reason): unknown_version when the bundle
+        to rebuild from is gone, build_failed when the rebuild failed. `restoring`: putting
+        back the previous version after a failed activation, which neither a cancel nor a
+        state change may interrupt.
+        """
+        from agent.engines.sidecar import verify_engine_file
+        from protocol.manifest import Manifest
+
+        engine = self.models.engine_path(name, version)
+        try:
+            meta = verify_engine_file(engine)
+            if meta.backend != "tensorrt":
+                return None  # ONNX Runtime engines are portable: the hash check suffices
+            why = None
+        except ProtocolError as e:
+            why = e.reason
+        except Exception as e:  # EngineLoadError and friends (no protocol base class)
+            why = str(getattr(e, "reason", e))
+        vdir = self.models.version_dir(name, version)
+        sha = self.models.bundle_ref(name, version)
+        try:
+            manifest = Manifest.model_validate_json((vdir / "manifest.json").read_bytes())
+        except (OSError, ValueError) as e:
+            return (
+                ReasonCode.UNKNOWN_VERSION,
+                f"{name} {version} has no readable manifest ({e}); it cannot be rebuilt",
+            )
+        model = self.bundles / sha / manifest.model if sha else None
+        if model is None or not model.is_file():
+            if why is None:
+                model = None  # a TensorRT engine that may still load: let the child check
+            else:
+                return (
+                    ReasonCode.UNKNOWN_VERSION,
+                    f"the engine of {name} {version} is unusable ({why}) and its bundle is no "
+                    "longer held on this device to rebuild it; deploy it again instead",
+                )
+        log.info("rollback_engine_check", model=name, version=version, reason=why)
+        if not restoring:
+            self._step(job, JobState.BUILDING)
+        request = {
+            "mode": "ensure",
+            "engine": str(engine) if why is None else None,
+            "backend": self.config.backend,
+            "cache_root": str(Path(self.config.data_dir) / "engines"),
+            "timing_cache_dir": str(Path(self.config.data_dir) / "engines" / "timing"),
+            "cache_bytes": self.config.limits.engine_cache_mb * 2**20,
+            "model": str(model or ""),
+            "model_sha256": manifest.file(manifest.model).sha256,
+            "build": manifest.build.model_dump(mode="json"),
+            "targets": manifest.targets.model_dump(mode="json"),
+            "protect": [str(p) for p in self.models.protected_engines()],
+        }
+        engine_job = EngineJob(
+            request,
+            canceled=(lambda: False) if restoring else (lambda: self._canceled(job)),
+            stopping=self._stop.is_set,
+            heartbeat=self._beat,
+        )
+        try:
+            built = engine_job.build()
+        except EngineJobError as e:
+            if model is None:
+                return (
+                    ReasonCode.UNKNOWN_VERSION,
+                    f"the engine of {name} {version} does not load here and its bundle is "
+                    f"no longer held on this device to rebuild it ({e.reason})",
+                )
+            return (
+                ReasonCode.BUILD_FAILED,
+                f"rebuilding the engine of {name} {version} failed: {e.reason}",
+            )
+        except Interrupted:
+            raise Stopping() from None
+        finally:
+            engine_job.close()
+        self._on_hardware(built.hardware, built.backend, built.backend_version)
+        if built.rebuilt:
+            self.models.replace_engine(name, version, built.engine)
+            log.info("rollback_engine_rebuilt", model=name, version=version, reason=why)
+        return None
 
     # ---- rollback -------------------------------------------------------------------
     def _rollback(self, job: JobRecord) -> None:
         body = self._body(job)
         assert isinstance(body, RollbackBody)
         name, version = body.model, body.to_version
-        if version not in self.models.held_versions(name):
+        if not self.models.has_version(name, version):
             held = ", ".join(self.models.held_versions(name)) or "none"
             self._end(
                 job,
@@ -569,6 +712,12 @@ class Worker:
         slot = self.models.slot(name)
         if slot.active == version:
             self._end(job, JobState.SUCCEEDED, None, f"{name} {version} is already active")
+            return
+        problem = self._ensure_engine(job, name, version)
+        if problem is not None:
+            code, why = problem
+            state = JobState.REJECTED if code is ReasonCode.UNKNOWN_VERSION else JobState.FAILED
+            self._end(job, state, code, f"{why}; {slot.active or 'no engine'} stays active")
             return
         self._step(
             job, JobState.ACTIVATING, prev={"active": slot.active, "previous": slot.previous}
@@ -621,8 +770,9 @@ class Worker:
         # Partial downloads of jobs that will not resume, half-extracted bundles.
         remove_partials(self.downloads, keep=resumable)
         if self.bundles.is_dir():
+            keep = resumable | self.models.bundle_refs()  # held versions rebuild from these
             for p in self.bundles.iterdir():
-                if p.name.startswith(".") or p.name not in resumable:
+                if p.name.startswith(".") or p.name not in keep:
                     shutil.rmtree(p, ignore_errors=True)
         if removed:
             log.info("recover_removed_tmp", count=removed)

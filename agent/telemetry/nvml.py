@@ -15,13 +15,25 @@ from typing import Any
 
 from protocol.telemetry import GpuStats
 
-try:  # optional dependency: the `nvml` extra
-    import pynvml
-except ImportError:  # pragma: no cover - depends on the install
-    pynvml = None
+# Optional dependency (the `nvml` extra), imported on first use: a Jetson picks
+# tegrastats/sysfs first and never needs it, and it costs the idle daemon ~1.3 MiB.
+pynvml: Any = None
+_import_failed = False
 
 _init_lock = threading.Lock()
 _init_count = 0
+
+
+def _import_pynvml() -> None:
+    global pynvml, _import_failed
+    if pynvml is not None or _import_failed:
+        return
+    try:
+        import pynvml as module
+    except ImportError:  # pragma: no cover - depends on the install
+        _import_failed = True
+        return
+    pynvml = module
 
 
 class NvmlUnavailableError(RuntimeError):
@@ -30,6 +42,7 @@ class NvmlUnavailableError(RuntimeError):
 
 def _init() -> None:
     global _init_count
+    _import_pynvml()
     if pynvml is None:
         raise NvmlUnavailableError("pynvml is not installed (pip install 'jetfleet[nvml]')")
     with _init_lock:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import socket
 import threading
 import time
@@ -224,6 +226,28 @@ def test_failing_activation_hook_rolls_back(tmp_path: Path, trust_material) -> N
     assert device.slot() == ("1.0.0", None)
 
 
+def test_restore_after_failed_activation_rebuilds_previous_engine_that_no_longer_loads(
+    tmp_path: Path, trust_material
+) -> None:
+    old_engine = tmp_path / "data" / "models" / "detector" / "versions" / "1.0.0" / "engine"
+    # While 1.1.0 activates, 1.0.0's engine goes bad (as a TensorRT upgrade would make
+    # it), and the activation fails: going back must rebuild 1.0.0 from its bundle.
+    hook = (
+        'if [ "$JETFLEET_VERSION" = 1.1.0 ]; then '
+        f"rm {old_engine} && printf garbage > {old_engine}; exit 1; fi"
+    )
+    device = Device(tmp_path, trust_material, hook=hook)
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
+    good = old_engine.read_bytes()
+    e = device.deploy(build_bundle(device.tmp, device.tm.release, version="1.1.0", seed=2))
+    assert (e.state, e.code) == (JobState.ROLLED_BACK, "hook_failed"), e
+    assert device.slot() == ("1.0.0", None)
+    assert old_engine.read_bytes() == good
+    from agent.engines import load_engine
+
+    load_engine(old_engine)
+
+
 def test_cancel_of_queued_deploy_ends_canceled(device: Device) -> None:
     bundle = build_bundle(device.tmp, device.tm.release, version="1.0.0")
     cid = device.send("deploy", deploy_body(bundle))
@@ -322,7 +346,155 @@ def test_live_p99_over_gate_in_probation_rolls_back(tmp_path: Path, trust_materi
             t.join()
     assert (e.state, e.code) == (JobState.ROLLED_BACK, "probation_latency"), e
     assert e.gate is not None and e.gate["live_p99_ms"] == pytest.approx(50.0)
+    # 1.0.0 had no live samples before the switch: the gate's p99 was the baseline.
+    assert e.gate["probation_baseline"] == "gate"
+    assert e.gate["probation_baseline_p99_ms"] == e.gate["p99_ms"]
     assert device.slot() == ("1.0.0", None)
+
+
+class RobotService:
+    """The robot's own inference service: the real ModelRuntime (agent/runtime.py) on
+    big batches, as a busy robot runs them, reporting each latency over the real
+    LiveStats socket. Its batches are 4096x the gate's golden batch, so its live p99 sits
+    far above the single-threaded gate figure, like a loaded robot's."""
+
+    def __init__(self, data_dir: Path, *, start_on: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.start_on = start_on  # wait until `current` is this version (a restart)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        from agent.runtime import ModelRuntime
+        from tests.models import mlp_inputs
+
+        current = self.data_dir / "models" / "detector" / "current"
+        try:
+            while self.start_on and not self.stop.is_set():
+                if os.readlink(current).endswith("/" + self.start_on):
+                    break
+                time.sleep(0.01)
+            feeds = mlp_inputs(16384)
+            with ModelRuntime("detector", self.data_dir, check_interval_s=0.05) as rt:
+                while not self.stop.is_set():
+                    rt.infer(feeds)
+        except BaseException as e:  # surfaced by the test
+            self.error = e
+
+    def __enter__(self) -> RobotService:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        assert self.error is None, self.error
+
+
+def test_probation_judges_against_previous_versions_live_p99_on_a_loaded_robot(
+    tmp_path: Path, trust_material
+) -> None:
+    from agent.livestats import LiveStats
+
+    with LiveStats(tmp_path / "data" / "run" / "live.sock") as live:
+        device = Device(tmp_path, trust_material, live=live)
+        device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
+        with RobotService(device.data):
+            deadline = time.monotonic() + 20
+            while (w := live.snapshot("detector")) is None or w.count < 100:
+                assert time.monotonic() < deadline, f"too few live samples of 1.0.0: {w}"
+                time.sleep(0.05)
+            e = device.deploy(
+                build_bundle(
+                    device.tmp,
+                    device.tm.release,
+                    version="1.1.0",
+                    seed=2,  # same size, other weights: the same live latency
+                    gate={"probation_s": 2, "max_regression_pct": 200},
+                )
+            )
+    assert e.state is JobState.SUCCEEDED, e
+    assert e.gate is not None and e.gate["probation_baseline"] == "live"
+    assert e.gate["probation_baseline_count"] >= 50
+    # Judged against the gate figure, the same live latency would have rolled back.
+    assert e.gate["probation_baseline_p99_ms"] > 3 * e.gate["p99_ms"], e.gate
+    probation = [x for x in device.events() if x.state is JobState.PROBATION][-1]
+    assert probation.gate is not None and probation.gate["probation_baseline"] == "live"
+    assert device.slot() == ("1.1.0", "1.0.0")
+
+
+def test_probation_without_previous_live_samples_judges_against_the_gate(
+    tmp_path: Path, trust_material
+) -> None:
+    from agent.livestats import LiveStats
+
+    with LiveStats(tmp_path / "data" / "run" / "live.sock") as live:
+        device = Device(tmp_path, trust_material, live=live)
+        device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
+        # The service only starts serving once 1.1.0 is current: 1.0.0 has no live p99.
+        with RobotService(device.data, start_on="1.1.0"):
+            e = device.deploy(
+                build_bundle(
+                    device.tmp,
+                    device.tm.release,
+                    version="1.1.0",
+                    seed=2,
+                    gate={"probation_s": 10, "max_regression_pct": 200},
+                )
+            )
+    assert (e.state, e.code) == (JobState.ROLLED_BACK, "probation_latency"), e
+    assert e.gate is not None and e.gate["probation_baseline"] == "gate"
+    assert e.gate["probation_baseline_p99_ms"] == e.gate["p99_ms"]
+    assert e.gate["live_p99_ms"] > 3 * e.gate["p99_ms"], e.gate
+    assert "gate p99" in (e.reason or "")
+    assert device.slot() == ("1.0.0", None)
+
+
+def test_rollback_rebuilds_an_unloadable_engine_from_the_held_bundle(device: Device) -> None:
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.1.0", seed=2))
+    engine = device.data / "models" / "detector" / "versions" / "1.0.0" / "engine"
+    good = engine.read_bytes()
+    engine.unlink()  # a new file, not the cache entry's inode: as after a bad copy
+    engine.write_bytes(b"not an engine")
+    device.worker.recover()  # an agent restart keeps the bundles held versions need
+    cid = device.send("rollback", {"model": "detector", "to_version": "1.0.0"})
+    e = device.run(cid)
+    assert e.state is JobState.SUCCEEDED, e
+    assert device.states(cid) == ["RECEIVED", "QUEUED", "BUILDING", "ACTIVATING", "SUCCEEDED"]
+    assert device.slot() == ("1.0.0", "1.1.0")
+    assert engine.read_bytes() == good  # rebuilt through the cache under the same key
+    from agent.engines import load_engine
+
+    load_engine(engine)  # and it passes its sidecar check
+
+
+def test_rollback_whose_held_model_rotted_fails_and_current_stays(device: Device) -> None:
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.1.0", seed=2))
+    vdir = device.data / "models" / "detector" / "versions" / "1.0.0"
+    (vdir / "engine").unlink()
+    sha = (vdir / "bundle.sha256").read_text().strip()
+    model = device.data / "bundles" / sha / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-8] + b"bitsrot!")
+    e = device.run(device.send("rollback", {"model": "detector", "to_version": "1.0.0"}))
+    assert (e.state, e.code) == (JobState.FAILED, "build_failed"), e
+    assert "no longer matches" in (e.reason or "") and "1.1.0 stays active" in (e.reason or "")
+    assert device.slot() == ("1.1.0", "1.0.0")
+
+
+def test_rollback_with_unloadable_engine_and_no_bundle_is_rejected(device: Device) -> None:
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.1.0", seed=2))
+    vdir = device.data / "models" / "detector" / "versions" / "1.0.0"
+    (vdir / "engine").unlink()
+    sha = (vdir / "bundle.sha256").read_text().strip()
+    shutil.rmtree(device.data / "bundles" / sha)
+    e = device.run(device.send("rollback", {"model": "detector", "to_version": "1.0.0"}))
+    assert (e.state, e.code) == (JobState.REJECTED, "unknown_version")
+    assert "bundle is no longer held" in (e.reason or "")
+    assert device.slot() == ("1.1.0", "1.0.0")
 
 
 def test_broker_redelivery_of_same_command_is_not_reported_as_replay(device: Device) -> None:
