@@ -128,6 +128,7 @@ class Agent:
             self.models,
             hardware=lambda: self._hardware,
             current_job=lambda: self.worker.current,
+            trust_version=lambda: self.trust.root.version,
         )
         self.mqtt = AgentMqtt(
             config,

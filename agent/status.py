@@ -42,6 +42,7 @@ class StatusBuilder:
         *,
         hardware: Callable[[], HardwareProfile] = HardwareProfile,
         current_job: Callable[[], JobRecord | None] = lambda: None,
+        trust_version: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.device_id = device_id
         self.groups = list(groups)
@@ -49,6 +50,7 @@ class StatusBuilder:
         self.models = models
         self._hardware = hardware
         self._current_job = current_job
+        self._trust_version = trust_version
 
     def build(self, *, online: bool = True) -> DeviceStatus:
         job = self._current_job()
@@ -65,6 +67,7 @@ class StatusBuilder:
             models=self.models.slots(),
             job=job_summary(job),
             last_seq=self.store.last_seq(),
+            trust_version=self._trust_version(),
         )
 
     def offline(self) -> DeviceStatus:

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS devices (
     models TEXT NOT NULL DEFAULT '{}',
     job TEXT,
     last_seq INTEGER,
-    status_at TEXT
+    status_at TEXT,
+    trust_version INTEGER
 );
 """
 
@@ -74,6 +75,7 @@ class DeviceRecord:
     models: dict[str, dict[str, str | None]] = field(default_factory=dict)
     job: dict[str, Any] | None = None
     last_seq: int | None = None
+    trust_version: int | None = None  # the trust root version its status reports
 
     def active_version(self, model: str) -> str | None:
         return (self.models.get(model) or {}).get("active")
@@ -92,6 +94,7 @@ class DeviceRecord:
             "models": self.models,
             "job": self.job,
             "last_seq": self.last_seq,
+            "trust_version": self.trust_version,
         }
 
     @classmethod
@@ -106,6 +109,7 @@ class DeviceRecord:
             models=json.loads(row["models"]),
             job=json.loads(row["job"]) if row["job"] else None,
             last_seq=row["last_seq"],
+            trust_version=row["trust_version"],
         )
 
 
@@ -118,6 +122,14 @@ class Registry:
         self._lock = threading.RLock()
         with self._lock:
             conn.executescript(_SCHEMA)
+            # A database from before trust_version was reported.
+            cols = {r[1] for r in conn.execute("PRAGMA table_info(devices)")}
+            if "trust_version" not in cols:
+                try:
+                    conn.execute("ALTER TABLE devices ADD COLUMN trust_version INTEGER")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):  # another process just added it
+                        raise
 
     @classmethod
     def open(cls, path: Path, topics: Topics | None = None) -> Registry:
@@ -130,14 +142,15 @@ class Registry:
         with self._lock:
             self.conn.execute(
                 """INSERT INTO devices (id, groups, online, last_seen, agent_version, hardware,
-                       models, job, last_seq, status_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       models, job, last_seq, status_at, trust_version)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET groups=excluded.groups, online=excluded.online,
                        last_seen=excluded.last_seen, agent_version=excluded.agent_version,
                        hardware=excluded.hardware, models=excluded.models, job=excluded.job,
                        last_seq=MAX(COALESCE(devices.last_seq, -1),
                                     COALESCE(excluded.last_seq, -1)),
-                       status_at=excluded.status_at""",
+                       status_at=excluded.status_at,
+                       trust_version=COALESCE(excluded.trust_version, devices.trust_version)""",
                 (
                     status.device_id,
                     json.dumps(status.groups),
@@ -149,6 +162,7 @@ class Registry:
                     json.dumps(job) if job else None,
                     status.last_seq,
                     status.at.isoformat(),
+                    status.trust_version,
                 ),
             )
 

@@ -431,6 +431,8 @@ class RolloutDriver:
             for a in self.store.assignments(rollout.id, idx):
                 if a.command_id is not None:  # assigned before a crash: never sign anew
                     continue
+                if a.terminal:  # settled without a command (a trust root it already has)
+                    continue
                 command_id, envelope = self._sign(rollout, a.device_id)
                 if self.store.record_command(rollout.id, a.device_id, command_id, envelope):
                     to_publish.append((a.device_id, command_id, envelope))
@@ -510,6 +512,7 @@ class RolloutDriver:
 
     # -- abort and rollback --------------------------------------------------------------
     def _begin_rollback(self, rollout: Rollout) -> Rollout:
+        self._cancel_timed_out(rollout)
         succeeded = [
             a
             for a in self.store.assignments(rollout.id)
@@ -580,6 +583,36 @@ class RolloutDriver:
         self._publish(to_publish, rollback=False, cancel=True)
         self._dirty = True
 
+    def _cancel_timed_out(self, rollout: Rollout) -> None:
+        """Devices the rollout counted as TIMED_OUT never said they stopped: an offline
+        one still finds the deploy queued in its broker session when it returns. A signed
+        cancel, queued behind it, stops that job before it activates (a job already past
+        ACTIVATING refuses it; it never counted as succeeded, so nothing rolls it back)."""
+        to_publish: list[tuple[str, str, bytes]] = []
+        with self.store.transaction():
+            reported = self.store.terminal_events(rollout.id)
+            for a in self.store.assignments(rollout.id):
+                if (
+                    a.state != JobState.TIMED_OUT.value
+                    or a.command_id is None
+                    or a.cx_command_id is not None
+                    or (a.device_id, a.command_id) in reported
+                ):
+                    continue
+                signed = self.signer.cancel(a.device_id, command_id=a.command_id)
+                if self.store.record_cancel(
+                    rollout.id, a.device_id, signed.command_id, signed.envelope
+                ):
+                    to_publish.append((a.device_id, signed.command_id, signed.envelope))
+        if to_publish:
+            log.warning(
+                "canceling_timed_out",
+                rollout_id=rollout.id,
+                devices=[d for d, _, _ in to_publish],
+            )
+            self._publish(to_publish, rollback=False, cancel=True)
+            self._dirty = True
+
     def _skip_pending_waves(self, rollout: Rollout) -> None:
         with self.store.transaction() as c:
             c.execute(
@@ -634,11 +667,15 @@ def create_rollout(
     bundle_size: int | None = None,
     rollout_id: str | None = None,
     payload: str | None = None,
+    force: bool = False,
 ) -> Rollout:
     """Plan the waves and store the rollout (nothing is signed or sent yet).
 
     kind `trust_update`: `payload` is the new trust root's DSSE envelope (JSON text), sent
-    to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version)."""
+    to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version).
+
+    Raises DevicesHeldError when a device is still driven by another unfinished rollout,
+    unless `force` (dangerous: both rollouts then command that device)."""
     if kind not in ROLLOUT_KINDS:
         raise ValueError(f"rollout kind {kind!r}")
     if (kind == "trust_update") != (payload is not None):
@@ -656,9 +693,15 @@ def create_rollout(
     waves = plan_waves(device_ids, parse_waves(waves_spec), canary)
     # The version each device runs now is what an abort returns it to.
     prev: dict[str, str | None] = {}
+    done: dict[str, str] = {}
     for d in device_ids:
         rec = registry.get(d)
         prev[d] = rec.active_version(model) if rec else None
+        # Its retained status says it holds this trust root or a newer one: a push would
+        # only be refused as not newer.
+        held = rec.trust_version if rec is not None else None
+        if kind == "trust_update" and held is not None and held >= int(version):
+            done[d] = f"already up to date: it reports trust root version {held}"
     return store.create(
         rollout_id=rollout_id or new_rollout_id(),
         kind=kind,
@@ -676,6 +719,8 @@ def create_rollout(
         bundle_size=bundle_size,
         prev_versions=prev,
         payload=payload,
+        exclusive=not force,
+        already_done=done,
     )
 
 

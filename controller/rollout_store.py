@@ -36,6 +36,31 @@ ABORTING = "aborting"  # threshold crossed or operator abort: waits for the wave
 SUCCEEDED = "succeeded"
 ABORTED = "aborted"
 FINISHED = frozenset({SUCCEEDED, ABORTED})
+# Rollouts that may still send a device a command (an aborting one sends cancels and
+# rollbacks).
+UNFINISHED = frozenset({RUNNING, PAUSED, ABORTING})
+
+
+class DevicesHeldError(RuntimeError):
+    """Target devices that another unfinished rollout still drives: two rollouts sending
+    one device commands at once would race each other's versions."""
+
+    def __init__(self, holders: dict[str, str]) -> None:
+        self.holders = dict(sorted(holders.items()))
+        by_rollout: dict[str, list[str]] = {}
+        for device, rollout_id in self.holders.items():
+            by_rollout.setdefault(rollout_id, []).append(device)
+        parts = []
+        for rollout_id, devices in sorted(by_rollout.items()):
+            shown = ", ".join(devices[:10]) + (
+                f" and {len(devices) - 10} more" if len(devices) > 10 else ""
+            )
+            parts.append(f"{shown} (rollout {rollout_id})")
+        super().__init__(
+            f"{len(self.holders)} target device(s) are still being driven by another rollout: "
+            f"{'; '.join(parts)}; wait for it to finish, abort it, or pass --force"
+        )
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -307,10 +332,22 @@ class RolloutStore:
         bundle_size: int | None = None,
         prev_versions: dict[str, str | None] | None = None,
         payload: str | None = None,
+        exclusive: bool = True,
+        already_done: dict[str, str] | None = None,
     ) -> Rollout:
+        """Store a planned rollout. `exclusive`: refuse (DevicesHeldError, nothing stored)
+        when another unfinished rollout still drives one of its devices; checked in the
+        same write transaction, so two concurrent `start`s cannot both pass.
+        `already_done`: device → reason for devices that need no command (they start
+        SUCCEEDED, with that reason, and are never commanded)."""
         now = time.time()
         prev_versions = prev_versions or {}
+        already_done = already_done or {}
         with self.transaction() as c:
+            if exclusive:
+                held = self.holders([d for wave in waves for d in wave])
+                if held:
+                    raise DevicesHeldError(held)
             c.execute(
                 """INSERT INTO rollouts (id, kind, state, created_at, updated_at, model, version,
                    bundle_url, bundle_sha256, bundle_size, target, waves_spec, max_failure_rate,
@@ -345,13 +382,14 @@ class RolloutStore:
                 for device in devices:
                     c.execute(
                         """INSERT INTO assignments (rollout_id, device_id, wave, position, state,
-                           prev_version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                           reason, prev_version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                         (
                             rollout_id,
                             device,
                             idx,
                             position,
-                            WAITING,
+                            JobState.SUCCEEDED.value if device in already_done else WAITING,
+                            already_done.get(device),
                             prev_versions.get(device),
                             now,
                         ),
@@ -362,6 +400,28 @@ class RolloutStore:
         return rollout
 
     # -- reads -------------------------------------------------------------------------
+    def holders(self, device_ids: list[str]) -> dict[str, str]:
+        """Device id → id of the unfinished rollout (running, paused or aborting) in which
+        that device has not reached a terminal state (its deploy, or the rollback an
+        abort sent it). Devices not held are absent."""
+        wanted = set(device_ids)
+        states = ",".join("?" for _ in UNFINISHED)
+        terminal = ",".join("?" for _ in TERMINAL)
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT a.device_id, a.rollout_id FROM assignments a "
+                f"JOIN rollouts r ON r.id = a.rollout_id "
+                f"WHERE r.state IN ({states}) AND (a.state NOT IN ({terminal}) OR "
+                f"(a.rb_command_id IS NOT NULL AND COALESCE(a.rb_state, ?) NOT IN ({terminal}))) "
+                f"ORDER BY r.created_at",
+                (*sorted(UNFINISHED), *sorted(TERMINAL), PENDING, *sorted(TERMINAL)),
+            ).fetchall()
+        held: dict[str, str] = {}
+        for device_id, rollout_id in rows:
+            if device_id in wanted:
+                held.setdefault(device_id, rollout_id)
+        return held
+
     def get(self, rollout_id: str) -> Rollout | None:
         with self._lock:
             row = self.conn.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
@@ -701,6 +761,18 @@ class RolloutStore:
                 "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (rollout_id, device_id, command_id, seq, state, reason, code, at, time.time()),
             )
+
+    def terminal_events(self, rollout_id: str) -> set[tuple[str, str]]:
+        """(device id, command id) of every job the devices themselves reported a terminal
+        state for (as opposed to one the controller timed out)."""
+        placeholders = ",".join("?" for _ in TERMINAL)
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT DISTINCT device_id, command_id FROM rollout_events "
+                f"WHERE rollout_id=? AND state IN ({placeholders})",
+                (rollout_id, *sorted(TERMINAL)),
+            ).fetchall()
+        return {(r[0], r[1]) for r in rows}
 
     def events(self, rollout_id: str, device_id: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM rollout_events WHERE rollout_id=?"

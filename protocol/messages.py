@@ -303,6 +303,11 @@ class DeviceStatus(Document):
     job: JobSummary | None = None
     last_seq: int | None = None
     at: datetime = Field(default_factory=utcnow)
+    # `keys push` skips devices already at or past the pushed version.
+    trust_version: int | None = Field(
+        default=None,
+        description="version of the trust root the device holds now (null from older agents)",
+    )
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))
 

@@ -115,6 +115,12 @@ def push(
     wave_timeout: float = typer.Option(
         900.0, "--wave-timeout", help="seconds devices have to answer (offline ones time out)"
     ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="DANGEROUS: push even though another running or paused rollout still drives "
+        "some target devices",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Send the trust root of the global --keys directory (its trust.json) to devices.
@@ -128,7 +134,7 @@ def push(
     """
     # Imported here: `keys init/rotate/show` need none of the rollout machinery.
     from controller.cli.devices import configure_cli_logging
-    from controller.cli.rollout import keyset, launch, start_rollout
+    from controller.cli.rollout import keyset, launch, open_store, start_rollout
     from controller.rollout import TRUST_ROOT_MODEL
 
     configure_cli_logging()
@@ -156,6 +162,7 @@ def push(
         auto_rollback=False,
         canary=None,
         payload=keys.trust_envelope.decode(),
+        force=force,
     )
     if output is Output.human:
         typer.echo(
@@ -163,6 +170,15 @@ def push(
             f"{len(signers)} operator key(s) (current + retired)",
             err=True,
         )
+        store, _ = open_store(s)
+        current = [a.device_id for a in store.assignments(rid) if a.terminal and not a.command_id]
+        if current:
+            shown = ", ".join(current[:10]) + (" …" if len(current) > 10 else "")
+            typer.echo(
+                f"{len(current)} device(s) already up to date (their status reports version "
+                f"{keys.trust.version} or newer; nothing sent): {shown}",
+                err=True,
+            )
     launch(s, keys, rid, wait, output)
 
 

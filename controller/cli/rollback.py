@@ -12,6 +12,7 @@ from controller.cli.common import Output, OutputOption, fail, settings
 from controller.cli.devices import configure_cli_logging
 from controller.cli.rollout import (
     CanaryOption,
+    ForceOption,
     MaxFailOption,
     TargetOption,
     WaitOption,
@@ -35,6 +36,7 @@ def rollback(
     wave_timeout: float = WaveTimeoutOption,
     wait: bool = WaitOption,
     canary: str | None = CanaryOption,
+    force: bool = ForceOption,
     output: Output = OutputOption,
 ) -> None:
     """Return devices to an earlier version of a model, in waves."""
@@ -59,6 +61,7 @@ def rollback(
         wave_timeout=wave_timeout,
         auto_rollback=False,
         canary=canary,
+        force=force,
     )
     if output is Output.human:
         typer.echo(f"rollout {rid}: rollback of {model} to {to_version}", err=True)

@@ -56,6 +56,7 @@ from controller.rollout_store import (
     FINISHED,
     PAUSED,
     SUCCEEDED,
+    DevicesHeldError,
     Rollout,
     RolloutStore,
     RolloutSummary,
@@ -81,6 +82,12 @@ WaveTimeoutOption = typer.Option(900.0, "--wave-timeout", help="seconds a wave m
 WaitOption = typer.Option(False, "--wait", help="show live progress; exit 1 if it aborts")
 CanaryOption = typer.Option(None, "--canary", help="device id to deploy to first")
 TargetOption = typer.Option(..., "--target", help="group:NAME, ID[,ID...] or all")
+ForceOption = typer.Option(
+    False,
+    "--force",
+    help="DANGEROUS: start even though another running or paused rollout still drives some "
+    "target devices; both then send them commands and race each other's versions",
+)
 
 
 # -- shared plumbing -------------------------------------------------------------------
@@ -372,8 +379,11 @@ def start_rollout(
     canary: str | None,
     bundle: tuple[str, str, int] | None = None,
     payload: str | None = None,
+    force: bool = False,
 ) -> str:
-    """Resolve the target against a fresh view of the fleet and store the planned rollout."""
+    """Resolve the target against a fresh view of the fleet and store the planned rollout.
+
+    Exits 2 when another unfinished rollout still drives a target device, unless `force`."""
     store, registry = open_store(s)
     try:
         refresh_registry(s, registry, target=target)
@@ -414,7 +424,10 @@ def start_rollout(
             bundle_sha256=bundle[1] if bundle else None,
             bundle_size=bundle[2] if bundle else None,
             payload=payload,
+            force=force,
         )
+    except DevicesHeldError as e:
+        fail(str(e))
     except (TargetError, WaveSpecError) as e:
         fail(str(e))
     except ProtocolError as e:
@@ -450,6 +463,7 @@ def start(
     wait: bool = WaitOption,
     canary: str | None = CanaryOption,
     bundle_url: str | None = typer.Option(None, "--bundle-url", help="where devices fetch it"),
+    force: bool = ForceOption,
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
@@ -488,6 +502,7 @@ def start(
         auto_rollback=not no_auto_rollback,
         canary=canary,
         bundle=(url, _sha256(published), published.stat().st_size),
+        force=force,
     )
     if output is Output.human:
         typer.echo(f"rollout {rid}: {manifest.name} {manifest.version} from {url}", err=True)

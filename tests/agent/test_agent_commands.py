@@ -17,6 +17,7 @@ from protocol.dsse import sign
 from protocol.keys import SigningKey
 from protocol.messages import COMMAND_PAYLOAD_TYPE
 from protocol.topics import Topics
+from protocol.trust import build_trust_root
 from tests.agent.harness import (
     AgentProcess,
     EventCollector,
@@ -171,3 +172,23 @@ def test_ten_thousand_random_payloads_leave_agent_alive_with_flat_memory(
     # Generous: allocator noise, not growth per payload (10k payloads would be >> this).
     assert after - before < 8 * 2**20, (before, after)
     assert os.path.exists(agent.config)
+
+
+def test_retained_status_reports_the_trust_root_version_and_follows_a_trust_update(
+    agent_env, trust_material
+) -> None:
+    _agent, events, pub = agent_env
+    assert events.wait_status(lambda s: s.online).trust_version == 1
+    new_root = SigningKey.generate()
+    env = build_trust_root(
+        root=[new_root],
+        release=[trust_material.release],
+        operator=[trust_material.operator],
+        version=2,
+        sign_with=[trust_material.root, new_root],
+    )
+    cmd = make_command(DEV, "trust_update", {"trust_root": json.loads(env.encode())})
+    _send(pub, sign_command(cmd, trust_material.operator))
+    events.wait_state(cmd.command_id, "SUCCEEDED")
+    status = events.wait_status(lambda s: s.online and s.trust_version == 2)
+    assert status.device_id == DEV

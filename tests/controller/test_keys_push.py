@@ -129,6 +129,12 @@ def test_rotated_trust_root_pushed_to_a_real_agent_then_new_keys_deploy_and_the_
 
         wait_until(lambda: online() == 2, timeout=60, what="two agents online")
 
+        def trust_versions() -> dict[str, int | None]:
+            out = run_cli(env, "devices", "--output", "json")
+            return {d["id"]: d["trust_version"] for d in json.loads(out.stdout)}
+
+        assert trust_versions() == {"robot-a": 1, "robot-b": 1}  # from their retained status
+
         rot = run_cli(env, "keys", "rotate", "--output", "json")
         assert rot.returncode == 0, rot.stderr
         new = keystore.load_keys(keys_dir)
@@ -186,6 +192,22 @@ def test_rotated_trust_root_pushed_to_a_real_agent_then_new_keys_deploy_and_the_
 
         wait_until(pushed, timeout=60, what="the background push")
         assert (tmp_path / "robot-a/data/trust/3.json").is_file()
+
+        # Its status now reports version 3: pushing it again sends robot-a nothing.
+        wait_until(lambda: trust_versions()["robot-a"] == 3, timeout=30, what="status v3")
+        with EventCollector(mosquitto.url, "robot-a") as events:
+            again = run_cli(env, "keys", "push", "--target", "robot-a", "--wait")
+            assert again.returncode == 0, again.stdout + again.stderr
+            assert "1 device(s) already up to date" in again.stderr
+            rid = run_cli(env, "rollout", "list", "--output", "json")
+            latest = json.loads(rid.stdout)[0]
+            st = json.loads(run_cli(env, "rollout", "status", latest["id"], "--output",
+                                    "json").stdout)  # fmt: skip
+            assert (latest["kind"], latest["state"]) == ("trust_update", "succeeded")
+            (a,) = st["devices"]
+            assert a["state"] == "SUCCEEDED" and a["command_id"] is None
+            assert a["reason"].startswith("already up to date")
+            assert events.events == []  # the agent was not asked anything
     finally:
         for a in agents:
             a.stop()

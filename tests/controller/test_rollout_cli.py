@@ -457,3 +457,69 @@ def test_offline_targets_are_named_at_start_and_time_out_with_their_wave(
         assert out.returncode == 0, out.stderr
         states = {d["device_id"]: d["state"] for d in json.loads(out.stdout)["devices"]}
         assert states == {"robot-0000": "SUCCEEDED", "robot-0001": "TIMED_OUT"}
+
+
+def test_a_second_rollout_on_devices_a_paused_one_still_drives_is_refused_unless_forced(
+    mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], bundle: Path, tmp_path: Path
+) -> None:
+    newer = build_bundle(tmp_path / "build3", keys.release, version="3.0.0")
+    with SimFleet(mosquitto.url, keys.trust, make_devices(3, step_s=0.3)) as fleet:
+        out = run_cli(
+            env,
+            "rollout",
+            "start",
+            str(bundle),
+            "--target",
+            "all",
+            "--waves",
+            "1,100%",
+            "--output",
+            "json",
+        )
+        held_by = json.loads(out.stdout)["rollout"]["id"]
+        # Paused after its canary: robot-0000 is done (SUCCEEDED), the others still wait
+        # for their wave in it.
+        wait_until(
+            lambda: db_rows(env, "SELECT state FROM waves WHERE idx=0")[0]["state"] == "running",
+            timeout=20,
+        )
+        assert run_cli(env, "rollout", "pause", held_by).returncode == 0
+        wait_until(
+            lambda: db_rows(env, "SELECT state FROM waves WHERE idx=0")[0]["state"] == "done",
+            timeout=20,
+        )
+
+        refusals = [
+            run_cli(env, "rollout", "start", str(newer), "--target", "robot-0001,robot-0002"),
+            run_cli(
+                env, "rollback", "--model", "detector", "--to-version", "1.0.0", "--target", "all"
+            ),
+            run_cli(env, "keys", "push", "--target", "robot-0002"),
+        ]
+        for out in refusals:
+            assert out.returncode == 2, out.stderr
+            lines = out.stderr.strip().splitlines()
+            assert len(lines) == 1, out.stderr
+            assert held_by in lines[0] and "--force" in lines[0]
+            assert "robot-0000" not in lines[0]  # terminal in the paused rollout: free
+        assert "robot-0001, robot-0002" in refusals[0].stderr
+        assert "robot-0001, robot-0002" in refusals[1].stderr
+        assert "robot-0002" in refusals[2].stderr
+        assert len(db_rows(env, "SELECT id FROM rollouts")) == 1  # nothing was stored
+        assert fleet.devices["robot-0001"].commands_received == 0
+        assert fleet.devices["robot-0002"].commands_received == 0
+
+        # A device that finished in the paused rollout is free for another one.
+        free = run_cli(env, "rollout", "start", str(newer), "--target", "robot-0000", "--wait")
+        assert free.returncode == 0, free.stderr
+        assert fleet.devices["robot-0000"].models["detector"]["active"] == "3.0.0"
+        # --force overrides: the operator takes the risk.
+        forced = run_cli(
+            env, "rollout", "start", str(newer), "--target", "robot-0001", "--force", "--wait"
+        )
+        assert forced.returncode == 0, forced.stderr
+        assert fleet.devices["robot-0001"].models["detector"]["active"] == "3.0.0"
+        assert fleet.devices["robot-0002"].commands_received == 0
+
+        out = run_cli(env, "rollout", "abort", held_by, "--no-rollback", "--wait")
+        assert out.returncode == 1, out.stderr

@@ -12,7 +12,7 @@ from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_d
 
 from controller.keystore import KeySet, init_keys
 from controller.localbroker import LocalMosquitto
-from controller.rollout_store import ABORTED, PENDING, SUCCEEDED
+from controller.rollout_store import ABORTED, PENDING, SUCCEEDED, DevicesHeldError
 from protocol.messages import JobState
 
 
@@ -367,3 +367,74 @@ def test_operator_abort_cancels_in_flight_jobs_instead_of_waiting_for_the_wave(
         assert all(d.models["detector"]["active"] == "1.0.0" for d in fleet.devices.values())
         kinds = {dev: [c.split(":")[0] for c in cmds] for dev, cmds in counter.per_device().items()}
         assert kinds == {d: ["deploy", "cancel"] for d in fleet.devices}
+
+
+def test_devices_are_held_until_terminal_in_an_unfinished_rollout_and_force_overrides(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    with fleet_of(mosquitto, keys, 3) as fleet:
+        fleet.devices["robot-0001"].behaviour = Behaviour(silent=True)
+        harness.sync()
+        first = harness.create(["robot-0000", "robot-0001"], waves_spec="100%", wave_timeout=30)
+        driver = harness.driver(first)
+        import threading
+
+        t = threading.Thread(target=driver.run)
+        t.start()
+        try:
+            wait_until(
+                lambda: harness.store.assignment(first, "robot-0000").state == "SUCCEEDED",  # type: ignore[union-attr]
+                what="robot-0000 to finish",
+            )
+            # robot-0001 hangs: still driven by the running rollout; robot-0000 is free.
+            with pytest.raises(DevicesHeldError) as e:
+                harness.create(sorted(fleet.devices), version="3.0.0")
+            assert e.value.holders == {"robot-0001": first}
+            assert f"robot-0001 (rollout {first})" in str(e.value)
+            assert len(harness.store.recent()) == 1
+            harness.create(["robot-0000", "robot-0002"], version="3.0.0")
+            forced = harness.create(["robot-0001"], version="3.0.0", force=True)
+            assert harness.store.get(forced) is not None
+        finally:
+            driver.stop.set()
+            t.join(10)
+        # Finished (aborted) rollouts hold nothing.
+        harness.store.set_state(first, ABORTED)
+        assert harness.store.holders(["robot-0001"]) == {"robot-0001": forced}
+        harness.store.set_state(forced, ABORTED)
+        assert harness.store.holders(["robot-0001"]) == {}
+
+
+def test_abort_cancels_timed_out_devices_so_one_that_returns_never_installs_the_version(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    with fleet_of(mosquitto, keys, 2, step_s=0.2) as fleet:
+        fleet.devices["robot-0000"].behaviour = Behaviour(
+            outcome=JobState.FAILED, step_s=0.2, code="build_failed", reason="out of workspace"
+        )
+        fleet.disconnect_device("robot-0001")
+        wait_until(
+            lambda: harness.sync() >= 0 and not harness.registry.get("robot-0001").online,  # type: ignore[union-attr]
+            what="the will message",
+        )
+        rid = harness.create(sorted(fleet.devices), waves_spec="100%", wave_timeout=3.0)
+        result = harness.drive(rid)
+        assert result.state == ABORTED
+        a = {x.device_id: x for x in harness.store.assignments(rid)}
+        assert a["robot-0001"].state == "TIMED_OUT"
+        # Timed out with no word from the device: it gets a cancel, published.
+        assert a["robot-0001"].cx_command_id and a["robot-0001"].cx_published_at
+        # The device that reported its own terminal state needs none.
+        assert a["robot-0000"].state == "FAILED" and a["robot-0000"].cx_command_id is None
+
+        fleet.connect_device("robot-0001")  # back: deploy and cancel wait in its session
+        back = fleet.devices["robot-0001"]
+        deploy_id = a["robot-0001"].command_id
+        wait_until(
+            lambda: back.progress.get(deploy_id or "") is JobState.CANCELED,
+            what="the returning device to cancel the deploy",
+        )
+        assert back.models["detector"]["active"] == "1.0.0"
+        assert "2.0.0" not in back.installed["detector"]
+        kinds = {dev: [c.split(":")[0] for c in cmds] for dev, cmds in counter.per_device().items()}
+        assert kinds == {"robot-0000": ["deploy"], "robot-0001": ["deploy", "cancel"]}
