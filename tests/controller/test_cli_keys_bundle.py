@@ -363,50 +363,16 @@ def test_bad_build_input_exits_2_with_one_line(
 def test_golden_file_with_wrong_names_or_dtypes_exits_2(
     cli, keys_dir: Path, mlp: Path, tmp_path: Path
 ) -> None:
-    np.savez(tmp_path / "names.npz", images=np.zeros((1, 8), np.float32))
-    r = cli(
-        "--keys",
-        keys_dir,
-        "bundle",
-        "build",
-        mlp,
-        "--name",
-        "m",
-        "--version",
-        "1.0.0",
-        "--golden",
-        tmp_path / "names.npz",
-    )
+    def build_with(name: str, **arrays: np.ndarray):  # type: ignore[no-untyped-def]
+        np.savez(tmp_path / name, **arrays)
+        args = ("--name", "m", "--version", "1.0.0", "--golden", tmp_path / name)
+        return cli("--keys", keys_dir, "bundle", "build", mlp, *args)
+
+    r = build_with("names.npz", images=np.zeros((1, 8), np.float32))
     assert r.exit_code == 2 and "'images'" in r.stderr and "input.x" in r.stderr
-    np.savez(tmp_path / "dtype.npz", x=np.zeros((1, 8), np.float64))
-    r = cli(
-        "--keys",
-        keys_dir,
-        "bundle",
-        "build",
-        mlp,
-        "--name",
-        "m",
-        "--version",
-        "1.0.0",
-        "--golden",
-        tmp_path / "dtype.npz",
-    )
+    r = build_with("dtype.npz", x=np.zeros((1, 8), np.float64))
     assert r.exit_code == 2 and "float64" in r.stderr and "float32" in r.stderr
-    np.savez(tmp_path / "shape.npz", x=np.zeros((1, 9), np.float32))
-    r = cli(
-        "--keys",
-        keys_dir,
-        "bundle",
-        "build",
-        mlp,
-        "--name",
-        "m",
-        "--version",
-        "1.0.0",
-        "--golden",
-        tmp_path / "shape.npz",
-    )
+    r = build_with("shape.npz", x=np.zeros((1, 9), np.float32))
     assert r.exit_code == 2 and "shape [1, 9]" in r.stderr
 
 

@@ -67,6 +67,24 @@ def db_rows(env: dict[str, str], sql: str, *args: object) -> list[sqlite3.Row]:
         conn.close()
 
 
+def start_and_pause_after_the_canary(env: dict[str, str], bundle: Path) -> str:
+    """Start a `--waves 1,100%` rollout to all devices, pause it while the canary deploys,
+    and return its id once the canary's wave is done (the second wave never starts)."""
+    out = run_cli(
+        env, "rollout", "start", str(bundle), "--target", "all", "--waves", "1,100%",
+        "--output", "json",
+    )  # fmt: skip
+    rid: str = json.loads(out.stdout)["rollout"]["id"]
+
+    def wave0(state: str) -> bool:
+        return bool(db_rows(env, "SELECT state FROM waves WHERE idx=0")[0]["state"] == state)
+
+    wait_until(lambda: wave0("running"), timeout=20)
+    assert run_cli(env, "rollout", "pause", rid).returncode == 0
+    wait_until(lambda: wave0("done"), timeout=20)
+    return rid
+
+
 def test_rollout_start_wait_json_deploys_every_device_from_the_published_bundle(
     mosquitto: LocalMosquitto,
     keys: KeySet,
@@ -260,29 +278,8 @@ def test_abort_of_a_paused_rollout_rolls_back_the_devices_that_succeeded(
     mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], bundle: Path
 ) -> None:
     with SimFleet(mosquitto.url, keys.trust, make_devices(3, step_s=0.3)) as fleet:
-        out = run_cli(
-            env,
-            "rollout",
-            "start",
-            str(bundle),
-            "--target",
-            "all",
-            "--waves",
-            "1,100%",
-            "--output",
-            "json",
-        )
-        rid = json.loads(out.stdout)["rollout"]["id"]
         # Pause while the canary is deploying: its wave finishes, no second wave starts.
-        wait_until(
-            lambda: db_rows(env, "SELECT state FROM waves WHERE idx=0")[0]["state"] == "running",
-            timeout=20,
-        )
-        assert run_cli(env, "rollout", "pause", rid).returncode == 0
-        wait_until(
-            lambda: db_rows(env, "SELECT state FROM waves WHERE idx=0")[0]["state"] == "done",
-            timeout=20,
-        )
+        rid = start_and_pause_after_the_canary(env, bundle)
         time.sleep(0.5)
         assert db_rows(env, "SELECT state FROM waves WHERE idx=1")[0]["state"] == "pending"
         out = run_cli(env, "rollout", "abort", rid, "--wait", "--output", "json")
@@ -464,30 +461,9 @@ def test_a_second_rollout_on_devices_a_paused_one_still_drives_is_refused_unless
 ) -> None:
     newer = build_bundle(tmp_path / "build3", keys.release, version="3.0.0")
     with SimFleet(mosquitto.url, keys.trust, make_devices(3, step_s=0.3)) as fleet:
-        out = run_cli(
-            env,
-            "rollout",
-            "start",
-            str(bundle),
-            "--target",
-            "all",
-            "--waves",
-            "1,100%",
-            "--output",
-            "json",
-        )
-        held_by = json.loads(out.stdout)["rollout"]["id"]
         # Paused after its canary: robot-0000 is done (SUCCEEDED), the others still wait
         # for their wave in it.
-        wait_until(
-            lambda: db_rows(env, "SELECT state FROM waves WHERE idx=0")[0]["state"] == "running",
-            timeout=20,
-        )
-        assert run_cli(env, "rollout", "pause", held_by).returncode == 0
-        wait_until(
-            lambda: db_rows(env, "SELECT state FROM waves WHERE idx=0")[0]["state"] == "done",
-            timeout=20,
-        )
+        held_by = start_and_pause_after_the_canary(env, bundle)
 
         refusals = [
             run_cli(env, "rollout", "start", str(newer), "--target", "robot-0001,robot-0002"),
