@@ -46,6 +46,7 @@ L4T_TO_JETPACK: list[tuple[tuple[int, int, int], str]] = [
     ((36, 4, 0), "6.1"),
     ((36, 4, 3), "6.2"),
     ((36, 4, 4), "6.2.1"),
+    ((38, 2, 0), "7.0"),  # JetPack 7: Jetson Thor
 ]
 
 _RELEASE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?")
@@ -64,6 +65,8 @@ class HardwareProfile:
     machine: str  # "aarch64"
     cpu_count: int
     memory_bytes: int | None
+    # Why `backend = auto` runs ONNX Runtime on the CPU on this Jetson; None: it does not.
+    backend_fallback: str | None = None
 
     @property
     def is_jetson(self) -> bool:
@@ -150,7 +153,12 @@ def _memory_bytes(root: Path) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def detect_hardware(backend: Backend | None = None, *, root: Path = Path("/")) -> HardwareProfile:
+def detect_hardware(
+    backend: Backend | None = None,
+    *,
+    root: Path = Path("/"),
+    backend_fallback: str | None = None,
+) -> HardwareProfile:
     root = Path(root)
     release = _read(root / "etc" / "nv_tegra_release")
     l4t = parse_nv_tegra_release(release) if release else None
@@ -178,4 +186,5 @@ def detect_hardware(backend: Backend | None = None, *, root: Path = Path("/")) -
         machine=platform.machine(),
         cpu_count=os.cpu_count() or 1,
         memory_bytes=_memory_bytes(root),
+        backend_fallback=backend_fallback,
     )
