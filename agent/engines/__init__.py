@@ -114,8 +114,8 @@ def choose_backend(
     if fallback is not None and (_on_jetson() or _importable("tensorrt")):
         if not allow_cpu_fallback:
             raise UnsupportedError(
-                f"TensorRT cannot run here ({fallback}) and the agent config refuses a CPU "
-                "fallback (allow_cpu_fallback = false)"
+                f"the agent config refuses a CPU fallback (allow_cpu_fallback = false) and "
+                f"TensorRT cannot run here: {fallback}"
             )
         log.warning("tensorrt_unusable_falling_back_to_cpu", reason=fallback,
                     backend="onnxruntime", slower="10-50x")  # fmt: skip
@@ -147,13 +147,13 @@ def _tensorrt_missing() -> str | None:
     """Why TensorRT cannot even be tried (a missing module), else None."""
     if not _importable("tensorrt"):
         return (
-            "the tensorrt Python module is not installed (JetPack's python3-libnvinfer; the "
-            "agent's venv needs --system-site-packages)"
+            "the tensorrt Python module is not installed: JetPack's python3-libnvinfer, and "
+            "the agent's venv needs --system-site-packages"
         )
     if not _importable("pycuda"):
         return (
-            "pycuda is not installed (it builds from source on JetPack 6 and needs nvcc: "
-            "PATH=/usr/local/cuda/bin:$PATH pip install pycuda in the agent's venv)"
+            "pycuda is not installed: it builds from source on JetPack 6 and needs nvcc, "
+            "PATH=/usr/local/cuda/bin:$PATH pip install pycuda in the agent's venv"
         )
     return None
 
