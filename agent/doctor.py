@@ -30,7 +30,7 @@ import typer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
-from agent.hardware import detect_hardware, parse_version
+from agent.hardware import detect_hardware, meminfo_bytes, parse_version
 from agent.truststore import TrustStore
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError, TrustExpiredError
@@ -229,20 +229,11 @@ def check_disk(config: AgentConfig) -> CheckResult:
     return _result("disk", PASS, detail)
 
 
-def _meminfo_available_mb(root: Path) -> int | None:
-    text = _read(root, "proc/meminfo")
-    if text is None:
-        return None
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) // 1024
-    return None
-
-
 def check_memory(root: Path, minimum_mb: int) -> CheckResult:
-    available = _meminfo_available_mb(root)
-    if available is None:
+    available_bytes = meminfo_bytes("MemAvailable", root)
+    if available_bytes is None:
         return _result("memory", WARN, "/proc/meminfo has no MemAvailable line", "")
+    available = available_bytes >> 20
     detail = f"{available} MB available, minimum {minimum_mb} MB"
     if available < minimum_mb:
         return _result(

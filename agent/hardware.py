@@ -147,9 +147,10 @@ def _tensorrt_version(root: Path) -> str | None:
     return None
 
 
-def _memory_bytes(root: Path) -> int | None:
-    text = _read(root / "proc" / "meminfo")
-    m = re.search(r"^MemTotal:\s+(\d+)\s+kB", text or "", re.MULTILINE)
+def meminfo_bytes(field: str, root: Path = Path("/")) -> int | None:
+    """A /proc/meminfo field ("MemTotal", "MemAvailable") in bytes; None if absent."""
+    text = _read(Path(root) / "proc" / "meminfo")
+    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text or "", re.MULTILINE)
     return int(m.group(1)) * 1024 if m else None
 
 
@@ -185,6 +186,6 @@ def detect_hardware(
         dla_cores=dla,
         machine=platform.machine(),
         cpu_count=os.cpu_count() or 1,
-        memory_bytes=_memory_bytes(root),
+        memory_bytes=meminfo_bytes("MemTotal", root),
         backend_fallback=backend_fallback,
     )

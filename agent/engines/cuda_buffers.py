@@ -71,6 +71,7 @@ class DeviceInfo:
     name: str
     compute_capability: str  # "8.7"
     total_memory: int
+    integrated: bool  # a Jetson's GPU: it shares the system's RAM
 
 
 def device_info(device_index: int = 0) -> DeviceInfo:
@@ -78,7 +79,10 @@ def device_info(device_index: int = 0) -> DeviceInfo:
     cuda.init()
     dev = cuda.Device(device_index)
     major, minor = dev.compute_capability()
-    return DeviceInfo(device_index, str(dev.name()), f"{major}.{minor}", int(dev.total_memory()))
+    integrated = bool(dev.get_attribute(cuda.device_attribute.INTEGRATED))
+    return DeviceInfo(
+        device_index, str(dev.name()), f"{major}.{minor}", int(dev.total_memory()), integrated
+    )
 
 
 def mem_get_info() -> tuple[int, int]:

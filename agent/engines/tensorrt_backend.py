@@ -52,6 +52,7 @@ from agent.engines.api import (
     UnsupportedError,
 )
 from agent.engines.sidecar import read_meta, write_bytes_atomic, write_plan
+from agent.hardware import meminfo_bytes
 from protocol.manifest import BuildOptions
 
 log = structlog.get_logger(__name__)
@@ -330,8 +331,16 @@ class TensorRTBackend:
             profile.set_shape(name, p.min, p.opt, p.max)
         config.add_optimization_profile(profile)
 
-    def _limit_workspace(self, config: Any, opt: BuildOptions) -> int:
+    def _free_memory(self) -> int:
         free, _ = cb.mem_get_info()
+        if self.device.integrated:
+            # On a Jetson, CUDA's free figure leaves out the page cache the kernel would
+            # give back; MemAvailable counts it. The GPU and the robot share this memory.
+            free = max(free, meminfo_bytes("MemAvailable") or 0)
+        return free
+
+    def _limit_workspace(self, config: Any, opt: BuildOptions) -> int:
+        free = self._free_memory()
         limit = opt.workspace_mb << 20 if opt.workspace_mb else default_workspace_bytes(free)
         if limit > free:
             log.warning("tensorrt_workspace_above_free_memory", workspace=limit, free=free)
