@@ -292,7 +292,9 @@ class TensorRTBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, bytes(memoryview(cache.serialize())))
 
-    def _parse(self, network: Any, logger: Any, model_path: Path) -> None:
+    def _parse(self, network: Any, logger: Any, model_path: Path) -> Any:
+        """The parser, which the caller keeps until the build is done: it owns the
+        weights the network refers to."""
         parser = _trt().OnnxParser(network, logger)
         if not parser.parse_from_file(str(model_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -301,6 +303,7 @@ class TensorRTBackend:
             t = network.get_input(i)
             if t.is_shape_tensor:
                 raise UnsupportedError(f"input {t.name!r} {_SHAPE_TENSOR}")
+        return parser
 
     def _add_profiles(self, builder: Any, network: Any, config: Any, opt: BuildOptions) -> None:
         dynamic = []
@@ -374,7 +377,7 @@ class TensorRTBackend:
             if self.major >= 11:
                 flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
             network = builder.create_network(flags)
-            self._parse(network, logger, model_path)
+            parser = self._parse(network, logger, model_path)
             config = builder.create_builder_config()
             workspace = self._limit_workspace(config, options)
             # 10.x: weak typing, so the bundle's precision is a permission to the builder.
@@ -388,6 +391,7 @@ class TensorRTBackend:
             if plan is None:
                 detail = "; ".join(logger.errors) or "no message from TensorRT"
                 raise BuildError(f"TensorRT could not build {model_path.name}: {detail}")
+            del parser  # only now: the build read the weights it owns
             write_plan(out_path, memoryview(plan))
             self._save_timing_cache(config)
         log.info("tensorrt_built", model=model_path.name, placement=placement, precision=prec,

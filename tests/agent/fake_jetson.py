@@ -7,7 +7,9 @@ depends on it, and it records what real hardware would make hard to observe:
 - every CUDA handle (stream, event, device allocation) knows whether it was destroyed with
   a context pushed on the destroying thread (pycuda otherwise leaks it and warns);
 - the order of host-side operations (copies, launches, synchronizations);
-- which DLA core the runtime was set to, and whether plugins were registered first.
+- which DLA core the runtime was set to, and whether plugins were registered first;
+- on the build side, the flags, pool limits, DLA settings and timing cache a builder config
+  got, and whether the ONNX parser (which owns the weights) was still alive at build time.
 
 A plan here is JSON: {"io": [{"name", "mode": "input"|"output", "dtype", "shape",
 "op"?}], "context": "ok"|"none"}; outputs compute "double" (2 * the input "x") or
@@ -38,6 +40,8 @@ class Recorder:
         self.fail_next: dict[str, BaseException] = {}  # "Stream" -> error at construction
         self.dla_cores = 2
         self.runtimes: list[Any] = []
+        self.configs: list[Any] = []
+        self.builders = 0
 
 
 REC = Recorder()
@@ -326,6 +330,164 @@ class Context:
         return True
 
 
+class BuilderFlag(enum.Enum):
+    FP16 = "FP16"
+    INT8 = "INT8"
+    GPU_FALLBACK = "GPU_FALLBACK"
+
+
+class MemoryPoolType(enum.Enum):
+    WORKSPACE = "WORKSPACE"
+
+
+class DeviceType(enum.Enum):
+    GPU = "GPU"
+    DLA = "DLA"
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    STRONGLY_TYPED = 5
+
+
+_CACHE_MAGIC = b"fake-timing-cache-10.3.0"
+_DLA_OPS = {"Conv", "Relu", "MaxPool", "BatchNormalization"}
+
+
+class _Tensor:
+    def __init__(self, name: str, shape: list[int], is_shape_tensor: bool) -> None:
+        self.name, self.shape, self.is_shape_tensor = name, shape, is_shape_tensor
+
+
+class _Layer:
+    def __init__(self, op_type: str) -> None:
+        self.op_type = op_type
+
+
+class Network:
+    def __init__(self) -> None:
+        self.inputs: list[_Tensor] = []
+        self.outputs: list[str] = []
+        self.layers: list[_Layer] = []
+        self.parser: Any = None
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    def get_input(self, i: int) -> _Tensor:
+        return self.inputs[i]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def get_layer(self, i: int) -> _Layer:
+        return self.layers[i]
+
+
+class OnnxParser:
+    def __init__(self, network: Network, logger: Any) -> None:
+        import weakref
+
+        self.network = network
+        network.parser = weakref.ref(self)
+        self.num_errors = 0
+
+    def parse_from_file(self, path: str) -> bool:
+        import onnx
+
+        graph = onnx.load(path).graph
+        shape_inputs = {n.input[1] for n in graph.node if n.op_type == "Reshape"}
+        inits = {i.name for i in graph.initializer}
+        for vi in graph.input:
+            if vi.name in inits:
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else -1
+                    for d in vi.type.tensor_type.shape.dim]  # fmt: skip
+            self.network.inputs.append(_Tensor(vi.name, dims, vi.name in shape_inputs))
+        self.network.outputs = [vi.name for vi in graph.output]
+        self.network.layers = [_Layer(n.op_type) for n in graph.node]
+        return True
+
+
+class TimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.foreign = bool(data) and not data.startswith(_CACHE_MAGIC)
+
+    def serialize(self) -> bytes:
+        return _CACHE_MAGIC + b"\0tactics"
+
+
+class Profile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[Any, Any, Any]] = {}
+
+    def set_shape(self, name: str, lo: Any, opt: Any, hi: Any) -> None:
+        self.shapes[name] = (lo, opt, hi)
+
+
+class BuilderConfig:
+    def __init__(self) -> None:
+        self.flags: set[str] = set()
+        self.pool_limits: dict[str, int] = {}
+        self.default_device_type = DeviceType.GPU
+        self.DLA_core = -1
+        self.timing_cache: TimingCache | None = None
+        self.profiles: list[Profile] = []
+
+    def set_flag(self, flag: BuilderFlag) -> None:
+        self.flags.add(flag.value)
+
+    def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
+        self.pool_limits[pool.value] = size
+
+    def can_run_on_DLA(self, layer: _Layer) -> bool:
+        return layer.op_type in _DLA_OPS
+
+    def create_timing_cache(self, data: bytes) -> TimingCache:
+        return TimingCache(bytes(data))
+
+    def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+        if cache.foreign and not ignore_mismatch:
+            return False
+        self.timing_cache = cache
+        return True
+
+    def get_timing_cache(self) -> TimingCache | None:
+        return self.timing_cache
+
+    def add_optimization_profile(self, profile: Profile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+
+class Builder:
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+        self.num_DLA_cores = REC.dla_cores
+        REC.builders += 1
+
+    def create_network(self, flags: int) -> Network:
+        return Network()
+
+    def create_builder_config(self) -> BuilderConfig:
+        REC.configs.append(config := BuilderConfig())
+        return config
+
+    def create_optimization_profile(self) -> Profile:
+        return Profile()
+
+    def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
+        if network.parser is None or network.parser() is None:
+            self.logger.log(ILogger.Severity.ERROR, "weights were freed with the parser")
+            return None
+        io = [{"name": t.name, "mode": "input", "dtype": "FLOAT", "shape": t.shape}
+              for t in network.inputs]  # fmt: skip
+        io += [{"name": n, "mode": "output", "dtype": "FLOAT", "shape": [-1], "op": "double"}
+               for n in network.outputs]  # fmt: skip
+        return json.dumps({"io": io, "context": "ok"}).encode()
+
+
 tensorrt = types.ModuleType("tensorrt")
 for _name, _value in {
     "__version__": "10.3.0",
@@ -336,6 +498,12 @@ for _name, _value in {
     "IOutputAllocator": IOutputAllocator,
     "init_libnvinfer_plugins": init_libnvinfer_plugins,
     "Runtime": Runtime,
+    "Builder": Builder,
+    "OnnxParser": OnnxParser,
+    "BuilderFlag": BuilderFlag,
+    "MemoryPoolType": MemoryPoolType,
+    "DeviceType": DeviceType,
+    "NetworkDefinitionCreationFlag": NetworkDefinitionCreationFlag,
 }.items():
     setattr(tensorrt, _name, _value)
 

@@ -1,4 +1,4 @@
-"""The TensorRT runner's fail-closed paths, on a machine without TensorRT or a GPU.
+"""The TensorRT backend's fail-closed paths and build settings, without TensorRT or a GPU.
 
 agent/engines/tensorrt_backend.py and cuda_buffers.py run unchanged; only the Jetson's
 TensorRT and pycuda are replaced by tests/agent/fake_jetson.py, which records what the real
@@ -15,10 +15,12 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import structlog
+import structlog.testing
 
 from agent.engines import (
     EngineLoadError,
@@ -28,10 +30,15 @@ from agent.engines import (
     select_backend,
 )
 from agent.engines.api import EngineMeta
+from agent.engines.cache import EngineCache
 from agent.engines.sidecar import file_sha256, write_meta
+from agent.engines.tensorrt_backend import default_workspace_bytes
+from agent.hardware import meminfo_bytes
 from agent.runtime import ModelRuntime
+from protocol.manifest import BuildOptions, Profile
 from tests.agent import fake_jetson
 from tests.agent.fake_jetson import REC, plan
+from tests.models import make_convnet, make_mlp
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda")),
@@ -154,8 +161,9 @@ def test_plugins_are_registered_once_per_process_before_any_plan_is_deserialized
 
 
 def test_dla_cores_are_counted_by_the_runtime_not_a_builder() -> None:
-    backend = select_backend("tensorrt")  # the fake has no Builder: using one would raise
+    backend = select_backend("tensorrt")
     assert backend.cache_key_parts()["dla_cores"] == "2"
+    assert REC.builders == 0  # seconds and hundreds of MB on an Orin, for every job
 
 
 def test_a_log_handler_that_raises_inside_tensorrt_does_not_escape(tmp_path: Path) -> None:
@@ -189,3 +197,101 @@ def test_the_runtime_keeps_serving_when_a_new_tensorrt_engine_cannot_get_a_conte
         assert rt.version == "1.0.0"
     assert len(REC.runtimes) == 2, "the failed version was loaded once, not retried"
     assert json.loads((model_dir / "versions/2.0.0/engine").read_bytes())["context"] == "none"
+
+
+# -- build ---------------------------------------------------------------------------------
+
+CONV_PROFILE = {"image": Profile(min=[1, 3, 32, 32], opt=[2, 3, 32, 32], max=[4, 3, 32, 32])}
+MLP_PROFILE = {"x": Profile(min=[1, 64], opt=[8, 64], max=[32, 64])}
+
+
+def _build(tmp_path: Path, model: Path, options: BuildOptions, **backend: Any) -> Any:
+    cache = EngineCache(tmp_path / "engines", 1 << 30)
+    cache.get_or_build(select_backend("tensorrt", **backend), model, "a" * 64, options)
+    return REC.configs[-1]
+
+
+def _qdq_model(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]  # fmt: skip
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_int8_build_on_10x_also_allows_fp16(tmp_path: Path) -> None:
+    config = _build(tmp_path, _qdq_model(tmp_path / "q.onnx"), BuildOptions(precision="int8"))
+    assert config.flags == {"INT8", "FP16"}
+
+
+def test_a_build_without_workspace_mb_is_capped_by_free_memory(tmp_path: Path) -> None:
+    config = _build(tmp_path, make_mlp(tmp_path / "m.onnx"), BuildOptions(profiles=MLP_PROFILE))
+    free = max(2 << 30, meminfo_bytes("MemAvailable") or 0)  # the fake GPU is integrated
+    # MemAvailable moves between two reads: a few MB either way is the same cap.
+    assert abs(config.pool_limits["WORKSPACE"] - default_workspace_bytes(free)) < 64 << 20
+    config = _build(tmp_path, make_mlp(tmp_path / "m2.onnx", seed=2),
+                    BuildOptions(profiles=MLP_PROFILE, workspace_mb=256))  # fmt: skip
+    assert config.pool_limits == {"WORKSPACE": 256 << 20}
+
+
+def test_an_fp32_bundle_for_dla_is_built_for_the_gpu_with_a_warning(tmp_path: Path) -> None:
+    with structlog.testing.capture_logs() as logs:
+        config = _build(tmp_path, make_convnet(tmp_path / "c.onnx"),
+                        BuildOptions(profiles=CONV_PROFILE, dla_core=1))  # fmt: skip
+    assert config.default_device_type.value == "GPU" and "GPU_FALLBACK" not in config.flags
+    [warning] = [e for e in logs if e["event"] == "tensorrt_dla_not_used"]
+    assert "fp16/int8 only" in warning["placement"]
+
+
+def test_an_fp16_bundle_for_dla_core_1_says_how_many_layers_can_run_there(
+    tmp_path: Path,
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        options = BuildOptions(profiles=CONV_PROFILE, dla_core=1, precision="fp16")
+        config = _build(tmp_path, make_convnet(tmp_path / "c.onnx"), options)
+    assert (config.default_device_type.value, config.DLA_core) == ("DLA", 1)
+    assert config.flags == {"FP16", "GPU_FALLBACK"}
+    [built] = [e for e in logs if e["event"] == "tensorrt_built"]
+    assert built["placement"].startswith("dla1+gpu_fallback: ")
+    assert "layers can run on DLA" in built["placement"]
+
+
+def test_a_foreign_timing_cache_is_replaced_not_fatal(tmp_path: Path) -> None:
+    tc = tmp_path / "tc"
+    tc.mkdir()
+    cache_file = tc / "timing-trt10.3.0-orin-nvgpu-sm8.7.cache"
+    cache_file.write_bytes(b"a cache from TensorRT 10.7 on a Thor")
+    with structlog.testing.capture_logs() as logs:
+        config = _build(tmp_path, make_mlp(tmp_path / "m.onnx"),
+                        BuildOptions(profiles=MLP_PROFILE), timing_cache_dir=tc)  # fmt: skip
+    assert "tensorrt_timing_cache_rejected" in [e["event"] for e in logs]
+    assert config.timing_cache is not None and not config.timing_cache.foreign
+    assert cache_file.read_bytes().startswith(b"fake-timing-cache-10.3.0")
+
+
+def test_a_shape_tensor_input_is_refused_at_build(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )  # fmt: skip
+    path = tmp_path / "r.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(UnsupportedError, match="input 'shape' is a shape tensor"):
+        _build(tmp_path, path, BuildOptions())
+
+
+def test_the_onnx_parser_outlives_the_build_that_reads_its_weights(tmp_path: Path) -> None:
+    _build(tmp_path, make_mlp(tmp_path / "m.onnx"), BuildOptions(profiles=MLP_PROFILE))
