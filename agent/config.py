@@ -120,6 +120,9 @@ class AgentConfig(BaseSettings):
     data_dir: Path = Path("/var/lib/jetfleet")
     trust_root: Path = Path("/etc/jetfleet/trust.json")
     backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
+    # With backend = auto, may a device whose TensorRT cannot run (no pycuda, TensorRT
+    # too old, no GPU) build and run engines with ONNX Runtime on the CPU (10-50x slower)?
+    allow_cpu_fallback: bool = True
     topic_prefix: str = DEFAULT_PREFIX
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     activation: ActivationConfig = Field(default_factory=ActivationConfig)

@@ -189,6 +189,7 @@ class Agent:
             compute_capability=hw.get("compute_capability"),
             backend=backend,
             backend_version=backend_version,
+            backend_fallback=hw.get("backend_fallback"),
         )
         self._dirty.set()
 

@@ -30,7 +30,7 @@ import typer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
-from agent.hardware import detect_hardware, parse_version
+from agent.hardware import detect_hardware, meminfo_bytes, parse_version
 from agent.truststore import TrustStore
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError, TrustExpiredError
@@ -115,8 +115,8 @@ def check_tensorrt(
     try:
         trt = import_module("tensorrt")
     except Exception as e:  # ImportError, or a broken install raising anything at import
-        status = FAIL if config.backend == "tensorrt" else WARN
-        fallback = "" if config.backend == "tensorrt" else "; engines will use onnxruntime"
+        status = _missing_status(config)
+        fallback = "" if config.backend == "tensorrt" else _CPU_FALLBACK
         library = detect_hardware(root=root).tensorrt
         installed = f"; libnvinfer {library} is installed" if library else ""
         return _result(
@@ -130,6 +130,42 @@ def check_tensorrt(
     version = str(getattr(trt, "__version__", "unknown"))
     where = getattr(trt, "__file__", None) or "?"
     return _result("tensorrt", PASS, f"TensorRT {version} ({where})")
+
+
+_CPU_FALLBACK = "; engines will use onnxruntime on the CPU (10-50x slower than TensorRT)"
+
+
+def _missing_status(config: AgentConfig) -> str:
+    """A missing TensorRT piece fails where TensorRT is required, else warns."""
+    required = config.backend == "tensorrt" or (
+        config.backend == "auto" and not config.allow_cpu_fallback
+    )
+    return FAIL if required else WARN
+
+
+def check_pycuda(
+    config: AgentConfig, import_module: Callable[[str], Any] = importlib.import_module
+) -> CheckResult:
+    """The TensorRT runner's CUDA layer: without it `auto` silently means the CPU."""
+    if config.backend == "onnxruntime":
+        return _result("pycuda", PASS, "not needed (backend = onnxruntime)")
+    try:
+        pycuda = import_module("pycuda.driver")
+    except Exception as e:  # ImportError, or a pycuda built against another CUDA
+        refused = (
+            " and allow_cpu_fallback = false refuses that" if not config.allow_cpu_fallback else ""
+        )
+        fallback = "" if config.backend == "tensorrt" else _CPU_FALLBACK + refused
+        return _result(
+            "pycuda",
+            _missing_status(config),
+            f"pycuda cannot be imported ({type(e).__name__}: {e}): TensorRT engines cannot "
+            "run" + fallback,
+            "pycuda builds from source on JetPack 6 and needs nvcc: in the agent's venv run "
+            "PATH=/usr/local/cuda/bin:$PATH pip install pycuda",
+        )
+    version = str(getattr(pycuda, "__version__", "") or "installed")
+    return _result("pycuda", PASS, f"pycuda {version}")
 
 
 def check_gpu(root: Path, config: AgentConfig) -> CheckResult:
@@ -193,20 +229,11 @@ def check_disk(config: AgentConfig) -> CheckResult:
     return _result("disk", PASS, detail)
 
 
-def _meminfo_available_mb(root: Path) -> int | None:
-    text = _read(root, "proc/meminfo")
-    if text is None:
-        return None
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) // 1024
-    return None
-
-
 def check_memory(root: Path, minimum_mb: int) -> CheckResult:
-    available = _meminfo_available_mb(root)
-    if available is None:
+    available_bytes = meminfo_bytes("MemAvailable", root)
+    if available_bytes is None:
         return _result("memory", WARN, "/proc/meminfo has no MemAvailable line", "")
+    available = available_bytes >> 20
     detail = f"{available} MB available, minimum {minimum_mb} MB"
     if available < minimum_mb:
         return _result(
@@ -463,6 +490,7 @@ def run_checks(
     ]
     results.append(check_jetpack(root, config))
     results.append(check_tensorrt(config, import_module, root))
+    results.append(check_pycuda(config, import_module))
     results.append(check_gpu(root, config))
     results.append(check_disk(config))
     results.append(check_memory(root, min_free_mem_mb))

@@ -200,7 +200,7 @@ def child_main() -> int:
     configure_logging(os.environ.get("JETFLEET_AGENT_LOG_LEVEL", "warning"))
     try:
         req = json.loads(sys.stdin.readline())
-        from agent.engines import EngineLoadError, load_engine, select_backend
+        from agent.engines import EngineLoadError, choose_backend, load_engine
         from agent.engines.cache import EngineCache
         from agent.engines.targets import check_targets
         from agent.gate import run_gate
@@ -211,9 +211,11 @@ def child_main() -> int:
         # engine cache, so a rebuild after eviction or a rollback reuses the tactics;
         # ONNX Runtime ignores the option.
         timing = req.get("timing_cache_dir") or Path(req["cache_root"]) / "timing"
-        backend = select_backend(req["backend"], timing_cache_dir=Path(timing))
+        choice = choose_backend(req["backend"], timing_cache_dir=Path(timing),
+                                allow_cpu_fallback=req.get("allow_cpu_fallback", True))  # fmt: skip
+        backend = choice.backend
         build = BuildOptions.model_validate(req["build"])
-        hardware = detect_hardware(backend)
+        hardware = detect_hardware(backend, backend_fallback=choice.fallback)
         if req.get("mode") == "ensure" and req.get("engine"):
             # A rollback target: keep its engine when it loads here (same file, same
             # TensorRT version); rebuild it from the held bundle when it does not.

@@ -46,6 +46,7 @@ L4T_TO_JETPACK: list[tuple[tuple[int, int, int], str]] = [
     ((36, 4, 0), "6.1"),
     ((36, 4, 3), "6.2"),
     ((36, 4, 4), "6.2.1"),
+    ((38, 2, 0), "7.0"),  # JetPack 7: Jetson Thor
 ]
 
 _RELEASE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?")
@@ -64,6 +65,8 @@ class HardwareProfile:
     machine: str  # "aarch64"
     cpu_count: int
     memory_bytes: int | None
+    # Why `backend = auto` runs ONNX Runtime on the CPU on this Jetson; None: it does not.
+    backend_fallback: str | None = None
 
     @property
     def is_jetson(self) -> bool:
@@ -144,13 +147,19 @@ def _tensorrt_version(root: Path) -> str | None:
     return None
 
 
-def _memory_bytes(root: Path) -> int | None:
-    text = _read(root / "proc" / "meminfo")
-    m = re.search(r"^MemTotal:\s+(\d+)\s+kB", text or "", re.MULTILINE)
+def meminfo_bytes(field: str, root: Path = Path("/")) -> int | None:
+    """A /proc/meminfo field ("MemTotal", "MemAvailable") in bytes; None if absent."""
+    text = _read(Path(root) / "proc" / "meminfo")
+    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text or "", re.MULTILINE)
     return int(m.group(1)) * 1024 if m else None
 
 
-def detect_hardware(backend: Backend | None = None, *, root: Path = Path("/")) -> HardwareProfile:
+def detect_hardware(
+    backend: Backend | None = None,
+    *,
+    root: Path = Path("/"),
+    backend_fallback: str | None = None,
+) -> HardwareProfile:
     root = Path(root)
     release = _read(root / "etc" / "nv_tegra_release")
     l4t = parse_nv_tegra_release(release) if release else None
@@ -177,5 +186,6 @@ def detect_hardware(backend: Backend | None = None, *, root: Path = Path("/")) -
         dla_cores=dla,
         machine=platform.machine(),
         cpu_count=os.cpu_count() or 1,
-        memory_bytes=_memory_bytes(root),
+        memory_bytes=meminfo_bytes("MemTotal", root),
+        backend_fallback=backend_fallback,
     )

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from agent.engines import Engine, EngineError, load_engine
+from agent.engines import Engine, EngineError, EngineLoadError, load_engine
 from agent.engines.api import ENGINE_FILENAME
 from agent.livestats import MAX_SAMPLES_PER_DATAGRAM, encode_report
 
@@ -57,14 +58,23 @@ class _Slot:
             self.inflight -= 1
             close = self.retired and self.inflight == 0
         if close:
-            self.engine.close()
+            self._close()
 
     def retire(self) -> None:
         with self.lock:
             self.retired = True
             close = self.inflight == 0
         if close:
+            self._close()
+
+    def _close(self) -> None:
+        # A retired engine that fails to close must not fail the request that released
+        # it, nor the swap that retired it.
+        try:
             self.engine.close()
+        except Exception as e:
+            log.error("runtime_engine_close_failed", version=self.version,
+                      error=f"{type(e).__name__}: {e}")  # fmt: skip
 
 
 class _Reporter:
@@ -125,12 +135,16 @@ class ModelRuntime:
         report_batch: int = 32,
         report_interval_s: float = 0.25,
         engine_options: dict[str, Any] | None = None,
+        engine_loader: Callable[..., Engine] = load_engine,
     ) -> None:
         self.name = name
         self.data_dir = Path(data_dir)
         self.current = self.data_dir / "models" / name / "current"
         self.check_interval_s = check_interval_s
         self.engine_options = dict(engine_options or {})
+        # How an engine file becomes an Engine: by its sidecar's backend unless a service
+        # brings its own loader (e.g. a backend jetfleet does not ship).
+        self._engine_loader = engine_loader
         self._slot_lock = threading.Lock()
         self._loading = threading.Lock()
         self._next_check = 0.0
@@ -219,7 +233,16 @@ class ModelRuntime:
 
     def _load(self, target: str) -> _Slot:
         version_dir = (self.current.parent / target).resolve()
-        engine = load_engine(version_dir / ENGINE_FILENAME, **self.engine_options)
+        try:
+            engine = self._engine_loader(version_dir / ENGINE_FILENAME, **self.engine_options)
+        except EngineError:
+            raise
+        except Exception as e:
+            # A TypeError (bf16/fp8 I/O), pycuda's LogicError or a MemoryError is as much a
+            # load failure as a corrupt file: the swap must neither die nor retry forever.
+            raise EngineLoadError(
+                f"loading {version_dir.name} failed: {type(e).__name__}: {e}"
+            ) from e
         log.info("runtime_engine_loaded", model=self.name, version=version_dir.name)
         return _Slot(engine=engine, target=target, version=version_dir.name)
 

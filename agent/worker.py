@@ -351,6 +351,7 @@ class Worker:
         self._step(job, JobState.BUILDING, bundle=str(dest))
         request = {
             "backend": self.config.backend,
+            "allow_cpu_fallback": self.config.allow_cpu_fallback,
             "cache_root": str(Path(self.config.data_dir) / "engines"),
             "timing_cache_dir": str(Path(self.config.data_dir) / "engines" / "timing"),
             "cache_bytes": self.config.limits.engine_cache_mb * 2**20,
@@ -657,6 +658,7 @@ class Worker:
             "mode": "ensure",
             "engine": str(engine) if why is None else None,
             "backend": self.config.backend,
+            "allow_cpu_fallback": self.config.allow_cpu_fallback,
             "cache_root": str(Path(self.config.data_dir) / "engines"),
             "timing_cache_dir": str(Path(self.config.data_dir) / "engines" / "timing"),
             "cache_bytes": self.config.limits.engine_cache_mb * 2**20,

@@ -65,7 +65,8 @@ def time_copies(nbytes: int, reps: int, stream: cb.Stream) -> dict[str, Any]:
             t0 = time.perf_counter()
             timer.start()
             op(host, stream)
-            ev.append(timer.stop())  # waits for the end event
+            timer.stop()
+            ev.append(timer.elapsed_ms())  # waits for the end event
             wall.append((time.perf_counter() - t0) * 1e3)
         med = float(np.median(ev))
         out[name] = {

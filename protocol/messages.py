@@ -269,6 +269,9 @@ class HardwareProfile(BaseModel):
     compute_capability: str | None = None
     backend: str | None = None  # engine backend in use: tensorrt | onnxruntime
     backend_version: str | None = None
+    # Set when backend = auto runs ONNX Runtime on the CPU because TensorRT cannot run
+    # (e.g. pycuda missing): the reason, for the operator to fix.
+    backend_fallback: str | None = None
 
 
 class ModelSlot(BaseModel):

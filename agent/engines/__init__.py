@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from agent.engines.sidecar import verify_engine_file
 __all__ = [
     "BACKENDS",
     "Backend",
+    "BackendChoice",
     "BuildError",
     "Engine",
     "EngineError",
@@ -33,6 +35,7 @@ __all__ = [
     "InferenceError",
     "TargetMismatchError",
     "UnsupportedError",
+    "choose_backend",
     "load_engine",
     "select_backend",
     "tensorrt_available",
@@ -44,7 +47,7 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime")
 
 def tensorrt_available() -> bool:
     """True where both TensorRT's Python bindings and pycuda are importable (no import)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda"))
+    return _tensorrt_missing() is None
 
 
 def _params(cls: Any) -> set[str]:
@@ -67,6 +70,12 @@ def _construct(cls: Any, options: dict[str, Any], *, strict: bool) -> Any:
     return cls(**{k: v for k, v in options.items() if k in accepted})
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: Backend
+    fallback: str | None  # why `auto` did not get TensorRT on a Jetson; None: no fallback
+
+
 def select_backend(name: str = "auto", **options: Any) -> Backend:
     """The backend named by config (`backend = auto | tensorrt | onnxruntime`).
 
@@ -80,30 +89,73 @@ def select_backend(name: str = "auto", **options: Any) -> Backend:
                  inter_op_threads (1), trt_ep_cache_dir
     tensorrt:    timing_cache_dir (None: no timing cache kept), device_index (0)
     """
-    return _select(name, options, strict=name != "auto")
+    return choose_backend(name, **options).backend
 
 
-def _select(name: str, options: dict[str, Any], *, strict: bool) -> Backend:
+def choose_backend(
+    name: str = "auto", *, allow_cpu_fallback: bool = True, **options: Any
+) -> BackendChoice:
+    """select_backend, also saying why `auto` fell back from TensorRT to ONNX Runtime on the
+    CPU (10-50x slower). The fallback is a loud warning; with allow_cpu_fallback=False it
+    is an UnsupportedError instead."""
     if name not in BACKENDS:
         raise UnsupportedError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
-    backend: Backend | None = None
-    if name == "tensorrt" or (name == "auto" and tensorrt_available()):
-        from agent.engines.tensorrt_backend import TensorRTBackend
+    strict = name != "auto"
+    fallback: str | None = None
+    if name == "tensorrt":
+        return BackendChoice(_tensorrt(options, strict=True), None)
+    if name == "auto":
+        fallback = _tensorrt_missing()
+        if fallback is None:
+            try:
+                return BackendChoice(_tensorrt(options, strict=False), None)
+            except UnsupportedError as e:  # e.g. JetPack 6.0's TensorRT 8.6, no GPU visible
+                fallback = e.reason
+    if fallback is not None and (_on_jetson() or _importable("tensorrt")):
+        if not allow_cpu_fallback:
+            raise UnsupportedError(
+                f"the agent config refuses a CPU fallback (allow_cpu_fallback = false) and "
+                f"TensorRT cannot run here: {fallback}"
+            )
+        log.warning("tensorrt_unusable_falling_back_to_cpu", reason=fallback,
+                    backend="onnxruntime", slower="10-50x")  # fmt: skip
+    else:
+        fallback = None  # a PC without TensorRT: ONNX Runtime is the expected backend
+    from agent.engines.onnxruntime_backend import OnnxRuntimeBackend
 
-        try:
-            backend = _construct(TensorRTBackend, options, strict=strict)
-        except UnsupportedError as e:
-            if name == "tensorrt":
-                raise
-            # auto on a device whose TensorRT is unusable (e.g. JetPack 6.0 ships 8.6, or
-            # no GPU visible): ONNX Runtime still runs the bundle; say why, once.
-            log.warning("tensorrt_unusable_falling_back", reason=e.reason)
-    if backend is None:
-        from agent.engines.onnxruntime_backend import OnnxRuntimeBackend
-
-        backend = _construct(OnnxRuntimeBackend, options, strict=strict)
+    backend = _construct(OnnxRuntimeBackend, options, strict=strict)
     log.debug("backend_selected", requested=name, backend=backend.name, version=backend.version)
+    return BackendChoice(backend, fallback)
+
+
+def _tensorrt(options: dict[str, Any], *, strict: bool) -> Backend:
+    from agent.engines.tensorrt_backend import TensorRTBackend
+
+    backend: Backend = _construct(TensorRTBackend, options, strict=strict)
     return backend
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _on_jetson() -> bool:
+    return Path("/etc/nv_tegra_release").is_file()
+
+
+def _tensorrt_missing() -> str | None:
+    """Why TensorRT cannot even be tried (a missing module), else None."""
+    if not _importable("tensorrt"):
+        return (
+            "the tensorrt Python module is not installed: JetPack's python3-libnvinfer, and "
+            "the agent's venv needs --system-site-packages"
+        )
+    if not _importable("pycuda"):
+        return (
+            "pycuda is not installed: it builds from source on JetPack 6 and needs nvcc, "
+            "PATH=/usr/local/cuda/bin:$PATH pip install pycuda in the agent's venv"
+        )
+    return None
 
 
 def load_engine(engine_path: Path, **options: Any) -> Engine:
@@ -118,7 +170,12 @@ def load_engine(engine_path: Path, **options: Any) -> Engine:
     meta = verify_engine_file(engine_path)
     if meta.backend not in ("tensorrt", "onnxruntime"):
         raise EngineLoadError(f"engine {engine_path} names an unknown backend {meta.backend!r}")
-    backend = _select(meta.backend, options, strict=False)
+    if meta.backend == "tensorrt":
+        backend = _tensorrt(options, strict=False)
+    else:
+        from agent.engines.onnxruntime_backend import OnnxRuntimeBackend
+
+        backend = _construct(OnnxRuntimeBackend, options, strict=False)
     if meta.backend == "tensorrt" and backend.version != meta.backend_version:
         raise EngineLoadError(
             f"engine {engine_path} was built by TensorRT {meta.backend_version} but this "

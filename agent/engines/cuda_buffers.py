@@ -7,6 +7,11 @@ handle; everything it gets from here is a plain int or a numpy array.
 The CUDA primary context is retained once and pushed around each operation, because a
 pycuda context is current per thread and the runtime library calls us from the robot's
 own threads.
+
+Everything here that holds CUDA memory or handles (Stream, EventTimer, DeviceBuffer,
+PinnedStaging) has an explicit close()/free(), to be called with the context pushed: a
+pycuda object destroyed by the garbage collector on another thread, outside the context,
+leaks its handle and prints a warning.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class DeviceInfo:
     name: str
     compute_capability: str  # "8.7"
     total_memory: int
+    integrated: bool  # a Jetson's GPU: it shares the system's RAM
 
 
 def device_info(device_index: int = 0) -> DeviceInfo:
@@ -73,7 +79,10 @@ def device_info(device_index: int = 0) -> DeviceInfo:
     cuda.init()
     dev = cuda.Device(device_index)
     major, minor = dev.compute_capability()
-    return DeviceInfo(device_index, str(dev.name()), f"{major}.{minor}", int(dev.total_memory()))
+    integrated = bool(dev.get_attribute(cuda.device_attribute.INTEGRATED))
+    return DeviceInfo(
+        device_index, str(dev.name()), f"{major}.{minor}", int(dev.total_memory()), integrated
+    )
 
 
 def mem_get_info() -> tuple[int, int]:
@@ -96,6 +105,10 @@ class Stream:
     @property
     def raw(self) -> Any:
         return self._stream
+
+    def close(self) -> None:
+        """Destroy the stream now (call with the context pushed)."""
+        self._stream = None
 
 
 class DeviceBuffer:
@@ -154,19 +167,35 @@ class PinnedStaging:
             self._buf = pinned_empty((max(1, nbytes),), np.uint8)
         return self._buf[:nbytes].view(dt).reshape(shape)
 
+    def close(self) -> None:
+        """Free the page-locked memory now (call with the context pushed)."""
+        self._buf = None
+
 
 class EventTimer:
-    """GPU-side elapsed time between two points on a stream, in milliseconds."""
+    """GPU-side elapsed time between two points on a stream, in milliseconds.
+
+    start() and stop() only record events on the stream; elapsed_ms() reads the time
+    once the caller has synchronized the stream anyway (no extra host sync per use).
+    """
 
     def __init__(self, stream: Stream) -> None:
         cuda = _driver()
         self._stream = stream
-        self._begin_event, self._finish_event = cuda.Event(), cuda.Event()
+        self._begin_event: Any = cuda.Event()
+        self._finish_event: Any = cuda.Event()
 
     def start(self) -> None:
         self._begin_event.record(self._stream.raw)
 
-    def stop(self) -> float:
+    def stop(self) -> None:
         self._finish_event.record(self._stream.raw)
-        self._finish_event.synchronize()
+
+    def elapsed_ms(self) -> float:
+        """After the stream (or the finish event) has been synchronized."""
+        self._finish_event.synchronize()  # a no-op wait when the stream already was
         return float(self._begin_event.time_till(self._finish_event))
+
+    def close(self) -> None:
+        """Destroy both events now (call with the context pushed)."""
+        self._begin_event = self._finish_event = None

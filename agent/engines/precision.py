@@ -59,3 +59,29 @@ def check_precision(precision: str, trt_version: str, traits: set[str]) -> None:
             "networks only and this model is fp32 throughout: rebuild the bundle with "
             "`jetfleet bundle build --precision fp16` so that the fp16 weights come in the model"
         )
+
+
+def builder_flags(precision: str, trt_major: int) -> list[str]:
+    """The BuilderFlag names a weakly typed (10.x) build sets for `precision`; none on 11.x.
+
+    int8 also allows fp16, as NVIDIA's int8 samples do: layers without Q/DQ nodes would
+    otherwise run in fp32.
+    """
+    if trt_major >= 11:
+        return []
+    return {"fp16": ["FP16"], "int8": ["INT8", "FP16"]}.get(precision, [])
+
+
+def dla_core_to_use(dla_core: int | None, dla_cores: int, precision: str) -> tuple[int | None, str]:
+    """(the DLA core to build for or None for the GPU, where the engine runs, in words).
+
+    The bundle cannot know every robot's SoC (an Orin Nano has no DLA) and DLA runs fp16 and
+    int8 only: both fall back to the GPU, said in the words rather than hidden.
+    """
+    if dla_core is None:
+        return None, "gpu"
+    if dla_core >= dla_cores:
+        return None, f"gpu (DLA core {dla_core} asked, this device has {dla_cores} DLA cores)"
+    if precision == "fp32":
+        return None, f"gpu (DLA core {dla_core} asked, but DLA runs fp16/int8 only: bundle is fp32)"
+    return dla_core, f"dla{dla_core}+gpu_fallback"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from agent.engines.api import Backend, TargetMismatchError
-from agent.hardware import HardwareProfile, parse_version, version_at_least
+from agent.hardware import L4T_TO_JETPACK, HardwareProfile, parse_version, version_at_least
 from protocol.manifest import BuildOptions, Targets
 
 
@@ -30,6 +30,16 @@ def _check_version_field(field: str, value: str) -> None:
         parse_version(value)
     except ValueError as e:
         raise TargetMismatchError(f"bundle target {field} {value!r} is not a version") from e
+
+
+def _unmapped_l4t(l4t: str) -> str:
+    newest = L4T_TO_JETPACK[-1][0]
+    if parse_version(l4t)[0] > newest[0]:
+        return (
+            f"newer than this agent's L4T table (up to R{'.'.join(map(str, newest))}): "
+            "upgrade jetfleet-agent"
+        )
+    return "older than any JetPack we know"
 
 
 def check_targets(
@@ -59,7 +69,7 @@ def check_targets(
                 "JetPack (no /etc/nv_tegra_release)"
                 if hardware.l4t is None
                 else f"the bundle needs JetPack >= {targets.min_jetpack}; this device runs "
-                f"L4T {hardware.l4t}, which is older than any JetPack we know"
+                f"L4T {hardware.l4t}, {_unmapped_l4t(hardware.l4t)}"
             )
         if not version_at_least(hardware.jetpack, targets.min_jetpack):
             raise TargetMismatchError(

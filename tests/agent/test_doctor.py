@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -76,8 +77,12 @@ def fake_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     site = tmp_path / "site"
     site.mkdir()
     (site / "tensorrt.py").write_text('__version__ = "10.3.0"\n')
+    (site / "pycuda").mkdir()
+    (site / "pycuda" / "__init__.py").write_text("")
+    (site / "pycuda" / "driver.py").write_text("")
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    for name in ("tensorrt", "pycuda", "pycuda.driver"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return site
 
 
@@ -100,6 +105,7 @@ def test_a_healthy_orin_with_a_reachable_broker_passes_every_check(
         "config",
         "jetpack",
         "tensorrt",
+        "pycuda",
         "gpu",
         "disk",
         "memory",
@@ -358,3 +364,24 @@ def test_the_trust_check_follows_rotations_the_agent_accepted(
     assert doctor._load_trust(config, NOW)[1].detail.startswith(f"{trust}: version 2")
     clock = doctor.check_clock(config, NOW, tmp_path)
     assert clock.status == WARN and "expires in 20 day(s)" in clock.detail
+
+
+def _without_pycuda(name: str) -> Any:
+    if name.startswith("pycuda"):
+        raise ModuleNotFoundError("No module named 'pycuda'")
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize(
+    ("backend", "top", "status"),
+    [("auto", "", WARN), ("auto", "allow_cpu_fallback = false", FAIL), ("tensorrt", "", FAIL)],
+)
+def test_tensorrt_without_pycuda_is_reported_with_the_nvcc_fix(
+    tmp_path: Path, trust_file: Path, fake_tensorrt: Path, backend: str, top: str, status: str
+) -> None:
+    path = write_config(tmp_path, trust_file, "mqtt://x", backend=backend, top=top)
+    result = doctor.check_pycuda(doctor.load_config(path), _without_pycuda)
+    assert result.status == status
+    assert "TensorRT engines cannot run" in result.detail
+    assert ("10-50x slower" in result.detail) == (backend == "auto")
+    assert "nvcc" in result.fix and "pip install pycuda" in result.fix

@@ -46,7 +46,11 @@ def test_event_timer_measures_a_copy_and_works_from_another_thread() -> None:
             timer = cb.EventTimer(stream)
             timer.start()
             buf.upload(host, stream)
-            results.append(timer.stop())
+            timer.stop()
+            stream.synchronize()
+            results.append(timer.elapsed_ms())
+            timer.close()
+            stream.close()
             buf.free()
 
     t = threading.Thread(target=run)

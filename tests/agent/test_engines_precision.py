@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.engines import UnsupportedError
-from agent.engines.precision import check_precision, model_traits
+from agent.engines.precision import builder_flags, check_precision, dla_core_to_use, model_traits
+from agent.engines.tensorrt_backend import default_workspace_bytes
 from tests.models import make_mlp
 
 
@@ -65,3 +66,31 @@ def test_int8_needs_an_explicitly_quantized_model_on_every_tensorrt(version: str
     with pytest.raises(UnsupportedError, match=r"Q/DQ.*--calibration"):
         check_precision("int8", version, set())
     check_precision("int8", version, {"qdq"})
+
+
+@pytest.mark.parametrize(
+    ("precision", "major", "flags"),
+    [("fp32", 10, []), ("fp16", 10, ["FP16"]), ("int8", 10, ["INT8", "FP16"]),
+     ("fp16", 11, []), ("int8", 11, [])],
+)  # fmt: skip
+def test_weakly_typed_int8_also_allows_fp16_and_strongly_typed_sets_no_flag(
+    precision: str, major: int, flags: list[str]
+) -> None:
+    # int8 alone leaves every layer without Q/DQ nodes in fp32 (NVIDIA's samples set both).
+    assert builder_flags(precision, major) == flags
+
+
+def test_dla_is_used_only_for_a_core_that_exists_and_a_precision_it_runs() -> None:
+    assert dla_core_to_use(None, 2, "fp16") == (None, "gpu")
+    assert dla_core_to_use(1, 2, "fp16") == (1, "dla1+gpu_fallback")
+    assert dla_core_to_use(0, 2, "int8") == (0, "dla0+gpu_fallback")
+    core, where = dla_core_to_use(0, 2, "fp32")
+    assert core is None and where.startswith("gpu") and "fp16/int8 only" in where
+    core, where = dla_core_to_use(1, 0, "fp16")
+    assert core is None and "this device has 0 DLA cores" in where
+
+
+def test_the_default_build_workspace_is_half_the_free_memory_with_a_floor() -> None:
+    # An Orin's GPU shares the robot's RAM: an uncapped build can starve its own service.
+    assert default_workspace_bytes(6 << 30) == 3 << 30
+    assert default_workspace_bytes(0) == 16 << 20

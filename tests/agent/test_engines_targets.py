@@ -73,3 +73,23 @@ def test_minimum_tensorrt_binds_tensorrt_builds_only() -> None:
 
 def test_no_targets_admit_any_device(tmp_path: Path) -> None:
     check_targets(Targets(), detect_hardware(root=tmp_path), select_backend("onnxruntime"))
+
+
+def _jetson_root(tmp_path: Path, release: str) -> Path:
+    (tmp_path / "etc").mkdir(parents=True)
+    (tmp_path / "etc" / "nv_tegra_release").write_text(
+        f"# {release} (release), REVISION: 2.0, GCID: 41844464, BOARD: generic, EABI: aarch64\n"
+    )
+    return tmp_path
+
+
+def test_jetpack_7_on_r38_meets_a_jetpack_6_minimum(tmp_path: Path) -> None:
+    hw = detect_hardware(root=_jetson_root(tmp_path, "R38"))
+    assert (hw.l4t, hw.jetpack) == ("38.2.0", "7.0")
+    check_targets(Targets(min_jetpack="6.1"), hw, select_backend("onnxruntime"))
+
+
+def test_a_release_newer_than_the_table_says_so_rather_than_older(tmp_path: Path) -> None:
+    hw = detect_hardware(root=_jetson_root(tmp_path, "R39"))
+    with pytest.raises(TargetMismatchError, match=r"L4T 39.2.0, newer than this agent's L4T"):
+        check_targets(Targets(min_jetpack="6.1"), hw, select_backend("onnxruntime"))

@@ -47,7 +47,8 @@ def test_a_machine_without_jetson_files_is_not_a_jetson(tmp_path: Path) -> None:
     ("l4t", "jetpack"),
     [("36.3.0", "6.0"), ("36.4.0", "6.1"), ("36.4.3", "6.2"), ("36.4.4", "6.2.1"),
      ("35.1.0", "5.0.2"), ("35.2.1", "5.1"), ("35.5.0", "5.1.3"), ("32.7.4", "4.6.4"),
-     ("36.9.0", "6.2.1"), ("34.1.0", None)],
+     ("36.9.0", "6.2.1"), ("34.1.0", None), ("38.2.0", "7.0"), ("38.4.0", "7.0"),
+     ("39.0.0", None)],
 )  # fmt: skip
 def test_l4t_maps_to_jetpack_with_newer_releases_as_a_lower_bound(
     l4t: str, jetpack: str | None

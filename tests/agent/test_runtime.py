@@ -6,11 +6,12 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from agent.engines import select_backend
+from agent.engines import EngineLoadError, load_engine, select_backend
 from agent.engines.cache import EngineCache
 from agent.engines.sidecar import sidecar_path
 from agent.livestats import LiveStats
@@ -143,3 +144,55 @@ def test_latencies_reach_the_agent_and_inference_ignores_an_absent_agent(device:
                 assert time.monotonic() < deadline, f"only {w}"
                 time.sleep(0.01)
             assert w.version == "1.0.0" and 0 < w.p50_ms <= w.p99_ms
+
+
+class EngineThatCannotLoad:
+    """A backend's engine whose construction fails the way TensorRT's can: a TypeError from
+    `trt.nptype` on bf16 I/O, or pycuda running out of (shared) memory."""
+
+    def __init__(self, error: BaseException) -> None:
+        raise error
+
+
+def loader_failing_for(version: str, error: Exception, calls: list[str]) -> Any:
+    def load(path: Path, **options: Any) -> Any:
+        calls.append(path.parent.name)
+        if path.parent.name == version:
+            return EngineThatCannotLoad(error)
+        return load_engine(path, **options)
+
+    return load
+
+
+@pytest.mark.parametrize(
+    "error",
+    [TypeError("data type not understood"), MemoryError("cuMemAlloc failed: out of memory")],
+    ids=["bf16-io-TypeError", "MemoryError"],
+)
+def test_a_new_engine_failing_with_any_exception_keeps_the_old_one_and_is_not_retried(
+    device: Device, error: Exception
+) -> None:
+    calls: list[str] = []
+    loader = loader_failing_for("2.0.0", error, calls)
+    with ModelRuntime(
+        "det", device.root, report=False, check_interval_s=0.0, engine_loader=loader
+    ) as rt:
+        device.activate("2.0.0")
+        for _ in range(50):  # every request checks `current` (check_interval_s=0)
+            np.testing.assert_allclose(rt.infer(FEEDS)["y"], device.golden["1.0.0"], rtol=1e-5)
+            time.sleep(0.002)
+        assert rt.version == "1.0.0"
+        assert calls.count("2.0.0") == 1, f"the failed target was loaded {calls.count('2.0.0')}x"
+        assert rt.refresh(wait=True) is False  # the blocking path does not raise either
+        # The swap machinery is still alive: the next version swaps in.
+        device.install("3.0.0", seed=3)
+        device.activate("3.0.0")
+        assert rt.refresh(wait=True) is True and rt.version == "3.0.0"
+
+
+def test_a_first_load_failing_with_a_foreign_exception_is_an_engine_load_error(
+    device: Device,
+) -> None:
+    loader = loader_failing_for("1.0.0", TypeError("data type not understood"), [])
+    with pytest.raises(EngineLoadError, match=r"1\.0\.0 failed: TypeError: data type"):
+        ModelRuntime("det", device.root, report=False, engine_loader=loader)
