@@ -244,6 +244,9 @@ class ReasonCode(str, Enum):
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"
+    # The device's state.db was corrupt and started fresh: on its own event, and on every
+    # command issued before that (the device can no longer tell it from a replay).
+    STATE_RESET = "state_reset"
     NOT_CANCELABLE = "not_cancelable"  # a cancel naming an unknown job or one already activating
     INTERNAL = "internal"
 

@@ -68,28 +68,32 @@ def test_signed_rollback_naming_a_path_is_refused_and_creates_nothing_outside(
     # data_dir/models. Before the fix the agent switched its links and ran the hook.
     outside = tmp_path / "outside"
     shutil.copytree(data / "models/detector/versions", outside / "versions", symlinks=True)
-    with EventCollector(mosquitto.url, DEV) as events, Publisher(mosquitto.url) as pub:
-        with AgentProcess(cfg) as agent:
-            events.wait_online()
-            before = _tree(tmp_path, data)
-            cid, env = _signed_raw(
-                trust_material, "rollback", {"model": "../../outside", "to_version": "1.0.0"}
-            )
-            pub.publish(Topics().device_cmd(DEV), env)
-            rej = events.wait_terminal(cid)
-            assert rej.state.value == "REJECTED"
-            assert rej.code == "malformed"
-            assert rej.reason is not None and "\n" not in rej.reason
-            assert "invalid model name '../../outside'" in rej.reason
-            # The agent is still answering.
-            ping = make_command(DEV, "ping")
-            pub.publish(
-                Topics().device_cmd(DEV),
-                sign(ping.encode(), COMMAND_PAYLOAD_TYPE, [trust_material.operator]).encode(),
-            )
-            events.wait_state(ping.command_id, "SUCCEEDED")
-            assert agent.alive()
-            assert _tree(tmp_path, data) - before == set()
+    with (
+        EventCollector(mosquitto.url, DEV) as events,
+        Publisher(mosquitto.url) as pub,
+        AgentProcess(cfg) as agent,
+    ):
+        events.wait_online()
+        before = _tree(tmp_path, data)
+        cid, env = _signed_raw(
+            trust_material, "rollback", {"model": "../../outside", "to_version": "1.0.0"}
+        )
+        pub.publish(Topics().device_cmd(DEV), env)
+        rej = events.wait_terminal(cid)
+        assert rej.state.value == "REJECTED"
+        assert rej.code == "malformed"
+        assert rej.reason is not None and "\n" not in rej.reason
+        assert "invalid model name '../../outside'" in rej.reason
+        # The agent is still answering.
+        ping = make_command(DEV, "ping")
+        pub.publish(
+            Topics().device_cmd(DEV),
+            sign(ping.encode(), COMMAND_PAYLOAD_TYPE, [trust_material.operator]).encode(),
+        )
+        events.wait_state(ping.command_id, "SUCCEEDED")
+        assert agent.alive()
+        assert _tree(tmp_path, data) - before == set()
+
     assert not (outside / "current").exists() and not (outside / "current").is_symlink()
 
 
