@@ -278,7 +278,7 @@ class Agent:
         started = time.monotonic()
         wd = sdnotify.watchdog_interval()
         last_wd = 0.0
-        last_purge = 0.0
+        last_purge = float("-inf")  # at start too: a restart loop must not skip it
         last_status_text = ""
         last_status = 0.0
         while not self.stop_event.is_set():

@@ -108,6 +108,18 @@ def _corrupt(path: Path, detail: str) -> StoreCorruptError:
     return StoreCorruptError(f"state database {path} is corrupt ({detail})")
 
 
+@contextmanager
+def _corruption_named(path: Path) -> Iterator[None]:
+    """SQLITE_CORRUPT / SQLITE_NOTADB become StoreCorruptError; an OperationalError (cannot
+    open, permissions, I/O, read-only) is not the file's fault and passes unchanged."""
+    try:
+        yield
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:
+        raise _corrupt(path, str(e)) from e
+
+
 class Store:
     """Thread-safe access to state.db; every write commits (fsync) before returning.
 
@@ -119,20 +131,15 @@ class Store:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = self._connect_readonly() if readonly else self._connect()
-        try:
-            self._check()
-            if not readonly:
-                self._init_schema()
-        except sqlite3.OperationalError:
-            self._db.close()
-            raise
-        except sqlite3.DatabaseError as e:  # SQLITE_CORRUPT, SQLITE_NOTADB
-            self._db.close()
-            raise _corrupt(self.path, str(e)) from e
-        except StoreCorruptError:
-            self._db.close()
-            raise
+        with _corruption_named(self.path):
+            self._db = self._connect_readonly() if readonly else self._connect()
+            try:
+                self._check()
+                if not readonly:
+                    self._init_schema()
+            except BaseException:
+                self._db.close()
+                raise
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +164,9 @@ class Store:
                 db.close()
                 if query == "immutable=1":
                     raise
+            except sqlite3.DatabaseError:
+                db.close()
+                raise
         raise AssertionError("unreachable")
 
     def _check(self) -> None:
