@@ -246,17 +246,28 @@ class Store:
             (command_id, expires_at),
         )
 
-    def prune_jobs(self, now: float, *, keep: int = 1000, max_age_s: float = 30 * 86400) -> int:
-        """Forget finished jobs beyond the newest `keep` or older than `max_age_s`: a
-        busy device (~2.3 KB a job) must not grow its database for a month. Their
-        command ids stay in `seen` until they expire, so replay defense is unaffected."""
+    def prune_jobs(
+        self,
+        now: float,
+        *,
+        keep: int = 1000,
+        max_age_s: float = 30 * 86400,
+        min_keep: int = 20,
+    ) -> int:
+        """Forget finished jobs beyond the newest `keep` (a busy robot writes ~2.3 KB a
+        job), and those older than `max_age_s` but for the newest `min_keep` (what
+        `status` shows of a quiet device). Their command ids stay in `seen` until they
+        expire, so replay defense is unaffected."""
         marks = ",".join("?" for _ in ACTIVE_STATES)
+        newest = (
+            f"SELECT rowid FROM jobs WHERE state NOT IN ({marks}) "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT ?"
+        )
         with self.tx() as db:
             cur = db.execute(
-                f"DELETE FROM jobs WHERE state NOT IN ({marks}) AND (updated_at < ? OR rowid "
-                f"NOT IN (SELECT rowid FROM jobs WHERE state NOT IN ({marks}) "
-                "ORDER BY updated_at DESC, rowid DESC LIMIT ?))",
-                (*ACTIVE_STATES, now - max_age_s, *ACTIVE_STATES, keep),
+                f"DELETE FROM jobs WHERE state NOT IN ({marks}) AND (rowid NOT IN ({newest}) "
+                f"OR (updated_at < ? AND rowid NOT IN ({newest})))",
+                (*ACTIVE_STATES, *ACTIVE_STATES, keep, now - max_age_s, *ACTIVE_STATES, min_keep),
             )
             return cur.rowcount
 

@@ -172,3 +172,16 @@ def test_a_busy_month_of_jobs_is_bounded_by_count_at_agent_start(
         assert store.recent_jobs(1)[0].command_id == "cid-1299"
     finally:
         store.close()
+
+
+def test_a_quiet_device_keeps_its_last_jobs_and_forgets_older_ones(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    with store.tx() as db:
+        for i in range(30):
+            store.insert_job(db, JobRecord(f"c{i}", "ping", JobState.SUCCEEDED, *[None] * 4))
+        store.insert_job(db, JobRecord("live", "deploy", JobState.QUEUED, *[None] * 4))
+    two_months_on = time.time() + 60 * 86400
+    assert store.prune_jobs(two_months_on, min_keep=5) == 25
+    assert store.job("live") is not None and store.job("c29") is not None
+    assert store.job("c24") is None and store.job_count() == 6
+    store.close()
