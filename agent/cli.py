@@ -75,6 +75,8 @@ def run(
     """Run the daemon (systemd Type=notify) until SIGTERM."""
     configure_logging(log_level)
     cfg = _config(config)
+    import sqlite3
+
     from agent.daemon import AgentLockedError, run_agent
     from protocol.errors import ProtocolError
     from protocol.transport import TransportConfigError
@@ -91,6 +93,8 @@ def run(
         fail(f"trust root {cfg.trust_root}: {e.reason}", EXIT_VERIFY)
     except OSError as e:
         fail(f"{e}", EXIT_FAILED)
+    except sqlite3.Error as e:  # cannot open it at all (a corrupt one is moved aside)
+        fail(f"state database {Path(cfg.data_dir) / 'state.db'}: {e}", EXIT_FAILED)
 
 
 def _trust_version(cfg: AgentConfig) -> int | None:

@@ -105,6 +105,18 @@ def test_status_shows_the_trust_root_version_the_agent_holds(
     assert "trust root version 1" in _cli("status", "--config", str(cfg)).stdout
 
 
+def test_run_with_a_state_db_it_cannot_open_exits_1_naming_it(
+    tmp_path: Path, trust_material
+) -> None:
+    cfg = _cfg(tmp_path, trust_material)
+    (tmp_path / "data" / "state.db").mkdir(parents=True)  # not a file: SQLite cannot open it
+    r = _cli("run", "--config", str(cfg))
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"jetfleet-agent: state database {tmp_path / 'data' / 'state.db'}: ")
+    assert "Traceback" not in r.stderr
+
+
 def test_status_without_state_exits_1(tmp_path: Path, trust_material) -> None:
     r = _cli("status", "--config", str(_cfg(tmp_path, trust_material)))
     assert r.returncode == 1 and "has the agent run yet" in r.stderr
