@@ -133,11 +133,11 @@ class Agent:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(self.data_dir)
         self.started = time.monotonic()
-        self.store, reset = open_store(self.data_dir / "state.db")
-        self.trust = TrustStore(config.trust_root, self.data_dir, datetime.now(timezone.utc))
         self.topics = Topics(config.topic_prefix)
-        if reset is not None:
+        self.store, reset = open_store(self.data_dir / "state.db")
+        if reset is not None:  # before anything else can stop the start: said only once
             report_reset(self.store, self.topics, config.device_id, reset)
+        self.trust = TrustStore(config.trust_root, self.data_dir, datetime.now(timezone.utc))
         self.models = ModelStore(self.data_dir)
         self.stop_event = threading.Event()
         self._dirty = threading.Event()

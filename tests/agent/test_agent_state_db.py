@@ -150,7 +150,6 @@ def test_status_and_doctor_work_on_a_read_only_data_dir(
         assert disk.status == FAIL and "read-only file system" in disk.detail
         assert "remount it read-write" in disk.fix
         assert doctor.check_state(config).status == PASS
-    assert not list(writable.glob("*.corrupt-*"))
 
 
 @pytest.mark.slow
