@@ -75,12 +75,16 @@ def run(
     """Run the daemon (systemd Type=notify) until SIGTERM."""
     configure_logging(log_level)
     cfg = _config(config)
+    import sqlite3
+
     from agent.daemon import AgentLockedError, run_agent
     from protocol.errors import ProtocolError
     from protocol.transport import TransportConfigError
 
     try:
         run_agent(cfg)
+    except ConfigError as e:  # the trust_root key naming a file that cannot be read
+        fail(e.reason, EXIT_USAGE)
     except AgentLockedError as e:
         fail(str(e), EXIT_FAILED)
     except TransportConfigError as e:
@@ -89,31 +93,53 @@ def run(
         fail(f"trust root {cfg.trust_root}: {e.reason}", EXIT_VERIFY)
     except OSError as e:
         fail(f"{e}", EXIT_FAILED)
+    except sqlite3.Error as e:  # cannot open it at all (a corrupt one is moved aside)
+        fail(f"state database {Path(cfg.data_dir) / 'state.db'}: {e}", EXIT_FAILED)
 
 
-@app.command()
-def status(
-    config: Path | None = ConfigOption,
-    output: Output = typer.Option(Output.human, "--output", "-o", help="human or json"),
-    jobs: int = typer.Option(5, help="how many recent jobs to list"),
-) -> None:
-    """Print the local state: active/previous version per model, jobs, pending events."""
-    cfg = _config(config)
+def _trust_version(cfg: AgentConfig) -> int | None:
+    """The trust root version the agent holds (provisioned file + stored rotations)."""
+    from agent.truststore import TrustStore
+    from protocol.errors import ProtocolError
+
+    try:
+        trust = TrustStore(cfg.trust_root, Path(cfg.data_dir), datetime.now(timezone.utc))
+    except (ConfigError, ProtocolError):
+        return None  # `doctor` says why
+    return trust.root.version
+
+
+def _local_state(cfg: AgentConfig, jobs: int) -> dict[str, Any]:
+    """state.db opened read-only: this view must work when the disk is read-only or full."""
+    import sqlite3
+
     from agent.activation import ModelStore
     from agent.status import StatusBuilder
-    from agent.store import Store
+    from agent.store import Store, StoreError
 
     db = Path(cfg.data_dir) / "state.db"
     if not db.is_file():
         fail(f"no agent state in {cfg.data_dir} (has the agent run yet?)", EXIT_FAILED)
-    store = Store(db)
     try:
-        view = StatusBuilder(cfg.device_id, cfg.groups, store, ModelStore(cfg.data_dir)).build(
-            online=False
+        store = Store(db, readonly=True)
+    except StoreError as e:
+        fail(
+            f"{e.reason}; the agent moves it aside and starts fresh at its next start", EXIT_FAILED
         )
-        data: dict[str, Any] = view.to_dict()
+    except sqlite3.Error as e:
+        fail(f"cannot read the state database {db}: {e}", EXIT_FAILED)
+    try:
+        builder = StatusBuilder(
+            cfg.device_id,
+            cfg.groups,
+            store,
+            ModelStore(cfg.data_dir),
+            trust_version=lambda: _trust_version(cfg),
+        )
+        data: dict[str, Any] = builder.build(online=False).to_dict()
         data.pop("online", None)
         data["pending_events"] = store.outbox_size()
+        data["state_reset_at"] = store.reset_at()
         data["recent_jobs"] = [
             {
                 "command_id": j.command_id,
@@ -128,10 +154,28 @@ def status(
         ]
     finally:
         store.close()
+    return data
+
+
+@app.command()
+def status(
+    config: Path | None = ConfigOption,
+    output: Output = typer.Option(Output.human, "--output", "-o", help="human or json"),
+    jobs: int = typer.Option(5, help="how many recent jobs to list"),
+) -> None:
+    """Print the local state: active/previous version per model, jobs, pending events."""
+    configure_logging("warning")  # stderr: stdout may be JSON
+    cfg = _config(config)
+    data = _local_state(cfg, jobs)
     if output is Output.json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return
     typer.echo(f"device {cfg.device_id}  groups {', '.join(cfg.groups) or '-'}")
+    trust = data.get("trust_version")
+    typer.echo(f"trust root version {trust if trust is not None else '? (see doctor)'}")
+    if data["state_reset_at"] is not None:
+        when = datetime.fromtimestamp(data["state_reset_at"], timezone.utc)
+        typer.echo(f"state reset at {when:%Y-%m-%d %H:%M:%S}Z (state.db was corrupt)")
     models = data.get("models") or {}
     if not models:
         typer.echo("models: none installed")
@@ -166,9 +210,9 @@ def install(
     cfg = _config(config)
     if not bundle.is_file():
         fail(f"{bundle}: no such bundle file", EXIT_USAGE)
-    from agent.daemon import AgentLockedError, lock_data_dir
+    from agent.daemon import AgentLockedError, lock_data_dir, report_reset
     from agent.journal import Journal
-    from agent.store import JobRecord, Store
+    from agent.store import JobRecord, open_store
     from agent.truststore import TrustStore
     from agent.worker import Worker
     from protocol.errors import ProtocolError
@@ -182,14 +226,19 @@ def install(
     try:
         try:
             trust = TrustStore(cfg.trust_root, Path(cfg.data_dir), datetime.now(timezone.utc))
-        except (ProtocolError, OSError) as e:
-            fail(f"trust root {cfg.trust_root}: {getattr(e, 'reason', e)}", EXIT_VERIFY)
+        except ConfigError as e:
+            fail(e.reason, EXIT_USAGE)
+        except ProtocolError as e:
+            fail(f"trust root {cfg.trust_root}: {e.reason}", EXIT_VERIFY)
         h = hashlib.sha256()
         with open(bundle, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        store = Store(Path(cfg.data_dir) / "state.db")
-        journal = Journal(store, Topics(cfg.topic_prefix), cfg.device_id)
+        store, reset = open_store(Path(cfg.data_dir) / "state.db")
+        topics = Topics(cfg.topic_prefix)
+        if reset is not None:
+            report_reset(store, topics, cfg.device_id, reset)
+        journal = Journal(store, topics, cfg.device_id)
         worker = Worker(cfg, store, journal, trust)
         worker.recover()
         job = JobRecord(

@@ -188,6 +188,17 @@ class CommandProcessor:
         except Exception as e:  # pydantic corner cases etc.: never crash on a payload
             self._refuse(payload, ReasonCode.MALFORMED.value, f"unreadable command: {e}")
             return None
+        reset_at = self.store.reset_at()
+        if reset_at is not None and command.issued_at.timestamp() < reset_at:
+            # The replay table went with the corrupt state.db: an older command may have run.
+            self._refuse(
+                payload,
+                ReasonCode.STATE_RESET.value,
+                f"command {command.command_id} was issued before this device's state was "
+                "reset (its state.db was corrupt), so it cannot be told from a replay: "
+                "issue it again",
+            )
+            return None
         if self.store.seen(command.command_id):
             held = self.store.job(command.command_id)
             if dup and held is not None and held.envelope == payload:

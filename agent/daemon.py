@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,10 +35,10 @@ from agent.journal import Journal
 from agent.mqtt import AgentMqtt
 from agent.outbox import Outbox
 from agent.status import StatusBuilder
-from agent.store import Store
+from agent.store import Store, StoreReset, open_store
 from agent.truststore import TrustStore
 from agent.worker import Worker
-from protocol.messages import HardwareProfile, JobState
+from protocol.messages import HardwareProfile, JobState, ReasonCode
 from protocol.topics import Topics
 
 log = structlog.get_logger("jetfleet.agent.daemon")
@@ -68,6 +69,25 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def report_reset(store: Store, topics: Topics, device_id: str, reset: StoreReset) -> None:
+    """Say that state.db was started fresh: one log line now, one event (a FAILED pseudo-job
+    with code state_reset) that the outbox sends once connected."""
+    log.error("state_reset", reason=reset.message)
+    with store.tx() as db:
+        store.add_event(
+            db,
+            topics.events(device_id),
+            {
+                "command_id": str(uuid.uuid4()),
+                "device_id": device_id,
+                "state": JobState.FAILED,
+                "progress": 1.0,
+                "code": ReasonCode.STATE_RESET.value,
+                "reason": reset.message,
+            },
+        )
 
 
 def hardware_profile(backend: Any | None = None) -> HardwareProfile:
@@ -113,9 +133,11 @@ class Agent:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(self.data_dir)
         self.started = time.monotonic()
-        self.store = Store(self.data_dir / "state.db")
-        self.trust = TrustStore(config.trust_root, self.data_dir, datetime.now(timezone.utc))
         self.topics = Topics(config.topic_prefix)
+        self.store, reset = open_store(self.data_dir / "state.db")
+        if reset is not None:  # before anything else can stop the start: said only once
+            report_reset(self.store, self.topics, config.device_id, reset)
+        self.trust = TrustStore(config.trust_root, self.data_dir, datetime.now(timezone.utc))
         self.models = ModelStore(self.data_dir)
         self.stop_event = threading.Event()
         self._dirty = threading.Event()
@@ -257,7 +279,7 @@ class Agent:
         started = time.monotonic()
         wd = sdnotify.watchdog_interval()
         last_wd = 0.0
-        last_purge = 0.0
+        last_purge = float("-inf")  # at start too: a restart loop must not skip it
         last_status_text = ""
         last_status = 0.0
         while not self.stop_event.is_set():

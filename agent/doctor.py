@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import ssl
 import sys
 import time
@@ -31,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 from agent.hardware import detect_hardware, meminfo_bytes, parse_version
+from agent.store import Store, StoreError
 from agent.truststore import TrustStore
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError, TrustExpiredError
@@ -209,13 +211,37 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+def _not_writable(directory: Path) -> str | None:
+    """Why `directory` cannot take a new file, or None. A real write, since root ignores
+    permission bits; a read-only mount is named as such."""
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return f"{directory} is on a read-only file system"
+    probe = directory / f".doctor-write-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        return f"{directory} is not writable by {_username()}: {e.strerror or e}"
+    os.close(fd)
+    probe.unlink()
+    return None
+
+
 def check_disk(config: AgentConfig) -> CheckResult:
     minimum = config.limits.min_free_disk_mb
     target = _nearest_existing(config.data_dir)
     try:
         free_mb = shutil.disk_usage(target).free // (1024 * 1024)
+        unwritable = _not_writable(target)
     except OSError as e:
         return _result("disk", FAIL, f"cannot read free space of {target}: {e.strerror}", "")
+    if unwritable is not None:
+        return _result(
+            "disk",
+            FAIL,
+            unwritable,
+            "the agent writes its state, downloads and engines there: remount it read-write "
+            "(or point data_dir elsewhere) and make it owned by the agent's user",
+        )
     suffix = "" if target == config.data_dir else f" ({config.data_dir} does not exist yet)"
     detail = f"{free_mb} MB free on {target}{suffix}, minimum {minimum} MB"
     if free_mb < minimum:
@@ -227,6 +253,52 @@ def check_disk(config: AgentConfig) -> CheckResult:
             "limits.engine_cache_mb) or lower limits.min_free_disk_mb",
         )
     return _result("disk", PASS, detail)
+
+
+def check_state(config: AgentConfig) -> CheckResult:
+    """state.db read-only (the agent may be running), with SQLite's quick_check."""
+    db = config.data_dir / "state.db"
+    if not db.is_file():
+        return _result("state", PASS, f"no {db} yet (the agent creates it at its first start)")
+    try:
+        store = Store(db, readonly=True)
+    except StoreError as e:
+        return _result(
+            "state",
+            FAIL,
+            e.reason,
+            "restart the agent: it moves the file aside as state.db.corrupt-<time> and starts "
+            "fresh (installed models stay active; commands issued before are refused: "
+            "re-issue them)",
+        )
+    except sqlite3.Error as e:
+        return _result(
+            "state",
+            FAIL,
+            f"cannot open {db}: {e}",
+            "check that data_dir is owned by the agent's user and that the disk is healthy",
+        )
+    try:
+        jobs, pending, reset_at = store.job_count(), store.outbox_size(), store.reset_at()
+    finally:
+        store.close()
+    detail = f"{db}: integrity ok, {jobs} jobs, {pending} event(s) waiting to be sent"
+    kept = sorted(
+        p.name
+        for p in db.parent.glob("state.db.corrupt-*")
+        if not p.name.endswith(("-wal", "-shm"))
+    )
+    if reset_at is not None and kept:
+        when = datetime.fromtimestamp(reset_at, timezone.utc)
+        return _result(
+            "state",
+            WARN,
+            f"{detail}; started fresh at {when:%Y-%m-%d %H:%M}Z after corruption "
+            f"(corrupt copy: {kept[-1]})",
+            "commands issued before that were refused as state_reset: re-issue them; "
+            f"delete {kept[-1]} once it has been looked at",
+        )
+    return _result("state", PASS, detail)
 
 
 def check_memory(root: Path, minimum_mb: int) -> CheckResult:
@@ -253,11 +325,12 @@ def _load_trust(config: AgentConfig, now: datetime) -> tuple[TrustRoot | None, C
     try:
         trust = TrustStore(path, config.data_dir, now).root
         trust.check_expiry(now)
-    except OSError as e:
+    except ConfigError as e:
+        why = getattr(e.__cause__, "strerror", None) or e.reason
         return None, _result(
             "trust",
             FAIL,
-            f"trust root {path} cannot be read: {e.strerror}",
+            f"trust root {path} (config key trust_root) cannot be read: {why}",
             "copy the DSSE trust root from `jetfleet keys init DIR` (DIR/trust.json) there",
         )
     except TrustExpiredError as e:
@@ -493,6 +566,7 @@ def run_checks(
     results.append(check_pycuda(config, import_module))
     results.append(check_gpu(root, config))
     results.append(check_disk(config))
+    results.append(check_state(config))
     results.append(check_memory(root, min_free_mem_mb))
     results.append(check_clock(config, now, root))
     results.append(_load_trust(config, now)[1])
@@ -543,7 +617,7 @@ def doctor_command(
         DEFAULT_MIN_FREE_MEM_MB, "--min-free-mem-mb", help="memory an engine build needs"
     ),
 ) -> None:
-    """Check this robot: JetPack, TensorRT, GPU, disk, memory, clock, trust root, broker."""
+    """Check this robot: JetPack, TensorRT, GPU, disk, state, memory, clock, trust, broker."""
     results = run_checks(config, root=root, broker_timeout=timeout, min_free_mem_mb=min_free_mem_mb)
     text = render_json(results) if output == DoctorOutput.json else render_human(results)
     sys.stdout.write(text + "\n")

@@ -6,11 +6,16 @@ the per-device `seq`), `kv` (device-level values such as the seq counter).
 
 One connection shared by the agent's threads behind a lock: every statement is short,
 and a single writer is what SQLite wants anyway.
+
+A database that fails `PRAGMA quick_check` (power cut on a bad SD card, a truncated or
+overwritten file) is never a crash loop: `open_store` moves it aside as
+state.db.corrupt-<UTC stamp> and starts fresh (docs/agent.md, "A corrupt state.db").
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.activation import fsync_dir
 from protocol.messages import JobEvent, JobState
 
 SCHEMA_VERSION = 1
@@ -83,20 +89,93 @@ class JobRecord:
 
 
 class StoreError(RuntimeError):
-    pass
+    """state.db cannot be used; `code` is stable, `reason` one line for people."""
+
+    code = "state_db"
+
+    def __init__(self, reason: str, *, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
+class StoreCorruptError(StoreError):
+    code = "state_corrupt"
+
+
+def _corrupt(path: Path, detail: str) -> StoreCorruptError:
+    return StoreCorruptError(f"state database {path} is corrupt ({detail})")
+
+
+@contextmanager
+def _corruption_named(path: Path) -> Iterator[None]:
+    """SQLITE_CORRUPT / SQLITE_NOTADB become StoreCorruptError; an OperationalError (cannot
+    open, permissions, I/O, read-only) is not the file's fault and passes unchanged."""
+    try:
+        yield
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:
+        raise _corrupt(path, str(e)) from e
 
 
 class Store:
-    """Thread-safe access to state.db; every write commits (fsync) before returning."""
+    """Thread-safe access to state.db; every write commits (fsync) before returning.
 
-    def __init__(self, path: Path) -> None:
+    `readonly`: for the diagnostic tools, which must work exactly when the disk is
+    broken: never creates, migrates or writes anything, and reads a database on a
+    read-only file system too. Raises StoreCorruptError when the file is not a sound
+    SQLite database."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
+        with _corruption_named(self.path):
+            self._db = self._connect_readonly() if readonly else self._connect()
+            try:
+                self._check()
+                if not readonly:
+                    self._init_schema()
+            except BaseException:
+                self._db.close()
+                raise
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
-        self._db.row_factory = sqlite3.Row
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        # mode=ro still needs to create the WAL index (-shm) beside the file; on a
+        # read-only file system only immutable=1 opens it (nothing can write there anyway).
+        for query in ("mode=ro", "immutable=1"):
+            db = sqlite3.connect(
+                f"file:{self.path}?{query}", uri=True, check_same_thread=False, timeout=30.0
+            )
+            db.row_factory = sqlite3.Row
+            try:
+                db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                return db
+            except sqlite3.OperationalError:
+                db.close()
+                if query == "immutable=1":
+                    raise
+            except sqlite3.DatabaseError:
+                db.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _check(self) -> None:
+        rows = self._db.execute("PRAGMA quick_check").fetchall()
+        problems = [str(r[0]) for r in rows if r[0] != "ok"]
+        if problems:
+            raise _corrupt(self.path, "; ".join(problems[:3])[:300])
+
+    def _init_schema(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss, which is the whole point of persisting a
         # state before acting on it.
@@ -135,6 +214,24 @@ class Store:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
 
+    # ---- reset after corruption ---------------------------------------------------------
+    def record_reset(self, at: float, reason: str, seq_floor: int) -> None:
+        """Remember when this database replaced a corrupt one (commands issued before that
+        cannot be checked for replay any more) and lift `seq` above anything the old
+        database can have published: the controller drops events at or below its last."""
+        with self.tx() as db:
+            for key, value in (("reset_at", repr(at)), ("reset_reason", reason)):
+                db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
+            db.execute(
+                "INSERT OR REPLACE INTO kv(key, value) VALUES ('seq', ?)",
+                (str(max(self.last_seq(), seq_floor)),),
+            )
+
+    def reset_at(self) -> float | None:
+        """When state.db was last started fresh after corruption (epoch seconds), if ever."""
+        value = self.get("reset_at")
+        return float(value) if value is not None else None
+
     # ---- replay defense ---------------------------------------------------------------
     def seen(self, command_id: str) -> bool:
         with self._lock:
@@ -149,18 +246,34 @@ class Store:
             (command_id, expires_at),
         )
 
-    def prune_jobs(self, now: float, *, keep: int = 1000, max_age_s: float = 30 * 86400) -> int:
-        """Forget finished jobs beyond the newest `keep` and older than `max_age_s` (a
-        device pinged every minute must not grow its database for ever). Their command
-        ids stay in `seen` until they expire, so replay defense is unaffected."""
+    def prune_jobs(
+        self,
+        now: float,
+        *,
+        keep: int = 1000,
+        max_age_s: float = 30 * 86400,
+        min_keep: int = 20,
+    ) -> int:
+        """Forget finished jobs beyond the newest `keep` (a busy robot writes ~2.3 KB a
+        job), and those older than `max_age_s` but for the newest `min_keep` (what
+        `status` shows of a quiet device). Their command ids stay in `seen` until they
+        expire, so replay defense is unaffected."""
         marks = ",".join("?" for _ in ACTIVE_STATES)
+        newest = (
+            f"SELECT rowid FROM jobs WHERE state NOT IN ({marks}) "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT ?"
+        )
         with self.tx() as db:
             cur = db.execute(
-                f"DELETE FROM jobs WHERE state NOT IN ({marks}) AND updated_at < ? AND rowid "
-                "NOT IN (SELECT rowid FROM jobs ORDER BY updated_at DESC LIMIT ?)",
-                (*ACTIVE_STATES, now - max_age_s, keep),
+                f"DELETE FROM jobs WHERE state NOT IN ({marks}) AND (rowid NOT IN ({newest}) "
+                f"OR (updated_at < ? AND rowid NOT IN ({newest})))",
+                (*ACTIVE_STATES, *ACTIVE_STATES, keep, now - max_age_s, *ACTIVE_STATES, min_keep),
             )
             return cur.rowcount
+
+    def job_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
     def purge_seen(self, now: float) -> int:
         with self.tx() as db:
@@ -294,6 +407,55 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {r[0]: int(r[1]) for r in rows}
+
+
+@dataclass(frozen=True)
+class StoreReset:
+    """What open_store did with a corrupt database."""
+
+    reason: str  # why: the SQLite error or quick_check finding
+    moved_to: Path  # the corrupt file, kept for a post-mortem
+    at: float
+
+    @property
+    def message(self) -> str:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at))
+        return (
+            f"{self.reason}: moved aside as {self.moved_to.name}, started with an empty "
+            "state (installed models and active engines are untouched); commands issued "
+            f"before {when} are refused as state_reset: issue them again"
+        )
+
+
+def quarantine(path: Path, at: float) -> Path:
+    """Move a database and its -wal/-shm aside as <name>.corrupt-<UTC stamp>[-wal|-shm]."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
+    dest = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            os.replace(src, Path(f"{dest}{suffix}"))
+    fsync_dir(path.parent)
+    return dest
+
+
+def open_store(path: Path, now: float | None = None) -> tuple[Store, StoreReset | None]:
+    """The agent's database, started fresh if the one on disk is corrupt.
+
+    Nothing else is touched: the models/ links (what the robot runs, and what the status
+    reports) live outside the database. Lost with it: the job history, events not yet
+    sent, and the replay table, hence record_reset."""
+    try:
+        return Store(path), None
+    except StoreCorruptError as e:
+        at = time.time() if now is None else now
+        # The seq floor: epoch milliseconds, of now or of the corrupt file's last write
+        # (a Jetson without RTC may boot in 1970), exceed any count of events published.
+        last_write = path.stat().st_mtime
+        moved = quarantine(path, at)
+        store = Store(path)
+        store.record_reset(at, e.reason, int(max(at, last_write) * 1000))
+        return store, StoreReset(e.reason, moved, at)
 
 
 def _job(row: sqlite3.Row) -> JobRecord:

@@ -15,11 +15,25 @@ from pathlib import Path
 import structlog
 
 from agent.activation import fsync_dir
+from agent.config import ConfigError
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError
 from protocol.trust import TrustRoot, load_trust_root, rotate
 
 log = structlog.get_logger("jetfleet.agent.trust")
+
+
+def read_provisioned(path: Path) -> bytes:
+    """The provisioned trust root's bytes; a missing or unreadable file is a config error
+    naming the `trust_root` key (exit 2), not a bare errno."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"config key trust_root: cannot read the trust root {path}: {e.strerror or e}; "
+            "copy DIR/trust.json from `jetfleet keys init DIR` there",
+            key="trust_root",
+        ) from e
 
 
 class TrustStore:
@@ -28,7 +42,7 @@ class TrustStore:
         self._lock = threading.Lock()
         # Expiry is judged on the newest root only (TUF): the provisioned file may well have
         # expired after the fleet rotated to a newer root that is stored in trust/.
-        self._root = load_trust_root(Path(provisioned).read_bytes(), now, check_expiry=False)
+        self._root = load_trust_root(read_provisioned(provisioned), now, check_expiry=False)
         if self.dir.is_dir():
             chain = sorted(
                 (p for p in self.dir.glob("*.json") if p.stem.isdigit()), key=lambda p: int(p.stem)

@@ -20,6 +20,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _uuid(value: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise MessageError(f"{what} {value!r} is not a UUID") from e
+
+
 def _aware(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise MessageError("timestamps must carry a timezone (RFC 3339 with Z or an offset)")
@@ -28,6 +35,16 @@ def _aware(value: datetime) -> datetime:
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+# Body fields end up in paths (data_dir/models/<model>) and hook environments: each id-like
+# one is held to the same rule as a manifest's name, so "../x" never reaches the disk.
+def _optional_id(what: str) -> Any:
+    return lambda cls, v: None if v is None else validate_id(v, what)
+
+
+def _optional_semver(cls: Any, v: str | None) -> str | None:
+    return None if v is None else validate_semver(v)
 
 
 class CommandKind(str, Enum):
@@ -46,17 +63,25 @@ class DeployBody(_Body):
     name: str | None = Field(default=None, description="model name, informative")
     version: str | None = Field(default=None, description="model version, informative")
 
+    _r = field_validator("rollout_id")(_optional_id("rollout id"))
+    _n = field_validator("name")(_optional_id("model name"))
+    _v = field_validator("version")(_optional_semver)
+
 
 class RollbackBody(_Body):
     model: str = Field(min_length=1)
     to_version: str
     rollout_id: str | None = None
 
+    _m = field_validator("model")(lambda cls, v: validate_id(v, "model name"))
     _v = field_validator("to_version")(lambda cls, v: validate_semver(v))
+    _r = field_validator("rollout_id")(_optional_id("rollout id"))
 
 
 class CancelBody(_Body):
     command_id: str
+
+    _c = field_validator("command_id")(lambda cls, v: _uuid(v, "command_id"))
 
 
 class PingBody(_Body):
@@ -89,13 +114,7 @@ class Command(Document):
     kind: CommandKind
     body: CommandBody
 
-    @field_validator("command_id")
-    @classmethod
-    def _uuid(cls, v: str) -> str:
-        try:
-            return str(uuid.UUID(v))
-        except (ValueError, AttributeError, TypeError) as e:
-            raise MessageError(f"command_id {v!r} is not a UUID") from e
+    _c = field_validator("command_id")(lambda cls, v: _uuid(v, "command_id"))
 
     @field_validator("issued_at", "expires_at")
     @classmethod
@@ -225,6 +244,9 @@ class ReasonCode(str, Enum):
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"
+    # The device's state.db was corrupt and started fresh: on its own event, and on every
+    # command issued before that (the device can no longer tell it from a replay).
+    STATE_RESET = "state_reset"
     NOT_CANCELABLE = "not_cancelable"  # a cancel naming an unknown job or one already activating
     INTERNAL = "internal"
 

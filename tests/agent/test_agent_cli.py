@@ -76,6 +76,47 @@ def test_run_with_untrusted_trust_root_exits_3(tmp_path: Path, trust_material) -
     assert r.returncode == 3 and "trust root" in r.stderr
 
 
+def test_run_and_install_without_the_trust_root_file_name_the_key_and_exit_2(
+    tmp_path: Path, trust_material
+) -> None:
+    cfg = _cfg(tmp_path, trust_material)
+    (tmp_path / "trust.json").unlink()
+    bundle = build_bundle(tmp_path, trust_material.release, version="1.0.0")
+    for args in (("run",), ("install", str(bundle))):
+        r = _cli(*args, "--config", str(cfg))
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Errno" not in lines[0]
+        assert (
+            f"config key trust_root: cannot read the trust root {tmp_path / 'trust.json'}"
+            in (lines[0])
+        )
+        assert "jetfleet keys init" in lines[0]
+
+
+def test_status_shows_the_trust_root_version_the_agent_holds(
+    tmp_path: Path, trust_material
+) -> None:
+    cfg = _cfg(tmp_path, trust_material)
+    bundle = build_bundle(tmp_path, trust_material.release, version="1.0.0")
+    assert _cli("install", str(bundle), "--config", str(cfg)).returncode == 0
+    s = _cli("status", "--config", str(cfg), "--output", "json")
+    assert json.loads(s.stdout)["trust_version"] == 1
+    assert "trust root version 1" in _cli("status", "--config", str(cfg)).stdout
+
+
+def test_run_with_a_state_db_it_cannot_open_exits_1_naming_it(
+    tmp_path: Path, trust_material
+) -> None:
+    cfg = _cfg(tmp_path, trust_material)
+    (tmp_path / "data" / "state.db").mkdir(parents=True)  # not a file: SQLite cannot open it
+    r = _cli("run", "--config", str(cfg))
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"jetfleet-agent: state database {tmp_path / 'data' / 'state.db'}: ")
+    assert "Traceback" not in r.stderr
+
+
 def test_status_without_state_exits_1(tmp_path: Path, trust_material) -> None:
     r = _cli("status", "--config", str(_cfg(tmp_path, trust_material)))
     assert r.returncode == 1 and "has the agent run yet" in r.stderr

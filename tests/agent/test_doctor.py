@@ -108,6 +108,7 @@ def test_a_healthy_orin_with_a_reachable_broker_passes_every_check(
         "pycuda",
         "gpu",
         "disk",
+        "state",
         "memory",
         "clock",
         "trust",
@@ -284,7 +285,8 @@ def test_a_tampered_or_missing_trust_root_fails_with_the_reason(
     assert f"trust root {tampered} is not valid" in result.detail
     tampered.unlink()
     missing = doctor._load_trust(config, NOW)[1]
-    assert missing.status == FAIL and "cannot be read: No such file or directory" in missing.detail
+    assert missing.status == FAIL
+    assert "(config key trust_root) cannot be read: No such file or directory" in missing.detail
 
 
 def test_a_bad_config_is_the_only_line_and_names_the_key(tmp_path: Path) -> None:
