@@ -97,12 +97,19 @@ class LimitsConfig(_Section):
     # From receipt to activation (download + build + gate); TensorRT builds of large
     # models take tens of minutes on an Orin Nano.
     job_timeout_s: float = Field(default=4 * 3600.0, gt=0)
+    # A worker that makes no progress this long (plus the longest wait a step may take:
+    # the hook and health timeouts, one download read) stops the systemd watchdog pings.
+    worker_stall_s: float = Field(default=300.0, gt=0)
 
 
 class DownloadConfig(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
     retries: int = Field(default=3, ge=0)
+    # Fewer bytes than this per second over a whole window fails the attempt (a server
+    # that trickles data never trips read_timeout_s); 0 turns the check off.
+    min_rate_bytes_s: int = Field(default=1024, ge=0)
+    min_rate_window_s: float = Field(default=60.0, gt=0)
 
 
 class AgentConfig(BaseSettings):

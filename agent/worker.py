@@ -65,6 +65,7 @@ PRE_ACTIVATION = (
 KEEP_VERSIONS = 3  # per model: current, previous and one more to roll back to
 MIN_LIVE_SAMPLES = 20  # live p99 over fewer inferences is noise
 MIN_BASELINE_SAMPLES = 50  # the old version's live p99 is a probation baseline from here
+STALL_GRACE_S = 5.0
 _CODES = {c.value for c in ReasonCode}
 
 
@@ -132,6 +133,18 @@ class Worker:
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stalled(self) -> bool:
+        """True when a job made no progress for longer than any step may wait quietly."""
+        if self.current is None:
+            return False
+        c = self.config
+        quiet = max(
+            c.limits.worker_stall_s,
+            c.activation.hook_timeout_s + c.activation.health_timeout_s,
+            c.download.read_timeout_s + c.download.connect_timeout_s,
+        )
+        return time.monotonic() - self.heartbeat > quiet + STALL_GRACE_S
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -262,6 +275,8 @@ class Worker:
             connect_timeout_s=self.config.download.connect_timeout_s,
             read_timeout_s=self.config.download.read_timeout_s,
             retries=self.config.download.retries,
+            min_rate_bytes_s=self.config.download.min_rate_bytes_s,
+            min_rate_window_s=self.config.download.min_rate_window_s,
         )
         last = [time.monotonic(), 0.0]
 
