@@ -14,6 +14,7 @@ never trips the per-read timeout).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -246,10 +247,8 @@ class _Guard:
         with self._lock:
             sock = self._sock
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # already closed: the read has ended anyway
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed: the read has ended anyway
 
     def canceled(self) -> bool:
         return bool(self._canceled and self._canceled())

@@ -51,6 +51,7 @@ from protocol.messages import DeployBody, JobState, ReasonCode, RollbackBody
 
 if TYPE_CHECKING:
     from agent.livestats import LiveWindow
+    from protocol.bundle import VerifiedBundle
     from protocol.manifest import Manifest
 
 log = structlog.get_logger("jetfleet.agent.worker")
@@ -312,11 +313,6 @@ class Worker:
 
         # VERIFYING
         self._step(job, JobState.VERIFYING)
-        from protocol.bundle import extract_bundle
-
-        dest = self.bundles / sha
-        if dest.exists():
-            shutil.rmtree(dest)  # re-verified against the trust root we hold now
         try:
             # Extraction needs the bundle's size again (the engine later comes on top).
             self.bundles.mkdir(parents=True, exist_ok=True)
@@ -326,14 +322,13 @@ class Worker:
             self._end(job, JobState.FAILED, e.code, e.reason)
             raise JobEnded() from e
         try:
-            bundle = extract_bundle(
-                path, self.trust.root, dest, _now(), max_size=min(body.size, limits.max_bytes)
-            )
+            bundle = self._verify(path, sha, min(body.size, limits.max_bytes))
         except ProtocolError as e:
             self._cleanup(job)
             self._end(job, JobState.REJECTED, reason_code(e), f"bundle refused: {e.reason}")
             raise JobEnded() from e
         manifest = bundle.manifest
+        dest = bundle.root
         if bundle.sha256 != sha:
             self._reject(job, ReasonCode.BUNDLE_INVALID, "bundle changed while it was verified")
         if (body.name and body.name != manifest.name) or (
@@ -348,19 +343,7 @@ class Worker:
         job.model, job.version = manifest.name, manifest.version
         active = self.models.slot(manifest.name).active
         if active is not None:
-            if manifest.semver < SemVer(active):
-                self._reject(
-                    job,
-                    ReasonCode.DOWNGRADE,
-                    f"{manifest.name} {manifest.version} is older than the active {active}; "
-                    "going back needs an operator-signed rollback command",
-                )
-            if manifest.semver == SemVer(active):
-                self._cleanup(job)
-                self._end(
-                    job, JobState.SUCCEEDED, None, f"{manifest.name} {active} is already active"
-                )
-                raise JobEnded()
+            self._check_against_active(job, manifest, active, sha)
 
         # BUILDING and VALIDATING run in a child process (agent/enginejob.py).
         self._step(job, JobState.BUILDING, bundle=str(dest))
@@ -475,6 +458,65 @@ class Worker:
         self._cleanup(job)
         self._gc_bundles()
         self._end(job, JobState.SUCCEEDED, None, None, gate=figures)
+
+    def _verify(self, path: Path, sha: str, max_size: int) -> VerifiedBundle:
+        """Extract to bundles/<sha>/, verified against the trust root held now.
+
+        A bundle an installed version holds (a re-deploy of its sha) is verified into a
+        staging directory first and swapped in only when it passes: a bundle that no
+        longer verifies (e.g. after a key rotation) keeps the held copy a rollback may
+        need to rebuild from.
+        """
+        from protocol.bundle import VerifiedBundle, extract_bundle
+
+        dest = self.bundles / sha
+        if not dest.exists():
+            return extract_bundle(
+                path, self.trust.root, dest, _now(), max_size=max_size, progress=self._progress
+            )
+        staging = self.bundles / f".{sha}.verify.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        fresh = extract_bundle(
+            path, self.trust.root, staging, _now(), max_size=max_size, progress=self._progress
+        )
+        old = self.bundles / f".{sha}.old.partial"
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return VerifiedBundle(manifest=fresh.manifest, root=dest, sha256=fresh.sha256)
+
+    def _progress(self, done: int, total: int) -> None:
+        self.heartbeat = time.monotonic()
+
+    def _check_against_active(
+        self, job: JobRecord, manifest: Manifest, active: str, sha: str
+    ) -> None:
+        """Refuse a downgrade; a bundle is the active one only by its sha256.
+
+        SemVer precedence ignores build metadata, so 1.0.0+build.b is neither older nor
+        the same as an active 1.0.0+build.a: it is installed like any upgrade.
+        """
+        name = manifest.name
+        if manifest.semver < SemVer(active):
+            self._reject(
+                job,
+                ReasonCode.DOWNGRADE,
+                f"{name} {manifest.version} is older than the active {active}; "
+                "going back needs an operator-signed rollback command",
+            )
+        if manifest.version != active:
+            return
+        if self.models.bundle_ref(name, active) in (sha, None):  # None: installed before refs
+            self._cleanup(job)
+            self._end(job, JobState.SUCCEEDED, None, f"{name} {active} is already active")
+            raise JobEnded()
+        self._reject(
+            job,
+            ReasonCode.BUNDLE_INVALID,
+            f"{name} {active} is already active from another bundle; a different build "
+            "needs its own version (e.g. 1.2.3+build.N)",
+        )
 
     def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> None:
         self._cleanup(job)

@@ -3,6 +3,7 @@ a download server that trickles, a golden file that inflates, a same-version reb
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,13 +18,16 @@ from typing import Any
 
 import pytest
 
+from protocol.keys import SigningKey
 from protocol.topics import Topics
+from protocol.trust import build_trust_root
 from tests.agent.harness import (
     REPO,
     AgentProcess,
     EventCollector,
     build_bundle,
     deploy_body,
+    engine_link_state,
     make_command,
     publish,
     sign_command,
@@ -225,3 +229,69 @@ def test_the_watchdog_stops_pinging_while_a_job_makes_no_progress(
             proc.kill()
             proc.wait()
             notify.close()
+
+
+# ---- version identity ---------------------------------------------------------------------
+
+
+def _deploy(r: Robot, bundle: Path, timeout: float = 90) -> Any:
+    return r.events.wait_terminal(r.send("deploy", deploy_body(bundle)), timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_different_build_of_the_same_version_is_installed_not_reported_already_active(
+    tmp_path: Path, mosquitto: Any, trust_material: Any
+) -> None:
+    rel = trust_material.release
+    a = build_bundle(tmp_path, rel, version="1.0.0+build.a")
+    b = build_bundle(tmp_path, rel, version="1.0.0+build.b", seed=2)
+    with robot(tmp_path, mosquitto, trust_material) as (r, agent):
+        assert _deploy(r, a).state.value == "SUCCEEDED", agent.log()[-2000:]
+        final = _deploy(r, b)
+        assert (final.state.value, final.reason) == ("SUCCEEDED", None), final
+        assert engine_link_state(tmp_path / "data", "detector") == (
+            "1.0.0+build.b",
+            "1.0.0+build.a",
+        )
+        # The same bundle again is the active one (same sha256): nothing to do.
+        again = _deploy(r, b)
+        assert again.state.value == "SUCCEEDED"
+        assert again.reason == "detector 1.0.0+build.b is already active"
+        # Other bytes under the active version string are refused, not taken for it.
+        clash = build_bundle(tmp_path, rel, version="1.0.0+build.b", seed=3)
+        refused = _deploy(r, clash)
+        assert (refused.state.value, refused.code) == ("REJECTED", "bundle_invalid")
+        assert "already active from another bundle" in (refused.reason or "")
+        assert engine_link_state(tmp_path / "data", "detector")[0] == "1.0.0+build.b"
+
+
+@pytest.mark.slow
+def test_a_redeploy_that_no_longer_verifies_keeps_the_held_bundle_for_a_rollback_rebuild(
+    tmp_path: Path, mosquitto: Any, trust_material: Any
+) -> None:
+    old = build_bundle(tmp_path, trust_material.release, version="1.0.0")
+    new_release = SigningKey.generate()
+    rotated = build_trust_root(
+        root=[trust_material.root],
+        release=[new_release],
+        operator=[trust_material.operator],
+        version=2,
+        sign_with=[trust_material.root],
+    )
+    with robot(tmp_path, mosquitto, trust_material) as (r, agent):
+        assert _deploy(r, old).state.value == "SUCCEEDED", agent.log()[-2000:]
+        cid = r.send("trust_update", {"trust_root": json.loads(rotated.encode())})
+        assert r.events.wait_terminal(cid).state.value == "SUCCEEDED"
+        # The active bundle again: its release key is no longer trusted.
+        refused = _deploy(r, old)
+        assert refused.state.value == "REJECTED", refused
+        assert _deploy(r, build_bundle(tmp_path, new_release, version="2.0.0", seed=2)).state \
+            .value == "SUCCEEDED"  # fmt: skip
+        # 1.0.0's engine is unusable now: going back must rebuild it from its held bundle.
+        engine = tmp_path / "data" / "models" / "detector" / "versions" / "1.0.0" / "engine"
+        engine.unlink()
+        engine.write_bytes(b"not an engine")
+        back = r.send("rollback", {"model": "detector", "to_version": "1.0.0"})
+        final = r.events.wait_terminal(back, timeout=90)
+        assert final.state.value == "SUCCEEDED", final
+        assert "BUILDING" in r.events.states(back)
