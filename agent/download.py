@@ -359,8 +359,7 @@ def _transfer(
                         chunk = resp.read1(CHUNK)
                     except TimeoutError as e:
                         raise DownloadError(
-                            f"GET {url}: no data for {limits.read_timeout_s:.0f}s "
-                            "(slow retrieval)"
+                            f"GET {url}: no data for {limits.read_timeout_s:.0f}s (slow retrieval)"
                         ) from e
                     except (OSError, http.client.HTTPException) as e:
                         raise DownloadError(f"GET {url}: connection lost ({e})") from e
