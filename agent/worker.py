@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -358,6 +358,9 @@ class Worker:
             "targets": manifest.targets.model_dump(mode="json"),
             "protect": [str(p) for p in self.models.protected_engines()],
             "golden": str(bundle.golden_path),
+            "golden_max_bytes": self.config.limits.max_golden_mb * 2**20,
+            "tensors": manifest.model_dump(mode="json", include={"inputs", "outputs"}),
+            "memory_bytes": self.config.engine_memory_bytes,
             "gate": manifest.gate.model_dump(mode="json"),
             "active": str(self.models.active_engine(manifest.name) or "") or None,
         }
@@ -371,15 +374,7 @@ class Worker:
             try:
                 built = engine_job.build()
             except EngineJobError as e:
-                state = (
-                    JobState.REJECTED
-                    if e.code in (ReasonCode.TARGET_MISMATCH.value, ReasonCode.UNSUPPORTED.value)
-                    else JobState.FAILED
-                )
-                code = e.code if e.code in _CODES else ReasonCode.BUILD_FAILED.value
-                self._cleanup(job)
-                self._end(job, state, code, f"engine build: {e.reason}")
-                raise JobEnded() from e
+                self._build_failed(job, e)
             self._on_hardware(built.hardware, built.backend, built.backend_version)
             engine = built.engine
 
@@ -458,6 +453,21 @@ class Worker:
         self._cleanup(job)
         self._gc_bundles()
         self._end(job, JobState.SUCCEEDED, None, None, gate=figures)
+
+    def _build_failed(self, job: JobRecord, e: EngineJobError) -> NoReturn:
+        if e.code == ReasonCode.BUNDLE_INVALID.value:  # the golden file, checked first
+            self._cleanup(job)
+            self._end(job, JobState.REJECTED, e.code, f"bundle refused: {e.reason}")
+            raise JobEnded() from e
+        state = (
+            JobState.REJECTED
+            if e.code in (ReasonCode.TARGET_MISMATCH.value, ReasonCode.UNSUPPORTED.value)
+            else JobState.FAILED
+        )
+        code = e.code if e.code in _CODES else ReasonCode.BUILD_FAILED.value
+        self._cleanup(job)
+        self._end(job, state, code, f"engine build: {e.reason}")
+        raise JobEnded() from e
 
     def _verify(self, path: Path, sha: str, max_size: int) -> VerifiedBundle:
         """Extract to bundles/<sha>/, verified against the trust root held now.
@@ -722,6 +732,7 @@ class Worker:
             "build": manifest.build.model_dump(mode="json"),
             "targets": manifest.targets.model_dump(mode="json"),
             "protect": [str(p) for p in self.models.protected_engines()],
+            "memory_bytes": self.config.engine_memory_bytes,
         }
         engine_job = EngineJob(
             request,

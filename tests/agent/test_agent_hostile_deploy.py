@@ -295,3 +295,66 @@ def test_a_redeploy_that_no_longer_verifies_keeps_the_held_bundle_for_a_rollback
         final = r.events.wait_terminal(back, timeout=90)
         assert final.state.value == "SUCCEEDED", final
         assert "BUILDING" in r.events.states(back)
+
+
+# ---- a golden file that inflates -----------------------------------------------------------
+
+GIB = 2**30
+
+
+@pytest.mark.slow
+def test_a_golden_file_with_an_unnamed_inflating_array_is_rejected_before_it_is_read(
+    tmp_path: Path, mosquitto: Any, trust_material: Any
+) -> None:
+    """1 GiB of zeros deflates to about 1 MB of bundle. Under a 400 MiB cap on the engine
+    child, reading it would end in MemoryError: the refusal naming it shows that the child
+    only read the npy header."""
+    bundle = build_bundle(
+        tmp_path, trust_material.release, golden_zeros={"output.pad": ((GIB // 4,), "float32")}
+    )
+    assert bundle.stat().st_size < 8 * 2**20
+    extra = {"limits": {"engine_memory_mb": 400}}
+    with robot(tmp_path, mosquitto, trust_material, extra) as (r, _agent):
+        final = _deploy(r, bundle)
+        assert (final.state.value, final.code) == ("REJECTED", "bundle_invalid"), final
+        assert final.reason == (
+            "bundle refused: golden file golden.npz has array 'output.pad', "
+            "which the manifest does not name"
+        )
+        assert "BUILDING" in r.events.states(final.command_id)
+        assert not (tmp_path / "data" / "models" / "detector").exists()
+
+
+@pytest.mark.slow
+def test_a_golden_input_with_a_huge_dynamic_dimension_is_rejected_by_its_decoded_size(
+    tmp_path: Path, mosquitto: Any, trust_material: Any
+) -> None:
+    rows = GIB // (64 * 4)  # input "x" is ["batch", 64] float32: 1 GiB decoded
+    bundle = build_bundle(
+        tmp_path, trust_material.release, golden_zeros={"input.x": ((rows, 64), "float32")}
+    )
+    with robot(tmp_path, mosquitto, trust_material) as (r, _agent):
+        final = _deploy(r, bundle)
+        assert (final.state.value, final.code) == ("REJECTED", "bundle_invalid"), final
+        assert "array 'input.x' brings its arrays to 1024 MiB decoded" in (final.reason or "")
+        assert "limits.max_golden_mb" in (final.reason or "")
+
+
+@pytest.mark.slow
+def test_the_engine_child_memory_cap_fails_a_job_that_would_exhaust_the_device(
+    tmp_path: Path, mosquitto: Any, trust_material: Any
+) -> None:
+    """A golden file within limits.max_golden_mb (raised here) but over the child's cap:
+    the child fails with MemoryError under its cap; the agent and the device stay fine."""
+    rows = GIB // (64 * 4)
+    bundle = build_bundle(
+        tmp_path, trust_material.release, golden_zeros={"input.x": ((rows, 64), "float32")}
+    )
+    extra = {"limits": {"max_golden_mb": 4096, "engine_memory_mb": 400}}
+    with robot(tmp_path, mosquitto, trust_material, extra) as (r, agent):
+        final = _deploy(r, bundle)
+        assert (final.state.value, final.code) == ("FAILED", "build_failed"), final
+        assert "out of the engine child's cap of 400 MiB (limits.engine_memory_mb)" in (
+            final.reason or ""
+        )
+        assert agent.alive()
