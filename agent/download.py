@@ -277,7 +277,7 @@ def _opener(guard: _Guard) -> urllib.request.OpenerDirector:
 
     class TlsHandler(urllib.request.HTTPSHandler):
         def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(Tls, req)
+            return self.do_open(Tls, req, context=self._context)  # type: ignore[attr-defined]
 
     return urllib.request.build_opener(PlainHandler(), TlsHandler())
 
