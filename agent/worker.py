@@ -455,18 +455,13 @@ class Worker:
         self._end(job, JobState.SUCCEEDED, None, None, gate=figures)
 
     def _build_failed(self, job: JobRecord, e: EngineJobError) -> NoReturn:
-        if e.code == ReasonCode.BUNDLE_INVALID.value:  # the golden file, checked first
-            self._cleanup(job)
-            self._end(job, JobState.REJECTED, e.code, f"bundle refused: {e.reason}")
-            raise JobEnded() from e
-        state = (
-            JobState.REJECTED
-            if e.code in (ReasonCode.TARGET_MISMATCH.value, ReasonCode.UNSUPPORTED.value)
-            else JobState.FAILED
-        )
+        refusals = (ReasonCode.TARGET_MISMATCH, ReasonCode.UNSUPPORTED, ReasonCode.BUNDLE_INVALID)
+        state = JobState.REJECTED if e.code in {c.value for c in refusals} else JobState.FAILED
         code = e.code if e.code in _CODES else ReasonCode.BUILD_FAILED.value
+        # bundle_invalid: the golden file, which the child checks before it builds.
+        what = "bundle refused" if code == ReasonCode.BUNDLE_INVALID.value else "engine build"
         self._cleanup(job)
-        self._end(job, state, code, f"engine build: {e.reason}")
+        self._end(job, state, code, f"{what}: {e.reason}")
         raise JobEnded() from e
 
     def _verify(self, path: Path, sha: str, max_size: int) -> VerifiedBundle:
