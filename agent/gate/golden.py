@@ -56,7 +56,15 @@ def check_golden(
                         f"{total // 2**20} MiB decoded, above this device's limit of "
                         f"{max_bytes // 2**20} MiB (limits.max_golden_mb)"
                     )
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    # RuntimeError: an encrypted member; NotImplementedError: an unknown compression.
+    except (
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        EOFError,
+        RuntimeError,
+        NotImplementedError,
+    ) as e:
         raise BundleError(f"golden file {name} is unreadable: {e}") from e
     missing = [k for k in specs if k.startswith(GOLDEN_INPUT_PREFIX) and k not in seen]
     if missing or not any(k.startswith(GOLDEN_OUTPUT_PREFIX) for k in seen):
