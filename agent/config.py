@@ -7,6 +7,7 @@ refused so that a typo (`[activaton]`) is reported instead of silently ignored.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -97,12 +98,23 @@ class LimitsConfig(_Section):
     # From receipt to activation (download + build + gate); TensorRT builds of large
     # models take tens of minutes on an Orin Nano.
     job_timeout_s: float = Field(default=4 * 3600.0, gt=0)
+    # A worker that makes no progress this long (plus the longest wait a step may take:
+    # the hook and health timeouts, one download read) stops the systemd watchdog pings.
+    worker_stall_s: float = Field(default=300.0, gt=0)
+    # The engine child's memory cap (RLIMIT_DATA); 0: half of this device's RAM.
+    engine_memory_mb: int = Field(default=0, ge=0)
+    # What a bundle's golden arrays may decode to, checked from the npy headers.
+    max_golden_mb: int = Field(default=256, gt=0)
 
 
 class DownloadConfig(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
     retries: int = Field(default=3, ge=0)
+    # Fewer bytes than this per second over a whole window fails the attempt (a server
+    # that trickles data never trips read_timeout_s); 0 turns the check off.
+    min_rate_bytes_s: int = Field(default=1024, ge=0)
+    min_rate_window_s: float = Field(default=60.0, gt=0)
 
 
 class AgentConfig(BaseSettings):
@@ -158,6 +170,13 @@ class AgentConfig(BaseSettings):
     @property
     def max_bundle_bytes(self) -> int:
         return self.limits.max_bundle_mb * 1024 * 1024
+
+    @property
+    def engine_memory_bytes(self) -> int:
+        if self.limits.engine_memory_mb:
+            return self.limits.engine_memory_mb * 2**20
+        # Jetsons share this RAM with the GPU and the robot's own processes.
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def _key_of(loc: tuple[Any, ...]) -> str:

@@ -324,7 +324,7 @@ class Agent:
         if not self.worker.alive():
             return False
         if self.worker.current is not None:
-            return True
+            return not self.worker.stalled()
         return time.monotonic() - self.worker.heartbeat < IDLE_HEARTBEAT_S
 
     def _status_text(self) -> str:

@@ -4,14 +4,23 @@ The size the signed command declares is a hard cap (no endless data), itself cap
 the config's max bundle size; the disk must have that much room plus a reserve before a
 byte is written. A partial download stays in downloads/<sha256>.part so a retry or an
 agent restart resumes where it stopped.
+
+A peer cannot hold the download: a guard thread watches every HTTP transfer and shuts
+its socket down (which wakes the blocked read at once) when the job is canceled or past
+its deadline (the `canceled` callback says so), or when less than `min_rate_bytes_s`
+arrived over the last `min_rate_window_s` (a server that trickles a byte at a time
+never trips the per-read timeout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import os
 import shutil
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +59,8 @@ class DownloadLimits:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
     retries: int = 3
+    min_rate_bytes_s: int = 1024
+    min_rate_window_s: float = 60.0
 
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -112,7 +123,7 @@ def fetch(
             if e.code != "download_failed" or attempt > limits.retries:
                 raise
             log.warning("download_retry", url=url, attempt=attempt, reason=e.reason)
-            time.sleep(min(0.5 * 2.0 ** (attempt - 1), 10.0))
+            _backoff(min(0.5 * 2.0 ** (attempt - 1), 10.0), canceled)
     digest = _sha256_file(part, canceled)
     if digest != sha256:
         part.unlink(missing_ok=True)
@@ -122,6 +133,14 @@ def fetch(
         )
     os.replace(part, final)
     return final
+
+
+def _backoff(seconds: float, canceled: CancelCheck | None) -> None:
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if canceled and canceled():
+            raise Canceled()
+        time.sleep(min(left, 0.2))
 
 
 def _local(
@@ -166,6 +185,103 @@ def _sha256_file(
     return h.hexdigest()
 
 
+class _Guard:
+    """Ends a transfer from outside its blocked read: canceled, past deadline, too slow.
+
+    Shutting the socket down wakes a read blocked in recv() at once, whatever the peer
+    does; the reading thread then raises `tripped` instead of the read's own error.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self, url: str, limits: DownloadLimits, canceled: CancelCheck | None) -> None:
+        self._url = url
+        self._limits = limits
+        self._canceled = canceled
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self.received = 0  # written by the reading thread only
+        self.tripped: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="download-guard", daemon=True)
+
+    def __enter__(self) -> _Guard:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+        if self.tripped is not None:
+            self._shutdown()
+
+    def _run(self) -> None:
+        window = self._limits.min_rate_window_s
+        mark, mark_bytes = time.monotonic(), 0
+        while not self._stop.wait(self.POLL_S):
+            if self.canceled():
+                self._trip(Canceled())
+                return
+            now = time.monotonic()
+            if window > 0 and now - mark >= window:
+                rate = (self.received - mark_bytes) / (now - mark)
+                if rate < self._limits.min_rate_bytes_s:
+                    self._trip(
+                        DownloadError(
+                            f"GET {self._url}: {rate:.1f} bytes/s over the last {window:g}s, "
+                            f"below download.min_rate_bytes_s = {self._limits.min_rate_bytes_s}"
+                        )
+                    )
+                    return
+                mark, mark_bytes = now, self.received
+
+    def _trip(self, why: Exception) -> None:
+        self.tripped = why
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed: the read has ended anyway
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def canceled(self) -> bool:
+        return bool(self._canceled and self._canceled())
+
+    def check(self) -> None:
+        if self.tripped is not None:
+            raise self.tripped
+
+
+def _opener(guard: _Guard) -> urllib.request.OpenerDirector:
+    """urllib with connections that hand their socket to the guard (redirects too)."""
+
+    class Plain(http.client.HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            guard.attach(self.sock)
+
+    class Tls(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            guard.attach(self.sock)
+
+    class PlainHandler(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Plain, req)
+
+    class TlsHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Tls, req, context=self._context)  # type: ignore[attr-defined]
+
+    return urllib.request.build_opener(PlainHandler(), TlsHandler())
+
+
 def _http_into(
     url: str,
     part: Path,
@@ -181,18 +297,38 @@ def _http_into(
         have = 0
     if have == size:
         return
+    with _Guard(url, limits, canceled) as guard:
+        try:
+            _transfer(url, part, have, guard, size=size, limits=limits, progress=progress)
+        except (DownloadError, OSError, http.client.HTTPException):
+            guard.check()  # the guard's reason, not the read error it caused
+            raise
+        guard.check()
+
+
+def _transfer(
+    url: str,
+    part: Path,
+    have: int,
+    guard: _Guard,
+    *,
+    size: int,
+    limits: DownloadLimits,
+    progress: Progress | None,
+) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "jetfleet-agent"})
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
-        resp = urllib.request.urlopen(req, timeout=limits.connect_timeout_s)
+        resp = _opener(guard).open(req, timeout=limits.connect_timeout_s)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:
             # Our partial file is longer than or equal to the server's: start over.
             part.unlink(missing_ok=True)
             raise DownloadError(f"GET {url}: range not satisfiable, restarting") from e
         raise DownloadError(f"GET {url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        guard.check()
         raise DownloadError(f"GET {url}: {getattr(e, 'reason', e)}") from e
     with resp:
         status = int(resp.status)
@@ -207,7 +343,7 @@ def _http_into(
                 f"declares {size}",
                 code="too_large",
             )
-        # The socket timeout bounds every read: a server that trickles or stalls fails.
+        # The socket timeout bounds each read; the guard bounds the whole transfer.
         sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
         if isinstance(sock, socket.socket):
             sock.settimeout(limits.read_timeout_s)
@@ -215,37 +351,41 @@ def _http_into(
         done = have
         last_sync = time.monotonic()
         with open(part, mode) as out:
-            while True:
-                if canceled and canceled():
-                    out.flush()
-                    os.fsync(out.fileno())
-                    raise Canceled()
-                try:
-                    chunk = resp.read(CHUNK)
-                except TimeoutError as e:
-                    raise DownloadError(
-                        f"GET {url}: no data for {limits.read_timeout_s:.0f}s (slow retrieval)"
-                    ) from e
-                except OSError as e:
-                    raise DownloadError(f"GET {url}: connection lost ({e})") from e
-                if not chunk:
-                    break
-                done += len(chunk)
-                if done > size:
-                    raise DownloadError(
-                        f"GET {url}: more than the declared {size} bytes (endless data)",
-                        code="too_large",
-                    )
-                out.write(chunk)
-                if progress:
-                    progress(done, size)
-                if time.monotonic() - last_sync > 2.0:
-                    # Keep the resumable prefix durable without an fsync per chunk.
-                    out.flush()
-                    os.fsync(out.fileno())
-                    last_sync = time.monotonic()
-            out.flush()
-            os.fsync(out.fileno())
+            try:
+                while True:
+                    try:
+                        # read1: whatever has arrived (up to CHUNK), so progress and the
+                        # guard's rate see every byte of a trickle.
+                        chunk = resp.read1(CHUNK)
+                    except TimeoutError as e:
+                        raise DownloadError(
+                            f"GET {url}: no data for {limits.read_timeout_s:.0f}s (slow retrieval)"
+                        ) from e
+                    except (OSError, http.client.HTTPException) as e:
+                        raise DownloadError(f"GET {url}: connection lost ({e})") from e
+                    guard.check()
+                    if not chunk:
+                        break
+                    if guard.canceled():
+                        raise Canceled()
+                    done += len(chunk)
+                    guard.received += len(chunk)
+                    if done > size:
+                        raise DownloadError(
+                            f"GET {url}: more than the declared {size} bytes (endless data)",
+                            code="too_large",
+                        )
+                    out.write(chunk)
+                    if progress:
+                        progress(done, size)
+                    if time.monotonic() - last_sync > 2.0:
+                        # Keep the resumable prefix durable without an fsync per chunk.
+                        out.flush()
+                        os.fsync(out.fileno())
+                        last_sync = time.monotonic()
+            finally:
+                out.flush()
+                os.fsync(out.fileno())
     if done != size:
         raise DownloadError(f"GET {url}: got {done} bytes, the command declares {size}")
 

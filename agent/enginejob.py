@@ -193,13 +193,44 @@ def _check_model_sha256(model: Path, expected: str) -> None:
         raise BundleError(f"held model {model} no longer matches its manifest's sha256")
 
 
+def _cap_memory(limit: int | None) -> None:
+    """Cap the child's private writable memory (RLIMIT_DATA: heap and anonymous mmaps,
+    which is where numpy arrays and the builders' host buffers live) so that a model or
+    golden file that does not fit fails this job with MemoryError instead of waking the
+    OOM killer, which may pick the robot's own inference process. RLIMIT_AS would also
+    count the address space CUDA reserves without using it."""
+    if limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _check_golden(req: dict[str, Any]) -> None:
+    """Before the build (minutes on a Jetson): the golden file is the manifest's."""
+    from agent.gate.golden import check_golden
+    from protocol.manifest import TensorSpec
+
+    tensors = req["tensors"]
+    check_golden(
+        Path(req["golden"]),
+        [TensorSpec.model_validate(t) for t in tensors["inputs"]],
+        [TensorSpec.model_validate(t) for t in tensors["outputs"]],
+        int(req["golden_max_bytes"]),
+    )
+
+
 def child_main() -> int:
     _die_with_parent()
     from agent.logs import configure_logging
 
     configure_logging(os.environ.get("JETFLEET_AGENT_LOG_LEVEL", "warning"))
+    limit: int | None = None
     try:
         req = json.loads(sys.stdin.readline())
+        limit = req.get("memory_bytes")
+        _cap_memory(limit)
+        if req.get("golden"):
+            _check_golden(req)
         from agent.engines import EngineLoadError, choose_backend, load_engine
         from agent.engines.cache import EngineCache
         from agent.engines.targets import check_targets
@@ -271,6 +302,11 @@ def child_main() -> int:
         )
         sys.stdin.readline()
         return 0
+    except MemoryError as e:
+        cap = f"the engine child's cap of {limit // 2**20} MiB" if limit else "memory"
+        _emit({"error": {"code": "build_failed",
+                         "reason": f"out of {cap} (limits.engine_memory_mb): {e}"}})  # fmt: skip
+        return 1
     except Exception as e:
         code = getattr(e, "code", None)
         reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"

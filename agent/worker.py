@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -51,6 +51,7 @@ from protocol.messages import DeployBody, JobState, ReasonCode, RollbackBody
 
 if TYPE_CHECKING:
     from agent.livestats import LiveWindow
+    from protocol.bundle import VerifiedBundle
     from protocol.manifest import Manifest
 
 log = structlog.get_logger("jetfleet.agent.worker")
@@ -65,6 +66,7 @@ PRE_ACTIVATION = (
 KEEP_VERSIONS = 3  # per model: current, previous and one more to roll back to
 MIN_LIVE_SAMPLES = 20  # live p99 over fewer inferences is noise
 MIN_BASELINE_SAMPLES = 50  # the old version's live p99 is a probation baseline from here
+STALL_GRACE_S = 5.0
 _CODES = {c.value for c in ReasonCode}
 
 
@@ -132,6 +134,18 @@ class Worker:
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stalled(self) -> bool:
+        """True when a job made no progress for longer than any step may wait quietly."""
+        if self.current is None:
+            return False
+        c = self.config
+        quiet = max(
+            c.limits.worker_stall_s,
+            c.activation.hook_timeout_s + c.activation.health_timeout_s,
+            c.download.read_timeout_s + c.download.connect_timeout_s,
+        )
+        return time.monotonic() - self.heartbeat > quiet + STALL_GRACE_S
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -262,6 +276,8 @@ class Worker:
             connect_timeout_s=self.config.download.connect_timeout_s,
             read_timeout_s=self.config.download.read_timeout_s,
             retries=self.config.download.retries,
+            min_rate_bytes_s=self.config.download.min_rate_bytes_s,
+            min_rate_window_s=self.config.download.min_rate_window_s,
         )
         last = [time.monotonic(), 0.0]
 
@@ -297,11 +313,6 @@ class Worker:
 
         # VERIFYING
         self._step(job, JobState.VERIFYING)
-        from protocol.bundle import extract_bundle
-
-        dest = self.bundles / sha
-        if dest.exists():
-            shutil.rmtree(dest)  # re-verified against the trust root we hold now
         try:
             # Extraction needs the bundle's size again (the engine later comes on top).
             self.bundles.mkdir(parents=True, exist_ok=True)
@@ -311,14 +322,13 @@ class Worker:
             self._end(job, JobState.FAILED, e.code, e.reason)
             raise JobEnded() from e
         try:
-            bundle = extract_bundle(
-                path, self.trust.root, dest, _now(), max_size=min(body.size, limits.max_bytes)
-            )
+            bundle = self._verify(path, sha, min(body.size, limits.max_bytes))
         except ProtocolError as e:
             self._cleanup(job)
             self._end(job, JobState.REJECTED, reason_code(e), f"bundle refused: {e.reason}")
             raise JobEnded() from e
         manifest = bundle.manifest
+        dest = bundle.root
         if bundle.sha256 != sha:
             self._reject(job, ReasonCode.BUNDLE_INVALID, "bundle changed while it was verified")
         if (body.name and body.name != manifest.name) or (
@@ -333,19 +343,7 @@ class Worker:
         job.model, job.version = manifest.name, manifest.version
         active = self.models.slot(manifest.name).active
         if active is not None:
-            if manifest.semver < SemVer(active):
-                self._reject(
-                    job,
-                    ReasonCode.DOWNGRADE,
-                    f"{manifest.name} {manifest.version} is older than the active {active}; "
-                    "going back needs an operator-signed rollback command",
-                )
-            if manifest.semver == SemVer(active):
-                self._cleanup(job)
-                self._end(
-                    job, JobState.SUCCEEDED, None, f"{manifest.name} {active} is already active"
-                )
-                raise JobEnded()
+            self._check_against_active(job, manifest, active, sha)
 
         # BUILDING and VALIDATING run in a child process (agent/enginejob.py).
         self._step(job, JobState.BUILDING, bundle=str(dest))
@@ -361,6 +359,9 @@ class Worker:
             "targets": manifest.targets.model_dump(mode="json"),
             "protect": [str(p) for p in self.models.protected_engines()],
             "golden": str(bundle.golden_path),
+            "golden_max_bytes": self.config.limits.max_golden_mb * 2**20,
+            "tensors": manifest.model_dump(mode="json", include={"inputs", "outputs"}),
+            "memory_bytes": self.config.engine_memory_bytes,
             "gate": manifest.gate.model_dump(mode="json"),
             "active": str(self.models.active_engine(manifest.name) or "") or None,
         }
@@ -374,15 +375,7 @@ class Worker:
             try:
                 built = engine_job.build()
             except EngineJobError as e:
-                state = (
-                    JobState.REJECTED
-                    if e.code in (ReasonCode.TARGET_MISMATCH.value, ReasonCode.UNSUPPORTED.value)
-                    else JobState.FAILED
-                )
-                code = e.code if e.code in _CODES else ReasonCode.BUILD_FAILED.value
-                self._cleanup(job)
-                self._end(job, state, code, f"engine build: {e.reason}")
-                raise JobEnded() from e
+                self._build_failed(job, e)
             self._on_hardware(built.hardware, built.backend, built.backend_version)
             engine = built.engine
 
@@ -461,6 +454,75 @@ class Worker:
         self._cleanup(job)
         self._gc_bundles()
         self._end(job, JobState.SUCCEEDED, None, None, gate=figures)
+
+    def _build_failed(self, job: JobRecord, e: EngineJobError) -> NoReturn:
+        refusals = (ReasonCode.TARGET_MISMATCH, ReasonCode.UNSUPPORTED, ReasonCode.BUNDLE_INVALID)
+        state = JobState.REJECTED if e.code in {c.value for c in refusals} else JobState.FAILED
+        code = e.code if e.code in _CODES else ReasonCode.BUILD_FAILED.value
+        # bundle_invalid: the golden file, which the child checks before it builds.
+        what = "bundle refused" if code == ReasonCode.BUNDLE_INVALID.value else "engine build"
+        self._cleanup(job)
+        self._end(job, state, code, f"{what}: {e.reason}")
+        raise JobEnded() from e
+
+    def _verify(self, path: Path, sha: str, max_size: int) -> VerifiedBundle:
+        """Extract to bundles/<sha>/, verified against the trust root held now.
+
+        A bundle an installed version holds (a re-deploy of its sha) is verified into a
+        staging directory first and swapped in only when it passes: a bundle that no
+        longer verifies (e.g. after a key rotation) keeps the held copy a rollback may
+        need to rebuild from.
+        """
+        from protocol.bundle import VerifiedBundle, extract_bundle
+
+        dest = self.bundles / sha
+        if not dest.exists():
+            return extract_bundle(
+                path, self.trust.root, dest, _now(), max_size=max_size, progress=self._progress
+            )
+        staging = self.bundles / f".{sha}.verify.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        fresh = extract_bundle(
+            path, self.trust.root, staging, _now(), max_size=max_size, progress=self._progress
+        )
+        old = self.bundles / f".{sha}.old.partial"
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return VerifiedBundle(manifest=fresh.manifest, root=dest, sha256=fresh.sha256)
+
+    def _progress(self, done: int, total: int) -> None:
+        self.heartbeat = time.monotonic()
+
+    def _check_against_active(
+        self, job: JobRecord, manifest: Manifest, active: str, sha: str
+    ) -> None:
+        """Refuse a downgrade; a bundle is the active one only by its sha256.
+
+        SemVer precedence ignores build metadata, so 1.0.0+build.b is neither older nor
+        the same as an active 1.0.0+build.a: it is installed like any upgrade.
+        """
+        name = manifest.name
+        if manifest.semver < SemVer(active):
+            self._reject(
+                job,
+                ReasonCode.DOWNGRADE,
+                f"{name} {manifest.version} is older than the active {active}; "
+                "going back needs an operator-signed rollback command",
+            )
+        if manifest.version != active:
+            return
+        if self.models.bundle_ref(name, active) in (sha, None):  # None: installed before refs
+            self._cleanup(job)
+            self._end(job, JobState.SUCCEEDED, None, f"{name} {active} is already active")
+            raise JobEnded()
+        self._reject(
+            job,
+            ReasonCode.BUNDLE_INVALID,
+            f"{name} {active} is already active from another bundle; a different build "
+            "needs its own version (e.g. 1.2.3+build.N)",
+        )
 
     def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> None:
         self._cleanup(job)
@@ -667,6 +729,7 @@ class Worker:
             "build": manifest.build.model_dump(mode="json"),
             "targets": manifest.targets.model_dump(mode="json"),
             "protect": [str(p) for p in self.models.protected_engines()],
+            "memory_bytes": self.config.engine_memory_bytes,
         }
         engine_job = EngineJob(
             request,

@@ -169,8 +169,31 @@ def make_golden(model_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np
     return golden
 
 
-def write_golden(path: Path, golden: dict[str, np.ndarray]) -> Path:
+def write_golden(
+    path: Path,
+    golden: dict[str, np.ndarray],
+    zeros: dict[str, tuple[tuple[int, ...], str]] | None = None,
+) -> Path:
+    """`zeros` adds arrays of zeros by name: (shape, dtype), streamed deflated into the
+    npz without ever existing in memory (a golden file that inflates to gigabytes)."""
+    import zipfile
+
     path = Path(path)
-    with open(path, "wb") as f:
-        np.savez(f, **golden)
+    if not zeros:
+        with open(path, "wb") as f:
+            np.savez(f, **golden)
+        return path
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, array in golden.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+        for name, (shape, dtype) in zeros.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_2_0(f, header)
+                left = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                block = bytes(1 << 22)
+                while left > 0:
+                    f.write(block[: min(left, len(block))])
+                    left -= len(block)
     return path

@@ -357,9 +357,12 @@ def build_bundle(
     gate: dict[str, Any] | None = None,
     targets: dict[str, Any] | None = None,
     golden_override: dict[str, Any] | None = None,
+    golden_zeros: dict[str, tuple[tuple[int, ...], str]] | None = None,
 ) -> Path:
     """A real signed bundle: an ONNX MLP (tests/models.py) and ORT golden outputs.
-    `golden_override` replaces golden arrays (to make a bundle that fails the gate)."""
+    `golden_override` replaces golden arrays (to make a bundle that fails the gate);
+    `golden_zeros` replaces or adds arrays of zeros by (shape, dtype) that are never in
+    memory here (see tests.models.write_golden)."""
     from protocol.bundle import bundle_filename, make_manifest, write_bundle
     from tests.models import make_golden, make_mlp, mlp_inputs, write_golden
 
@@ -368,7 +371,9 @@ def build_bundle(
     model = make_mlp(work / "model.onnx", seed=seed, extra_work=extra_work)
     golden = make_golden(model, mlp_inputs(4, seed=1))
     golden.update(golden_override or {})
-    golden_path = write_golden(work / "golden.npz", golden)
+    for key in golden_zeros or {}:
+        golden.pop(key, None)
+    golden_path = write_golden(work / "golden.npz", golden, golden_zeros)
     files = {"model.onnx": model, "golden.npz": golden_path}
     manifest = make_manifest(
         name=name,

@@ -12,9 +12,9 @@ from agent.engines import select_backend
 from agent.engines.cache import EngineCache
 from agent.gate import run_gate
 from agent.gate.accuracy import check_accuracy
-from agent.gate.golden import load_golden
+from agent.gate.golden import check_golden, load_golden
 from protocol.errors import BundleError
-from protocol.manifest import BuildOptions, GateSpec
+from protocol.manifest import BuildOptions, GateSpec, TensorSpec
 from tests.models import (
     convnet_inputs,
     make_convnet,
@@ -141,3 +141,37 @@ def test_unreadable_or_pickled_golden_is_a_bundle_error(tmp_path: Path) -> None:
     only_inputs = write_golden(tmp_path / "o.npz", {"input.x": np.ones(1)})
     with pytest.raises(BundleError, match="0 output"):
         load_golden(only_inputs)
+
+
+X = TensorSpec(name="x", dtype="float32", shape=["batch", 64])
+Y = TensorSpec(name="y", dtype="float32", shape=["batch", 16])
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"input.x": np.zeros((2, 64), np.float64)}, "'input.x' is float64, the manifest says"),
+        ({"input.x": np.zeros((2, 63), np.float32)}, "'input.x' has shape [2, 63], the manif"),
+        ({"input.x": np.zeros((2, 64, 1), np.float32)}, "'input.x' has shape [2, 64, 1]"),
+        ({"input.x": np.zeros((2, 64), np.float32), "extra": np.zeros(1)}, "array 'extra'"),
+        ({"output.y": np.zeros((2, 16), np.float32)}, "lacks 'input.x'"),
+        ({"input.x": np.zeros((2, 64), np.float32), "output.y": None}, "lacks any output"),
+        ({"input.x": np.zeros((5000, 64), np.float32)}, "1 MiB decoded, above this device's"),
+    ],
+)
+def test_golden_headers_are_checked_against_the_manifest(
+    tmp_path: Path, arrays: dict[str, np.ndarray | None], message: str
+) -> None:
+    golden = {"output.y": np.zeros((2, 16), np.float32), **arrays}
+    path = write_golden(tmp_path / "g.npz", {k: v for k, v in golden.items() if v is not None})
+    with pytest.raises(BundleError) as e:
+        check_golden(path, [X], [Y], max_bytes=2**20)
+    assert message in e.value.reason and "\n" not in e.value.reason
+
+
+def test_golden_headers_of_a_good_file_pass(tmp_path: Path) -> None:
+    path = write_golden(
+        tmp_path / "g.npz",
+        {"input.x": np.zeros((3, 64), np.float32), "output.y": np.zeros((3, 16), np.float32)},
+    )
+    check_golden(path, [X], [Y], max_bytes=2**20)
