@@ -21,8 +21,10 @@ import numpy as np
 
 from agent.engines.api import BuildError, EngineLoadError, InferenceError, UnsupportedError
 from protocol.manifest import BuildOptions
+from protocol.modelio import ModelError, resolve_model_file
 
 NAME = "onnxruntime"
+_PROTOBUF_LIMIT = 2**31 - 2**20  # one serialized ONNX model, with room for the graph
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
@@ -57,11 +59,14 @@ class OrtEngine:
         self._session = session
         self.providers = providers
         self.input_names = [i.name for i in session.get_inputs()]
+        # Weights declared as inputs (protocol.modelio's `optional`): a caller may override them.
+        self.optional_names = [i.name for i in session.get_overridable_initializers()]
         self.output_names = [o.name for o in session.get_outputs()]
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
-        unknown = [n for n in feeds if n not in self.input_names]
+        known = (*self.input_names, *self.optional_names)
+        unknown = [n for n in feeds if n not in known]
         if missing or unknown:
             raise InferenceError(
                 f"inputs do not match the model: missing {missing or 'none'}, "
@@ -81,6 +86,28 @@ class OrtEngine:
 
     def close(self) -> None:
         self._session = None
+
+
+def _self_contained(model_path: Path) -> str | bytes:
+    """The model as ORT should build it. The engine is one file, but ORT's optimized model
+    keeps referring to the external data files of the weights it did not rewrite, which
+    stay behind in the bundle: such a model is built from bytes with its weights inlined."""
+    try:
+        io = resolve_model_file(model_path)  # also refuses data files outside the model's dir
+    except ModelError as e:
+        raise UnsupportedError(e.reason) from e
+    if not io.data_files:
+        return str(model_path)
+    import onnx
+
+    total = sum((model_path.parent / f).stat().st_size for f in io.data_files)
+    if total >= _PROTOBUF_LIMIT:
+        raise UnsupportedError(
+            f"{model_path.name} has {total / 2**30:.1f} GiB of weights; an onnxruntime engine "
+            "is one ONNX file, at most 2 GiB (TensorRT devices build such models)"
+        )
+    model = onnx.load(str(model_path), load_external_data=True)
+    return bytes(model.SerializeToString())
 
 
 class OnnxRuntimeBackend:
@@ -171,11 +198,12 @@ class OnnxRuntimeBackend:
         ort = _ort()
         if not model_path.is_file():
             raise BuildError(f"model file {model_path} does not exist")
+        source = _self_contained(model_path)
         try:
             if out_path.exists():
                 out_path.unlink()
             ort.InferenceSession(
-                str(model_path),
+                source,
                 sess_options=self._session_options(optimize_to=out_path),
                 providers=self._provider_list(options),
             )
