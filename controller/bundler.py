@@ -111,7 +111,10 @@ def describe_model(path: Path) -> ModelIO:
 def _check_shipped(path: Path, io: ModelIO, what: str) -> None:
     """The model the bundle ships must resolve to the inputs and outputs the manifest
     declares: the device resolves that file, not the one the operator gave."""
-    shipped = describe_model(path)
+    try:
+        shipped = resolve_model_file(path)  # not the checker: converters leave unsorted graphs
+    except ModelError as e:
+        raise BuildInputError(f"the {what} model: {e.reason}") from e
     for kind, want, got in (
         ("inputs", io.inputs, shipped.inputs),
         ("outputs", io.outputs, shipped.outputs),
