@@ -80,7 +80,7 @@ def resolve_model_file(path: Path) -> ModelIO:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and friends
-        raise ModelError(f"{path.name} is not an ONNX model: {e}") from e
+        raise ModelError(f"{path.name} is not an ONNX model: {e}", code="build_failed") from e
     io = resolve_model(model)
     missing = [f for f in io.data_files if not (path.parent / f).is_file()]
     if missing:

@@ -95,7 +95,7 @@ def _self_contained(model_path: Path) -> str | bytes:
     try:
         io = resolve_model_file(model_path)  # also refuses data files outside the model's dir
     except ModelError as e:
-        raise UnsupportedError(e.reason) from e
+        raise (UnsupportedError if e.code == "unsupported" else BuildError)(e.reason) from e
     if not io.data_files:
         return str(model_path)
     import onnx

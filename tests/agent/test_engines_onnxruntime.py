@@ -142,3 +142,20 @@ def test_engine_without_sidecar_or_with_foreign_backend_is_not_loaded(
     sidecar_path(lone).write_text(json.dumps(meta))
     with pytest.raises(EngineLoadError, match="unknown backend 'openvino'"):
         load_engine(lone)
+
+
+def test_a_weight_declared_as_an_input_is_optional_and_may_be_overridden(
+    tmp_path: Path, backend: OnnxRuntimeBackend
+) -> None:
+    from tests.modelzoo import optional_input
+
+    cache = EngineCache(tmp_path / "e", 1 << 30)
+    engine = backend.load(
+        cache.get_or_build(backend, optional_input(tmp_path), "4" * 64, BuildOptions())
+    )
+    features = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
+    default = engine.infer({"features": features})["probs"]
+    hotter = engine.infer({"features": features, "temperature": np.array([8.0], np.float32)})
+    assert not np.allclose(default, hotter["probs"])  # the override took effect
+    with pytest.raises(InferenceError, match="missing \\['features'\\]"):
+        engine.infer({"temperature": np.array([8.0], np.float32)})
