@@ -1,10 +1,12 @@
 """`jetfleet bundle build`: from an ONNX model to a signed .jfb.
 
-What the operator gives is checked before anything is signed: the model must be a valid,
-self-contained ONNX file; golden inputs must match its inputs by name, dtype and fixed dims;
-golden outputs given by the training framework must agree with what ONNX Runtime computes
-in fp32 (within the gate's atol/rtol), or the build is refused: a bundle whose golden file
-disagrees with its own model would be rejected by every device's accuracy gate.
+What the operator gives is checked before anything is signed: the model must be a valid
+ONNX file that a device can run, resolved by the same function the device's builder runs
+(protocol.modelio); weights in external data files are bundled with it; golden inputs
+must match its inputs by name, dtype and fixed dims; golden outputs given by the training
+framework must agree with what ONNX Runtime computes in fp32 (within the gate's
+atol/rtol), or the build is refused: a bundle whose golden file disagrees with its own
+model would be rejected by every device's accuracy gate.
 
 Golden outputs are always those of the fp32 model, also for fp16 and int8 bundles: the gate
 measures how far the device's engine is from the reference, not from another approximation.
