@@ -180,6 +180,38 @@ def parse_profile(text: str, io: ModelIO) -> tuple[str, Profile]:
         raise BuildInputError(f"--profile {name}: {e}") from e
 
 
+def check_profiles(
+    io: ModelIO, profiles: Mapping[str, Profile], feeds: Mapping[str, np.ndarray]
+) -> list[str]:
+    """Refuse what a TensorRT device would refuse: one named axis given two ranges, golden
+    inputs outside their profile. Warn of dynamic inputs without a profile (TensorRT
+    devices cannot build those; ONNX Runtime devices can)."""
+    axes: dict[str, tuple[str, tuple[int, int, int]]] = {}
+    for name, prof in profiles.items():
+        for i, dim in enumerate(io.input(name).shape):
+            span = (prof.min[i], prof.opt[i], prof.max[i])
+            if isinstance(dim, str):
+                first, seen = axes.setdefault(dim, (name, span))
+                if seen != span:
+                    raise BuildInputError(
+                        f"--profile {name}: axis {dim!r} is {'/'.join(map(str, span))} here "
+                        f"but {'/'.join(map(str, seen))} in the profile of {first!r}; "
+                        "TensorRT needs one range per named axis"
+                    )
+        shape = list(feeds[name].shape)
+        if any(not lo <= d <= hi for d, lo, hi in zip(shape, prof.min, prof.max, strict=True)):
+            raise BuildInputError(
+                f"golden input {name!r} has shape {shape}, outside its profile "
+                f"(min {prof.min}, max {prof.max}): a TensorRT engine could not run it"
+            )
+    return [
+        f"input {t.name!r} has dynamic axes {[d for d in t.shape if isinstance(d, str)]} and "
+        "no --profile: TensorRT devices will refuse this bundle (ONNX Runtime devices run it)"
+        for t in io.inputs
+        if t.dynamic and t.name not in profiles
+    ]
+
+
 # -- golden data -------------------------------------------------------------------------
 
 
@@ -470,6 +502,7 @@ def build_bundle(
     else:
         feeds, given = generate_inputs(io, spec.profiles, spec.seed), None
         inputs_from = "generated"
+    warnings += check_profiles(io, spec.profiles, feeds)
     reference = run_model(spec.model, feeds)
     if given is not None:
         bad = compare(reference, given, spec.gate.atol, spec.gate.rtol)

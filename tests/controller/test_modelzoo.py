@@ -179,3 +179,36 @@ def test_a_weight_file_outside_the_models_directory_is_refused_on_both_sides(
     assert r.exit_code == 2 and "outside the model's directory" in r.stderr, r.output
     with pytest.raises(ModelError, match="outside the model's directory"):
         resolve_model_file(tmp_path / "src" / "escape.onnx")
+
+
+def test_two_ranges_for_one_named_axis_are_refused_at_bundle_build(
+    cli: Cli, tmp_path: Path
+) -> None:
+    model = CORPUS["encoder"].build(tmp_path)
+    profiles = ("input_ids:1x1/2x7/4x16", "attention_mask:1x1/2x5/4x16")
+    r = bundle_build(cli, model, "enc", profiles, tmp_path / "b.jfb")
+    assert r.exit_code == 2, r.output
+    assert "axis 'sequence' is 1/5/16 here but 1/7/16 in the profile of 'input_ids'" in r.stderr
+
+
+def test_golden_inputs_outside_their_profile_are_refused_at_bundle_build(
+    cli: Cli, tmp_path: Path
+) -> None:
+    model = CORPUS["mobilenet"].build(tmp_path)
+    golden = bundler.write_npz(tmp_path / "g.npz", {"input": np.zeros((8, 3, 32, 32), np.float32)})
+    r = cli(
+        "bundle", "build", model, "--name", "m", "--version", "1.0.0", "--golden", golden,
+        "--profile", CORPUS["mobilenet"].profiles[0], "-o", tmp_path / "b.jfb",
+    )  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "golden input 'input' has shape [8, 3, 32, 32], outside its profile" in r.stderr
+
+
+def test_a_dynamic_input_without_a_profile_builds_with_a_warning_naming_tensorrt(
+    cli: Cli, tmp_path: Path
+) -> None:
+    model = CORPUS["mobilenet"].build(tmp_path)
+    r = bundle_build(cli, model, "m", (), tmp_path / "b.jfb")
+    assert r.exit_code == 0, r.output
+    assert "input 'input' has dynamic axes ['batch'] and no --profile" in r.stderr
+    assert "TensorRT devices will refuse this bundle" in r.stderr
