@@ -25,6 +25,7 @@ from protocol.modelio import ModelError, resolve_model_file
 
 NAME = "onnxruntime"
 _PROTOBUF_LIMIT = 2**31 - 2**20  # one serialized ONNX model, with room for the graph
+_IR_WEIGHTS_NOT_INPUTS = 4  # from IR 4 on, initializers need not be graph inputs
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
@@ -88,25 +89,40 @@ class OrtEngine:
         self._session = None
 
 
-def _self_contained(model_path: Path) -> str | bytes:
-    """The model as ORT should build it. The engine is one file, but ORT's optimized model
-    keeps referring to the external data files of the weights it did not rewrite, which
-    stay behind in the bundle: such a model is built from bytes with its weights inlined."""
+def _source(model_path: Path) -> str | bytes:
+    """The model as ORT should build it: the file itself, or bytes when it needs one of two
+    rewrites that leave its computation unchanged.
+
+    - External data: the engine is one file, but ORT's optimized model keeps referring to
+      the data files of the weights it did not rewrite, which stay behind in the bundle:
+      the weights are inlined.
+    - IR 3 (weights listed as graph inputs): ORT saves its optimized IR 3 model with the
+      weights it created (fused, folded) missing from the inputs, which IR 3 forbids; the
+      engine is then not valid ONNX. The weights are taken out of the inputs, as
+      protocol.modelio reads them, and the model saved as IR 4, where that is the rule.
+    """
     try:
         io = resolve_model_file(model_path)  # also refuses data files outside the model's dir
     except ModelError as e:
         raise (UnsupportedError if e.code == "unsupported" else BuildError)(e.reason) from e
-    if not io.data_files:
-        return str(model_path)
     import onnx
 
+    model = onnx.load(str(model_path), load_external_data=False)
+    legacy = model.ir_version < _IR_WEIGHTS_NOT_INPUTS and bool(io.optional)
+    if not io.data_files and not legacy:
+        return str(model_path)
     total = sum((model_path.parent / f).stat().st_size for f in io.data_files)
     if total >= _PROTOBUF_LIMIT:
         raise UnsupportedError(
             f"{model_path.name} has {total / 2**30:.1f} GiB of weights; an onnxruntime engine "
             "is one ONNX file, at most 2 GiB (TensorRT devices build such models)"
         )
-    model = onnx.load(str(model_path), load_external_data=True)
+    onnx.load_external_data_for_model(model, str(model_path.parent))
+    if legacy:
+        weights = [v for v in model.graph.input if v.name in io.optional]
+        for v in weights:
+            model.graph.input.remove(v)
+        model.ir_version = _IR_WEIGHTS_NOT_INPUTS
     return bytes(model.SerializeToString())
 
 
@@ -198,7 +214,7 @@ class OnnxRuntimeBackend:
         ort = _ort()
         if not model_path.is_file():
             raise BuildError(f"model file {model_path} does not exist")
-        source = _self_contained(model_path)
+        source = _source(model_path)
         try:
             if out_path.exists():
                 out_path.unlink()

@@ -159,3 +159,23 @@ def test_a_weight_declared_as_an_input_is_optional_and_may_be_overridden(
     assert not np.allclose(default, hotter["probs"])  # the override took effect
     with pytest.raises(InferenceError, match="missing \\['features'\\]"):
         engine.infer({"temperature": np.array([8.0], np.float32)})
+
+
+@pytest.mark.parametrize("make", ["resnet_ir3", "squeezenet_ir3"])
+def test_the_engine_of_an_ir3_model_is_valid_onnx_whose_only_inputs_are_the_real_ones(
+    make: str, tmp_path: Path, backend: OnnxRuntimeBackend
+) -> None:
+    """IR 3 lists every weight as an input. ORT's optimized IR 3 model left the weights it
+    fused out of the inputs (invalid IR 3: a stricter reader sees dangling tensors) and
+    kept the others there: the engine disagreed with the model on what its inputs are."""
+    import onnx
+
+    from protocol.modelio import resolve_model_file
+    from tests import modelzoo
+
+    model = getattr(modelzoo, make)(tmp_path)
+    engine = tmp_path / "engine"
+    backend.build(model, BuildOptions(), engine)
+    onnx.checker.check_model(str(engine))
+    built = onnx.load(str(engine))
+    assert [v.name for v in built.graph.input] == [t.name for t in resolve_model_file(model).inputs]
