@@ -237,6 +237,7 @@ def child_main() -> int:
         from agent.gate import run_gate
         from agent.hardware import detect_hardware
         from protocol.manifest import BuildOptions, GateSpec, Targets
+        from protocol.modelio import resolve_model_file
 
         # TensorRT keeps its timing cache (per TensorRT version and GPU) next to the
         # engine cache, so a rebuild after eviction or a rollback reuses the tactics;
@@ -265,6 +266,9 @@ def child_main() -> int:
                 )
         if req.get("mode") == "ensure":
             _check_model_sha256(Path(req["model"]), req["model_sha256"])
+        # The resolution `bundle build` ran: a model it would refuse is refused here too,
+        # whatever the backend, before any build starts.
+        resolve_model_file(Path(req["model"]))
         check_targets(Targets.model_validate(req["targets"]), hardware, backend, build=build)
         cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]))
         engine = cache.get_or_build(

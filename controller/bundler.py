@@ -1,10 +1,12 @@
 """`jetfleet bundle build`: from an ONNX model to a signed .jfb.
 
-What the operator gives is checked before anything is signed: the model must be a valid,
-self-contained ONNX file; golden inputs must match its inputs by name, dtype and fixed dims;
-golden outputs given by the training framework must agree with what ONNX Runtime computes
-in fp32 (within the gate's atol/rtol), or the build is refused: a bundle whose golden file
-disagrees with its own model would be rejected by every device's accuracy gate.
+What the operator gives is checked before anything is signed: the model must be a valid
+ONNX file that a device can run, resolved by the same function the device's builder runs
+(protocol.modelio); weights in external data files are bundled with it; golden inputs
+must match its inputs by name, dtype and fixed dims; golden outputs given by the training
+framework must agree with what ONNX Runtime computes in fp32 (within the gate's
+atol/rtol), or the build is refused: a bundle whose golden file disagrees with its own
+model would be rejected by every device's accuracy gate.
 
 Golden outputs are always those of the fp32 model, also for fp16 and int8 bundles: the gate
 measures how far the device's engine is from the reference, not from another approximation.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from protocol.bundle import (
     GOLDEN_INPUT_PREFIX,
@@ -35,7 +37,6 @@ from protocol.bundle import (
 from protocol.errors import ProtocolError
 from protocol.keys import SigningKey
 from protocol.manifest import (
-    DTYPES,
     BuildOptions,
     GateSpec,
     Manifest,
@@ -44,6 +45,7 @@ from protocol.manifest import (
     Targets,
     TensorSpec,
 )
+from protocol.modelio import ModelError, ModelIO, resolve_model_file
 
 MODEL_MEMBER = "model.onnx"
 GOLDEN_MEMBER = "golden.npz"
@@ -55,15 +57,6 @@ class BuildInputError(Exception):
 
 class GoldenMismatchError(Exception):
     """The model disagrees with the given golden outputs (exit 1); names the worst element."""
-
-
-@dataclass(frozen=True)
-class ModelIO:
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
 
 
 @dataclass(frozen=True)
@@ -97,68 +90,61 @@ class BuildResult:
 
 # -- the model ---------------------------------------------------------------------------
 
-_ONNX_DTYPES: dict[int, str] = {
-    TensorProto.FLOAT: "float32",
-    TensorProto.FLOAT16: "float16",
-    TensorProto.DOUBLE: "float64",
-    TensorProto.INT8: "int8",
-    TensorProto.UINT8: "uint8",
-    TensorProto.INT16: "int16",
-    TensorProto.INT32: "int32",
-    TensorProto.INT64: "int64",
-    TensorProto.BOOL: "bool",
-}
-
-
-def _tensor_spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
-    ttype = value.type.tensor_type
-    if not value.type.HasField("tensor_type"):
-        raise BuildInputError(f"model {where} {value.name!r} is not a tensor")
-    dtype = _ONNX_DTYPES.get(ttype.elem_type)
-    if dtype is None:
-        name = TensorProto.DataType.Name(ttype.elem_type)
-        raise BuildInputError(
-            f"model {where} {value.name!r} has element type {name}; supported: {', '.join(DTYPES)}"
-        )
-    if not ttype.HasField("shape"):
-        raise BuildInputError(f"model {where} {value.name!r} has no shape (rank unknown)")
-    shape: list[int | str] = []
-    for i, dim in enumerate(ttype.shape.dim):
-        if dim.HasField("dim_value") and dim.dim_value > 0:
-            shape.append(int(dim.dim_value))
-        elif dim.HasField("dim_param") and dim.dim_param:
-            shape.append(dim.dim_param)
-        else:  # an anonymous dynamic dim: give it a stable name
-            shape.append(f"{value.name}_dim{i}")
-    return TensorSpec(name=value.name, dtype=dtype, shape=shape)
-
 
 def describe_model(path: Path) -> ModelIO:
-    """Inputs and outputs of an ONNX file (names, dtypes, shapes with named dynamic dims)."""
+    """Inputs and outputs of an ONNX file, resolved as every device resolves them
+    (protocol.modelio): weights listed as inputs are not inputs, custom ops are refused."""
     path = Path(path)
     if not path.is_file():
         raise BuildInputError(f"model {path} does not exist")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise BuildInputError(f"{path} is not an ONNX model: {e}") from e
-    external = [t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    if external:
-        raise BuildInputError(
-            f"{path} keeps weights in external data files ({external[0]!r}…); a bundle holds "
-            "one file: save the model with onnx.save(model, path, save_as_external_data=False)"
-        )
+        io = resolve_model_file(path)
+    except ModelError as e:
+        raise BuildInputError(f"{path}: {e.reason}") from e
     try:
-        onnx.checker.check_model(model)
+        # By path: the checker then also reads the external data files.
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BuildInputError(f"{path} is not a valid ONNX model: {first}") from e
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [_tensor_spec(v, "input") for v in model.graph.input if v.name not in initializers]
-    outputs = [_tensor_spec(v, "output") for v in model.graph.output]
-    if not inputs or not outputs:
-        raise BuildInputError(f"{path} has no inputs or no outputs")
-    return ModelIO(inputs, outputs)
+    return io
+
+
+def _check_shipped(path: Path, io: ModelIO, what: str) -> None:
+    """The model the bundle ships must resolve to the inputs and outputs the manifest
+    declares: the device resolves that file, not the one the operator gave."""
+    try:
+        shipped = resolve_model_file(path)  # not the checker: converters leave unsorted graphs
+    except ModelError as e:
+        raise BuildInputError(f"the {what} model: {e.reason}") from e
+    for kind, want, got in (
+        ("inputs", io.inputs, shipped.inputs),
+        ("outputs", io.outputs, shipped.outputs),
+    ):
+        if [t.model_dump() for t in want] != [t.model_dump() for t in got]:
+            raise BuildInputError(
+                f"the {what} model's {kind} differ from the original's: "
+                f"{[(t.name, t.dtype) for t in got]} instead of {[(t.name, t.dtype) for t in want]}"
+            )
+
+
+def _bundle_model(src: Path, io: ModelIO, tmp: Path) -> dict[str, Path]:
+    """The model's bundle members: model.onnx, plus its external data files renamed after
+    their SHA-256. Naming them by content makes model.onnx's own hash (the engine cache key
+    on a device) change whenever any weight does."""
+    if not io.data_files:
+        return {MODEL_MEMBER: src}
+    renamed = {loc: f"weights-{_sha256(src.parent / loc)}.bin" for loc in io.data_files}
+    model = onnx.load(str(src), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = renamed[entry.value]
+    onnx.save(model, str(tmp / MODEL_MEMBER))
+    for loc, name in renamed.items():
+        # Beside model.onnx, as on a device; a copy, as onnx's checker refuses hard links.
+        shutil.copyfile(src.parent / loc, tmp / name)
+    return {MODEL_MEMBER: tmp / MODEL_MEMBER} | {n: tmp / n for n in renamed.values()}
 
 
 _PROFILE_RE = re.compile(r"^([^:]+):(\d+(?:x\d+)*)/(\d+(?:x\d+)*)/(\d+(?:x\d+)*)$")
@@ -192,6 +178,38 @@ def parse_profile(text: str, io: ModelIO) -> tuple[str, Profile]:
         return name, Profile(min=shapes[0], opt=shapes[1], max=shapes[2])
     except (ProtocolError, ValueError) as e:
         raise BuildInputError(f"--profile {name}: {e}") from e
+
+
+def check_profiles(
+    io: ModelIO, profiles: Mapping[str, Profile], feeds: Mapping[str, np.ndarray]
+) -> list[str]:
+    """Refuse what a TensorRT device would refuse: one named axis given two ranges, golden
+    inputs outside their profile. Warn of dynamic inputs without a profile (TensorRT
+    devices cannot build those; ONNX Runtime devices can)."""
+    axes: dict[str, tuple[str, tuple[int, int, int]]] = {}
+    for name, prof in profiles.items():
+        for i, dim in enumerate(io.input(name).shape):
+            span = (prof.min[i], prof.opt[i], prof.max[i])
+            if isinstance(dim, str):
+                first, seen = axes.setdefault(dim, (name, span))
+                if seen != span:
+                    raise BuildInputError(
+                        f"--profile {name}: axis {dim!r} is {'/'.join(map(str, span))} here "
+                        f"but {'/'.join(map(str, seen))} in the profile of {first!r}; "
+                        "TensorRT needs one range per named axis"
+                    )
+        shape = list(feeds[name].shape)
+        if any(not lo <= d <= hi for d, lo, hi in zip(shape, prof.min, prof.max, strict=True)):
+            raise BuildInputError(
+                f"golden input {name!r} has shape {shape}, outside its profile "
+                f"(min {prof.min}, max {prof.max}): a TensorRT engine could not run it"
+            )
+    return [
+        f"input {t.name!r} has dynamic axes {[d for d in t.shape if isinstance(d, str)]} and "
+        "no --profile: TensorRT devices will refuse this bundle (ONNX Runtime devices run it)"
+        for t in io.inputs
+        if t.dynamic and t.name not in profiles
+    ]
 
 
 # -- golden data -------------------------------------------------------------------------
@@ -484,6 +502,7 @@ def build_bundle(
     else:
         feeds, given = generate_inputs(io, spec.profiles, spec.seed), None
         inputs_from = "generated"
+    warnings += check_profiles(io, spec.profiles, feeds)
     reference = run_model(spec.model, feeds)
     if given is not None:
         bad = compare(reference, given, spec.gate.atol, spec.gate.rtol)
@@ -508,13 +527,14 @@ def build_bundle(
         model_file = tmp / MODEL_MEMBER
         conversion_error = None
         if spec.precision == "fp32":
-            model_file = spec.model
+            members = _bundle_model(spec.model, io, tmp)
         else:
             if spec.precision == "fp16":
                 _to_fp16(spec.model, model_file)
             else:
                 assert spec.calibration is not None
                 _to_int8(spec.model, model_file, spec.calibration, io)
+            members = {MODEL_MEMBER: model_file}
             try:
                 converted = run_model(model_file, feeds)
             except BuildInputError as e:
@@ -532,7 +552,8 @@ def build_bundle(
         arrays = {GOLDEN_INPUT_PREFIX + k: np.ascontiguousarray(v) for k, v in feeds.items()}
         arrays |= {GOLDEN_OUTPUT_PREFIX + k: np.ascontiguousarray(v) for k, v in golden_out.items()}
         write_npz(golden_file, arrays)
-        files = {MODEL_MEMBER: model_file, GOLDEN_MEMBER: golden_file}
+        _check_shipped(members[MODEL_MEMBER], io, spec.precision)
+        files = {**members, GOLDEN_MEMBER: golden_file}
         try:
             manifest = make_manifest(
                 name=spec.name,

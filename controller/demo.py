@@ -373,6 +373,9 @@ class Demo:
             MODEL,
             "--version",
             version,
+            # Batches of 1 to 8 (TensorRT agents need the range); the gate runs batch 1.
+            "--profile",
+            f"x:1x{IN_DIM}/1x{IN_DIM}/8x{IN_DIM}",
             "--max-regression-pct",
             f"{MAX_REGRESSION_PCT:g}",
             "--probation-s",

@@ -3,7 +3,8 @@
 Layout, in this order:
 
     manifest.dsse.json   the release-signed DSSE envelope of the Manifest (at most 1 MiB)
-    <every file the manifest lists>   e.g. model.onnx, golden.npz
+    <every file the manifest lists>   e.g. model.onnx, golden.npz, and the model's external
+                         weight files (weights-<sha256>.bin, which model.onnx names)
 
 The manifest comes first so that a reader checks the signature before it reads a single
 byte of anything else, and then checks each member against the signed list (name, size,

@@ -21,8 +21,11 @@ import numpy as np
 
 from agent.engines.api import BuildError, EngineLoadError, InferenceError, UnsupportedError
 from protocol.manifest import BuildOptions
+from protocol.modelio import ModelError, resolve_model_file
 
 NAME = "onnxruntime"
+_PROTOBUF_LIMIT = 2**31 - 2**20  # one serialized ONNX model, with room for the graph
+_IR_WEIGHTS_NOT_INPUTS = 4  # from IR 4 on, initializers need not be graph inputs
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
@@ -57,11 +60,14 @@ class OrtEngine:
         self._session = session
         self.providers = providers
         self.input_names = [i.name for i in session.get_inputs()]
+        # Weights declared as inputs (protocol.modelio's `optional`): a caller may override them.
+        self.optional_names = [i.name for i in session.get_overridable_initializers()]
         self.output_names = [o.name for o in session.get_outputs()]
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
-        unknown = [n for n in feeds if n not in self.input_names]
+        known = (*self.input_names, *self.optional_names)
+        unknown = [n for n in feeds if n not in known]
         if missing or unknown:
             raise InferenceError(
                 f"inputs do not match the model: missing {missing or 'none'}, "
@@ -81,6 +87,43 @@ class OrtEngine:
 
     def close(self) -> None:
         self._session = None
+
+
+def _source(model_path: Path) -> str | bytes:
+    """The model as ORT should build it: the file itself, or bytes when it needs one of two
+    rewrites that leave its computation unchanged.
+
+    - External data: the engine is one file, but ORT's optimized model keeps referring to
+      the data files of the weights it did not rewrite, which stay behind in the bundle:
+      the weights are inlined.
+    - IR 3 (weights listed as graph inputs): ORT saves its optimized IR 3 model with the
+      weights it created (fused, folded) missing from the inputs, which IR 3 forbids; the
+      engine is then not valid ONNX. The weights are taken out of the inputs, as
+      protocol.modelio reads them, and the model saved as IR 4, where that is the rule.
+    """
+    try:
+        io = resolve_model_file(model_path)  # also refuses data files outside the model's dir
+    except ModelError as e:
+        raise (UnsupportedError if e.code == "unsupported" else BuildError)(e.reason) from e
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    legacy = model.ir_version < _IR_WEIGHTS_NOT_INPUTS and bool(io.optional)
+    if not io.data_files and not legacy:
+        return str(model_path)
+    total = sum((model_path.parent / f).stat().st_size for f in io.data_files)
+    if total >= _PROTOBUF_LIMIT:
+        raise UnsupportedError(
+            f"{model_path.name} has {total / 2**30:.1f} GiB of weights; an onnxruntime engine "
+            "is one ONNX file, at most 2 GiB (TensorRT devices build such models)"
+        )
+    onnx.load_external_data_for_model(model, str(model_path.parent))
+    if legacy:
+        weights = [v for v in model.graph.input if v.name in io.optional]
+        for v in weights:
+            model.graph.input.remove(v)
+        model.ir_version = _IR_WEIGHTS_NOT_INPUTS
+    return bytes(model.SerializeToString())
 
 
 class OnnxRuntimeBackend:
@@ -171,11 +214,12 @@ class OnnxRuntimeBackend:
         ort = _ort()
         if not model_path.is_file():
             raise BuildError(f"model file {model_path} does not exist")
+        source = _source(model_path)
         try:
             if out_path.exists():
                 out_path.unlink()
             ort.InferenceSession(
-                str(model_path),
+                source,
                 sess_options=self._session_options(optimize_to=out_path),
                 providers=self._provider_list(options),
             )

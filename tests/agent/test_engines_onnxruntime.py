@@ -142,3 +142,40 @@ def test_engine_without_sidecar_or_with_foreign_backend_is_not_loaded(
     sidecar_path(lone).write_text(json.dumps(meta))
     with pytest.raises(EngineLoadError, match="unknown backend 'openvino'"):
         load_engine(lone)
+
+
+def test_a_weight_declared_as_an_input_is_optional_and_may_be_overridden(
+    tmp_path: Path, backend: OnnxRuntimeBackend
+) -> None:
+    from tests.modelzoo import optional_input
+
+    cache = EngineCache(tmp_path / "e", 1 << 30)
+    engine = backend.load(
+        cache.get_or_build(backend, optional_input(tmp_path), "4" * 64, BuildOptions())
+    )
+    features = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
+    default = engine.infer({"features": features})["probs"]
+    hotter = engine.infer({"features": features, "temperature": np.array([8.0], np.float32)})
+    assert not np.allclose(default, hotter["probs"])  # the override took effect
+    with pytest.raises(InferenceError, match="missing \\['features'\\]"):
+        engine.infer({"temperature": np.array([8.0], np.float32)})
+
+
+@pytest.mark.parametrize("make", ["resnet_ir3", "squeezenet_ir3"])
+def test_the_engine_of_an_ir3_model_is_valid_onnx_whose_only_inputs_are_the_real_ones(
+    make: str, tmp_path: Path, backend: OnnxRuntimeBackend
+) -> None:
+    """IR 3 lists every weight as an input. ORT's optimized IR 3 model left the weights it
+    fused out of the inputs (invalid IR 3: a stricter reader sees dangling tensors) and
+    kept the others there: the engine disagreed with the model on what its inputs are."""
+    import onnx
+
+    from protocol.modelio import resolve_model_file
+    from tests import modelzoo
+
+    model = getattr(modelzoo, make)(tmp_path)
+    engine = tmp_path / "engine"
+    backend.build(model, BuildOptions(), engine)
+    onnx.checker.check_model(str(engine))
+    built = onnx.load(str(engine))
+    assert [v.name for v in built.graph.input] == [t.name for t in resolve_model_file(model).inputs]
