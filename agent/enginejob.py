@@ -8,9 +8,11 @@ None of that may happen inside the daemon: the worker starts
 
 which checks targets and builds (through the EngineCache), prints `{"built": ...}`, waits
 for `gate` on stdin (the worker persists VALIDATING first), runs the gate and prints
-`{"gate": ...}`. Errors come back as `{"error": {"code", "reason"}}`. The daemon stays
-small when idle, a crash of the builder fails the job instead of the agent, and a
-cancel or a SIGTERM stops a build at once by killing the child. The child dies with its
+`{"gate": ...}`; a speed run the gate declines to judge (clocks or thermal state moved)
+prints `{"not_judged": ...}` first, once per run. Errors come back as
+`{"error": {"code", "reason"}}`. The daemon stays small when idle, a crash of the
+builder fails the job instead of the agent, and a cancel or a SIGTERM stops a build at
+once by killing the child. The child dies with its
 parent (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan build running.
 """
 
@@ -27,9 +29,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from agent.download import Canceled
+
+if TYPE_CHECKING:  # the daemon side stays numpy-free
+    from agent.gate.speed import SpeedSettings
 
 
 class EngineJobError(Exception):
@@ -137,9 +142,14 @@ class EngineJob:
             bool(b.get("rebuilt", True)),
         )
 
-    def gate(self) -> dict[str, Any]:
+    def gate(
+        self, on_not_judged: Callable[[dict[str, Any]], None] = lambda _: None
+    ) -> dict[str, Any]:
         self._send("gate")
         msg = self._next()
+        while isinstance(msg.get("not_judged"), dict):
+            on_not_judged(msg["not_judged"])
+            msg = self._next()
         g = msg.get("gate")
         if not isinstance(g, dict):
             raise EngineJobError("build_failed", f"unexpected reply from the gate: {msg}")
@@ -193,6 +203,18 @@ def _check_model_sha256(model: Path, expected: str) -> None:
         raise BundleError(f"held model {model} no longer matches its manifest's sha256")
 
 
+def _speed_settings(doc: dict[str, Any]) -> SpeedSettings:
+    from agent.gate import SpeedSettings
+
+    known = {"attempts", "retry_wait_s", "max_temp_rise_c"}
+    return SpeedSettings(**{k: v for k, v in doc.items() if k in known})
+
+
+def _emit_not_judged(attempt: int, attempts: int, moved: list[str], wait_s: float) -> None:
+    _emit({"not_judged": {"attempt": attempt, "attempts": attempts, "moved": moved,
+                          "retry_in_s": wait_s}})  # fmt: skip
+
+
 def child_main() -> int:
     _die_with_parent()
     from agent.logs import configure_logging
@@ -203,8 +225,9 @@ def child_main() -> int:
         from agent.engines import EngineLoadError, load_engine, select_backend
         from agent.engines.cache import EngineCache
         from agent.engines.targets import check_targets
-        from agent.gate import run_gate
+        from agent.gate import ConditionsWatch, run_gate
         from agent.hardware import detect_hardware
+        from agent.telemetry.sysfs import JetsonSysfs
         from protocol.manifest import BuildOptions, GateSpec, Targets
 
         # TensorRT keeps its timing cache (per TensorRT version and GPU) next to the
@@ -213,7 +236,8 @@ def child_main() -> int:
         timing = req.get("timing_cache_dir") or Path(req["cache_root"]) / "timing"
         backend = select_backend(req["backend"], timing_cache_dir=Path(timing))
         build = BuildOptions.model_validate(req["build"])
-        hardware = detect_hardware(backend)
+        jetson_root = Path(req.get("sysfs_root") or "/")
+        hardware = detect_hardware(backend, root=jetson_root)
         if req.get("mode") == "ensure" and req.get("engine"):
             # A rollback target: keep its engine when it loads here (same file, same
             # TensorRT version); rebuild it from the held bundle when it does not.
@@ -254,8 +278,16 @@ def child_main() -> int:
         if sys.stdin.readline().strip() != "gate":
             return 0
         active = Path(req["active"]) if req.get("active") else None
+        speed = _speed_settings(req.get("speed") or {})
         result = run_gate(
-            backend, engine, active, Path(req["golden"]), GateSpec.model_validate(req["gate"])
+            backend,
+            engine,
+            active,
+            Path(req["golden"]),
+            GateSpec.model_validate(req["gate"]),
+            speed=speed,
+            watch=ConditionsWatch(JetsonSysfs(jetson_root), max_temp_rise_c=speed.max_temp_rise_c),
+            on_not_judged=_emit_not_judged,
         )
         _emit(
             {
