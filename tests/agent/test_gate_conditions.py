@@ -45,19 +45,19 @@ class ReplayedBoard(JetsonSysfs):
         return super().nvpmodel()
 
 
-def board(tmp: Path, name: str, **files: str) -> Path:
-    """A copy of the recorded Orin tree with some files rewritten (paths use '__' for '/')."""
+def board(tmp: Path, name: str, files: dict[str, str] | None = None) -> Path:
+    """A copy of the recorded Orin tree with some of its files rewritten."""
     root = tmp / name
     shutil.copytree(ORIN, root)
-    for rel, text in files.items():
-        (root / rel.replace("__", "/")).write_text(text + "\n")
+    for rel, text in (files or {}).items():
+        (root / rel).write_text(text + "\n")
     return root
 
 
 def throttled(tmp: Path, name: str = "throttled") -> Path:
     # The GPU held at 918 MHz (one of Orin's devfreq steps) with its limits unchanged:
     # what a pinned clock looks like when something outside the gate pulls it down.
-    return board(tmp, name, **{f"{GPU}/cur_freq".replace("/", "__"): "918000000"})
+    return board(tmp, name, {f"{GPU}/cur_freq": "918000000"})
 
 
 @pytest.fixture(scope="module")
@@ -87,32 +87,29 @@ def test_a_recorded_orin_reads_as_maxn_with_pinned_clocks() -> None:
 def test_each_kind_of_change_is_named(tmp_path: Path) -> None:
     base = read_conditions(JetsonSysfs(ORIN))
 
-    def after(**files: str) -> list[str]:
-        root = board(tmp_path, f"t{len(list(tmp_path.iterdir()))}", **files)
+    def after(files: dict[str, str] | None = None) -> list[str]:
+        root = board(tmp_path, f"t{len(list(tmp_path.iterdir()))}", files)
         return changes(base, read_conditions(JetsonSysfs(root)), max_temp_rise_c=10.0)
 
-    assert after(var__lib__nvpmodel__status="pmode:0001 fmode:quiet") == [
+    assert after({"var/lib/nvpmodel/status": "pmode:0001 fmode:quiet"}) == [
         "power mode MAXN -> MODE_15W"
     ]
-    assert after(**{f"{GPU}/cur_freq".replace("/", "__"): "918000000"}) == [
-        "gpu 1300.5 -> 918 MHz"
-    ]
+    assert after({f"{GPU}/cur_freq": "918000000"}) == ["gpu 1300.5 -> 918 MHz"]
     # `jetson_clocks --restore`: the minimum drops back, the governor is free again.
-    assert after(**{f"{GPU}/min_freq".replace("/", "__"): "306000000"}) == [
+    assert after({f"{GPU}/min_freq": "306000000"}) == [
         "clocks pinned -> not pinned",
         "gpu limits 1300.5-1300.5 -> 306-1300.5 MHz",
     ]
-    assert after(sys__class__thermal__thermal_zone1__temp="61500") == ["gpu-thermal 48 -> 61.5 C"]
-    assert after(sys__class__thermal__thermal_zone1__temp="55000") == []  # within 10 °C
+    assert after({"sys/class/thermal/thermal_zone1/temp": "61500"}) == ["gpu-thermal 48 -> 61.5 C"]
+    assert after({"sys/class/thermal/thermal_zone1/temp": "55000"}) == []  # within 10 °C
     assert after() == []
 
 
 def test_under_dvfs_a_moving_clock_is_normal_but_a_moving_limit_is_not(tmp_path: Path) -> None:
-    gpu = f"{GPU}/".replace("/", "__")
-    free = board(tmp_path, "free", **{gpu + "min_freq": "306000000", gpu + "cur_freq": "306000000"})
-    busy = board(tmp_path, "busy", **{gpu + "min_freq": "306000000"})  # DVFS ramped up
-    capped = board(tmp_path, "capped", **{gpu + "min_freq": "306000000",
-                                          gpu + "max_freq": "918000000"})  # fmt: skip
+    lo = {f"{GPU}/min_freq": "306000000"}
+    free = board(tmp_path, "free", {**lo, f"{GPU}/cur_freq": "306000000"})
+    busy = board(tmp_path, "busy", lo)  # DVFS ramped the GPU up to its maximum
+    capped = board(tmp_path, "capped", {**lo, f"{GPU}/max_freq": "918000000"})
     a = read_conditions(JetsonSysfs(free))
     assert a.clocks_pinned is False
     assert changes(a, read_conditions(JetsonSysfs(busy)), max_temp_rise_c=10) == []
