@@ -223,7 +223,7 @@ def child_main() -> int:
     try:
         req = json.loads(sys.stdin.readline())
         from agent.engines import EngineLoadError, load_engine, select_backend
-        from agent.engines.cache import EngineCache
+        from agent.engines.cache import EngineCache, platform_parts
         from agent.engines.targets import check_targets
         from agent.gate import ConditionsWatch, run_gate
         from agent.hardware import detect_hardware
@@ -257,7 +257,8 @@ def child_main() -> int:
         if req.get("mode") == "ensure":
             _check_model_sha256(Path(req["model"]), req["model_sha256"])
         check_targets(Targets.model_validate(req["targets"]), hardware, backend, build=build)
-        cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]))
+        platform = platform_parts(hardware, JetsonSysfs(jetson_root).nvpmodel())
+        cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]), platform)
         engine = cache.get_or_build(
             backend,
             Path(req["model"]),
