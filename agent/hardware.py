@@ -66,7 +66,7 @@ class HardwareProfile:
     machine: str  # "aarch64"
     cpu_count: int
     memory_bytes: int | None
-    cuda: str | None = None  # "12.6.68"
+    cuda_version: str | None = None  # "12.6.68"
     tensorrt_full: str | None = None  # with the build number: "10.3.0.30"
 
     @property
@@ -137,7 +137,7 @@ def parse_nvinfer_full_version(text: str) -> str | None:
     return f"{short}.{build}" if build is not None and build.isdigit() else short
 
 
-def cuda_version(root: Path = Path("/")) -> str | None:
+def read_cuda_version(root: Path = Path("/")) -> str | None:
     """The CUDA toolkit's version from /usr/local/cuda (version.json, else version.txt)."""
     import json
 
@@ -220,7 +220,7 @@ def detect_hardware(backend: Backend | None = None, *, root: Path = Path("/")) -
         machine=platform.machine(),
         cpu_count=os.cpu_count() or 1,
         memory_bytes=_memory_bytes(root),
-        cuda=cuda_version(root),
+        cuda_version=read_cuda_version(root),
         tensorrt_full=(
             backend.version
             if backend is not None and backend.name == "tensorrt"

@@ -63,7 +63,7 @@ def platform_parts(hardware: HardwareProfile, power_mode: str | None) -> dict[st
     """The platform half of a cache key, from detect_hardware() and the nvpmodel mode."""
     return {
         "tensorrt": hardware.tensorrt_full or hardware.tensorrt,
-        "cuda": hardware.cuda,
+        "cuda": hardware.cuda_version,
         "l4t": hardware.l4t,
         "jetpack": hardware.jetpack,
         "power_mode": power_mode,

@@ -194,3 +194,14 @@ def test_latency_spread_is_reported_and_warned_past_one_percent_like_trtexec(
     if warned:
         assert "coefficient of variation" in warned[0] and "jetson_clocks" in warned[0]
     assert np.isfinite(samples_cv)
+
+
+def test_thor_on_jetpack7_exposes_its_gpu_clock_as_gpu_gpc_0(tmp_path: Path) -> None:
+    # JetPack 7.2 on AGX Thor: the GPU's devfreq node is gpu-gpc-0 (jetson_stats #885);
+    # no legacy load file. The frequencies here are illustrative; the layout is not.
+    node = tmp_path / "sys/class/devfreq/gpu-gpc-0"
+    node.mkdir(parents=True)
+    for name, hz in [("cur_freq", 1575000000), ("min_freq", 1575000000), ("max_freq", 1575000000)]:
+        (node / name).write_text(f"{hz}\n")
+    c = read_conditions(JetsonSysfs(tmp_path))
+    assert c.gpu is not None and c.gpu.cur == 1575.0 and c.clocks_pinned is True

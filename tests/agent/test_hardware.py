@@ -86,10 +86,10 @@ def test_full_tensorrt_version_and_cuda_come_from_the_installed_files(
     root: str, tensorrt_full: str | None, cuda: str | None
 ) -> None:
     hw = detect_hardware(root=FIXTURES / root)
-    assert (hw.tensorrt_full, hw.cuda) == (tensorrt_full, cuda)
+    assert (hw.tensorrt_full, hw.cuda_version) == (tensorrt_full, cuda)
 
 
 def test_cuda_10_on_jetpack_4_reads_version_txt(tmp_path: Path) -> None:
     (tmp_path / "usr/local/cuda").mkdir(parents=True)
     (tmp_path / "usr/local/cuda/version.txt").write_text("CUDA Version 10.2.300\n")
-    assert detect_hardware(root=tmp_path).cuda == "10.2.300"
+    assert detect_hardware(root=tmp_path).cuda_version == "10.2.300"
