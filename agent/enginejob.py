@@ -12,8 +12,8 @@ for `gate` on stdin (the worker persists VALIDATING first), runs the gate and pr
 prints `{"not_judged": ...}` first, once per run. Errors come back as
 `{"error": {"code", "reason"}}`. The daemon stays small when idle, a crash of the
 builder fails the job instead of the agent, and a cancel or a SIGTERM stops a build at
-once by killing the child. The child dies with its
-parent (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan build running.
+once by killing the child. The child dies with its parent (PR_SET_PDEATHSIG), so a
+kill -9 of the agent leaves no orphan build running.
 """
 
 from __future__ import annotations

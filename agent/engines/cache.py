@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ENGINE_SUFFIX = ".engine"
+_BUILD_PREFIX = ".build-"
 KEY_SCHEMA = 2  # bump when what goes into a key changes, so old entries stop matching
 # 2: + the platform (full TensorRT version, CUDA, L4T/JetPack, nvpmodel power mode)
 
@@ -68,9 +69,6 @@ def platform_parts(hardware: HardwareProfile, power_mode: str | None) -> dict[st
         "jetpack": hardware.jetpack,
         "power_mode": power_mode,
     }
-
-
-_BUILD_PREFIX = ".build-"
 
 
 def cache_key(
