@@ -117,6 +117,20 @@ class DownloadConfig(_Section):
     min_rate_window_s: float = Field(default=60.0, gt=0)
 
 
+class GateConfig(_Section):
+    """The speed gate's measurement rules on the device (the thresholds come from the
+    bundle's manifest)."""
+
+    # A speed run during which the power mode, clocks or thermal state moved is not
+    # judged; it is repeated after `retry_wait_s`, at most `speed_attempts` runs in all.
+    speed_attempts: int = Field(default=3, ge=1, le=10)
+    retry_wait_s: float = Field(default=30.0, ge=0, le=600)
+    max_temp_rise_c: float = Field(default=10.0, gt=0)
+    # Where the Jetson's own files are read (sys/, etc/nvpmodel.conf, var/lib/nvpmodel,
+    # etc/nv_tegra_release): `/` on a robot; tests point it at a recorded tree.
+    sysfs_root: Path = Path("/")
+
+
 class AgentConfig(BaseSettings):
     """SPEC §8 keys exactly, plus optional sections with defaults (limits, download)."""
 
@@ -141,6 +155,7 @@ class AgentConfig(BaseSettings):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @field_validator("device_id")
     @classmethod

@@ -8,10 +8,12 @@ None of that may happen inside the daemon: the worker starts
 
 which checks targets and builds (through the EngineCache), prints `{"built": ...}`, waits
 for `gate` on stdin (the worker persists VALIDATING first), runs the gate and prints
-`{"gate": ...}`. Errors come back as `{"error": {"code", "reason"}}`. The daemon stays
-small when idle, a crash of the builder fails the job instead of the agent, and a
-cancel or a SIGTERM stops a build at once by killing the child. The child dies with its
-parent (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan build running.
+`{"gate": ...}`; a speed run the gate declines to judge (clocks or thermal state moved)
+prints `{"not_judged": ...}` first, once per run. Errors come back as
+`{"error": {"code", "reason"}}`. The daemon stays small when idle, a crash of the
+builder fails the job instead of the agent, and a cancel or a SIGTERM stops a build at
+once by killing the child. The child dies with its parent (PR_SET_PDEATHSIG), so a
+kill -9 of the agent leaves no orphan build running.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from agent.download import Canceled
+
+if TYPE_CHECKING:  # the daemon side stays numpy-free
+    from agent.gate.speed import SpeedSettings
 
 
 class EngineJobError(Exception):
@@ -137,9 +142,14 @@ class EngineJob:
             bool(b.get("rebuilt", True)),
         )
 
-    def gate(self) -> dict[str, Any]:
+    def gate(
+        self, on_not_judged: Callable[[dict[str, Any]], None] = lambda _: None
+    ) -> dict[str, Any]:
         self._send("gate")
         msg = self._next()
+        while isinstance(msg.get("not_judged"), dict):
+            on_not_judged(msg["not_judged"])
+            msg = self._next()
         g = msg.get("gate")
         if not isinstance(g, dict):
             raise EngineJobError("build_failed", f"unexpected reply from the gate: {msg}")
@@ -219,6 +229,18 @@ def _check_golden(req: dict[str, Any]) -> None:
     )
 
 
+def _speed_settings(doc: dict[str, Any]) -> SpeedSettings:
+    from agent.gate import SpeedSettings
+
+    known = {"attempts", "retry_wait_s", "max_temp_rise_c"}
+    return SpeedSettings(**{k: v for k, v in doc.items() if k in known})
+
+
+def _emit_not_judged(attempt: int, attempts: int, moved: list[str], wait_s: float) -> None:
+    _emit({"not_judged": {"attempt": attempt, "attempts": attempts, "moved": moved,
+                          "retry_in_s": wait_s}})  # fmt: skip
+
+
 def child_main() -> int:
     _die_with_parent()
     from agent.logs import configure_logging
@@ -232,10 +254,11 @@ def child_main() -> int:
         if req.get("golden"):
             _check_golden(req)
         from agent.engines import EngineLoadError, choose_backend, load_engine
-        from agent.engines.cache import EngineCache
+        from agent.engines.cache import EngineCache, platform_parts
         from agent.engines.targets import check_targets
-        from agent.gate import run_gate
+        from agent.gate import ConditionsWatch, run_gate
         from agent.hardware import detect_hardware
+        from agent.telemetry.sysfs import JetsonSysfs
         from protocol.manifest import BuildOptions, GateSpec, Targets
         from protocol.modelio import resolve_model_file
 
@@ -247,7 +270,8 @@ def child_main() -> int:
                                 allow_cpu_fallback=req.get("allow_cpu_fallback", True))  # fmt: skip
         backend = choice.backend
         build = BuildOptions.model_validate(req["build"])
-        hardware = detect_hardware(backend, backend_fallback=choice.fallback)
+        jetson_root = Path(req.get("sysfs_root") or "/")
+        hardware = detect_hardware(backend, root=jetson_root, backend_fallback=choice.fallback)
         if req.get("mode") == "ensure" and req.get("engine"):
             # A rollback target: keep its engine when it loads here (same file, same
             # TensorRT version); rebuild it from the held bundle when it does not.
@@ -270,7 +294,8 @@ def child_main() -> int:
         # whatever the backend, before any build starts.
         resolve_model_file(Path(req["model"]))
         check_targets(Targets.model_validate(req["targets"]), hardware, backend, build=build)
-        cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]))
+        platform = platform_parts(hardware, JetsonSysfs(jetson_root).nvpmodel())
+        cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]), platform)
         engine = cache.get_or_build(
             backend,
             Path(req["model"]),
@@ -291,8 +316,16 @@ def child_main() -> int:
         if sys.stdin.readline().strip() != "gate":
             return 0
         active = Path(req["active"]) if req.get("active") else None
+        speed = _speed_settings(req.get("speed") or {})
         result = run_gate(
-            backend, engine, active, Path(req["golden"]), GateSpec.model_validate(req["gate"])
+            backend,
+            engine,
+            active,
+            Path(req["golden"]),
+            GateSpec.model_validate(req["gate"]),
+            speed=speed,
+            watch=ConditionsWatch(JetsonSysfs(jetson_root), max_temp_rise_c=speed.max_temp_rise_c),
+            on_not_judged=_emit_not_judged,
         )
         _emit(
             {

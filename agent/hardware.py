@@ -6,6 +6,8 @@ TensorRT), read under `root` so tests can point it at recorded copies:
     /etc/nv_tegra_release         "# R36 (release), REVISION: 4.3, GCID: ..., BOARD: ..."
     /proc/device-tree/model       "NVIDIA Jetson AGX Orin Developer Kit\\0"
     /usr/include/<triplet>/NvInferVersion.h   #define NV_TENSORRT_MAJOR 10 ...
+    /usr/local/cuda/version.json  {"cuda": {"name": "CUDA SDK", "version": "12.6.68"}, ...}
+    /usr/local/cuda/version.txt   "CUDA Version 10.2.300" (CUDA 10/11.0: JetPack 4)
 
 GPU name, compute capability and DLA cores come from the backend (only TensorRT/CUDA
 know them) when one is given.
@@ -67,6 +69,8 @@ class HardwareProfile:
     memory_bytes: int | None
     # Why `backend = auto` runs ONNX Runtime on the CPU on this Jetson; None: it does not.
     backend_fallback: str | None = None
+    cuda_version: str | None = None  # "12.6.68"
+    tensorrt_full: str | None = None  # with the build number: "10.3.0.30"
 
     @property
     def is_jetson(self) -> bool:
@@ -124,6 +128,35 @@ def parse_nvinfer_version(text: str) -> str | None:
     return ".".join(str(n) for n in nums)
 
 
+def parse_nvinfer_full_version(text: str) -> str | None:
+    """Like parse_nvinfer_version, with NV_TENSORRT_BUILD appended when the header has it."""
+    short = parse_nvinfer_version(text)
+    if short is None:
+        return None
+    defs = dict(_DEFINE.findall(text))
+    build = defs.get("NV_TENSORRT_BUILD")
+    if build is not None and not build.isdigit():
+        build = defs.get(build)
+    return f"{short}.{build}" if build is not None and build.isdigit() else short
+
+
+def read_cuda_version(root: Path = Path("/")) -> str | None:
+    """The CUDA toolkit's version from /usr/local/cuda (version.json, else version.txt)."""
+    import json
+
+    base = Path(root) / "usr" / "local" / "cuda"
+    text = _read(base / "version.json")
+    if text:
+        try:
+            v = json.loads(text).get("cuda", {}).get("version")
+        except (ValueError, AttributeError):
+            v = None
+        if isinstance(v, str) and v:
+            return v
+    m = re.search(r"CUDA Version\s+([\d.]+)", _read(base / "version.txt") or "")
+    return m.group(1) if m else None
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_bytes().decode("utf-8", "replace")
@@ -144,6 +177,15 @@ def _tensorrt_version(root: Path) -> str | None:
             return version("tensorrt")
         except PackageNotFoundError:
             return None
+    return None
+
+
+def _tensorrt_full_version(root: Path) -> str | None:
+    include = root / "usr" / "include"
+    for candidate in [include / "NvInferVersion.h", *sorted(include.glob("*/NvInferVersion.h"))]:
+        text = _read(candidate)
+        if text and (v := parse_nvinfer_full_version(text)):
+            return v
     return None
 
 
@@ -188,4 +230,10 @@ def detect_hardware(
         cpu_count=os.cpu_count() or 1,
         memory_bytes=meminfo_bytes("MemTotal", root),
         backend_fallback=backend_fallback,
+        cuda_version=read_cuda_version(root),
+        tensorrt_full=(
+            backend.version
+            if backend is not None and backend.name == "tensorrt"
+            else _tensorrt_full_version(root) or tensorrt
+        ),
     )

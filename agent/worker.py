@@ -44,6 +44,7 @@ from agent.download import (
 from agent.enginejob import EngineJob, EngineJobError, Interrupted
 from agent.journal import Journal
 from agent.store import JobRecord, Store
+from agent.telemetry.conditions import describe
 from agent.truststore import TrustStore
 from protocol.errors import ProtocolError
 from protocol.ids import SemVer
@@ -364,6 +365,12 @@ class Worker:
             "memory_bytes": self.config.engine_memory_bytes,
             "gate": manifest.gate.model_dump(mode="json"),
             "active": str(self.models.active_engine(manifest.name) or "") or None,
+            "sysfs_root": str(self.config.gate.sysfs_root),
+            "speed": {
+                "attempts": self.config.gate.speed_attempts,
+                "retry_wait_s": self.config.gate.retry_wait_s,
+                "max_temp_rise_c": self.config.gate.max_temp_rise_c,
+            },
         }
         engine_job = EngineJob(
             request,
@@ -382,7 +389,7 @@ class Worker:
             # VALIDATING
             self._step(job, JobState.VALIDATING, engine=str(engine))
             try:
-                result = engine_job.gate()
+                result = engine_job.gate(lambda nj: self._not_judged(job, nj))
             except EngineJobError as e:
                 self._cleanup(job)
                 self._end(job, JobState.FAILED, e.code, f"gate could not run: {e.reason}")
@@ -392,6 +399,17 @@ class Worker:
         finally:
             engine_job.close()
         figures = dict(result.get("figures") or {})
+        if result.get("code") == ReasonCode.NOT_JUDGED.value:
+            # No verdict on the model: the device could not hold its clocks still.
+            self._cleanup(job)
+            self._end(
+                job,
+                JobState.FAILED,
+                ReasonCode.NOT_JUDGED,
+                f"{active or 'no engine'} stays active: {result.get('reason')}",
+                gate=figures,
+            )
+            raise JobEnded()
         if not result.get("passed"):
             code = result.get("code") or ReasonCode.ACCURACY.value
             self._cleanup(job)
@@ -522,6 +540,19 @@ class Worker:
             ReasonCode.BUNDLE_INVALID,
             f"{name} {active} is already active from another bundle; a different build "
             "needs its own version (e.g. 1.2.3+build.N)",
+        )
+
+    def _not_judged(self, job: JobRecord, nj: dict[str, Any]) -> None:
+        """A speed run the gate declined to judge: say so on a VALIDATING event."""
+        n, of = nj.get("attempt"), nj.get("attempts")
+        moved = describe([str(m) for m in nj.get("moved") or []])
+        nxt = f"measuring again in {nj.get('retry_in_s'):g} s" if n != of else "no runs left"
+        self.journal.transition(
+            job,
+            JobState.VALIDATING,
+            progress=0.0,
+            code=ReasonCode.NOT_JUDGED.value,
+            reason=f"not judged: {moved}; {nxt} (run {n} of {of})",
         )
 
     def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> None:

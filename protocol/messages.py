@@ -238,6 +238,9 @@ class ReasonCode(str, Enum):
     LATENCY_REGRESSION = "latency_regression"
     LATENCY_BUDGET = "latency_budget"
     THROUGHPUT = "throughput"
+    # The speed gate gave no verdict: the device's clocks, power mode or thermal state
+    # changed during every measurement (a device condition, not a fault of the model).
+    NOT_JUDGED = "not_judged"
     HOOK_FAILED = "hook_failed"
     HEALTH_FAILED = "health_failed"
     PROBATION_LATENCY = "probation_latency"

@@ -18,9 +18,10 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -42,14 +43,40 @@ from agent.engines.sidecar import (
 )
 from protocol.manifest import BuildOptions
 
+if TYPE_CHECKING:
+    from agent.hardware import HardwareProfile
+
 log = structlog.get_logger(__name__)
 
 ENGINE_SUFFIX = ".engine"
-KEY_SCHEMA = 1  # bump when what goes into a key changes, so old entries stop matching
 _BUILD_PREFIX = ".build-"
+KEY_SCHEMA = 2  # bump when what goes into a key changes, so old entries stop matching
+# 2: + the platform (full TensorRT version, CUDA, L4T/JetPack, nvpmodel power mode)
+
+# Platform: what the device runs besides the backend. A plan is tied to the exact
+# TensorRT build and the GPU; CUDA and L4T upgrades change the kernels TensorRT times;
+# and the tactics TensorRT picks depend on the clocks it timed them under, so an engine
+# built in one nvpmodel power mode is rebuilt (not reused) in another.
+PLATFORM_KEYS = ("tensorrt", "cuda", "l4t", "jetpack", "power_mode")
 
 
-def cache_key(backend: Backend, model_sha256: str, options: BuildOptions) -> str:
+def platform_parts(hardware: HardwareProfile, power_mode: str | None) -> dict[str, str | None]:
+    """The platform half of a cache key, from detect_hardware() and the nvpmodel mode."""
+    return {
+        "tensorrt": hardware.tensorrt_full or hardware.tensorrt,
+        "cuda": hardware.cuda_version,
+        "l4t": hardware.l4t,
+        "jetpack": hardware.jetpack,
+        "power_mode": power_mode,
+    }
+
+
+def cache_key(
+    backend: Backend,
+    model_sha256: str,
+    options: BuildOptions,
+    platform: Mapping[str, str | None] | None = None,
+) -> str:
     """sha256 over everything that makes two engines differ."""
     import hashlib
 
@@ -59,6 +86,7 @@ def cache_key(backend: Backend, model_sha256: str, options: BuildOptions) -> str
         "backend": backend.name,
         "backend_version": backend.version,
         "device": backend.cache_key_parts(),
+        "platform": {k: (platform or {}).get(k) for k in PLATFORM_KEYS},
         "build": options.model_dump(mode="json"),
     }
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -74,11 +102,14 @@ class CacheEntry:
 
 
 class EngineCache:
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int, platform: Mapping[str, str | None] | None = None
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError("engine cache max_bytes must be positive")
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.platform = dict(platform or {})
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.builds = 0  # builds done by this instance (a hit does not count)
@@ -92,7 +123,7 @@ class EngineCache:
 
     def lookup(self, backend: Backend, model_sha256: str, options: BuildOptions) -> Path | None:
         """The cached engine if present and intact (hash checked), else None."""
-        key = cache_key(backend, model_sha256, options)
+        key = cache_key(backend, model_sha256, options, self.platform)
         with self._locked():
             return self._hit(key, backend)
 
@@ -105,7 +136,7 @@ class EngineCache:
         *,
         protect: Iterable[Path] = (),
     ) -> Path:
-        key = cache_key(backend, model_sha256, options)
+        key = cache_key(backend, model_sha256, options, self.platform)
         protect = list(protect)
         with self._locked():
             hit = self._hit(key, backend)
@@ -217,6 +248,7 @@ class EngineCache:
                     "model_sha256": model_sha256,
                     "build": options.model_dump(mode="json"),
                     "device": backend.cache_key_parts(),
+                    "platform": self.platform,
                     "built_at": time.time(),
                     "build_s": round(time.monotonic() - started, 3),
                 },

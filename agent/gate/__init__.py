@@ -8,11 +8,19 @@ and decides a regression with a paired test (agent.gate.speed); with no active e
 the manifest's absolute budget applies. `figures` is JSON-able and goes into the job
 event's `gate` field; `figures["p99_ms"]` is the candidate's gate p99 that probation
 compares live latencies with.
+
+On a Jetson (a `ConditionsWatch` given) the speed run records the power mode, clocks,
+temperatures and throttling before and after; when any of them moved during a run, that
+run is *not judged*: `on_not_judged` hears why, the gate waits `retry_wait_s` and measures
+again, at most `attempts` runs in all. When every run moved, the result is
+`code="not_judged"`: no verdict on the model either way (the worker leaves the active
+engine in place and says the device, not the model, was the problem).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +31,22 @@ from agent.engines.api import Backend, Engine, EngineError
 from agent.gate.accuracy import AccuracyReport, check_accuracy
 from agent.gate.golden import load_golden
 from agent.gate.speed import SpeedReport, SpeedSettings, measure
+from agent.telemetry.conditions import ConditionsWatch, describe
 from protocol.manifest import GateSpec
 from protocol.messages import ReasonCode
 
-__all__ = ["GateResult", "SpeedSettings", "check_accuracy", "load_golden", "run_gate"]
+__all__ = [
+    "ConditionsWatch",
+    "GateResult",
+    "NotJudged",
+    "SpeedSettings",
+    "check_accuracy",
+    "load_golden",
+    "run_gate",
+]
+
+# (attempt number, attempts allowed, what moved, seconds until the next attempt)
+NotJudged = Callable[[int, int, list[str], float], None]
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +56,8 @@ class GateResult:
     passed: bool
     code: (
         str | None
-    )  # ReasonCode value: accuracy | latency_regression | latency_budget | throughput
+    )  # ReasonCode value: accuracy | latency_regression | latency_budget | throughput |
+    # not_judged (the clocks or thermal state moved in every speed run: no verdict)
     reason: str | None
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +88,8 @@ def run_gate(
     spec: GateSpec,
     *,
     speed: SpeedSettings | None = None,
+    watch: ConditionsWatch | None = None,
+    on_not_judged: NotJudged | None = None,
 ) -> GateResult:
     """Judge `candidate` (an engine file with its sidecar) against `active` (or None).
 
@@ -109,8 +132,18 @@ def run_gate(
                 log.warning("gate_active_unloadable", active=str(active), reason=e.reason)
                 figures["compared_with_active"] = False
                 figures["active_unavailable"] = e.reason
-        sp: SpeedReport = measure(cand, act, inputs, spec.max_regression_pct, speed)
+        sp, moved = _measure_stable(cand, act, inputs, spec, speed, watch, on_not_judged)
         figures["speed"] = sp.figures()
+        figures["speed_attempts"] = len(moved) + (0 if sp.not_judged else 1)
+        if sp.not_judged:
+            figures["not_judged"] = moved
+            return _done(
+                figures,
+                started,
+                ReasonCode.NOT_JUDGED,
+                f"not judged: {describe(sp.not_judged)} in each of {len(moved)} speed "
+                "runs; no verdict on the model",
+            )
         c = sp.candidate
         figures["p50_ms"], figures["p99_ms"] = c.get("p50_ms"), c.get("p99_ms")
         figures["throughput_ips"] = c.get("throughput_ips")
@@ -148,6 +181,38 @@ def run_gate(
         cand.close()
         if act is not None:
             act.close()
+
+
+def _measure_stable(
+    cand: Engine,
+    act: Engine | None,
+    inputs: dict[str, Any],
+    spec: GateSpec,
+    speed: SpeedSettings | None,
+    watch: ConditionsWatch | None,
+    on_not_judged: NotJudged | None,
+) -> tuple[SpeedReport, list[list[str]]]:
+    """Measure until a run's conditions hold still, at most `attempts` runs.
+
+    Returns the last report and what moved in each run that was not judged.
+    """
+    s = speed or SpeedSettings()
+    moved: list[list[str]] = []
+    attempts = max(1, s.attempts)
+    while True:
+        sp = measure(cand, act, inputs, spec.max_regression_pct, s, watch)
+        if not sp.not_judged:
+            return sp, moved
+        moved.append(sp.not_judged)
+        n = len(moved)
+        wait = s.retry_wait_s if n < attempts else 0.0
+        log.warning("gate_not_judged", attempt=n, attempts=attempts, moved=sp.not_judged,
+                    retry_in_s=wait if n < attempts else None)  # fmt: skip
+        if on_not_judged is not None:
+            on_not_judged(n, attempts, sp.not_judged, wait)
+        if n >= attempts:
+            return sp, moved
+        time.sleep(wait)
 
 
 def _pct(x: float | None) -> str:

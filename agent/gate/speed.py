@@ -6,6 +6,15 @@ interval (agent.gate.stats); the run stops as soon as the interval lies wholly a
 allowed slowdown (a regression, proven) or wholly below it (no regression), or when the
 time budget is spent, in which case a regression not proven is not a regression. The
 absolute budget (p99, throughput) is judged on the candidate's own samples.
+
+With a `ConditionsWatch` (a Jetson), the power mode, clocks, temperatures and throttling
+are read before the warm-up and after every batch; when any of them moved, the run stops
+and the report says `not_judged` with what moved: the samples no longer compare like
+with like, and the gate must not charge the model with the machine's drift.
+
+Like trtexec, the report warns when the coefficient of variation of the candidate's
+latency exceeds 1% (unpinned clocks, a busy machine): the verdict still stands, since
+the paired test absorbs common noise, but the absolute figures are less trustworthy.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ import numpy as np
 
 from agent.engines.api import Engine
 from agent.gate.stats import DEFAULT_Z, median_interval, percentiles_ms, ratio_pct
+from agent.telemetry.conditions import ConditionsWatch
+
+CV_WARN_PCT = 1.0  # trtexec's threshold for "GPU compute time is unstable"
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,11 @@ class SpeedSettings:
     z_no_regression: float = DEFAULT_Z
     solo_samples: int = 400  # with no active engine: enough for a p99 (4 above it)
     hard_cap_factor: float = 6.0  # a very slow model may overrun the budget to reach min_pairs
+    # Not judged (clocks/thermal moved): measure again after a pause, at most this many
+    # runs in all; then the gate reports not_judged instead of a verdict.
+    attempts: int = 3
+    retry_wait_s: float = 30.0  # time for a clock change or a heat soak to settle
+    max_temp_rise_c: float = 10.0  # a larger rise in any zone during a run is a change
 
 
 @dataclass
@@ -50,6 +67,9 @@ class SpeedReport:
     regression: bool = False
     candidate_samples_s: np.ndarray = field(default_factory=lambda: np.empty(0))
     active_samples_s: np.ndarray | None = None
+    not_judged: list[str] = field(default_factory=list)  # what moved; [] = judged
+    conditions: dict[str, Any] | None = None  # before/after snapshots (Jetson only)
+    warnings: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {"candidate": self.candidate}
@@ -57,6 +77,12 @@ class SpeedReport:
             out["active"] = self.active
         if self.comparison is not None:
             out["comparison"] = self.comparison
+        if self.not_judged:
+            out["not_judged"] = self.not_judged
+        if self.conditions is not None:
+            out["conditions"] = self.conditions
+        if self.warnings:
+            out["warnings"] = self.warnings
         return out
 
 
@@ -82,7 +108,18 @@ def _summary(samples: np.ndarray, engine: Engine) -> dict[str, Any]:
     # Single-stream throughput of the golden batch, in inferences per second.
     out["throughput_ips"] = round(1.0 / mean, 3) if mean > 0 else None
     out["device_memory_bytes"] = int(engine.device_memory_bytes())
+    out["cv_pct"] = round(float(samples.std() / mean * 100), 3) if mean > 0 else None
     return out
+
+
+def _cv_warning(who: str, summary: dict[str, Any]) -> list[str]:
+    cv = summary.get("cv_pct")
+    if cv is None or cv <= CV_WARN_PCT:
+        return []
+    return [
+        f"{who} latency varies by {cv:.1f}% (coefficient of variation, over "
+        f"{CV_WARN_PCT:g}%): pin the clocks (jetson_clocks) for stable absolute figures"
+    ]
 
 
 def measure(
@@ -91,6 +128,7 @@ def measure(
     feeds: dict[str, np.ndarray],
     max_regression_pct: float,
     settings: SpeedSettings | None = None,
+    watch: ConditionsWatch | None = None,
 ) -> SpeedReport:
     s = settings or SpeedSettings()
     threshold = math.log1p(max_regression_pct / 100.0)
@@ -98,7 +136,10 @@ def measure(
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()  # a collector pause inside one timed call would be charged to that engine
+    moved: list[str] = []
     try:
+        if watch is not None:
+            watch.start()
         _warm_up(engines, feeds, s)
         cand: list[float] = []
         act: list[float] = []
@@ -116,6 +157,9 @@ def measure(
                     cand.append(_time_one(candidate, feeds))
             elapsed = time.perf_counter() - started
             n = len(cand)
+            if watch is not None and (moved := watch.check()):
+                stop_reason = "conditions_changed"
+                break
             if active is not None and n >= s.min_pairs:
                 r = np.log(np.asarray(cand)) - np.log(np.asarray(act))
                 if median_interval(r, s.z_regression).low > threshold:
@@ -145,6 +189,13 @@ def measure(
     cand_arr = np.asarray(cand)
     report = SpeedReport(candidate=_summary(cand_arr, candidate), candidate_samples_s=cand_arr)
     report.candidate["measure_s"] = round(elapsed, 3)
+    report.candidate["stop"] = stop_reason
+    report.warnings = _cv_warning("the candidate's", report.candidate)
+    if watch is not None:
+        report.conditions = watch.figures()
+    if moved:
+        report.not_judged = moved
+        return report  # no verdict from samples taken across a change
     if active is None:
         return report
     act_arr = np.asarray(act)

@@ -5,7 +5,13 @@ Every path is read under `root` (default `/`), so tests feed a recorded tree. Wh
 - GPU load: `sys/devices/gpu.0/load` (JetPack 4) or `sys/devices/platform/gpu.0/load`
   (JetPack 5/6), in per mille; GPU frequency from the GPU's devfreq node
   (`sys/class/devfreq/57000000.gpu` on Nano, `17000000.gv11b` on Xavier,
-  `17000000.ga10b` / `17000000.gpu` on Orin) in Hz.
+  `17000000.ga10b` / `17000000.gpu` on Orin, `gpu-gpc-0` on Thor with JetPack 7) in Hz,
+  with the governor's `min_freq` / `max_freq` limits next to `cur_freq` (kernel ABI
+  `sysfs-class-devfreq`): `jetson_clocks` pins a clock by raising its minimum to its maximum.
+- CPU clocks per cpufreq policy (`sys/devices/system/cpu/cpufreq/policy*/scaling_*_freq`,
+  kHz; kernel ABI `sysfs-devices-system-cpu`).
+- Cooling devices (`sys/class/thermal/cooling_device*/type|cur_state|max_state`): a
+  throttling device above state 0 is the kernel slowing a clock for heat.
 - Power rails from the INA3221 monitors: JetPack 5/6 `hwmon` (`inN_label`, `inN_input`
   mV, `currN_input` mA) or JetPack 4 `ina3221x` IIO (`rail_name_N`, `in_powerN_input` mW).
 - Thermal zones (`sys/class/thermal/thermal_zone*/type|temp`, m°C).
@@ -17,12 +23,15 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.telemetry import GpuStats
 
 GPU_LOAD_FILES = ("sys/devices/gpu.0/load", "sys/devices/platform/gpu.0/load")
-_GPU_DEVFREQ = re.compile(r"(\.gpu|gm20b|gp10b|gv11b|ga10b)$")
+_GPU_DEVFREQ = re.compile(r"(\.gpu|gm20b|gp10b|gv11b|ga10b|^gpu-gpc-\d+)$")
+# Fans are cooling devices too, but a spinning fan slows nothing down.
+_NOT_THROTTLE = re.compile(r"fan", re.IGNORECASE)
 _POWER_MODEL = re.compile(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=([^\s>]+)\s*>")
 _PMODE = re.compile(r"pmode:(\d+)")
 _ABSENT_MILLI_C = -100_000  # -256000 marks an absent sensor
@@ -44,6 +53,32 @@ def _read_num(path: Path) -> float | None:
     except (ValueError, IndexError):
         return None
     return v if math.isfinite(v) else None
+
+
+@dataclass(frozen=True)
+class Clock:
+    cur: float
+    min: float | None
+    max: float | None
+
+    @property
+    def pinned(self) -> bool | None:
+        """True when the governor may not move it (min == max), None when unknown."""
+        if self.min is None or self.max is None:
+            return None
+        return self.min >= self.max
+
+    @classmethod
+    def read(cls, base: Path, cur: str, lo: str, hi: str, *, scale: float) -> Clock | None:
+        value = _read_num(base / cur)
+        if value is None:
+            return None
+        low, high = _read_num(base / lo), _read_num(base / hi)
+        return cls(
+            round(value * scale, 3),
+            None if low is None else round(low * scale, 3),
+            None if high is None else round(high * scale, 3),
+        )
 
 
 class JetsonSysfs:
@@ -69,16 +104,48 @@ class JetsonSysfs:
         v = _read_num(p) if p else None
         return None if v is None else min(max(v / 10.0, 0.0), 100.0)
 
-    def gpu_freq_mhz(self) -> float | None:
+    def _gpu_devfreq(self) -> Path | None:
         base = self.root / "sys/class/devfreq"
         if not base.is_dir():
             return None
         for node in sorted(base.iterdir()):
-            if _GPU_DEVFREQ.search(node.name):
-                hz = _read_num(node / "cur_freq")
-                if hz is not None:
-                    return hz / 1e6
+            if _GPU_DEVFREQ.search(node.name) and _read_num(node / "cur_freq") is not None:
+                return node
         return None
+
+    def gpu_freq_mhz(self) -> float | None:
+        node = self._gpu_devfreq()
+        hz = _read_num(node / "cur_freq") if node else None
+        return None if hz is None else hz / 1e6
+
+    def gpu_clock_mhz(self) -> Clock | None:
+        """The GPU's current frequency and its governor's limits, in MHz."""
+        node = self._gpu_devfreq()
+        if node is None:
+            return None
+        return Clock.read(node, "cur_freq", "min_freq", "max_freq", scale=1e-6)
+
+    def cpu_clocks_mhz(self) -> dict[str, Clock]:
+        """Per cpufreq policy (one per cluster): current frequency and limits, in MHz."""
+        out: dict[str, Clock] = {}
+        for pol in sorted(self.root.glob("sys/devices/system/cpu/cpufreq/policy*")):
+            clock = Clock.read(pol, "scaling_cur_freq", "scaling_min_freq", "scaling_max_freq",
+                               scale=1e-3)  # fmt: skip
+            if clock is not None:
+                out[pol.name] = clock
+        return out
+
+    def throttling(self) -> dict[str, str]:
+        """Cooling devices that are slowing something down now: {type: "state/max"}."""
+        out: dict[str, str] = {}
+        for dev in sorted(self.root.glob("sys/class/thermal/cooling_device*")):
+            kind = _read(dev / "type")
+            state = _read_num(dev / "cur_state")
+            if not kind or state is None or state <= 0 or _NOT_THROTTLE.search(kind):
+                continue
+            top = _read_num(dev / "max_state")
+            out[kind] = f"{state:g}/{top:g}" if top is not None else f"{state:g}"
+        return out
 
     def power_mw(self) -> dict[str, float]:
         rails: dict[str, float] = {}

@@ -10,9 +10,11 @@ import pytest
 
 from agent.engines import EngineLoadError, load_engine, select_backend
 from agent.engines.api import Backend
-from agent.engines.cache import EngineCache, cache_key
+from agent.engines.cache import EngineCache, cache_key, platform_parts
 from agent.engines.onnxruntime_backend import OnnxRuntimeBackend
-from agent.engines.sidecar import sidecar_path
+from agent.engines.sidecar import sidecar_path, verify_engine_file
+from agent.hardware import detect_hardware
+from agent.telemetry.sysfs import JetsonSysfs
 from protocol.manifest import BuildOptions, Profile
 from tests.models import make_mlp, mlp_inputs
 
@@ -90,6 +92,48 @@ def test_key_separates_model_options_backend_version_and_device(
     variants.append(cache_key(other_version, _sha(1), BuildOptions()))
     assert len({base, *variants}) == len(variants) + 1
     assert cache_key(backend, _sha(1), BuildOptions()) == base  # and it is stable
+
+
+ORIN = Path(__file__).resolve().parent.parent / "fixtures" / "jetson" / "agx-orin-r36.4.0"
+
+
+def _orin_platform() -> dict[str, str | None]:
+    return platform_parts(detect_hardware(root=ORIN), JetsonSysfs(ORIN).nvpmodel())
+
+
+def test_key_separates_tensorrt_build_cuda_l4t_jetpack_and_power_mode(
+    backend: CountingBackend,
+) -> None:
+    orin = _orin_platform()
+    assert orin == {"tensorrt": "10.3.0.30", "cuda": "12.6.68", "l4t": "36.4.0",
+                    "jetpack": "6.1", "power_mode": "MAXN"}  # fmt: skip
+    base = cache_key(backend, _sha(1), BuildOptions(), orin)
+    variants = [
+        cache_key(backend, _sha(1), BuildOptions(), {**orin, k: v})
+        for k, v in [("tensorrt", "10.3.0.31"), ("cuda", "12.6.77"), ("l4t", "36.4.3"),
+                     ("jetpack", "6.2"), ("power_mode", "MODE_15W")]
+    ]  # fmt: skip
+    variants.append(cache_key(backend, _sha(1), BuildOptions()))  # no platform (not a Jetson)
+    assert len({base, *variants}) == len(variants) + 1
+    assert cache_key(backend, _sha(1), BuildOptions(), dict(orin)) == base
+
+
+def test_an_engine_built_in_one_power_mode_is_rebuilt_in_another(
+    tmp_path: Path, backend: CountingBackend, model: Path
+) -> None:
+    maxn = _orin_platform()
+    first = EngineCache(tmp_path / "engines", 1 << 30, maxn)
+    built = first.get_or_build(backend, model, _sha(1), BuildOptions())
+    low = EngineCache(tmp_path / "engines", 1 << 30, {**maxn, "power_mode": "MODE_15W"})
+    other = low.get_or_build(backend, model, _sha(1), BuildOptions())
+    assert other != built and backend.builds == 2
+    # Back in MAXN, the first engine is still there: a hit, no third build.
+    assert (
+        EngineCache(tmp_path / "engines", 1 << 30, maxn).lookup(backend, _sha(1), BuildOptions())
+        == built
+    )
+    assert backend.builds == 2
+    assert verify_engine_file(built).extra["platform"]["power_mode"] == "MAXN"
 
 
 def test_corrupted_entry_is_detected_by_hash_and_rebuilt(

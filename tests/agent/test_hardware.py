@@ -67,3 +67,30 @@ def test_release_line_parsing_is_strict() -> None:
 def test_version_comparison_pads_missing_parts() -> None:
     assert version_at_least("6.1", "6.1.0") and version_at_least("10.3.0.30", "10.3")
     assert not version_at_least("5.1.2", "6.0") and version_at_least("6.2.1", "6.2")
+
+
+def test_a_jetpack7_thor_is_recognised_by_its_release_line() -> None:
+    hw = detect_hardware(root=FIXTURES / "agx-thor-r38.2.0")
+    assert (hw.model, hw.l4t) == ("NVIDIA Jetson AGX Thor Developer Kit", "38.2.0")
+    assert hw.is_jetson
+
+
+@pytest.mark.parametrize(
+    ("root", "tensorrt_full", "cuda"),
+    [
+        ("agx-orin-r36.4.0", "10.3.0.30", "12.6.68"),
+        ("orin-nano-super-r36.4.7", "10.7.0.23", None),  # build number through a macro
+        ("nano-r32.7.1", None, None),
+    ],
+)
+def test_full_tensorrt_version_and_cuda_come_from_the_installed_files(
+    root: str, tensorrt_full: str | None, cuda: str | None
+) -> None:
+    hw = detect_hardware(root=FIXTURES / root)
+    assert (hw.tensorrt_full, hw.cuda_version) == (tensorrt_full, cuda)
+
+
+def test_cuda_10_on_jetpack_4_reads_version_txt(tmp_path: Path) -> None:
+    (tmp_path / "usr/local/cuda").mkdir(parents=True)
+    (tmp_path / "usr/local/cuda/version.txt").write_text("CUDA Version 10.2.300\n")
+    assert detect_hardware(root=tmp_path).cuda_version == "10.2.300"

@@ -90,6 +90,27 @@ def test_agx_orin_drops_absent_sensors_and_unconnected_rails() -> None:
     assert (r.gpu_load_pct, r.gpu_freq_mhz) == (0, 0)
 
 
+def test_agx_orin_jetpack7_load_and_per_gpc_array_numbered_engines_and_max_columns() -> None:
+    (line,) = fixture_lines("agx_orin_jp7.txt")
+    r = parse_tegrastats(line)
+    assert r.ram_total_mb == 62817 and len(r.cpu_pct) == 12 and r.cpu_freq_mhz[0] == 2201
+    # GR3D_FREQ 12%@[1300,1300]: the load AND both GPC clocks (jtop dropped the clock, #894).
+    assert (r.gpu_load_pct, r.gpu_freq_mhz) == (12, 1300)
+    assert (r.emc_pct, r.emc_freq_mhz) == (3, 3199)
+    assert r.temps_c == {"cpu": 52.968, "soc2": 48.406, "soc0": 49.531, "gpu": 47.625}
+    assert r.power_mw == {"VDD_GPU_SOC": 5139, "VDD_CPU_CV": 3268, "VIN_SYS_5V0": 5500}
+    assert "NVENC0" not in r.power_mw and "NVDLA0" not in r.power_mw  # engines, "off"
+
+
+def test_thor_gpc_array_without_a_load_gives_the_clock_and_no_load() -> None:
+    # Thor on JetPack 7 prints GR3D_FREQ @[f,f,f]: three GPC clocks, no utilization (the
+    # form jetson_stats parses for Thor: jtop/tests/test_06_tegra_parse.py).
+    r = parse_tegrastats(
+        "RAM 4722/7844MB (lfb 1x512kB) EMC_FREQ 2%@1866 GR3D_FREQ @[1000,1000,1000]"
+    )
+    assert (r.gpu_load_pct, r.gpu_freq_mhz) == (None, 1000)
+
+
 def test_agx_xavier_jetpack42_bare_rail_names_do_not_clash_with_sensors() -> None:
     (line,) = fixture_lines("agx_xavier_jp42.txt")
     r = parse_tegrastats(line)
