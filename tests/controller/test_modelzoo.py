@@ -71,6 +71,8 @@ def device_engine_job(vb: VerifiedBundle, cache: Path) -> dict[str, Any]:
         "targets": m.targets.model_dump(mode="json"),
         "protect": [],
         "golden": str(vb.golden_path),
+        "golden_max_bytes": 256 << 20,
+        "tensors": m.model_dump(mode="json", include={"inputs", "outputs"}),
         "gate": m.gate.model_dump(mode="json"),
         "active": None,
     }
