@@ -25,6 +25,7 @@ from tests.models import (
 )
 
 FAST = GateSpec(max_regression_pct=10.0)
+TOL = GateSpec(atol=1e-3, rtol=1e-3)
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_element_rule_is_numpys_allclose() -> None:
     exp = rng.standard_normal((50, 7)).astype(np.float32)
     for scale in (1e-5, 1e-3, 3e-3, 1e-1):
         got = exp + (rng.standard_normal(exp.shape) * scale).astype(np.float32)
-        rep = check_accuracy({"y": got}, {"y": exp}, atol=1e-3, rtol=1e-3)
+        rep = check_accuracy({"y": got}, {"y": exp}, TOL)
         assert rep.passed == bool(np.allclose(got, exp, atol=1e-3, rtol=1e-3))
 
 
@@ -97,7 +98,7 @@ def test_worst_element_is_reported_with_its_index_and_errors() -> None:
     got = {"a": exp["a"].copy(), "b": exp["b"].copy()}
     got["a"][1, 2] = 0.5
     got["b"][3] = 1.2
-    rep = check_accuracy(got, exp, atol=1e-3, rtol=1e-3)
+    rep = check_accuracy(got, exp, TOL)
     assert not rep.passed and rep.failed_output == "a"
     assert rep.worst == {"output": "a", "index": [1, 2], "got": 0.5, "expected": 0.0,
                          "abs_err": 0.5, "rel_err": None}  # fmt: skip
@@ -108,13 +109,13 @@ def test_worst_element_is_reported_with_its_index_and_errors() -> None:
 def test_nan_output_shape_mismatch_and_missing_output_fail_clearly() -> None:
     exp = {"y": np.ones((2, 2), np.float32)}
     nan = {"y": np.array([[1, np.nan], [1, 1]], np.float32)}
-    rep = check_accuracy(nan, exp, 1e-3, 1e-3)
+    rep = check_accuracy(nan, exp, TOL)
     assert not rep.passed and rep.worst is not None and rep.worst["index"] == [0, 1]
     assert "nan/inf" in (rep.reason or "")
-    assert "shape [2]" in (check_accuracy({"y": np.ones(2)}, exp, 1, 1).reason or "")
-    assert "no output 'y'" in (check_accuracy({}, exp, 1, 1).reason or "")
+    assert "shape [2]" in (check_accuracy({"y": np.ones(2)}, exp, TOL).reason or "")
+    assert "no output 'y'" in (check_accuracy({}, exp, TOL).reason or "")
     both_nan = {"y": np.array([np.nan])}
-    assert check_accuracy(both_nan, both_nan, 0, 0).passed  # NaN where golden says NaN
+    assert check_accuracy(both_nan, both_nan, GateSpec(atol=0, rtol=0)).passed  # NaN where golden says NaN
 
 
 def test_golden_inputs_that_do_not_fit_the_model_fail_accuracy(tmp_path: Path, built) -> None:  # type: ignore[no-untyped-def]
