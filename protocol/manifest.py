@@ -183,7 +183,8 @@ class Manifest(Document):
                 raise MessageError(f"gate accuracy check for {name!r}, which is not a model output")
             if check.scores is not None and check.scores not in outputs:
                 raise MessageError(
-                    f"gate accuracy check for {name!r}: scores {check.scores!r} is not a model output"
+                    f"gate accuracy check for {name!r}: scores {check.scores!r} is not a model "
+                    "output"
                 )
 
     @property

@@ -5,10 +5,10 @@
 Accuracy runs the golden inputs through the candidate and compares every golden output by
 the check the manifest names for it (agent.gate.accuracy: elementwise atol/rtol unless an
 error statistic, cosine, top-k or box agreement is named). Speed times the candidate
-against the active engine, interleaved, and decides a regression with a paired test (agent.gate.speed); with no active engine only
-the manifest's absolute budget applies. `figures` is JSON-able and goes into the job
-event's `gate` field; `figures["p99_ms"]` is the candidate's gate p99 that probation
-compares live latencies with.
+against the active engine, interleaved, and decides a regression with a paired test
+(agent.gate.speed); with no active engine only the manifest's absolute budget applies.
+`figures` is JSON-able and goes into the job event's `gate` field; `figures["p99_ms"]` is
+the candidate's gate p99 that probation compares live latencies with.
 """
 
 from __future__ import annotations

@@ -185,8 +185,9 @@ def _elementwise(name: str, g64: np.ndarray, e64: np.ndarray, atol: float, rtol:
     rel = d / abs(ev) if ev != 0 else (0.0 if d == 0 else math.inf)
     finite = np.where(ok_special | ~np.isfinite(diff), 0.0, diff)
     n_bad = int(np.count_nonzero(excess > 0))
-    worst = {"output": name, "index": idx, "got": _num(float(g64.flat[flat])),
-             "expected": _num(ev), "abs_err": _num(d), "rel_err": _num(rel)}  # fmt: skip
+    got_v, exp_v, abs_v, rel_v = _num(float(g64.flat[flat])), _num(ev), _num(d), _num(rel)
+    worst = {"output": name, "index": idx, "got": got_v, "expected": exp_v, "abs_err": abs_v,
+             "rel_err": rel_v}  # fmt: skip
     figures = {
         "metric": "elementwise",
         "atol": atol,
@@ -201,9 +202,8 @@ def _elementwise(name: str, g64: np.ndarray, e64: np.ndarray, atol: float, rtol:
     }
     detail = (
         f"output {name!r} differs from the golden output at {n_bad} of {g64.size} elements "
-        f"(atol={atol:g}, rtol={rtol:g}); worst at index {idx}: got {_fmt(worst['got'])}, "
-        f"expected {_fmt(worst['expected'])} (abs error {_fmt(worst['abs_err'])}, rel error "
-        f"{_fmt(worst['rel_err'])})"
+        f"(atol={atol:g}, rtol={rtol:g}); worst at index {idx}: got {_fmt(got_v)}, expected "
+        f"{_fmt(exp_v)} (abs error {_fmt(abs_v)}, rel error {_fmt(rel_v)})"
     )
     return _Verdict(figures, detail, worst, float(excess.flat[flat]))
 
@@ -211,7 +211,8 @@ def _elementwise(name: str, g64: np.ndarray, e64: np.ndarray, atol: float, rtol:
 def _error_stat(
     name: str, g64: np.ndarray, e64: np.ndarray, check: OutputCheck, atol: float, rtol: float
 ) -> _Verdict:
-    """Polygraphy's check_error_stat: the statistic of |err| <= atol OR of |err|/|golden| <= rtol."""
+    """Polygraphy's check_error_stat: the statistic of |err| <= atol OR of |err|/|golden|
+    <= rtol."""
     absdiff = np.where(_special_match(g64, e64), 0.0, np.abs(g64 - e64))
     ref = np.abs(e64)
     reldiff = absdiff / np.where(ref == 0, _REL_EPS, ref)

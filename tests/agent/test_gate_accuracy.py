@@ -115,7 +115,9 @@ def test_nan_output_shape_mismatch_and_missing_output_fail_clearly() -> None:
     assert "shape [2]" in (check_accuracy({"y": np.ones(2)}, exp, TOL).reason or "")
     assert "no output 'y'" in (check_accuracy({}, exp, TOL).reason or "")
     both_nan = {"y": np.array([np.nan])}
-    assert check_accuracy(both_nan, both_nan, GateSpec(atol=0, rtol=0)).passed  # NaN where golden says NaN
+    assert check_accuracy(
+        both_nan, both_nan, GateSpec(atol=0, rtol=0)
+    ).passed  # NaN where golden says NaN
 
 
 def test_golden_inputs_that_do_not_fit_the_model_fail_accuracy(tmp_path: Path, built) -> None:  # type: ignore[no-untyped-def]
