@@ -144,3 +144,132 @@ def test_unreadable_or_pickled_golden_is_a_bundle_error(tmp_path: Path) -> None:
     only_inputs = write_golden(tmp_path / "o.npz", {"input.x": np.ones(1)})
     with pytest.raises(BundleError, match="0 output"):
         load_golden(only_inputs)
+
+
+# -- the metrics a manifest can name per output --------------------------------------------
+
+
+def _gate(**check: object) -> GateSpec:
+    return GateSpec.model_validate({"outputs": {"y": check}})
+
+
+@pytest.mark.parametrize("stat", ["max", "mean", "median", "quantile"])
+def test_error_statistics_give_polygraphys_verdict(stat: str) -> None:
+    pg = pytest.importorskip("polygraphy.comparator", reason="polygraphy is a dev dependency")
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    rng = np.random.default_rng(11)
+    exp = rng.standard_normal((8, 200)).astype(np.float32)
+    exp[0, :5] = 0.0  # zeros: Polygraphy's epsilon for the relative error
+    for scale, tail in ((1e-3, 0.0), (1e-2, 0.0), (3e-3, 0.5), (5e-2, 2.0)):
+        got = exp + (rng.standard_normal(exp.shape) * scale).astype(np.float32)
+        got.flat[rng.choice(exp.size, 12, replace=False)] += np.float32(tail)  # a tail
+        for tol in (2e-3, 1e-2, 5e-2):
+            gate = _gate(metric=stat, atol=tol, rtol=tol, error_quantile=0.95)
+            ours = check_accuracy({"y": got}, {"y": exp}, gate)
+            compare = pg.SimpleCompareFunc(atol=tol, rtol=tol, check_error_stat=stat,
+                                           error_quantile=0.95)  # fmt: skip
+            theirs = compare(pg.IterationResult({"y": got}, runner_name="engine"),
+                             pg.IterationResult({"y": exp}, runner_name="golden"))  # fmt: skip
+            assert ours.passed == bool(theirs["y"]), (stat, scale, tail, tol)
+            figures = ours.outputs["y"]
+            pg_abs = getattr(theirs["y"], f"{stat}_absdiff")
+            assert figures["abs_err"] == pytest.approx(float(pg_abs), rel=1e-6)
+
+
+def test_quantile_ignores_a_tail_that_the_maximum_sees() -> None:
+    exp = np.linspace(-1, 1, 1000, dtype=np.float32)
+    got = exp + np.float32(1e-3)
+    got[:5] += np.float32(0.5)  # 0.5% of the elements: below the 99th percentile
+    assert check_accuracy({"y": got}, {"y": exp}, _gate(metric="quantile", atol=2e-3)).passed
+    rep = check_accuracy({"y": got}, {"y": exp}, _gate(metric="max", atol=2e-3, rtol=0))
+    assert not rep.passed and rep.failed_metric == "max"
+    assert rep.reason is not None and "fails its max check" in rep.reason
+    assert "absolute error is 0.501 > atol 0.002" in rep.reason
+
+
+def test_cosine_judges_each_sample_and_names_the_worst() -> None:
+    rng = np.random.default_rng(5)
+    exp = rng.standard_normal((4, 128))
+    scaled = exp * 1.7  # same direction, other length: an embedding that still matches
+    assert check_accuracy({"y": scaled}, {"y": exp}, _gate(metric="cosine")).passed
+    turned = exp.copy()
+    turned[2] = rng.standard_normal(128)  # one sample points elsewhere
+    rep = check_accuracy({"y": turned}, {"y": exp}, _gate(metric="cosine", min_cosine=0.95))
+    assert not rep.passed and rep.failed_metric == "cosine"
+    assert rep.outputs["y"]["worst_sample"] == 2 and rep.outputs["y"]["min_cosine"] < 0.5
+    assert "at sample 2 is under 0.95" in (rep.reason or "")
+    zeros = {"y": np.zeros((2, 3))}
+    assert check_accuracy(zeros, zeros, _gate(metric="cosine")).passed
+
+
+def test_topk_counts_shared_classes_per_row() -> None:
+    exp = np.array([[0.1, 0.7, 0.2, 0.0], [0.5, 0.1, 0.3, 0.1], [0.0, 0.1, 0.2, 0.7]])
+    got = exp.copy()
+    got[1] = [0.3, 0.1, 0.5, 0.1]  # row 1: top-1 flips from class 0 to 2, top-2 is {0, 2}
+    top1 = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", min_agreement=0.6))
+    assert top1.passed and top1.outputs["y"]["agreement"] == pytest.approx(2 / 3)
+    assert top1.outputs["y"]["first_differing"] == {"row": 1, "got": [2], "expected": [0]}
+    top2 = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", k=2, min_agreement=1))
+    assert top2.passed, top2.reason
+    strict = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", min_agreement=1))
+    assert not strict.passed and "1 of 3 rows differ; row 1: got [2], expected [0]" in (
+        strict.reason or ""
+    )
+    # The class axis need not be last: [classes, batch] with axis 0.
+    assert check_accuracy({"y": got.T}, {"y": exp.T}, _gate(metric="topk", axis=0,
+                                                          min_agreement=0.6)).passed  # fmt: skip
+    bad_axis = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", axis=5))
+    assert not bad_axis.passed and "topk axis 5 does not exist" in (bad_axis.reason or "")
+
+
+def test_nan_in_a_reduced_precision_output_fails_every_metric() -> None:
+    exp = np.ones((2, 4))
+    got = exp.copy()
+    got[1, 3] = np.nan  # fp16 overflow, say: NaN must not hide in a quantile or a top-k
+    for metric in ("quantile", "cosine", "topk"):
+        rep = check_accuracy({"y": got}, {"y": exp}, _gate(metric=metric, min_agreement=0.5))
+        assert not rep.passed and "1 NaN/inf value(s)" in (rep.reason or ""), metric
+
+
+def _detections(boxes: list[list[float]], scores: list[float]) -> dict[str, np.ndarray]:
+    return {"boxes": np.array([boxes], np.float32), "scores": np.array([scores], np.float32)}
+
+
+BOXES = GateSpec.model_validate(
+    {"outputs": {"boxes": {"metric": "boxes", "scores": "scores", "score_threshold": 0.5,
+                           "iou": 0.5, "min_agreement": 1.0},
+                 "scores": {"metric": "max", "atol": 0.2}}}
+)  # fmt: skip
+
+
+def test_boxes_above_the_score_must_match_one_to_one() -> None:
+    golden = _detections([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], [0.9, 0.8, 0.1])
+    # Every box moved a little, scores changed, the low-score box moved far: still the same
+    # detections above 0.5.
+    shifted = _detections([[1, 0, 11, 10], [21, 19, 41, 39], [0, 0, 5, 5]], [0.85, 0.75, 0.2])
+    ok = check_accuracy(shifted, golden, BOXES)
+    assert ok.passed, ok.reason
+    figures = ok.outputs["boxes"]
+    assert (figures["golden_boxes"], figures["engine_boxes"], figures["matched"]) == (2, 2, 2)
+    # One object lost below the threshold, one ghost box above it.
+    lost = _detections([[0, 0, 10, 10], [20, 20, 40, 40], [70, 70, 90, 90]], [0.9, 0.4, 0.6])
+    rep = check_accuracy(lost, golden, BOXES)
+    assert not rep.passed and rep.failed_output == "boxes" and rep.failed_metric == "boxes"
+    assert rep.outputs["boxes"]["recall"] == 0.5 and rep.outputs["boxes"]["precision"] == 0.5
+    assert "of 2 golden and 2 engine boxes scoring >= 0.5, 1 match with IoU >= 0.5" in (
+        rep.reason or ""
+    )
+
+
+def test_boxes_in_centre_format_and_a_malformed_head_are_judged_clearly() -> None:
+    spec = BOXES.model_copy(deep=True)
+    spec.outputs["boxes"].box_format = "cxcywh"
+    golden = _detections([[5, 5, 10, 10]], [0.9])
+    moved = _detections([[30, 30, 10, 10]], [0.9])  # same size, elsewhere: IoU 0
+    assert check_accuracy(golden, golden, spec).passed
+    assert not check_accuracy(moved, golden, spec).passed
+    flat = {"boxes": np.zeros((1, 3), np.float32), "scores": np.zeros((1, 3), np.float32)}
+    rep = check_accuracy(flat, flat, BOXES)
+    assert not rep.passed and "must be [..., N, 4] and [..., N]" in (rep.reason or "")
