@@ -273,3 +273,34 @@ def test_boxes_in_centre_format_and_a_malformed_head_are_judged_clearly() -> Non
     flat = {"boxes": np.zeros((1, 3), np.float32), "scores": np.zeros((1, 3), np.float32)}
     rep = check_accuracy(flat, flat, BOXES)
     assert not rep.passed and "must be [..., N, 4] and [..., N]" in (rep.reason or "")
+
+
+def _greedy_matches(ref, ref_s, cand, iou_min):  # type: ignore[no-untyped-def]
+    """The plain greedy rule, one golden box at a time against every engine box: what the
+    blocked, sparse matcher must equal."""
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    free, matched = np.ones(len(cand), bool), 0
+    for i in np.argsort(-ref_s, kind="stable"):
+        w = np.clip(np.minimum(ref[i, 2], cand[:, 2]) - np.maximum(ref[i, 0], cand[:, 0]), 0, None)
+        h = np.clip(np.minimum(ref[i, 3], cand[:, 3]) - np.maximum(ref[i, 1], cand[:, 1]), 0, None)
+        iou = np.where(free, w * h / (area(ref[i]) + area(cand) - w * h), -1.0)
+        if iou.max() >= iou_min:
+            free[int(np.argmax(iou))] = False
+            matched += 1
+    return matched
+
+
+def test_box_matching_in_blocks_equals_plain_greedy_matching() -> None:
+    rng = np.random.default_rng(9)
+    n = 300  # more golden boxes than one IoU block
+    xy = rng.random((1, n, 2)) * 300
+    boxes = np.concatenate([xy, xy + rng.random((1, n, 2)) * 40 + 2], axis=2)
+    moved = boxes + rng.standard_normal(boxes.shape) * 3
+    scores = rng.random((1, n))
+    golden, engine = {"boxes": boxes, "scores": scores}, {"boxes": moved, "scores": scores}
+    for iou_min in (0.3, 0.7):
+        check = {"metric": "boxes", "scores": "scores", "score_threshold": 0.0, "iou": iou_min}
+        spec = GateSpec.model_validate({"outputs": {"boxes": check}})
+        rep = check_accuracy(engine, golden, spec)
+        expected = _greedy_matches(boxes[0], scores[0], moved[0], iou_min)
+        assert rep.outputs["boxes"]["matched"] == expected and 0 < expected < n
