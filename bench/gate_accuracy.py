@@ -4,14 +4,15 @@
 
 Outputs shaped like those of large real models, golden values drawn once (seeded), and an
 "engine" output made from them as a reduced-precision engine's would be (the golden plus
-noise of 0.1% of the output's spread, and 0.1% of the elements far off): a YOLOv8x-seg head [1, 116, 8400] and its mask
-prototypes [1, 32, 160, 160], full-resolution segmentation logits [1, 19, 512, 1024]
-(10 M elements), classifier logits [256, 1000] and a detector's boxes [1, 8400, 4] with
-their scores. For every (output, metric) pair, in one process and alternating run by run so
-that both see the same machine, it times `agent.gate.accuracy.check_accuracy` with that
-metric and a plain `np.allclose(got, golden, atol, rtol)` on the same arrays, and prints the
-medians and their ratio. The verdicts are not the point (allclose and the gate's elementwise
-check refuse these outputs for their tail, the other metrics pass them): the cost is.
+noise of 0.1% of the output's spread, and 0.1% of the elements far off): a YOLOv8x-seg
+head [1, 116, 8400] and its mask prototypes [1, 32, 160, 160], full-resolution
+segmentation logits [1, 19, 512, 1024] (10 M elements), classifier logits [256, 1000] and
+a detector's boxes [1, 8400, 4] with their scores. For every (output, metric) pair, in one
+process and alternating run by run so that both see the same machine, it times
+`agent.gate.accuracy.check_accuracy` with that metric and a plain
+`np.allclose(got, golden, atol, rtol)` on the same arrays, and prints the medians and their
+ratio. The verdicts are not the point (allclose and the gate's elementwise check refuse
+these outputs for their tail, the other metrics pass them): the cost is.
 """
 
 from __future__ import annotations

@@ -350,7 +350,7 @@ def _xyxy(b: np.ndarray, fmt: str) -> np.ndarray:
     return np.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], axis=-1)
 
 
-_IOU_ROWS = 256  # golden boxes per IoU block: memory stays at 256 x N candidates
+_IOU_ROWS = 256  # golden boxes per IoU block: memory stays at 256 x N engine boxes
 
 
 def _area(b: np.ndarray) -> np.ndarray:
@@ -358,33 +358,62 @@ def _area(b: np.ndarray) -> np.ndarray:
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes a [R, 4] and b [C, 4]."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    union = _area(a)[:, None] + _area(b)[None, :] - inter
+    """IoU matrix of xyxy boxes a [R, 4] and b [C, 4] (coordinate by coordinate: a
+    reduction over a trailing axis of 2 would cost several times more)."""
+    w = np.minimum(a[:, 2:3], b[:, 2]) - np.maximum(a[:, 0:1], b[:, 0])
+    h = np.minimum(a[:, 3:4], b[:, 3]) - np.maximum(a[:, 1:2], b[:, 1])
+    np.clip(w, 0, None, out=w)
+    np.clip(h, 0, None, out=h)
+    inter = np.multiply(w, h, out=w)
+    union = np.add(_area(a)[:, None], _area(b)[None, :], out=h)
+    union -= inter
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
+        return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _overlapping_pairs(
+    ref: np.ndarray, cand: np.ndarray, iou_min: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(golden index, engine index, IoU) of every pair with IoU >= iou_min (> 0, so the
+    boxes overlap): golden boxes in blocks along x, each against only the engine boxes
+    whose x-range meets the block's, so a raw detection head stays cheap."""
+    by_x1 = np.argsort(cand[:, 0], kind="stable")
+    cand_x1 = cand[by_x1, 0]
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    ref_order = np.argsort(ref[:, 0], kind="stable")
+    for start in range(0, ref.shape[0], _IOU_ROWS):
+        rows = ref_order[start : start + _IOU_ROWS]
+        block = ref[rows]
+        reach = int(np.searchsorted(cand_x1, block[:, 2].max(), side="left"))
+        near = by_x1[:reach][cand[by_x1[:reach], 2] > block[:, 0].min()]
+        iou = _iou(block, cand[near])
+        r, c = np.nonzero(iou >= iou_min)
+        found.append((rows[r], near[c], iou[r, c]))
+    if not found:
+        return np.empty(0, int), np.empty(0, int), np.empty(0)
+    ri, ci, vi = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    return ri, ci, vi
 
 
 def _match(ref: np.ndarray, ref_s: np.ndarray, cand: np.ndarray, iou_min: float) -> int:
-    """Greedy one-to-one matching, golden boxes in score order, each taking the free engine
-    box it overlaps most (if by >= iou_min): how many golden boxes find a partner. IoU is
-    computed in blocks of golden boxes and only the pairs over iou_min are kept, so a low
-    score threshold on a raw detection head (thousands of boxes) stays cheap."""
-    ref = ref[np.argsort(-ref_s, kind="stable")]
+    """Greedy one-to-one matching: golden boxes in score order, each takes the free engine
+    box it overlaps most, if by >= iou_min. How many golden boxes find a partner."""
+    if ref.shape[0] == 0 or cand.shape[0] == 0:
+        return 0
+    ri, ci, vi = _overlapping_pairs(ref, cand, iou_min)
+    order = np.lexsort((ci, ri))  # by golden box, then engine index (ties: the lowest)
+    ri, ci, vi = ri[order], ci[order], vi[order]
+    bounds = np.searchsorted(ri, np.arange(ref.shape[0] + 1))
     free = np.ones(cand.shape[0], bool)
     matched = 0
-    for start in range(0, ref.shape[0], _IOU_ROWS):
-        iou = _iou(ref[start : start + _IOU_ROWS], cand)
-        rows, cols = np.nonzero(iou >= iou_min)
-        bounds = np.searchsorted(rows, np.arange(iou.shape[0] + 1))
-        for r in range(iou.shape[0]):
-            options = cols[bounds[r] : bounds[r + 1]]
-            options = options[free[options]]
-            if options.size:
-                free[options[int(np.argmax(iou[r, options]))]] = False
-                matched += 1
+    for i in np.argsort(-ref_s, kind="stable"):
+        lo, hi = bounds[i], bounds[i + 1]
+        if lo == hi:
+            continue
+        options = free[ci[lo:hi]]
+        if options.any():
+            free[ci[lo:hi][int(np.argmax(np.where(options, vi[lo:hi], -1.0)))]] = False
+            matched += 1
     return matched
 
 
