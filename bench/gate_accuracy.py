@@ -71,8 +71,8 @@ def cases(rng: np.random.Generator) -> list[tuple[str, dict, dict, dict[str, Any
     out.append(("logits [256,1000] topk k=5", {"y": logits}, {"y": _engine_like(logits, rng)},
                 {"y": {"metric": "topk", "k": 5, "min_agreement": 0.9}}))  # fmt: skip
     det = _boxes(rng)
-    moved = {"boxes": det["boxes"] + rng.standard_normal(det["boxes"].shape).astype(np.float32),
-             "scores": det["scores"] + np.float32(0.01)}  # fmt: skip
+    jitter = rng.standard_normal(det["boxes"].shape).astype(np.float32) * np.float32(0.5)
+    moved = {"boxes": det["boxes"] + jitter, "scores": det["scores"]}
     for thr in (0.25, 0.001):
         above = int((det["scores"] >= thr).sum())
         out.append((f"boxes [1,8400,4] score>={thr:g} ({above} boxes)", det, moved,
