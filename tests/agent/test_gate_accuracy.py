@@ -231,6 +231,7 @@ def test_nan_in_a_reduced_precision_output_fails_every_metric() -> None:
     for metric in ("quantile", "cosine", "topk"):
         rep = check_accuracy({"y": got}, {"y": exp}, _gate(metric=metric, min_agreement=0.5))
         assert not rep.passed and "1 NaN/inf value(s)" in (rep.reason or ""), metric
+        json.dumps(rep.figures(), allow_nan=False)  # the figures travel in a JSON event
 
 
 def _detections(boxes: list[list[float]], scores: list[float]) -> dict[str, np.ndarray]:
@@ -261,6 +262,7 @@ def test_boxes_above_the_score_must_match_one_to_one() -> None:
     assert "of 2 golden and 2 engine boxes scoring >= 0.5, 1 match with IoU >= 0.5" in (
         rep.reason or ""
     )
+    json.dumps(rep.figures(), allow_nan=False)
 
 
 def test_boxes_in_centre_format_and_a_malformed_head_are_judged_clearly() -> None:
