@@ -10,7 +10,7 @@ Golden outputs are always those of the fp32 model, also for fp16 and int8 bundle
 measures how far the device's engine is from the reference, not from another approximation.
 Golden files may also come from Polygraphy (`polygraphy run --onnxrt --save-inputs/
 --save-outputs`, controller.polygraphy_files). Each output's accuracy check follows the
-precision unless the operator names one (`--accuracy`, PRECISION_CHECKS).
+precision unless the operator names one (`--accuracy`, controller.accuracy_checks).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto
-from pydantic import ValidationError
 
 from controller import polygraphy_files
+from controller.accuracy_checks import gate_with_checks
 from protocol.bundle import (
     GOLDEN_INPUT_PREFIX,
     GOLDEN_OUTPUT_PREFIX,
@@ -44,7 +44,6 @@ from protocol.manifest import (
     BuildOptions,
     GateSpec,
     Manifest,
-    OutputCheck,
     Precision,
     Profile,
     Targets,
@@ -199,63 +198,6 @@ def parse_profile(text: str, io: ModelIO) -> tuple[str, Profile]:
         return name, Profile(min=shapes[0], opt=shapes[1], max=shapes[2])
     except (ProtocolError, ValueError) as e:
         raise BuildInputError(f"--profile {name}: {e}") from e
-
-
-# -- accuracy checks ---------------------------------------------------------------------
-
-# What a float output is judged by when the operator names nothing (`--accuracy`): fp32 is
-# compared element by element (the gate's atol/rtol); fp16 rounds every layer, so its
-# elementwise error has a tail: the 99th percentile of the error is held to 1e-2 instead;
-# int8 moves every element a little and keeps the direction of the output: cosine similarity
-# per sample >= 0.99 (a classifier's operator may prefer `--accuracy logits=topk`).
-PRECISION_CHECKS: dict[str, OutputCheck | None] = {
-    "fp32": None,
-    "fp16": OutputCheck(metric="quantile", error_quantile=0.99, atol=1e-2, rtol=1e-2),
-    "int8": OutputCheck(metric="cosine", min_cosine=0.99),
-}
-
-
-def gate_with_checks(gate: GateSpec, precision: Precision, io: ModelIO) -> GateSpec:
-    """The gate with the precision's check on every float output the operator left open."""
-    default = PRECISION_CHECKS[precision]
-    if default is None:
-        return gate
-    checks = {t.name: default for t in io.outputs if np.dtype(t.dtype).kind == "f"}
-    return gate.model_copy(update={"outputs": checks | gate.outputs})
-
-
-def parse_accuracy(text: str, io: ModelIO) -> tuple[str, OutputCheck]:
-    """`logits=topk:k=5,min_agreement=0.98` -> ("logits", OutputCheck(metric="topk", ...))."""
-    name, eq, rest = text.partition("=")
-    metric, _, params = rest.partition(":")
-    names = [t.name for t in io.outputs]
-    if not eq or not metric:
-        raise BuildInputError(
-            f"--accuracy {text!r}: expected OUTPUT=METRIC[:KEY=VALUE,...], e.g. logits=topk:k=5"
-        )
-    if name not in names:
-        raise BuildInputError(f"--accuracy {text!r}: the model has no output {name!r} ({names})")
-    fields: dict[str, str] = {"metric": metric}
-    for item in filter(None, params.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise BuildInputError(f"--accuracy {text!r}: {item!r} is not KEY=VALUE")
-        fields[key.strip()] = value.strip()
-    unknown = set(fields) - set(OutputCheck.model_fields)
-    if unknown:
-        raise BuildInputError(
-            f"--accuracy {text!r}: unknown key(s) {', '.join(sorted(unknown))}; known: "
-            f"{', '.join(k for k in OutputCheck.model_fields if k != 'metric')}"
-        )
-    try:
-        return name, OutputCheck.model_validate(fields)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise BuildInputError(
-            f"--accuracy {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}"
-        ) from e
-    except ProtocolError as e:
-        raise BuildInputError(f"--accuracy {text!r}: {e}") from e
 
 
 # -- golden data -------------------------------------------------------------------------
@@ -581,7 +523,7 @@ def build_bundle(
     warnings: list[str] = []
     if spec.golden_inputs is not None and spec.golden is None:
         raise BuildInputError("--golden-inputs needs --golden (the Polygraphy outputs file)")
-    gate = gate_with_checks(spec.gate, spec.precision, io)
+    gate = gate_with_checks(spec.gate, spec.precision, io.outputs)
     if spec.golden is not None:
         feeds, given = load_golden(spec.golden, io, spec.golden_inputs)
         inputs_from = "file"

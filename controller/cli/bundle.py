@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from controller import bundler, keystore
+from controller import accuracy_checks, bundler, keystore
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_VERIFY,
@@ -123,7 +123,7 @@ def build(
         keys = keystore.load_keys(keys_dir)
         io = bundler.describe_model(model)
         profiles = dict(bundler.parse_profile(p, io) for p in profile)
-        checks = dict(bundler.parse_accuracy(a, io) for a in accuracy)
+        checks = dict(accuracy_checks.parse_accuracy(a, io.outputs) for a in accuracy)
         spec = bundler.BundleSpec(
             model=model,
             name=name,
@@ -150,7 +150,11 @@ def build(
             seed=seed,
         )
         result = bundler.build_bundle(spec, [keys.release], out)
-    except (keystore.KeystoreError, bundler.BuildInputError) as e:
+    except (
+        keystore.KeystoreError,
+        bundler.BuildInputError,
+        accuracy_checks.AccuracySpecError,
+    ) as e:
         fail(str(e))
     except ProtocolError as e:
         fail(e.reason)
