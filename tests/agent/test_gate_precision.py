@@ -92,13 +92,13 @@ def test_reduced_precision_classifier_passes_its_metric_where_elementwise_refuse
 def test_int8_classifier_can_be_held_to_top1_agreement_instead(
     tmp_path: Path, trust_material, gate_on
 ) -> None:  # type: ignore[no-untyped-def]
-    topk = {"logits": OutputCheck(metric="topk", k=1, min_agreement=0.85)}
+    topk = {"logits": OutputCheck(metric="topk", k=1, min_agreement=0.75)}
     manifest, result = gate_on(build(tmp_path, trust_material.release, "int8", "1.0.0",
                                      accuracy=topk))  # fmt: skip
     assert manifest.gate.outputs["logits"].metric == "topk"  # the operator's choice wins
     acc = result.figures["accuracy"]["outputs"]["logits"]
     assert result.passed and acc["metric"] == "topk" and acc["rows"] == 8, result.reason
-    assert acc["agreement"] >= 0.85
+    assert acc["agreement"] >= 0.75
 
 
 @pytest.mark.slow
