@@ -10,6 +10,9 @@ model would be rejected by every device's accuracy gate.
 
 Golden outputs are always those of the fp32 model, also for fp16 and int8 bundles: the gate
 measures how far the device's engine is from the reference, not from another approximation.
+Golden files may also come from Polygraphy (`polygraphy run --onnxrt --save-inputs/
+--save-outputs`, controller.polygraphy_files). Each output's accuracy check follows the
+precision unless the operator names one (`--accuracy`, controller.accuracy_checks).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from controller import polygraphy_files
+from controller.accuracy_checks import gate_with_checks
 from protocol.bundle import (
     GOLDEN_INPUT_PREFIX,
     GOLDEN_OUTPUT_PREFIX,
@@ -65,6 +70,7 @@ class BundleSpec:
     name: str
     version: str
     golden: Path | None = None
+    golden_inputs: Path | None = None  # with a Polygraphy outputs file as `golden`
     precision: Precision = "fp32"
     calibration: Path | None = None
     gate: GateSpec = field(default_factory=GateSpec)
@@ -264,11 +270,23 @@ def _check_tensor(arr: np.ndarray, spec: TensorSpec, what: str, batch_axis: bool
             )
 
 
+def _golden_arrays(path: Path, inputs_path: Path | None) -> dict[str, np.ndarray]:
+    if not polygraphy_files.is_polygraphy_json(path):
+        if inputs_path is not None:
+            raise BuildInputError("--golden-inputs goes with a Polygraphy outputs file (.json)")
+        return _load_npz(path, "golden file")
+    try:
+        return polygraphy_files.load_golden_pair(path, inputs_path)
+    except polygraphy_files.PolygraphyFileError as e:
+        raise BuildInputError(str(e)) from e
+
+
 def load_golden(
-    path: Path, io: ModelIO
+    path: Path, io: ModelIO, inputs_path: Path | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Inputs (every model input) and, when the file has them, all reference outputs."""
-    inputs, outputs = _split_named(_load_npz(path, "golden file"), io, f"golden file {path}")
+    arrays = _golden_arrays(path, inputs_path)
+    inputs, outputs = _split_named(arrays, io, f"golden file {path}")
     missing = [t.name for t in io.inputs if t.name not in inputs]
     if missing:
         raise BuildInputError(f"golden file {path} lacks input(s) {', '.join(missing)}")
@@ -282,6 +300,13 @@ def load_golden(
             f"golden file {path} has some outputs but not {', '.join(absent)}: give all "
             "reference outputs, or none to have ONNX Runtime compute them"
         )
+    for spec in io.outputs:
+        if outputs[spec.name].dtype != np.dtype(spec.dtype):
+            # A reduced-precision reference would hide exactly the error the gate measures.
+            raise BuildInputError(
+                f"golden output {spec.name!r} is {outputs[spec.name].dtype}, the model's is "
+                f"{spec.dtype}: golden outputs must come from the fp32 model itself"
+            )
     return inputs, outputs
 
 
@@ -463,6 +488,24 @@ def _to_int8(src: Path, dst: Path, calibration: Path, io: ModelIO) -> None:
 # -- the build ---------------------------------------------------------------------------
 
 
+def _conversion_verdict(
+    converted: Mapping[str, np.ndarray],
+    golden: Mapping[str, np.ndarray],
+    gate: GateSpec,
+    precision: str,
+) -> list[str]:
+    """The devices' own accuracy check, run here on the converted model: a warning if it fails."""
+    from agent.gate.accuracy import check_accuracy
+
+    report = check_accuracy(converted, golden, gate)
+    if report.passed:
+        return []
+    return [
+        f"on this machine's ONNX Runtime the {precision} model fails the gate's accuracy check "
+        f"({report.reason}); devices will likely reject it unless --accuracy is loosened"
+    ]
+
+
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     """An .npz that np.load(allow_pickle=False) reads, byte-identical for identical arrays:
     np.savez stamps each zip entry with the current time, which would make every rebuild
@@ -496,8 +539,11 @@ def build_bundle(
     if spec.calibration is not None and spec.precision != "int8":
         raise BuildInputError("--calibration is only used with --precision int8")
     warnings: list[str] = []
+    if spec.golden_inputs is not None and spec.golden is None:
+        raise BuildInputError("--golden-inputs needs --golden (the Polygraphy outputs file)")
+    gate = gate_with_checks(spec.gate, spec.precision, io.outputs)
     if spec.golden is not None:
-        feeds, given = load_golden(spec.golden, io)
+        feeds, given = load_golden(spec.golden, io, spec.golden_inputs)
         inputs_from = "file"
     else:
         feeds, given = generate_inputs(io, spec.profiles, spec.seed), None
@@ -541,13 +587,7 @@ def build_bundle(
                 warnings.append(f"the {spec.precision} model does not run on this CPU: {e}")
             else:
                 conversion_error = _max_errors(converted, golden_out)
-                bad = compare(converted, golden_out, spec.gate.atol, spec.gate.rtol)
-                if bad is not None:
-                    warnings.append(
-                        f"on this machine's ONNX Runtime the {spec.precision} model is outside "
-                        f"the gate tolerance ({bad.sentence(spec.gate.atol, spec.gate.rtol)}); "
-                        "devices will likely reject it unless --atol/--rtol are loosened"
-                    )
+                warnings += _conversion_verdict(converted, golden_out, gate, spec.precision)
         golden_file = tmp / GOLDEN_MEMBER
         arrays = {GOLDEN_INPUT_PREFIX + k: np.ascontiguousarray(v) for k, v in feeds.items()}
         arrays |= {GOLDEN_OUTPUT_PREFIX + k: np.ascontiguousarray(v) for k, v in golden_out.items()}
@@ -563,7 +603,7 @@ def build_bundle(
                 outputs=io.outputs,
                 build=build,
                 targets=spec.targets,
-                gate=spec.gate,
+                gate=gate,
             )
         except ProtocolError as e:
             raise BuildInputError(str(e)) from e

@@ -91,9 +91,52 @@ class Targets(_Part):
     min_jetpack: str | None = None
 
 
+Metric = Literal["elementwise", "max", "mean", "median", "quantile", "cosine", "topk", "boxes"]
+ERROR_STATS = ("max", "mean", "median", "quantile")
+BoxFormat = Literal["xyxy", "xywh", "cxcywh"]
+
+
+class OutputCheck(_Part):
+    """How the gate compares one output with its fp32 golden (Polygraphy's vocabulary).
+
+    elementwise: every element within atol + rtol*|golden| (numpy.allclose).
+    max | mean | median | quantile: that statistic of the absolute error <= atol OR of the
+    relative error <= rtol (Polygraphy's --check-error-stat, --error-quantile).
+    cosine: per sample (axis 0), cosine similarity >= min_cosine (embeddings).
+    topk: per row along `axis`, the share of the golden top-k found in the engine's top-k,
+    averaged, >= min_agreement (classifiers).
+    boxes: this output holds boxes [.., N, 4], `scores` names their scores [.., N]; of the
+    boxes scoring >= score_threshold, the share matched one-to-one with IoU >= iou (both
+    ways: recall and precision) >= min_agreement (detection heads).
+    """
+
+    metric: Metric = "elementwise"
+    atol: float | None = Field(default=None, ge=0, description="null: the gate's atol")
+    rtol: float | None = Field(default=None, ge=0, description="null: the gate's rtol")
+    error_quantile: float = Field(default=0.99, gt=0, le=1, description="quantile")
+    min_cosine: float = Field(default=0.99, ge=-1, le=1, description="cosine")
+    k: int = Field(default=1, ge=1, description="topk")
+    axis: int = Field(default=-1, description="topk: the class axis")
+    min_agreement: float = Field(default=0.99, ge=0, le=1, description="topk, boxes")
+    scores: str | None = Field(default=None, description="boxes: the score output")
+    score_threshold: float = Field(default=0.5, description="boxes")
+    iou: float = Field(default=0.5, gt=0, le=1, description="boxes")
+    box_format: BoxFormat = Field(default="xyxy", description="boxes")
+
+    @model_validator(mode="after")
+    def _complete(self) -> OutputCheck:
+        if self.metric == "boxes" and not self.scores:
+            raise MessageError("accuracy metric 'boxes' needs 'scores': the score output's name")
+        return self
+
+
 class GateSpec(_Part):
     atol: float = Field(default=1e-3, ge=0)
     rtol: float = Field(default=1e-3, ge=0)
+    outputs: dict[str, OutputCheck] = Field(
+        default_factory=dict,
+        description="accuracy check by output name; an output not named: elementwise atol/rtol",
+    )
     latency_p99_ms: float | None = Field(default=None, gt=0, description="absolute budget")
     min_throughput: float | None = Field(default=None, gt=0, description="inferences/s")
     max_regression_pct: float = Field(default=10.0, ge=0)
@@ -130,7 +173,19 @@ class Manifest(Document):
         for name in self.build.profiles:
             if name not in inputs:
                 raise MessageError(f"build profile for {name!r}, which is not a model input")
+        self._check_accuracy_outputs()
         return self
+
+    def _check_accuracy_outputs(self) -> None:
+        outputs = {t.name for t in self.outputs}
+        for name, check in self.gate.outputs.items():
+            if name not in outputs:
+                raise MessageError(f"gate accuracy check for {name!r}, which is not a model output")
+            if check.scores is not None and check.scores not in outputs:
+                raise MessageError(
+                    f"gate accuracy check for {name!r}: scores {check.scores!r} is not a model "
+                    "output"
+                )
 
     @property
     def semver(self) -> SemVer:

@@ -2,12 +2,13 @@
 
     run_gate(backend, candidate, active, golden, spec) -> GateResult
 
-Accuracy runs the golden inputs through the candidate and compares every golden output
-(agent.gate.accuracy). Speed times the candidate against the active engine, interleaved,
-and decides a regression with a paired test (agent.gate.speed); with no active engine only
-the manifest's absolute budget applies. `figures` is JSON-able and goes into the job
-event's `gate` field; `figures["p99_ms"]` is the candidate's gate p99 that probation
-compares live latencies with.
+Accuracy runs the golden inputs through the candidate and compares every golden output by
+the check the manifest names for it (agent.gate.accuracy: elementwise atol/rtol unless an
+error statistic, cosine, top-k or box agreement is named). Speed times the candidate
+against the active engine, interleaved, and decides a regression with a paired test
+(agent.gate.speed); with no active engine only the manifest's absolute budget applies.
+`figures` is JSON-able and goes into the job event's `gate` field; `figures["p99_ms"]` is
+the candidate's gate p99 that probation compares live latencies with.
 
 On a Jetson (a `ConditionsWatch` given) the speed run records the power mode, clocks,
 temperatures and throttling before and after; when any of them moved during a run, that
@@ -118,7 +119,7 @@ def run_gate(
                 passed=False, reason=f"the engine cannot run the golden inputs: {e}"
             )
         else:
-            acc = check_accuracy(got, expected, spec.atol, spec.rtol)
+            acc = check_accuracy(got, expected, spec)
         figures["accuracy"] = acc.figures()
         if not acc.passed:
             return _done(figures, started, ReasonCode.ACCURACY, acc.reason)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from controller import bundler, keystore
+from controller import accuracy_checks, bundler, keystore
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_VERIFY,
@@ -24,7 +24,7 @@ from controller.cli.common import (
 )
 from protocol.bundle import read_envelope, verify_bundle
 from protocol.errors import ProtocolError, VerificationError
-from protocol.manifest import GateSpec, Manifest, Precision, Targets
+from protocol.manifest import GateSpec, Manifest, OutputCheck, Precision, Targets
 from protocol.trust import TrustRoot, load_trust_root
 
 app = typer.Typer(
@@ -53,7 +53,13 @@ def build(
         None,
         "--golden",
         help="npz with inputs (input.<name> or <name>) and optionally reference outputs "
-        "(output.<name>); without it, seeded random inputs",
+        "(output.<name>), or the .json of `polygraphy run --onnxrt --save-outputs`; without "
+        "it, seeded random inputs",
+    ),
+    golden_inputs: Path | None = typer.Option(
+        None,
+        "--golden-inputs",
+        help="with a Polygraphy --golden: the .json of `polygraphy run --save-inputs`",
     ),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
     calibration: Path | None = typer.Option(
@@ -61,6 +67,14 @@ def build(
     ),
     atol: float = typer.Option(_GATE_DEFAULTS.atol, "--atol", min=0, help="gate: absolute tol."),
     rtol: float = typer.Option(_GATE_DEFAULTS.rtol, "--rtol", min=0, help="gate: relative tol."),
+    accuracy: list[str] = typer.Option(
+        [],
+        "--accuracy",
+        help="gate: an output's check OUTPUT=METRIC[:KEY=VALUE,...] (repeat), METRIC one of "
+        "elementwise, max, mean, median, quantile, cosine, topk, boxes, e.g. "
+        "logits=topk:k=5,min_agreement=0.98; default by precision (fp32 elementwise, fp16 "
+        "quantile, int8 cosine)",
+    ),
     latency_p99_ms: float | None = typer.Option(
         None, "--latency-p99-ms", help="gate: p99 latency budget in ms"
     ),
@@ -109,16 +123,19 @@ def build(
         keys = keystore.load_keys(keys_dir)
         io = bundler.describe_model(model)
         profiles = dict(bundler.parse_profile(p, io) for p in profile)
+        checks = dict(accuracy_checks.parse_accuracy(a, io.outputs) for a in accuracy)
         spec = bundler.BundleSpec(
             model=model,
             name=name,
             version=version,
             golden=golden,
+            golden_inputs=golden_inputs,
             precision=_precision(precision),
             calibration=calibration,
             gate=GateSpec(
                 atol=atol,
                 rtol=rtol,
+                outputs=checks,
                 latency_p99_ms=latency_p99_ms,
                 min_throughput=min_throughput,
                 max_regression_pct=max_regression_pct,
@@ -133,7 +150,11 @@ def build(
             seed=seed,
         )
         result = bundler.build_bundle(spec, [keys.release], out)
-    except (keystore.KeystoreError, bundler.BuildInputError) as e:
+    except (
+        keystore.KeystoreError,
+        bundler.BuildInputError,
+        accuracy_checks.AccuracySpecError,
+    ) as e:
         fail(str(e))
     except ProtocolError as e:
         fail(e.reason)
@@ -171,7 +192,32 @@ def build(
         f"  golden: {result.golden_inputs} inputs, outputs "
         f"{'given and checked' if result.golden_source == 'given' else 'computed'} (fp32 ORT)"
     )
+    typer.echo(f"  accuracy: {_accuracy_summary(m)}")
     typer.echo(f"  signed by release key {keys.release.keyid[:16]}…")
+
+
+def _check_text(c: OutputCheck, g: GateSpec) -> str:
+    atol, rtol = c.atol if c.atol is not None else g.atol, c.rtol if c.rtol is not None else g.rtol
+    if c.metric == "elementwise":
+        return f"elementwise atol {atol:g}, rtol {rtol:g}"
+    if c.metric == "quantile":
+        return f"quantile {c.error_quantile:g} of error: abs <= {atol:g} or rel <= {rtol:g}"
+    if c.metric in ("max", "mean", "median"):
+        return f"{c.metric} error: abs <= {atol:g} or rel <= {rtol:g}"
+    if c.metric == "cosine":
+        return f"cosine similarity >= {c.min_cosine:g}"
+    if c.metric == "topk":
+        return f"top-{c.k} agreement >= {c.min_agreement:g}"
+    return (
+        f"boxes (scores {c.scores}) >= {c.score_threshold:g}: IoU {c.iou:g} agreement >= "
+        f"{c.min_agreement:g}"
+    )
+
+
+def _accuracy_summary(m: Manifest) -> str:
+    g = m.gate
+    parts = [f"{t.name}: {_check_text(g.outputs.get(t.name, OutputCheck()), g)}" for t in m.outputs]
+    return "; ".join(parts)
 
 
 def _precision(text: str) -> Precision:
@@ -265,7 +311,7 @@ def _manifest_rows(m: Manifest) -> list[tuple[str, str]]:
     rows.append(("device models", ", ".join(t.device_models) or "any"))
     rows.append(("min TensorRT / JetPack", f"{t.min_tensorrt or '-'} / {t.min_jetpack or '-'}"))
     g = m.gate
-    rows.append(("gate accuracy", f"atol {g.atol:g}, rtol {g.rtol:g}"))
+    rows.append(("gate accuracy", _accuracy_summary(m)))
     rows.append(
         (
             "gate speed",

@@ -25,6 +25,7 @@ from tests.models import (
 )
 
 FAST = GateSpec(max_regression_pct=10.0)
+TOL = GateSpec(atol=1e-3, rtol=1e-3)
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_element_rule_is_numpys_allclose() -> None:
     exp = rng.standard_normal((50, 7)).astype(np.float32)
     for scale in (1e-5, 1e-3, 3e-3, 1e-1):
         got = exp + (rng.standard_normal(exp.shape) * scale).astype(np.float32)
-        rep = check_accuracy({"y": got}, {"y": exp}, atol=1e-3, rtol=1e-3)
+        rep = check_accuracy({"y": got}, {"y": exp}, TOL)
         assert rep.passed == bool(np.allclose(got, exp, atol=1e-3, rtol=1e-3))
 
 
@@ -97,7 +98,7 @@ def test_worst_element_is_reported_with_its_index_and_errors() -> None:
     got = {"a": exp["a"].copy(), "b": exp["b"].copy()}
     got["a"][1, 2] = 0.5
     got["b"][3] = 1.2
-    rep = check_accuracy(got, exp, atol=1e-3, rtol=1e-3)
+    rep = check_accuracy(got, exp, TOL)
     assert not rep.passed and rep.failed_output == "a"
     assert rep.worst == {"output": "a", "index": [1, 2], "got": 0.5, "expected": 0.0,
                          "abs_err": 0.5, "rel_err": None}  # fmt: skip
@@ -108,13 +109,15 @@ def test_worst_element_is_reported_with_its_index_and_errors() -> None:
 def test_nan_output_shape_mismatch_and_missing_output_fail_clearly() -> None:
     exp = {"y": np.ones((2, 2), np.float32)}
     nan = {"y": np.array([[1, np.nan], [1, 1]], np.float32)}
-    rep = check_accuracy(nan, exp, 1e-3, 1e-3)
+    rep = check_accuracy(nan, exp, TOL)
     assert not rep.passed and rep.worst is not None and rep.worst["index"] == [0, 1]
     assert "nan/inf" in (rep.reason or "")
-    assert "shape [2]" in (check_accuracy({"y": np.ones(2)}, exp, 1, 1).reason or "")
-    assert "no output 'y'" in (check_accuracy({}, exp, 1, 1).reason or "")
+    assert "shape [2]" in (check_accuracy({"y": np.ones(2)}, exp, TOL).reason or "")
+    assert "no output 'y'" in (check_accuracy({}, exp, TOL).reason or "")
     both_nan = {"y": np.array([np.nan])}
-    assert check_accuracy(both_nan, both_nan, 0, 0).passed  # NaN where golden says NaN
+    assert check_accuracy(
+        both_nan, both_nan, GateSpec(atol=0, rtol=0)
+    ).passed  # NaN where golden says NaN
 
 
 def test_golden_inputs_that_do_not_fit_the_model_fail_accuracy(tmp_path: Path, built) -> None:  # type: ignore[no-untyped-def]
@@ -175,3 +178,165 @@ def test_golden_headers_of_a_good_file_pass(tmp_path: Path) -> None:
         {"input.x": np.zeros((3, 64), np.float32), "output.y": np.zeros((3, 16), np.float32)},
     )
     check_golden(path, [X], [Y], max_bytes=2**20)
+
+
+# -- the metrics a manifest can name per output --------------------------------------------
+
+
+def _gate(**check: object) -> GateSpec:
+    return GateSpec.model_validate({"outputs": {"y": check}})
+
+
+@pytest.mark.parametrize("stat", ["max", "mean", "median", "quantile"])
+def test_error_statistics_give_polygraphys_verdict(stat: str) -> None:
+    pg = pytest.importorskip("polygraphy.comparator", reason="polygraphy is a dev dependency")
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    rng = np.random.default_rng(11)
+    exp = rng.standard_normal((8, 200)).astype(np.float32)
+    exp[0, :5] = 0.0  # zeros: Polygraphy's epsilon for the relative error
+    for scale, tail in ((1e-3, 0.0), (1e-2, 0.0), (3e-3, 0.5), (5e-2, 2.0)):
+        got = exp + (rng.standard_normal(exp.shape) * scale).astype(np.float32)
+        got.flat[rng.choice(exp.size, 12, replace=False)] += np.float32(tail)  # a tail
+        for tol in (2e-3, 1e-2, 5e-2):
+            gate = _gate(metric=stat, atol=tol, rtol=tol, error_quantile=0.95)
+            ours = check_accuracy({"y": got}, {"y": exp}, gate)
+            compare = pg.SimpleCompareFunc(atol=tol, rtol=tol, check_error_stat=stat,
+                                           error_quantile=0.95)  # fmt: skip
+            theirs = compare(pg.IterationResult({"y": got}, runner_name="engine"),
+                             pg.IterationResult({"y": exp}, runner_name="golden"))  # fmt: skip
+            assert ours.passed == bool(theirs["y"]), (stat, scale, tail, tol)
+            figures = ours.outputs["y"]
+            pg_abs = getattr(theirs["y"], f"{stat}_absdiff")
+            assert figures["abs_err"] == pytest.approx(float(pg_abs), rel=1e-6)
+
+
+def test_quantile_ignores_a_tail_that_the_maximum_sees() -> None:
+    exp = np.linspace(-1, 1, 1000, dtype=np.float32)
+    got = exp + np.float32(1e-3)
+    got[:5] += np.float32(0.5)  # 0.5% of the elements: below the 99th percentile
+    assert check_accuracy({"y": got}, {"y": exp}, _gate(metric="quantile", atol=2e-3)).passed
+    rep = check_accuracy({"y": got}, {"y": exp}, _gate(metric="max", atol=2e-3, rtol=0))
+    assert not rep.passed and rep.failed_metric == "max"
+    assert rep.reason is not None and "fails its max check" in rep.reason
+    assert "absolute error is 0.501 > atol 0.002" in rep.reason
+
+
+def test_cosine_judges_each_sample_and_names_the_worst() -> None:
+    rng = np.random.default_rng(5)
+    exp = rng.standard_normal((4, 128))
+    scaled = exp * 1.7  # same direction, other length: an embedding that still matches
+    assert check_accuracy({"y": scaled}, {"y": exp}, _gate(metric="cosine")).passed
+    turned = exp.copy()
+    turned[2] = rng.standard_normal(128)  # one sample points elsewhere
+    rep = check_accuracy({"y": turned}, {"y": exp}, _gate(metric="cosine", min_cosine=0.95))
+    assert not rep.passed and rep.failed_metric == "cosine"
+    assert rep.outputs["y"]["worst_sample"] == 2 and rep.outputs["y"]["min_cosine"] < 0.5
+    assert "at sample 2 is under 0.95" in (rep.reason or "")
+    zeros = {"y": np.zeros((2, 3))}
+    assert check_accuracy(zeros, zeros, _gate(metric="cosine")).passed
+
+
+def test_topk_counts_shared_classes_per_row() -> None:
+    exp = np.array([[0.1, 0.7, 0.2, 0.0], [0.5, 0.1, 0.3, 0.1], [0.0, 0.1, 0.2, 0.7]])
+    got = exp.copy()
+    got[1] = [0.3, 0.1, 0.5, 0.1]  # row 1: top-1 flips from class 0 to 2, top-2 is {0, 2}
+    top1 = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", min_agreement=0.6))
+    assert top1.passed and top1.outputs["y"]["agreement"] == pytest.approx(2 / 3)
+    assert top1.outputs["y"]["first_differing"] == {"row": 1, "got": [2], "expected": [0]}
+    top2 = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", k=2, min_agreement=1))
+    assert top2.passed, top2.reason
+    strict = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", min_agreement=1))
+    assert not strict.passed and "1 of 3 rows differ; row 1: got [2], expected [0]" in (
+        strict.reason or ""
+    )
+    # The class axis need not be last: [classes, batch] with axis 0.
+    assert check_accuracy({"y": got.T}, {"y": exp.T}, _gate(metric="topk", axis=0,
+                                                          min_agreement=0.6)).passed  # fmt: skip
+    bad_axis = check_accuracy({"y": got}, {"y": exp}, _gate(metric="topk", axis=5))
+    assert not bad_axis.passed and "topk axis 5 does not exist" in (bad_axis.reason or "")
+
+
+def test_nan_in_a_reduced_precision_output_fails_every_metric() -> None:
+    exp = np.ones((2, 4))
+    got = exp.copy()
+    got[1, 3] = np.nan  # fp16 overflow, say: NaN must not hide in a quantile or a top-k
+    for metric in ("quantile", "cosine", "topk"):
+        rep = check_accuracy({"y": got}, {"y": exp}, _gate(metric=metric, min_agreement=0.5))
+        assert not rep.passed and "1 NaN/inf value(s)" in (rep.reason or ""), metric
+        json.dumps(rep.figures(), allow_nan=False)  # the figures travel in a JSON event
+
+
+def _detections(boxes: list[list[float]], scores: list[float]) -> dict[str, np.ndarray]:
+    return {"boxes": np.array([boxes], np.float32), "scores": np.array([scores], np.float32)}
+
+
+BOXES = GateSpec.model_validate(
+    {"outputs": {"boxes": {"metric": "boxes", "scores": "scores", "score_threshold": 0.5,
+                           "iou": 0.5, "min_agreement": 1.0},
+                 "scores": {"metric": "max", "atol": 0.2}}}
+)  # fmt: skip
+
+
+def test_boxes_above_the_score_must_match_one_to_one() -> None:
+    golden = _detections([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], [0.9, 0.8, 0.1])
+    # Every box moved a little, scores changed, the low-score box moved far: still the same
+    # detections above 0.5.
+    shifted = _detections([[1, 0, 11, 10], [21, 19, 41, 39], [0, 0, 5, 5]], [0.85, 0.75, 0.2])
+    ok = check_accuracy(shifted, golden, BOXES)
+    assert ok.passed, ok.reason
+    figures = ok.outputs["boxes"]
+    assert (figures["golden_boxes"], figures["engine_boxes"], figures["matched"]) == (2, 2, 2)
+    # One object lost below the threshold, one ghost box above it.
+    lost = _detections([[0, 0, 10, 10], [20, 20, 40, 40], [70, 70, 90, 90]], [0.9, 0.4, 0.6])
+    rep = check_accuracy(lost, golden, BOXES)
+    assert not rep.passed and rep.failed_output == "boxes" and rep.failed_metric == "boxes"
+    assert rep.outputs["boxes"]["recall"] == 0.5 and rep.outputs["boxes"]["precision"] == 0.5
+    assert "of 2 golden and 2 engine boxes scoring >= 0.5, 1 match with IoU >= 0.5" in (
+        rep.reason or ""
+    )
+    json.dumps(rep.figures(), allow_nan=False)
+
+
+def test_boxes_in_centre_format_and_a_malformed_head_are_judged_clearly() -> None:
+    spec = BOXES.model_copy(deep=True)
+    spec.outputs["boxes"].box_format = "cxcywh"
+    golden = _detections([[5, 5, 10, 10]], [0.9])
+    moved = _detections([[30, 30, 10, 10]], [0.9])  # same size, elsewhere: IoU 0
+    assert check_accuracy(golden, golden, spec).passed
+    assert not check_accuracy(moved, golden, spec).passed
+    flat = {"boxes": np.zeros((1, 3), np.float32), "scores": np.zeros((1, 3), np.float32)}
+    rep = check_accuracy(flat, flat, BOXES)
+    assert not rep.passed and "must be [..., N, 4] and [..., N]" in (rep.reason or "")
+
+
+def _greedy_matches(ref, ref_s, cand, iou_min):  # type: ignore[no-untyped-def]
+    """The plain greedy rule, one golden box at a time against every engine box: what the
+    blocked, sparse matcher must equal."""
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    free, matched = np.ones(len(cand), bool), 0
+    for i in np.argsort(-ref_s, kind="stable"):
+        w = np.clip(np.minimum(ref[i, 2], cand[:, 2]) - np.maximum(ref[i, 0], cand[:, 0]), 0, None)
+        h = np.clip(np.minimum(ref[i, 3], cand[:, 3]) - np.maximum(ref[i, 1], cand[:, 1]), 0, None)
+        iou = np.where(free, w * h / (area(ref[i]) + area(cand) - w * h), -1.0)
+        if iou.max() >= iou_min:
+            free[int(np.argmax(iou))] = False
+            matched += 1
+    return matched
+
+
+def test_box_matching_in_blocks_equals_plain_greedy_matching() -> None:
+    rng = np.random.default_rng(9)
+    n = 300  # more golden boxes than one IoU block
+    xy = rng.random((1, n, 2)) * 300
+    boxes = np.concatenate([xy, xy + rng.random((1, n, 2)) * 40 + 2], axis=2)
+    moved = boxes + rng.standard_normal(boxes.shape) * 3
+    scores = rng.random((1, n))
+    golden, engine = {"boxes": boxes, "scores": scores}, {"boxes": moved, "scores": scores}
+    for iou_min in (0.3, 0.7):
+        check = {"metric": "boxes", "scores": "scores", "score_threshold": 0.0, "iou": iou_min}
+        spec = GateSpec.model_validate({"outputs": {"boxes": check}})
+        rep = check_accuracy(engine, golden, spec)
+        expected = _greedy_matches(boxes[0], scores[0], moved[0], iou_min)
+        assert rep.outputs["boxes"]["matched"] == expected and 0 < expected < n

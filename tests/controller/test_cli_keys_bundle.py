@@ -224,6 +224,7 @@ def test_build_verify_inspect_round_trip(
     assert m["gate"] == {
         "atol": 0.01,
         "rtol": 0.02,
+        "outputs": {},  # fp32: every output elementwise within atol/rtol
         "latency_p99_ms": 5.0,
         "min_throughput": 100.0,
         "max_regression_pct": 7.5,
