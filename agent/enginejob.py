@@ -18,8 +18,9 @@ before it is reported built: when that fails (a plan TensorRT no longer accepts 
 its sha256 matches), the entry is evicted and rebuilt instead of failing the deploy.
 
 The daemon stays small when idle, a crash of the builder fails the job instead of the
-agent, and a cancel or a SIGTERM stops a build at once by killing the child. The child dies with its
-parent (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan build running.
+agent, and a cancel or a SIGTERM stops a build at once by killing the child. The child
+dies with its parent (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan build
+running.
 """
 
 from __future__ import annotations

@@ -686,7 +686,8 @@ class Worker:
             canceled=(lambda: False) if restoring else (lambda: self._canceled(job)),
             stopping=self._stop.is_set,
             heartbeat=self._beat,
-            on_progress=self._build_progress(job),
+            # A restore runs inside ACTIVATING/PROBATION: no BUILDING to report progress in.
+            on_progress=(lambda phase, fraction: None) if restoring else self._build_progress(job),
         )
         try:
             built = engine_job.build()

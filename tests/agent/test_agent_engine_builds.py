@@ -137,3 +137,21 @@ def test_a_cached_plan_that_no_longer_deserializes_is_rebuilt_not_a_failed_deplo
     assert "engine_cache_entry_unloadable_rebuilding" in agent.log()
     assert _build_progress(events), "the plan was rebuilt, not taken from the cache"
     assert "io" in json.loads(engine.read_bytes())
+
+
+@FAKE_TRT
+@pytest.mark.parametrize("robot", ["tensorrt"], indirect=True)
+def test_a_dla_engine_with_more_gpu_layers_than_the_manifest_allows_is_refused_with_counts(
+    robot: tuple[Robot, AgentProcess],
+) -> None:
+    bot, agent = robot
+    dla = {**FOR_FAKE_TRT["build"], "precision": "fp16", "dla_core": 0}
+    final, _ = bot.deploy("1.0.0", golden_override=FOR_FAKE_TRT["golden_override"],
+                          build=dla, gate={"max_gpu_fallback_layers": 1})  # fmt: skip
+    assert (final.state.value, final.code) == ("ROLLED_BACK", "gpu_fallback"), agent.log()[-3000:]
+    layers = (final.gate or {})["layers"]
+    assert layers["dla"] >= 1 and layers["gpu"] > 1
+    assert (
+        f"{layers['gpu']} of the engine's {layers['gpu'] + layers['dla']} layers run on the GPU "
+        f"({layers['dla']} on the DLA), more than the max_gpu_fallback_layers of 1"
+    ) in (final.reason or "")
