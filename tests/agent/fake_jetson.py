@@ -50,7 +50,6 @@ class Recorder:
         self.configs: list[Any] = []
         self.builders = 0
         self.build_error: str | None = None  # logged by a build that then returns None
-        self.step_s = 0.0  # how long each build step takes
 
 
 REC = Recorder()
@@ -534,8 +533,6 @@ class Builder:
 
 
 def _report_phases(monitor: Any) -> None:
-    import time
-
     if monitor is None:
         return
     for top, inner in (("Building engine", "Tactic selection"), ("Serializing", None)):
@@ -546,7 +543,6 @@ def _report_phases(monitor: Any) -> None:
                 monitor.step_complete(inner, 0)
                 monitor.step_complete(inner, 1)
                 monitor.phase_finish(inner)
-            time.sleep(REC.step_s)
             monitor.step_complete(top, step)
         monitor.phase_finish(top)
 
@@ -600,15 +596,14 @@ def plan(*io: dict[str, Any], context: str = "ok") -> bytes:
 
 def write_site(folder: Any) -> Any:
     """A PYTHONPATH folder whose `tensorrt` and `pycuda` are these fakes, for a real agent's
-    engine child. FAKE_JETSON_STEP_S in its environment sets REC.step_s."""
+    engine child."""
     from pathlib import Path
 
     site = Path(folder)
     (site / "pycuda").mkdir(parents=True, exist_ok=True)
     (site / "tensorrt.py").write_text(
-        "import os, sys\n"
+        "import sys\n"
         "from tests.agent import fake_jetson\n"
-        "fake_jetson.REC.step_s = float(os.environ.get('FAKE_JETSON_STEP_S', '0'))\n"
         "sys.modules[__name__] = fake_jetson.tensorrt\n"
     )
     (site / "pycuda" / "__init__.py").write_text(
