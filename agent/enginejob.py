@@ -10,10 +10,19 @@ which checks targets and builds (through the EngineCache), prints `{"built": ...
 for `gate` on stdin (the worker persists VALIDATING first), runs the gate and prints
 `{"gate": ...}`; a speed run the gate declines to judge (clocks or thermal state moved)
 prints `{"not_judged": ...}` first, once per run. Errors come back as
-`{"error": {"code", "reason"}}`. The daemon stays small when idle, a crash of the
-builder fails the job instead of the agent, and a cancel or a SIGTERM stops a build at
-once by killing the child. The child dies with its parent (PR_SET_PDEATHSIG), so a
-kill -9 of the agent leaves no orphan build running.
+`{"error": {"code", "reason"}}`; while it builds, `{"progress": {"phase", "fraction"}}`
+lines (agent.engines.progress, at most one per PROGRESS_EVERY_S within a phase) go to
+`on_progress`.
+
+Plans are deserialized here only, never in the daemon, and only from the engine cache
+this agent built (or a version directory linked from it). A cached engine is loaded once
+before it is reported built: when that fails (a plan TensorRT no longer accepts although
+its sha256 matches), the entry is evicted and rebuilt instead of failing the deploy.
+
+The daemon stays small when idle, a crash of the builder fails the job instead of the
+agent, and a cancel or a SIGTERM stops a build at once by killing the child. The child
+dies with its parent (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan build
+running.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +44,35 @@ from typing import IO, TYPE_CHECKING, Any
 from agent.download import Canceled
 
 if TYPE_CHECKING:  # the daemon side stays numpy-free
+    from agent.engines.api import Backend
+    from agent.engines.cache import EngineCache
     from agent.gate.speed import SpeedSettings
+    from protocol.manifest import BuildOptions
+
+
+PROGRESS_EVERY_S = 0.5  # child -> worker; the worker throttles events further
+
+
+class Throttle:
+    """The rate rule for build progress (child -> worker, worker -> events): a phase's
+    start and its end always pass, once; in between at most one report per `every_s`."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._phase: str | None = None
+        self._at = float("-inf")
+        self._ended = False
+
+    def due(self, phase: str, fraction: float) -> bool:
+        now = time.monotonic()
+        ended = fraction >= 1.0
+        if phase == self._phase:
+            if ended and self._ended:
+                return False  # its end went already
+            if not ended and not self._ended and now - self._at < self.every_s:
+                return False
+        self._phase, self._at, self._ended = phase, now, ended
+        return True
 
 
 class EngineJobError(Exception):
@@ -67,10 +105,12 @@ class EngineJob:
         canceled: Callable[[], bool],
         stopping: Callable[[], bool],
         heartbeat: Callable[[], None] = lambda: None,
+        on_progress: Callable[[str, float], None] = lambda phase, fraction: None,
     ) -> None:
         self._canceled = canceled
         self._stopping = stopping
         self._heartbeat = heartbeat
+        self._on_progress = on_progress
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.enginejob"],
@@ -127,7 +167,17 @@ class EngineJob:
                 if "error" in msg:
                     err = msg["error"]
                     raise EngineJobError(str(err.get("code")), str(err.get("reason")))
+                if "progress" in msg:
+                    self._progress(msg["progress"])
+                    continue
                 return msg
+
+    def _progress(self, p: Any) -> None:
+        try:
+            phase, fraction = str(p["phase"]), float(p["fraction"])
+        except (TypeError, KeyError, ValueError):
+            return  # a malformed line from our own child: not worth the job
+        self._on_progress(phase, max(0.0, min(1.0, fraction)))
 
     def build(self) -> Built:
         msg = self._next()
@@ -184,9 +234,52 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+_emit_lock = threading.Lock()
+
+
 def _emit(msg: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(msg, default=str) + "\n")
-    sys.stdout.flush()
+    line = json.dumps(msg, default=str) + "\n"
+    with _emit_lock:  # TensorRT may report progress from its own threads
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _progress_sink() -> Callable[[str, float], None]:
+    throttle = Throttle(PROGRESS_EVERY_S)
+
+    def sink(phase: str, fraction: float) -> None:
+        if throttle.due(phase, fraction):
+            _emit({"progress": {"phase": phase, "fraction": round(fraction, 4)}})
+
+    return sink
+
+
+def _loadable_engine(
+    cache: EngineCache, backend: Backend, req: dict[str, Any], build: BuildOptions
+) -> Path:
+    """The engine for this request from the cache, built if missing; a cached one that
+    does not load (deserialize) here is evicted and rebuilt, once."""
+    from agent.engines import EngineLoadError
+
+    def get() -> Path:
+        return cache.get_or_build(backend, Path(req["model"]), req["model_sha256"], build,
+                                  protect=[Path(p) for p in req["protect"]])  # fmt: skip
+
+    builds = cache.builds
+    engine = get()
+    if cache.builds > builds:
+        return engine  # built just now: the gate's load is its test
+    try:
+        backend.load(engine).close()
+    except EngineLoadError as e:
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "engine_cache_entry_unloadable_rebuilding", engine=str(engine), reason=e.reason
+        )
+        cache.discard(engine)
+        engine = get()
+    return engine
 
 
 def _check_model_sha256(model: Path, expected: str) -> None:
@@ -254,6 +347,7 @@ def child_main() -> int:
         if req.get("golden"):
             _check_golden(req)
         from agent.engines import EngineLoadError, choose_backend, load_engine
+        from agent.engines import progress as build_progress
         from agent.engines.cache import EngineCache, platform_parts
         from agent.engines.targets import check_targets
         from agent.gate import ConditionsWatch, run_gate
@@ -296,13 +390,9 @@ def child_main() -> int:
         check_targets(Targets.model_validate(req["targets"]), hardware, backend, build=build)
         platform = platform_parts(hardware, JetsonSysfs(jetson_root).nvpmodel())
         cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]), platform)
-        engine = cache.get_or_build(
-            backend,
-            Path(req["model"]),
-            req["model_sha256"],
-            build,
-            protect=[Path(p) for p in req["protect"]],
-        )
+        build_progress.set_sink(_progress_sink())
+        engine = _loadable_engine(cache, backend, req, build)
+        build_progress.set_sink(None)
         _emit(
             {
                 "built": {

@@ -51,6 +51,7 @@ class Journal:
         gate: dict[str, Any] | None = None,
         kind: str | None = None,
         rollout_id: str | None = None,
+        phase: str | None = None,
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "command_id": command_id,
@@ -68,6 +69,8 @@ class Journal:
             fields["reason"] = reason
         if gate is not None:
             fields["gate"] = gate
+        if phase is not None:
+            fields["phase"] = phase
         return fields
 
     def transition(
@@ -126,13 +129,14 @@ class Journal:
         self._maybe_pause(state)
         return event
 
-    def progress(self, job: JobRecord, progress: float) -> None:
-        """A progress event within the current state (not a new state)."""
+    def progress(self, job: JobRecord, progress: float, *, phase: str | None = None) -> None:
+        """A progress event within the current state (not a new state); `phase` names the
+        build phase a BUILDING progress is of."""
         with self.store.tx() as db:
             self.store.add_event(
                 db,
                 self.topics.events(self.device_id),
-                self._fields(job, job.command_id, job.state, progress=progress),
+                self._fields(job, job.command_id, job.state, progress=progress, phase=phase),
             )
         self._on_event()
 

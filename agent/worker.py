@@ -41,7 +41,7 @@ from agent.download import (
     fetch,
     remove_partials,
 )
-from agent.enginejob import EngineJob, EngineJobError, Interrupted
+from agent.enginejob import EngineJob, EngineJobError, Interrupted, Throttle
 from agent.journal import Journal
 from agent.store import JobRecord, Store
 from agent.telemetry.conditions import describe
@@ -68,6 +68,8 @@ KEEP_VERSIONS = 3  # per model: current, previous and one more to roll back to
 MIN_LIVE_SAMPLES = 20  # live p99 over fewer inferences is noise
 MIN_BASELINE_SAMPLES = 50  # the old version's live p99 is a probation baseline from here
 STALL_GRACE_S = 5.0
+BUILD_PROGRESS_EVERY_S = 5.0  # BUILDING progress events: a phase's start and end, and
+# at most one per this interval in between (a build on an Orin reports for minutes)
 _CODES = {c.value for c in ReasonCode}
 
 
@@ -377,6 +379,7 @@ class Worker:
             canceled=lambda: self._canceled(job),
             stopping=self._stop.is_set,
             heartbeat=self._beat,
+            on_progress=self._build_progress(job),
         )
         try:
             try:
@@ -554,6 +557,16 @@ class Worker:
             code=ReasonCode.NOT_JUDGED.value,
             reason=f"not judged: {moved}; {nxt} (run {n} of {of})",
         )
+
+    def _build_progress(self, job: JobRecord) -> Callable[[str, float], None]:
+        """The engine child's build progress as throttled progress events (BUILDING)."""
+        throttle = Throttle(BUILD_PROGRESS_EVERY_S)
+
+        def report(phase: str, fraction: float) -> None:
+            if throttle.due(phase, fraction):
+                self.journal.progress(job, fraction, phase=phase[:200])
+
+        return report
 
     def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> None:
         self._cleanup(job)
@@ -767,6 +780,8 @@ class Worker:
             canceled=(lambda: False) if restoring else (lambda: self._canceled(job)),
             stopping=self._stop.is_set,
             heartbeat=self._beat,
+            # A restore runs inside ACTIVATING/PROBATION: no BUILDING to report progress in.
+            on_progress=(lambda phase, fraction: None) if restoring else self._build_progress(job),
         )
         try:
             built = engine_job.build()

@@ -141,6 +141,11 @@ class GateSpec(_Part):
     min_throughput: float | None = Field(default=None, gt=0, description="inferences/s")
     max_regression_pct: float = Field(default=10.0, ge=0)
     probation_s: float = Field(default=60.0, ge=0)
+    max_gpu_fallback_layers: int | None = Field(
+        default=None,
+        ge=0,
+        description="TensorRT: refuse an engine with more layers on the GPU (DLA builds)",
+    )
 
 
 class Manifest(Document):

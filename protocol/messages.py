@@ -244,6 +244,7 @@ class ReasonCode(str, Enum):
     HOOK_FAILED = "hook_failed"
     HEALTH_FAILED = "health_failed"
     PROBATION_LATENCY = "probation_latency"
+    GPU_FALLBACK = "gpu_fallback"  # more DLA-build layers on the GPU than the manifest allows
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"
@@ -265,6 +266,11 @@ class JobEvent(Document):
     state: JobState
     seq: int = Field(ge=0, description="per device, strictly increasing across restarts")
     progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    phase: str | None = Field(
+        default=None,
+        max_length=200,
+        description="BUILDING progress events: the build phase `progress` is of",
+    )
     reason: str | None = None
     code: str | None = None
     kind: CommandKind | None = None

@@ -168,6 +168,15 @@ class EngineCache:
     def total_bytes(self) -> int:
         return sum(e.size for e in self.entries())
 
+    def discard(self, engine: Path) -> None:
+        """Remove one entry (an engine that no longer loads here), whatever its age; a
+        version directory hard-linked to it keeps its own copy."""
+        if Path(engine).parent != self.root:
+            raise ValueError(f"{engine} is not an entry of the engine cache {self.root}")
+        with self._locked():
+            self._remove(Path(engine))
+        log.warning("engine_cache_entry_discarded", path=str(engine))
+
     def evict(self, protect: Iterable[Path] = ()) -> list[Path]:
         """Remove least-recently-used entries until under max_bytes; returns what went."""
         with self._locked():

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.engines import progress
 from agent.engines.api import BuildError, EngineLoadError, InferenceError, UnsupportedError
 from protocol.manifest import BuildOptions
 from protocol.modelio import ModelError, resolve_model_file
@@ -29,6 +30,7 @@ _IR_WEIGHTS_NOT_INPUTS = 4  # from IR 4 on, initializers need not be graph input
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
+BUILD_PHASE = "optimizing graph"  # what a BUILDING event says while ONNX Runtime builds
 
 
 def _ort() -> Any:
@@ -214,6 +216,8 @@ class OnnxRuntimeBackend:
         ort = _ort()
         if not model_path.is_file():
             raise BuildError(f"model file {model_path} does not exist")
+        # ONNX Runtime has one build phase and no steps: its start and its end.
+        progress.report(BUILD_PHASE, 0.0)
         source = _source(model_path)
         try:
             if out_path.exists():
@@ -225,6 +229,7 @@ class OnnxRuntimeBackend:
             )
         except Exception as e:
             raise BuildError(f"onnxruntime could not build {model_path.name}: {e}") from e
+        progress.report(BUILD_PHASE, 1.0)
         if not out_path.is_file():
             raise BuildError(f"onnxruntime did not write the optimized model {out_path}")
         with open(out_path, "rb+") as f:

@@ -18,6 +18,12 @@ Written against TensorRT 10.3 (JetPack 6.1/6.2) and kept working on 11.x:
 - a DLA core is used with GPU fallback for fp16/int8 bundles; the core is set again on
   the runtime at load (a plan for DLA core 1 would otherwise run on core 0);
 - a timing cache per (TensorRT version, GPU) is kept on disk and reused across builds;
+- build progress: an IProgressMonitor forwards TensorRT's phases to agent.engines.progress
+  (the worker makes BUILDING events of them); a build that fails "Could not find any
+  implementation" says that usually means memory, with the workspace cap and free memory;
+- layer placement: builds that ask for a DLA core keep DETAILED profiling verbosity, so
+  the engine inspector can count the layers on the DLA and on the GPU
+  (TrtEngine.layer_placement, judged by the gate's max_gpu_fallback_layers);
 - the runner uses named tensors: set_input_shape, set_tensor_address, execute_async_v3,
   and an output allocator for every output, so outputs whose shape depends on the data
   (NonMaxSuppression, NonZero) work.
@@ -34,6 +40,7 @@ of it we need (plugins, context check, output allocator, shape-tensor check) are
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 from pathlib import Path
@@ -44,6 +51,7 @@ import structlog
 
 from agent.engines import cuda_buffers as cb
 from agent.engines import precision
+from agent.engines import progress as build_progress
 from agent.engines.api import (
     BuildError,
     EngineError,
@@ -64,6 +72,9 @@ _lock = threading.Lock()
 _logger: Any = None
 _plugins_registered = False
 _allocator_class: Any = None
+_monitor_class: Any = None
+# TensorRT's words when no tactic fits the memory it may use (NVIDIA/TensorRT #4258).
+_NO_IMPLEMENTATION = "could not find any implementation"
 
 
 def _trt() -> Any:
@@ -194,6 +205,59 @@ def _define_allocator(trt: Any) -> Any:
             self.buffers.clear()
 
     return _Outputs
+
+
+def _progress_monitor() -> Any:
+    """An IProgressMonitor feeding agent.engines.progress (BUILDING events)."""
+    global _monitor_class
+    with _lock:
+        if _monitor_class is None:
+            _monitor_class = _define_monitor(_trt())
+    return _monitor_class()
+
+
+def _define_monitor(trt: Any) -> Any:
+    class _Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.phases = build_progress.PhaseTracker()
+
+        # Called from inside the build (C++, noexcept): nothing may raise out of these.
+        # step_complete returning False would cancel the build; a cancel kills the child.
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            with contextlib.suppress(BaseException):
+                self.phases.start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with contextlib.suppress(BaseException):
+                self.phases.step(phase_name, step)
+            return True
+
+        def phase_finish(self, phase_name: str) -> None:
+            with contextlib.suppress(BaseException):
+                self.phases.finish(phase_name)
+
+    return _Monitor
+
+
+def _memory_hint(detail: str, workspace: int, free: int) -> str:
+    if _NO_IMPLEMENTATION not in detail.lower():
+        return ""
+    return (
+        f" (this usually means the build ran out of memory: the workspace was capped at "
+        f"{workspace >> 20} MiB with {free >> 20} MiB free; stop other GPU work on the robot, "
+        "lower build.workspace_mb or the largest build.profiles shapes)"
+    )
+
+
+def layer_counts(info: str, dla_requested: bool) -> dict[str, int] | None:
+    """{"dla": n, "gpu": m} engine layers from the inspector's JSON, or None when it does
+    not say (layer names only, from a DLA build without DETAILED verbosity)."""
+    layers = json.loads(info).get("Layers") or []
+    if all(isinstance(layer, dict) for layer in layers):
+        dla = sum(1 for layer in layers if str(layer.get("LayerType", "")).upper() == "DLA")
+        return {"dla": dla, "gpu": len(layers) - dla}
+    return None if dla_requested else {"dla": 0, "gpu": len(layers)}
 
 
 def _slug(text: str) -> str:
@@ -342,18 +406,27 @@ class TensorRTBackend:
             free = max(free, meminfo_bytes("MemAvailable") or 0)
         return free
 
-    def _limit_workspace(self, config: Any, opt: BuildOptions) -> int:
+    def _limit_workspace(self, config: Any, opt: BuildOptions) -> tuple[int, int]:
+        """(workspace cap, free memory): the manifest's workspace_mb, never above half the
+        free memory (the robot's own service needs the rest)."""
         free = self._free_memory()
-        limit = opt.workspace_mb << 20 if opt.workspace_mb else default_workspace_bytes(free)
-        if limit > free:
-            log.warning("tensorrt_workspace_above_free_memory", workspace=limit, free=free)
+        cap = default_workspace_bytes(free)
+        limit = opt.workspace_mb << 20 if opt.workspace_mb else cap
+        if limit > cap:
+            log.warning("tensorrt_workspace_capped", workspace_mb=opt.workspace_mb,
+                        capped_mb=cap >> 20, free_mb=free >> 20)  # fmt: skip
+            limit = cap
         config.set_memory_pool_limit(_trt().MemoryPoolType.WORKSPACE, limit)
-        return limit
+        return limit, free
 
     def _place_on_dla(
         self, builder: Any, network: Any, config: Any, opt: BuildOptions, prec: str
     ) -> str:
         trt = _trt()
+        if opt.dla_core is not None:
+            # Layer placement in the plan, for the engine inspector (layer_placement): it
+            # stores per-layer detail in the plan; only builds that ask for a DLA pay it.
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         core, placement = precision.dla_core_to_use(opt.dla_core, int(builder.num_DLA_cores), prec)
         if core is None:
             if opt.dla_core is not None:
@@ -379,18 +452,24 @@ class TensorRTBackend:
             network = builder.create_network(flags)
             parser = self._parse(network, logger, model_path)
             config = builder.create_builder_config()
-            workspace = self._limit_workspace(config, options)
+            workspace, free = self._limit_workspace(config, options)
             # 10.x: weak typing, so the bundle's precision is a permission to the builder.
             for flag in precision.builder_flags(prec, self.major):
                 config.set_flag(getattr(trt.BuilderFlag, flag))
             self._add_profiles(builder, network, config, options)
             placement = self._place_on_dla(builder, network, config, options, prec)
             self._attach_timing_cache(config)
+            monitor = _progress_monitor()  # kept referenced until the build returns
+            config.progress_monitor = monitor
             logger.errors = []
             plan = builder.build_serialized_network(network, config)
+            del monitor
             if plan is None:
                 detail = "; ".join(logger.errors) or "no message from TensorRT"
-                raise BuildError(f"TensorRT could not build {model_path.name}: {detail}")
+                raise BuildError(
+                    f"TensorRT could not build {model_path.name}: {detail}"
+                    + _memory_hint(detail, workspace, free)
+                )
             del parser  # only now: the build read the weights it owns
             write_plan(out_path, memoryview(plan))
             self._save_timing_cache(config)
@@ -443,6 +522,7 @@ class TrtEngine:
         self.inputs: dict[str, np.dtype] = {}
         self.outputs: dict[str, np.dtype] = {}
         self.dla_core: int | None = None  # the DLA core set on the runtime, if any
+        self._dla_requested = dla_core is not None  # the build asked for one (sidecar)
         self.last_gpu_ms: float | None = None  # execute_async_v3 alone, by CUDA events
         self.closed = False
         with cb.cuda_context(device_index):
@@ -567,6 +647,20 @@ class TrtEngine:
         if host.nbytes:
             device.download(host, stream)
         return host
+
+    def layer_placement(self) -> dict[str, int] | None:
+        """{"dla": n, "gpu": m}: the engine's layers on the DLA and on the GPU, by
+        TensorRT's engine inspector; None when the plan does not say."""
+        with self._lock, cb.cuda_context(self._device_index):
+            if self._engine is None:
+                raise InferenceError("this TensorRT engine was closed")
+            inspector = self._engine.create_engine_inspector()
+            info = inspector.get_engine_information(_trt().LayerInformationFormat.JSON)
+        try:
+            return layer_counts(str(info), self._dla_requested)
+        except (ValueError, AttributeError) as e:
+            log.warning("tensorrt_layer_information_unreadable", error=str(e))
+            return None
 
     def device_memory_bytes(self) -> int:
         # The engine's activation memory plus the I/O buffers this runner holds.

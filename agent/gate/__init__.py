@@ -112,6 +112,9 @@ def run_gate(
     cand = _load(backend, Path(candidate))
     act: Engine | None = None
     try:
+        refused = _check_placement(cand, spec, figures)
+        if refused is not None:
+            return _done(figures, started, ReasonCode.GPU_FALLBACK, refused)
         try:
             got = cand.infer(inputs)
         except EngineError as e:
@@ -214,6 +217,31 @@ def _measure_stable(
         if n >= attempts:
             return sp, moved
         time.sleep(wait)
+
+
+def _check_placement(engine: Engine, spec: GateSpec, figures: dict[str, Any]) -> str | None:
+    """Record where the engine's layers run (TensorRT engines say, by their inspector) and
+    refuse it past the manifest's max_gpu_fallback_layers; None when it may go on."""
+    placement_of = getattr(engine, "layer_placement", None)
+    if placement_of is None:
+        return None  # ONNX Runtime: no DLA, nothing to count
+    placement = placement_of()
+    figures["layers"] = placement
+    limit = spec.max_gpu_fallback_layers
+    if limit is None:
+        return None
+    if placement is None:
+        return (
+            "the engine does not say which layers run on the GPU (built without detailed "
+            f"layer information), so max_gpu_fallback_layers = {limit} cannot be checked"
+        )
+    if placement["gpu"] > limit:
+        return (
+            f"{placement['gpu']} of the engine's {placement['gpu'] + placement['dla']} layers "
+            f"run on the GPU ({placement['dla']} on the DLA), more than the "
+            f"max_gpu_fallback_layers of {limit}"
+        )
+    return None
 
 
 def _pct(x: float | None) -> str:

@@ -11,9 +11,16 @@ depends on it, and it records what real hardware would make hard to observe:
 - on the build side, the flags, pool limits, DLA settings and timing cache a builder config
   got, and whether the ONNX parser (which owns the weights) was still alive at build time.
 
-A plan here is JSON: {"io": [{"name", "mode": "input"|"output", "dtype", "shape",
-"op"?}], "context": "ok"|"none"}; outputs compute "double" (2 * the input "x") or
-"nonzero" (indices of x > 0: a data-dependent shape).
+A build reports two top-level phases of three steps (one with a nested phase) to the
+config's progress monitor, as TensorRT 10 does; REC.build_error makes it fail with that
+error logged, as an out-of-memory build does. A plan here is JSON: {"io": [{"name",
+"mode": "input"|"output", "dtype", "shape", "op"?}], "context": "ok"|"none", "layers":
+[...]}; outputs compute "double" (2 * the input "x") or "nonzero" (indices of x > 0: a
+data-dependent shape). "layers" is what the engine inspector gives: names only, or with
+DETAILED profiling verbosity {"Name", "LayerType"} with the DLA runs fused as "DLA" layers.
+
+`write_site(dir)` makes a folder that, first on PYTHONPATH, makes `import tensorrt` and
+`import pycuda.driver` load these fakes in any process (a real agent's engine child).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class Recorder:
         self.runtimes: list[Any] = []
         self.configs: list[Any] = []
         self.builders = 0
+        self.build_error: str | None = None  # logged by a build that then returns None
 
 
 REC = Recorder()
@@ -233,6 +241,31 @@ class IOutputAllocator:
         pass
 
 
+class IProgressMonitor:
+    def __init__(self) -> None:
+        pass
+
+
+class ProfilingVerbosity(enum.Enum):
+    LAYER_NAMES_ONLY = "LAYER_NAMES_ONLY"
+    NONE = "NONE"
+    DETAILED = "DETAILED"
+
+
+class LayerInformationFormat(enum.Enum):
+    ONELINE = "ONELINE"
+    JSON = "JSON"
+
+
+class EngineInspector:
+    def __init__(self, layers: list[Any]) -> None:
+        self.layers = layers
+
+    def get_engine_information(self, fmt: LayerInformationFormat) -> str:
+        assert fmt is LayerInformationFormat.JSON
+        return json.dumps({"Layers": self.layers, "Bindings": []})
+
+
 def init_libnvinfer_plugins(logger: Any, namespace: str) -> bool:
     REC.plugin_registrations += 1
     return True
@@ -259,7 +292,11 @@ class Engine:
         self.io = {t["name"]: t for t in spec["io"]}
         self.names = [t["name"] for t in spec["io"]]
         self.context_mode = spec.get("context", "ok")
+        self.layers = spec.get("layers", [])
         self.device_memory_size_v2 = 4096
+
+    def create_engine_inspector(self) -> EngineInspector:
+        return EngineInspector(self.layers)
 
     @property
     def num_io_tensors(self) -> int:
@@ -434,6 +471,8 @@ class BuilderConfig:
         self.DLA_core = -1
         self.timing_cache: TimingCache | None = None
         self.profiles: list[Profile] = []
+        self.profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
+        self.progress_monitor: Any = None
 
     def set_flag(self, flag: BuilderFlag) -> None:
         self.flags.add(flag.value)
@@ -481,11 +520,51 @@ class Builder:
         if network.parser is None or network.parser() is None:
             self.logger.log(ILogger.Severity.ERROR, "weights were freed with the parser")
             return None
+        _report_phases(config.progress_monitor)
+        if REC.build_error is not None:
+            self.logger.log(ILogger.Severity.ERROR, REC.build_error)
+            return None
         io = [{"name": t.name, "mode": "input", "dtype": "FLOAT", "shape": t.shape}
               for t in network.inputs]  # fmt: skip
         io += [{"name": n, "mode": "output", "dtype": "FLOAT", "shape": [-1], "op": "double"}
                for n in network.outputs]  # fmt: skip
-        return json.dumps({"io": io, "context": "ok"}).encode()
+        layers = _engine_layers(network, config)
+        return json.dumps({"io": io, "context": "ok", "layers": layers}).encode()
+
+
+def _report_phases(monitor: Any) -> None:
+    if monitor is None:
+        return
+    for top, inner in (("Building engine", "Tactic selection"), ("Serializing", None)):
+        monitor.phase_start(top, None, 3)
+        for step in range(3):
+            if inner is not None and step == 1:
+                monitor.phase_start(inner, top, 2)
+                monitor.step_complete(inner, 0)
+                monitor.step_complete(inner, 1)
+                monitor.phase_finish(inner)
+            monitor.step_complete(top, step)
+        monitor.phase_finish(top)
+
+
+def _engine_layers(network: Network, config: BuilderConfig) -> list[Any]:
+    """Engine layers as the inspector lists them: runs of layers that can run on the DLA
+    fuse into one "DLA" layer; the rest stay GPU layers."""
+    on_dla = config.default_device_type is DeviceType.DLA
+    layers: list[dict[str, str]] = []
+    for i, layer in enumerate(network.layers):
+        name = f"{layer.op_type.lower()}_{i}"
+        if on_dla and config.can_run_on_DLA(layer):
+            if layers and layers[-1]["LayerType"] == "DLA":
+                first = layers[-1]["Name"][: -len("]}")].split("...")[0]
+                layers[-1]["Name"] = f"{first}...{name}]}}"
+                continue
+            layers.append({"Name": f"{{ForeignNode[{name}]}}", "LayerType": "DLA"})
+        else:
+            layers.append({"Name": name, "LayerType": layer.op_type})
+    if config.profiling_verbosity is ProfilingVerbosity.DETAILED:
+        return layers
+    return [layer["Name"] for layer in layers]
 
 
 tensorrt = types.ModuleType("tensorrt")
@@ -496,6 +575,9 @@ for _name, _value in {
     "TensorIOMode": TensorIOMode,
     "ILogger": ILogger,
     "IOutputAllocator": IOutputAllocator,
+    "IProgressMonitor": IProgressMonitor,
+    "ProfilingVerbosity": ProfilingVerbosity,
+    "LayerInformationFormat": LayerInformationFormat,
     "init_libnvinfer_plugins": init_libnvinfer_plugins,
     "Runtime": Runtime,
     "Builder": Builder,
@@ -510,3 +592,24 @@ for _name, _value in {
 
 def plan(*io: dict[str, Any], context: str = "ok") -> bytes:
     return json.dumps({"io": list(io), "context": context}).encode()
+
+
+def write_site(folder: Any) -> Any:
+    """A PYTHONPATH folder whose `tensorrt` and `pycuda` are these fakes, for a real agent's
+    engine child."""
+    from pathlib import Path
+
+    site = Path(folder)
+    (site / "pycuda").mkdir(parents=True, exist_ok=True)
+    (site / "tensorrt.py").write_text(
+        "import sys\n"
+        "from tests.agent import fake_jetson\n"
+        "sys.modules[__name__] = fake_jetson.tensorrt\n"
+    )
+    (site / "pycuda" / "__init__.py").write_text(
+        "import sys\n"
+        "from tests.agent import fake_jetson\n"
+        "sys.modules['pycuda.driver'] = fake_jetson.driver\n"
+        "sys.modules[__name__] = fake_jetson.pycuda\n"
+    )
+    return site

@@ -358,6 +358,7 @@ def build_bundle(
     targets: dict[str, Any] | None = None,
     golden_override: dict[str, Any] | None = None,
     golden_zeros: dict[str, tuple[tuple[int, ...], str]] | None = None,
+    build: dict[str, Any] | None = None,
 ) -> Path:
     """A real signed bundle: an ONNX MLP (tests/models.py) and ORT golden outputs.
     `golden_override` replaces golden arrays (to make a bundle that fails the gate);
@@ -383,6 +384,7 @@ def build_bundle(
         outputs=[{"name": "y", "dtype": "float32", "shape": ["batch", 16]}],
         gate={"probation_s": 0, "max_regression_pct": 1000, **(gate or {})},
         targets=targets,
+        build=build,
     )
     keys = release if isinstance(release, list) else [release]
     return write_bundle(Path(out_dir) / bundle_filename(name, version), manifest, files, keys)

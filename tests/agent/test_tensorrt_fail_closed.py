@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import io
+import itertools
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import structlog
 import structlog.testing
 
 from agent.engines import (
+    BuildError,
     EngineLoadError,
     InferenceError,
     UnsupportedError,
@@ -295,3 +298,120 @@ def test_a_shape_tensor_input_is_refused_at_build(tmp_path: Path) -> None:
 
 def test_the_onnx_parser_outlives_the_build_that_reads_its_weights(tmp_path: Path) -> None:
     _build(tmp_path, make_mlp(tmp_path / "m.onnx"), BuildOptions(profiles=MLP_PROFILE))
+
+
+# -- build progress, memory, layer placement ----------------------------------------------
+
+
+@pytest.fixture
+def reports() -> Iterator[list[tuple[str, float]]]:
+    from agent.engines import progress
+
+    got: list[tuple[str, float]] = []
+    progress.set_sink(lambda phase, fraction: got.append((phase, fraction)))
+    yield got
+    progress.set_sink(None)
+
+
+def test_a_build_reports_tensorrt_phases_as_top_level_progress(
+    tmp_path: Path, reports: list[tuple[str, float]]
+) -> None:
+    _build(tmp_path, make_mlp(tmp_path / "m.onnx"), BuildOptions(profiles=MLP_PROFILE))
+    assert [p for p, _ in itertools.groupby(p for p, _ in reports)] == [
+        "Building engine", "Serializing",
+    ]  # fmt: skip
+    building = [f for p, f in reports if p == "Building engine"]
+    assert building[0] == 0.0 and building[-1] == 1.0
+    assert building == sorted(building)
+    # The nested "Tactic selection" phase moves its parent between two of its steps.
+    assert any(1 / 3 < f < 2 / 3 for f in building)
+
+
+def test_a_build_that_finds_no_implementation_says_it_is_usually_memory(tmp_path: Path) -> None:
+    REC.build_error = (
+        "[optimizer.cpp::computeCosts::3728] Error Code 10: Internal Error (Could not find "
+        "any implementation for node /conv1/Conv.)"
+    )
+    with pytest.raises(BuildError) as e:
+        _build(tmp_path, make_mlp(tmp_path / "m.onnx"),
+               BuildOptions(profiles=MLP_PROFILE, workspace_mb=64))  # fmt: skip
+    assert "Could not find any implementation for node /conv1/Conv." in e.value.reason
+    assert re.search(
+        r"usually means the build ran out of memory: the workspace was capped at 64 MiB "
+        r"with \d+ MiB free", e.value.reason
+    )  # fmt: skip
+    REC.build_error = "Network has dynamic or shape inputs, but no optimization profile"
+    with pytest.raises(BuildError) as e:
+        _build(tmp_path, make_mlp(tmp_path / "m2.onnx", seed=2), BuildOptions(profiles=MLP_PROFILE))
+    assert "memory" not in e.value.reason
+
+
+def test_a_manifest_workspace_above_half_the_free_memory_is_capped_there(tmp_path: Path) -> None:
+    with structlog.testing.capture_logs() as logs:
+        config = _build(tmp_path, make_mlp(tmp_path / "m.onnx"),
+                        BuildOptions(profiles=MLP_PROFILE, workspace_mb=1 << 24))  # fmt: skip
+    free = max(2 << 30, meminfo_bytes("MemAvailable") or 0)
+    assert abs(config.pool_limits["WORKSPACE"] - default_workspace_bytes(free)) < 64 << 20
+    assert "tensorrt_workspace_capped" in [e["event"] for e in logs]
+
+
+def _conv_golden(tmp_path: Path, model: Path) -> Path:
+    from tests.models import convnet_inputs, make_golden, write_golden
+
+    return write_golden(tmp_path / "golden.npz", make_golden(model, convnet_inputs(2)))
+
+
+def test_a_dla_build_counts_its_gpu_layers_and_the_gate_refuses_past_the_limit(
+    tmp_path: Path,
+) -> None:
+    from agent.gate import run_gate
+    from protocol.manifest import GateSpec
+
+    model = make_convnet(tmp_path / "c.onnx")
+    backend = select_backend("tensorrt")
+    options = BuildOptions(profiles=CONV_PROFILE, dla_core=1, precision="fp16")
+    engine_file = EngineCache(tmp_path / "engines", 1 << 30).get_or_build(
+        backend, model, "a" * 64, options
+    )
+    assert REC.configs[-1].profiling_verbosity.value == "DETAILED"
+    engine = load_engine(engine_file)
+    try:  # Conv, Relu, Conv, Relu fuse into one DLA layer; pooling, flatten, gemm stay
+        assert engine.layer_placement() == {"dla": 1, "gpu": 3}  # type: ignore[attr-defined]
+    finally:
+        engine.close()
+    golden = _conv_golden(tmp_path, model)
+    result = run_gate(backend, engine_file, None, golden, GateSpec(max_gpu_fallback_layers=2))
+    assert (result.passed, result.code) == (False, "gpu_fallback")
+    assert result.reason == (
+        "3 of the engine's 4 layers run on the GPU (1 on the DLA), more than the "
+        "max_gpu_fallback_layers of 2"
+    )
+    assert result.figures["layers"] == {"dla": 1, "gpu": 3}
+    assert _live_handles() == {}
+
+
+def test_a_gpu_build_counts_every_layer_on_the_gpu_from_layer_names(tmp_path: Path) -> None:
+    engine_file = EngineCache(tmp_path / "engines", 1 << 30).get_or_build(
+        select_backend("tensorrt"), make_convnet(tmp_path / "c.onnx"), "a" * 64,
+        BuildOptions(profiles=CONV_PROFILE, precision="fp16"),
+    )  # fmt: skip
+    assert REC.configs[-1].profiling_verbosity.value == "LAYER_NAMES_ONLY"  # no detail cost
+    engine = load_engine(engine_file)
+    try:
+        assert engine.layer_placement() == {"dla": 0, "gpu": 7}  # type: ignore[attr-defined]
+    finally:
+        engine.close()
+
+
+def test_a_dla_plan_without_layer_detail_cannot_pass_a_fallback_limit(tmp_path: Path) -> None:
+    from agent.gate import run_gate
+    from protocol.manifest import GateSpec
+
+    names_only = json.loads(plan(X, DOUBLE))
+    names_only["layers"] = ["{ForeignNode[conv_0...relu_3]}", "gemm_6"]
+    engine_file = _engine_file(tmp_path, json.dumps(names_only).encode(), dla_core=0)
+    golden = _conv_golden(tmp_path, make_convnet(tmp_path / "c.onnx"))
+    backend = select_backend("tensorrt")
+    result = run_gate(backend, engine_file, None, golden, GateSpec(max_gpu_fallback_layers=5))
+    assert (result.passed, result.code) == (False, "gpu_fallback")
+    assert "cannot be checked" in (result.reason or "")
