@@ -15,7 +15,8 @@ A build reports two top-level phases of three steps (one with a nested phase) to
 config's progress monitor, as TensorRT 10 does; REC.build_error makes it fail with that
 error logged, as an out-of-memory build does. A plan here is JSON: {"io": [{"name",
 "mode": "input"|"output", "dtype", "shape", "op"?}], "context": "ok"|"none", "layers":
-[...]}; outputs compute "double" (2 * the input "x") or "nonzero" (indices of x > 0: a
+[...]}; outputs compute "double" (2 * the input "x", its last axis cut to the output's
+"width" when the ONNX model fixes one) or "nonzero" (indices of x > 0: a
 data-dependent shape). "layers" is what the engine inspector gives: names only, or with
 DETAILED profiling verbosity {"Name", "LayerType"} with the DLA runs fused as "DLA" layers.
 
@@ -346,7 +347,10 @@ class Context:
         t = self.engine.io[name]
         if t["mode"] == "input":
             return self.shapes.get(name, tuple(t["shape"]))
-        return self.shapes["x"] if t.get("op") == "double" else (1, -1)
+        if t.get("op") != "double":
+            return (1, -1)
+        x = self.shapes["x"]
+        return (*x[:-1], t["width"]) if t.get("width") else x
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         REC.ops.append("execute_async_v3")
@@ -356,7 +360,10 @@ class Context:
         for name, t in self.engine.io.items():
             if t["mode"] != "output":
                 continue
-            y = 2 * x if t["op"] == "double" else np.stack(np.nonzero(x.reshape(-1) > 0))
+            if t["op"] == "double":
+                y = 2 * x[..., : t["width"]] if t.get("width") else 2 * x
+            else:
+                y = np.stack(np.nonzero(x.reshape(-1) > 0))
             y = y.astype(nptype(DataType[t["dtype"]]))
             alloc = self.allocators[name]
             address = alloc.reallocate_output_async(name, 0, y.nbytes, 256, stream_handle)
@@ -404,6 +411,7 @@ class Network:
     def __init__(self) -> None:
         self.inputs: list[_Tensor] = []
         self.outputs: list[str] = []
+        self.widths: dict[str, int] = {}  # an output's fixed last axis, from the model
         self.layers: list[_Layer] = []
         self.parser: Any = None
 
@@ -443,6 +451,10 @@ class OnnxParser:
                     for d in vi.type.tensor_type.shape.dim]  # fmt: skip
             self.network.inputs.append(_Tensor(vi.name, dims, vi.name in shape_inputs))
         self.network.outputs = [vi.name for vi in graph.output]
+        for vi in graph.output:
+            last = vi.type.tensor_type.shape.dim[-1:]
+            if last and last[0].HasField("dim_value"):
+                self.network.widths[vi.name] = last[0].dim_value
         self.network.layers = [_Layer(n.op_type) for n in graph.node]
         return True
 
@@ -526,8 +538,8 @@ class Builder:
             return None
         io = [{"name": t.name, "mode": "input", "dtype": "FLOAT", "shape": t.shape}
               for t in network.inputs]  # fmt: skip
-        io += [{"name": n, "mode": "output", "dtype": "FLOAT", "shape": [-1], "op": "double"}
-               for n in network.outputs]  # fmt: skip
+        io += [{"name": n, "mode": "output", "dtype": "FLOAT", "shape": [-1], "op": "double",
+                "width": network.widths.get(n)} for n in network.outputs]  # fmt: skip
         layers = _engine_layers(network, config)
         return json.dumps({"io": io, "context": "ok", "layers": layers}).encode()
 
