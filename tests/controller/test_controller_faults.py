@@ -8,6 +8,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ from fleet import SimFleet, build_bundle, cli_env, jetfleet_cmd, make_devices, r
 from controller.keystore import KeySet, init_keys
 from controller.localbroker import LocalMosquitto, free_port
 from controller.serve import read_serve_state
+from protocol.messages import DeviceStatus
+from protocol.telemetry import TelemetrySample
+from protocol.topics import Topics
+from tests.agent.harness import Publisher
 from tests.diskfull import fill, small_tmpfs
 
 
@@ -120,3 +125,50 @@ def test_rollout_start_says_which_bundle_url_it_chose_and_why(
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(30)
+
+
+@pytest.mark.slow
+def test_devices_flags_a_clock_ahead_or_behind(mosquitto: LocalMosquitto, tmp_path: Path) -> None:
+    """robot-ahead writes its status 2 h in the future; robot-behind's clock is 3 days
+    back, which its telemetry (received now by `jetfleet serve`) shows; robot-ok is right."""
+    env = cli_env(tmp_path, mosquitto.url, tmp_path / "keys")
+    data = Path(env["JETFLEET_DB"]).parent
+    now = datetime.now(timezone.utc)
+    clocks = {"robot-ahead": now + timedelta(hours=2), "robot-behind": now - timedelta(days=3),
+              "robot-ok": now}  # fmt: skip
+    serve = subprocess.Popen(
+        jetfleet_cmd("serve", "--host", "127.0.0.1", "--http-port", str(free_port())),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: read_serve_state(data) is not None, timeout=30, what="serve's state")
+        with Publisher(mosquitto.url) as pub:
+            for device_id, at in clocks.items():
+                status = DeviceStatus.new(device_id=device_id, online=True, at=at)
+                # Retained, as the agent publishes it.
+                pub.client.publish(Topics().status(device_id), status.encode(), qos=1, retain=True)
+                sample = TelemetrySample.new(device_id=device_id, at=at, uptime_s=60)
+                pub.publish(Topics().telemetry(device_id), sample.encode())
+        wait_until(
+            lambda: len(rows(data / "telemetry.db", "SELECT 1 FROM device_latest")) == 3,
+            timeout=30,
+            what="telemetry stored",
+        )
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+
+    out = run_cli(env, "devices", "--output", "json")
+    assert out.returncode == 0, out.stderr
+    skew = {d["id"]: d["clock_skew_s"] for d in json.loads(out.stdout)}
+    assert skew["robot-ok"] is None
+    assert skew["robot-ahead"] == pytest.approx(7200, abs=60)
+    assert skew["robot-behind"] == pytest.approx(-3 * 86400, abs=60)
+
+    human = run_cli({**env, "COLUMNS": "200"}, "devices")
+    assert "2.0h ahead" in human.stdout and "3.0d behind" in human.stdout
+    assert (
+        "jetfleet: robot-behind's clock is 3.0d behind: every command to it fails (expired or "
+        "issued in the future); enable NTP on it"
+    ) in human.stderr
+    assert "robot-ok's clock" not in human.stderr
