@@ -131,8 +131,10 @@ def serve_base_url(s: ControllerSettings) -> tuple[str | None, str]:
     return base.rstrip("/"), f"from the running `jetfleet serve` (pid {pid}, {path})"
 
 
-def choose_bundle_url(s: ControllerSettings, published: Path, override: str | None) -> str:
-    """Where devices fetch the bundle; says on stderr which URL and why."""
+def choose_bundle_url(
+    s: ControllerSettings, published: Path, override: str | None
+) -> tuple[str, str]:
+    """Where devices fetch the bundle, and why that URL (for the operator)."""
     if override:
         url, why = override, "from --bundle-url"
     else:
@@ -145,8 +147,7 @@ def choose_bundle_url(s: ControllerSettings, published: Path, override: str | No
                 "; only devices that can read this path can fetch it: run `jetfleet serve` "
                 "with the same --db, or pass --bundle-url"
             )
-    typer.echo(f"jetfleet: bundle URL {url}: {why}", err=True)
-    return url
+    return url, why
 
 
 def _sha256(path: Path) -> str:
@@ -514,7 +515,7 @@ def start(
         published = publish_bundle(bundle.resolve(), s, manifest.name, manifest.version)
     except BundleConflictError as e:
         fail(str(e))
-    url = choose_bundle_url(s, published, bundle_url)
+    url, why = choose_bundle_url(s, published, bundle_url)
     rid = start_rollout(
         s,
         kind="deploy",
@@ -530,6 +531,7 @@ def start(
         bundle=(url, _sha256(published), published.stat().st_size),
         force=force,
     )
+    typer.echo(f"jetfleet: bundle URL {url}: {why}", err=True)
     if output is Output.human:
         typer.echo(f"rollout {rid}: {manifest.name} {manifest.version} from {url}", err=True)
     launch(s, keys, rid, wait, output)
