@@ -29,6 +29,7 @@ NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier versio
 
 # Below this much free space on the database's disk a writer is about to fail.
 NEARLY_FULL_BYTES = 1 << 20
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (Python 3.11), not in every typeshed
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
@@ -70,7 +71,7 @@ class DevicesHeldError(RuntimeError):
 def is_disk_full(err: BaseException) -> bool:
     """SQLITE_FULL: the database's disk (or its WAL's) has no room for the write."""
     return isinstance(err, sqlite3.OperationalError) and (
-        getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        getattr(err, "sqlite_errorcode", None) == _SQLITE_FULL
         or "database or disk is full" in str(err)
     )
 

@@ -147,10 +147,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "jetfleet-serve"
 
     def setup(self) -> None:
+        super().setup()
         # Every read and write on the socket gives up after this long: an idle or
         # half-sent request, or a reader that stopped reading, frees its thread.
-        self.timeout = self.server.idle_timeout_s
-        super().setup()
+        self.connection.settimeout(self.server.idle_timeout_s)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http", client=self.client_address[0], line=format % args)
@@ -369,16 +369,11 @@ class JetfleetServer:
         )
         registry = make_registry(collector)
         try:
-            limits = {"idle_timeout_s": cfg.idle_timeout_s, "max_connections": cfg.max_connections}
-            self.http = JetfleetHTTPServer(
-                (cfg.host, cfg.http_port), bundle_dir=cfg.bundle_dir, registry=registry, **limits
-            )
+            self.http = self._http_server(cfg.http_port, cfg.bundle_dir, registry)
             self.http.start()
             metrics_port = self.http.port
             if cfg.metrics_port is not None and cfg.metrics_port != cfg.http_port:
-                self.metrics_http = JetfleetHTTPServer(
-                    (cfg.host, cfg.metrics_port), bundle_dir=None, registry=registry, **limits
-                )
+                self.metrics_http = self._http_server(cfg.metrics_port, None, registry)
                 self.metrics_http.start()
                 metrics_port = self.metrics_http.port
         except OSError:
@@ -401,6 +396,18 @@ class JetfleetServer:
             ingest=bool(ing),
         )
         return self.state
+
+    def _http_server(
+        self, port: int, bundle_dir: Path | None, registry: CollectorRegistry
+    ) -> JetfleetHTTPServer:
+        server = JetfleetHTTPServer(
+            (self.cfg.host, port),
+            bundle_dir=bundle_dir,
+            registry=registry,
+            idle_timeout_s=self.cfg.idle_timeout_s,
+            max_connections=self.cfg.max_connections,
+        )
+        return server
 
     def stop(self) -> None:
         if self._stopped.is_set():
