@@ -36,7 +36,13 @@ from agent.store import Store, StoreError
 from agent.truststore import TrustStore
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError, TrustExpiredError
-from protocol.transport import TransportConfigError, client_tls_context, parse_broker_url
+from protocol.transport import (
+    BrokerAddress,
+    TransportConfigError,
+    client_tls_context,
+    diagnose_tls,
+    parse_broker_url,
+)
 from protocol.trust import TrustRoot
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -499,14 +505,7 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
     if reason is None and "dropped" in outcome:
         if addr.tls:
             # TLS 1.3: a rejected (or missing) client certificate shows after the handshake.
-            return _result(
-                "broker",
-                FAIL,
-                f"{where} closed the TLS connection before CONNACK: it rejected the "
-                + ("client certificate" if b.cert else "client, which sent no certificate"),
-                "the broker requires a client certificate signed by its CA: set [broker] cert "
-                "and key (jetfleet pki issue DEVICE_ID), and check that the certificate is valid",
-            )
+            return _tls_refusal(config, addr, where)
         return _result(
             "broker",
             FAIL,
@@ -530,6 +529,32 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
     proto = "MQTT 5" if v5 else "MQTT 3.1.1"
     return _result(
         "broker", PASS, f"connected to {where} ({proto}{tls_note}) in {elapsed_ms:.0f} ms"
+    )
+
+
+def _tls_refusal(config: AgentConfig, addr: BrokerAddress, where: str) -> CheckResult:
+    """The broker hung up after the handshake: read its alert on a second connection to
+    say why (revoked, expired, unknown CA...) rather than only that it refused us."""
+    b = config.broker
+    why = diagnose_tls(addr, b.ca, b.cert, b.key, timeout=5.0) if b.cert else None
+    if why and "revoked" in why:
+        return _result(
+            "broker",
+            FAIL,
+            f"{where} closed the TLS connection before CONNACK: {why}",
+            f"this certificate was revoked (jetfleet pki revoke): issue a new one with "
+            f"`jetfleet pki issue {config.device_id}` and install it as [broker] cert and key",
+        )
+    detail = why or (
+        "it rejected the "
+        + ("client certificate" if b.cert else "client, which sent no certificate")
+    )
+    return _result(
+        "broker",
+        FAIL,
+        f"{where} closed the TLS connection before CONNACK: {detail}",
+        "the broker requires a client certificate signed by its CA: set [broker] cert "
+        "and key (jetfleet pki issue DEVICE_ID), and check that the certificate is valid",
     )
 
 

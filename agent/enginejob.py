@@ -10,7 +10,9 @@ which checks targets and builds (through the EngineCache), prints `{"built": ...
 for `gate` on stdin (the worker persists VALIDATING first), runs the gate and prints
 `{"gate": ...}`; a speed run the gate declines to judge (clocks or thermal state moved)
 prints `{"not_judged": ...}` first, once per run. Errors come back as
-`{"error": {"code", "reason"}}`; while it builds, `{"progress": {"phase", "fraction"}}`
+`{"error": {"code", "reason"}}` (one that happened because the engine cache's disk is
+full is `disk_full` whatever the library called it: ONNX Runtime says "Protobuf
+serialization failed"); while it builds, `{"progress": {"phase", "fraction"}}`
 lines (agent.engines.progress, at most one per PROGRESS_EVERY_S within a phase) go to
 `on_progress`.
 
@@ -28,9 +30,11 @@ running.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +84,49 @@ class EngineJobError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n // 1024} KiB"
+
+
+def check_engine_space(cache_root: Path, model: Path, reserve: int) -> None:
+    """Before a build: the engine takes about the model's size (ONNX Runtime's optimized
+    model; a TensorRT engine is of the same order) on top of the disk reserve."""
+    needed = model.stat().st_size
+    cache_root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_root).free
+    if free < needed + reserve:
+        raise EngineJobError(
+            "disk_full",
+            f"not enough disk in {cache_root}: {_size(free)} free, the engine needs about "
+            f"{_size(needed)} plus a {_size(reserve)} reserve (limits.min_free_disk_mb)",
+        )
+
+
+def is_no_space(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "No space left on device" in str(err)
+
+
+def disk_full_reason(err: BaseException, cache_root: Path, model: Path) -> str | None:
+    """The reason to give when engine work failed because the cache's disk is full: an
+    ENOSPC, or any failure while less than the engine's size is free there."""
+    try:
+        free = shutil.disk_usage(cache_root).free
+        needed = model.stat().st_size
+    except OSError:
+        return None
+    if not is_no_space(err) and free >= needed:
+        return None
+    return (
+        f"the disk holding {cache_root} is full ({_size(free)} free, the engine needs about "
+        f"{_size(needed)}): {getattr(err, 'reason', None) or err}"
+    )
 
 
 class Interrupted(Exception):
@@ -334,12 +381,19 @@ def _emit_not_judged(attempt: int, attempts: int, moved: list[str], wait_s: floa
                           "retry_in_s": wait_s}})  # fmt: skip
 
 
+def _disk_full(err: BaseException, req: dict[str, Any]) -> str | None:
+    if not req.get("cache_root") or not req.get("model"):
+        return None
+    return disk_full_reason(err, Path(req["cache_root"]), Path(req["model"]))
+
+
 def child_main() -> int:
     _die_with_parent()
     from agent.logs import configure_logging
 
     configure_logging(os.environ.get("JETFLEET_AGENT_LOG_LEVEL", "warning"))
     limit: int | None = None
+    req: dict[str, Any] = {}
     try:
         req = json.loads(sys.stdin.readline())
         limit = req.get("memory_bytes")
@@ -437,6 +491,9 @@ def child_main() -> int:
     except Exception as e:
         code = getattr(e, "code", None)
         reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+        full = _disk_full(e, req) if code in (None, "build_failed") else None
+        if full is not None:
+            code, reason = "disk_full", full
         _emit(
             {"error": {"code": code if isinstance(code, str) else "build_failed", "reason": reason}}
         )

@@ -38,6 +38,7 @@ log = structlog.get_logger("jetfleet.agent.mqtt")
 # Anything larger is not a command we could have sent (a deploy command is < 2 KiB); it
 # is dropped before it reaches the disk.
 MAX_COMMAND_BYTES = 256 * 1024
+TLS_CHECK_MIN_INTERVAL_S = 0.5
 
 
 Ack = Callable[[], None]
@@ -189,14 +190,16 @@ class AgentMqtt:
         self._explain_connect_failure()
 
     def _explain_connect_failure(self) -> None:
-        """After a failed connect over TLS, find out why the broker will not have us (wrong
-        CA, broker name, refused or expired certificate) and log it once per distinct
-        reason, at most one check a minute: the one line an operator needs."""
+        """After every failed connect over TLS, find out why the broker will not have us
+        (wrong CA, broker name, refused, expired or revoked certificate) and log it once
+        per distinct reason: the one line an operator needs. The reason can change between
+        attempts (unreachable, then up with a CRL naming us), so each attempt is checked;
+        the reconnect backoff bounds how often."""
         if not self._addr.tls:
             return
         now = time.monotonic()
-        if now - self._tls_checked_at < 60.0:
-            return
+        if now - self._tls_checked_at < TLS_CHECK_MIN_INTERVAL_S:
+            return  # paho reported this attempt twice (connect_fail, then disconnect)
         self._tls_checked_at = now
         b = self.config.broker
         reason = diagnose_tls(self._addr, b.ca, b.cert, b.key, timeout=5.0)
@@ -207,15 +210,20 @@ class AgentMqtt:
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        established = self.connected.is_set()
         self.connected.clear()
         self._jitter()
-        log.warning("mqtt_disconnected", reason=str(reason))
-        if not self.ever_connected.is_set():
-            # TLS 1.3: a broker refuses a client certificate after the handshake, which
-            # paho reports as this disconnect before any CONNACK.
+        if not established:
+            # A connect that failed before CONNACK, first or any later one. Under TLS 1.3
+            # a broker refuses a client certificate (e.g. revoked) only after the
+            # handshake, which paho reports as this disconnect: say why, on every attempt.
             self._explain_connect_failure()
+        log.warning("mqtt_disconnected", reason=str(reason), **self._known_problem(established))
         if self._on_disconnected:
             self._on_disconnected()
+
+    def _known_problem(self, established: bool) -> dict[str, str]:
+        return {} if established or not self._tls_problem else {"tls": self._tls_problem}
 
     def _ack_later(self, mid: int, qos: int) -> Ack:
         gen = self.generation

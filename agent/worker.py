@@ -41,7 +41,14 @@ from agent.download import (
     fetch,
     remove_partials,
 )
-from agent.enginejob import EngineJob, EngineJobError, Interrupted, Throttle
+from agent.enginejob import (
+    EngineJob,
+    EngineJobError,
+    Interrupted,
+    Throttle,
+    check_engine_space,
+    is_no_space,
+)
 from agent.journal import Journal
 from agent.store import JobRecord, Store
 from agent.telemetry.conditions import describe
@@ -202,15 +209,24 @@ class Worker:
                 )
         except Exception as e:
             log.exception("job_crashed", command_id=job.command_id)
+            code, reason = self._crash_reason(e)
             if job.state in (JobState.ACTIVATING, JobState.PROBATION):
-                self._restore(job, ReasonCode.INTERNAL.value, f"internal error: {e}")
+                self._restore(job, code.value, reason)
             elif not job.state.terminal:
                 self._cleanup(job)
-                self._end(job, JobState.FAILED, ReasonCode.INTERNAL, f"internal error: {e}")
+                self._end(job, JobState.FAILED, code, reason)
         finally:
             self.current = None
             self._cancels.discard(job.command_id)
             self._on_change()
+
+    def _crash_reason(self, err: Exception) -> tuple[ReasonCode, str]:
+        """A full disk is named as such wherever it strikes (installing the version,
+        switching, restoring); anything else unexpected is internal."""
+        if is_no_space(err):
+            where = getattr(err, "filename", None) or self.config.data_dir
+            return ReasonCode.DISK_FULL, f"disk full: no space left on device ({where})"
+        return ReasonCode.INTERNAL, f"internal error: {err}"
 
     def _end(
         self,
@@ -350,10 +366,17 @@ class Worker:
 
         # BUILDING and VALIDATING run in a child process (agent/enginejob.py).
         self._step(job, JobState.BUILDING, bundle=str(dest))
+        cache_root = Path(self.config.data_dir) / "engines"
+        try:
+            check_engine_space(cache_root, bundle.model_path, limits.min_free_bytes)
+        except EngineJobError as e:
+            self._cleanup(job)
+            self._end(job, JobState.FAILED, e.code, f"engine build: {e.reason}")
+            raise JobEnded() from e
         request = {
             "backend": self.config.backend,
             "allow_cpu_fallback": self.config.allow_cpu_fallback,
-            "cache_root": str(Path(self.config.data_dir) / "engines"),
+            "cache_root": str(cache_root),
             "timing_cache_dir": str(Path(self.config.data_dir) / "engines" / "timing"),
             "cache_bytes": self.config.limits.engine_cache_mb * 2**20,
             "model": str(bundle.model_path),

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class DeviceRecord:
     job: dict[str, Any] | None = None
     last_seq: int | None = None
     trust_version: int | None = None  # the trust root version its status reports
+    status_at: float | None = None  # when the device says it wrote its status (its clock)
 
     def active_version(self, model: str) -> str | None:
         return (self.models.get(model) or {}).get("active")
@@ -110,7 +112,15 @@ class DeviceRecord:
             job=json.loads(row["job"]) if row["job"] else None,
             last_seq=row["last_seq"],
             trust_version=row["trust_version"],
+            status_at=_epoch(row["status_at"]),
         )
+
+
+def _epoch(iso: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(iso).timestamp() if iso else None
+    except ValueError:
+        return None
 
 
 class Registry:

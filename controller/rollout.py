@@ -19,6 +19,7 @@ import json
 import math
 import os
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ from controller.rollout_store import (
     TERMINAL,
     Rollout,
     RolloutStore,
+    is_disk_full,
 )
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
@@ -57,6 +59,15 @@ class WaveSpecError(ValueError):
 
 class RolloutError(RuntimeError):
     """A rollout that cannot be driven (unknown id, already driven by a live process…)."""
+
+
+class DatabaseFullError(RolloutError):
+    """The controller database's disk filled up: the driver stopped; every step it took
+    before is saved, so `rollout resume` continues once there is space again."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(f"the controller database's disk is full; rollout {rollout_id} stopped")
+        self.rollout_id = rollout_id
 
 
 # -- planning (pure) -------------------------------------------------------------------
@@ -237,14 +248,26 @@ class RolloutDriver:
                 if rollout.state in FINISHED:
                     break
             return rollout
+        except sqlite3.OperationalError as e:
+            if is_disk_full(e):
+                raise DatabaseFullError(self.rollout_id) from None
+            raise
         finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Give up the rollout and the broker session. On a full disk the driver mark
+        stays (it names a dead process, so `status` says nobody drives the rollout)."""
+        try:
             self.store.set_driver(self.rollout_id, None, None)
-            final = self.store.get(self.rollout_id)
-            if self.mqtt is not None:
-                if final is not None and final.state in FINISHED:
-                    self._end_session()
-                else:
-                    self.mqtt.close()
+        except sqlite3.OperationalError as e:
+            log.warning("driver_mark_kept", rollout_id=self.rollout_id, error=str(e))
+        final = self.store.get(self.rollout_id)
+        if self.mqtt is not None:
+            if final is not None and final.state in FINISHED:
+                self._end_session()
+            else:
+                self.mqtt.close()
 
     def _end_session(self) -> None:
         """A finished rollout needs its broker session no more: reconnect clean to drop it."""
@@ -302,6 +325,8 @@ class RolloutDriver:
         except ProtocolError as e:
             # A daemon never dies on bad input: log it with the reason and go on.
             log.warning("bad_message_ignored", topic=topic, reason=e.reason, code=e.code)
+        except sqlite3.Error:
+            raise  # the database failed, not the message: the batch must not half-commit
         except Exception:
             # Nor on a message that trips a bug: one device's report must not stop the
             # rollout for the fleet.

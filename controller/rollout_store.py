@@ -10,12 +10,14 @@ acknowledged it (the agent remembers command ids, so a repeat is a no-op there).
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState
@@ -24,6 +26,10 @@ from protocol.messages import FAILURE_STATES, PIPELINE, JobState
 WAITING = "WAITING"  # its wave has not started: no command exists
 PENDING = "PENDING"  # commanded, no event yet (e.g. the device is offline)
 NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier version known
+
+# Below this much free space on the database's disk a writer is about to fail.
+NEARLY_FULL_BYTES = 1 << 20
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (Python 3.11), not in every typeshed
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
@@ -60,6 +66,23 @@ class DevicesHeldError(RuntimeError):
             f"{len(self.holders)} target device(s) are still being driven by another rollout: "
             f"{'; '.join(parts)}; wait for it to finish, abort it, or pass --force"
         )
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """SQLITE_FULL: the database's disk (or its WAL's) has no room for the write."""
+    return isinstance(err, sqlite3.OperationalError) and (
+        getattr(err, "sqlite_errorcode", None) == _SQLITE_FULL
+        or "database or disk is full" in str(err)
+    )
+
+
+def disk_nearly_full(db: Path) -> int | None:
+    """Free bytes on the database's disk when a write there would fail, else None."""
+    try:
+        free = shutil.disk_usage(Path(db).parent).free
+    except OSError:
+        return None
+    return free if free < NEARLY_FULL_BYTES else None
 
 
 _SCHEMA = """
@@ -307,10 +330,13 @@ class RolloutStore:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
+                self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (SQLITE_FULL in a statement); a
+                # failed COMMIT leaves the transaction open.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
 
     # -- creation ----------------------------------------------------------------------
     def create(

@@ -3,7 +3,12 @@
 Bundles: `GET|HEAD /bundles/<file>` from `settings.bundle_dir`, with single-range
 requests (`Range: bytes=a-b`, `a-`, `-n`; 206/416) so agents resume downloads. Names are
 one plain path segment ([A-Za-z0-9._-], no leading dot); no directory listing, no
-traversal, no symlinks, nothing but regular files. Metrics: `GET /metrics` (text format).
+traversal, no symlinks, nothing but regular files (opened without blocking, so a FIFO
+planted there cannot hang a thread). Metrics: `GET /metrics` (text format).
+
+Each connection has a thread; a client that sends nothing (or half a request) for
+`idle_timeout_s` is disconnected, and past `max_connections` open at once a new one gets
+503 at once, so idle or half-sent connections cannot take every thread or exhaust memory.
 
 State file `data_dir/serve.json` = {"bundle_url_base", "metrics_url", "pid"}, written
 atomically at start and removed at exit, tells `rollout start` where bundles are served.
@@ -41,6 +46,13 @@ SERVE_STATE = "serve.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 1 << 20
+IDLE_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 64
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 34\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+    b"too many connections; retry later\n"
+)
 
 
 # -- the state file -----------------------------------------------------------------
@@ -134,6 +146,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "jetfleet-serve"
 
+    def setup(self) -> None:
+        super().setup()
+        # Every read and write on the socket gives up after this long: an idle or
+        # half-sent request, or a reader that stopped reading, frees its thread.
+        self.connection.settimeout(self.server.idle_timeout_s)
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http", client=self.client_address[0], line=format % args)
 
@@ -179,7 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
         assert self.server.bundle_dir is not None
         path = self.server.bundle_dir / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:  # missing, or a symlink (ELOOP)
             self._plain(HTTPStatus.NOT_FOUND, "not found")
             return
@@ -229,7 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         try:
             self.connection.sendfile(f, offset=start, count=length)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             log.info("bundle_client_gone", file=name)
 
 
@@ -243,10 +262,40 @@ class JetfleetHTTPServer(ThreadingHTTPServer):
         *,
         bundle_dir: Path | None,
         registry: CollectorRegistry | None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir is not None else None
         self.registry = registry
+        self.idle_timeout_s = idle_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(addr, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        """Answer 503 without a thread: a fresh socket's send buffer takes it at once."""
+        log.warning("http_busy", client=client_address[0])
+        try:
+            request.setblocking(False)
+            request.send(_BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     @property
     def port(self) -> int:
@@ -280,6 +329,8 @@ class ServeConfig:
     key: str = ""
     ingest: bool = True
     ingest_workers: int = 1
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
 
 
 class JetfleetServer:
@@ -318,15 +369,11 @@ class JetfleetServer:
         )
         registry = make_registry(collector)
         try:
-            self.http = JetfleetHTTPServer(
-                (cfg.host, cfg.http_port), bundle_dir=cfg.bundle_dir, registry=registry
-            )
+            self.http = self._http_server(cfg.http_port, cfg.bundle_dir, registry)
             self.http.start()
             metrics_port = self.http.port
             if cfg.metrics_port is not None and cfg.metrics_port != cfg.http_port:
-                self.metrics_http = JetfleetHTTPServer(
-                    (cfg.host, cfg.metrics_port), bundle_dir=None, registry=registry
-                )
+                self.metrics_http = self._http_server(cfg.metrics_port, None, registry)
                 self.metrics_http.start()
                 metrics_port = self.metrics_http.port
         except OSError:
@@ -349,6 +396,18 @@ class JetfleetServer:
             ingest=bool(ing),
         )
         return self.state
+
+    def _http_server(
+        self, port: int, bundle_dir: Path | None, registry: CollectorRegistry
+    ) -> JetfleetHTTPServer:
+        server = JetfleetHTTPServer(
+            (self.cfg.host, port),
+            bundle_dir=bundle_dir,
+            registry=registry,
+            idle_timeout_s=self.cfg.idle_timeout_s,
+            max_connections=self.cfg.max_connections,
+        )
+        return server
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -1,9 +1,15 @@
-"""`jetfleet devices [--group G] [--output json]`: the fleet, from retained status."""
+"""`jetfleet devices [--group G] [--output json]`: the fleet, from retained status.
+
+A device whose clock is off by more than a minute is flagged: every signed command it
+gets then fails (expired, or issued in the future). The skew is measured from its newest
+telemetry sample (its time against when `jetfleet serve` received it, either way), or,
+without telemetry, from a status written in the future."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -17,6 +23,7 @@ from controller.cli.common import Output, OutputOption, fail, print_json, settin
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import DeviceRecord, Registry, sync_from_broker
 from controller.settings import ControllerSettings
+from controller.telemetry_store import TelemetryStore, TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.topics import Topics
@@ -74,6 +81,53 @@ def refresh_registry(
         return sync_from_broker(registry, m, timeout=timeout, device_ids=named_devices(target))
 
 
+CLOCK_SKEW_WARN_S = 60.0
+TELEMETRY_FRESH_S = 600.0  # an older sample says nothing about the clock now
+
+
+def _telemetry_times(s: ControllerSettings) -> dict[str, tuple[float, float]]:
+    """device -> (its newest sample's time, when serve received it); {} without serve."""
+    try:
+        store = TelemetryStore(default_telemetry_db(s.db), readonly=True)
+    except TelemetryStoreError:
+        return {}
+    try:
+        return {x.device_id: (x.ts, x.received) for x in store.latest()}
+    except sqlite3.Error:
+        return {}
+    finally:
+        store.close()
+
+
+def clock_skews(s: ControllerSettings, records: list[DeviceRecord], now: float) -> dict[str, float]:
+    """Device clock minus ours, in seconds, for devices off by more than a minute."""
+    times = _telemetry_times(s)
+    out: dict[str, float] = {}
+    for d in records:
+        skew = None
+        ts, received = times.get(d.id, (None, None))
+        if ts is not None and received is not None and now - received < TELEMETRY_FRESH_S:
+            skew = ts - received
+        elif d.status_at is not None and d.status_at - now > CLOCK_SKEW_WARN_S:
+            skew = d.status_at - now  # at least this much ahead
+        if skew is not None and abs(skew) > CLOCK_SKEW_WARN_S:
+            out[d.id] = skew
+    return out
+
+
+def _span(seconds: float) -> str:
+    s = abs(seconds)
+    if s < 3600:
+        return f"{s / 60:.0f}m"
+    if s < 86400:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+def skew_text(skew: float) -> str:
+    return f"{_span(skew)} {'ahead' if skew > 0 else 'behind'}"
+
+
 def _ago(ts: float | None) -> str:
     if ts is None:
         return "never"
@@ -102,9 +156,10 @@ def _job(d: DeviceRecord) -> str:
     return f"{d.job.get('state')} {what}".strip()
 
 
-def devices_table(records: list[DeviceRecord]) -> Table:
+def devices_table(records: list[DeviceRecord], skews: dict[str, float] | None = None) -> Table:
+    skews = skews or {}
     table = Table(title=f"{len(records)} device(s)", title_justify="left")
-    for col in ("device", "groups", "online", "last seen", "hardware", "models", "job"):
+    for col in ("device", "groups", "online", "last seen", "clock", "hardware", "models", "job"):
         table.add_column(col)
     for d in records:
         hw = " / ".join(
@@ -115,6 +170,7 @@ def devices_table(records: list[DeviceRecord]) -> Table:
             ",".join(d.groups) or "-",
             "[green]yes[/]" if d.online else "[red]no[/]",
             _ago(d.last_seen),
+            f"[red]{skew_text(skews[d.id])}[/]" if d.id in skews else "",
             hw or "-",
             _models(d),
             _job(d),
@@ -144,7 +200,16 @@ def devices(
         stale = True
         typer.echo(f"jetfleet: {e}; showing the last known state", err=True)
     records = registry.devices(group)
+    skews = clock_skews(s, records, time.time())
     if output is Output.json:
-        print_json([{**d.to_dict(), "stale": stale} for d in records])
+        print_json(
+            [{**d.to_dict(), "stale": stale, "clock_skew_s": skews.get(d.id)} for d in records]
+        )
         return
-    Console().print(devices_table(records))
+    Console().print(devices_table(records, skews))
+    for device_id, skew in skews.items():
+        typer.echo(
+            f"jetfleet: {device_id}'s clock is {skew_text(skew)}: every command to it fails "
+            "(expired or issued in the future); enable NTP on it",
+            err=True,
+        )

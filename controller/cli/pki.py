@@ -120,7 +120,11 @@ def revoke(
                     "crl": str(r.crl)})  # fmt: skip
         return
     typer.echo(f"revoked {len(r.serials)} certificate(s) of {name!r}; CRL {r.crl}")
-    typer.echo("  rerun `jetfleet broker config` (it ships the CRL) and restart the broker")
+    typer.echo(
+        f"  {name!r} can still connect: the broker checks its own copy of the CRL. Regenerate "
+        "the broker config (`jetfleet broker config`, which copies the new CRL) and restart "
+        "the broker; only then is it cut off."
+    )
 
 
 @app.command("verify")

@@ -43,6 +43,7 @@ from controller.keystore import KeySet, KeystoreError, load_keys, trust_update_s
 from controller.mqtt import MqttError
 from controller.registry import Registry, TargetError
 from controller.rollout import (
+    DatabaseFullError,
     RolloutDriver,
     RolloutError,
     WaveSpecError,
@@ -60,6 +61,7 @@ from controller.rollout_store import (
     Rollout,
     RolloutStore,
     RolloutSummary,
+    disk_nearly_full,
 )
 from controller.settings import ControllerSettings
 from protocol.bundle import bundle_filename, verify_bundle
@@ -112,16 +114,40 @@ def find_rollout(store: RolloutStore, rollout_id: str) -> Rollout:
     return r
 
 
-def serve_base_url(s: ControllerSettings) -> str | None:
-    """The bundle server of a running `jetfleet serve`, from its state file."""
+def serve_base_url(s: ControllerSettings) -> tuple[str | None, str]:
+    """The bundle server of a running `jetfleet serve`, from its state file, and why it
+    was or was not found (the file sits next to serve's --db, so another --db misses it)."""
     data_dir = Path(getattr(s, "data_dir", None) or s.db.parent)
     path = data_dir / SERVE_STATE
     try:
         state = json.loads(path.read_text())
         pid, base = int(state["pid"]), str(state["bundle_url_base"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return base.rstrip("/") if psutil.pid_exists(pid) else None
+    except FileNotFoundError:
+        return None, f"no `jetfleet serve` state file at {path} (serve writes it next to its --db)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"unreadable `jetfleet serve` state file {path} ({e})"
+    if not psutil.pid_exists(pid):
+        return None, f"{path} names process {pid}, which is no longer running"
+    return base.rstrip("/"), f"from the running `jetfleet serve` (pid {pid}, {path})"
+
+
+def choose_bundle_url(
+    s: ControllerSettings, published: Path, override: str | None
+) -> tuple[str, str]:
+    """Where devices fetch the bundle, and why that URL (for the operator)."""
+    if override:
+        url, why = override, "from --bundle-url"
+    else:
+        base, why = serve_base_url(s)
+        if base:
+            url = f"{base}/{published.name}"
+        else:
+            url = published.resolve().as_uri()
+            why += (
+                "; only devices that can read this path can fetch it: run `jetfleet serve` "
+                "with the same --db, or pass --bundle-url"
+            )
+    return url, why
 
 
 def _sha256(path: Path) -> str:
@@ -283,6 +309,12 @@ def drive(
             driver.run()
             if output is Output.human:
                 console.print(render(store.summary(rollout_id)))
+    except DatabaseFullError:
+        fail(
+            f"the disk holding {s.db} is full: rollout {rollout_id} stopped at its last saved "
+            f"step; free space, then `jetfleet rollout resume {rollout_id}`",
+            EXIT_FAILED,
+        )
     except RolloutError as e:
         fail(str(e))
     except (MqttError, TransportConfigError) as e:
@@ -483,12 +515,7 @@ def start(
         published = publish_bundle(bundle.resolve(), s, manifest.name, manifest.version)
     except BundleConflictError as e:
         fail(str(e))
-    if bundle_url:
-        url = bundle_url
-    elif base := serve_base_url(s):
-        url = f"{base}/{published.name}"
-    else:
-        url = published.resolve().as_uri()
+    url, why = choose_bundle_url(s, published, bundle_url)
     rid = start_rollout(
         s,
         kind="deploy",
@@ -504,6 +531,7 @@ def start(
         bundle=(url, _sha256(published), published.stat().st_size),
         force=force,
     )
+    typer.echo(f"jetfleet: bundle URL {url}: {why}", err=True)
     if output is Output.human:
         typer.echo(f"rollout {rid}: {manifest.name} {manifest.version} from {url}", err=True)
     launch(s, keys, rid, wait, output)
@@ -530,7 +558,16 @@ def status(
         return
     Console().print(render(summary))
     if r.state not in FINISHED and not driven:
-        typer.echo(f"no controller process is driving it: `jetfleet rollout resume {r.id}`")
+        typer.echo(f"no controller process is driving it{_why_undriven(s)}: "
+                   f"`jetfleet rollout resume {r.id}`")  # fmt: skip
+
+
+def _why_undriven(s: ControllerSettings) -> str:
+    """A driver stops when it cannot write the database: say so while that is the case."""
+    free = disk_nearly_full(s.db)
+    if free is None:
+        return ""
+    return f" (the disk holding {s.db} is full, {free // 1024} KiB free: free space first)"
 
 
 @app.command("list")

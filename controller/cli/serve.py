@@ -11,7 +11,13 @@ import structlog
 import typer
 
 from controller.cli.common import EXIT_FAILED, fail, settings
-from controller.serve import JetfleetServer, ServeConfig, ServeState
+from controller.serve import (
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    JetfleetServer,
+    ServeConfig,
+    ServeState,
+)
 from controller.telemetry_store import TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
@@ -48,6 +54,18 @@ def serve(
         min=1,
         help="ingester processes sharing the MQTT 5 subscription (one per spare core)",
     ),
+    idle_timeout: float = typer.Option(
+        IDLE_TIMEOUT_S,
+        "--idle-timeout",
+        min=0.1,
+        help="seconds an HTTP client may stay silent (mid-request or between requests)",
+    ),
+    max_connections: int = typer.Option(
+        MAX_CONNECTIONS,
+        "--max-connections",
+        min=1,
+        help="HTTP connections served at once (one thread each); more get 503",
+    ),
 ) -> None:
     """Run telemetry ingestion, bundle hosting over HTTP and the Prometheus endpoint."""
     _daemon_logging()
@@ -74,6 +92,8 @@ def serve(
         key=s.key,
         ingest=not no_ingest,
         ingest_workers=ingest_workers,
+        idle_timeout_s=idle_timeout,
+        max_connections=max_connections,
     )
 
     def ready(state: ServeState) -> None:
