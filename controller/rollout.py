@@ -15,6 +15,7 @@ and its state, which settles devices whose events were lost anyway.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from controller.rollout_store import (
     FINISHED,
     PAUSED,
     PENDING,
+    REFUSED,
     RUNNING,
     SUCCEEDED,
     TERMINAL,
@@ -45,7 +47,7 @@ from controller.rollout_store import (
 )
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
-from protocol.messages import DeviceStatus, JobEvent, JobState
+from protocol.messages import DeviceStatus, JobEvent, JobState, ReasonCode
 from protocol.topics import Topics
 
 log = structlog.get_logger("jetfleet.controller.rollout")
@@ -311,6 +313,9 @@ class RolloutDriver:
         owner = self.store.command_owner(event.command_id)
         if owner is None or owner[1] != event.device_id:
             return  # another rollout's, a manual command's, or a device lying about others
+        if event.is_refusal:
+            self._apply_refusal(event, owner[0])
+            return
         self.store.apply_job_state(
             event.command_id,
             event.state.value,
@@ -331,14 +336,58 @@ class RolloutDriver:
             event.at.isoformat(),
         )
 
+    def _apply_refusal(self, event: JobEvent, rollout_id: str) -> None:
+        """A device refused a message naming one of our commands. It is that command's
+        outcome only when it is the refusal of the very bytes we sent (e.g. a device
+        whose trust root lacks our operator key), and not as a replay: a repeat of a
+        command the device already holds (our own re-publish, or a broker's) or junk
+        carrying our command's id says nothing about the job, which reports for itself.
+        Either way it is kept in the rollout's event log, as REFUSED."""
+        sent = self.store.sent_envelope(event.command_id)
+        ours = (
+            event.refused_sha256 is not None
+            and sent is not None
+            and hashlib.sha256(sent).hexdigest() == event.refused_sha256
+        )
+        if ours and event.code != ReasonCode.REPLAY.value:
+            self.store.apply_job_state(
+                event.command_id,
+                event.state.value,
+                seq=event.seq,
+                reason=event.reason,
+                code=event.code,
+                device_id=event.device_id,
+            )
+        else:
+            log.warning(
+                "refusal_noted",
+                rollout_id=rollout_id,
+                device_id=event.device_id,
+                command_id=event.command_id,
+                code=event.code,
+                reason=event.reason,
+            )
+        self.store.record_event(
+            rollout_id,
+            event.device_id,
+            event.command_id,
+            event.seq,
+            event.state.value if ours and event.code != ReasonCode.REPLAY.value else REFUSED,
+            event.reason,
+            event.code,
+            event.at.isoformat(),
+        )
+
     def _apply_status(self, status: DeviceStatus) -> None:
         """Settle outcomes whose events were lost (published while this controller was
         dead and beyond its session): the retained status names the device's job in
         flight, and once the device is idle, which version it runs."""
         job = status.job
-        if job is not None:
+        if job is not None and self.store.command_owner(job.command_id) is not None:
             self.store.apply_job_state(job.command_id, job.state.value, device_id=status.device_id)
             return
+        # Idle, or busy with a job that is none of ours (a cancel, a ping): what it runs
+        # still tells.
         rollout = self.store.get(self.rollout_id)
         if rollout is None:
             return

@@ -24,6 +24,9 @@ from protocol.messages import FAILURE_STATES, PIPELINE, JobState
 WAITING = "WAITING"  # its wave has not started: no command exists
 PENDING = "PENDING"  # commanded, no event yet (e.g. the device is offline)
 NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier version known
+# In the event log only: a device refused a message naming the command (a repeat, junk
+# carrying its id); not a state of the job.
+REFUSED = "REFUSED"
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
@@ -686,6 +689,16 @@ class RolloutStore:
                     (state, reason, code, seq, json.dumps(gate) if gate else None, now, command_id),
                 )
         return True
+
+    def sent_envelope(self, command_id: str) -> bytes | None:
+        """The signed bytes of the deploy or rollback command `command_id` we sent."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT CASE WHEN command_id=? THEN envelope ELSE rb_envelope END "
+                "FROM assignments WHERE command_id=? OR rb_command_id=?",
+                (command_id, command_id, command_id),
+            ).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
 
     def command_owner(self, command_id: str) -> tuple[str, str] | None:
         """(rollout id, device id) of a deploy or rollback command we sent."""
