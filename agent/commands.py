@@ -339,7 +339,7 @@ class CommandProcessor:
         )
         # A trust rotation is a file of its own, written before the job commits; an intake
         # retried after a failed commit finds it done (TrustStore.update is idempotent).
-        rotated = self._rotate(body.trust_root) if isinstance(body, TrustUpdateBody) else None
+        rotated = self._rotate(body) if isinstance(body, TrustUpdateBody) else None
         delayed = self.fault
         with self.store.tx() as db:
             # Seen only once the signature held: unsigned junk cannot burn a real id.
@@ -372,7 +372,7 @@ class CommandProcessor:
         """Act on a stored job that never got past RECEIVED (an older agent stopped, or a
         write failed after it): the same step `_accept` takes, on its own."""
         if isinstance(body, TrustUpdateBody):
-            state, kw = self._rotate(body.trust_root)
+            state, kw = self._rotate(body)
             self.journal.transition(job, state, **kw)
             return
         with self.store.tx() as db:
@@ -434,9 +434,10 @@ class CommandProcessor:
         self.store.request_cancel(db, target_id)
         self.journal.record(db, job, JobState.SUCCEEDED, reason=f"cancel of {target_id} requested")
 
-    def _rotate(self, envelope_doc: dict[str, Any]) -> tuple[JobState, dict[str, Any]]:
+    def _rotate(self, body: TrustUpdateBody) -> tuple[JobState, dict[str, Any]]:
         try:
-            new = self.trust.update(Envelope.decode(envelope_doc), self._now())
+            chain = [Envelope.decode(doc) for doc in body.chain]
+            new = self.trust.update(Envelope.decode(body.trust_root), self._now(), chain)
         except ProtocolError as e:
             return JobState.REJECTED, {"code": reason_code(e), "reason": e.reason}
         return JobState.SUCCEEDED, {"reason": f"trust root version {new.version}"}

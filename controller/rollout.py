@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import structlog
@@ -502,7 +503,8 @@ class RolloutDriver:
             )
         elif rollout.kind == "trust_update":
             assert rollout.payload
-            signed = self.signer.trust_update(device_id, trust_root=json.loads(rollout.payload))
+            trust_root, chain = trust_payload(rollout.payload)
+            signed = self.signer.trust_update(device_id, trust_root=trust_root, chain=chain)
         else:
             signed = self.signer.rollback(
                 device_id, model=rollout.model, to_version=rollout.version, rollout_id=rollout.id
@@ -693,6 +695,23 @@ ROLLOUT_KINDS = ("deploy", "rollback", "trust_update")
 TRUST_ROOT_MODEL = "trust-root"
 
 
+def trust_update_payload(trust_root: bytes, chain: list[bytes]) -> str:
+    """What a trust_update rollout stores: the new root and the roots before it (DSSE
+    envelopes, oldest first), every device getting the same."""
+    return json.dumps(
+        {"trust_root": json.loads(trust_root), "chain": [json.loads(e) for e in chain]}
+    )
+
+
+def trust_payload(payload: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(trust root, chain) of a stored payload; rollouts stored before the chain hold the
+    bare envelope."""
+    doc = json.loads(payload)
+    if "trust_root" not in doc:
+        return doc, []
+    return doc["trust_root"], list(doc.get("chain") or [])
+
+
 def new_rollout_id() -> str:
     return "r-" + uuid.uuid4().hex[:12]
 
@@ -720,7 +739,7 @@ def create_rollout(
 ) -> Rollout:
     """Plan the waves and store the rollout (nothing is signed or sent yet).
 
-    kind `trust_update`: `payload` is the new trust root's DSSE envelope (JSON text), sent
+    kind `trust_update`: `payload` is `trust_update_payload(...)` (JSON text), sent
     to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version).
 
     Raises DevicesHeldError when a device is still driven by another unfinished rollout,

@@ -65,6 +65,12 @@ class PingBody(_Body):
 
 class TrustUpdateBody(_Body):
     trust_root: dict[str, Any] = Field(description="the new trust root's DSSE envelope")
+    chain: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="the trust roots before it (DSSE envelopes, oldest first): a device "
+        "walks them one version at a time from the one it holds (TUF)",
+    )
 
 
 CommandBody = Union[DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody]
