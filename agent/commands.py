@@ -252,6 +252,9 @@ class CommandProcessor:
         again: a job still at RECEIVED (stored by an older agent that stopped before acting
         on it) is acted on now, anything else is logged and dropped. Other repeats of a
         known id are refused as replays. Either way nothing runs twice."""
+        held = self._held(payload)
+        if held is not None:
+            return self._repeat(held, payload, dup)
         now = self._now()
         try:
             envelope = Envelope.decode(payload)
@@ -265,31 +268,48 @@ class CommandProcessor:
             self._refuse(payload, ReasonCode.MALFORMED.value, f"unreadable command: {e}")
             return None
         if self.store.seen(command.command_id):
-            held = self.store.job(command.command_id)
-            if held is not None and held.envelope == payload:
-                if held.state is JobState.RECEIVED:
-                    log.info("received_command_resumed", command_id=held.command_id)
-                    self._dispatch(command.body, held)
-                    return held
-                if dup:
-                    log.info("duplicate_delivery_ignored", command_id=command.command_id)
-                    return None
-            self._refuse(
-                payload,
-                ReasonCode.REPLAY.value,
-                f"command {command.command_id} was already received: a device acts on a "
-                "command only once",
-            )
+            self._refuse_replay(payload, command.command_id)
             return None
         return self._accept(command, payload)
+
+    def _held(self, payload: bytes) -> JobRecord | None:
+        """The job stored from these very bytes, if any. Recognised before verification:
+        a command verified once is a repeat, even if the trust root rotated since."""
+        cid = unverified_command_id(payload)
+        job = self.store.job(cid) if cid is not None else None
+        return job if job is not None and job.envelope == payload else None
+
+    def _repeat(self, held: JobRecord, payload: bytes, dup: bool) -> JobRecord | None:
+        if held.state is JobState.RECEIVED:
+            log.info("received_command_resumed", command_id=held.command_id)
+            self._dispatch(self._stored_body(held), held)
+            return held
+        if dup:
+            log.info("duplicate_delivery_ignored", command_id=held.command_id)
+            return None
+        self._refuse_replay(payload, held.command_id)
+        return None
+
+    def _refuse_replay(self, payload: bytes, command_id: str) -> None:
+        self._refuse(
+            payload,
+            ReasonCode.REPLAY.value,
+            f"command {command_id} was already received: a device acts on a command only once",
+        )
+
+    @staticmethod
+    def _stored_body(job: JobRecord) -> Any:
+        """The verified body stored at intake."""
+        model = BODY_BY_KIND[CommandKind(job.kind)]
+        return model.model_validate((job.data or {}).get("body") or {})
 
     # ---- refusals ------------------------------------------------------------------------
     def _refuse(self, payload: bytes, code: str, reason: str) -> None:
         """Report a refused message, as a REJECTED event that names its bytes' digest: it
         is not a step of the job its (unverified) command id names, and the controller
         tells the two apart. A hostile broker can send junk without end, so refusals are
-        rate-limited and never fill the outbox: past the budget they are only counted
-        (telemetry `jobs.refused`, `jobs.refused_unreported`) and logged."""
+        rate-limited and never fill the outbox: past the budget, or when the write fails,
+        they are only counted (telemetry `jobs.refused`, `jobs.refused_unreported`)."""
         cid = unverified_command_id(payload)
         self.refused += 1
         if not self._refusal_budget.take():
@@ -301,6 +321,13 @@ class CommandProcessor:
         if self.store.outbox_size() >= MAX_OUTBOX_FOR_REFUSALS:
             self.refused_unreported += 1
             return
+        try:
+            self._report_refusal(cid, payload, code, reason)
+        except sqlite3.Error as e:  # a refusal is not worth holding the intake for
+            self.refused_unreported += 1
+            log.error("refusal_not_stored", command_id=cid, error=str(e))
+
+    def _report_refusal(self, cid: str, payload: bytes, code: str, reason: str) -> None:
         with self.store.tx() as db:
             self.store.add_event(
                 db,
@@ -449,9 +476,7 @@ class CommandProcessor:
             if job.state is not JobState.RECEIVED:
                 continue
             try:
-                body = BODY_BY_KIND[CommandKind(job.kind)].model_validate(
-                    (job.data or {}).get("body") or {}
-                )
+                body = self._stored_body(job)
                 log.info("received_command_resumed", command_id=job.command_id, kind=job.kind)
                 self._dispatch(body, job)
             except Exception as e:

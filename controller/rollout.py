@@ -350,16 +350,22 @@ class RolloutDriver:
             and sent is not None
             and hashlib.sha256(sent).hexdigest() == event.refused_sha256
         )
-        if ours and event.code != ReasonCode.REPLAY.value:
-            self.store.apply_job_state(
+        # Only a command the device never reported a step of: once it did, the job exists
+        # there and reports its own end (e.g. our re-publish refused after a key rotation).
+        settled = (
+            ours
+            and event.code != ReasonCode.REPLAY.value
+            and self.store.apply_job_state(
                 event.command_id,
                 event.state.value,
                 seq=event.seq,
                 reason=event.reason,
                 code=event.code,
                 device_id=event.device_id,
+                only_from=PENDING,
             )
-        else:
+        )
+        if not settled:
             log.warning(
                 "refusal_noted",
                 rollout_id=rollout_id,
@@ -373,7 +379,7 @@ class RolloutDriver:
             event.device_id,
             event.command_id,
             event.seq,
-            event.state.value if ours and event.code != ReasonCode.REPLAY.value else REFUSED,
+            event.state.value if settled else REFUSED,
             event.reason,
             event.code,
             event.at.isoformat(),

@@ -657,9 +657,10 @@ class RolloutStore:
         code: str | None = None,
         gate: dict[str, Any] | None = None,
         device_id: str | None = None,
+        only_from: str | None = None,
     ) -> bool:
         """Move the assignment of `command_id` (deploy or rollback) to `state` if that is
-        progress; True when it changed."""
+        progress (and, with `only_from`, only from that state); True when it changed."""
         with self._lock:
             row = self.conn.execute(
                 "SELECT device_id, command_id, state, rb_state FROM assignments "
@@ -672,6 +673,8 @@ class RolloutStore:
             return False  # a device reporting on another device's command: not ours to trust
         is_rollback = row["command_id"] != command_id
         current = (row["rb_state"] or PENDING) if is_rollback else row["state"]
+        if only_from is not None and current != only_from:
+            return False
         if not advances(current, state):
             return False
         now = time.time()
