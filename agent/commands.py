@@ -149,6 +149,8 @@ class CommandProcessor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.processed = 0
+        self._pending = 0  # commands handed over and not yet taken in
+        self._count_lock = threading.Lock()
         self.refused = 0  # messages refused (unverifiable, replays), reported or not
         self.refused_unreported = 0  # of those, not reported: past the budget
         self._refusal_budget = TokenBucket(REFUSAL_BURST, REFUSAL_EVERY_S)
@@ -162,6 +164,8 @@ class CommandProcessor:
         """Called on paho's thread: hand over, nothing else. `ack` sends the PUBACK; it is
         called once the command's outcome is on disk. The queue is bounded by the
         broker's in-flight window, since unacknowledged messages hold it."""
+        with self._count_lock:
+            self._pending += 1
         self._queue.put((topic, payload, ack, dup))
 
     # ---- processor thread -----------------------------------------------------------
@@ -180,17 +184,31 @@ class CommandProcessor:
             item = self._queue.get()
             if item is None:
                 continue
-            topic, payload, ack, dup = item
-            if self._stale(ack):
-                # Received on a connection that has since dropped, not yet acknowledged:
-                # the broker redelivers it on the new one; acting now would double it.
-                continue
-            if not self._process_durably(topic, payload, dup, ack):
-                continue  # not acknowledged: the broker redelivers it after a reconnect
-            if self._stop.is_set():
-                break  # not acknowledged: redelivered after the restart
-            ack()
-            self.processed += 1
+            try:
+                self._take(*item)
+            finally:
+                with self._count_lock:
+                    self._pending -= 1
+            if self.idle():
+                self._wake_worker()  # it waits for an idle intake (see idle())
+
+    def idle(self) -> bool:
+        """No command waiting or being taken in. The worker starts a job only then, so a
+        cancel delivered right behind its deploy is applied before the deploy starts."""
+        with self._count_lock:
+            return self._pending == 0
+
+    def _take(self, topic: str, payload: bytes, ack: Callable[[], None], dup: bool) -> None:
+        if self._stale(ack):
+            # Received on a connection that has since dropped, not yet acknowledged: the
+            # broker redelivers it on the new one; acting now would double it.
+            return
+        if not self._process_durably(topic, payload, dup, ack):
+            return  # not acknowledged: the broker redelivers it after a reconnect
+        if self._stop.is_set():
+            return  # not acknowledged: redelivered after the restart
+        ack()
+        self.processed += 1
 
     @staticmethod
     def _stale(ack: Callable[[], None]) -> bool:
@@ -210,8 +228,7 @@ class CommandProcessor:
         attempt = 0
         while True:
             try:
-                self.process(payload, dup=dup or attempt > 0)
-                self._clear_fault()
+                self.process(payload, dup=dup or attempt > 0, late=attempt > 0)
                 return True
             except sqlite3.Error as e:
                 attempt += 1
@@ -243,7 +260,7 @@ class CommandProcessor:
             self.journal.notify()
 
     # ---- one command -------------------------------------------------------------------
-    def process(self, payload: bytes, *, dup: bool = False) -> JobRecord | None:
+    def process(self, payload: bytes, *, dup: bool = False, late: bool = False) -> JobRecord | None:
         """Verify and act on one command; returns the job it created (None if refused).
 
         `dup`: the broker flagged this delivery as a retransmission (MQTT DUP, sent after a
@@ -251,7 +268,8 @@ class CommandProcessor:
         write. If it is byte for byte the command we already hold, it is the same delivery
         again: a job still at RECEIVED (stored by an older agent that stopped before acting
         on it) is acted on now, anything else is logged and dropped. Other repeats of a
-        known id are refused as replays. Either way nothing runs twice."""
+        known id are refused as replays. Either way nothing runs twice. `late`: earlier
+        attempts failed to write; the RECEIVED event says why it comes late."""
         held = self._held(payload)
         if held is not None:
             return self._repeat(held, payload, dup)
@@ -270,7 +288,7 @@ class CommandProcessor:
         if self.store.seen(command.command_id):
             self._refuse_replay(payload, command.command_id)
             return None
-        return self._accept(command, payload)
+        return self._accept(command, payload, self.fault if late else None)
 
     def _held(self, payload: bytes) -> JobRecord | None:
         """The job stored from these very bytes, if any. Recognised before verification:
@@ -325,6 +343,7 @@ class CommandProcessor:
             self._report_refusal(cid, payload, code, reason)
         except sqlite3.Error as e:  # a refusal is not worth holding the intake for
             self.refused_unreported += 1
+            self._set_fault(e)
             log.error("refusal_not_stored", command_id=cid, error=str(e))
 
     def _report_refusal(self, cid: str, payload: bytes, code: str, reason: str) -> None:
@@ -342,10 +361,13 @@ class CommandProcessor:
                     "refused_sha256": hashlib.sha256(payload).hexdigest(),
                 },
             )
+        self._clear_fault()
         self.journal.notify()
 
     # ---- intake --------------------------------------------------------------------------
-    def _accept(self, command: Command, payload: bytes) -> JobRecord:
+    def _accept(
+        self, command: Command, payload: bytes, delayed: DeviceFault | None = None
+    ) -> JobRecord:
         """Store the command and its first outcome in one transaction: a failed write leaves
         nothing behind (the message stays unacknowledged and comes again)."""
         body = command.body
@@ -367,7 +389,6 @@ class CommandProcessor:
         # A trust rotation is a file of its own, written before the job commits; an intake
         # retried after a failed commit finds it done (TrustStore.update is idempotent).
         rotated = self._rotate(body) if isinstance(body, TrustUpdateBody) else None
-        delayed = self.fault
         with self.store.tx() as db:
             # Seen only once the signature held: unsigned junk cannot burn a real id.
             self.store.mark_seen(db, command.command_id, command.expires_at.timestamp())
@@ -401,6 +422,7 @@ class CommandProcessor:
         if isinstance(body, TrustUpdateBody):
             state, kw = self._rotate(body)
             self.journal.transition(job, state, **kw)
+            self._clear_fault()
             return
         with self.store.tx() as db:
             self._settle(db, body, job)
@@ -429,6 +451,7 @@ class CommandProcessor:
             self.journal.record(db, job, JobState.SUCCEEDED)
 
     def _after_commit(self, body: Any, job: JobRecord) -> None:
+        self._clear_fault()  # it wrote: whatever kept state.db from it is gone
         self.journal.notify()
         self.journal.maybe_pause_named(JobState.RECEIVED.value)
         if isinstance(body, CancelBody) and job.state is JobState.SUCCEEDED:

@@ -155,6 +155,7 @@ class Agent:
             live=self.live,
             on_change=self._dirty.set,
             on_hardware=self._on_hardware,
+            intake_idle=lambda: self.commands.idle(),
         )
         self.commands = CommandProcessor(
             self.store,

@@ -92,8 +92,10 @@ class Worker:
         live: Any | None = None,
         on_change: Callable[[], None] = lambda: None,
         on_hardware: Callable[[dict[str, Any], str, str], None] = lambda hw, name, version: None,
+        intake_idle: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
+        self._intake_idle = intake_idle
         self.store = store
         self.journal = journal
         self.trust = trust
@@ -145,6 +147,10 @@ class Worker:
             self.run_job(job)
 
     def _next_job(self) -> JobRecord | None:
+        if not self._intake_idle():
+            # Commands already delivered are taken in first: a cancel that sits right
+            # behind its deploy (both held up, e.g. by a full disk) wins over it.
+            return None
         for job in self.store.active_jobs():
             # RECEIVED belongs to the command processor until it queues the job (it settles
             # those left by a crash at start), so the worker never races it.

@@ -184,7 +184,14 @@ def test_a_full_disk_holds_commands_says_disk_full_and_the_cancel_wins_once_spac
     tmp_path: Path, mosquitto, trust_material, bundle: Path, small_disk: Path
 ) -> None:
     data = small_disk / "data"
-    cfg = _agent(tmp_path, mosquitto.url, data, trust_material.write(tmp_path / "trust.json"))
+    # A reserve that fits the small disk: left alone, the deploy would install.
+    cfg = _agent(
+        tmp_path,
+        mosquitto.url,
+        data,
+        trust_material.write(tmp_path / "trust.json"),
+        extra={"limits": {"min_free_disk_mb": 1}},
+    )
     deploy = make_command(DEV, "deploy", deploy_body(bundle))
     cancel = make_command(DEV, "cancel", {"command_id": deploy.command_id})
     topic = Topics().device_cmd(DEV)
