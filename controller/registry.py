@@ -186,7 +186,12 @@ class Registry:
                 self.conn.execute(
                     "INSERT INTO devices (id, online, last_seen, job, last_seq) "
                     "VALUES (?, 1, ?, ?, ?)",
-                    (event.device_id, received_at or time.time(), json.dumps(job), event.seq),
+                    (
+                        event.device_id,
+                        received_at or time.time(),
+                        None if event.is_refusal else json.dumps(job),
+                        event.seq,
+                    ),
                 )
                 return
             if event.is_refusal or (row["last_seq"] is not None and event.seq <= row["last_seq"]):
