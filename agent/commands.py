@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import queue
@@ -230,7 +231,7 @@ class CommandProcessor:
             try:
                 self.process(payload, dup=dup or attempt > 0, late=attempt > 0)
                 return True
-            except sqlite3.Error as e:
+            except (sqlite3.Error, OSError) as e:  # OSError: a trust root file
                 attempt += 1
                 self._set_fault(e)
                 log.error("command_store_failed", topic=topic, attempt=attempt, error=str(e))
@@ -243,13 +244,14 @@ class CommandProcessor:
                 return True
 
     # ---- storage faults --------------------------------------------------------------
-    def _set_fault(self, err: sqlite3.Error) -> None:
+    def _set_fault(self, err: sqlite3.Error | OSError) -> None:
         if self.fault is None:
-            full = "full" in str(err).lower()
+            full = getattr(err, "errno", None) == errno.ENOSPC or "full" in str(err).lower()
             self.fault = DeviceFault(
                 code=(ReasonCode.DISK_FULL if full else ReasonCode.INTERNAL).value,
-                reason=f"state.db cannot be written ({err}): commands wait unacknowledged in "
-                "the broker until it can",
+                reason=f"{'state.db' if isinstance(err, sqlite3.Error) else 'the data directory'}"
+                f" cannot be written ({err}): commands wait unacknowledged in the broker until "
+                "it can",
                 since=self._now(),
             )
             self.journal.notify()
