@@ -151,6 +151,7 @@ class Agent:
             hardware=lambda: self._hardware,
             current_job=lambda: self.worker.current,
             trust_version=lambda: self.trust.root.version,
+            fault=lambda: self.commands.fault,
         )
         self.mqtt = AgentMqtt(
             config,
@@ -176,6 +177,7 @@ class Agent:
             live=self.live,
             on_change=self._dirty.set,
             on_hardware=self._on_hardware,
+            intake_idle=lambda: self.commands.idle(),
         )
         self.commands = CommandProcessor(
             self.store,
@@ -242,7 +244,12 @@ class Agent:
             "device_id": self.config.device_id,
             "uptime_s": time.monotonic() - self.started,
             "models": models,
-            "jobs": {"done": counts.get(JobState.SUCCEEDED.value, 0), "failed": failed},
+            "jobs": {
+                "done": counts.get(JobState.SUCCEEDED.value, 0),
+                "failed": failed,
+                "refused": self.commands.refused,
+                "refused_unreported": self.commands.refused_unreported,
+            },
         }
 
     def _start_telemetry(self) -> None:
@@ -262,6 +269,7 @@ class Agent:
 
     # ---- lifecycle --------------------------------------------------------------------
     def run(self) -> None:
+        self.commands.resume_received()
         self.worker.recover()
         self.outbox.start()
         self.commands.start()

@@ -4,6 +4,7 @@ seq are written in one SQLite transaction before the agent acts on that state.""
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -85,36 +86,54 @@ class Journal:
         data: dict[str, Any] | None = None,
     ) -> JobEvent:
         """Persist `state` for the job and queue its event, atomically; then publish."""
+        with self.store.tx() as db:
+            event = self.record(
+                db, job, state, progress=progress, code=code, reason=reason, gate=gate, data=data
+            )
+        self.notify()
+        self._maybe_pause(state)
+        return event
+
+    def record(
+        self,
+        db: sqlite3.Connection,
+        job: JobRecord,
+        state: JobState,
+        *,
+        progress: float | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+        gate: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+        event_only: bool = False,
+    ) -> JobEvent:
+        """`transition` inside the caller's transaction (several steps that must commit
+        together, such as a command's intake); the caller calls notify() after commit.
+        `event_only`: code and reason annotate the event, not the job's row."""
         if progress is None:
             progress = 1.0 if state.terminal else 0.0
         if data is not None:
             job.data = data
-        with self.store.tx() as db:
-            self.store.update_job(
-                db,
-                job.command_id,
-                state=state,
-                data=job.data,
-                model=job.model,
-                version=job.version,
-                code=code,
-                reason=reason,
-            )
-            event = self.store.add_event(
-                db,
-                self.topics.events(self.device_id),
-                self._fields(
-                    job,
-                    job.command_id,
-                    state,
-                    progress=progress,
-                    code=code,
-                    reason=reason,
-                    gate=gate,
-                ),
-            )
+        self.store.update_job(
+            db,
+            job.command_id,
+            state=state,
+            data=job.data,
+            model=job.model,
+            version=job.version,
+            code=None if event_only else code,
+            reason=None if event_only else reason,
+        )
+        event = self.store.add_event(
+            db,
+            self.topics.events(self.device_id),
+            self._fields(
+                job, job.command_id, state, progress=progress, code=code, reason=reason, gate=gate
+            ),
+        )
         job.state = state
-        job.code, job.reason = code, reason
+        if not event_only:
+            job.code, job.reason = code, reason
         log.info(
             "job_state",
             command_id=job.command_id,
@@ -124,10 +143,12 @@ class Journal:
             code=code,
             reason=reason,
         )
+        return event
+
+    def notify(self) -> None:
+        """After a commit: publish the new events, refresh the status."""
         self._on_event()
         self._on_change()
-        self._maybe_pause(state)
-        return event
 
     def progress(self, job: JobRecord, progress: float, *, phase: str | None = None) -> None:
         """A progress event within the current state (not a new state); `phase` names the

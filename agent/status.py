@@ -12,7 +12,7 @@ from typing import Any
 from agent import __version__
 from agent.activation import ModelStore
 from agent.store import JobRecord, Store
-from protocol.messages import CommandKind, DeviceStatus, HardwareProfile, JobSummary
+from protocol.messages import CommandKind, DeviceFault, DeviceStatus, HardwareProfile, JobSummary
 
 
 def job_summary(job: JobRecord | None) -> JobSummary | None:
@@ -43,6 +43,7 @@ class StatusBuilder:
         hardware: Callable[[], HardwareProfile] = HardwareProfile,
         current_job: Callable[[], JobRecord | None] = lambda: None,
         trust_version: Callable[[], int | None] = lambda: None,
+        fault: Callable[[], DeviceFault | None] = lambda: None,
     ) -> None:
         self.device_id = device_id
         self.groups = list(groups)
@@ -51,6 +52,7 @@ class StatusBuilder:
         self._hardware = hardware
         self._current_job = current_job
         self._trust_version = trust_version
+        self._fault = fault
 
     def build(self, *, online: bool = True) -> DeviceStatus:
         job = self._current_job()
@@ -68,6 +70,7 @@ class StatusBuilder:
             job=job_summary(job),
             last_seq=self.store.last_seq(),
             trust_version=self._trust_version(),
+            fault=self._fault(),
         )
 
     def offline(self) -> DeviceStatus:

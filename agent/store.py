@@ -396,6 +396,16 @@ class Store:
     def request_cancel(self, db: sqlite3.Connection, command_id: str) -> None:
         db.execute("UPDATE jobs SET cancel_requested=1 WHERE command_id=?", (command_id,))
 
+    def canceled_by(self, db: sqlite3.Connection, command_id: str) -> str | None:
+        """The id of a cancel command this device accepted for `command_id`, if any (a
+        cancel may arrive before the command it names)."""
+        row = db.execute(
+            "SELECT command_id FROM jobs WHERE kind='cancel' AND state=? "
+            "AND json_extract(data, '$.body.command_id')=? LIMIT 1",
+            (JobState.SUCCEEDED.value, command_id),
+        ).fetchone()
+        return str(row[0]) if row else None
+
     def cancel_requested(self, command_id: str) -> bool:
         with self._lock:
             row = self._db.execute(

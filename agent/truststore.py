@@ -18,7 +18,7 @@ from agent.activation import fsync_dir
 from agent.config import ConfigError
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError
-from protocol.trust import TrustRoot, load_trust_root, rotate
+from protocol.trust import TrustRoot, load_trust_root, rotate, rotate_chain
 
 log = structlog.get_logger("jetfleet.agent.trust")
 
@@ -52,7 +52,8 @@ class TrustStore:
                     continue
                 try:
                     env = Envelope.decode(p.read_bytes())
-                    self._root = rotate(self._root, env, now, check_expiry=False)
+                    # Accepted before; older agents allowed skipped versions.
+                    self._root = rotate(self._root, env, now, check_expiry=False, consecutive=False)
                 except ProtocolError as e:
                     log.error("trust_chain_refused", file=str(p), code=e.code, reason=e.reason)
                     break
@@ -71,18 +72,28 @@ class TrustStore:
         with self._lock:
             return self._root
 
-    def update(self, envelope: Envelope, now: datetime) -> TrustRoot:
-        """Rotate to a new trust root (TUF rule) and persist it before using it."""
+    def update(
+        self, envelope: Envelope, now: datetime, chain: list[Envelope] | None = None
+    ) -> TrustRoot:
+        """Rotate to a new trust root through `chain`, the roots in between (oldest first;
+        TUF's rule, one version at a time), persisting each before using it."""
         with self._lock:
-            new = rotate(self._root, envelope, now)
+            held = self.dir / f"{self._root.version}.json"
+            if held.is_file() and held.read_bytes() == envelope.encode():
+                return self._root  # stored already: a retried intake, not a replay
+            steps = rotate_chain(self._root, [*(chain or []), envelope], now)
             self.dir.mkdir(parents=True, exist_ok=True)
-            final = self.dir / f"{new.version}.json"
-            tmp = self.dir / f".{new.version}.json.tmp"
-            with open(tmp, "wb") as f:
-                f.write(envelope.encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            for root, env in steps:
+                self._write(root.version, env)
             fsync_dir(self.dir)
-            self._root = new
-            return new
+            self._root = steps[-1][0]
+            return self._root
+
+    def _write(self, version: int, envelope: Envelope) -> None:
+        final = self.dir / f"{version}.json"
+        tmp = self.dir / f".{version}.json.tmp"
+        with open(tmp, "wb") as f:
+            f.write(envelope.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)

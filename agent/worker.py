@@ -3,7 +3,8 @@
 Every state is persisted (with its event) before the worker acts on it, so that on
 restart `recover()` knows what may have happened:
 
-- RECEIVED/QUEUED: nothing happened yet; the job is run.
+- RECEIVED: the command processor acts on it (CommandProcessor.resume_received, before
+  this runs); QUEUED: nothing happened yet; the job is run.
 - DOWNLOADING/VERIFYING/BUILDING/VALIDATING: nothing outside data_dir/downloads,
   bundles and the engine cache was touched; temporary files are removed and the job is
   resumed (the download continues with Range, the engine cache makes a rebuild free),
@@ -103,8 +104,10 @@ class Worker:
         live: Any | None = None,
         on_change: Callable[[], None] = lambda: None,
         on_hardware: Callable[[dict[str, Any], str, str], None] = lambda hw, name, version: None,
+        intake_idle: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
+        self._intake_idle = intake_idle
         self.store = store
         self.journal = journal
         self.trust = trust
@@ -168,9 +171,13 @@ class Worker:
             self.run_job(job)
 
     def _next_job(self) -> JobRecord | None:
+        if not self._intake_idle():
+            # Commands already delivered are taken in first: a cancel that sits right
+            # behind its deploy (both held up, e.g. by a full disk) wins over it.
+            return None
         for job in self.store.active_jobs():
-            # RECEIVED belongs to the command processor until it queues the job (recover()
-            # settles those left by a crash), so the worker never races it.
+            # RECEIVED belongs to the command processor until it queues the job (it settles
+            # those left by a crash at start), so the worker never races it.
             if job.state is JobState.QUEUED or (
                 job.state in PRE_ACTIVATION and job.data.get("resume")
             ):
@@ -899,8 +906,6 @@ class Worker:
                 if isinstance(sha, str):
                     resumable.add(sha)
                 log.info("recover_resume", command_id=job.command_id, state=job.state.value)
-            elif job.state is JobState.RECEIVED:
-                self._recover_received(job)
         # Partial downloads of jobs that will not resume, half-extracted bundles.
         remove_partials(self.downloads, keep=resumable)
         if self.bundles.is_dir():
@@ -910,17 +915,3 @@ class Worker:
                     shutil.rmtree(p, ignore_errors=True)
         if removed:
             log.info("recover_removed_tmp", count=removed)
-
-    def _recover_received(self, job: JobRecord) -> None:
-        # The command processor stopped between RECEIVED and its next step.
-        if job.kind in ("deploy", "rollback"):
-            self.journal.transition(job, JobState.QUEUED)
-        elif job.kind == "ping":
-            self.journal.transition(job, JobState.SUCCEEDED)
-        else:
-            self.journal.transition(
-                job,
-                JobState.FAILED,
-                code=ReasonCode.INTERRUPTED.value,
-                reason="the agent stopped before it acted on this command; send it again",
-            )

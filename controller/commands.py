@@ -113,9 +113,11 @@ class CommandSigner:
         device_id: str,
         *,
         trust_root: dict[str, Any],
+        chain: list[dict[str, Any]] | None = None,
         now: datetime | None = None,
     ) -> SignedCommand:
-        """Hand a device a new trust root (the DSSE envelope of `keys rotate`'s trust.json);
-        the device accepts it only under TUF's rotation rule (protocol.trust.rotate)."""
-        body = TrustUpdateBody(trust_root=trust_root)
+        """Hand a device a new trust root (the DSSE envelope of `keys rotate`'s trust.json),
+        with `chain`, the roots before it (oldest first); the device accepts it only under
+        TUF's rotation rule, one version at a time (protocol.trust.rotate_chain)."""
+        body = TrustUpdateBody(trust_root=trust_root, chain=chain or [])
         return self.sign(self._command(device_id, CommandKind.TRUST_UPDATE, body, now))

@@ -151,6 +151,19 @@ def retired_keys(directory: Path, role: RoleName) -> list[tuple[int, SigningKey]
     return sorted(found, key=lambda vk: vk[0], reverse=True)
 
 
+def trust_chain(directory: Path, keys: KeySet) -> list[bytes]:
+    """The trust roots before the current one, oldest first (DIR/retired/v<N>/trust.json):
+    what a device several rotations behind walks, one version at a time."""
+    base = Path(directory).expanduser() / RETIRED_DIR
+    found: list[tuple[int, bytes]] = []
+    if base.is_dir():
+        for sub in base.iterdir():
+            path = sub / TRUST_FILE
+            if sub.name.startswith("v") and sub.name[1:].isdigit() and path.is_file():
+                found.append((int(sub.name[1:]), path.read_bytes()))
+    return [env for version, env in sorted(found) if version < keys.trust.version]
+
+
 def trust_update_signers(directory: Path, keys: KeySet) -> list[SigningKey]:
     """The operator keys a `trust_update` is signed with: the current one and every
     retired one, newest first (at most a DSSE envelope's 32 signatures).

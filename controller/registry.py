@@ -196,10 +196,16 @@ class Registry:
                 self.conn.execute(
                     "INSERT INTO devices (id, online, last_seen, job, last_seq) "
                     "VALUES (?, 1, ?, ?, ?)",
-                    (event.device_id, received_at or time.time(), json.dumps(job), event.seq),
+                    (
+                        event.device_id,
+                        received_at or time.time(),
+                        None if event.is_refusal else json.dumps(job),
+                        event.seq,
+                    ),
                 )
                 return
-            if row["last_seq"] is not None and event.seq <= row["last_seq"]:
+            if event.is_refusal or (row["last_seq"] is not None and event.seq <= row["last_seq"]):
+                # Old, or a refused message's report: not the device's job in flight.
                 self.conn.execute(
                     "UPDATE devices SET last_seen=? WHERE id=?",
                     (received_at or time.time(), event.device_id),

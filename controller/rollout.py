@@ -15,6 +15,7 @@ and its state, which settles devices whose events were lost anyway.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import structlog
@@ -38,6 +40,7 @@ from controller.rollout_store import (
     FINISHED,
     PAUSED,
     PENDING,
+    REFUSED,
     RUNNING,
     SUCCEEDED,
     TERMINAL,
@@ -47,7 +50,7 @@ from controller.rollout_store import (
 )
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
-from protocol.messages import DeviceStatus, JobEvent, JobState
+from protocol.messages import DeviceStatus, JobEvent, JobState, ReasonCode
 from protocol.topics import Topics
 
 log = structlog.get_logger("jetfleet.controller.rollout")
@@ -336,6 +339,9 @@ class RolloutDriver:
         owner = self.store.command_owner(event.command_id)
         if owner is None or owner[1] != event.device_id:
             return  # another rollout's, a manual command's, or a device lying about others
+        if event.is_refusal:
+            self._apply_refusal(event, owner[0])
+            return
         self.store.apply_job_state(
             event.command_id,
             event.state.value,
@@ -356,14 +362,64 @@ class RolloutDriver:
             event.at.isoformat(),
         )
 
+    def _apply_refusal(self, event: JobEvent, rollout_id: str) -> None:
+        """A device refused a message naming one of our commands. It is that command's
+        outcome only when it is the refusal of the very bytes we sent (e.g. a device
+        whose trust root lacks our operator key), and not as a replay: a repeat of a
+        command the device already holds (our own re-publish, or a broker's) or junk
+        carrying our command's id says nothing about the job, which reports for itself.
+        Either way it is kept in the rollout's event log, as REFUSED."""
+        sent = self.store.sent_envelope(event.command_id)
+        ours = (
+            event.refused_sha256 is not None
+            and sent is not None
+            and hashlib.sha256(sent).hexdigest() == event.refused_sha256
+        )
+        # Only a command the device never reported a step of: once it did, the job exists
+        # there and reports its own end (e.g. our re-publish refused after a key rotation).
+        settled = (
+            ours
+            and event.code != ReasonCode.REPLAY.value
+            and self.store.apply_job_state(
+                event.command_id,
+                event.state.value,
+                seq=event.seq,
+                reason=event.reason,
+                code=event.code,
+                device_id=event.device_id,
+                only_from=PENDING,
+            )
+        )
+        if not settled:
+            log.warning(
+                "refusal_noted",
+                rollout_id=rollout_id,
+                device_id=event.device_id,
+                command_id=event.command_id,
+                code=event.code,
+                reason=event.reason,
+            )
+        self.store.record_event(
+            rollout_id,
+            event.device_id,
+            event.command_id,
+            event.seq,
+            event.state.value if settled else REFUSED,
+            event.reason,
+            event.code,
+            event.at.isoformat(),
+        )
+
     def _apply_status(self, status: DeviceStatus) -> None:
         """Settle outcomes whose events were lost (published while this controller was
         dead and beyond its session): the retained status names the device's job in
         flight, and once the device is idle, which version it runs."""
         job = status.job
-        if job is not None:
+        if job is not None and self.store.command_owner(job.command_id) is not None:
             self.store.apply_job_state(job.command_id, job.state.value, device_id=status.device_id)
             return
+        # Idle, or busy with a job that is none of ours (a cancel, a ping): what it runs
+        # still tells.
         rollout = self.store.get(self.rollout_id)
         if rollout is None:
             return
@@ -478,7 +534,8 @@ class RolloutDriver:
             )
         elif rollout.kind == "trust_update":
             assert rollout.payload
-            signed = self.signer.trust_update(device_id, trust_root=json.loads(rollout.payload))
+            trust_root, chain = trust_payload(rollout.payload)
+            signed = self.signer.trust_update(device_id, trust_root=trust_root, chain=chain)
         else:
             signed = self.signer.rollback(
                 device_id, model=rollout.model, to_version=rollout.version, rollout_id=rollout.id
@@ -669,6 +726,23 @@ ROLLOUT_KINDS = ("deploy", "rollback", "trust_update")
 TRUST_ROOT_MODEL = "trust-root"
 
 
+def trust_update_payload(trust_root: bytes, chain: list[bytes]) -> str:
+    """What a trust_update rollout stores: the new root and the roots before it (DSSE
+    envelopes, oldest first), every device getting the same."""
+    return json.dumps(
+        {"trust_root": json.loads(trust_root), "chain": [json.loads(e) for e in chain]}
+    )
+
+
+def trust_payload(payload: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(trust root, chain) of a stored payload; rollouts stored before the chain hold the
+    bare envelope."""
+    doc = json.loads(payload)
+    if "trust_root" not in doc:
+        return doc, []
+    return doc["trust_root"], list(doc.get("chain") or [])
+
+
 def new_rollout_id() -> str:
     return "r-" + uuid.uuid4().hex[:12]
 
@@ -696,7 +770,7 @@ def create_rollout(
 ) -> Rollout:
     """Plan the waves and store the rollout (nothing is signed or sent yet).
 
-    kind `trust_update`: `payload` is the new trust root's DSSE envelope (JSON text), sent
+    kind `trust_update`: `payload` is `trust_update_payload(...)` (JSON text), sent
     to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version).
 
     Raises DevicesHeldError when a device is still driven by another unfinished rollout,

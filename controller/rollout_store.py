@@ -26,6 +26,9 @@ from protocol.messages import FAILURE_STATES, PIPELINE, JobState
 WAITING = "WAITING"  # its wave has not started: no command exists
 PENDING = "PENDING"  # commanded, no event yet (e.g. the device is offline)
 NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier version known
+# In the event log only: a device refused a message naming the command (a repeat, junk
+# carrying its id); not a state of the job.
+REFUSED = "REFUSED"
 
 # Below this much free space on the database's disk a writer is about to fail.
 NEARLY_FULL_BYTES = 1 << 20
@@ -680,9 +683,10 @@ class RolloutStore:
         code: str | None = None,
         gate: dict[str, Any] | None = None,
         device_id: str | None = None,
+        only_from: str | None = None,
     ) -> bool:
         """Move the assignment of `command_id` (deploy or rollback) to `state` if that is
-        progress; True when it changed."""
+        progress (and, with `only_from`, only from that state); True when it changed."""
         with self._lock:
             row = self.conn.execute(
                 "SELECT device_id, command_id, state, rb_state FROM assignments "
@@ -695,6 +699,8 @@ class RolloutStore:
             return False  # a device reporting on another device's command: not ours to trust
         is_rollback = row["command_id"] != command_id
         current = (row["rb_state"] or PENDING) if is_rollback else row["state"]
+        if only_from is not None and current != only_from:
+            return False
         if not advances(current, state):
             return False
         now = time.time()
@@ -712,6 +718,16 @@ class RolloutStore:
                     (state, reason, code, seq, json.dumps(gate) if gate else None, now, command_id),
                 )
         return True
+
+    def sent_envelope(self, command_id: str) -> bytes | None:
+        """The signed bytes of the deploy or rollback command `command_id` we sent."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT CASE WHEN command_id=? THEN envelope ELSE rb_envelope END "
+                "FROM assignments WHERE command_id=? OR rb_command_id=?",
+                (command_id, command_id, command_id),
+            ).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
 
     def command_owner(self, command_id: str) -> tuple[str, str] | None:
         """(rollout id, device id) of a deploy or rollback command we sent."""

@@ -90,6 +90,12 @@ class PingBody(_Body):
 
 class TrustUpdateBody(_Body):
     trust_root: dict[str, Any] = Field(description="the new trust root's DSSE envelope")
+    chain: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="the trust roots before it (DSSE envelopes, oldest first): a device "
+        "walks them one version at a time from the one it holds (TUF)",
+    )
 
 
 CommandBody = Union[DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody]
@@ -277,6 +283,15 @@ class JobEvent(Document):
     model: str | None = None
     version: str | None = None
     gate: dict[str, Any] | None = Field(default=None, description="gate figures when it ran")
+    refused_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="set only on the REJECTED report of a refused message (unverifiable, or a "
+        "repeat of a command the device already received): the SHA-256 of the refused bytes. "
+        "Such a report is not a state of the job that command_id names; it settles that "
+        "command only when it is the refusal of the very bytes the controller sent and its "
+        "code is not replay",
+    )
     at: datetime = Field(default_factory=utcnow)
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))
@@ -286,7 +301,18 @@ class JobEvent(Document):
         failed = self.state.terminal and self.state is not JobState.SUCCEEDED
         if failed and not (self.reason and self.code):
             raise MessageError(f"a {self.state.value} event needs a reason and a code")
+        if self.refused_sha256 is not None and self.state is not JobState.REJECTED:
+            raise MessageError("only a REJECTED event reports a refused message")
         return self
+
+    @property
+    def is_refusal(self) -> bool:
+        """A report about a refused message rather than a step of a job. Agents before
+        refused_sha256 sent a replay refusal as a plain REJECTED [replay], which no job
+        of theirs ever ended with either."""
+        return self.refused_sha256 is not None or (
+            self.state is JobState.REJECTED and self.code == ReasonCode.REPLAY.value
+        )
 
 
 class HardwareProfile(BaseModel):
@@ -323,6 +349,16 @@ class JobSummary(BaseModel):
     version: str | None = None
 
 
+class DeviceFault(BaseModel):
+    """Something that keeps the device from taking commands, e.g. `disk_full`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    code: str
+    reason: str
+    since: datetime
+
+
 class DeviceStatus(Document):
     """Retained on the status topic; the MQTT will publishes `online: false`."""
 
@@ -341,6 +377,11 @@ class DeviceStatus(Document):
     trust_version: int | None = Field(
         default=None,
         description="version of the trust root the device holds now (null from older agents)",
+    )
+    fault: DeviceFault | None = Field(
+        default=None,
+        description="set while the device cannot do its work: code disk_full while its state "
+        "database cannot be written (commands then wait, unacknowledged, in the broker)",
     )
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))

@@ -78,6 +78,14 @@ class ModelStats(_Part):
 class JobCounts(_Part):
     done: int = Field(default=0, ge=0)
     failed: int = Field(default=0, ge=0)
+    refused: int | None = Field(
+        default=None, ge=0, description="messages refused since start (unverifiable, replays)"
+    )
+    refused_unreported: int | None = Field(
+        default=None,
+        ge=0,
+        description="of those, refused without an event: past the agent's refusal budget",
+    )
 
 
 class TelemetrySample(Document):

@@ -137,11 +137,18 @@ def load_trust_root(data: bytes, now: datetime, *, check_expiry: bool = True) ->
 
 
 def rotate(
-    current: TrustRoot, new_envelope: Envelope, now: datetime, *, check_expiry: bool = True
+    current: TrustRoot,
+    new_envelope: Envelope,
+    now: datetime,
+    *,
+    check_expiry: bool = True,
+    consecutive: bool = True,
 ) -> TrustRoot:
     """TUF's root rotation: signed by a threshold of the old root keys AND of the new root
-    keys, with a higher version, and not already expired (`check_expiry=False` while
-    walking a stored chain whose newest root is checked at the end)."""
+    keys, exactly one version newer, and not already expired (`check_expiry=False` while
+    walking a chain whose newest root is checked at the end). A device further behind
+    walks the roots in between (`rotate_chain`). `consecutive=False` only replays roots
+    this device accepted before the +1 rule (its own trust/ directory)."""
     new = _parse_root(new_envelope)
     if new.version <= current.version:
         raise RollbackAttackError(
@@ -171,9 +178,33 @@ def rotate(
         )
     except VerificationError as e:
         raise TrustRootError(f"new trust root is not signed by its own root keys: {e}") from e
+    if consecutive and new.version != current.version + 1:
+        raise RollbackAttackError(
+            f"trust root version {new.version} skips version(s) after the trusted "
+            f"{current.version}: each root must be signed over by the one before it (send "
+            "the roots in between as the chain; `jetfleet keys push` does)"
+        )
     if check_expiry:
         new.check_expiry(now)
     return new
+
+
+def rotate_chain(
+    current: TrustRoot, envelopes: list[Envelope], now: datetime
+) -> list[tuple[TrustRoot, Envelope]]:
+    """Walk from `current` to the last of `envelopes` (oldest first), one `rotate` per
+    version; roots at or below the current one are passed over (a chain serves devices at
+    any earlier version). Only the newest must be unexpired, as in TUF. Returns each root
+    accepted, in order (empty for no envelopes)."""
+    steps: list[tuple[TrustRoot, Envelope]] = []
+    root = current
+    for i, envelope in enumerate(envelopes):
+        last = i == len(envelopes) - 1
+        if not last and _parse_root(envelope).version <= root.version:
+            continue
+        root = rotate(root, envelope, now, check_expiry=last)
+        steps.append((root, envelope))
+    return steps
 
 
 def build_trust_root(

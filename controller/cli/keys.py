@@ -135,7 +135,7 @@ def push(
     # Imported here: `keys init/rotate/show` need none of the rollout machinery.
     from controller.cli.devices import configure_cli_logging
     from controller.cli.rollout import keyset, launch, open_store, start_rollout
-    from controller.rollout import TRUST_ROOT_MODEL
+    from controller.rollout import TRUST_ROOT_MODEL, trust_update_payload
 
     configure_cli_logging()
     s = settings(ctx)
@@ -161,7 +161,7 @@ def push(
         wave_timeout=wave_timeout,
         auto_rollback=False,
         canary=None,
-        payload=keys.trust_envelope.decode(),
+        payload=trust_update_payload(keys.trust_envelope, keystore.trust_chain(s.keys, keys)),
         force=force,
     )
     if output is Output.human:

@@ -211,3 +211,40 @@ def test_rotated_trust_root_pushed_to_a_real_agent_then_new_keys_deploy_and_the_
     finally:
         for a in agents:
             a.stop()
+
+
+@pytest.mark.slow
+def test_an_agent_two_root_rotations_behind_walks_the_pushed_chain_one_version_at_a_time(
+    tmp_path: Path, mosquitto: LocalMosquitto
+) -> None:
+    keys_dir = tmp_path / "keys"
+    init_keys(keys_dir)
+    provisioned = tmp_path / "provisioned-trust.json"
+    shutil.copy(keys_dir / "trust.json", provisioned)
+    env = cli_env(tmp_path, mosquitto.url, keys_dir)
+    for _ in range(2):  # v2 and v3, each with a new root key: v3 is not signed by v1's
+        rot = run_cli(env, "keys", "rotate", "--role", "root")
+        assert rot.returncode == 0, rot.stderr
+    cfg = write_agent_config(
+        tmp_path / "robot-a" / "agent.toml",
+        device_id="robot-a",
+        broker_url=mosquitto.url,
+        data_dir=tmp_path / "robot-a" / "data",
+        trust_root=provisioned,
+        telemetry_interval_s=60,
+    )
+    with EventCollector(mosquitto.url, "robot-a") as events, AgentProcess(cfg) as agent:
+        events.wait_online()
+        out = run_cli(env, "keys", "push", "--target", "robot-a", "--wait", "--output", "json",
+                      timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr + agent.log()[-3000:]
+        (device,) = json.loads(out.stdout)["devices"]
+        assert device["state"] == "SUCCEEDED" and "trust root version 3" in device["reason"]
+        status = events.wait_status(lambda s: s.trust_version == 3, timeout=30)
+        assert status.trust_version == 3
+    trust = tmp_path / "robot-a/data/trust"
+    assert sorted(p.name for p in trust.glob("*.json")) == ["2.json", "3.json"]
+    assert (trust / "3.json").read_bytes() == (keys_dir / "trust.json").read_bytes()
+    # A restart replays that chain and lands on version 3 again.
+    with EventCollector(mosquitto.url, "robot-a") as events, AgentProcess(cfg):
+        assert events.wait_status(lambda s: s.online and s.trust_version == 3, timeout=30)

@@ -438,3 +438,44 @@ def test_abort_cancels_timed_out_devices_so_one_that_returns_never_installs_the_
         assert "2.0.0" not in back.installed["detector"]
         kinds = {dev: [c.split(":")[0] for c in cmds] for dev, cmds in counter.per_device().items()}
         assert kinds == {"robot-0000": ["deploy"], "robot-0001": ["deploy", "cancel"]}
+
+
+def test_a_device_busy_with_a_foreign_job_is_still_settled_from_the_version_its_status_shows(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    """Its events were lost, and its retained status names a job in flight that is none of
+    this rollout's (a cancel, a ping): the version it runs still settles the deploy."""
+    import subprocess
+    import threading
+    import uuid
+
+    from protocol.messages import DeviceStatus
+
+    with fleet_of(mosquitto, keys, 1) as fleet:
+        fleet.devices["robot-0000"].behaviour = Behaviour(silent=True)
+        harness.sync()
+        rid = harness.create(sorted(fleet.devices), waves_spec="100%", wave_timeout=20)
+        driver = harness.driver(rid)
+        t = threading.Thread(target=driver.run)
+        t.start()
+        try:
+            wait_until(lambda: harness.store.assignments(rid)[0].published_at is not None)
+            status = DeviceStatus.new(
+                device_id="robot-0000",
+                online=True,
+                models={"detector": {"active": "2.0.0", "previous": "1.0.0"}},
+                job={"command_id": str(uuid.uuid4()), "state": "RECEIVED", "kind": "cancel"},
+            )
+            subprocess.run(
+                ["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-q", "1",
+                 "-r", "-t", "jetfleet/v1/devices/robot-0000/status", "-m", status.encode()],
+                check=True,
+            )  # fmt: skip
+            t.join(10)
+            assert not t.is_alive(), "the rollout waited for its wave timeout"
+        finally:
+            driver.stop.set()
+            t.join(5)
+        (a,) = harness.store.assignments(rid)
+        assert a.state == "SUCCEEDED" and "inferred from the device's status" in (a.reason or "")
+        assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]

@@ -33,6 +33,7 @@ from protocol.trust import (
     build_trust_root,
     load_trust_root,
     rotate,
+    rotate_chain,
     sign_command,
     verify_command,
 )
@@ -147,6 +148,30 @@ def test_rotation_to_the_same_or_a_lower_version_is_a_rollback_attack() -> None:
         with pytest.raises(RollbackAttackError) as e:
             rotate(v3, env, NOW)
         assert e.value.code == "trust_version"
+
+
+def test_rotation_that_skips_a_version_is_refused_even_with_both_signatures() -> None:
+    old_root, new_root = _keys(1), _keys(1)
+    v1 = load_trust_root(_root(old_root)[0].encode(), NOW)
+    v5, _, _ = _root(new_root, version=5, sign_with=old_root + new_root)
+    with pytest.raises(RollbackAttackError, match="skips version") as e:
+        rotate(v1, v5, NOW)
+    assert e.value.code == "trust_version"
+
+
+def test_a_chain_is_walked_one_version_at_a_time_from_the_root_held() -> None:
+    k1, k2, k3 = _keys(1), _keys(1), _keys(1)
+    v1 = load_trust_root(_root(k1)[0].encode(), NOW)
+    e2, _, _ = _root(k2, version=2, sign_with=k1 + k2)
+    e3, _, _ = _root(k3, version=3, sign_with=k2 + k3)
+    assert [r.version for r, _ in rotate_chain(v1, [e2, e3], NOW)] == [2, 3]
+    v2 = rotate(v1, e2, NOW)
+    assert [r.version for r, _ in rotate_chain(v2, [e2, e3], NOW)] == [3]  # e2 passed over
+    with pytest.raises(TrustRootError, match="current root keys"):
+        rotate_chain(v1, [e3], NOW)  # v2 is missing: v3 is not signed by v1's root key
+    forged, _, _ = _root(k3, version=2, sign_with=k3)
+    with pytest.raises(TrustRootError):
+        rotate_chain(v1, [forged, e3], NOW)
 
 
 def test_rotation_to_an_already_expired_root_is_refused() -> None:
