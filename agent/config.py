@@ -85,6 +85,13 @@ class ActivationConfig(_Section):
     hook_timeout_s: float = Field(default=120.0, gt=0)
     health_timeout_s: float = Field(default=10.0, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0)
+    # The consumer contract (docs/integration.md): after a switch, wait this long for the
+    # consumer to acknowledge the new version, else roll back; 0 waits for nothing.
+    ack_timeout_s: float = Field(default=0.0, ge=0)
+    # Models whose consumer acknowledges (empty: every model).
+    ack_models: list[str] = Field(default_factory=list)
+    # Where consumers write <model>.json (empty: data_dir/ack); bind-mount it read-write.
+    ack_dir: str = ""
 
 
 class TelemetryConfig(_Section):
@@ -166,6 +173,14 @@ class AgentConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init kwargs; the environment must win over them.
         return (env_settings, init_settings)
+
+    @property
+    def ack_dir(self) -> Path:
+        return Path(self.activation.ack_dir or Path(self.data_dir) / "ack")
+
+    def wants_ack(self, model: str) -> bool:
+        a = self.activation
+        return a.ack_timeout_s > 0 and (not a.ack_models or model in a.ack_models)
 
     @property
     def max_bundle_bytes(self) -> int:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
-from agent.activation import ActivationError, ModelStore, check_health, run_hook
+from agent.activation import AckChannel, ActivationError, ModelStore, check_health, run_hook
 from agent.commands import reason_code
 from agent.config import AgentConfig
 from agent.download import (
@@ -100,6 +100,9 @@ class Worker:
         self.trust = trust
         self.live = live
         self.models = ModelStore(config.data_dir)
+        self.acks = AckChannel(config.ack_dir, live)
+        if config.activation.ack_timeout_s > 0:
+            config.ack_dir.mkdir(parents=True, exist_ok=True)  # consumers write here
         self.downloads = Path(config.data_dir) / "downloads"
         self.bundles = Path(config.data_dir) / "bundles"
         self._on_change = on_change
@@ -431,12 +434,12 @@ class Worker:
         else:
             figures["probation_baseline"] = "gate"
             figures["probation_baseline_p99_ms"] = figures.get("p99_ms")
-        self.models.switch(manifest.name, manifest.version)
-        self._on_change()
+        self._switch(manifest.name, manifest.version)
         self.journal.maybe_pause_named("ACTIVATING:switched")
         try:
             self._hook(job)
             self._health(job)
+            self._await_ack(manifest.name, manifest.version)
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
             raise JobEnded() from e
@@ -539,6 +542,7 @@ class Worker:
             "JETFLEET_PREVIOUS_VERSION": slot.previous or "",
             "JETFLEET_ENGINE": str(engine),
             "JETFLEET_COMMAND_ID": job.command_id,
+            "JETFLEET_ACK_FILE": str(self.acks.path(name)),
         }
 
     def _hook(self, job: JobRecord) -> None:
@@ -548,6 +552,20 @@ class Worker:
     def _health(self, job: JobRecord) -> None:
         a = self.config.activation
         check_health(a.health, timeout=a.health_timeout_s, env=self._env(job))
+
+    def _switch(self, name: str, version: str) -> None:
+        if self.config.wants_ack(name):
+            self.acks.clear(name)  # only a word sent after the switch counts
+        self.models.switch(name, version)
+        self._on_change()
+
+    def _await_ack(self, name: str, version: str) -> None:
+        """The consumer contract: the consumer must say it loaded `version` in time."""
+        if not self.config.wants_ack(name):
+            return
+        timeout = self.config.activation.ack_timeout_s
+        if self.acks.wait(name, version, timeout=timeout, stop=self._stop, beat=self._beat) is None:
+            raise Stopping()
 
     def _live_baseline(self, name: str, version: str | None) -> LiveWindow | None:
         """The running version's live latency window, if it has enough samples."""
@@ -580,6 +598,8 @@ class Worker:
                 raise Stopping()
             self.heartbeat = time.monotonic()
             self._health(job)
+            if self.config.wants_ack(manifest.name):
+                self.acks.check(manifest.name, manifest.version)  # a reported failure
             if self.live is not None and limit is not None:
                 window = self.live.snapshot(manifest.name)
                 if (
@@ -787,11 +807,11 @@ class Worker:
         self._step(
             job, JobState.ACTIVATING, prev={"active": slot.active, "previous": slot.previous}
         )
-        self.models.switch(name, version)
-        self._on_change()
+        self._switch(name, version)
         try:
             self._hook(job)
             self._health(job)
+            self._await_ack(name, version)
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
             return

@@ -241,6 +241,8 @@ class ReasonCode(str, Enum):
     HOOK_FAILED = "hook_failed"
     HEALTH_FAILED = "health_failed"
     PROBATION_LATENCY = "probation_latency"
+    # The consumer did not acknowledge the new version within [activation] ack_timeout_s.
+    NOT_ACKNOWLEDGED = "not_acknowledged"
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"
