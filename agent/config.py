@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from protocol.errors import ProtocolError
@@ -124,6 +131,27 @@ class DownloadConfig(_Section):
     min_rate_window_s: float = Field(default=60.0, gt=0)
 
 
+class EngineConfig(_Section):
+    """Where the engine child runs: on the host (its TensorRT), or in the consumer's image
+    so that the TensorRT that loads the engine builds and gates it (integration.md)."""
+
+    builder: Literal["host", "container"] = "host"
+    image: str = ""
+    runtime: Literal["docker", "podman"] = "docker"
+    # GPU flags for `run`; None: docker --runtime nvidia, podman --device nvidia.com/gpu=all.
+    gpu_args: list[str] | None = None
+    run_args: list[str] = Field(default_factory=list)
+    python: str = "python3"
+    # The host directory with agent/ and protocol/ (mounted read-only); empty: this agent's.
+    code_dir: str = ""
+
+    @model_validator(mode="after")
+    def _image(self) -> EngineConfig:
+        if self.builder == "container" and not self.image.strip():
+            raise ValueError('builder = "container" needs an image')
+        return self
+
+
 class AgentConfig(BaseSettings):
     """SPEC §8 keys exactly, plus optional sections with defaults (limits, download)."""
 
@@ -148,6 +176,7 @@ class AgentConfig(BaseSettings):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @field_validator("device_id")
     @classmethod

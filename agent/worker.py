@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
+from agent import container
 from agent.activation import AckChannel, ActivationError, ModelStore, check_health, run_hook
 from agent.commands import reason_code
 from agent.config import AgentConfig
@@ -368,12 +369,7 @@ class Worker:
             "gate": manifest.gate.model_dump(mode="json"),
             "active": str(self.models.active_engine(manifest.name) or "") or None,
         }
-        engine_job = EngineJob(
-            request,
-            canceled=lambda: self._canceled(job),
-            stopping=self._stop.is_set,
-            heartbeat=self._beat,
-        )
+        engine_job = self._engine_job(request, lambda: self._canceled(job))
         try:
             try:
                 built = engine_job.build()
@@ -751,11 +747,8 @@ class Worker:
             "protect": [str(p) for p in self.models.protected_engines()],
             "memory_bytes": self.config.engine_memory_bytes,
         }
-        engine_job = EngineJob(
-            request,
-            canceled=(lambda: False) if restoring else (lambda: self._canceled(job)),
-            stopping=self._stop.is_set,
-            heartbeat=self._beat,
+        engine_job = self._engine_job(
+            request, (lambda: False) if restoring else (lambda: self._canceled(job))
         )
         try:
             built = engine_job.build()
@@ -779,6 +772,17 @@ class Worker:
             self.models.replace_engine(name, version, built.engine)
             log.info("rollback_engine_rebuilt", model=name, version=version, reason=why)
         return None
+
+    def _engine_job(self, request: dict[str, Any], canceled: Callable[[], bool]) -> EngineJob:
+        """The engine child, on the host or in the consumer's image ([engine] builder)."""
+        command, on_kill = None, lambda: None
+        if self.config.engine.builder == "container":
+            name = container.new_name()
+            container.prepare(self.config)
+            command = container.child_command(self.config, name)
+            on_kill = lambda: container.kill(self.config, name)  # noqa: E731
+        return EngineJob(request, canceled=canceled, stopping=self._stop.is_set,
+                         heartbeat=self._beat, command=command, on_kill=on_kill)  # fmt: skip
 
     # ---- rollback -------------------------------------------------------------------
     def _rollback(self, job: JobRecord) -> None:
@@ -821,6 +825,8 @@ class Worker:
     def recover(self) -> None:
         """Called once at start, before the threads: settle every job left in flight."""
         removed = self.models.remove_tmp()
+        if self.config.engine.builder == "container":
+            container.remove_leftovers(self.config)  # builds the killed agent left running
         resumable: set[str] = set()
         for job in self.store.active_jobs():
             if job.state in (JobState.ACTIVATING, JobState.PROBATION):
