@@ -435,11 +435,13 @@ class Worker:
         try:
             self._hook(job)
             self._health(job)
-            self._await_ack(manifest.name, manifest.version)
+            acked_by = self._await_ack(manifest.name, manifest.version)
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
             raise JobEnded() from e
 
+        if acked_by:
+            figures["acknowledged_by"] = acked_by
         # PROBATION
         self._step(job, JobState.PROBATION, gate=figures)
         try:
@@ -555,13 +557,16 @@ class Worker:
         self.models.switch(name, version)
         self._on_change()
 
-    def _await_ack(self, name: str, version: str) -> None:
-        """The consumer contract: the consumer must say it loaded `version` in time."""
+    def _await_ack(self, name: str, version: str) -> str | None:
+        """The consumer contract: the consumer must say it loaded `version` in time.
+        Returns where the word came from (None: no acknowledgement expected)."""
         if not self.config.wants_ack(name):
-            return
+            return None
         timeout = self.config.activation.ack_timeout_s
-        if self.acks.wait(name, version, timeout=timeout, stop=self._stop, beat=self._beat) is None:
+        ack = self.acks.wait(name, version, timeout=timeout, stop=self._stop, beat=self._beat)
+        if ack is None:
             raise Stopping()
+        return ack.source
 
     def _live_baseline(self, name: str, version: str | None) -> LiveWindow | None:
         """The running version's live latency window, if it has enough samples."""

@@ -102,8 +102,10 @@ def test_a_consumer_in_another_process_is_switched_and_acknowledges(
                 assert final.state.value == "SUCCEEDED", (final, agent.log()[-3000:])
                 assert _ack(data, "detector")["version"] == version
                 assert (data / "models/detector/current/version").read_text() == version + "\n"
+                assert final.gate and final.gate["acknowledged_by"] == str(
+                    data / "ack/detector.json"
+                )
         assert engine_link_state(data, "detector") == ("1.1.0", "1.0.0")
-        assert "consumer_acknowledged" in agent.log()
 
 
 def test_a_consumer_that_never_acknowledges_is_rolled_back_after_the_deadline(
@@ -157,3 +159,54 @@ def test_a_consumer_that_fails_to_load_is_rolled_back_at_once(
         assert _ack(data, "detector") == {**_ack(data, "detector"), "version": "1.0.0",
                                           "healthy": True}  # fmt: skip
     assert engine_link_state(data, "detector") == ("1.0.0", None)
+
+
+# A consumer in plain Python that answers on the agent's socket instead of a file: it
+# knows the datagram layout from docs/integration.md, not from jetfleet's code.
+SOCKET_CONSUMER = r"""
+import os, socket, struct, sys, time
+model_dir, sock_path = sys.argv[1], sys.argv[2]
+model = os.path.basename(model_dir).encode()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+seen = None
+while True:
+    try:
+        target = os.readlink(os.path.join(model_dir, "current"))
+    except OSError:
+        target = None
+    if target and target != seen:
+        d = os.path.join(model_dir, target)
+        version = open(os.path.join(d, "version")).read().strip().encode()
+        ok = os.path.getsize(os.path.join(d, "engine")) > 0
+        reason = b"loaded"
+        msg = (b"JFA1" + bytes([len(model)]) + model + bytes([len(version)]) + version
+               + bytes([1 if ok else 0, len(reason)]) + reason)
+        try:
+            s.sendto(msg, sock_path)
+            seen = target
+        except OSError:
+            pass
+    time.sleep(0.1)
+"""
+
+
+def test_a_consumer_can_acknowledge_on_the_livestats_socket(
+    tmp_path: Path, mosquitto, trust_material
+) -> None:
+    cfg = _config(tmp_path, mosquitto, trust_material)
+    data = tmp_path / "data"
+    bundle = build_bundle(tmp_path, trust_material.release, version="1.0.0")
+    with EventCollector(mosquitto.url, DEV) as events, running_agent(cfg, events) as agent:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SOCKET_CONSUMER, str(data / "models" / "detector"),
+             str(data / "run" / "live.sock")],
+            env={"PATH": os.environ["PATH"]},
+        )  # fmt: skip
+        try:
+            final = _deploy(events, mosquitto, trust_material, bundle)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert final.state.value == "SUCCEEDED", (final, agent.log()[-3000:])
+        assert final.gate and final.gate["acknowledged_by"] == "socket"
+    assert not (data / "ack" / "detector.json").exists()

@@ -154,3 +154,22 @@ def test_podman_gets_cdi_gpu_flags_and_a_container_builder_needs_an_image(
     assert argv[-5:] == ["--ipc=host", "i:1", "python3", "-m", "agent.enginejob"]
     with pytest.raises(ConfigError, match=r"engine: .*needs an image"):
         load_config(None, **base, engine={"builder": "container"})
+
+
+def test_a_canceled_child_also_stops_its_container() -> None:
+    """Killing the `docker run` client leaves the container running: kill() says so."""
+    from agent.download import Canceled
+    from agent.enginejob import EngineJob
+
+    stopped: list[str] = []
+    job = EngineJob(
+        {},
+        canceled=lambda: True,
+        stopping=lambda: False,
+        command=[sys.executable, "-c", "import time; time.sleep(60)"],
+        on_kill=lambda: stopped.append("jetfleet-build-x"),
+    )
+    with pytest.raises(Canceled):
+        job.build()
+    job.close()
+    assert stopped == ["jetfleet-build-x"] and job.proc.returncode is not None
