@@ -3,7 +3,7 @@
 These machines run no container engine (dockerd is absent; podman's crun refuses the
 sandbox's cgroup layout), so the runtime is tests/agent/fake_container_runtime.py: it
 records each command line and runs the child as the image would, with the image's own
-interpreter (here .venv310, whose ONNX Runtime is another version than the agent's), only
+interpreter (the other virtualenv, whose ONNX Runtime is another version than the agent's), only
 the mounted code and the -e environment. The agent, the broker, the child protocol, the
 cache and the gate are the real ones.
 """
@@ -32,7 +32,8 @@ from tests.agent.harness import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGE_PYTHON = REPO / ".venv310" / "bin" / "python"
+# The "image" runs the other of the two virtualenvs: another Python, another ONNX Runtime.
+IMAGE_PYTHON = REPO / (".venv" if sys.version_info < (3, 11) else ".venv310") / "bin" / "python"
 FAKE = Path(__file__).with_name("fake_container_runtime.py")
 DEV = "robot-ctr"
 IMAGE = "registry.local/detector-app:2.3"
@@ -79,7 +80,7 @@ def _config(tmp: Path, mosquitto, trust_material, **engine) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not IMAGE_PYTHON.exists(), reason="needs .venv310 as the image's Python")
+@pytest.mark.skipif(not IMAGE_PYTHON.exists(), reason="needs the other virtualenv")
 def test_deploy_builds_and_gates_inside_the_image_with_its_runtime_version(
     tmp_path: Path, mosquitto, trust_material
 ) -> None:
