@@ -6,9 +6,10 @@ container (Isaac ROS, DeepStream) ships its own. So the same child the host buil
 image instead:
 
     docker|podman run --rm -i --init --name jetfleet-build-<id>
-        --label jetfleet.engine-build=<device> --network none --user <agent uid:gid> <GPU>
+        --label jetfleet.engine-build=<device> --network none --user <agent uid:gid>
+        --group-add <each of the agent's groups> <GPU flags>
         -v <data>/engines:<data>/engines -v <data>/bundles:...:ro -v <data>/models:...:ro
-        -v <agent code>:/opt/jetfleet:ro -e PYTHONPATH=/opt/jetfleet
+        -v <code>/agent:/opt/jetfleet/agent:ro -v <code>/protocol:... -e PYTHONPATH=/opt/jetfleet
         <image> python3 -m agent.enginejob
 
 Paths are mounted where they are on the host, so the request is the host's. The cache
@@ -51,7 +52,9 @@ def child_command(config: AgentConfig, name: str) -> list[str]:
         f"{data / 'engines'}:{data / 'engines'}",
         f"{data / 'bundles'}:{data / 'bundles'}:ro",
         f"{data / 'models'}:{data / 'models'}:ro",
-        f"{code_dir(config)}:{CODE_MOUNT}:ro",
+        # Only jetfleet's own packages: the image brings the interpreter and libraries
+        # (numpy, pydantic, TensorRT) built for it; a host venv could not run there.
+        *[f"{code_dir(config) / pkg}:{CODE_MOUNT}/{pkg}:ro" for pkg in ("agent", "protocol")],
     ]
     env = {
         "PYTHONPATH": CODE_MOUNT,
@@ -65,6 +68,8 @@ def child_command(config: AgentConfig, name: str) -> list[str]:
         "--label", f"{LABEL}={config.device_id}",
         "--network", "none",
         "--user", f"{os.getuid()}:{os.getgid()}",
+        # The agent's supplementary groups (video, render: the GPU device nodes).
+        *[arg for g in os.getgroups() if g != os.getgid() for arg in ("--group-add", str(g))],
         *gpu,
         *[arg for m in mounts for arg in ("-v", m)],
         *[arg for k, v in env.items() for arg in ("-e", f"{k}={v}")],

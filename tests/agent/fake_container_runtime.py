@@ -5,8 +5,8 @@ Every call is appended to $FAKE_RUNTIME_LOG as {"argv": [...]}. `run` accepts on
 options the agent uses (anything else fails like the real CLI), refuses an image not in
 $FAKE_RUNTIME_IMAGES ({"image": "/path/to/its/python"}) and a mount whose source is
 missing, then execs the command as the image would: its `python3` is the image's
-interpreter, the environment is only the -e variables (PYTHONPATH mapped through the -v
-mounts), the working directory is /. `ps -aq` prints the ids in $FAKE_RUNTIME_PS.
+interpreter, the environment is only the -e variables (PYTHONPATH seeing only what is
+mounted below it), the working directory is /. `ps -aq` prints the ids in $FAKE_RUNTIME_PS.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
-VALUED = {"--name", "--label", "--network", "--user", "--runtime", "--device", "-v", "-e"}
+VALUED = {"--name", "--label", "--network", "--user", "--group-add", "--runtime", "--device",
+          "-v", "-e"}  # fmt: skip
 FLAGS = {"--rm", "-i", "--init"}
 
 
@@ -46,8 +48,12 @@ def run(args: list[str]) -> None:
             mounts[dst] = src
     env = {"PATH": "/usr/bin:/bin"}
     env.update(v.split("=", 1) for f, v in opts if f == "-e")  # type: ignore[arg-type]
-    if "PYTHONPATH" in env:
-        env["PYTHONPATH"] = mounts.get(env["PYTHONPATH"], env["PYTHONPATH"])
+    if "PYTHONPATH" in env:  # the image's view of it: the mounts below that path
+        inside, root = env["PYTHONPATH"].rstrip("/") + "/", tempfile.mkdtemp(prefix="fake-ctr-")
+        for dst, src in mounts.items():
+            if dst.startswith(inside):
+                os.symlink(src, os.path.join(root, dst[len(inside) :]))
+        env["PYTHONPATH"] = root
     if command and command[0] == "python3":
         command[0] = images[image]
     os.chdir("/")

@@ -107,7 +107,8 @@ def test_deploy_builds_and_gates_inside_the_image_with_its_runtime_version(
     assert f"-v {data}/engines:{data}/engines " in joined
     assert f"-v {data}/bundles:{data}/bundles:ro" in joined
     assert f"-v {data}/models:{data}/models:ro" in joined
-    assert f"-v {REPO}:/opt/jetfleet:ro" in joined
+    assert f"-v {REPO}/agent:/opt/jetfleet/agent:ro" in joined
+    assert f"-v {REPO}/protocol:/opt/jetfleet/protocol:ro" in joined
     assert run[-4:] == [IMAGE, "python3", "-m", "agent.enginejob"]
     # The engine was built by the image's runtime: its version is in the sidecar (and so in
     # the cache key, computed inside), not the agent's own.
