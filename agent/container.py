@@ -21,6 +21,7 @@ by a crash when it starts (by label).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -101,6 +102,20 @@ def _cli(config: AgentConfig, *args: str) -> subprocess.CompletedProcess[str] | 
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("container_cli_failed", args=list(args), error=str(e))
         return None
+
+
+def image_problem(config: AgentConfig) -> str | None:
+    """Why the configured image cannot run builds here (None: it is on this robot)."""
+    e = config.engine
+    if shutil.which(e.runtime) is None:
+        return f"{e.runtime} is not installed (not on PATH)"
+    done = _cli(config, "image", "inspect", e.image)
+    if done is None:
+        return f"{e.runtime} did not answer"
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        return f"image {e.image} is not on this robot: {tail[0]}"
+    return None
 
 
 def kill(config: AgentConfig, name: str) -> None:

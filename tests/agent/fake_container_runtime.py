@@ -6,7 +6,8 @@ options the agent uses (anything else fails like the real CLI), refuses an image
 $FAKE_RUNTIME_IMAGES ({"image": "/path/to/its/python"}) and a mount whose source is
 missing, then execs the command as the image would: its `python3` is the image's
 interpreter, the environment is only the -e variables (PYTHONPATH seeing only what is
-mounted below it), the working directory is /. `ps -aq` prints the ids in $FAKE_RUNTIME_PS.
+mounted below it), the working directory is /. `ps -aq` prints the ids in $FAKE_RUNTIME_PS;
+`image inspect` knows the images of $FAKE_RUNTIME_IMAGES.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main() -> None:
         if path and os.path.exists(path):
             with open(path) as f:
                 sys.stdout.write(f.read())
+    elif cmd == "image" and args[:1] == ["inspect"]:
+        if args[1] not in json.loads(os.environ.get("FAKE_RUNTIME_IMAGES", "{}")):
+            fail(f"{args[1]}: image not known")
     elif cmd != "rm":
         fail(f"unknown command {cmd}")
 

@@ -175,3 +175,22 @@ def test_a_canceled_child_also_stops_its_container() -> None:
         job.build()
     job.close()
     assert stopped == ["jetfleet-build-x"] and job.proc.returncode is not None
+
+
+def test_doctor_checks_the_runtime_and_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.doctor import FAIL, PASS, check_builder
+
+    for key, value in _fake_runtime(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    base = {"device_id": "r1", "data_dir": str(tmp_path / "d")}
+    here = load_config(None, **base, engine={"builder": "container", "image": IMAGE})
+    assert check_builder(here).status == PASS
+    absent = load_config(None, **base, engine={"builder": "container", "image": "nope:1"})
+    result = check_builder(absent)
+    assert result.status == FAIL and "image nope:1 is not on this robot" in result.detail
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    result = check_builder(here)
+    assert result.status == FAIL and result.detail == "docker is not installed (not on PATH)"
+    assert "pull" in result.fix
