@@ -434,8 +434,8 @@ class Worker:
         self.journal.maybe_pause_named("ACTIVATING:switched")
         try:
             self._hook(job)
-            self._health(job)
             acked_by = self._await_ack(manifest.name, manifest.version)
+            self._health(job)  # after the word: a consumer restarted by the hook is up
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
             raise JobEnded() from e
@@ -819,8 +819,8 @@ class Worker:
         self._switch(name, version)
         try:
             self._hook(job)
-            self._health(job)
             self._await_ack(name, version)
+            self._health(job)
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
             return
