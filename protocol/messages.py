@@ -251,6 +251,8 @@ class ReasonCode(str, Enum):
     HEALTH_FAILED = "health_failed"
     PROBATION_LATENCY = "probation_latency"
     GPU_FALLBACK = "gpu_fallback"  # more DLA-build layers on the GPU than the manifest allows
+    # The consumer did not acknowledge the new version within [activation] ack_timeout_s.
+    NOT_ACKNOWLEDGED = "not_acknowledged"
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"
