@@ -131,6 +131,14 @@ class GateConfig(_Section):
     sysfs_root: Path = Path("/")
 
 
+class DesiredConfig(_Section):
+    """Convergence to the signed desired state (group releases and pins)."""
+
+    # Convergence starts a random 0..jitter_s seconds after the agent starts or a release
+    # or pin document changes: a fleet back from a power cut does not download at once.
+    jitter_s: float = Field(default=30.0, ge=0, le=3600)
+
+
 class AgentConfig(BaseSettings):
     """SPEC §8 keys exactly, plus optional sections with defaults (limits, download)."""
 
@@ -156,6 +164,7 @@ class AgentConfig(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    desired: DesiredConfig = Field(default_factory=DesiredConfig)
 
     @field_validator("device_id")
     @classmethod
