@@ -29,7 +29,7 @@ from controller.cli.common import (
     print_json,
     settings,
 )
-from controller.cli.devices import mqtt_options, open_registry
+from controller.cli.devices import configure_cli_logging, mqtt_options, open_registry
 from controller.cli.rollout import BundleConflictError, choose_bundle_url, keyset, publish_bundle
 from controller.mqtt import ControllerMqtt, MqttError
 from controller.settings import ControllerSettings
@@ -221,6 +221,7 @@ def release_set(
     output: Output = OutputOption,
 ) -> None:
     """Make VERSION of MODEL the group's desired version (a new signed release)."""
+    configure_cli_logging()
     s = settings(ctx)
     try:
         validate_id(group, "group name")
@@ -247,6 +248,7 @@ def release_show(
     output: Output = OutputOption,
 ) -> None:
     """The releases the broker holds now (what robots get on connect)."""
+    configure_cli_logging()
     s = settings(ctx)
     topics = Topics(s.prefix)
     topic = topics.group_release(group) if group else f"{s.prefix}/groups/+/release"
@@ -268,6 +270,7 @@ def release_history(
     output: Output = OutputOption,
 ) -> None:
     """Every release and pin document this controller signed, newest first."""
+    configure_cli_logging()
     s = settings(ctx)
     sql = "SELECT scope, version, issued_at, models FROM release_history"
     args: tuple[str, ...] = ()
@@ -307,6 +310,7 @@ def release_pin(
     output: Output = OutputOption,
 ) -> None:
     """Keep DEVICE on VERSION of MODEL, whatever its groups' releases say."""
+    configure_cli_logging()
     s = settings(ctx)
     want = published_model(s, model, version, bundle_url, bundle)
     topic, current = _pins(s, device)
@@ -329,6 +333,7 @@ def release_unpin(
     output: Output = OutputOption,
 ) -> None:
     """Let DEVICE follow its groups' releases again (for MODEL, or for every model)."""
+    configure_cli_logging()
     s = settings(ctx)
     topic, current = _pins(s, device)
     held = dict(current.models) if current else {}
