@@ -64,6 +64,7 @@ MAX_INTERRUPTED = 3
 SETTLE_EVERY_S = 1.0
 REFUSAL_BURST = 10
 REFUSAL_EVERY_S = 5.0
+MAX_REMEMBERED = 1024  # digests of documents already reported: bounded memory under junk
 
 Ack = Callable[[], None]
 
@@ -230,7 +231,7 @@ class DesiredState:
         log.warning("desired_refused", code=code, reason=reason[:300])
         if digest in self._reported or not self._budget.take():
             return
-        self._reported.add(digest)
+        self._remember(digest)
         self._report(code, reason, refused_sha256=digest)
 
     def _report(self, code: str, reason: str, **fields: Any) -> None:
@@ -249,6 +250,11 @@ class DesiredState:
                 },
             )
         self.journal.notify()
+
+    def _remember(self, digest: str) -> None:
+        if len(self._reported) >= MAX_REMEMBERED:
+            self._reported.clear()  # at worst a refusal is reported again, within the budget
+        self._reported.add(digest)
 
     # ---- what this device should run ----------------------------------------------------
     def releases(self) -> dict[str, Release]:
@@ -312,6 +318,7 @@ class DesiredState:
                 for n, h in held.items()
                 if n in wants
                 and (wants[n].model.version, wants[n].model.sha256) == (h.version, h.sha256)
+                and self.models.slot(n).active != h.version  # an operator deploy got it there
             },
             conflicts=conflicts,
         )
@@ -427,7 +434,7 @@ class DesiredState:
             digest = hashlib.sha256(f"conflict {name} {why}".encode()).hexdigest()
             if digest in self._reported:
                 continue
-            self._reported.add(digest)
+            self._remember(digest)
             log.warning("release_conflict", model=name, reason=why)
             self._report(
                 ReasonCode.RELEASE_CONFLICT.value,
