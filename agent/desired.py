@@ -216,9 +216,17 @@ class DesiredState:
                 )
                 return False
         record = {"version": doc.version, "digest": digest, "doc": doc.to_dict()}
-        self.store.put(key, json.dumps(record))
+        with self.store.tx() as db:
+            self.store.put_kv(db, key, json.dumps(record))
+            if isinstance(doc, Release) and doc.retry:
+                self._forget_held(db, set(doc.models))
         log.info("desired_accepted", topic=topic, version=doc.version)
         return True
+
+    def _forget_held(self, db: sqlite3.Connection, names: set[str]) -> None:
+        """An explicit retry (`jetfleet release retry`): held-back versions may run again."""
+        held = {n: h for n, h in self._held_records().items() if n not in names}
+        self.store.put_kv(db, KV_HELD, json.dumps(held))
 
     def _load(self, key: str) -> dict[str, Any] | None:
         raw = self.store.get(key)

@@ -69,6 +69,11 @@ class Release(Document):
     version: int = Field(ge=1, description="per group, strictly increasing")
     issued_at: datetime
     models: dict[str, DesiredModel] = Field(description="model name -> what the group runs")
+    retry: bool = Field(
+        default=False,
+        description="an explicit retry: versions held back on a device after failing there "
+        "are tried once more when it accepts this document",
+    )
 
     _g = field_validator("group")(lambda cls, v: validate_id(v, "group name"))
     _m = field_validator("models")(lambda cls, v: _model_names(v))

@@ -241,6 +241,32 @@ def release_set(
     _show(doc, f"group {group}", output)
 
 
+@app.command("retry")
+def release_retry(
+    ctx: typer.Context,
+    group: str = GroupOption,
+    output: Output = OutputOption,
+) -> None:
+    """Republish the group's release as an explicit retry: robots that held a version back
+    after it failed there try it once more."""
+    configure_cli_logging()
+    s = settings(ctx)
+    topic = Topics(s.prefix).group_release(group)
+    current = _decode(Release, read_retained(s, topic).get(topic, b""))
+    if not isinstance(current, Release):
+        fail(f"group {group} has no release on the broker (see `jetfleet release set`)")
+    doc = _publish(
+        s,
+        f"group:{group}",
+        topic,
+        current,
+        lambda v, at: Release.new(
+            group=group, version=v, issued_at=at, models=current.models, retry=True
+        ),
+    )
+    _show(doc, f"group {group}", output)
+
+
 @app.command("show")
 def release_show(
     ctx: typer.Context,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,10 +45,18 @@ def desired(bundle: Path, version: str) -> DesiredModel:
 
 
 def release(
-    version: int, keys: list[SigningKey], group: str = GROUP, **models: DesiredModel
+    version: int,
+    keys: list[SigningKey],
+    group: str = GROUP,
+    retry: bool = False,
+    **models: DesiredModel,
 ) -> bytes:
     doc = Release.new(
-        group=group, version=version, issued_at=datetime.now(timezone.utc), models=models
+        group=group,
+        version=version,
+        issued_at=datetime.now(timezone.utc),
+        models=models,
+        retry=retry,
     )
     return sign_release(doc, keys).encode()
 
@@ -158,6 +167,10 @@ def test_pin_holds_through_a_group_release_and_unpin_converges(
         wait_active(events, "2.0.0")
 
 
+def tries_of(events: EventCollector, version: str) -> int:
+    return sum(1 for e in converge_events(events, version) if e.state is JobState.RECEIVED)
+
+
 def test_gate_failure_is_held_back_without_retry_and_a_newer_release_is_tried(
     mosquitto, trust_material, robot, bundles
 ) -> None:
@@ -175,13 +188,20 @@ def test_gate_failure_is_held_back_without_retry_and_a_newer_release_is_tried(
         assert held is not None and (held.version, held.code) == ("2.5.0", "accuracy")
         assert s.models["detector"].active == "1.0.0"
     with AgentProcess(cfg):  # a restart is no reason to try it again either
-        events.wait_online()
         events.wait_status(lambda s: s.online and s.desired is not None and s.job is None)
-        put(mosquitto.url, topic, release(3, op, detector=bundles["3.0.0"]))
+        time.sleep(2.0)  # past the convergence jitter (0.3 s) and a settle round
+        assert tries_of(events, "2.5.0") == 1
+        # An explicit retry (`jetfleet release retry`) tries it once more.
+        put(mosquitto.url, topic, release(3, op, retry=True, detector=bundles["bad"]))
+        events.wait(lambda: tries_of(events, "2.5.0") == 2, 30, "the explicit retry")
+        s = events.wait_status(
+            lambda s: s.desired is not None and s.desired.releases == {GROUP: 3} and s.job is None
+            and "detector" in s.desired.held_back, timeout=90,
+        )  # fmt: skip
+        put(mosquitto.url, topic, release(4, op, detector=bundles["3.0.0"]))
         s = wait_active(events, "3.0.0")
         assert s.desired is not None and s.desired.held_back == {}
-    tries = [e for e in converge_events(events, "2.5.0") if e.state is JobState.RECEIVED]
-    assert len(tries) == 1
+    assert tries_of(events, "2.5.0") == 2
 
 
 def _refusals(events: EventCollector, payload: bytes) -> list[JobEvent]:

@@ -68,12 +68,19 @@ def test_release_set_pin_unpin_show_and_history_drive_a_robot_with_no_controller
         assert s.models["detector"].active == "1.0.0", agent.log()[-2000:]
         cli(env, "release", "unpin", "robot-1")
         events.wait_status(active("2.0.0"), timeout=90)
+    again = json.loads(cli(env, "release", "retry", "--group", "lab", "--output", "json"))
+    assert (again["version"], again["retry"], again["models"]["detector"]["version"]) == (
+        3,
+        True,
+        "2.0.0",
+    )
     history = json.loads(cli(env, "release", "history", "--output", "json"))
     assert sorted((h["scope"], h["version"]) for h in history) == [
         ("device:robot-1", 1),
         ("device:robot-1", 2),
         ("group:lab", 1),
         ("group:lab", 2),
+        ("group:lab", 3),
     ]
 
 
