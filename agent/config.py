@@ -166,6 +166,14 @@ class EngineConfig(_Section):
         return self
 
 
+class DesiredConfig(_Section):
+    """Convergence to the signed desired state (group releases and pins)."""
+
+    # Convergence starts a random 0..jitter_s seconds after the agent starts or a release
+    # or pin document changes: a fleet back from a power cut does not download at once.
+    jitter_s: float = Field(default=30.0, ge=0, le=3600)
+
+
 class AgentConfig(BaseSettings):
     """SPEC §8 keys exactly, plus optional sections with defaults (limits, download)."""
 
@@ -192,6 +200,7 @@ class AgentConfig(BaseSettings):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    desired: DesiredConfig = Field(default_factory=DesiredConfig)
 
     @field_validator("device_id")
     @classmethod

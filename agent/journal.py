@@ -72,6 +72,8 @@ class Journal:
             fields["gate"] = gate
         if phase is not None:
             fields["phase"] = phase
+        if job is not None and job.data.get("origin"):
+            fields["origin"] = job.data["origin"]  # a converge job (agent/desired.py)
         return fields
 
     def transition(

@@ -54,6 +54,8 @@ class AgentMqtt:
         on_connected: Callable[[], None] | None = None,
         on_published: Callable[[int], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
+        documents: tuple[str, ...] = (),
+        on_document: Callable[[str, bytes, Ack], None] | None = None,
     ) -> None:
         self.config = config
         self.topics = Topics(config.topic_prefix)
@@ -104,6 +106,10 @@ class AgentMqtt:
         self._subscribe_topics = [self.topics.device_cmd(self.device_id)] + [
             self.topics.group_cmd(g) for g in config.groups
         ]
+        # Retained desired-state documents (releases, pins): re-sent on every subscribe.
+        self._documents = set(documents)
+        self._on_document = on_document
+        self._subscribe_topics += sorted(self._documents)
 
     def _jitter(self) -> None:
         # A fleet that lost its broker must not reconnect in lockstep: randomize the first
@@ -246,6 +252,9 @@ class AgentMqtt:
                     "command_dropped", topic=msg.topic, reason="too large", size=len(payload)
                 )
                 ack()
+                return
+            if msg.topic in self._documents and self._on_document is not None:
+                self._on_document(msg.topic, payload, ack)
                 return
             self._on_command(msg.topic, payload, ack, bool(msg.dup))
         except Exception:

@@ -260,6 +260,10 @@ class ReasonCode(str, Enum):
     # command issued before that (the device can no longer tell it from a replay).
     STATE_RESET = "state_reset"
     NOT_CANCELABLE = "not_cancelable"  # a cancel naming an unknown job or one already activating
+    # Desired state (releases and pins, issue 13): an older document than one accepted, or
+    # one as old with other content; two groups' releases that disagree on a model.
+    RELEASE_STALE = "release_stale"
+    RELEASE_CONFLICT = "release_conflict"
     INTERNAL = "internal"
 
 
@@ -293,6 +297,11 @@ class JobEvent(Document):
         "Such a report is not a state of the job that command_id names; it settles that "
         "command only when it is the refusal of the very bytes the controller sent and its "
         "code is not replay",
+    )
+    origin: Literal["release", "pin"] | None = Field(
+        default=None,
+        description="set on the events of a job the device started itself to converge to "
+        "its desired state (a group release or a pin), which no operator command names",
     )
     at: datetime = Field(default_factory=utcnow)
 
@@ -349,6 +358,37 @@ class JobSummary(BaseModel):
     rollout_id: str | None = None
     model: str | None = None
     version: str | None = None
+    origin: Literal["release", "pin"] | None = None
+
+
+class HeldBack(BaseModel):
+    """A desired version that failed on this device: not tried again until a newer one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: str
+    sha256: str
+    code: str
+    reason: str
+
+
+class DesiredSummary(BaseModel):
+    """What the device should run (its accepted releases and pins) and where it stands."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    releases: dict[str, int] = Field(
+        default_factory=dict, description="group -> version of the release accepted"
+    )
+    pins_version: int | None = Field(default=None, description="version of the pins accepted")
+    models: dict[str, str] = Field(
+        default_factory=dict, description="model -> desired version (pin, else the groups')"
+    )
+    held_back: dict[str, HeldBack] = Field(default_factory=dict)
+    conflicts: dict[str, str] = Field(
+        default_factory=dict,
+        description="model -> why the groups' releases disagree (nothing is changed for it)",
+    )
 
 
 class DeviceFault(BaseModel):
@@ -384,6 +424,10 @@ class DeviceStatus(Document):
         default=None,
         description="set while the device cannot do its work: code disk_full while its state "
         "database cannot be written (commands then wait, unacknowledged, in the broker)",
+    )
+
+    desired: DesiredSummary | None = Field(
+        default=None, description="set once the device accepted a release or pins"
     )
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))

@@ -65,6 +65,9 @@ app.add_typer(_keys.app, name="keys")
 from controller.cli import bundle as _bundle  # noqa: E402
 
 app.add_typer(_bundle.app, name="bundle")
+from controller.cli import release as _release  # noqa: E402
+
+app.add_typer(_release.app, name="release")
 from controller.demo import demo_command  # noqa: E402
 
 app.command("demo")(demo_command)
