@@ -709,14 +709,18 @@ class RolloutStore:
                 ).fetchone()[0]
             )
 
-    def time_out(self, rollout_id: str, wave: int, reason: str) -> list[str]:
-        """Every unfinished, commanded device of the wave becomes TIMED_OUT."""
+    def time_out(
+        self, rollout_id: str, wave: int, reason: str, *, only_silent: bool = False
+    ) -> list[str]:
+        """Every unfinished, commanded device of the wave becomes TIMED_OUT (with
+        `only_silent`, only those that never answered their command: still PENDING)."""
         placeholders = ",".join("?" for _ in TERMINAL)
+        silent = " AND state=?" if only_silent else ""
         with self.transaction() as c:
             rows = c.execute(
                 f"SELECT device_id FROM assignments WHERE rollout_id=? AND wave=? "
-                f"AND state NOT IN ({placeholders})",
-                (rollout_id, wave, *TERMINAL),
+                f"AND state NOT IN ({placeholders}){silent}",
+                (rollout_id, wave, *TERMINAL, *((PENDING,) if only_silent else ())),
             ).fetchall()
             ids = [r["device_id"] for r in rows]
             c.executemany(

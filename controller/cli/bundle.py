@@ -31,8 +31,6 @@ app = typer.Typer(
     help="Build, verify and inspect signed model bundles (.jfb).", no_args_is_help=True
 )
 
-# `-o` is the bundle file here (as in SPEC §7), so the format flag is --output only.
-FormatOption = typer.Option(Output.human, "--output", help="human or json")
 _GATE_DEFAULTS = GateSpec()
 
 
@@ -46,9 +44,7 @@ def build(
     model: Path = typer.Argument(..., help="the ONNX model (fp32)"),
     name: str = typer.Option(..., "--name", help="model name, e.g. detector"),
     version: str = typer.Option(..., "--version", help="semantic version, e.g. 1.4.0"),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="output file (default: NAME-VERSION.jfb)"
-    ),
+    out: Path | None = typer.Option(None, "--out", help="output file (default: NAME-VERSION.jfb)"),
     golden: Path | None = typer.Option(
         None,
         "--golden",
@@ -97,7 +93,7 @@ def build(
         None, "--min-jetpack", help="minimum JetPack version, e.g. 6.0"
     ),
     seed: int = typer.Option(0, "--seed", help="seed of generated golden inputs"),
-    output: Output = FormatOption,
+    output: Output = OutputOption,
 ) -> None:
     """Build a bundle from an ONNX model and sign it with the release key (--keys DIR)."""
     if precision not in ("fp32", "fp16", "int8"):

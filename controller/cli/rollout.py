@@ -26,6 +26,7 @@ from controller.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     EXIT_VERIFY,
+    AllowUnseenOption,
     Output,
     OutputOption,
     fail,
@@ -380,10 +381,13 @@ def start_rollout(
     bundle: tuple[str, str, int] | None = None,
     payload: str | None = None,
     force: bool = False,
+    allow_unseen: bool = False,
 ) -> str:
     """Resolve the target against a fresh view of the fleet and store the planned rollout.
 
-    Exits 2 when another unfinished rollout still drives a target device, unless `force`."""
+    Exits 2, storing nothing, for a never-seen device (unless `allow_unseen`), a rollback
+    of a model a target device does not have, or a device another unfinished rollout
+    still drives (unless `force`)."""
     store, registry = open_store(s)
     try:
         refresh_registry(s, registry, target=target)
@@ -392,6 +396,10 @@ def start_rollout(
     try:
         ids = registry.resolve_target(target)
         unknown = registry.unknown(ids)
+        if unknown and not allow_unseen:
+            fail(never_seen_message(unknown, registry))
+        if kind == "rollback":
+            check_rollback_model(registry, ids, model)
         offline = [d.id for d in registry.devices() if d.id in set(ids) and not d.online]
         if offline:
             shown = ", ".join(offline[:10]) + (" …" if len(offline) > 10 else "")
@@ -435,6 +443,34 @@ def start_rollout(
     return r.id
 
 
+def _names(ids: list[str], shown: int = 10) -> str:
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
+def never_seen_message(unknown: list[str], registry: Registry) -> str:
+    known = [d.id for d in registry.devices()]
+    return (
+        f"--target names {len(unknown)} device(s) this controller has never seen: "
+        f"{_names(unknown)} (known: {_names(known) or 'none'}); check the spelling "
+        "(`jetfleet devices`), or pass --allow-unseen to command a device not yet connected"
+    )
+
+
+def check_rollback_model(registry: Registry, ids: list[str], model: str) -> None:
+    """A rollback of a model a device does not hold is refused by that device anyway:
+    refuse it here, before anything is signed, naming the models the fleet has."""
+    records = {d.id: d for d in registry.devices()}
+    lacking = [i for i in ids if i in records and model not in records[i].models]
+    if not lacking:
+        return
+    fleet_models = sorted({m for i in ids if i in records for m in records[i].models})
+    fail(
+        f"rollback --model {model}: {len(lacking)} target device(s) have no model {model!r}: "
+        f"{_names(lacking)} (their models: {', '.join(fleet_models) or 'none'})"
+    )
+
+
 def check_plan_options(waves: str, max_failure_rate: float, wave_timeout: float) -> None:
     from controller.rollout import parse_waves
 
@@ -464,6 +500,7 @@ def start(
     canary: str | None = CanaryOption,
     bundle_url: str | None = typer.Option(None, "--bundle-url", help="where devices fetch it"),
     force: bool = ForceOption,
+    allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
@@ -503,6 +540,7 @@ def start(
         canary=canary,
         bundle=(url, _sha256(published), published.stat().st_size),
         force=force,
+        allow_unseen=allow_unseen,
     )
     if output is Output.human:
         typer.echo(f"rollout {rid}: {manifest.name} {manifest.version} from {url}", err=True)

@@ -273,7 +273,7 @@ def export(
     resolution: Resolution = typer.Option(
         Resolution.raw, "--resolution", help="raw samples (24 h kept) or 1-minute means (30 d)"
     ),
-    out: Path | None = typer.Option(None, "-o", "--out", help="file to write [stdout]"),
+    out: Path | None = typer.Option(None, "--out", help="file to write [stdout]"),
     telemetry_db: Path | None = TelemetryDbOption,
 ) -> None:
     """Samples of one device as CSV (one row per sample) or JSON Lines (the samples)."""
@@ -306,7 +306,7 @@ def plot(
     ctx: typer.Context,
     device: str = typer.Option(..., "--device", help="device id"),
     metric: str = typer.Option(..., "--metric", help=f"one of: {', '.join(METRICS)}"),
-    out: Path = typer.Option(..., "-o", "--out", help="PNG file to write"),
+    out: Path = typer.Option(..., "--out", help="PNG file to write"),
     since: str = typer.Option("1h", "--since", help="30m, 1h, 2d ... or an ISO 8601 time"),
     until: str | None = typer.Option(None, "--until", help="same forms as --since [now]"),
     telemetry_db: Path | None = TelemetryDbOption,
