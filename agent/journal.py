@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from agent.store import JobRecord, Store
-from protocol.messages import JobEvent, JobState
+from protocol.messages import JobEvent, JobState, bound_reason
 from protocol.topics import Topics
 
 log = structlog.get_logger("jetfleet.agent.journal")
@@ -95,7 +95,7 @@ class Journal:
                 model=job.model,
                 version=job.version,
                 code=code,
-                reason=reason,
+                reason=reason if reason is None else bound_reason(reason),
             )
             event = self.store.add_event(
                 db,
@@ -111,7 +111,7 @@ class Journal:
                 ),
             )
         job.state = state
-        job.code, job.reason = code, reason
+        job.code, job.reason = code, event.reason
         log.info(
             "job_state",
             command_id=job.command_id,
@@ -119,7 +119,7 @@ class Journal:
             state=state.value,
             seq=event.seq,
             code=code,
-            reason=reason,
+            reason=reason,  # the log keeps the full text
         )
         self._on_event()
         self._on_change()

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli.common import Output, OutputOption, fail, print_json, settings
+from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import DeviceRecord, Registry, sync_from_broker
 from controller.settings import ControllerSettings
@@ -102,8 +102,18 @@ def _job(d: DeviceRecord) -> str:
     return f"{d.job.get('state')} {what}".strip()
 
 
-def devices_table(records: list[DeviceRecord]) -> Table:
-    table = Table(title=f"{len(records)} device(s)", title_justify="left")
+def _online(online: bool, stale: bool) -> str:
+    if stale:
+        return f"[yellow]? (was {'yes' if online else 'no'})[/]"
+    return "[green]yes[/]" if online else "[red]no[/]"
+
+
+def devices_table(records: list[DeviceRecord], stale: str | None = None) -> Table:
+    """`stale`: why the broker could not be read; the online column is then last known."""
+    title = f"{len(records)} device(s)"
+    if stale:
+        title += f" [bold red]NOT REFRESHED ({stale}): last known state[/]"
+    table = Table(title=title, title_justify="left")
     for col in ("device", "groups", "online", "last seen", "hardware", "models", "job"):
         table.add_column(col)
     for d in records:
@@ -113,7 +123,7 @@ def devices_table(records: list[DeviceRecord]) -> Table:
         table.add_row(
             d.id,
             ",".join(d.groups) or "-",
-            "[green]yes[/]" if d.online else "[red]no[/]",
+            _online(d.online, stale is not None),
             _ago(d.last_seen),
             hw or "-",
             _models(d),
@@ -137,14 +147,16 @@ def devices(
         except ProtocolError as e:
             fail(e.reason)
     registry = open_registry(s)
-    stale = False
+    stale: str | None = None
     try:
         refresh_registry(s, registry, timeout)
     except MqttError as e:
-        stale = True
+        stale = "broker unreachable"
         typer.echo(f"jetfleet: {e}; showing the last known state", err=True)
     records = registry.devices(group)
     if output is Output.json:
-        print_json([{**d.to_dict(), "stale": stale} for d in records])
-        return
-    Console().print(devices_table(records))
+        print_json([{**d.to_dict(), "stale": stale is not None} for d in records])
+    else:
+        Console().print(devices_table(records, stale))
+    if stale:  # the data could not be refreshed: scripts must not take it as current
+        raise typer.Exit(EXIT_FAILED)
