@@ -11,8 +11,9 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import typer
@@ -24,7 +25,6 @@ from rich.text import Text
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_USAGE,
     EXIT_VERIFY,
     AllowUnseenOption,
     Output,
@@ -57,6 +57,7 @@ from controller.rollout_store import (
     FINISHED,
     PAUSED,
     SUCCEEDED,
+    Assignment,
     DevicesHeldError,
     Rollout,
     RolloutStore,
@@ -104,6 +105,13 @@ def keyset(s: ControllerSettings) -> KeySet:
 def open_store(s: ControllerSettings) -> tuple[RolloutStore, Registry]:
     registry = open_registry(s)
     return RolloutStore(registry.conn), registry
+
+
+def latest_rollout(store: RolloutStore) -> Rollout:
+    recent = store.recent(1)
+    if not recent:
+        fail("no rollout yet (see `jetfleet rollout start`)")
+    return recent[0]
 
 
 def find_rollout(store: RolloutStore, rollout_id: str) -> Rollout:
@@ -547,17 +555,53 @@ def start(
     launch(s, keys, rid, wait, output)
 
 
+def _gate_text(gate: dict[str, Any] | None) -> str:
+    """The gate figures an operator compares at a glance (the JSON has them all)."""
+    if not gate:
+        return "-"
+    parts = []
+    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("live_p99_ms", "live p99")):
+        if isinstance(gate.get(key), int | float):
+            parts.append(f"{label} {gate[key]:.2f} ms")
+    comparison = (gate.get("speed") or {}).get("comparison") or {}
+    if isinstance(comparison.get("median_change_pct"), int | float):
+        parts.append(f"{comparison['median_change_pct']:+.1f}% vs active")
+    return ", ".join(parts) or "-"
+
+
+def assignments_table(assignments: list[Assignment]) -> Table:
+    """One row per device: where its job stands, the gate's figures and its reason."""
+    table = Table(title="devices", title_justify="left", show_header=True, header_style="bold")
+    for col in ("device", "wave", "state", "from", "gate", "rollback", "reason"):
+        table.add_column(col, no_wrap=col == "device")
+    for a in assignments:
+        rollback = f"{a.rb_state} to {a.rb_to_version}" if a.rb_state else "-"
+        table.add_row(
+            a.device_id,
+            str(a.wave + 1),
+            f"[{_STATE_STYLE.get(a.state, 'white')}]{a.state}[/]",
+            a.prev_version or "-",
+            _gate_text(a.gate),
+            rollback,
+            a.rb_reason or a.reason or "-",
+        )
+    return table
+
+
 @app.command("status")
 def status(
     ctx: typer.Context,
-    rollout_id: str = typer.Argument(..., help="rollout id (or a unique prefix)"),
+    rollout_id: str | None = typer.Argument(
+        None, help="rollout id or a unique prefix of it [default: the latest rollout]"
+    ),
     output: Output = OutputOption,
 ) -> None:
-    """Where a rollout stands: waves, per-state counts, failures with their reasons."""
+    """Where a rollout stands: waves, per-state counts, and every device with its gate
+    figures and reason."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
-    r = find_rollout(store, rollout_id)
+    r = find_rollout(store, rollout_id) if rollout_id else latest_rollout(store)
     summary = store.summary(r.id)
     driven = driver_alive(r)
     if output is Output.json:
@@ -566,87 +610,123 @@ def status(
         data["devices"] = [a.to_dict() for a in store.assignments(r.id)]
         print_json(data)
         return
-    Console().print(render(summary))
+    console = Console()
+    console.print(render(summary))
+    console.print(assignments_table(store.assignments(r.id)))
     if r.state not in FINISHED and not driven:
         typer.echo(f"no controller process is driving it: `jetfleet rollout resume {r.id}`")
+
+
+def print_unwrapped(table: Table) -> None:
+    """As wide as the table needs, whatever the terminal (as kubectl prints): a cut or
+    folded id could not be copied into the next command."""
+    console = Console()
+    needed = console.measure(table, options=console.options.update_width(1000)).maximum
+    Console(width=max(console.width, needed)).print(table)
+
+
+class ListOutput(str, Enum):
+    human = "human"
+    wide = "wide"
+    json = "json"
+
+
+_LIST_COLUMNS = ("id", "kind", "model", "version", "state", "target", "devices", "failed")
+# `-o wide` adds these, as kubectl does.
+_WIDE_COLUMNS = ("waves", "max failure", "wave timeout", "canary", "abort reason")
+
+
+def _list_row(store: RolloutStore, r: Rollout) -> dict[str, Any]:
+    sm = store.summary(r.id)
+    return {
+        "id": r.id,
+        "kind": r.kind,
+        "model": r.model,
+        "version": r.version,
+        "state": r.state,
+        "target": r.target,
+        "devices": sum(w.size for w in sm.waves if w.state not in ("rollback", "rolled_back")),
+        "failed": sm.failed,
+        "created_at": r.created_at,
+        "waves": ",".join(str(w.size) for w in sm.waves),
+        "max_failure_rate": r.max_failure_rate,
+        "wave_timeout": r.wave_timeout,
+        "canary": r.canary,
+        "abort_reason": r.abort_reason,
+    }
 
 
 @app.command("list")
 def list_(
     ctx: typer.Context,
     limit: int = typer.Option(50, "--limit", min=1),
-    output: Output = OutputOption,
+    output: ListOutput = typer.Option(
+        ListOutput.human, "--output", "-o", help="human, wide (more columns) or json"
+    ),
 ) -> None:
-    """Recent rollouts, newest first."""
+    """Recent rollouts, newest first. Every command that takes a rollout id also takes a
+    unique prefix of it (`r-3f2`)."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
-    rows: list[dict[str, Any]] = []
-    for r in store.recent(limit):
-        sm = store.summary(r.id)
-        rows.append(
-            {
-                "id": r.id,
-                "kind": r.kind,
-                "model": r.model,
-                "version": r.version,
-                "state": r.state,
-                "target": r.target,
-                "devices": sum(
-                    w.size for w in sm.waves if w.state not in ("rollback", "rolled_back")
-                ),
-                "failed": sm.failed,
-                "created_at": r.created_at,
-            }
-        )
-    if output is Output.json:
+    rows = [_list_row(store, r) for r in store.recent(limit)]
+    if output is ListOutput.json:
         print_json(rows)
         return
-    table = Table(title="rollouts")
-    for col in (
-        "id",
-        "kind",
-        "model",
-        "version",
-        "state",
-        "target",
-        "devices",
-        "failed",
-        "created",
-    ):
-        table.add_column(col)
+    wide = output is ListOutput.wide
+    table = Table(title="rollouts", title_justify="left")
+    for col in (*_LIST_COLUMNS, "created", *(_WIDE_COLUMNS if wide else ())):
+        # An id is never cut: it is what the operator copies into the next command.
+        table.add_column(col, no_wrap=col in ("id", "created"))
     for row in rows:
         created = datetime.fromtimestamp(row["created_at"], timezone.utc)
-        table.add_row(
-            row["id"],
-            row["kind"],
-            row["model"],
-            row["version"],
-            row["state"],
-            row["target"],
-            str(row["devices"]),
-            str(row["failed"]),
-            f"{created:%Y-%m-%d %H:%M:%S}",
-        )
-    Console().print(table)
+        cells = [str(row[c]) for c in _LIST_COLUMNS] + [f"{created:%Y-%m-%d %H:%M:%S}"]
+        if wide:
+            cells += [
+                row["waves"],
+                f"{row['max_failure_rate']:g}",
+                f"{row['wave_timeout']:g}s",
+                row["canary"] or "-",
+                row["abort_reason"] or "-",
+            ]
+        table.add_row(*cells)
+    print_unwrapped(table)
+
+
+def already_ended(store: RolloutStore, r: Rollout, output: Output) -> NoReturn:
+    """`pause`, `resume` and `abort` of a rollout that has ended all answer alike: one
+    line, the summary with --output json, and the rollout's own outcome as exit code
+    (0 succeeded, 1 aborted), as `--wait` would have."""
+    typer.echo(f"jetfleet: rollout {r.id} already ended: {r.state}", err=True)
+    _finish(store, r.id, output)
+    raise AssertionError("unreachable")  # _finish always exits
 
 
 @app.command("pause")
-def pause_cmd(ctx: typer.Context, rollout_id: str = typer.Argument(...)) -> None:
+def pause_cmd(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(..., help="rollout id or a unique prefix of it"),
+    output: Output = OutputOption,
+) -> None:
     """Start no further waves (devices already commanded finish their jobs)."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id)
+    if r.state in FINISHED:
+        already_ended(store, r, output)
     if not pause(store, r.id):
         fail(f"rollout {r.id} is {r.state}; only a running rollout can be paused", EXIT_FAILED)
+    if output is Output.json:
+        print_json(store.summary(r.id).to_dict())
+        return
     typer.echo(f"rollout {r.id} paused; `jetfleet rollout resume {r.id}` continues it")
 
 
 @app.command("resume")
 def resume(
     ctx: typer.Context,
-    rollout_id: str = typer.Argument(...),
+    rollout_id: str = typer.Argument(..., help="rollout id or a unique prefix of it"),
     wait: bool = WaitOption,
     output: Output = OutputOption,
 ) -> None:
@@ -657,9 +737,7 @@ def resume(
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id)
     if r.state in FINISHED:
-        if output is Output.json:
-            _finish(store, r.id, output)
-        fail(f"rollout {r.id} already {r.state}", EXIT_FAILED if r.state == ABORTED else EXIT_OK)
+        already_ended(store, r, output)
     if r.state == PAUSED:
         resume_state(store, r.id)
     if driver_alive(r):
@@ -673,7 +751,7 @@ def resume(
 @app.command("abort")
 def abort(
     ctx: typer.Context,
-    rollout_id: str = typer.Argument(...),
+    rollout_id: str = typer.Argument(..., help="rollout id or a unique prefix of it"),
     no_rollback: bool = typer.Option(
         False, "--no-rollback", help="leave devices that already succeeded on the new version"
     ),
@@ -689,7 +767,7 @@ def abort(
     r = find_rollout(store, rollout_id)
     rollback = r.auto_rollback and not no_rollback
     if not store.request_abort(r.id, "aborted by the operator", rollback):
-        fail(f"rollout {r.id} already {r.state}", EXIT_USAGE)
+        already_ended(store, store.get(r.id) or r, output)
     if driver_alive(r):
         if wait:
             watch(s, r.id, output)

@@ -263,6 +263,19 @@ def write_export(
     return n
 
 
+def _known_device(store: TelemetryStore, device: str) -> None:
+    """A device that never sent telemetry here is most likely a typo: an error (exit 2),
+    not an empty export."""
+    known = store.devices()
+    if device not in known:
+        shown = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        store.close()
+        fail(
+            f"no telemetry was ever received from {device!r} (devices with telemetry: "
+            f"{shown or 'none'})"
+        )
+
+
 @app.command()
 def export(
     ctx: typer.Context,
@@ -284,6 +297,7 @@ def export(
         fail(e.reason if isinstance(e, ProtocolError) else str(e))
     store = _open_store(_telemetry_db(ctx, telemetry_db))
     try:
+        _known_device(store, device)
         rows = _rows(store, device, t0, t1, resolution)
         if out is None:
             n = write_export(rows, fmt, resolution, sys.stdout)

@@ -257,3 +257,15 @@ def test_watch_once_shows_status_and_live_samples(
     assert r["online"] is True and r["versions"] == {"detector": "1.4.0"}
     assert r["gpu_load_pct"] == 42.0 and r["power_w"] == 70.0 and r["temp_max_c"] == 44.2
     assert r["age_s"] is not None and r["age_s"] < 5
+
+
+def test_export_of_a_device_that_never_sent_telemetry_is_an_error(db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "robot-z.csv"
+    code, stdout, err = invoke(
+        "telemetry", "export", "--device", "robot-z", "--out", str(out),
+        "--telemetry-db", str(db),
+    )  # fmt: skip
+    assert code == 2, err
+    assert "no telemetry was ever received from 'robot-z'" in err
+    assert "devices with telemetry: robot-a, robot-b" in err
+    assert stdout == "" and not out.exists()
