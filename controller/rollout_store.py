@@ -464,6 +464,22 @@ class RolloutStore:
             rows = self.conn.execute(sql + " ORDER BY position", args).fetchall()
         return [Assignment.from_row(r) for r in rows]
 
+    def device_history(self, device_id: str, limit: int = 20) -> list[tuple[Rollout, Assignment]]:
+        """The device's jobs across rollouts, newest first."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT a.* FROM assignments a JOIN rollouts r ON r.id = a.rollout_id "
+                "WHERE a.device_id=? ORDER BY r.created_at DESC LIMIT ?",
+                (device_id, limit),
+            ).fetchall()
+        out = []
+        for row in rows:
+            a = Assignment.from_row(row)
+            r = self.get(a.rollout_id)
+            if r is not None:
+                out.append((r, a))
+        return out
+
     def assignment(self, rollout_id: str, device_id: str) -> Assignment | None:
         with self._lock:
             row = self.conn.execute(

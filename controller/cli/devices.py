@@ -74,7 +74,7 @@ def refresh_registry(
         return sync_from_broker(registry, m, timeout=timeout, device_ids=named_devices(target))
 
 
-def _ago(ts: float | None) -> str:
+def ago(ts: float | None) -> str:
     if ts is None:
         return "never"
     s = max(0.0, time.time() - ts)
@@ -124,7 +124,7 @@ def devices_table(records: list[DeviceRecord], stale: str | None = None) -> Tabl
             d.id,
             ",".join(d.groups) or "-",
             _online(d.online, stale is not None),
-            _ago(d.last_seen),
+            ago(d.last_seen),
             hw or "-",
             _models(d),
             _job(d),

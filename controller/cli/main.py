@@ -110,6 +110,9 @@ app.add_typer(_broker.app, name="broker")
 from controller.cli import devices as _devices  # noqa: E402
 
 app.command("devices")(_devices.devices)
+from controller.cli import device as _device  # noqa: E402
+
+app.add_typer(_device.app, name="device")
 from controller.cli import rollout as _rollout  # noqa: E402
 
 app.add_typer(_rollout.app, name="rollout")

@@ -555,7 +555,7 @@ def start(
     launch(s, keys, rid, wait, output)
 
 
-def _gate_text(gate: dict[str, Any] | None) -> str:
+def gate_text(gate: dict[str, Any] | None) -> str:
     """The gate figures an operator compares at a glance (the JSON has them all)."""
     if not gate:
         return "-"
@@ -581,7 +581,7 @@ def assignments_table(assignments: list[Assignment]) -> Table:
             str(a.wave + 1),
             f"[{_STATE_STYLE.get(a.state, 'white')}]{a.state}[/]",
             a.prev_version or "-",
-            _gate_text(a.gate),
+            gate_text(a.gate),
             rollback,
             a.rb_reason or a.reason or "-",
         )
