@@ -40,7 +40,13 @@ from controller.cli.devices import (
     refresh_registry,
 )
 from controller.commands import CommandSigner
-from controller.keystore import KeySet, KeystoreError, load_keys, trust_update_signers
+from controller.keystore import (
+    KeySet,
+    KeystoreError,
+    load_keys,
+    retired_signer_reason,
+    trust_update_signers,
+)
 from controller.mqtt import MqttError
 from controller.registry import Registry, TargetError
 from controller.rollout import (
@@ -521,7 +527,8 @@ def start(
     try:
         manifest = verify_bundle(bundle, keys.trust, datetime.now(timezone.utc))
     except VerificationError as e:
-        fail(f"bundle {bundle} failed verification [{e.code}]: {e.reason}", EXIT_VERIFY)
+        reason = retired_signer_reason(s.keys, bundle, keys.trust) or e.reason
+        fail(f"bundle {bundle} failed verification [{e.code}]: {reason}", EXIT_VERIFY)
     except OSError as e:
         fail(f"bundle {bundle}: {e.strerror}")
     try:
