@@ -12,7 +12,9 @@ from controller.cli.common import EXIT_USAGE
 from controller.settings import ControllerSettings, SettingsError
 
 # The options of `_global` below: accepted anywhere on the line, as kubectl does.
-GLOBAL_OPTIONS = frozenset(("--broker", "--keys", "--db", "--ca", "--cert", "--key", "--config"))
+GLOBAL_OPTIONS = frozenset(
+    ("--context", "--broker", "--keys", "--db", "--ca", "--cert", "--key", "--config")
+)
 
 
 def _leaf(group: TyperGroup, ctx: Any, args: list[str]) -> tuple[Any, int]:
@@ -78,6 +80,9 @@ app = typer.Typer(
 @app.callback()
 def _global(
     ctx: typer.Context,
+    context: str | None = typer.Option(
+        None, help="named context of the config file [env JETFLEET_CONTEXT; `context use`]"
+    ),
     broker: str | None = typer.Option(None, help="MQTT broker URL [env JETFLEET_BROKER]"),
     keys: Path | None = typer.Option(
         None, help="key directory from `jetfleet keys init` [env JETFLEET_KEYS]"
@@ -94,8 +99,11 @@ def _global(
         ctx.obj = ControllerSettings.load(
             {"broker": broker, "keys": keys, "db": db, "ca": ca, "cert": cert, "key": key},
             config=config,
+            context=context,
         )
     except SettingsError as e:
+        if ctx.invoked_subcommand == "context":  # how one gets out of a bad context
+            return
         typer.echo(f"jetfleet: {e}", err=True)
         raise typer.Exit(EXIT_USAGE) from e
 
@@ -104,6 +112,9 @@ def _global(
 from controller.cli import pki as _pki  # noqa: E402
 
 app.add_typer(_pki.app, name="pki")
+from controller.cli import context as _context  # noqa: E402
+
+app.add_typer(_context.app, name="context")
 from controller.cli import broker as _broker  # noqa: E402
 
 app.add_typer(_broker.app, name="broker")
