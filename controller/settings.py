@@ -7,8 +7,8 @@ the agent's TLS keys (`ca`, `cert`, `key`); the config file uses the same key na
 Named contexts (one per fleet, as kubectl's): `[contexts.NAME]` tables of the config file
 with the same keys. The one in use is `--context` (JETFLEET_CONTEXT), else the one
 `jetfleet context use` wrote to `current-context` beside the config file. A context's
-database and bundle directory default to DATA_DIR/contexts/NAME/, so no two fleets share
-state.
+database defaults to DATA_DIR/contexts/NAME/controller.db, and the bundle directory is
+bundles/ beside the database, so no two fleets share state.
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ def context_values(data: dict[str, Any], name: str, path: Path) -> dict[str, Any
             f"{path}: [contexts.{name}] has unknown key(s) {', '.join(unknown)}; "
             f"keys are {', '.join(_CONTEXT_KEYS)}"
         )
-    state = default_data_dir() / "contexts" / name
-    return {"db": state / "controller.db", "bundle_dir": state / "bundles", **known[name]}
+    return {"db": default_data_dir() / "contexts" / name / "controller.db", **known[name]}
 
 
 def current_context(path: Path) -> str | None:
@@ -100,7 +99,7 @@ class ControllerSettings:
     key: str = ""
     protocol: str = "5"
     prefix: str = "jetfleet/v1"
-    bundle_dir: Path = field(default_factory=lambda: default_data_dir() / "bundles")
+    bundle_dir: Path = Path()  # unset: bundles/ beside the database (state per database)
     context: str | None = None  # the named context in use
 
     @classmethod
@@ -139,7 +138,8 @@ class ControllerSettings:
         s = cls(**values, context=name)
         s.keys = Path(s.keys).expanduser() if s.keys else None
         s.db = Path(s.db).expanduser()
-        s.bundle_dir = Path(s.bundle_dir).expanduser()
+        given = values.get("bundle_dir")
+        s.bundle_dir = Path(given).expanduser() if given else s.db.parent / "bundles"
         s.protocol = str(s.protocol)
         if s.protocol not in ("5", "3.1.1"):
             raise SettingsError(f"protocol must be 5 or 3.1.1, not {s.protocol!r}")
