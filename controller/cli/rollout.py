@@ -349,6 +349,8 @@ def spawn_driver(s: ControllerSettings, rollout_id: str) -> int:
     ]
     if s.keys:
         args += ["--keys", str(s.keys)]
+    if s.context:  # its protocol and prefix too, whatever the current context is then
+        args += ["--context", s.context]
     for opt, val in (("--ca", s.ca), ("--cert", s.cert), ("--key", s.key)):
         if val:
             args += [opt, val]
