@@ -248,6 +248,7 @@ def test_an_unreachable_broker_is_logged_at_once_with_its_cause(
     assert log.count("mqtt_unreachable") == 1  # once per cause, not once per retry
 
 
+@pytest.mark.slow
 def test_two_agents_with_one_device_id_name_the_session_takeover(
     tmp_path: Path, mosquitto, trust_material
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli, wait_until
 
 from controller.keystore import init_keys
@@ -14,6 +15,7 @@ from controller.localbroker import LocalMosquitto
 from protocol.topics import Topics
 
 
+@pytest.mark.slow
 def test_each_context_has_its_broker_keys_and_state(
     tmp_path: Path, mosquitto: LocalMosquitto
 ) -> None:

@@ -42,6 +42,7 @@ def collect_telemetry(env: dict[str, str], device: str) -> None:
     store.close()
 
 
+@pytest.mark.slow
 def test_device_show_describes_one_robot_and_forget_removes_a_decommissioned_one(
     mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], tmp_path: Path
 ) -> None:

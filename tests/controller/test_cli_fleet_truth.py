@@ -32,6 +32,7 @@ def listed(env: dict[str, str]) -> dict[str, dict[str, object]]:
     return {d["id"]: d for d in json.loads(out.stdout)}
 
 
+@pytest.mark.slow
 def test_an_offline_robot_is_last_seen_when_it_was_last_heard_not_when_we_looked(
     mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], tmp_path: Path
 ) -> None:
