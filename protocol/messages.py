@@ -267,6 +267,19 @@ class ReasonCode(str, Enum):
     INTERNAL = "internal"
 
 
+# What a person reads of a reason (status, `rollout status`, logs); longer ones are
+# summarised and the full text travels in the event's `detail`.
+REASON_MAX_CHARS = 400
+
+
+def bound_reason(reason: str, limit: int = REASON_MAX_CHARS) -> str:
+    """`reason` if short enough, else its start and how much was left out."""
+    if len(reason) <= limit:
+        return reason
+    cut = reason[: limit - 40].rsplit(" ", 1)[0] or reason[: limit - 40]
+    return f"{cut} … [{len(reason) - len(cut):,} more characters]"
+
+
 class JobEvent(Document):
     """One step of a job, published QoS 1 on the device's events topic."""
 
@@ -283,7 +296,12 @@ class JobEvent(Document):
         max_length=200,
         description="BUILDING progress events: the build phase `progress` is of",
     )
-    reason: str | None = None
+    reason: str | None = Field(
+        default=None, description=f"for a person, at most {REASON_MAX_CHARS} characters"
+    )
+    detail: str | None = Field(
+        default=None, description="the full reason, when `reason` had to be shortened"
+    )
     code: str | None = None
     kind: CommandKind | None = None
     model: str | None = None
@@ -306,6 +324,16 @@ class JobEvent(Document):
     at: datetime = Field(default_factory=utcnow)
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_reason(cls, data: Any) -> Any:
+        """Every event, built or received, carries a reason a person can read."""
+        if isinstance(data, dict) and isinstance(data.get("reason"), str):
+            short = bound_reason(data["reason"])
+            if short != data["reason"]:
+                data = {**data, "reason": short, "detail": data.get("detail") or data["reason"]}
+        return data
 
     @model_validator(mode="after")
     def _reason_on_failure(self) -> JobEvent:

@@ -116,7 +116,7 @@ def test_rollout_start_wait_json_deploys_every_device_from_the_published_bundle(
         assert data["rollout"]["state"] == "succeeded"
         assert [d["state"] for d in data["devices"]] == ["SUCCEEDED"] * 3
         assert [w["size"] for w in data["waves"]] == [1, 2]
-        published = tmp_path / "data" / "jetfleet" / "bundles" / "detector-2.0.0.jfb"
+        published = tmp_path / "data" / "bundles" / "detector-2.0.0.jfb"  # beside the db
         assert published.read_bytes() == bundle.read_bytes()
         assert data["rollout"]["bundle_url"] == published.as_uri()
         assert data["rollout"]["bundle_sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
