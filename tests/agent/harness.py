@@ -405,7 +405,8 @@ def _externalize_weights(model_path: Path) -> dict[str, Path]:
     convert_model_to_external_data(model, location="weights.bin", size_threshold=0)
     onnx.save(model, str(model_path))  # writes weights.bin beside it
     data = model_path.parent / "weights.bin"
-    named = data.rename(data.with_name(f"weights-{hashlib.sha256(data.read_bytes()).hexdigest()}.bin"))
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    named = data.rename(data.with_name(f"weights-{sha}.bin"))
     model = onnx.load(str(model_path), load_external_data=False)
     for t in model.graph.initializer:
         for entry in t.external_data:

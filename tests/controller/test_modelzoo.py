@@ -231,7 +231,8 @@ def _reshape_model(tmp_path: Path, shape_from: str) -> Path:
     else:
         nodes.append(h.make_node("Identity", ["x_shape"], ["shape"]))
     nodes.append(h.make_node("Reshape", ["x", "shape"], ["y"]))
-    graph = h.make_graph(nodes, "reshape", inputs, [h.make_tensor_value_info("y", tp.FLOAT, [2, 3])])
+    outputs = [h.make_tensor_value_info("y", tp.FLOAT, [2, 3])]
+    graph = h.make_graph(nodes, "reshape", inputs, outputs)
     path = tmp_path / f"reshape_{shape_from}.onnx"
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
     return path

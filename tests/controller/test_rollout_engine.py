@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_devices, wait_until
-
 from rich.console import Console
 
 from controller.cli.rollout import render
@@ -106,8 +105,8 @@ def test_a_device_that_gave_no_verdict_is_counted_apart_not_as_a_failure(
         console = Console(record=True, width=200)
         console.print(render(summary))
         assert (
-            "not judged (device conditions moved, no verdict on the model; not counted as failures, deploy again): robot-0002"
-            in console.export_text()
+            "not judged (device conditions moved, no verdict on the model; not counted as "
+            "failures, deploy again): robot-0002" in console.export_text()
         )
 
 
