@@ -347,17 +347,23 @@ def _loadable_engine(
 
 
 def _check_model_sha256(model: Path, expected: str) -> None:
-    """A held bundle was verified when extracted; check the model did not rot since."""
-    import hashlib
+    """A held bundle was verified when extracted; check the model and its weight files
+    did not rot since. Weight files carry their SHA-256 in their name (bundle build names
+    them so), and model.onnx's hash covers those names, so a rotted weight is caught."""
+    import re
 
+    from agent.engines.sidecar import file_sha256
     from protocol.errors import BundleError
+    from protocol.modelio import resolve_model_file
 
-    h = hashlib.sha256()
-    with model.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != expected:
+    if file_sha256(model) != expected:
         raise BundleError(f"held model {model} no longer matches its manifest's sha256")
+    for name in resolve_model_file(model).data_files:
+        named = re.fullmatch(r"weights-([0-9a-f]{64})\.bin", name)
+        if named and file_sha256(model.parent / name) != named.group(1):
+            raise BundleError(
+                f"held weight file {name} of {model} no longer matches the sha256 in its name"
+            )
 
 
 def _cap_memory(limit: int | None) -> None:

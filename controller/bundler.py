@@ -50,7 +50,7 @@ from protocol.manifest import (
     Targets,
     TensorSpec,
 )
-from protocol.modelio import ModelError, ModelIO, resolve_model_file
+from protocol.modelio import ModelError, ModelIO, resolve_model_file, shape_tensor_inputs
 
 MODEL_MEMBER = "model.onnx"
 GOLDEN_MEMBER = "golden.npz"
@@ -113,7 +113,21 @@ def describe_model(path: Path) -> ModelIO:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BuildInputError(f"{path} is not a valid ONNX model: {first}") from e
+    _refuse_shape_tensors(path)
     return io
+
+
+def _refuse_shape_tensors(path: Path) -> None:
+    """Refused for every fleet, not only TensorRT ones: a bundle does not know which
+    backend its devices run, and TensorRT devices refuse shape-tensor inputs."""
+    found = shape_tensor_inputs(onnx.load(str(path), load_external_data=False))
+    if found:
+        name, use = next(iter(found.items()))
+        raise BuildInputError(
+            f"{path}: input {name!r} is a shape tensor (its values feed {use}): TensorRT "
+            "devices need shapes as constants in the model or taken from a data tensor "
+            "(Shape): export with fixed shape values (e.g. onnxsim)"
+        )
 
 
 def _check_shipped(path: Path, io: ModelIO, what: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.messages import FAILURE_STATES, PIPELINE, JobState
+from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
 # Assignment states besides the agent's job states (SPEC §6).
 WAITING = "WAITING"  # its wave has not started: no command exists
@@ -252,7 +252,14 @@ class Assignment:
 
     @property
     def failed(self) -> bool:
-        return self.state in FAILED
+        """A failure of the model on this device; one with no verdict is not (not_judged)."""
+        return self.state in FAILED and not self.not_judged
+
+    @property
+    def not_judged(self) -> bool:
+        """The device's gate gave no verdict (its clocks or thermal state kept moving): the
+        device, not the model, was the problem, so the failure rate leaves it out."""
+        return self.state == JobState.FAILED.value and self.code == ReasonCode.NOT_JUDGED.value
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -282,10 +289,12 @@ class RolloutSummary:
     failures: list[dict[str, Any]]
     rollbacks: dict[str, int]
     offline_pending: list[str] = field(default_factory=list)
+    not_judged: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "offline_pending": self.offline_pending,
+            "not_judged": self.not_judged,
             "rollout": self.rollout.to_dict(),
             "waves": [w.__dict__ for w in self.waves],
             "assigned": self.assigned,
@@ -572,6 +581,11 @@ class RolloutStore:
             rollbacks=rollbacks,
             offline_pending=[
                 a.device_id for a in assignments if a.state == PENDING and a.device_id in offline
+            ],
+            not_judged=[
+                {"device_id": a.device_id, "wave": a.wave, "reason": a.reason}
+                for a in assigned
+                if a.not_judged
             ],
         )
 

@@ -15,6 +15,9 @@ The rules are those of the ONNX IR, whatever exporter wrote the file:
   the model itself defines: a custom-domain op needs a plugin no jetfleet device has.
 - External data locations are plain relative paths next to the model (no "..", not
   absolute): a model must not read a file outside its bundle.
+- `shape_tensor_inputs` names inputs whose values feed a shape computation (Reshape's
+  shape, Expand's shape, ...): TensorRT treats them as shape tensors, which a jetfleet
+  build profile cannot express, so bundle build refuses them.
 
 Works on a parsed `onnx.ModelProto` (attribute access only, so this module imports no
 onnx: the agent daemon imports `protocol` and must stay free of it); `resolve_model_file`
@@ -123,6 +126,49 @@ def _nodes(graph: Any) -> Any:
             elif attr.type == _GRAPHS_ATTR:
                 for g in attr.graphs:
                     yield from _nodes(g)
+
+
+# op type -> positions of its inputs that are shapes (or shape-like: sizes, counts, ranges).
+_SHAPE_SLOTS = {
+    "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,),
+    "Slice": (1, 2, 3, 4), "Resize": (3,), "TopK": (1,), "Range": (0, 1, 2), "OneHot": (1,),
+}  # fmt: skip
+# Ops that pass values through unchanged (a shape built from an input by these is still it).
+_PASS_THROUGH = {"Cast": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Identity": (0,), "Concat": None}
+
+
+def shape_tensor_inputs(model: Any) -> dict[str, str]:
+    """Caller-fed inputs whose values feed a shape computation, directly or through
+    Cast/Concat/Unsqueeze/Squeeze/Identity: {input name: "Reshape's input 1", ...}."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    fed = {v.name for v in graph.input if v.name not in weights}
+    producer = {out: node for node in _nodes(graph) for out in node.output}
+    found: dict[str, str] = {}
+    for node in _nodes(graph):
+        for slot in _SHAPE_SLOTS.get(node.op_type, ()):
+            if slot < len(node.input) and node.input[slot]:
+                use = f"{node.op_type}'s input {slot}"
+                for name in _sources(node.input[slot], producer):
+                    if name in fed:
+                        found.setdefault(name, use)
+    return found
+
+
+def _sources(name: str, producer: dict[str, Any]) -> set[str]:
+    """The tensors a value comes from through pass-through ops (itself included)."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        node = producer.get(current)
+        if node is None or node.op_type not in _PASS_THROUGH:
+            continue
+        slots = _PASS_THROUGH[node.op_type] or range(len(node.input))
+        todo += [node.input[i] for i in slots if i < len(node.input) and node.input[i]]
+    return seen
 
 
 def _check_ops(model: Any) -> None:

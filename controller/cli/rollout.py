@@ -257,6 +257,16 @@ def render(summary: RolloutSummary) -> Group:
         parts.append(
             Text(f"pending, offline (command waits in the broker): {names}{more}", style="yellow")
         )
+    if summary.not_judged:
+        names = ", ".join(d["device_id"] for d in summary.not_judged[:10])
+        more = f" and {len(summary.not_judged) - 10} more" if len(summary.not_judged) > 10 else ""
+        parts.append(
+            Text(
+                f"not judged (device conditions moved, no verdict on the model; not counted "
+                f"as failures, deploy again): {names}{more}",
+                style="yellow",
+            )
+        )
     for f in summary.failures[:20]:
         parts.append(
             Text(f"  {f['device_id']}: {f['state']} [{f['code']}] {f['reason']}", style="red")

@@ -359,8 +359,10 @@ def build_bundle(
     golden_override: dict[str, Any] | None = None,
     golden_zeros: dict[str, tuple[tuple[int, ...], str]] | None = None,
     build: dict[str, Any] | None = None,
+    external_weights: bool = False,
 ) -> Path:
     """A real signed bundle: an ONNX MLP (tests/models.py) and ORT golden outputs.
+    `external_weights` keeps the weights in a weights-<sha256>.bin member, as bundle build does.
     `golden_override` replaces golden arrays (to make a bundle that fails the gate);
     `golden_zeros` replaces or adds arrays of zeros by (shape, dtype) that are never in
     memory here (see tests.models.write_golden)."""
@@ -376,6 +378,8 @@ def build_bundle(
         golden.pop(key, None)
     golden_path = write_golden(work / "golden.npz", golden, golden_zeros)
     files = {"model.onnx": model, "golden.npz": golden_path}
+    if external_weights:
+        files |= _externalize_weights(model)
     manifest = make_manifest(
         name=name,
         version=version,
@@ -388,6 +392,28 @@ def build_bundle(
     )
     keys = release if isinstance(release, list) else [release]
     return write_bundle(Path(out_dir) / bundle_filename(name, version), manifest, files, keys)
+
+
+def _externalize_weights(model_path: Path) -> dict[str, Path]:
+    """Move the model's weights into one data file named by its SHA-256 (controller.bundler)."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    model = onnx.load(str(model_path))
+    convert_model_to_external_data(model, location="weights.bin", size_threshold=0)
+    onnx.save(model, str(model_path))  # writes weights.bin beside it
+    data = model_path.parent / "weights.bin"
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    named = data.rename(data.with_name(f"weights-{sha}.bin"))
+    model = onnx.load(str(model_path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = named.name
+    onnx.save(model, str(model_path))
+    return {named.name: named}
 
 
 def deploy_body(bundle: Path, url: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -484,6 +484,24 @@ def test_rollback_whose_held_model_rotted_fails_and_current_stays(device: Device
     assert device.slot() == ("1.1.0", "1.0.0")
 
 
+def test_rollback_whose_held_weight_file_rotted_fails_naming_it_and_current_stays(
+    device: Device,
+) -> None:
+    device.deploy(build_bundle(device.tmp, device.tm.release, external_weights=True))
+    device.deploy(build_bundle(device.tmp, device.tm.release, version="1.1.0", seed=2))
+    vdir = device.data / "models" / "detector" / "versions" / "1.0.0"
+    (vdir / "engine").unlink()
+    sha = (vdir / "bundle.sha256").read_text().strip()
+    (weights,) = (device.data / "bundles" / sha).glob("weights-*.bin")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"bitsrot!")  # model.onnx untouched
+    e = device.run(device.send("rollback", {"model": "detector", "to_version": "1.0.0"}))
+    assert (e.state, e.code) == (JobState.FAILED, "build_failed"), e
+    assert f"held weight file {weights.name} of " in (e.reason or ""), e
+    assert "no longer matches the sha256 in its name" in (e.reason or "")
+    assert "1.1.0 stays active" in (e.reason or "")
+    assert device.slot() == ("1.1.0", "1.0.0")
+
+
 def test_rollback_with_unloadable_engine_and_no_bundle_is_rejected(device: Device) -> None:
     device.deploy(build_bundle(device.tmp, device.tm.release, version="1.0.0"))
     device.deploy(build_bundle(device.tmp, device.tm.release, version="1.1.0", seed=2))

@@ -214,3 +214,41 @@ def test_a_dynamic_input_without_a_profile_builds_with_a_warning_naming_tensorrt
     assert r.exit_code == 0, r.output
     assert "input 'input' has dynamic axes ['batch'] and no --profile" in r.stderr
     assert "TensorRT devices will refuse this bundle" in r.stderr
+
+
+def _reshape_model(tmp_path: Path, shape_from: str) -> Path:
+    """y = Reshape(x, shape) where the shape is `dims` (a fed input) passed through a
+    Cast/Unsqueeze/Concat chain, or Shape(x) (taken from the data tensor)."""
+    h, tp = onnx.helper, onnx.TensorProto
+    nodes = [h.make_node("Shape", ["x"], ["x_shape"])]
+    inputs = [h.make_tensor_value_info("x", tp.FLOAT, [2, 3])]
+    if shape_from == "input":
+        inputs.append(h.make_tensor_value_info("dims", tp.INT32, [2]))
+        nodes += [
+            h.make_node("Cast", ["dims"], ["dims64"], to=tp.INT64),
+            h.make_node("Concat", ["dims64"], ["shape"], axis=0),
+        ]
+    else:
+        nodes.append(h.make_node("Identity", ["x_shape"], ["shape"]))
+    nodes.append(h.make_node("Reshape", ["x", "shape"], ["y"]))
+    outputs = [h.make_tensor_value_info("y", tp.FLOAT, [2, 3])]
+    graph = h.make_graph(nodes, "reshape", inputs, outputs)
+    path = tmp_path / f"reshape_{shape_from}.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_input_feeding_a_reshape_shape_is_refused_at_bundle_build_naming_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    r = bundle_build(cli, _reshape_model(tmp_path, "input"), "r", (), tmp_path / "b.jfb")
+    assert r.exit_code == 2, r.output
+    assert "input 'dims' is a shape tensor (its values feed Reshape's input 1)" in r.stderr
+    assert "TensorRT devices need shapes as constants" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "b.jfb").exists()
+
+
+def test_a_shape_taken_from_the_data_tensor_builds(cli: Cli, tmp_path: Path) -> None:
+    r = bundle_build(cli, _reshape_model(tmp_path, "data"), "r", (), tmp_path / "b.jfb")
+    assert r.exit_code == 0, r.output

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_devices, wait_until
+from rich.console import Console
 
+from controller.cli.rollout import render
 from controller.keystore import KeySet, init_keys
 from controller.localbroker import LocalMosquitto
 from controller.rollout_store import ABORTED, PENDING, SUCCEEDED, DevicesHeldError
@@ -76,6 +78,36 @@ def test_threshold_that_tolerates_one_failure_completes_with_one_rolled_back(
         }
         assert fleet.devices["robot-0000"].models["detector"]["active"] == "2.0.0"
         assert fleet.devices["robot-0002"].models["detector"]["active"] == "1.0.0"
+
+
+def test_a_device_that_gave_no_verdict_is_counted_apart_not_as_a_failure(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    with fleet_of(mosquitto, keys, 3) as fleet:
+        fleet.devices["robot-0002"].behaviour = Behaviour(
+            outcome=JobState.FAILED,
+            code="not_judged",
+            reason="no engine stays active: not judged: clocks moved in each of 2 speed runs",
+        )
+        harness.sync()
+        rid = harness.create(sorted(fleet.devices))  # --max-failure-rate 0.05: 1 of 3 aborts
+        assert harness.drive(rid).state == SUCCEEDED
+        summary = harness.store.summary(rid)
+        assert (summary.failed, summary.failure_rate, summary.failures) == (0, 0.0, [])
+        assert summary.not_judged == [
+            {
+                "device_id": "robot-0002",
+                "wave": 1,
+                "reason": fleet.devices["robot-0002"].behaviour.reason,
+            }
+        ]
+        assert summary.to_dict()["not_judged"] == summary.not_judged
+        console = Console(record=True, width=200)
+        console.print(render(summary))
+        assert (
+            "not judged (device conditions moved, no verdict on the model; not counted as "
+            "failures, deploy again): robot-0002" in console.export_text()
+        )
 
 
 def test_abort_in_the_second_wave_rolls_the_first_wave_back_to_the_old_version(

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from protocol.modelio import ModelError, resolve_model
+from protocol.modelio import ModelError, resolve_model, shape_tensor_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,6 +99,29 @@ def test_a_string_input_is_refused_naming_its_type() -> None:
     inputs = [helper.make_tensor_value_info("x", TensorProto.STRING, [1, 2])]
     with pytest.raises(ModelError, match="'x' has element type STRING"):
         resolve_model(_model([helper.make_node("Identity", ["x"], ["y"])], inputs, [], 8))
+
+
+def test_inputs_feeding_shapes_through_cast_unsqueeze_concat_are_named_data_shapes_not() -> None:
+    tp = TensorProto
+    nodes = [
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+        helper.make_node("Cast", ["n1"], ["n64"], to=tp.INT64),
+        helper.make_node("Shape", ["x"], ["xs"]),  # from the data tensor: not a shape input
+        helper.make_node("Concat", ["xs", "n64"], ["shape"], axis=0),
+        helper.make_node("Expand", ["x", "shape"], ["e"]),
+        helper.make_node("Slice", ["e", "starts", "ends"], ["y"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", tp.FLOAT, [1, 2]),
+        helper.make_tensor_value_info("n", tp.INT32, []),
+        helper.make_tensor_value_info("starts", tp.INT64, [1]),
+    ]
+    consts = [
+        numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        numpy_helper.from_array(np.array([2], np.int64), "ends"),  # a weight: a constant
+    ]
+    found = shape_tensor_inputs(_model(nodes, inputs, consts, 8))
+    assert found == {"n": "Expand's input 1", "starts": "Slice's input 1"}
 
 
 def test_importing_it_does_not_import_onnx_into_the_agent_daemon() -> None:
