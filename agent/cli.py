@@ -1,7 +1,7 @@
 """`jetfleet-agent`: run the daemon, show the local state, install a bundle offline.
 
-Exit codes as the controller's (SPEC §7): 0 ok, 1 operation failed, 2 usage or bad
-input (config), 3 verification failed.
+Exit codes as the controller's (docs/protocol.md#exit-codes): 0 ok, 1 operation failed,
+2 usage or bad input (config), 3 verification failed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The single job worker: runs deploy and rollback jobs one at a time through SPEC §6.
+"""The single job worker: runs deploy and rollback jobs one at a time through the job states
+(docs/protocol.md#job-events-and-states).
 
 Every state is persisted (with its event) before the worker acts on it, so that on
 restart `recover()` knows what may have happened:

@@ -1,7 +1,7 @@
 """Controller settings: CLI options > environment > ~/.config/jetfleet/config.toml > defaults.
 
-SPEC §8: `--broker` (JETFLEET_BROKER), `--keys` (JETFLEET_KEYS), `--db` (JETFLEET_DB), and
-the agent's TLS keys (`ca`, `cert`, `key`); the config file uses the same key names.
+`--broker` (JETFLEET_BROKER), `--keys` (JETFLEET_KEYS), `--db` (JETFLEET_DB), and the agent's
+TLS keys (`ca`, `cert`, `key`); the config file uses the same key names (docs/operations.md).
 """
 
 from __future__ import annotations

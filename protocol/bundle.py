@@ -1,4 +1,4 @@
-"""The deployment bundle (SPEC §4): one uncompressed POSIX tar, `NAME-VERSION.jfb`.
+"""The deployment bundle (docs/protocol.md): one uncompressed POSIX tar, `NAME-VERSION.jfb`.
 
 Layout, in this order:
 

@@ -1,4 +1,4 @@
-"""Commands, job events, device status (SPEC §5, §6) and their reason codes."""
+"""Commands, job events, device status and their reason codes (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`jetfleet bundle build|verify|inspect`: signed deployment bundles (SPEC §4, §7)."""
+"""`jetfleet bundle build|verify|inspect`: signed deployment bundles (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ app = typer.Typer(
     help="Build, verify and inspect signed model bundles (.jfb).", no_args_is_help=True
 )
 
-# `-o` is the bundle file here (as in SPEC §7), so the format flag is --output only.
+# `-o` is the bundle file here (as in docs/operations.md), so the format flag is --output only.
 FormatOption = typer.Option(Output.human, "--output", help="human or json")
 _GATE_DEFAULTS = GateSpec()
 

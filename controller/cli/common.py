@@ -1,4 +1,4 @@
-"""What every `jetfleet` command shares: exit codes (SPEC §7), errors, output format."""
+"""What every `jetfleet` command shares: exit codes (docs/protocol.md), errors, output format."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ OutputOption = typer.Option(Output.human, "--output", "-o", help="human or json"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """One clear line on stderr, then exit with the SPEC's code."""
+    """One clear line on stderr, then exit with the documented code."""
     typer.echo(f"jetfleet: {message}", err=True)
     raise typer.Exit(code)
 

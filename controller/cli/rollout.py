@@ -1,4 +1,4 @@
-"""`jetfleet rollout start|status|list|pause|resume|abort` (SPEC §7)."""
+"""`jetfleet rollout start|status|list|pause|resume|abort` (docs/operations.md, Rollouts)."""
 
 from __future__ import annotations
 
