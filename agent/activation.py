@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from protocol.fsio import fsync_dir
 from protocol.ids import SemVer
 from protocol.messages import ModelSlot
 
@@ -46,14 +47,6 @@ class ActivationError(Exception):
         self.reason = reason
         if code is not None:
             self.code = code
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:

@@ -6,7 +6,6 @@ Exit codes as the controller's (docs/protocol.md#exit-codes): 0 ok, 1 operation 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import uuid
@@ -216,6 +215,7 @@ def install(
     from agent.truststore import TrustStore
     from agent.worker import Worker
     from protocol.errors import ProtocolError
+    from protocol.fsio import sha256_file
     from protocol.messages import JobState
     from protocol.topics import Topics
 
@@ -230,10 +230,7 @@ def install(
             fail(e.reason, EXIT_USAGE)
         except ProtocolError as e:
             fail(f"trust root {cfg.trust_root}: {e.reason}", EXIT_VERIFY)
-        h = hashlib.sha256()
-        with open(bundle, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        digest = sha256_file(bundle)
         store, reset = open_store(Path(cfg.data_dir) / "state.db")
         topics = Topics(cfg.topic_prefix)
         if reset is not None:
@@ -252,7 +249,7 @@ def install(
             data={
                 "body": {
                     "url": bundle.resolve().as_uri(),
-                    "sha256": h.hexdigest(),
+                    "sha256": digest,
                     "size": bundle.stat().st_size,
                 },
                 "offline": True,

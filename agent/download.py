@@ -15,7 +15,6 @@ never trips the per-read timeout).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import os
 import shutil
@@ -30,6 +29,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import structlog
+
+from protocol.fsio import sha256_file
 
 log = structlog.get_logger("jetfleet.agent.download")
 
@@ -172,17 +173,13 @@ def _sha256_file(
     progress: Progress | None = None,
     total: int = 0,
 ) -> str:
-    h = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if canceled and canceled():
-                raise Canceled()
-            if progress:
-                progress(done, total or done)
-    return h.hexdigest()
+    def each_chunk(done: int) -> None:
+        if canceled and canceled():
+            raise Canceled()
+        if progress:
+            progress(done, total or done)
+
+    return sha256_file(path, each_chunk)
 
 
 class _Guard:

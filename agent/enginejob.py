@@ -331,15 +331,10 @@ def _loadable_engine(
 
 def _check_model_sha256(model: Path, expected: str) -> None:
     """A held bundle was verified when extracted; check the model did not rot since."""
-    import hashlib
-
     from protocol.errors import BundleError
+    from protocol.fsio import sha256_file
 
-    h = hashlib.sha256()
-    with model.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != expected:
+    if sha256_file(model) != expected:
         raise BundleError(f"held model {model} no longer matches its manifest's sha256")
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.activation import fsync_dir
+from protocol.fsio import fsync_dir
 from protocol.messages import JobEvent, JobState
 
 SCHEMA_VERSION = 1

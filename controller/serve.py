@@ -39,6 +39,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from controller.ingest import IngestPool
 from controller.metrics import FleetCollector, make_registry
+from protocol.fsio import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -80,19 +81,8 @@ def _pid_alive(pid: int) -> bool:
 
 def write_serve_state(data_dir: Path, state: ServeState) -> Path:
     """tmp + fsync + rename: a reader sees the old file or the new one, never half."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / SERVE_STATE
-    tmp = data_dir / f".{SERVE_STATE}.{os.getpid()}.tmp"
-    with tmp.open("w") as f:
-        json.dump(state.__dict__, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, json.dumps(state.__dict__).encode())
     return path
 
 
