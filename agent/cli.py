@@ -216,7 +216,7 @@ def install(
     from agent.worker import Worker
     from protocol.errors import ProtocolError
     from protocol.fsio import sha256_file
-    from protocol.messages import JobState
+    from protocol.messages import CommandKind, JobState
     from protocol.topics import Topics
 
     try:
@@ -240,7 +240,7 @@ def install(
         worker.recover()
         job = JobRecord(
             command_id=str(uuid.uuid4()),
-            kind="deploy",
+            kind=CommandKind.DEPLOY.value,
             state=JobState.QUEUED,
             rollout_id=None,
             model=None,

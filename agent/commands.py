@@ -40,6 +40,7 @@ from protocol.errors import (
 )
 from protocol.messages import (
     BODY_BY_KIND,
+    CANCELABLE_STATES,
     CancelBody,
     Command,
     CommandKind,
@@ -57,14 +58,6 @@ log = structlog.get_logger("jetfleet.agent.commands")
 
 _CODES = {c.value for c in ReasonCode}
 STORE_BACKOFF_MAX_S = 5.0
-CANCELABLE = (
-    JobState.RECEIVED,
-    JobState.QUEUED,
-    JobState.DOWNLOADING,
-    JobState.VERIFYING,
-    JobState.BUILDING,
-    JobState.VALIDATING,
-)
 # Refusals a hostile broker can make us write: a burst of REFUSAL_BURST, then one every
 # REFUSAL_EVERY_S; and none while the outbox (unacknowledged events) is this long.
 REFUSAL_BURST = 20
@@ -484,7 +477,7 @@ class CommandProcessor:
                 reason=f"no job {target_id} on this device yet: it is canceled if it arrives",
             )
             return
-        if target.state not in CANCELABLE:
+        if target.state not in CANCELABLE_STATES:
             self.journal.record(
                 db,
                 job,

@@ -95,3 +95,15 @@ class BundleError(VerificationError):
     """A bundle whose archive, manifest or files do not match what was signed."""
 
     code = "bundle_invalid"
+
+
+class IllegalTransitionError(RuntimeError):
+    """A job state change that `protocol.messages.TRANSITIONS` does not allow: a bug in
+    the agent, refused before anything is written. Not a ProtocolError, so that no handler
+    of bad input mistakes it for a refusal of the command."""
+
+    code = "internal"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
