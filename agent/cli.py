@@ -283,7 +283,7 @@ def install(
     raise typer.Exit(EXIT_FAILED)
 
 
-# `jetfleet-agent doctor` (agent/doctor.py, operations engineer).
+# `jetfleet-agent doctor` (agent/doctor.py).
 from agent.doctor import doctor_command  # noqa: E402
 
 app.command("doctor")(doctor_command)

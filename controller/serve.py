@@ -30,15 +30,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import structlog
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
 
 from controller.ingest import IngestPool
-from controller.metrics import FleetCollector, make_registry
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 from protocol.fsio import write_atomic
 
 log = structlog.get_logger(__name__)
@@ -169,6 +169,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._plain(HTTPStatus.NOT_FOUND, "not found")
 
     def _metrics(self) -> None:
+        # prometheus_client is the controller extra's: imported where it is used, so the
+        # rest of this module (the serve state the CLI reads) works on the base install.
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
         assert self.server.registry is not None
         body = generate_latest(self.server.registry)
         self.send_response(HTTPStatus.OK)
@@ -335,6 +339,8 @@ class JetfleetServer:
         self._stopped = threading.Event()
 
     def start(self) -> ServeState:
+        from controller.metrics import FleetCollector, make_registry  # the controller extra
+
         cfg = self.cfg
         cfg.bundle_dir.mkdir(parents=True, exist_ok=True)
         if cfg.ingest:

@@ -7,11 +7,15 @@ TLS keys (`ca`, `cert`, `key`); the config file uses the same key names (docs/op
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the base install on a Jetson (Python 3.10) has tomli instead
+    import tomli as tomllib
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 

@@ -25,7 +25,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
+from controller.cli.common import (
+    EXIT_FAILED,
+    Output,
+    OutputOption,
+    fail,
+    print_json,
+    require_extra,
+    settings,
+)
 from controller.cli.devices import configure_cli_logging, mqtt_options
 from controller.mqtt import ControllerMqtt, MqttError
 from controller.telemetry_store import (
@@ -312,6 +320,7 @@ def plot(
     telemetry_db: Path | None = TelemetryDbOption,
 ) -> None:
     """One metric of one device over time, to a PNG."""
+    require_extra("matplotlib", "telemetry plot")
     if metric not in METRICS:
         fail(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
     try:
