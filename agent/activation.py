@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from protocol.errors import CodedError
 from protocol.fsio import fsync_dir
 from protocol.ids import SemVer
 from protocol.messages import ModelSlot
@@ -37,16 +38,10 @@ TMP_PREFIX = ".tmp-"
 BUNDLE_REF = "bundle.sha256"  # the bundle a version came from (data_dir/bundles/<sha256>/)
 
 
-class ActivationError(Exception):
+class ActivationError(CodedError):
     """A hook or health check that failed; `code` is a ReasonCode value."""
 
     code = "hook_failed"
-
-    def __init__(self, reason: str, *, code: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        if code is not None:
-            self.code = code
 
 
 def _fsync_file(path: Path) -> None:

@@ -32,6 +32,7 @@ from agent.store import JobRecord, Store
 from agent.truststore import TrustStore
 from protocol.dsse import Envelope
 from protocol.errors import (
+    CodedError,
     CommandRejected,
     MessageError,
     ProtocolError,
@@ -67,9 +68,8 @@ MAX_OUTBOX_FOR_REFUSALS = 200
 
 def reason_code(err: BaseException) -> str:
     """A ReasonCode value for any error (scripts match on these)."""
-    code = getattr(err, "code", None)
-    if isinstance(code, str) and code in _CODES:
-        return code
+    if isinstance(err, CodedError) and err.code in _CODES:
+        return err.code
     if isinstance(err, TrustRootError):
         return ReasonCode.TRUST_ROOT.value
     if isinstance(err, MessageError):

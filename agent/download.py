@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from protocol.errors import CodedError
 from protocol.fsio import sha256_file
 
 log = structlog.get_logger("jetfleet.agent.download")
@@ -37,16 +38,10 @@ log = structlog.get_logger("jetfleet.agent.download")
 CHUNK = 256 * 1024
 
 
-class DownloadError(Exception):
+class DownloadError(CodedError):
     """`code` is a ReasonCode value: download_failed, too_large, disk_full, canceled."""
 
     code = "download_failed"
-
-    def __init__(self, reason: str, *, code: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        if code is not None:
-            self.code = code
 
 
 class Canceled(Exception):

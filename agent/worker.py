@@ -55,7 +55,7 @@ from agent.journal import Journal
 from agent.store import JobRecord, Store
 from agent.telemetry.conditions import describe
 from agent.truststore import TrustStore
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.ids import SemVer
 from protocol.messages import (
     PRE_ACTIVATION_STATES,
@@ -766,10 +766,10 @@ class Worker:
             if meta.backend != "tensorrt":
                 return None  # ONNX Runtime engines are portable: the hash check suffices
             why = None
-        except ProtocolError as e:
+        except CodedError as e:  # EngineLoadError, a bundle that no longer verifies, ...
             why = e.reason
-        except Exception as e:  # EngineLoadError and friends (no protocol base class)
-            why = str(getattr(e, "reason", e))
+        except Exception as e:
+            why = str(e)
         vdir = self.models.version_dir(name, version)
         sha = self.models.bundle_ref(name, version)
         try:
