@@ -34,6 +34,8 @@ from typing import Any
 import structlog
 
 from agent.livestats import Ack
+from protocol.errors import CodedError
+from protocol.fsio import fsync_dir
 from protocol.ids import SemVer
 from protocol.messages import ModelSlot
 
@@ -49,24 +51,10 @@ VERSION_FILE = "version"  # the version's own name, for consumers that read `cur
 MAX_ACK_BYTES = 4096
 
 
-class ActivationError(Exception):
+class ActivationError(CodedError):
     """A hook or health check that failed; `code` is a ReasonCode value."""
 
     code = "hook_failed"
-
-    def __init__(self, reason: str, *, code: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        if code is not None:
-            self.code = code
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:

@@ -1,12 +1,11 @@
 """`jetfleet-agent`: run the daemon, show the local state, install a bundle offline.
 
-Exit codes as the controller's (SPEC §7): 0 ok, 1 operation failed, 2 usage or bad
-input (config), 3 verification failed.
+Exit codes as the controller's (docs/protocol.md#exit-codes): 0 ok, 1 operation failed,
+2 usage or bad input (config), 3 verification failed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import uuid
@@ -216,7 +215,8 @@ def install(
     from agent.truststore import TrustStore
     from agent.worker import Worker
     from protocol.errors import ProtocolError
-    from protocol.messages import JobState
+    from protocol.fsio import sha256_file
+    from protocol.messages import CommandKind, JobState
     from protocol.topics import Topics
 
     try:
@@ -230,10 +230,7 @@ def install(
             fail(e.reason, EXIT_USAGE)
         except ProtocolError as e:
             fail(f"trust root {cfg.trust_root}: {e.reason}", EXIT_VERIFY)
-        h = hashlib.sha256()
-        with open(bundle, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        digest = sha256_file(bundle)
         store, reset = open_store(Path(cfg.data_dir) / "state.db")
         topics = Topics(cfg.topic_prefix)
         if reset is not None:
@@ -243,7 +240,7 @@ def install(
         worker.recover()
         job = JobRecord(
             command_id=str(uuid.uuid4()),
-            kind="deploy",
+            kind=CommandKind.DEPLOY.value,
             state=JobState.QUEUED,
             rollout_id=None,
             model=None,
@@ -252,7 +249,7 @@ def install(
             data={
                 "body": {
                     "url": bundle.resolve().as_uri(),
-                    "sha256": h.hexdigest(),
+                    "sha256": digest,
                     "size": bundle.stat().st_size,
                 },
                 "offline": True,
@@ -286,7 +283,7 @@ def install(
     raise typer.Exit(EXIT_FAILED)
 
 
-# `jetfleet-agent doctor` (agent/doctor.py, operations engineer).
+# `jetfleet-agent doctor` (agent/doctor.py).
 from agent.doctor import doctor_command  # noqa: E402
 
 app.command("doctor")(doctor_command)

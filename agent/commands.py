@@ -32,6 +32,7 @@ from agent.store import JobRecord, Store
 from agent.truststore import TrustStore
 from protocol.dsse import Envelope
 from protocol.errors import (
+    CodedError,
     CommandRejected,
     MessageError,
     ProtocolError,
@@ -40,6 +41,7 @@ from protocol.errors import (
 )
 from protocol.messages import (
     BODY_BY_KIND,
+    CANCELABLE_STATES,
     CancelBody,
     Command,
     CommandKind,
@@ -57,14 +59,6 @@ log = structlog.get_logger("jetfleet.agent.commands")
 
 _CODES = {c.value for c in ReasonCode}
 STORE_BACKOFF_MAX_S = 5.0
-CANCELABLE = (
-    JobState.RECEIVED,
-    JobState.QUEUED,
-    JobState.DOWNLOADING,
-    JobState.VERIFYING,
-    JobState.BUILDING,
-    JobState.VALIDATING,
-)
 # Refusals a hostile broker can make us write: a burst of REFUSAL_BURST, then one every
 # REFUSAL_EVERY_S; and none while the outbox (unacknowledged events) is this long.
 REFUSAL_BURST = 20
@@ -74,9 +68,8 @@ MAX_OUTBOX_FOR_REFUSALS = 200
 
 def reason_code(err: BaseException) -> str:
     """A ReasonCode value for any error (scripts match on these)."""
-    code = getattr(err, "code", None)
-    if isinstance(code, str) and code in _CODES:
-        return code
+    if isinstance(err, CodedError) and err.code in _CODES:
+        return err.code
     if isinstance(err, TrustRootError):
         return ReasonCode.TRUST_ROOT.value
     if isinstance(err, MessageError):
@@ -484,7 +477,7 @@ class CommandProcessor:
                 reason=f"no job {target_id} on this device yet: it is canceled if it arrives",
             )
             return
-        if target.state not in CANCELABLE:
+        if target.state not in CANCELABLE_STATES:
             self.journal.record(
                 db,
                 job,

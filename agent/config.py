@@ -1,4 +1,4 @@
-"""Agent configuration (SPEC §8): `agent.toml`, every key overridable by environment.
+"""Agent configuration: `agent.toml`, every key overridable by environment (docs/agent.md).
 
 Environment variables are `JETFLEET_AGENT_` + the key path in upper case joined by `__`
 (`JETFLEET_AGENT_BROKER__URL`), and win over the file. Unknown keys in the file are
@@ -175,7 +175,7 @@ class DesiredConfig(_Section):
 
 
 class AgentConfig(BaseSettings):
-    """SPEC §8 keys exactly, plus optional sections with defaults (limits, download)."""
+    """The keys of docs/agent.md exactly, plus optional sections with defaults (limits, ...)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -274,7 +274,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
         key = _key_of(tuple(err["loc"]))
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
-            msg = "unknown key (check the spelling against SPEC §8)"
+            msg = "unknown key (check the spelling against docs/agent.md)"
         elif err.get("type") == "missing":
             msg = "required key is missing"
         where = f" in {path}" if path else ""

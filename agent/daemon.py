@@ -92,7 +92,7 @@ def report_reset(store: Store, topics: Topics, device_id: str, reset: StoreReset
 
 
 def hardware_profile(backend: Any | None = None) -> HardwareProfile:
-    """The engines engineer's detect_hardware() in the wire format of DeviceStatus."""
+    """agent.hardware.detect_hardware() in the wire format of DeviceStatus."""
     try:
         from agent.hardware import detect_hardware
 

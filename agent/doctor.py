@@ -592,8 +592,8 @@ def run_checks(
                 "config",
                 FAIL,
                 e.reason,
-                "fix the config file (SPEC §8 keys; see docs/operations.md); the other checks "
-                "need it",
+                "fix the config file (keys: docs/agent.md; see docs/operations.md); the other "
+                "checks need it",
             )
         ]
     results = [

@@ -15,7 +15,6 @@ never trips the per-read timeout).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import os
 import shutil
@@ -31,21 +30,18 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from protocol.errors import CodedError
+from protocol.fsio import sha256_file
+
 log = structlog.get_logger("jetfleet.agent.download")
 
 CHUNK = 256 * 1024
 
 
-class DownloadError(Exception):
+class DownloadError(CodedError):
     """`code` is a ReasonCode value: download_failed, too_large, disk_full, canceled."""
 
     code = "download_failed"
-
-    def __init__(self, reason: str, *, code: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        if code is not None:
-            self.code = code
 
 
 class Canceled(Exception):
@@ -172,17 +168,13 @@ def _sha256_file(
     progress: Progress | None = None,
     total: int = 0,
 ) -> str:
-    h = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if canceled and canceled():
-                raise Canceled()
-            if progress:
-                progress(done, total or done)
-    return h.hexdigest()
+    def each_chunk(done: int) -> None:
+        if canceled and canceled():
+            raise Canceled()
+        if progress:
+            progress(done, total or done)
+
+    return sha256_file(path, each_chunk)
 
 
 class _Guard:

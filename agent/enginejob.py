@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from agent.download import Canceled
+from protocol.errors import CodedError
 
 if TYPE_CHECKING:  # the daemon side stays numpy-free
     from agent.engines.api import Backend
@@ -79,11 +80,11 @@ class Throttle:
         return True
 
 
-class EngineJobError(Exception):
+class EngineJobError(CodedError):
+    """What the engine child reported (or what killed it); `code` is a ReasonCode value."""
+
     def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+        super().__init__(reason, code=code)
 
 
 def _size(n: int) -> str:
@@ -125,7 +126,7 @@ def disk_full_reason(err: BaseException, cache_root: Path, model: Path) -> str |
         return None
     return (
         f"the disk holding {cache_root} is full ({_size(free)} free, the engine needs about "
-        f"{_size(needed)}): {getattr(err, 'reason', None) or err}"
+        f"{_size(needed)}): {err.reason if isinstance(err, CodedError) else err}"
     )
 
 
@@ -352,15 +353,15 @@ def _check_model_sha256(model: Path, expected: str) -> None:
     them so), and model.onnx's hash covers those names, so a rotted weight is caught."""
     import re
 
-    from agent.engines.sidecar import file_sha256
     from protocol.errors import BundleError
+    from protocol.fsio import sha256_file
     from protocol.modelio import resolve_model_file
 
-    if file_sha256(model) != expected:
+    if sha256_file(model) != expected:
         raise BundleError(f"held model {model} no longer matches its manifest's sha256")
     for name in resolve_model_file(model).data_files:
         named = re.fullmatch(r"weights-([0-9a-f]{64})\.bin", name)
-        if named and file_sha256(model.parent / name) != named.group(1):
+        if named and sha256_file(model.parent / name) != named.group(1):
             raise BundleError(
                 f"held weight file {name} of {model} no longer matches the sha256 in its name"
             )
@@ -512,8 +513,8 @@ def child_main() -> int:
                          "reason": f"out of {cap} (limits.engine_memory_mb): {e}"}})  # fmt: skip
         return 1
     except Exception as e:
-        code = getattr(e, "code", None)
-        reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+        code: str | None = e.code if isinstance(e, CodedError) else None
+        reason = e.reason if isinstance(e, CodedError) else f"{type(e).__name__}: {e}"
         full = _disk_full(e, req) if code in (None, "build_failed") else None
         if full is not None:
             code, reason = "disk_full", full

@@ -1,5 +1,7 @@
 """Job states and their events, persisted together: the state row and the event with its
-seq are written in one SQLite transaction before the agent acts on that state."""
+seq are written in one SQLite transaction before the agent acts on that state. A move the
+transition table (`protocol.messages.TRANSITIONS`) does not allow is refused before
+anything is written (IllegalTransitionError)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 import structlog
 
 from agent.store import JobRecord, Store
+from protocol.errors import IllegalTransitionError
 from protocol.messages import JobEvent, JobState, bound_reason
 from protocol.topics import Topics
 
@@ -112,6 +115,11 @@ class Journal:
         """`transition` inside the caller's transaction (several steps that must commit
         together, such as a command's intake); the caller calls notify() after commit.
         `event_only`: code and reason annotate the event, not the job's row."""
+        if not job.state.can_move_to(state):
+            raise IllegalTransitionError(
+                f"job {job.command_id} ({job.kind}) cannot move from {job.state.value} "
+                f"to {state.value}"
+            )
         if progress is None:
             progress = 1.0 if state.terminal else 0.0
         if data is not None:

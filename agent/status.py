@@ -1,4 +1,4 @@
-"""The retained device status (SPEC §2): what runs here, read from the disk itself.
+"""The retained device status (docs/protocol.md): what runs here, read from the disk itself.
 
 Active/previous versions come from the `current`/`previous` symlinks, not from memory,
 so the status can never disagree with what the robot's runtime loads.

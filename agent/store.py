@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.activation import fsync_dir
+from protocol.errors import CodedError
+from protocol.fsio import fsync_dir
 from protocol.messages import JobEvent, JobState
 
 SCHEMA_VERSION = 1
@@ -88,16 +89,10 @@ class JobRecord:
     updated_at: float = 0.0
 
 
-class StoreError(RuntimeError):
+class StoreError(CodedError):
     """state.db cannot be used; `code` is stable, `reason` one line for people."""
 
     code = "state_db"
-
-    def __init__(self, reason: str, *, code: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        if code is not None:
-            self.code = code
 
 
 class StoreCorruptError(StoreError):

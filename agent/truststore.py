@@ -7,17 +7,16 @@ file dropped into that directory by anyone without the root keys is refused.
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import datetime
 from pathlib import Path
 
 import structlog
 
-from agent.activation import fsync_dir
 from agent.config import ConfigError
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError
+from protocol.fsio import write_atomic
 from protocol.trust import TrustRoot, load_trust_root, rotate, rotate_chain
 
 log = structlog.get_logger("jetfleet.agent.trust")
@@ -84,16 +83,6 @@ class TrustStore:
             steps = rotate_chain(self._root, [*(chain or []), envelope], now)
             self.dir.mkdir(parents=True, exist_ok=True)
             for root, env in steps:
-                self._write(root.version, env)
-            fsync_dir(self.dir)
+                write_atomic(self.dir / f"{root.version}.json", env.encode())
             self._root = steps[-1][0]
             return self._root
-
-    def _write(self, version: int, envelope: Envelope) -> None:
-        final = self.dir / f"{version}.json"
-        tmp = self.dir / f".{version}.json.tmp"
-        with open(tmp, "wb") as f:
-            f.write(envelope.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)

@@ -1,4 +1,5 @@
-"""The single job worker: runs deploy and rollback jobs one at a time through SPEC §6.
+"""The single job worker: runs deploy and rollback jobs one at a time through the job states
+(docs/protocol.md#job-events-and-states).
 
 Every state is persisted (with its event) before the worker acts on it, so that on
 restart `recover()` knows what may have happened:
@@ -55,9 +56,16 @@ from agent.journal import Journal
 from agent.store import JobRecord, Store
 from agent.telemetry.conditions import describe
 from agent.truststore import TrustStore
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.ids import SemVer
-from protocol.messages import DeployBody, JobState, ReasonCode, RollbackBody
+from protocol.messages import (
+    PRE_ACTIVATION_STATES,
+    CommandKind,
+    DeployBody,
+    JobState,
+    ReasonCode,
+    RollbackBody,
+)
 
 if TYPE_CHECKING:
     from agent.livestats import LiveWindow
@@ -67,12 +75,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("jetfleet.agent.worker")
 
 MAX_RESUMES = 2
-PRE_ACTIVATION = (
-    JobState.DOWNLOADING,
-    JobState.VERIFYING,
-    JobState.BUILDING,
-    JobState.VALIDATING,
-)
 KEEP_VERSIONS = 3  # per model: current, previous and one more to roll back to
 MIN_LIVE_SAMPLES = 20  # live p99 over fewer inferences is noise
 MIN_BASELINE_SAMPLES = 50  # the old version's live p99 is a probation baseline from here
@@ -183,7 +185,7 @@ class Worker:
             # RECEIVED belongs to the command processor until it queues the job (it settles
             # those left by a crash at start), so the worker never races it.
             if job.state is JobState.QUEUED or (
-                job.state in PRE_ACTIVATION and job.data.get("resume")
+                job.state in PRE_ACTIVATION_STATES and job.data.get("resume")
             ):
                 return job
         return None
@@ -195,9 +197,9 @@ class Worker:
         try:
             if self._canceled(job):
                 raise Canceled()
-            if job.kind == "deploy":
+            if job.kind == CommandKind.DEPLOY:
                 self._deploy(job)
-            elif job.kind == "rollback":
+            elif job.kind == CommandKind.ROLLBACK:
                 self._rollback(job)
             else:  # ping/cancel/trust_update are finished by the command processor
                 self._end(job, JobState.FAILED, ReasonCode.INTERNAL, f"no worker for {job.kind}")
@@ -288,7 +290,7 @@ class Worker:
 
     def _body(self, job: JobRecord) -> DeployBody | RollbackBody:
         """The verified command body, stored at intake (an offline install has no envelope)."""
-        model = DeployBody if job.kind == "deploy" else RollbackBody
+        model = DeployBody if job.kind == CommandKind.DEPLOY else RollbackBody
         return model.model_validate(job.data.get("body") or {})
 
     # ---- deploy ---------------------------------------------------------------------
@@ -722,7 +724,7 @@ class Worker:
             if self.live is not None:
                 self.live.reset(name, prev.get("active"))
             if (
-                job.kind == "deploy"
+                job.kind == CommandKind.DEPLOY
                 and new_version
                 and new_version not in (prev.get("active"), prev.get("previous"))
             ):
@@ -745,7 +747,7 @@ class Worker:
 
     def _cleanup(self, job: JobRecord) -> None:
         """Remove what this job downloaded or extracted (the version dir stays if active)."""
-        sha = (job.data.get("body") or {}).get("sha256") if job.kind == "deploy" else None
+        sha = (job.data.get("body") or {}).get("sha256") if job.kind == CommandKind.DEPLOY else None
         if sha:
             if sha not in self.models.bundle_refs():
                 shutil.rmtree(self.bundles / sha, ignore_errors=True)
@@ -786,10 +788,10 @@ class Worker:
             if meta.backend != "tensorrt":
                 return None  # ONNX Runtime engines are portable: the hash check suffices
             why = None
-        except ProtocolError as e:
+        except CodedError as e:  # EngineLoadError, a bundle that no longer verifies, ...
             why = e.reason
-        except Exception as e:  # EngineLoadError and friends (no protocol base class)
-            why = str(getattr(e, "reason", e))
+        except Exception as e:
+            why = str(e)
         vdir = self.models.version_dir(name, version)
         sha = self.models.bundle_ref(name, version)
         try:
@@ -925,7 +927,7 @@ class Worker:
                     ReasonCode.INTERRUPTED.value,
                     f"the agent stopped during {job.state.value}",
                 )
-            elif job.state in PRE_ACTIVATION:
+            elif job.state in PRE_ACTIVATION_STATES:
                 if job.attempts >= MAX_RESUMES:
                     self._cleanup(job)
                     self._end(

@@ -2,7 +2,7 @@
 
 The broker requires a client certificate from the fleet CA and takes the certificate's
 common name as the MQTT user name (`use_identity_as_username`), so the ACL can name
-devices. What each identity may do (SPEC §2):
+devices. What each identity may do (docs/protocol.md, Topics):
 
 - a device reads only `PREFIX/devices/<its id>/cmd` and the cmd topics of its groups, and
   writes only its own `events`, `status` (with the will) and `telemetry`; nothing else;

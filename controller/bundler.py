@@ -17,7 +17,6 @@ precision unless the operator names one (`--accuracy`, controller.accuracy_check
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ from protocol.bundle import (
     write_bundle,
 )
 from protocol.errors import ProtocolError
+from protocol.fsio import sha256_file
 from protocol.keys import SigningKey
 from protocol.manifest import (
     BuildOptions,
@@ -154,7 +154,7 @@ def _bundle_model(src: Path, io: ModelIO, tmp: Path) -> dict[str, Path]:
     on a device) change whenever any weight does."""
     if not io.data_files:
         return {MODEL_MEMBER: src}
-    renamed = {loc: f"weights-{_sha256(src.parent / loc)}.bin" for loc in io.data_files}
+    renamed = {loc: f"weights-{sha256_file(src.parent / loc)}.bin" for loc in io.data_files}
     model = onnx.load(str(src), load_external_data=False)
     for t in model.graph.initializer:
         for entry in t.external_data:
@@ -532,14 +532,6 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_bundle(
     spec: BundleSpec, release_keys: Sequence[SigningKey], out: Path | None = None
 ) -> BuildResult:
@@ -625,7 +617,7 @@ def build_bundle(
     return BuildResult(
         path=path,
         manifest=manifest,
-        sha256=_sha256(path),
+        sha256=sha256_file(path),
         golden_source="given" if given is not None else "computed",
         golden_inputs=inputs_from,
         conversion_error=conversion_error,

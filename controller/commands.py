@@ -1,4 +1,4 @@
-"""Build and sign the commands the controller sends (SPEC §5) with the operator key.
+"""Build and sign the commands the controller sends (docs/protocol.md) with the operator key.
 
 Every command the rollout engine sends is addressed to one device id (never a group), so
 each device's job has its own command id that the controller can record before it

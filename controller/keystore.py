@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from controller.files import fsync_dir, write_atomic
 from protocol.bundle import read_envelope
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError
+from protocol.fsio import fsync_dir, write_atomic
 from protocol.keys import SigningKey
 from protocol.trust import ROLES, RoleName, TrustRoot, build_trust_root, load_trust_root, rotate
 

@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controller.files import write_atomic
 from protocol.errors import InvalidIdError
+from protocol.fsio import write_atomic
 from protocol.ids import validate_id
 
 CA_CERT = "ca.crt"

@@ -1,6 +1,6 @@
 """The fleet as the controller sees it: SQLite (WAL), fed from retained status and events.
 
-A device's retained status (SPEC §2) is the source of truth for who it is (groups,
+A device's retained status (docs/protocol.md) is the source of truth for who it is (groups,
 hardware, agent version) and what runs on it (active/previous version per model); its
 events only advance the job in flight between two statuses. The will message (`online:
 false`) arrives as an ordinary status, so statuses are applied in arrival order, which

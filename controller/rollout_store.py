@@ -22,7 +22,7 @@ from typing import Any
 
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
-# Assignment states besides the agent's job states (SPEC §6).
+# Assignment states besides the agent's job states (docs/protocol.md).
 WAITING = "WAITING"  # its wave has not started: no command exists
 PENDING = "PENDING"  # commanded, no event yet (e.g. the device is offline)
 NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier version known

@@ -30,15 +30,16 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import structlog
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
 
 from controller.ingest import IngestPool
-from controller.metrics import FleetCollector, make_registry
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+from protocol.fsio import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -80,19 +81,8 @@ def _pid_alive(pid: int) -> bool:
 
 def write_serve_state(data_dir: Path, state: ServeState) -> Path:
     """tmp + fsync + rename: a reader sees the old file or the new one, never half."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / SERVE_STATE
-    tmp = data_dir / f".{SERVE_STATE}.{os.getpid()}.tmp"
-    with tmp.open("w") as f:
-        json.dump(state.__dict__, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, json.dumps(state.__dict__).encode())
     return path
 
 
@@ -179,6 +169,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._plain(HTTPStatus.NOT_FOUND, "not found")
 
     def _metrics(self) -> None:
+        # prometheus_client is the controller extra's: imported where it is used, so the
+        # rest of this module (the serve state the CLI reads) works on the base install.
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
         assert self.server.registry is not None
         body = generate_latest(self.server.registry)
         self.send_response(HTTPStatus.OK)
@@ -345,6 +339,8 @@ class JetfleetServer:
         self._stopped = threading.Event()
 
     def start(self) -> ServeState:
+        from controller.metrics import FleetCollector, make_registry  # the controller extra
+
         cfg = self.cfg
         cfg.bundle_dir.mkdir(parents=True, exist_ok=True)
         if cfg.ingest:

@@ -1,8 +1,9 @@
 """Controller settings: CLI options > environment > the context > ~/.config/jetfleet/config.toml
 > defaults.
 
-SPEC §8: `--broker` (JETFLEET_BROKER), `--keys` (JETFLEET_KEYS), `--db` (JETFLEET_DB), and
-the agent's TLS keys (`ca`, `cert`, `key`); the config file uses the same key names.
+`--broker` (JETFLEET_BROKER), `--keys` (JETFLEET_KEYS), `--db` (JETFLEET_DB), and
+the agent's TLS keys (`ca`, `cert`, `key`); the config file uses the same key names
+(docs/operations.md).
 
 Named contexts (one per fleet, as kubectl's): `[contexts.NAME]` tables of the config file
 with the same keys. The one in use is `--context` (JETFLEET_CONTEXT), else the one
@@ -14,11 +15,15 @@ bundles/ beside the database, so no two fleets share state.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the base install on a Jetson (Python 3.10) has tomli instead
+    import tomli as tomllib
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 

@@ -1,4 +1,4 @@
-"""The deployment bundle (SPEC §4): one uncompressed POSIX tar, `NAME-VERSION.jfb`.
+"""The deployment bundle (docs/protocol.md): one uncompressed POSIX tar, `NAME-VERSION.jfb`.
 
 Layout, in this order:
 
@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 
 from protocol.dsse import Envelope, sign
 from protocol.errors import BundleError, MessageError
+from protocol.fsio import atomic_file, fsync_dir, sha256_file
 from protocol.keys import SigningKey
 from protocol.manifest import (
     MANIFEST_MEMBER,
@@ -514,14 +515,6 @@ def _write_member(root: Path, name: str, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- public API --------------------------------------------------------------------------
 
 
@@ -574,10 +567,10 @@ def extract_bundle(
     try:
         manifest, sha = _walk(Path(path), trust, now, max_size, dest_tmp=tmp, progress=progress)
         for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
-            _fsync_dir(d)
+            fsync_dir(d)
         os.chmod(tmp, 0o755)
         os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -628,14 +621,13 @@ def _dump(value: Any) -> Any:
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
     size = 0
-    view = memoryview(bytearray(CHUNK))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            h.update(view[:n])
-            size += n
-    return h.hexdigest(), size
+
+    def count(done: int) -> None:
+        nonlocal size
+        size = done
+
+    return sha256_file(path, count), size
 
 
 def write_bundle(
@@ -660,38 +652,26 @@ def write_bundle(
     if len(env_bytes) > MAX_MANIFEST_BYTES:
         raise BundleTooLargeError(f"signed manifest is {len(env_bytes)} bytes, over the cap")
     mtime = _mtime(manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as w:
-            w.write(tar_header(MANIFEST_MEMBER, len(env_bytes), mtime))
-            w.write(env_bytes + bytes(_pad(len(env_bytes))))
-            view = memoryview(bytearray(CHUNK))
-            for entry in manifest.files:
-                w.write(tar_header(entry.path, entry.size, mtime))
-                h = hashlib.sha256()
-                size = 0
-                with open(files[entry.path], "rb", buffering=0) as src:
-                    while n := src.readinto(view):
-                        if size + n > entry.size:
-                            break
-                        h.update(view[:n])
-                        w.write(view[:n])
-                        size += n
-                if size != entry.size or h.hexdigest() != entry.sha256:
-                    raise BundleError(
-                        f"{files[entry.path]} changed after the manifest was made "
-                        f"(member {entry.path!r})"
-                    )
-                w.write(bytes(_pad(entry.size)))
-            w.write(bytes(2 * BLOCK))
-            w.flush()
-            os.fsync(w.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out, 0o644) as w:
+        w.write(tar_header(MANIFEST_MEMBER, len(env_bytes), mtime))
+        w.write(env_bytes + bytes(_pad(len(env_bytes))))
+        view = memoryview(bytearray(CHUNK))
+        for entry in manifest.files:
+            w.write(tar_header(entry.path, entry.size, mtime))
+            h = hashlib.sha256()
+            size = 0
+            with open(files[entry.path], "rb", buffering=0) as src:
+                while n := src.readinto(view):
+                    if size + n > entry.size:
+                        break
+                    h.update(view[:n])
+                    w.write(view[:n])
+                    size += n
+            if size != entry.size or h.hexdigest() != entry.sha256:
+                raise BundleError(
+                    f"{files[entry.path]} changed after the manifest was made "
+                    f"(member {entry.path!r})"
+                )
+            w.write(bytes(_pad(entry.size)))
+        w.write(bytes(2 * BLOCK))
     return out

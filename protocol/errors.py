@@ -1,4 +1,5 @@
-"""Every error the protocol package raises, each carrying a machine `code` and a sentence.
+"""Every error the protocol package raises, each carrying a machine `code` and a sentence,
+and `CodedError`, the one base of every coded error in jetfleet.
 
 The agent turns these into REJECTED events (`code` + `reason`) and the CLI into exit 3,
 so the message must say what failed in words an operator can act on.
@@ -7,16 +8,24 @@ so the message must say what failed in words an operator can act on.
 from __future__ import annotations
 
 
-class ProtocolError(Exception):
-    """Base class: `code` is stable (scripts match on it), `str(err)` is for people."""
+class CodedError(Exception):
+    """An error with a `code` for machines (stable: scripts match on it; a ReasonCode value
+    where it ends a job) and a `reason` for people (one sentence, also `str(err)`). The
+    engine, download, activation and engine-job errors of the agent derive from it too."""
 
-    code = "protocol_error"
+    code = "internal"
 
     def __init__(self, reason: str, *, code: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         if code is not None:
             self.code = code
+
+
+class ProtocolError(CodedError):
+    """Base of the protocol package's errors: a message, a signature, a trust root, a bundle."""
+
+    code = "protocol_error"
 
 
 class MessageError(ProtocolError):
@@ -95,3 +104,11 @@ class BundleError(VerificationError):
     """A bundle whose archive, manifest or files do not match what was signed."""
 
     code = "bundle_invalid"
+
+
+class IllegalTransitionError(CodedError):
+    """A job state change that `protocol.messages.TRANSITIONS` does not allow: a bug in
+    the agent, refused before anything is written. Not a ProtocolError, so that no handler
+    of bad input mistakes it for a refusal of the command."""
+
+    code = "internal"

@@ -25,7 +25,7 @@ def validate_id(value: str, what: str = "device id") -> str:
 
 
 def keyid_of(public_raw: bytes) -> str:
-    """SPEC §3: a key id is the lowercase hex SHA-256 of the raw 32-byte public key."""
+    """A key id is the lowercase hex SHA-256 of the raw 32-byte public key (docs/protocol.md)."""
     return hashlib.sha256(public_raw).hexdigest()
 
 

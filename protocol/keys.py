@@ -1,4 +1,4 @@
-"""Ed25519 keys with their SPEC key ids, serialized as PEM (private) and hex (public)."""
+"""Ed25519 keys with their key ids (docs/protocol.md), as PEM (private) and hex (public)."""
 
 from __future__ import annotations
 

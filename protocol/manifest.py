@@ -1,4 +1,4 @@
-"""The bundle manifest (SPEC §4): what is in a bundle, how to build it, how to judge it."""
+"""The bundle manifest (docs/protocol.md): what is in a bundle, how to build it, how to judge it."""
 
 from __future__ import annotations
 

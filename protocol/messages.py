@@ -1,4 +1,4 @@
-"""Commands, job events, device status (SPEC §5, §6) and their reason codes."""
+"""Commands, job events, device status and their reason codes (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -187,6 +187,10 @@ class JobState(str, Enum):
         """Terminal and not a success: counts against a rollout's failure rate."""
         return self in FAILURE_STATES
 
+    def can_move_to(self, new: JobState) -> bool:
+        """Whether a job in this state may record `new` next (see TRANSITIONS)."""
+        return new in TRANSITIONS[self]
+
 
 TERMINAL_STATES = frozenset(
     {
@@ -213,6 +217,39 @@ PIPELINE = (
     JobState.PROBATION,
     JobState.SUCCEEDED,
 )
+# Where a job can still stop with its old engine active: a cancel or the job's time
+# limit applies here (RECEIVED and QUEUED have not started; the rest are worker steps).
+PRE_ACTIVATION_STATES = frozenset(
+    {JobState.DOWNLOADING, JobState.VERIFYING, JobState.BUILDING, JobState.VALIDATING}
+)
+CANCELABLE_STATES = frozenset({JobState.RECEIVED, JobState.QUEUED} | PRE_ACTIVATION_STATES)
+# Every move the agent makes, state by state. A state may repeat: the RECEIVED event is
+# written right after the job's row, and a speed run the gate declines to judge adds
+# another VALIDATING event. A pre-activation job resumed after a restart starts its steps
+# again (a deploy at DOWNLOADING, a rollback at BUILDING), and a rollback skips the steps
+# a held version does not need (QUEUED -> BUILDING or ACTIVATING; ACTIVATING ->
+# SUCCEEDED without PROBATION). Past ACTIVATING the only way out but success is
+# ROLLED_BACK: the previous engine is restored. Terminal states go nowhere.
+_FROM_PRE_ACTIVATION = PRE_ACTIVATION_STATES | {JobState.ACTIVATING} | TERMINAL_STATES
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # Queued for the worker, or settled at intake: ping, cancel and trust_update commands
+    # end here, and so do a deploy a cancel got to first and an intake that crashed.
+    JobState.RECEIVED: frozenset(
+        {JobState.RECEIVED, JobState.QUEUED, JobState.SUCCEEDED, JobState.REJECTED}
+        | {JobState.FAILED, JobState.CANCELED}
+    ),
+    JobState.QUEUED: frozenset(
+        {JobState.DOWNLOADING, JobState.BUILDING, JobState.ACTIVATING}
+        | (TERMINAL_STATES - {JobState.ROLLED_BACK})
+    ),
+    JobState.DOWNLOADING: _FROM_PRE_ACTIVATION,
+    JobState.VERIFYING: _FROM_PRE_ACTIVATION,
+    JobState.BUILDING: _FROM_PRE_ACTIVATION,
+    JobState.VALIDATING: _FROM_PRE_ACTIVATION,
+    JobState.ACTIVATING: frozenset({JobState.PROBATION, JobState.SUCCEEDED, JobState.ROLLED_BACK}),
+    JobState.PROBATION: frozenset({JobState.SUCCEEDED, JobState.ROLLED_BACK}),
+    **{state: frozenset() for state in TERMINAL_STATES},
+}
 
 
 class ReasonCode(str, Enum):

@@ -1,4 +1,4 @@
-"""The telemetry sample a device publishes QoS 0 every `telemetry.interval_s` (SPEC §2).
+"""The telemetry sample a device publishes QoS 0 every `telemetry.interval_s` (docs/protocol.md).
 
 Units are in the field names' spirit: bytes for memory and disk, percent (0-100) for
 loads, °C for temperatures, mW for power rails, milliseconds for inference latency.

@@ -1,4 +1,4 @@
-"""The MQTT topic tree of SPEC §2, built and parsed in one place."""
+"""The MQTT topic tree (docs/protocol.md, Topics), built and parsed in one place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The trust root (SPEC §3): keys, roles with thresholds, versioned rotation, expiry.
+"""The trust root (docs/protocol.md): keys, roles with thresholds, versioned rotation, expiry.
 
 A device is provisioned with one trust root file. Everything else it accepts, bundles
 (release role), commands (operator role) and newer trust roots (root role), is checked

@@ -246,7 +246,7 @@ hook="" groups_toml=""
 for g in "${group_list[@]}"; do groups_toml+="${groups_toml:+, }$(toml_str "$g")"; done
 if [ -n "$activation_unit" ]; then hook="$OPT/bin/jetfleet-restart-unit $activation_unit"; fi
 cat > "$tmpdir/agent.toml" <<EOF
-# jetfleet-agent configuration, written by systemd/install.sh (SPEC §8).
+# jetfleet-agent configuration, written by systemd/install.sh (keys: docs/agent.md, Configuration).
 # Every key can be overridden by environment: JETFLEET_AGENT_BROKER__URL=...
 device_id = $(toml_str "$device_id")
 groups = [$groups_toml]

@@ -1,4 +1,4 @@
-"""Real ONNX models built with onnx.helper, shared by every engineer's tests.
+"""Real ONNX models built with onnx.helper, shared by the tests of every package.
 
 make_mlp(path, ...)       an MLP "x" [batch, in] -> "y" [batch, out]; `extra_work` adds
                           genuine compute (a side branch that ORT cannot fold away)

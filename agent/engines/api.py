@@ -22,21 +22,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from protocol.errors import CodedError
 from protocol.manifest import BuildOptions
 
 ENGINE_FILENAME = "engine"  # inside a version directory: engine + engine.json
 
 
-class EngineError(Exception):
+class EngineError(CodedError):
     """Base of engine failures; `code` is a protocol.messages.ReasonCode value."""
 
     code = "build_failed"
-
-    def __init__(self, reason: str, *, code: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        if code is not None:
-            self.code = code
 
 
 class BuildError(EngineError):

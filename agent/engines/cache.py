@@ -35,12 +35,11 @@ from agent.engines.api import (
 )
 from agent.engines.sidecar import (
     SIDECAR_SUFFIX,
-    file_sha256,
-    fsync_dir,
     sidecar_path,
     verify_engine_file,
     write_meta,
 )
+from protocol.fsio import TMP_INFIX, fsync_dir, sha256_file
 from protocol.manifest import BuildOptions
 
 if TYPE_CHECKING:
@@ -198,7 +197,7 @@ class EngineCache:
         """Remove what a crash can leave: build temps and half-written entries."""
         for p in self.root.iterdir():
             name = p.name
-            if name.startswith(_BUILD_PREFIX) or (name.startswith(".") and ".tmp-" in name):
+            if name.startswith(_BUILD_PREFIX) or (name.startswith(".") and TMP_INFIX in name):
                 p.unlink(missing_ok=True)
             elif name.endswith(ENGINE_SUFFIX) and not sidecar_path(p).exists():
                 log.warning("engine_cache_orphan_removed", path=str(p))
@@ -251,7 +250,7 @@ class EngineCache:
             meta = EngineMeta(
                 backend=backend.name,
                 backend_version=backend.version,
-                sha256=file_sha256(tmp),
+                sha256=sha256_file(tmp),
                 key=key,
                 extra={
                     "model_sha256": model_sha256,

@@ -6,7 +6,6 @@ without knowing which backend made it, and what lets a load refuse a corrupted f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -14,40 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.engines.api import EngineLoadError, EngineMeta
+from protocol.fsio import sha256_file, write_atomic
 
 SIDECAR_SUFFIX = ".json"
-_CHUNK = 1 << 20
 
 
 def sidecar_path(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + fsync(dir): a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_plan(path: Path, data: memoryview | bytes) -> None:
@@ -60,7 +32,7 @@ def write_plan(path: Path, data: memoryview | bytes) -> None:
 
 def write_meta(engine_path: Path, meta: EngineMeta) -> Path:
     path = sidecar_path(engine_path)
-    write_bytes_atomic(path, json.dumps(asdict(meta), indent=2, sort_keys=True).encode())
+    write_atomic(path, json.dumps(asdict(meta), indent=2, sort_keys=True).encode())
     return path
 
 
@@ -91,7 +63,7 @@ def verify_engine_file(engine_path: Path) -> EngineMeta:
     """Read the sidecar and check the engine's sha256 against it (EngineLoadError if not)."""
     meta = read_meta(engine_path)
     try:
-        actual = file_sha256(engine_path)
+        actual = sha256_file(engine_path)
     except FileNotFoundError as e:
         raise EngineLoadError(f"engine file {engine_path} is missing") from e
     if actual != meta.sha256:

@@ -59,8 +59,9 @@ from agent.engines.api import (
     InferenceError,
     UnsupportedError,
 )
-from agent.engines.sidecar import read_meta, write_bytes_atomic, write_plan
+from agent.engines.sidecar import read_meta, write_plan
 from agent.hardware import meminfo_bytes
+from protocol.fsio import write_atomic
 from protocol.manifest import BuildOptions
 
 log = structlog.get_logger(__name__)
@@ -354,7 +355,7 @@ class TensorRTBackend:
         if path is None or cache is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, bytes(memoryview(cache.serialize())))
+        write_atomic(path, bytes(memoryview(cache.serialize())))
 
     def _parse(self, network: Any, logger: Any, model_path: Path) -> Any:
         """The parser, which the caller keeps until the build is done: it owns the

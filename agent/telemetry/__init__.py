@@ -1,5 +1,5 @@
 """What each robot reports: system vitals, GPU (tegrastats, Jetson sysfs or NVML) and
-its deployments, sampled on its own thread and published QoS 0 (SPEC §2)."""
+its deployments, sampled on its own thread and published QoS 0 (docs/protocol.md, Telemetry)."""
 
 from __future__ import annotations
 

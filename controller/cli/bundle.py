@@ -1,4 +1,4 @@
-"""`jetfleet bundle build|verify|inspect`: signed deployment bundles (SPEC §4, §7)."""
+"""`jetfleet bundle build|verify|inspect`: signed deployment bundles (docs/protocol.md)."""
 
 from __future__ import annotations
 

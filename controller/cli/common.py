@@ -1,7 +1,8 @@
-"""What every `jetfleet` command shares: exit codes (SPEC §7), errors, output format."""
+"""What every `jetfleet` command shares: exit codes (docs/protocol.md), errors, output format."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from enum import Enum
@@ -33,9 +34,20 @@ AllowUnseenOption = typer.Option(
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """One clear line on stderr, then exit with the SPEC's code."""
+    """One clear line on stderr, then exit with the documented code."""
     typer.echo(f"jetfleet: {message}", err=True)
     raise typer.Exit(code)
+
+
+def require_extra(module: str, command: str) -> None:
+    """Exit with one line, not a traceback, when `command` needs a module of the
+    `controller` extra that this install (e.g. a robot's base install) left out."""
+    if importlib.util.find_spec(module) is None:
+        fail(
+            f"{command} needs {module} (the controller extra, not in the base install): "
+            "pip install 'jetfleet[controller]'",
+            EXIT_FAILED,
+        )
 
 
 def print_json(data: Any) -> None:

@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli.common import Output, OutputOption, fail, print_json
-from controller.files import write_atomic
 from controller.settings import (
     ControllerSettings,
     SettingsError,
@@ -24,6 +23,7 @@ from controller.settings import (
     current_context_path,
     read_config,
 )
+from protocol.fsio import write_atomic
 
 app = typer.Typer(help="Named contexts: broker, keys and state per fleet.", no_args_is_help=True)
 

@@ -1,14 +1,12 @@
-"""`jetfleet rollout start|status|list|pause|resume|abort` (SPEC §7)."""
+"""`jetfleet rollout start|status|list|pause|resume|abort` (docs/operations.md, Rollouts)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from enum import Enum
@@ -74,6 +72,7 @@ from controller.rollout_store import (
 from controller.settings import ControllerSettings
 from protocol.bundle import bundle_filename, verify_bundle
 from protocol.errors import ProtocolError, VerificationError
+from protocol.fsio import atomic_file, sha256_file
 from protocol.topics import Topics
 from protocol.transport import TransportConfigError
 
@@ -165,14 +164,6 @@ def choose_bundle_url(
     return url, why
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class BundleConflictError(ValueError):
     """A different bundle is already published under the same name and version."""
 
@@ -184,23 +175,14 @@ def publish_bundle(bundle: Path, s: ControllerSettings, name: str, version: str)
     s.bundle_dir.mkdir(parents=True, exist_ok=True)
     dest = s.bundle_dir / bundle_filename(name, version)
     if dest.exists():
-        if _sha256(dest) == _sha256(bundle):
+        if sha256_file(dest) == sha256_file(bundle):
             return dest
         raise BundleConflictError(
             f"{dest} is already published with different content; a version is immutable "
             "once rolled out: build this one with a new version"
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=s.bundle_dir)
-    try:
-        with os.fdopen(fd, "wb") as out, bundle.open("rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(dest, 0o644) as out, bundle.open("rb") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
     return dest
 
 
@@ -592,7 +574,7 @@ def start(
         wave_timeout=wave_timeout,
         auto_rollback=not no_auto_rollback,
         canary=canary,
-        bundle=(url, _sha256(published), published.stat().st_size),
+        bundle=(url, sha256_file(published), published.stat().st_size),
         force=force,
         allow_unseen=allow_unseen,
     )

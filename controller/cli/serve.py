@@ -10,7 +10,7 @@ from pathlib import Path
 import structlog
 import typer
 
-from controller.cli.common import EXIT_FAILED, fail, settings
+from controller.cli.common import EXIT_FAILED, fail, require_extra, settings
 from controller.serve import (
     IDLE_TIMEOUT_S,
     MAX_CONNECTIONS,
@@ -68,6 +68,7 @@ def serve(
     ),
 ) -> None:
     """Run telemetry ingestion, bundle hosting over HTTP and the Prometheus endpoint."""
+    require_extra("prometheus_client", "serve")
     _daemon_logging()
     s = settings(ctx)
     try:

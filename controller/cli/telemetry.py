@@ -25,7 +25,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
+from controller.cli.common import (
+    EXIT_FAILED,
+    Output,
+    OutputOption,
+    fail,
+    print_json,
+    require_extra,
+    settings,
+)
 from controller.cli.devices import configure_cli_logging, mqtt_options
 from controller.mqtt import ControllerMqtt, MqttError
 from controller.plotdata import (
@@ -339,6 +347,7 @@ def plot(
 ) -> None:
     """One metric of one device over time, to a PNG: the line breaks where the robot was
     offline, dotted lines mark version changes, bytes are in MiB or GiB."""
+    require_extra("matplotlib", "telemetry plot")
     if metric not in METRICS and metric != LATENCY:
         fail(f"unknown metric {metric!r}; choose one of: {LATENCY}, {', '.join(METRICS)}")
     try:

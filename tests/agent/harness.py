@@ -57,7 +57,7 @@ def write_agent_config(
     telemetry_interval_s: float = 5.0,
     extra: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """An agent.toml in SPEC §8's format. `extra` adds sections, e.g.
+    """An agent.toml in the format of docs/agent.md. `extra` adds sections, e.g.
     {"limits": {"max_bundle_mb": 10}, "broker": {"reconnect_max_s": 1}}."""
     sections: dict[str, dict[str, Any]] = {
         "broker": {"url": broker_url, "protocol": protocol, "reconnect_max_s": 1.0},

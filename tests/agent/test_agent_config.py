@@ -1,4 +1,4 @@
-"""agent.toml (SPEC §8) with environment overrides; errors name the bad key."""
+"""agent.toml (docs/agent.md) with environment overrides; errors name the bad key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from agent.config import ConfigError, load_config
 
-SPEC_EXAMPLE = """
+DOCUMENTED_EXAMPLE = """
 device_id = "robot-0042"
 groups = ["warehouse-a", "canary"]
 data_dir = "/var/lib/jetfleet"
@@ -35,7 +35,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_spec_example_loads(tmp_path: Path) -> None:
-    c = load_config(_write(tmp_path, SPEC_EXAMPLE))
+    c = load_config(_write(tmp_path, DOCUMENTED_EXAMPLE))
     assert c.device_id == "robot-0042" and c.groups == ["warehouse-a", "canary"]
     assert c.broker.protocol == "5" and c.telemetry.interval_s == 5
     assert c.data_dir == Path("/var/lib/jetfleet")
@@ -46,7 +46,7 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("JETFLEET_AGENT_BROKER__PROTOCOL", "3.1.1")
     monkeypatch.setenv("JETFLEET_AGENT_GROUPS", '["night-shift"]')
     monkeypatch.setenv("JETFLEET_AGENT_ACTIVATION__HOOK", "systemctl restart robot-ai")
-    c = load_config(_write(tmp_path, SPEC_EXAMPLE))
+    c = load_config(_write(tmp_path, DOCUMENTED_EXAMPLE))
     assert c.broker.url == "mqtts://other:8883" and c.broker.protocol == "3.1.1"
     assert c.groups == ["night-shift"]
     assert c.activation.hook == "systemctl restart robot-ai"

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from agent.engines.api import EngineMeta
-from agent.engines.sidecar import file_sha256, read_meta, write_meta
+from agent.engines.sidecar import read_meta, write_meta
+from protocol.fsio import sha256_file
 from protocol.messages import JobEvent
 from protocol.topics import Topics
 from tests.agent import fake_jetson
@@ -118,7 +119,7 @@ def _spoil_cache_entry(data_dir: Path) -> Path:
     spoiled = engine.with_name("spoiled")
     spoiled.write_bytes(b"\x00 a plan for another TensorRT \x00")
     spoiled.replace(engine)
-    write_meta(engine, EngineMeta(meta.backend, meta.backend_version, file_sha256(engine),
+    write_meta(engine, EngineMeta(meta.backend, meta.backend_version, sha256_file(engine),
                                   meta.key, meta.extra))  # fmt: skip
     return engine
 

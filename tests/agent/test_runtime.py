@@ -23,7 +23,7 @@ FEEDS = mlp_inputs(batch=4)
 
 
 class Device:
-    """A data_dir laid out as the agent lays it out (SPEC / contracts), with real engines."""
+    """A data_dir laid out as the agent lays it out (docs/agent.md), with real engines."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

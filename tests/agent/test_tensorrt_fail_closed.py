@@ -34,10 +34,11 @@ from agent.engines import (
 )
 from agent.engines.api import EngineMeta
 from agent.engines.cache import EngineCache
-from agent.engines.sidecar import file_sha256, write_meta
+from agent.engines.sidecar import write_meta
 from agent.engines.tensorrt_backend import default_workspace_bytes
 from agent.hardware import meminfo_bytes
 from agent.runtime import ModelRuntime
+from protocol.fsio import sha256_file
 from protocol.manifest import BuildOptions, Profile
 from tests.agent import fake_jetson
 from tests.agent.fake_jetson import REC, plan
@@ -67,7 +68,7 @@ def jetson(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def _engine_file(root: Path, plan_bytes: bytes, *, dla_core: int | None = None) -> Path:
     path = root / "engine"
     path.write_bytes(plan_bytes)
-    meta = EngineMeta("tensorrt", "10.3.0", file_sha256(path), "k" * 64,
+    meta = EngineMeta("tensorrt", "10.3.0", sha256_file(path), "k" * 64,
                       extra={"build": {"dla_core": dla_core}})  # fmt: skip
     write_meta(path, meta)
     return path

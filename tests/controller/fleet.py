@@ -322,7 +322,7 @@ class SimFleet:
                 self.rejections.append((d.device_id, e.code))
                 return
             if command.command_id in d.seen:
-                return  # acted on once already (SPEC §5)
+                return  # acted on once already (docs/protocol.md, Commands)
             d.seen.add(command.command_id)
             if d.behaviour.silent and command.kind is CommandKind.DEPLOY:
                 return

@@ -1,4 +1,4 @@
-"""`jetfleet keys` and `jetfleet bundle`, through the real CLI (exit codes 0/1/2/3 of SPEC §7)."""
+"""`jetfleet keys` and `jetfleet bundle`, through the real CLI (exit codes: docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The .jfb bundle: round trip, and every SPEC §3 threat that applies to a bundle archive."""
+"""The .jfb bundle: round trip, each docs/security.md threat that applies to a bundle archive."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Topics, ids, semantic versions and the `schema` rules of every payload (SPEC §2, §5, §6)."""
+"""Topics, ids, semantic versions and the `schema` rules of every payload (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,54 @@
+"""The job state transition table: complete, closed at the terminal states, and the
+documented happy path legal step by step."""
+
+from __future__ import annotations
+
+import itertools
+
+from protocol.messages import (
+    CANCELABLE_STATES,
+    PIPELINE,
+    PRE_ACTIVATION_STATES,
+    TERMINAL_STATES,
+    TRANSITIONS,
+    JobState,
+)
+
+
+def test_every_state_has_a_row_and_names_only_states() -> None:
+    assert set(TRANSITIONS) == set(JobState)
+    for targets in TRANSITIONS.values():
+        assert targets <= set(JobState)
+
+
+def test_the_happy_path_is_legal_step_by_step() -> None:
+    for old, new in itertools.pairwise(PIPELINE):
+        assert old.can_move_to(new), f"{old.value} -> {new.value}"
+
+
+def test_a_terminal_state_goes_nowhere() -> None:
+    for state in TERMINAL_STATES:
+        assert not any(state.can_move_to(new) for new in JobState), state.value
+
+
+def test_no_state_goes_back_to_received_or_queued() -> None:
+    for state in set(JobState) - {JobState.RECEIVED}:
+        assert not state.can_move_to(JobState.RECEIVED)
+        assert not state.can_move_to(JobState.QUEUED)
+
+
+def test_past_the_switch_a_job_only_succeeds_or_rolls_back() -> None:
+    assert TRANSITIONS[JobState.ACTIVATING] == {
+        JobState.PROBATION,
+        JobState.SUCCEEDED,
+        JobState.ROLLED_BACK,
+    }
+    assert TRANSITIONS[JobState.PROBATION] == {JobState.SUCCEEDED, JobState.ROLLED_BACK}
+    assert not JobState.ACTIVATING.can_move_to(JobState.CANCELED)
+
+
+def test_only_a_job_that_has_not_started_activating_is_cancelable() -> None:
+    assert PRE_ACTIVATION_STATES < CANCELABLE_STATES
+    assert CANCELABLE_STATES.isdisjoint(TERMINAL_STATES | {JobState.ACTIVATING})
+    for state in CANCELABLE_STATES:
+        assert state.can_move_to(JobState.CANCELED), state.value
