@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent.engines import EngineError
 from agent.livestats import LiveStats, encode_ack
 from agent.metrics import (
     COUNTER,
@@ -23,14 +24,42 @@ from agent.metrics import (
     decode_metrics,
     encode_metrics,
 )
-from agent.engines import EngineError
 from agent.runtime import ModelRuntime
-from protocol.telemetry import TelemetrySample
+from controller.ingest import TelemetryIngester
+from protocol.telemetry import ModelStats, TelemetrySample
 from tests.agent.harness import AgentProcess, TelemetryTap, write_agent_config
-from tests.agent.test_runtime import FEEDS, Device, device  # noqa: F401 (a fixture)
+from tests.agent.test_runtime import FEEDS, Device
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = "robot-metrics"
+# The robot's own inference service: a separate Python process using the runtime library.
+SERVICE = """
+import sys
+from agent.runtime import ModelRuntime
+from tests.models import mlp_inputs
+
+feeds = mlp_inputs(batch=4)
+with ModelRuntime("det", sys.argv[1], report_interval_s=0.1) as rt:
+    for i in range(50):
+        rt.infer(feeds)
+        rt.count("detections", 3)
+        rt.gauge("confidence", i / 100)
+    for _ in range(2):
+        try:
+            rt.infer({"wrong": feeds["x"]})
+        except Exception:
+            pass
+"""
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Device:
+    """A model installed and active the way the agent lays it out."""
+    d = Device(tmp_path / "data")
+    d.install("1.0.0", seed=1)
+    d.install("2.0.0", seed=2)
+    d.activate("1.0.0")
+    return d
 
 
 def _counter(total: float, n: int = 1) -> list[Any]:
@@ -161,19 +190,23 @@ def test_the_worst_a_service_can_report_still_fits_the_ingesters_sample_limit(
 
 
 def test_a_service_records_metrics_tagged_with_the_version_serving(device: Device) -> None:
-    with LiveStats(device.root / "run" / "live.sock") as live:
-        with ModelRuntime("det", device.root, report_interval_s=0.05) as rt:
-            for i in range(10):
-                rt.infer(FEEDS)
-                rt.count("detections", 3)
-                rt.gauge("confidence", i / 10)
-            with pytest.raises(EngineError):
-                rt.infer({"nope": FEEDS["x"]})
-            device.activate("2.0.0")
-            assert rt.refresh(wait=True)
-            rt.count("fallbacks")
-            rt.flush_reports()
-            got = _wait(lambda: _settled(live), "the metrics never reached the agent")
+    with (
+        LiveStats(device.root / "run" / "live.sock") as live,
+        ModelRuntime("det", device.root, report_interval_s=0.05) as rt,
+    ):
+        for i in range(10):
+            rt.infer(FEEDS)
+            rt.count("detections", 3)
+            rt.gauge("confidence", i / 10)
+        with pytest.raises(EngineError):
+            rt.infer({"nope": FEEDS["x"]})
+        device.activate("2.0.0")
+        assert rt.refresh(wait=True)
+        rt.count("fallbacks")
+        rt.flush_reports()
+        got: dict[str, Any] = {}
+        _wait(lambda: got.update(live.take_metrics("det")) or len(got) == 2,
+              "the metrics never reached the agent")  # fmt: skip
     v1, v2 = got["1.0.0"], got["2.0.0"]
     assert v1["metrics"]["detections"] == {"kind": "counter", "n": 10, "sum": 30.0}
     assert v1["metrics"]["confidence"] == {"kind": "gauge", "n": 10, "last": 0.9,
@@ -183,18 +216,86 @@ def test_a_service_records_metrics_tagged_with_the_version_serving(device: Devic
     assert v2["metrics"] == {"fallbacks": {"kind": "counter", "n": 1, "sum": 1.0}}
 
 
-def _settled(live: LiveStats) -> dict[str, Any] | None:
-    got = live.take_metrics("det")
-    return got if {"1.0.0", "2.0.0"} <= got.keys() else None
-
-
 def test_a_runaway_name_generator_in_the_service_is_bounded_there_too(device: Device) -> None:
-    with LiveStats(device.root / "run" / "live.sock") as live:
-        with ModelRuntime("det", device.root, max_metric_names=8) as rt:
-            for i in range(5000):
-                rt.count(f"frame_{i}")
-            rt.count("not a valid name")
-            rt.flush_reports()
-        got = _wait(lambda: live.take_metrics("det"), "nothing reached the agent")
+    with (
+        LiveStats(device.root / "run" / "live.sock") as live,
+        ModelRuntime("det", device.root, max_metric_names=8) as rt,
+    ):
+        for i in range(5000):
+            rt.count(f"frame_{i}")
+        rt.flush_reports()
+        rt.count("not a valid name")
+        rt.flush_reports()
+        got: dict[str, Any] = {}
+        _wait(
+            lambda: (
+                got.update(live.take_metrics("det"))
+                or got.get("1.0.0", {}).get("dropped", 0) > 5000 - 8
+            ),
+            "nothing reached the agent",
+        )
     assert len(got["1.0.0"]["metrics"]) == 8
     assert got["1.0.0"]["dropped"] == 5000 + 1 - 8
+
+
+def _sum(samples: list[TelemetrySample], model: str, version: str, metric: str) -> float:
+    total = 0.0
+    for s in list(samples):
+        m = s.models.get(model)
+        v = m.metrics.get(version) if m else None
+        if v is not None and metric in v.metrics:
+            total += v.metrics[metric].sum or 0.0
+    return total
+
+
+@pytest.mark.slow
+def test_metrics_of_a_service_process_arrive_in_telemetry_and_in_the_controllers_export(
+    tmp_path: Path, device: Device, mosquitto, trust_material
+) -> None:
+    data = device.root
+    cfg = write_agent_config(tmp_path / "agent.toml", device_id=DEV, broker_url=mosquitto.url,
+                             data_dir=data, trust_root=trust_material.write(tmp_path / "t.json"),
+                             telemetry_interval_s=0.5)  # fmt: skip
+    ingester = TelemetryIngester(tmp_path / "telemetry.db", mosquitto.url, idle_wait_s=0.01)
+    ingester.start()
+    tap = TelemetryTap(mosquitto.url, DEV)
+    try:
+        with AgentProcess(cfg) as agent:
+            sock = data / "run" / "live.sock"
+            _wait(sock.exists, "the agent's live socket never appeared", timeout=30)
+            _hostile_neighbour(sock)
+            subprocess.run([sys.executable, "-c", SERVICE, str(data)], cwd=REPO, check=True,
+                           timeout=120)  # fmt: skip
+            _wait(lambda: _sum(tap.samples, "det", "1.0.0", "detections") >= 150,
+                  "the service's counters never reached telemetry", timeout=30)  # fmt: skip
+            assert agent.alive, agent.log()[-2000:]
+            samples = list(tap.samples)
+    finally:
+        tap.close()
+        ingester.stop()
+    assert _sum(samples, "det", "1.0.0", "detections") == 150.0
+    det = [s.models["det"].metrics["1.0.0"] for s in samples
+           if "1.0.0" in s.models.get("det", ModelStats()).metrics]  # fmt: skip
+    assert sum(v.errors for v in det) == 2
+    gauges = [v.metrics["confidence"] for v in det if "confidence" in v.metrics]
+    assert min(g.min for g in gauges if g.min is not None) == 0.0
+    assert max(g.max for g in gauges if g.max is not None) == 0.49
+    evil = [s.models["evil"].metrics["6.6.6"] for s in samples if "evil" in s.models]
+    assert max(len(v.metrics) for v in evil) <= 64 and sum(v.dropped for v in evil) > 0
+    exported = subprocess.run(
+        [str(Path(sys.executable).with_name("jetfleet")), "telemetry", "export", "--device", DEV,
+         "--format", "jsonl", "--telemetry-db", str(tmp_path / "telemetry.db")],
+        cwd=REPO, check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    stored = [TelemetrySample.decode(line) for line in exported.splitlines() if line.strip()]
+    assert _sum(stored, "det", "1.0.0", "detections") == 150.0
+
+
+def _hostile_neighbour(sock: Path) -> None:
+    """Garbage, oversize datagrams and a runaway name generator, before the real service."""
+    flood = [(f"frame_{i}", _counter(1.0)) for i in range(2000)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        for d in (b"JFM1", b"JFM1" + b"\xff" * 60_000, b"\x00" * 9,
+                  *(encode_metrics("evil", "6.6.6", flood[i : i + 64])
+                    for i in range(0, len(flood), 64))):  # fmt: skip
+            s.sendto(d, str(sock))
