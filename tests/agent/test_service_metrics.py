@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from agent.engines import EngineError
 from agent.livestats import LiveStats, encode_ack
@@ -282,13 +283,26 @@ def test_metrics_of_a_service_process_arrive_in_telemetry_and_in_the_controllers
     assert max(g.max for g in gauges if g.max is not None) == 0.49
     evil = [s.models["evil"].metrics["6.6.6"] for s in samples if "evil" in s.models]
     assert max(len(v.metrics) for v in evil) <= 64 and sum(v.dropped for v in evil) > 0
-    exported = subprocess.run(
-        [str(Path(sys.executable).with_name("jetfleet")), "telemetry", "export", "--device", DEV,
-         "--format", "jsonl", "--telemetry-db", str(tmp_path / "telemetry.db")],
-        cwd=REPO, check=True, capture_output=True, text=True, timeout=60,
-    ).stdout  # fmt: skip
+    exported = _export(tmp_path / "telemetry.db")
     stored = [TelemetrySample.decode(line) for line in exported.splitlines() if line.strip()]
     assert _sum(stored, "det", "1.0.0", "detections") == 150.0
+
+
+def _export(db: Path) -> str:
+    """`jetfleet telemetry export --format jsonl` (the controller's CLI: Python 3.11+)."""
+    if sys.version_info < (3, 11):
+        pytest.skip("the controller's CLI needs Python 3.11 (tomllib)")
+    from typer.testing import CliRunner
+
+    from controller.cli.main import app
+
+    try:
+        r = CliRunner().invoke(app, ["telemetry", "export", "--device", DEV, "--format",
+                                     "jsonl", "--telemetry-db", str(db)])  # fmt: skip
+    finally:
+        structlog.reset_defaults()  # the CLI configures logging for the whole process
+    assert r.exit_code == 0, r.output
+    return r.stdout
 
 
 def _hostile_neighbour(sock: Path) -> None:
