@@ -15,7 +15,7 @@ kind 0 is a counter (a = sum), kind 1 a gauge (a = last, b = sum, c = min, d = m
 
 Bounds, so that a buggy or hostile service can grow neither the agent's memory nor the
 telemetry sample past the ingester's 64 KiB: names match NAME_RE and model and version
-TAG_RE (at most 64 characters each), a datagram holds at most MAX_METRICS_PER_DATAGRAM
+TAG_RE (at most 128), a datagram holds at most MAX_METRICS_PER_DATAGRAM
 entries; per interval the book holds at most `max_models` models, `max_versions` versions
 of each, `max_names` distinct names per model version and `max_total` names in all.
 Records of a name past a bound are counted in that version's `dropped`; a report of a
@@ -36,7 +36,7 @@ METRICS_MAGIC = b"JFM1"
 MAX_NAME = 64
 MAX_METRICS_PER_DATAGRAM = 64
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
-TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # a model's name, a version
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")  # a model's name, a version
 COUNTER, GAUGE = 0, 1
 _KINDS = ("counter", "gauge")
 _HEAD = struct.Struct("<IIH")
