@@ -306,3 +306,16 @@ def _hostile_neighbour(sock: Path) -> None:
                   *(encode_metrics("evil", "6.6.6", flood[i : i + 64])
                     for i in range(0, len(flood), 64))):  # fmt: skip
             s.sendto(d, str(sock))
+
+
+def test_recording_with_no_agent_listening_or_reports_off_never_fails(device: Device) -> None:
+    with ModelRuntime("det", device.root, report=False) as rt:
+        rt.count("detections", 2)
+        rt.gauge("confidence", 0.5)
+        rt.flush_reports()
+    with ModelRuntime("det", device.root, report_interval_s=0.01) as rt:  # no LiveStats
+        for i in range(200):
+            rt.count("detections")
+            rt.gauge("confidence", i)
+        rt.flush_reports()
+        assert rt.infer(FEEDS)["y"].shape[0] == 4
