@@ -89,7 +89,7 @@ class VersionMetrics(_Part):
     metrics: dict[str, MetricStats] = Field(default_factory=dict, description="name -> stats")
     errors: int = Field(default=0, ge=0, description="inferences that raised")
     dropped: int = Field(
-        default=0, ge=0, description="records refused: past the bound on distinct names"
+        default=0, ge=0, description="records refused: past a bound on names, a bad name or value"
     )
 
 
