@@ -249,9 +249,12 @@ class _MetricsRecorder:
 
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            with self._lock:
-                self._send_retired()
-                self._retire(self._cur.version)
+            try:
+                with self._lock:
+                    self._send_retired()
+                    self._retire(self._cur.version)
+            except Exception as e:  # the service's metrics must never stop its reporting
+                log.error("runtime_metrics_flush_failed", error=f"{type(e).__name__}: {e}")
 
     def _retire(self, next_version: str) -> None:
         if not self._cur.empty():
@@ -281,21 +284,27 @@ class _MetricsRecorder:
 def _entries(
     counters: dict[str, list[float]], gauges: dict[str, list[float]]
 ) -> tuple[list[tuple[str, Entry]], int]:
-    """The wire entries, and how many records had a bad name or a non-finite value:
-    checked here, once per interval, not per call."""
-    entries: list[tuple[str, Entry]] = []
+    """The wire entries, and how many records had a bad name or value (NaN, infinity,
+    an array added to a counter): checked here, once per interval, not per call."""
+    raw = [(name, COUNTER, n, [total, 0.0, 0.0, 0.0]) for name, (n, total) in counters.items()]
+    raw += [(name, GAUGE, g[0], g[1:]) for name, g in gauges.items()]
+    kept: list[tuple[str, Entry]] = []
     bad = 0
-    for name, (n, total) in counters.items():
-        entries.append((name, [COUNTER, int(n), total, 0.0, 0.0, 0.0]))
-    for name, (n, last, total, lo, hi) in gauges.items():
-        entries.append((name, [GAUGE, int(n), last, total, lo, hi]))
-    kept = []
-    for name, e in entries:
-        if valid_name(name) and all(map(math.isfinite, e[2:])):
-            kept.append((name, e))
+    for name, kind, n, values in raw:
+        floats = _finite(values)
+        if floats is not None and valid_name(name):
+            kept.append((name, [kind, int(n), *floats]))
         else:
-            bad += e[1]
+            bad += int(n)
     return kept, bad
+
+
+def _finite(values: list[Any]) -> list[float] | None:
+    try:
+        out = [float(x) for x in values]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if all(map(math.isfinite, out)) else None
 
 
 class _Count(Protocol):

@@ -319,3 +319,18 @@ def test_recording_with_no_agent_listening_or_reports_off_never_fails(device: De
             rt.gauge("confidence", i)
         rt.flush_reports()
         assert rt.infer(FEEDS)["y"].shape[0] == 4
+
+
+def test_a_counter_fed_an_array_is_dropped_not_fatal(device: Device) -> None:
+    with (
+        LiveStats(device.root / "run" / "live.sock") as live,
+        ModelRuntime("det", device.root, report_interval_s=60) as rt,
+    ):
+        rt.count("boxes", 1)
+        rt.count("boxes", FEEDS["x"][0])  # a bug in the service: an array, not a number
+        rt.count("frames")
+        rt.flush_reports()
+        _send(live)
+        got = live.take_metrics("det")["1.0.0"]
+    assert got["metrics"] == {"frames": {"kind": "counter", "n": 1, "sum": 1.0}}
+    assert got["dropped"] == 2
