@@ -243,17 +243,11 @@ class Agent:
         return self.mqtt.publish(topic, payload, qos=1)
 
     def deployment_view(self) -> dict[str, Any]:
-        models: dict[str, Any] = {}
-        for name, slot in self.models.slots().items():
-            entry: dict[str, Any] = {"version": slot.active}
-            if self.live is not None:
-                try:
-                    w = self.live.snapshot(name)
-                except Exception:
-                    w = None
-                if w is not None:
-                    entry.update(p50_ms=w.p50_ms, p99_ms=w.p99_ms, count=w.count)
-            models[name] = entry
+        models: dict[str, Any] = {
+            name: {"version": slot.active} for name, slot in self.models.slots().items()
+        }
+        if self.live is not None:
+            self._add_live_view(models)
         counts = self.store.counts()
         failed = sum(counts.get(s.value, 0) for s in JobState if s.failed)
         return {
@@ -267,6 +261,20 @@ class Agent:
                 "refused_unreported": self.commands.refused_unreported,
             },
         }
+
+    def _add_live_view(self, models: dict[str, Any]) -> None:
+        """Live latencies of managed models, and the service's metrics of any model
+        (LiveStats bounds how many): a service may run a model jetfleet does not manage."""
+        assert self.live is not None
+        try:
+            for name, entry in models.items():
+                w = self.live.snapshot(name)
+                if w is not None:
+                    entry.update(p50_ms=w.p50_ms, p99_ms=w.p99_ms, count=w.count)
+            for name in self.live.metric_models():
+                models.setdefault(name, {})["metrics"] = self.live.take_metrics(name)
+        except Exception as e:  # telemetry must go out without the live part
+            log.warning("live_view_failed", error=f"{type(e).__name__}: {e}")
 
     def _start_telemetry(self) -> None:
         try:

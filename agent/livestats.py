@@ -12,6 +12,9 @@ activation contract, docs/integration.md), and a latency report of a version cou
 
     b"JFA1" | u8 len + model | u8 len + version | u8 healthy (1/0) | u8 len + reason
 
+and the service's own metrics (b"JFM1", agent/metrics.py), kept per model version until
+the telemetry loop drains them with take_metrics().
+
 Datagrams are fire-and-forget: a lost one costs a few samples, a malformed one is counted
 and dropped, and nothing a client sends can stop or grow the server beyond its bounds.
 
@@ -33,15 +36,18 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
+
+from agent.metrics import MAX_METRICS_DATAGRAM, METRICS_MAGIC, MetricsBook, decode_metrics
 
 log = structlog.get_logger(__name__)
 
 MAGIC = b"JFL1"
 ACK_MAGIC = b"JFA1"
 MAX_SAMPLES_PER_DATAGRAM = 512
-MAX_DATAGRAM = 4 + 1 + 255 + 1 + 255 + 2 + 4 * MAX_SAMPLES_PER_DATAGRAM
+MAX_DATAGRAM = max(4 + 1 + 255 + 1 + 255 + 2 + 4 * MAX_SAMPLES_PER_DATAGRAM, MAX_METRICS_DATAGRAM)
 
 
 class LiveStatsError(ValueError):
@@ -174,6 +180,7 @@ class LiveStats:
         *,
         window: int = 2048,
         max_models: int = 64,
+        max_metric_names: int = 64,
         mode: int = 0o660,
     ) -> None:
         self.socket_path = Path(socket_path)
@@ -183,6 +190,7 @@ class LiveStats:
         self.dropped = 0  # malformed datagrams, or samples of another version
         self._models: dict[str, _Window] = {}
         self._acks: dict[str, Ack] = {}
+        self._metrics = MetricsBook(max_names=max_metric_names)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -247,6 +255,9 @@ class LiveStats:
         if data[:4] == ACK_MAGIC:
             self._take_ack(decode_ack(data))
             return
+        if data[:4] == METRICS_MAGIC:
+            self._take_metrics(data)
+            return
         model, version, lat = decode_report(data)
         if version:
             # Inferences on a version prove it loaded; an explicit word about it stands.
@@ -275,6 +286,22 @@ class LiveStats:
                 self.dropped += 1
                 return
             self._acks[ack.model] = ack
+
+    def _take_metrics(self, data: bytes) -> None:
+        report = decode_metrics(data)
+        with self._lock:
+            if not self._metrics.add(report):
+                self.dropped += 1  # past the bound on models or on versions of this one
+
+    def take_metrics(self, model: str) -> dict[str, dict[str, Any]]:
+        """The service's metrics of `model` per version since the previous call."""
+        with self._lock:
+            return self._metrics.drain(model)
+
+    def metric_models(self) -> list[str]:
+        """Models with metrics not yet taken."""
+        with self._lock:
+            return self._metrics.models()
 
     def ack(self, model: str) -> Ack | None:
         """The latest acknowledgement (or report) for `model` since clear_ack()."""

@@ -68,11 +68,40 @@ class GpuStats(_Part):
         return sum(self.power_mw.values()) if self.power_mw else None
 
 
+class MetricStats(_Part):
+    """One service-recorded metric over the telemetry interval (since the last sample).
+
+    A counter carries `sum`; a gauge carries `last`, `mean`, `min` and `max`. `n` is how
+    many times the service recorded it in the interval."""
+
+    kind: Literal["counter", "gauge"]
+    n: int = Field(ge=0, description="records in the interval")
+    sum: float | None = Field(default=None, description="counter: total of the increments")
+    last: float | None = Field(default=None, description="gauge: the latest value")
+    mean: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+class VersionMetrics(_Part):
+    """What the robot's service reported about one version of a model in the interval."""
+
+    metrics: dict[str, MetricStats] = Field(default_factory=dict, description="name -> stats")
+    errors: int = Field(default=0, ge=0, description="inferences that raised")
+    dropped: int = Field(
+        default=0, ge=0, description="records refused: past a bound on names, a bad name or value"
+    )
+
+
 class ModelStats(_Part):
     version: str | None = None
     p50_ms: float | None = Field(default=None, ge=0)
     p99_ms: float | None = Field(default=None, ge=0)
     count: int = Field(default=0, ge=0, description="inferences in the live window")
+    metrics: dict[str, VersionMetrics] = Field(
+        default_factory=dict,
+        description="version -> the service's own metrics since the previous sample",
+    )
 
 
 class JobCounts(_Part):

@@ -6,7 +6,10 @@ optional except `device_id` when the sampler was not given one:
 
     {"device_id": "robot-0042",
      "uptime_s": 812.5,                    # else: seconds since the sampler was made
-     "models": {"detector": {"version": "1.4.0", "p50_ms": 3.1, "p99_ms": 7.9, "count": 512}},
+     "models": {"detector": {"version": "1.4.0", "p50_ms": 3.1, "p99_ms": 7.9, "count": 512,
+                             "metrics": {"1.4.0": {"metrics": {"detections": {
+                                 "kind": "counter", "n": 30, "sum": 87.0}},
+                                 "errors": 0, "dropped": 0}}}},
      "jobs": {"done": 7, "failed": 1}}
 
 GPU source, `gpu="auto"`: tegrastats when the binary exists (a Jetson), else Jetson sysfs

@@ -36,7 +36,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from protocol.dsse import Envelope
 from protocol.keys import SigningKey
 from protocol.messages import Command, DeviceStatus, JobEvent
+from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
+from protocol.transport import parse_broker_url
 from protocol.trust import sign_command as _sign
 
 REPO = Path(__file__).resolve().parents[2]
@@ -288,6 +290,39 @@ class EventCollector:
 
     def wait_online(self, timeout: float = 30.0) -> DeviceStatus:
         return self.wait_status(lambda s: s.online, timeout)
+
+
+class TelemetryTap:
+    """Collects the telemetry samples one device publishes."""
+
+    def __init__(self, broker_url: str, device_id: str) -> None:
+        addr = parse_broker_url(broker_url)
+        self.samples: list[TelemetrySample] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(Topics().telemetry(device_id), 0)
+        self.client.on_message = self._on_message
+        self.client.connect(addr.host, addr.port)
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.samples.append(TelemetrySample.decode(msg.payload))
+            self._cond.notify_all()
+
+    def wait(self, pred, timeout: float = 30) -> TelemetrySample:  # type: ignore[no-untyped-def]
+        with self._cond:
+            assert self._cond.wait_for(lambda: any(pred(s) for s in self.samples), timeout), (
+                self.samples[-1:]
+            )
+            return next(s for s in self.samples if pred(s))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def make_command(

@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.commands import REFUSAL_BURST
 from protocol.dsse import sign
 from protocol.messages import COMMAND_PAYLOAD_TYPE, JobState
-from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
-from protocol.transport import parse_broker_url
 from tests.agent.harness import (
     AgentProcess,
     EventCollector,
     Publisher,
+    TelemetryTap,
     build_bundle,
     deploy_body,
     engine_link_state,
@@ -75,37 +71,6 @@ def test_a_cancel_that_arrives_before_its_deploy_wins_and_nothing_is_installed(
     assert engine_link_state(data, "detector") == (None, None)
 
 
-class TelemetryTap:
-    def __init__(self, broker_url: str) -> None:
-        addr = parse_broker_url(broker_url)
-        self.samples: list[TelemetrySample] = []
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        ready = threading.Event()
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.on_connect = lambda c, *a: c.subscribe(Topics().telemetry(DEV), 0)
-        self.client.on_message = self._on_message
-        self.client.connect(addr.host, addr.port)
-        self.client.loop_start()
-        assert ready.wait(10)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.samples.append(TelemetrySample.decode(msg.payload))
-            self._cond.notify_all()
-
-    def wait(self, pred, timeout: float = 30) -> TelemetrySample:  # type: ignore[no-untyped-def]
-        with self._cond:
-            assert self._cond.wait_for(lambda: any(pred(s) for s in self.samples), timeout), (
-                self.samples[-1:]
-            )
-            return next(s for s in self.samples if pred(s))
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.mark.slow
 def test_a_flood_of_junk_is_refused_within_a_budget_and_counted_in_telemetry(
     tmp_path: Path, mosquitto, trust_material
@@ -119,7 +84,7 @@ def test_a_flood_of_junk_is_refused_within_a_budget_and_counted_in_telemetry(
     )
     flood = 300
     topic = Topics().device_cmd(DEV)
-    tap = TelemetryTap(mosquitto.url)
+    tap = TelemetryTap(mosquitto.url, DEV)
     try:
         with (
             EventCollector(mosquitto.url, DEV) as events,
