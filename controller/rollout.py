@@ -34,6 +34,8 @@ import structlog
 from controller.commands import CommandSigner
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import Registry
+from controller.rollout_policy import RolloutPolicy, Tally, abort_reason, exponential_sizes
+from controller.rollout_policy import crosses as crosses  # re-exported: the planning tests
 from controller.rollout_store import (
     ABORTED,
     ABORTING,
@@ -42,8 +44,10 @@ from controller.rollout_store import (
     PENDING,
     REFUSED,
     RUNNING,
+    SCHEDULED,
     SUCCEEDED,
     TERMINAL,
+    WAITING,
     Rollout,
     RolloutStore,
     is_disk_full,
@@ -87,8 +91,12 @@ class WaveStep:
         return min(total, math.ceil(total * self.percent / 100.0 - 1e-9))
 
 
-def parse_waves(spec: str) -> list[WaveStep]:
-    """`1,10%,100%` → steps. Counts and percentages are cumulative and must not shrink."""
+def parse_waves(spec: str, total: int = 1) -> list[WaveStep]:
+    """`1,10%,100%` → steps. Counts and percentages are cumulative and must not shrink.
+    `exp:BASExFACTOR` (e.g. `exp:1x2`): waves of 1, 2, 4, 8 … devices for a target of
+    `total` devices."""
+    if spec.strip().startswith("exp:"):
+        return _exponential_steps(spec, total)
     steps: list[WaveStep] = []
     parts = [p.strip() for p in spec.split(",")]
     if not spec.strip() or any(not p for p in parts):
@@ -110,6 +118,22 @@ def parse_waves(spec: str) -> list[WaveStep]:
                 raise
             raise WaveSpecError(f"--waves {spec!r}: {p!r} is neither a count nor a %") from e
     return steps
+
+
+def _exponential_steps(spec: str, total: int) -> list[WaveStep]:
+    base, sep, factor = spec.strip()[4:].partition("x")
+    try:
+        b, f = int(base), float(factor)
+    except ValueError:
+        raise WaveSpecError(
+            f"--waves {spec!r}: expected exp:BASExFACTOR, e.g. exp:1x2 (waves of 1, 2, 4 …)"
+        ) from None
+    if not sep or b < 1 or not 1 <= f <= 100:
+        raise WaveSpecError(
+            f"--waves {spec!r}: the first wave must be at least 1 device and the factor "
+            "within 1..100"
+        )
+    return [WaveStep(count=n) for n in exponential_sizes(b, f, max(total, 1))]
 
 
 def plan_waves(
@@ -138,15 +162,6 @@ def plan_waves(
     if done < total:
         waves.append(ordered[done:])
     return waves
-
-
-def failure_rate(assigned: int, failed: int) -> float:
-    return failed / assigned if assigned else 0.0
-
-
-def crosses(assigned: int, failed: int, max_failure_rate: float) -> bool:
-    """Strictly above the threshold aborts: 0.34 tolerates one failure out of three."""
-    return failure_rate(assigned, failed) > max_failure_rate + 1e-12
 
 
 # -- driver lock -------------------------------------------------------------------------
@@ -445,10 +460,17 @@ class RolloutDriver:
         assert rollout is not None
         if rollout.state in FINISHED:
             return rollout
+        now = self.clock()
+        if rollout.state == SCHEDULED:
+            if now < (rollout.policy.start_at or now):
+                return rollout
+            self.store.set_state(rollout.id, RUNNING)
+            self._dirty = True
+            log.info("rollout_scheduled_start", rollout_id=rollout.id)
+            rollout = self.store.get(rollout.id) or rollout
         waves = self.store.waves(rollout.id)
         running = next((w for w in waves if w.state == "running"), None)
         rollback_wave = next((w for w in waves if w.state == "rollback"), None)
-        now = self.clock()
 
         if rollback_wave is not None:
             return self._step_rollback(rollout, rollback_wave.idx, rollback_wave.deadline or now)
@@ -456,6 +478,12 @@ class RolloutDriver:
         if running is not None:
             if rollout.state == ABORTING and running.idx not in self._canceled_waves:
                 self._cancel_in_flight(rollout, running.idx)
+            if rollout.state != ABORTING and self._unreleased(rollout, running.idx):
+                # A paced wave: it goes on until every device got its command (a pause
+                # holds the rest back; an abort leaves them uncommanded).
+                if rollout.state == RUNNING:
+                    self._release_next(rollout, running.idx)
+                return rollout
             if self.store.open_count(rollout.id, running.idx) == 0 or now >= (
                 running.deadline or now
             ):
@@ -471,15 +499,8 @@ class RolloutDriver:
                 self.store.end_wave(rollout.id, running.idx)
                 self._dirty = True
                 log.info("wave_done", rollout_id=rollout.id, wave=running.idx)
-                summary = self.store.summary(rollout.id)
-                if rollout.state != ABORTING and crosses(
-                    summary.assigned, summary.failed, rollout.max_failure_rate
-                ):
-                    reason = (
-                        f"failure rate {summary.failure_rate:.0%} ({summary.failed} of "
-                        f"{summary.assigned}) crossed --max-failure-rate "
-                        f"{rollout.max_failure_rate:g} in wave {running.idx + 1}"
-                    )
+                reason = self._abort_reason(rollout, running.idx)
+                if rollout.state != ABORTING and reason is not None:
                     self.store.request_abort(rollout.id, reason, rollout.auto_rollback)
                     log.warning("rollout_aborting", rollout_id=rollout.id, reason=reason)
                 rollout = self.store.get(rollout.id) or rollout
@@ -499,23 +520,59 @@ class RolloutDriver:
         self._start_wave(rollout, pending[0].idx)
         return self.store.get(rollout.id) or rollout
 
+    def _abort_reason(self, rollout: Rollout, idx: int) -> str | None:
+        """Whether the rollout's abort criteria, judged on every device so far, say stop."""
+        tally = Tally()
+        assignments = self.store.assignments(rollout.id)
+        for a in assignments:
+            if a.terminal:
+                tally.finished += 1
+            if a.command_id is not None:
+                tally.commanded += 1
+                tally.states[a.state] = tally.states.get(a.state, 0) + 1
+        return abort_reason(rollout.policy, rollout.max_failure_rate, tally, len(assignments), idx)
+
     def _start_wave(self, rollout: Rollout, idx: int) -> None:
         self.store.start_wave(rollout.id, idx, self.clock() + rollout.wave_timeout)
         log.info("wave_started", rollout_id=rollout.id, wave=idx)
-        self._command_wave(rollout, idx)
+        if not rollout.policy.max_per_minute:
+            self._command_wave(rollout, idx)
 
-    def _command_wave(self, rollout: Rollout, idx: int) -> None:
+    def _unreleased(self, rollout: Rollout, idx: int) -> bool:
+        """Devices of the wave still waiting for their command."""
+        return any(
+            a.command_id is None and a.state == WAITING
+            for a in self.store.assignments(rollout.id, idx)
+        )
+
+    def _release_next(self, rollout: Rollout, idx: int) -> None:
+        """--max-per-minute: the next command goes out once 60/N seconds passed since the
+        rollout's last one (stored, so the pace holds across waves and restarts); the
+        wave's deadline then counts from it."""
+        now = self.clock()
+        last = self.store.last_commanded_at(rollout.id)
+        if last is not None and now - last < rollout.policy.release_interval:
+            return
+        self._command_wave(rollout, idx, limit=1)
+        self.store.extend_deadline(rollout.id, idx, now + rollout.wave_timeout)
+
+    def _command_wave(self, rollout: Rollout, idx: int, limit: int | None = None) -> None:
         """Sign, record, then publish a command for every device of the wave that has none
-        (all of them, unless a crash interrupted this very step before)."""
+        (all of them, unless a crash interrupted this very step before), or for the next
+        `limit` of them."""
         to_publish: list[tuple[str, str, bytes]] = []
         with self.store.transaction():
             for a in self.store.assignments(rollout.id, idx):
+                if limit is not None and len(to_publish) >= limit:
+                    break
                 if a.command_id is not None:  # assigned before a crash: never sign anew
                     continue
                 if a.terminal:  # settled without a command (a trust root it already has)
                     continue
                 command_id, envelope = self._sign(rollout, a.device_id)
-                if self.store.record_command(rollout.id, a.device_id, command_id, envelope):
+                if self.store.record_command(
+                    rollout.id, a.device_id, command_id, envelope, at=self.clock()
+                ):
                     to_publish.append((a.device_id, command_id, envelope))
         self._publish(to_publish, rollback=False)
         self._dirty = True
@@ -566,7 +623,8 @@ class RolloutDriver:
         assert rollout is not None
         self._republish_unacknowledged()
         for w in self.store.waves(rollout.id):
-            if w.state == "running":
+            # A paced wave's devices are released by the loop, at its pace.
+            if w.state == "running" and not rollout.policy.max_per_minute:
                 self._command_wave(rollout, w.idx)
 
     def _republish_unacknowledged(self) -> None:
@@ -767,8 +825,10 @@ def create_rollout(
     rollout_id: str | None = None,
     payload: str | None = None,
     force: bool = False,
+    policy: RolloutPolicy | None = None,
 ) -> Rollout:
-    """Plan the waves and store the rollout (nothing is signed or sent yet).
+    """Plan the waves and store the rollout (nothing is signed or sent yet); `policy`
+    (abort criteria, pace, scheduled start) is stored with it.
 
     kind `trust_update`: `payload` is `trust_update_payload(...)` (JSON text), sent
     to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version).
@@ -789,7 +849,7 @@ def create_rollout(
         validate_id(d)
     if canary is not None:
         validate_id(canary)
-    waves = plan_waves(device_ids, parse_waves(waves_spec), canary)
+    waves = plan_waves(device_ids, parse_waves(waves_spec, len(device_ids)), canary)
     # The version each device runs now is what an abort returns it to.
     prev: dict[str, str | None] = {}
     done: dict[str, str] = {}
@@ -820,6 +880,7 @@ def create_rollout(
         payload=payload,
         exclusive=not force,
         already_done=done,
+        policy=policy,
     )
 
 
