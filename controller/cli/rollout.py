@@ -52,6 +52,7 @@ from controller.rollout import (
     pause,
     resume_state,
 )
+from controller.rollout_policy import PolicyError, RolloutPolicy, format_time, make_policy
 from controller.rollout_store import (
     ABORTED,
     FINISHED,
@@ -248,6 +249,10 @@ def render(summary: RolloutSummary) -> Group:
         )
     if len(summary.failures) > 20:
         parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
+    if r.policy.describe():
+        parts.append(Text(f"policy: {r.policy.describe()}"))
+    if r.state == "scheduled" and r.policy.start_at is not None:
+        parts.append(Text(f"scheduled: starts at {format_time(r.policy.start_at)}", style="cyan"))
     if r.abort_reason:
         parts.append(Text(f"abort: {r.abort_reason}", style="bold red"))
     return Group(*parts)
@@ -412,6 +417,7 @@ def start_rollout(
     bundle: tuple[str, str, int] | None = None,
     payload: str | None = None,
     force: bool = False,
+    policy: RolloutPolicy | None = None,
 ) -> str:
     """Resolve the target against a fresh view of the fleet and store the planned rollout.
 
@@ -457,6 +463,7 @@ def start_rollout(
             bundle_size=bundle[2] if bundle else None,
             payload=payload,
             force=force,
+            policy=policy,
         )
     except DevicesHeldError as e:
         fail(str(e))
@@ -496,12 +503,37 @@ def start(
     canary: str | None = CanaryOption,
     bundle_url: str | None = typer.Option(None, "--bundle-url", help="where devices fetch it"),
     force: bool = ForceOption,
+    abort_on: str = typer.Option(
+        "",
+        "--abort-on",
+        help="abort thresholds per failure type (FAILED, REJECTED, ROLLED_BACK, TIMED_OUT, "
+        "ALL; A+B counts together), e.g. ROLLED_BACK>5%,TIMED_OUT>20%",
+    ),
+    min_finished: int = typer.Option(
+        0, "--min-finished", help="no abort decision before this many devices finished"
+    ),
+    max_per_minute: int | None = typer.Option(
+        None, "--max-per-minute", help="release at most this many commands a minute (1..1000)"
+    ),
+    start_at: str | None = typer.Option(
+        None, "--start-at", help="scheduled start: ISO 8601 time (UTC if no zone) or +30m"
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
     configure_cli_logging()
     s = settings(ctx)
     check_plan_options(waves, max_failure_rate, wave_timeout)
+    try:
+        policy = make_policy(
+            abort_on=abort_on,
+            min_finished=min_finished,
+            max_per_minute=max_per_minute,
+            start_at=start_at,
+            now=time.time(),
+        )
+    except PolicyError as e:
+        fail(str(e))
     if not bundle.is_file():
         fail(f"bundle {bundle} does not exist")
     keys = keyset(s)
@@ -530,6 +562,7 @@ def start(
         canary=canary,
         bundle=(url, _sha256(published), published.stat().st_size),
         force=force,
+        policy=policy,
     )
     typer.echo(f"jetfleet: bundle URL {url}: {why}", err=True)
     if output is Output.human:

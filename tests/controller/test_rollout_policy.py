@@ -1,0 +1,267 @@
+"""Rollout policy (issue 14) against the rollout engine, a real Mosquitto and simulated
+devices speaking the real protocol: per-type abort criteria, --min-finished,
+--max-per-minute, exponential waves, a scheduled start, and the stored policy read back
+from a controller.db created before policies existed."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_devices, wait_until
+
+from controller.keystore import KeySet, init_keys
+from controller.localbroker import LocalMosquitto
+from controller.rollout import WaveSpecError, parse_waves, plan_waves
+from controller.rollout_policy import (
+    PolicyError,
+    RolloutPolicy,
+    Tally,
+    abort_reason,
+    make_policy,
+    parse_abort_on,
+)
+from controller.rollout_store import ABORTED, SCHEDULED, SUCCEEDED, RolloutStore
+from protocol.messages import JobState
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> KeySet:
+    return init_keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def harness(tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet) -> ControllerHarness:
+    return ControllerHarness(tmp_path / "controller.db", mosquitto.url, keys.operator)
+
+
+@pytest.fixture
+def counter(mosquitto: LocalMosquitto) -> Iterator[CommandCounter]:
+    c = CommandCounter(mosquitto.url)
+    yield c
+    c.close()
+
+
+def fleet_of(mosquitto: LocalMosquitto, keys: KeySet, n: int, **kw: object) -> SimFleet:
+    return SimFleet(mosquitto.url, keys.trust, make_devices(n, **kw))  # type: ignore[arg-type]
+
+
+def policy(**kw: object) -> RolloutPolicy:
+    return make_policy(now=time.time(), **kw)  # type: ignore[arg-type]
+
+
+# -- parsing and judging (pure) ----------------------------------------------------------
+def test_abort_on_takes_a_threshold_per_type_or_for_types_together() -> None:
+    crit = parse_abort_on("ROLLED_BACK>5%, timed_out>20%,FAILED+REJECTED>10%")
+    assert [(c.types, c.threshold) for c in crit] == [
+        (("ROLLED_BACK",), 0.05),
+        (("TIMED_OUT",), 0.2),
+        (("FAILED", "REJECTED"), 0.1),
+    ]
+    assert parse_abort_on("ALL>10%")[0].types == ("FAILED", "REJECTED", "ROLLED_BACK", "TIMED_OUT")
+    for bad, says in (
+        ("ROLLED_BACK5%", "expected TYPE>N%"),
+        ("CRASHED>5%", "CRASHED is not one of"),
+        ("FAILED>x%", "is not a percentage"),
+        ("FAILED>100%", "within 0%..100%"),
+        ("FAILED>5", "expected TYPE>N%"),
+    ):
+        with pytest.raises(PolicyError, match=says):
+            parse_abort_on(bad)
+
+
+def test_pace_and_start_options_are_checked_with_one_line_reasons() -> None:
+    with pytest.raises(PolicyError, match=r"--max-per-minute 0 is not within 1\.\.1000"):
+        policy(max_per_minute=0)
+    with pytest.raises(PolicyError, match="--min-finished must be 0 or more"):
+        policy(min_finished=-1)
+    with pytest.raises(PolicyError, match="--start-at 'tomorrow'"):
+        policy(start_at="tomorrow")
+    assert policy(start_at="2026-11-26T22:00:00Z").start_at == 1795730400.0
+    assert policy(start_at="2026-11-26T22:00:00").start_at == 1795730400.0  # no zone: UTC
+    before = time.time()
+    at = policy(start_at="+30m").start_at
+    assert at is not None and before + 1800 <= at <= time.time() + 1800
+
+
+def test_the_policy_round_trips_through_its_stored_json() -> None:
+    p = policy(abort_on="ROLLED_BACK>5%,FAILED+REJECTED>10%", min_finished=3, max_per_minute=60)
+    assert RolloutPolicy.from_json(p.to_json()) == p
+    assert RolloutPolicy.from_json(None) == RolloutPolicy()
+
+
+def test_no_abort_decision_before_min_finished_then_the_type_that_crossed_is_named() -> None:
+    p = policy(abort_on="ROLLED_BACK>30%,TIMED_OUT>10%", min_finished=3)
+    one_canary_failed = Tally(commanded=1, finished=1, states={"ROLLED_BACK": 1})
+    assert abort_reason(p, 1.0, one_canary_failed, total=10, wave=0) is None
+    states = {"SUCCEEDED": 3, "ROLLED_BACK": 1, "TIMED_OUT": 1}
+    tally = Tally(commanded=5, finished=5, states=states)
+    assert abort_reason(p, 1.0, tally, total=10, wave=1) == (
+        "TIMED_OUT 20% (1 of 5) crossed --abort-on TIMED_OUT>10% in wave 2"
+    )
+    # A target smaller than --min-finished is judged once all of it finished.
+    assert abort_reason(p, 1.0, one_canary_failed, total=1, wave=0) is not None
+
+
+def test_exponential_waves_double_until_the_target_is_covered() -> None:
+    waves = plan_waves([f"r{i:02d}" for i in range(20)], parse_waves("exp:1x2", 20))
+    assert [len(w) for w in waves] == [1, 2, 4, 8, 5]
+    assert [len(w) for w in plan_waves(["a", "b", "c"], parse_waves("exp:2x3", 3))] == [2, 1]
+    for bad in ("exp:0x2", "exp:1x0.5", "exp:1", "exp:ax2"):
+        with pytest.raises(WaveSpecError, match="--waves"):
+            parse_waves(bad, 10)
+
+
+# -- the engine ---------------------------------------------------------------------------
+def test_min_finished_keeps_one_early_canary_failure_from_aborting(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    with fleet_of(mosquitto, keys, 5) as fleet:
+        fleet.devices["robot-0000"].behaviour = Behaviour(outcome=JobState.ROLLED_BACK)
+        harness.sync()
+        # Without --min-finished the canary alone is 100% and aborts (the default test).
+        rid = harness.create(
+            sorted(fleet.devices),
+            max_failure_rate=0.25,
+            policy=policy(min_finished=3),
+        )
+        assert harness.drive(rid).state == SUCCEEDED
+        states = [a.state for a in harness.store.assignments(rid)]
+        assert states == ["ROLLED_BACK"] + ["SUCCEEDED"] * 4
+
+
+def test_per_type_threshold_aborts_on_the_type_that_crossed_and_rolls_back(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    with fleet_of(mosquitto, keys, 5) as fleet:
+        fleet.devices["robot-0003"].behaviour = Behaviour(outcome=JobState.REJECTED)
+        fleet.devices["robot-0004"].behaviour = Behaviour(
+            outcome=JobState.FAILED, code="build_failed", reason="TensorRT ran out of workspace"
+        )
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices),
+            waves_spec="3,100%",
+            max_failure_rate=1.0,  # the overall rate alone would never abort
+            policy=policy(abort_on="REJECTED>30%,FAILED>10%"),
+        )
+        result = harness.drive(rid)
+        assert result.state == ABORTED
+        assert result.abort_reason == (
+            "FAILED 20% (1 of 5) crossed --abort-on FAILED>10% in wave 2"
+        )
+        for d in ("robot-0000", "robot-0001", "robot-0002"):
+            assert fleet.devices[d].models["detector"]["active"] == "1.0.0"
+
+
+def test_max_per_minute_never_releases_commands_faster_than_the_rate_across_waves(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    with fleet_of(mosquitto, keys, 5) as fleet:
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices), waves_spec="2,100%", policy=policy(max_per_minute=150)
+        )
+        assert harness.drive(rid).state == SUCCEEDED
+        wait_until(lambda: len(counter.arrivals) == 5, what="five commands at the broker")
+        times = [t for t, _, kind in counter.arrivals if kind == "deploy"]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # 150/min is one command every 0.4 s, measured where the devices get them.
+        assert min(gaps) >= 0.35, gaps
+        stored = sorted(a.commanded_at or 0 for a in harness.store.assignments(rid))
+        assert all(b - a >= 0.4 - 1e-6 for a, b in itertools.pairwise(stored))
+        assert [w.state for w in harness.store.waves(rid)] == ["done", "done"]
+
+
+def test_pause_holds_back_a_paced_waves_remaining_commands(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    from controller.rollout import pause, resume_state
+
+    with fleet_of(mosquitto, keys, 3) as fleet:
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices), waves_spec="100%", policy=policy(max_per_minute=60)
+        )
+        driver = harness.driver(rid)
+        t = threading.Thread(target=driver.run)
+        t.start()
+        try:
+            wait_until(lambda: len(counter.arrivals) == 1, what="the first command")
+            assert pause(harness.store, rid)
+            time.sleep(1.5)
+            assert len(counter.arrivals) == 1
+            assert resume_state(harness.store, rid)
+            t.join(20)
+            assert not t.is_alive()
+        finally:
+            driver.stop.set()
+            t.join(5)
+        assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
+        assert len(counter.arrivals) == 3
+
+
+def test_exponential_waves_run_one_two_four(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    with fleet_of(mosquitto, keys, 7) as fleet:
+        harness.sync()
+        rid = harness.create(sorted(fleet.devices), waves_spec="exp:1x2")
+        assert harness.drive(rid).state == SUCCEEDED
+        waves = harness.store.waves(rid)
+        assert [(w.size, w.state) for w in waves] == [(1, "done"), (2, "done"), (4, "done")]
+        # Each wave starts only after the one before it ended.
+        for before, after in itertools.pairwise(waves):
+            assert (after.started_at or 0) >= (before.ended_at or 0)
+
+
+def test_scheduled_rollout_is_stored_scheduled_and_sends_nothing_before_its_start(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    with fleet_of(mosquitto, keys, 2) as fleet:
+        harness.sync()
+        start = time.time() + 1.5
+        rid = harness.create(sorted(fleet.devices), policy=RolloutPolicy(start_at=start))
+        assert harness.store.get(rid).state == SCHEDULED  # type: ignore[union-attr]
+        # A scheduled rollout already holds its devices.
+        assert set(harness.store.holders(sorted(fleet.devices)).values()) == {rid}
+        driver = harness.driver(rid)
+        t = threading.Thread(target=driver.run)
+        t.start()
+        try:
+            time.sleep(0.8)
+            assert counter.arrivals == []
+            assert harness.store.get(rid).state == SCHEDULED  # type: ignore[union-attr]
+            t.join(20)
+            assert not t.is_alive()
+        finally:
+            driver.stop.set()
+            t.join(5)
+        assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
+        first = min(a.commanded_at or 0 for a in harness.store.assignments(rid))
+        assert first >= start
+
+
+def test_a_controller_db_from_before_policies_gets_the_columns_and_the_default_policy(
+    tmp_path: Path, harness: ControllerHarness
+) -> None:
+    rid = harness.create(["robot-0000"])
+    db = tmp_path / "controller.db"
+    harness.registry.conn.close()
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE rollouts DROP COLUMN policy")
+    conn.execute("ALTER TABLE assignments DROP COLUMN commanded_at")
+    conn.commit()
+    conn.row_factory = sqlite3.Row
+    store = RolloutStore(conn)
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(rollouts)")}
+    assert "policy" in cols
+    old = store.get(rid)
+    assert old is not None and old.policy == RolloutPolicy()
+    assert store.assignments(rid)[0].commanded_at is None
+    conn.close()
