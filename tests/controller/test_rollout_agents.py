@@ -331,3 +331,65 @@ def test_operator_abort_cancels_a_real_agents_job_in_flight(fleet: Fleet) -> Non
         assert fleet.active("robot-a") == before != "5.0.0"
     finally:
         server.close()
+
+
+def test_min_finished_lets_a_failing_canary_pass_and_the_rolled_back_share_then_aborts(
+    fleet: Fleet,
+) -> None:
+    """Abort criteria on real agents: robot-c's gate rolls 6.0.0 back. It is the canary;
+    --min-finished 3 keeps that one failure from deciding, the second wave runs, and at
+    the end ROLLED_BACK (1 of 3) crosses its own 20% threshold though --max-failure-rate
+    would tolerate it: the rollout aborts naming that type, and robot-a and robot-b go
+    back to the version they ran."""
+    before = {d: fleet.active(d) for d in ("robot-a", "robot-b")}
+    out = fleet.jetfleet(
+        "rollout", "start", str(fleet.bundle("6.0.0")), "--target", "all",
+        "--waves", "1,100%", "--canary", "robot-c", "--max-failure-rate", "1",
+        "--abort-on", "FAILED>0%,ROLLED_BACK>20%", "--min-finished", "3",
+        "--wait", "--output", "json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    data = json.loads(out.stdout)
+    assert data["rollout"]["abort_reason"] == (
+        "ROLLED_BACK 33% (1 of 3) crossed --abort-on ROLLED_BACK>20% in wave 2"
+    )
+    devices = {d["device_id"]: d for d in data["devices"]}
+    assert devices["robot-c"]["state"] == "ROLLED_BACK"
+    for d in ("robot-a", "robot-b"):
+        assert devices[d]["state"] == "SUCCEEDED" and devices[d]["rb_state"] == "SUCCEEDED"
+    wait_until(
+        lambda: all(fleet.active(d) == v for d, v in before.items()),
+        timeout=30,
+        what="robot-a and robot-b back on their old version",
+    )
+
+
+def test_scheduled_exponential_paced_rollout_to_real_agents(fleet: Fleet) -> None:
+    """Pace on real agents: stored SCHEDULED until --start-at, waves of 1 then 2
+    (exp:1x2), and commands released one per 2 s (--max-per-minute 30)."""
+    counter = CommandCounter(fleet.broker.url)
+    try:
+        out = fleet.jetfleet(
+            "rollout", "start", str(fleet.bundle("7.0.0")), "--target", "robot-a,robot-b",
+            "--waves", "exp:1x2", "--max-per-minute", "30", "--start-at", "+4s",
+            "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        started = json.loads(out.stdout)
+        assert started["rollout"]["state"] == "scheduled"
+        rid, start_at = started["rollout"]["id"], started["rollout"]["policy"]["start_at"]
+
+        def status() -> dict:  # type: ignore[type-arg]
+            st = fleet.jetfleet("rollout", "status", rid, "--output", "json")
+            return json.loads(st.stdout)  # type: ignore[no-any-return]
+
+        wait_until(lambda: status()["rollout"]["state"] == "succeeded", timeout=180, what="7.0.0")
+        data = status()
+        assert [w["size"] for w in data["waves"]] == [1, 1]
+        commanded = sorted(d["commanded_at"] for d in data["devices"])
+        assert commanded[0] >= start_at
+        assert commanded[1] - commanded[0] >= 2.0 - 1e-6
+        assert len(counter.arrivals) == 2
+        assert fleet.active("robot-a") == fleet.active("robot-b") == "7.0.0"
+    finally:
+        counter.close()
