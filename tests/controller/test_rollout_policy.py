@@ -265,3 +265,18 @@ def test_a_controller_db_from_before_policies_gets_the_columns_and_the_default_p
     assert old is not None and old.policy == RolloutPolicy()
     assert store.assignments(rid)[0].commanded_at is None
     conn.close()
+
+
+def test_a_scheduled_rollout_aborted_before_its_start_sends_nothing(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    with fleet_of(mosquitto, keys, 2) as fleet:
+        harness.sync()
+        rid = harness.create(sorted(fleet.devices), policy=RolloutPolicy(start_at=time.time() + 60))
+        assert harness.store.request_abort(rid, "aborted by the operator", rollback=True)
+        result = harness.drive(rid)
+        assert result.state == ABORTED
+        assert [w.state for w in harness.store.waves(rid)] == ["skipped", "skipped"]
+        time.sleep(0.3)
+        assert counter.arrivals == []
+        assert harness.store.holders(sorted(fleet.devices)) == {}
