@@ -48,8 +48,10 @@ from controller.rollout_store import (
     SUCCEEDED,
     TERMINAL,
     WAITING,
+    WAITING_APPROVAL,
     Rollout,
     RolloutStore,
+    Wave,
     is_disk_full,
 )
 from protocol.errors import ProtocolError
@@ -464,9 +466,9 @@ class RolloutDriver:
         if rollout.state == SCHEDULED:
             if now < (rollout.policy.start_at or now):
                 return rollout
-            self.store.set_state(rollout.id, RUNNING)
+            if self.store.transition(rollout.id, SCHEDULED, RUNNING):
+                log.info("rollout_scheduled_start", rollout_id=rollout.id)
             self._dirty = True
-            log.info("rollout_scheduled_start", rollout_id=rollout.id)
             rollout = self.store.get(rollout.id) or rollout
         waves = self.store.waves(rollout.id)
         running = next((w for w in waves if w.state == "running"), None)
@@ -503,13 +505,17 @@ class RolloutDriver:
                 if rollout.state != ABORTING and reason is not None:
                     self.store.request_abort(rollout.id, reason, rollout.auto_rollback)
                     log.warning("rollout_aborting", rollout_id=rollout.id, reason=reason)
+                elif self._needs_approval(rollout, waves) and self.store.transition(
+                    rollout.id, RUNNING, WAITING_APPROVAL
+                ):
+                    log.info("wave_awaits_approval", rollout_id=rollout.id, wave=running.idx)
                 rollout = self.store.get(rollout.id) or rollout
             else:
                 return rollout  # the wave goes on
 
         if rollout.state == ABORTING:
             return self._begin_rollback(rollout)
-        if rollout.state == PAUSED:
+        if rollout.state in (PAUSED, WAITING_APPROVAL):
             return rollout
         pending = [w for w in waves if w.state == "pending"]
         if not pending:
@@ -531,6 +537,16 @@ class RolloutDriver:
                 tally.commanded += 1
                 tally.states[a.state] = tally.states.get(a.state, 0) + 1
         return abort_reason(rollout.policy, rollout.max_failure_rate, tally, len(assignments), idx)
+
+    @staticmethod
+    def _needs_approval(rollout: Rollout, waves: list[Wave]) -> bool:
+        """--approve-waves: a running rollout with waves still to start waits for
+        `promote` (a paused one waits for `resume`, which is that approval)."""
+        return (
+            rollout.policy.approve_waves
+            and rollout.state == RUNNING
+            and any(w.state == "pending" for w in waves)
+        )
 
     def _start_wave(self, rollout: Rollout, idx: int) -> None:
         self.store.start_wave(rollout.id, idx, self.clock() + rollout.wave_timeout)
@@ -890,6 +906,11 @@ def pause(store: RolloutStore, rollout_id: str) -> bool:
         return False
     store.set_state(rollout_id, PAUSED)
     return True
+
+
+def promote(store: RolloutStore, rollout_id: str) -> bool:
+    """Waiting for approval → running: the driver starts the next wave."""
+    return store.transition(rollout_id, WAITING_APPROVAL, RUNNING)
 
 
 def resume_state(store: RolloutStore, rollout_id: str) -> bool:

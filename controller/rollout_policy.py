@@ -43,6 +43,7 @@ class RolloutPolicy:
     min_finished: int = 0
     max_per_minute: int | None = None
     start_at: float | None = None  # epoch seconds
+    approve_waves: bool = False  # wait for `rollout promote` after each wave
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -63,6 +64,7 @@ class RolloutPolicy:
             min_finished=int(d.get("min_finished") or 0),
             max_per_minute=d.get("max_per_minute"),
             start_at=d.get("start_at"),
+            approve_waves=bool(d.get("approve_waves")),
         )
 
     @property
@@ -81,6 +83,8 @@ class RolloutPolicy:
             parts.append(f"at most {self.max_per_minute} commands/min")
         if self.start_at is not None:
             parts.append(f"start at {format_time(self.start_at)}")
+        if self.approve_waves:
+            parts.append("each wave waits for `rollout promote`")
         return "; ".join(parts)
 
 
@@ -143,6 +147,7 @@ def make_policy(
     min_finished: int = 0,
     max_per_minute: int | None = None,
     start_at: str | None = None,
+    approve_waves: bool = False,
     now: float,
 ) -> RolloutPolicy:
     if min_finished < 0:
@@ -154,6 +159,7 @@ def make_policy(
         min_finished=min_finished,
         max_per_minute=max_per_minute,
         start_at=parse_start_at(start_at, now) if start_at else None,
+        approve_waves=approve_waves,
     )
 
 

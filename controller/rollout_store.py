@@ -43,13 +43,15 @@ _PIPELINE_ORDER = {s.value: i for i, s in enumerate(PIPELINE[:-1])}  # not SUCCE
 SCHEDULED = "scheduled"  # --start-at in the future: stored, holds its devices, sends nothing
 RUNNING = "running"
 PAUSED = "paused"
+# --approve-waves: a wave ended within the abort criteria; the next waits for `promote`.
+WAITING_APPROVAL = "waiting_approval"
 ABORTING = "aborting"  # threshold crossed or operator abort: waits for the wave, rolls back
 SUCCEEDED = "succeeded"
 ABORTED = "aborted"
 FINISHED = frozenset({SUCCEEDED, ABORTED})
 # Rollouts that may still send a device a command (an aborting one sends cancels and
 # rollbacks).
-UNFINISHED = frozenset({SCHEDULED, RUNNING, PAUSED, ABORTING})
+UNFINISHED = frozenset({SCHEDULED, RUNNING, PAUSED, WAITING_APPROVAL, ABORTING})
 
 
 class DevicesHeldError(RuntimeError):
@@ -594,6 +596,16 @@ class RolloutStore:
                 "WHERE id=?",
                 (state, now, abort_reason, state, now, rollout_id),
             )
+
+    def transition(self, rollout_id: str, from_state: str, to_state: str) -> bool:
+        """Move the rollout to `to_state` only if it is still in `from_state` (an operator's
+        abort or pause in between wins)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE rollouts SET state=?, updated_at=? WHERE id=? AND state=?",
+                (to_state, time.time(), rollout_id, from_state),
+            )
+            return cur.rowcount == 1
 
     def request_abort(self, rollout_id: str, reason: str, rollback: bool) -> bool:
         """Mark an unfinished rollout for abort; False if it had already finished."""

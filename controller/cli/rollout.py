@@ -50,6 +50,7 @@ from controller.rollout import (
     create_rollout,
     driver_alive,
     pause,
+    promote,
     resume_state,
 )
 from controller.rollout_policy import PolicyError, RolloutPolicy, format_time, make_policy
@@ -251,6 +252,8 @@ def render(summary: RolloutSummary) -> Group:
         parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
     if r.policy.describe():
         parts.append(Text(f"policy: {r.policy.describe()}"))
+    if r.state == "waiting_approval":
+        parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
     if r.state == "scheduled" and r.policy.start_at is not None:
         parts.append(Text(f"scheduled: starts at {format_time(r.policy.start_at)}", style="cyan"))
     if r.abort_reason:
@@ -518,6 +521,9 @@ def start(
     start_at: str | None = typer.Option(
         None, "--start-at", help="scheduled start: ISO 8601 time (UTC if no zone) or +30m"
     ),
+    approve_waves: bool = typer.Option(
+        False, "--approve-waves", help="after each wave wait for `jetfleet rollout promote ID`"
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
@@ -530,6 +536,7 @@ def start(
             min_finished=min_finished,
             max_per_minute=max_per_minute,
             start_at=start_at,
+            approve_waves=approve_waves,
             now=time.time(),
         )
     except PolicyError as e:
@@ -726,5 +733,27 @@ def abort(
         if wait:
             watch(s, r.id, output)
         typer.echo(f"rollout {r.id} aborting; process {r.driver_pid} is finishing it")
+        return
+    launch(s, keyset(s), r.id, wait, output)
+
+
+@app.command("promote")
+def promote_cmd(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(...),
+    wait: bool = WaitOption,
+    output: Output = OutputOption,
+) -> None:
+    """Approve the next wave of a rollout started with --approve-waves."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    r = find_rollout(store, rollout_id)
+    if not promote(store, r.id):
+        fail(f"rollout {r.id} is {r.state}; only one waiting for approval can be promoted")
+    if driver_alive(r):
+        if wait:
+            watch(s, r.id, output)
+        typer.echo(f"rollout {r.id} promoted; process {r.driver_pid} starts the next wave")
         return
     launch(s, keyset(s), r.id, wait, output)

@@ -393,3 +393,30 @@ def test_scheduled_exponential_paced_rollout_to_real_agents(fleet: Fleet) -> Non
         assert fleet.active("robot-a") == fleet.active("robot-b") == "7.0.0"
     finally:
         counter.close()
+
+
+def test_approve_waves_holds_the_second_wave_of_real_agents_until_promote(fleet: Fleet) -> None:
+    """Approval on real agents: robot-a deploys 8.0.0, then the rollout waits; robot-b gets
+    its command only after `rollout promote`."""
+    counter = CommandCounter(fleet.broker.url)
+    try:
+        out = fleet.jetfleet(
+            "rollout", "start", str(fleet.bundle("8.0.0")), "--target", "robot-a,robot-b",
+            "--waves", "1,100%", "--approve-waves", "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        rid = json.loads(out.stdout)["rollout"]["id"]
+
+        def state() -> str:
+            st = fleet.jetfleet("rollout", "status", rid, "--output", "json")
+            return str(json.loads(st.stdout)["rollout"]["state"])
+
+        wait_until(lambda: state() == "waiting_approval", timeout=120, what="robot-a's wave")
+        assert fleet.active("robot-a") == "8.0.0" and fleet.active("robot-b") != "8.0.0"
+        assert set(counter.per_device()) == {"robot-a"}
+        out = fleet.jetfleet("rollout", "promote", rid, "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_until(lambda: state() == "succeeded", timeout=120, what="robot-b's wave")
+        assert fleet.active("robot-b") == "8.0.0"
+    finally:
+        counter.close()

@@ -280,3 +280,37 @@ def test_a_scheduled_rollout_aborted_before_its_start_sends_nothing(
         time.sleep(0.3)
         assert counter.arrivals == []
         assert harness.store.holders(sorted(fleet.devices)) == {}
+
+
+def test_approve_waves_waits_after_each_wave_until_promoted(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    from controller.rollout import promote
+    from controller.rollout_store import WAITING_APPROVAL
+
+    with fleet_of(mosquitto, keys, 3) as fleet:
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices), waves_spec="1,2,100%", policy=RolloutPolicy(approve_waves=True)
+        )
+        assert not promote(harness.store, rid)  # running: nothing to approve
+        driver = harness.driver(rid)
+        t = threading.Thread(target=driver.run)
+        t.start()
+        try:
+            for wave in (1, 2):
+
+                def waiting() -> bool:
+                    return harness.store.get(rid).state == WAITING_APPROVAL  # type: ignore[union-attr]
+
+                wait_until(waiting, what=f"approval after wave {wave}")
+                time.sleep(0.5)
+                assert len(counter.arrivals) == wave
+                assert promote(harness.store, rid)
+            t.join(20)
+            assert not t.is_alive()
+        finally:
+            driver.stop.set()
+            t.join(5)
+        assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
+        assert len(counter.arrivals) == 3

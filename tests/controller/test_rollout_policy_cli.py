@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +102,43 @@ def test_scheduled_paced_rollout_keeps_its_policy_when_resumed_after_kill_9_of_i
         )
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert min(gaps) >= 0.95, gaps
+
+
+@pytest.mark.slow
+def test_approve_waves_waits_across_a_kill_9_of_the_driver_and_goes_on_at_promote(
+    mosquitto: LocalMosquitto,
+    keys: KeySet,
+    env: dict[str, str],
+    bundle: Path,
+    counter: CommandCounter,
+) -> None:
+    with SimFleet(mosquitto.url, keys.trust, make_devices(3)):
+        out = run_cli(
+            env, "rollout", "start", str(bundle), "--target", "all", "--waves", "1,100%",
+            "--approve-waves", "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        started = json.loads(out.stdout)
+        rid = started["rollout"]["id"]
+        assert started["rollout"]["policy"]["approve_waves"] is True
+
+        def state() -> str:
+            st = run_cli(env, "rollout", "status", rid, "--output", "json")
+            return str(json.loads(st.stdout)["rollout"]["state"])
+
+        wait_until(lambda: state() == "waiting_approval", timeout=30, what="the first wave")
+        os.kill(started["driver_pid"], signal.SIGKILL)
+        # A new driver (as after a controller restart) keeps waiting.
+        assert run_cli(env, "rollout", "resume", rid).returncode == 0
+        shown = run_cli({**env, "COLUMNS": "200"}, "rollout", "status", rid).stdout
+        assert f"waiting for approval: `jetfleet rollout promote {rid}`" in shown
+        assert "each wave waits for `rollout promote`" in shown
+        time.sleep(1.0)
+        assert state() == "waiting_approval" and len(counter.arrivals) == 1
+        out = run_cli(env, "rollout", "promote", rid, "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_until(lambda: state() == "succeeded", timeout=30, what="the second wave")
+        assert len(counter.arrivals) == 3
+        bad = run_cli(env, "rollout", "promote", rid)
+        assert bad.returncode == 2
+        assert "is succeeded; only one waiting for approval can be promoted" in bad.stderr
