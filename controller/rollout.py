@@ -920,3 +920,17 @@ def resume_state(store: RolloutStore, rollout_id: str) -> bool:
         return False
     store.set_state(rollout_id, RUNNING)
     return True
+
+
+def failed_devices(store: RolloutStore, rollout_id: str) -> tuple[Rollout, list[str]]:
+    """What `rollout retry` starts over: a finished rollout and the devices whose job in
+    it ended FAILED, REJECTED, ROLLED_BACK or TIMED_OUT."""
+    r = store.get(rollout_id)
+    if r is None:
+        raise RolloutError(f"no rollout {rollout_id!r}")
+    if r.state not in FINISHED:
+        raise RolloutError(f"rollout {r.id} is {r.state}; retry it once it has finished")
+    failed = [a.device_id for a in store.assignments(r.id) if a.failed]
+    if not failed:
+        raise RolloutError(f"rollout {r.id} has no failed devices to retry")
+    return r, failed

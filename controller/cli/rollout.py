@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from controller.rollout import (
     WaveSpecError,
     create_rollout,
     driver_alive,
+    failed_devices,
     pause,
     promote,
     resume_state,
@@ -757,3 +759,46 @@ def promote_cmd(
         typer.echo(f"rollout {r.id} promoted; process {r.driver_pid} starts the next wave")
         return
     launch(s, keyset(s), r.id, wait, output)
+
+
+@app.command("retry")
+def retry_cmd(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(...),
+    wait: bool = WaitOption,
+    force: bool = ForceOption,
+    output: Output = OutputOption,
+) -> None:
+    """A new rollout over only the devices that failed in ROLLOUT_ID, with the same
+    bundle, waves, thresholds and policy (starting now)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    try:
+        old, failed = failed_devices(store, find_rollout(store, rollout_id).id)
+    except RolloutError as e:
+        fail(str(e))
+    keys = keyset(s)
+    bundle = None
+    if old.bundle_url and old.bundle_sha256 and old.bundle_size:
+        bundle = (old.bundle_url, old.bundle_sha256, old.bundle_size)
+    rid = start_rollout(
+        s,
+        kind=old.kind,
+        keys=keys,
+        model=old.model,
+        version=old.version,
+        target=",".join(failed),
+        waves=old.waves_spec,
+        max_failure_rate=old.max_failure_rate,
+        wave_timeout=old.wave_timeout,
+        auto_rollback=old.auto_rollback,
+        canary=old.canary if old.canary in failed else None,
+        bundle=bundle,
+        payload=old.payload,
+        force=force,
+        policy=replace(old.policy, start_at=None),
+    )
+    if output is Output.human:
+        typer.echo(f"rollout {rid}: retry of {old.id} on {len(failed)} device(s)", err=True)
+    launch(s, keys, rid, wait, output)

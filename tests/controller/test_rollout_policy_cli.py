@@ -13,10 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet import CommandCounter, SimFleet, build_bundle, cli_env, make_devices, run_cli, wait_until
+from fleet import (
+    Behaviour,
+    CommandCounter,
+    SimFleet,
+    build_bundle,
+    cli_env,
+    make_devices,
+    run_cli,
+    wait_until,
+)
 
 from controller.keystore import KeySet, init_keys
 from controller.localbroker import LocalMosquitto
+from protocol.messages import JobState
 
 
 @pytest.fixture
@@ -142,3 +152,43 @@ def test_approve_waves_waits_across_a_kill_9_of_the_driver_and_goes_on_at_promot
         bad = run_cli(env, "rollout", "promote", rid)
         assert bad.returncode == 2
         assert "is succeeded; only one waiting for approval can be promoted" in bad.stderr
+
+
+@pytest.mark.slow
+def test_retry_starts_a_new_rollout_over_only_the_failed_devices_with_the_same_policy(
+    mosquitto: LocalMosquitto,
+    keys: KeySet,
+    env: dict[str, str],
+    bundle: Path,
+    counter: CommandCounter,
+) -> None:
+    with SimFleet(mosquitto.url, keys.trust, make_devices(3)) as fleet:
+        fleet.devices["robot-0002"].behaviour = Behaviour(outcome=JobState.ROLLED_BACK)
+        out = run_cli(
+            env, "rollout", "start", str(bundle), "--target", "all", "--waves", "100%",
+            "--max-failure-rate", "0.5", "--abort-on", "TIMED_OUT>50%", "--min-finished", "2",
+            "--wait", "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        first = json.loads(out.stdout)["rollout"]
+        # The transient cause is gone (e.g. the robot's load dropped): retry the failed one.
+        fleet.devices["robot-0002"].behaviour = Behaviour()
+        out = run_cli(env, "rollout", "retry", first["id"], "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        retry = json.loads(out.stdout)
+        assert retry["rollout"]["id"] != first["id"]
+        assert retry["rollout"]["policy"] == first["policy"]
+        assert retry["rollout"]["bundle_sha256"] == first["bundle_sha256"]
+        assert [(d["device_id"], d["state"]) for d in retry["devices"]] == [
+            ("robot-0002", "SUCCEEDED")
+        ]
+        seen = counter.per_device()
+        assert {d: len(c) for d, c in seen.items()} == {
+            "robot-0000": 1,
+            "robot-0001": 1,
+            "robot-0002": 2,
+        }
+        assert fleet.devices["robot-0002"].models["detector"]["active"] == "2.0.0"
+        again = run_cli(env, "rollout", "retry", retry["rollout"]["id"])
+        assert again.returncode == 2
+        assert "has no failed devices to retry" in again.stderr
