@@ -480,6 +480,8 @@ class RolloutDriver:
         if running is not None:
             if rollout.state == ABORTING and running.idx not in self._canceled_waves:
                 self._cancel_in_flight(rollout, running.idx)
+            if rollout.policy.device_timeout and rollout.state != ABORTING:
+                self._time_out_stuck(rollout, running.idx, now, rollout.policy.device_timeout)
             if rollout.state != ABORTING and self._unreleased(rollout, running.idx):
                 # A paced wave: it goes on until every device got its command (a pause
                 # holds the rest back; an abort leaves them uncommanded).
@@ -537,6 +539,15 @@ class RolloutDriver:
                 tally.commanded += 1
                 tally.states[a.state] = tally.states.get(a.state, 0) + 1
         return abort_reason(rollout.policy, rollout.max_failure_rate, tally, len(assignments), idx)
+
+    def _time_out_stuck(self, rollout: Rollout, idx: int, now: float, limit_s: float) -> None:
+        """--device-timeout: a device stuck in one state that long counts as TIMED_OUT and
+        gets a signed cancel (a job already activating refuses it and finishes)."""
+        stuck = self.store.time_out_stuck(rollout.id, idx, now - limit_s, limit_s)
+        if stuck:
+            log.warning("devices_stuck", rollout_id=rollout.id, wave=idx, devices=stuck)
+            self._cancel_timed_out(rollout, only=set(stuck))
+            self._dirty = True
 
     @staticmethod
     def _needs_approval(rollout: Rollout, waves: list[Wave]) -> bool:
@@ -739,7 +750,7 @@ class RolloutDriver:
         self._publish(to_publish, rollback=False, cancel=True)
         self._dirty = True
 
-    def _cancel_timed_out(self, rollout: Rollout) -> None:
+    def _cancel_timed_out(self, rollout: Rollout, only: set[str] | None = None) -> None:
         """Devices the rollout counted as TIMED_OUT never said they stopped: an offline
         one still finds the deploy queued in its broker session when it returns. A signed
         cancel, queued behind it, stops that job before it activates (a job already past
@@ -750,6 +761,7 @@ class RolloutDriver:
             for a in self.store.assignments(rollout.id):
                 if (
                     a.state != JobState.TIMED_OUT.value
+                    or (only is not None and a.device_id not in only)
                     or a.command_id is None
                     or a.cx_command_id is not None
                     or (a.device_id, a.command_id) in reported

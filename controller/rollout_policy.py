@@ -44,6 +44,7 @@ class RolloutPolicy:
     max_per_minute: int | None = None
     start_at: float | None = None  # epoch seconds
     approve_waves: bool = False  # wait for `rollout promote` after each wave
+    device_timeout: float | None = None  # seconds one device may stay in one job state
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -65,6 +66,7 @@ class RolloutPolicy:
             max_per_minute=d.get("max_per_minute"),
             start_at=d.get("start_at"),
             approve_waves=bool(d.get("approve_waves")),
+            device_timeout=d.get("device_timeout"),
         )
 
     @property
@@ -83,6 +85,8 @@ class RolloutPolicy:
             parts.append(f"at most {self.max_per_minute} commands/min")
         if self.start_at is not None:
             parts.append(f"start at {format_time(self.start_at)}")
+        if self.device_timeout:
+            parts.append(f"a device stuck {self.device_timeout:g}s in one state times out")
         if self.approve_waves:
             parts.append("each wave waits for `rollout promote`")
         return "; ".join(parts)
@@ -148,10 +152,13 @@ def make_policy(
     max_per_minute: int | None = None,
     start_at: str | None = None,
     approve_waves: bool = False,
+    device_timeout: float | None = None,
     now: float,
 ) -> RolloutPolicy:
     if min_finished < 0:
         raise PolicyError("--min-finished must be 0 or more")
+    if device_timeout is not None and device_timeout <= 0:
+        raise PolicyError("--device-timeout must be positive")
     if max_per_minute is not None and not 1 <= max_per_minute <= MAX_PER_MINUTE:
         raise PolicyError(f"--max-per-minute {max_per_minute} is not within 1..{MAX_PER_MINUTE}")
     return RolloutPolicy(
@@ -160,6 +167,7 @@ def make_policy(
         max_per_minute=max_per_minute,
         start_at=parse_start_at(start_at, now) if start_at else None,
         approve_waves=approve_waves,
+        device_timeout=device_timeout,
     )
 
 

@@ -833,6 +833,38 @@ class RolloutStore:
             )
         return ids
 
+    def time_out_stuck(
+        self, rollout_id: str, wave: int, before: float, limit_s: float
+    ) -> list[str]:
+        """--device-timeout: devices of the wave whose job reported a state and has not
+        moved since `before` become TIMED_OUT (PENDING is not a job state: a device that
+        has not received its command yet is the wave timeout's to judge)."""
+        placeholders = ",".join("?" for _ in TERMINAL)
+        now = time.time()
+        with self.transaction() as c:
+            rows = c.execute(
+                f"SELECT device_id, state FROM assignments WHERE rollout_id=? AND wave=? "
+                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}) AND state != ? "
+                f"AND updated_at < ?",
+                (rollout_id, wave, *TERMINAL, PENDING, before),
+            ).fetchall()
+            c.executemany(
+                "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=?",
+                [
+                    (
+                        JobState.TIMED_OUT.value,
+                        f"stuck in {r['state']} for more than {limit_s:g}s (--device-timeout)",
+                        "timed_out",
+                        now,
+                        rollout_id,
+                        r["device_id"],
+                    )
+                    for r in rows
+                ],
+            )
+        return [r["device_id"] for r in rows]
+
     def time_out_rollbacks(self, rollout_id: str, reason: str) -> list[str]:
         placeholders = ",".join("?" for _ in TERMINAL)
         with self.transaction() as c:

@@ -526,6 +526,11 @@ def start(
     approve_waves: bool = typer.Option(
         False, "--approve-waves", help="after each wave wait for `jetfleet rollout promote ID`"
     ),
+    device_timeout: float | None = typer.Option(
+        None,
+        "--device-timeout",
+        help="seconds a device's job may stay in one state; then it is canceled, TIMED_OUT",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
@@ -539,6 +544,7 @@ def start(
             max_per_minute=max_per_minute,
             start_at=start_at,
             approve_waves=approve_waves,
+            device_timeout=device_timeout,
             now=time.time(),
         )
     except PolicyError as e:

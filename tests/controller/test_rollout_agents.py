@@ -420,3 +420,34 @@ def test_approve_waves_holds_the_second_wave_of_real_agents_until_promote(fleet:
         assert fleet.active("robot-b") == "8.0.0"
     finally:
         counter.close()
+
+
+def test_device_timeout_cancels_a_real_agent_stuck_downloading(fleet: Fleet) -> None:
+    """--device-timeout on a real agent: its download trickles (100 KiB/s), so its job stays
+    DOWNLOADING past 3 s; the controller counts it TIMED_OUT long before the wave's
+    deadline and cancels it, and the agent keeps the version it ran."""
+    before = fleet.active("robot-a")
+    bundle = fleet.bundle("9.0.0")
+    server = SlowBundleServer(bundle)
+    try:
+        out = fleet.jetfleet(
+            "rollout", "start", str(bundle), "--target", "robot-a", "--waves", "100%",
+            "--bundle-url", server.url, "--device-timeout", "3", "--wave-timeout", "300",
+            "--max-failure-rate", "1", "--wait", "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        data = json.loads(out.stdout)
+        device = data["devices"][0]
+        assert device["state"] == "TIMED_OUT", device
+        assert device["reason"] == "stuck in DOWNLOADING for more than 3s (--device-timeout)"
+
+        assert device["cx_command_id"] is not None
+
+        def download_stopped() -> bool:
+            job = fleet.devices()["robot-a"].get("job") or {}
+            return job.get("command_id") != device["command_id"] or job.get("state") == "CANCELED"
+
+        wait_until(download_stopped, timeout=30, what="the agent canceling the stuck job")
+        assert fleet.active("robot-a") == before != "9.0.0"
+    finally:
+        server.close()

@@ -314,3 +314,33 @@ def test_approve_waves_waits_after_each_wave_until_promoted(
             t.join(5)
         assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
         assert len(counter.arrivals) == 3
+
+
+def test_device_timeout_cancels_a_device_stuck_in_one_state_before_the_wave_deadline(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    with fleet_of(mosquitto, keys, 2) as fleet:
+        fleet.devices["robot-0001"].behaviour = Behaviour(step_s=30)  # hangs after RECEIVED
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices),
+            waves_spec="100%",
+            wave_timeout=60,
+            max_failure_rate=1.0,
+            policy=policy(device_timeout=1.0),
+        )
+        started = time.monotonic()
+        assert harness.drive(rid).state == SUCCEEDED
+        assert time.monotonic() - started < 15  # not the 60 s wave deadline
+        a = {a.device_id: a for a in harness.store.assignments(rid)}
+        assert a["robot-0000"].state == "SUCCEEDED"
+        assert a["robot-0001"].state == "TIMED_OUT"
+        assert a["robot-0001"].reason == "stuck in RECEIVED for more than 1s (--device-timeout)"
+        wait_until(
+            lambda: ("robot-0001", "cancel") in [(d, k) for _, d, k in counter.arrivals],
+            what="the cancel of the stuck job",
+        )
+        wait_until(
+            lambda: bool(fleet.devices["robot-0001"].canceled), what="the device canceling it"
+        )
+        assert [k for _, d, k in counter.arrivals if d == "robot-0000"] == ["deploy"]

@@ -60,6 +60,7 @@ def counter(mosquitto: LocalMosquitto) -> Iterator[CommandCounter]:
         (["--min-finished", "-1"], "--min-finished must be 0 or more"),
         (["--start-at", "soon"], "--start-at 'soon': expected an ISO 8601 time"),
         (["--waves", "exp:0x2"], "--waves 'exp:0x2': the first wave must be at least 1"),
+        (["--device-timeout", "0"], "--device-timeout must be positive"),
     ],
 )
 def test_bad_policy_options_exit_2_with_a_one_line_reason(
