@@ -482,11 +482,14 @@ class RolloutDriver:
                 self._cancel_in_flight(rollout, running.idx)
             if rollout.policy.device_timeout and rollout.state != ABORTING:
                 self._time_out_stuck(rollout, running.idx, now, rollout.policy.device_timeout)
+            if rollout.policy.retries and rollout.state in (RUNNING, PAUSED):
+                self._schedule_retries(rollout, running.idx, now)
             if rollout.state != ABORTING and self._unreleased(rollout, running.idx):
-                # A paced wave: it goes on until every device got its command (a pause
-                # holds the rest back; an abort leaves them uncommanded).
+                # A paced wave, or one with retries due: it goes on until every device got
+                # its command (a pause holds the rest back; an abort leaves them
+                # uncommanded).
                 if rollout.state == RUNNING:
-                    self._release_next(rollout, running.idx)
+                    self._release_next(rollout, running.idx, now)
                 return rollout
             if self.store.open_count(rollout.id, running.idx) == 0 or now >= (
                 running.deadline or now
@@ -572,22 +575,50 @@ class RolloutDriver:
             for a in self.store.assignments(rollout.id, idx)
         )
 
-    def _release_next(self, rollout: Rollout, idx: int) -> None:
-        """--max-per-minute: the next command goes out once 60/N seconds passed since the
-        rollout's last one (stored, so the pace holds across waves and restarts); the
-        wave's deadline then counts from it."""
-        now = self.clock()
+    def _release_next(self, rollout: Rollout, idx: int, now: float) -> None:
+        """Commands due now: with --max-per-minute the next one once 60/N seconds passed
+        since the rollout's last one (stored, so the pace holds across waves and
+        restarts). The wave's deadline then counts from the last release."""
+        paced = bool(rollout.policy.max_per_minute)
         last = self.store.last_commanded_at(rollout.id)
-        if last is not None and now - last < rollout.policy.release_interval:
+        if paced and last is not None and now - last < rollout.policy.release_interval:
             return
-        self._command_wave(rollout, idx, limit=1)
-        self.store.extend_deadline(rollout.id, idx, now + rollout.wave_timeout)
+        if self._command_wave(rollout, idx, limit=1 if paced else None, now=now):
+            self.store.extend_deadline(rollout.id, idx, now + rollout.wave_timeout)
 
-    def _command_wave(self, rollout: Rollout, idx: int, limit: int | None = None) -> None:
+    def _schedule_retries(self, rollout: Rollout, idx: int, now: float) -> None:
+        """--retries: a device whose job ended in a --retry-on type, with retries left,
+        waits for a new command after its back-off instead of counting as failed. One
+        that timed out never said it stopped: its old job gets a cancel first."""
+        policy = rollout.policy
+        due = [
+            a
+            for a in self.store.assignments(rollout.id, idx)
+            if a.command_id is not None and a.state in policy.retry_on
+            and a.attempts < policy.retries
+        ]  # fmt: skip
+        timed_out = {a.device_id for a in due if a.state == JobState.TIMED_OUT.value}
+        if timed_out:
+            self._cancel_timed_out(rollout, only=timed_out)
+        for a in due:
+            assert a.command_id is not None
+            attempt = a.attempts + 1
+            reason = f"retry {attempt} of {policy.retries} after {a.state}: {a.reason or a.code}"
+            self.store.reset_for_retry(
+                rollout.id, a.device_id, a.command_id, now + policy.backoff(attempt), reason
+            )
+            log.warning("device_retry", rollout_id=rollout.id, device_id=a.device_id,
+                        attempt=attempt, after=a.state)  # fmt: skip
+            self._dirty = True
+
+    def _command_wave(
+        self, rollout: Rollout, idx: int, limit: int | None = None, now: float | None = None
+    ) -> int:
         """Sign, record, then publish a command for every device of the wave that has none
         (all of them, unless a crash interrupted this very step before), or for the next
-        `limit` of them."""
+        `limit` of them; a retry only once its back-off ended. Returns how many."""
         to_publish: list[tuple[str, str, bytes]] = []
+        now = self.clock() if now is None else now
         with self.store.transaction():
             for a in self.store.assignments(rollout.id, idx):
                 if limit is not None and len(to_publish) >= limit:
@@ -596,6 +627,8 @@ class RolloutDriver:
                     continue
                 if a.terminal:  # settled without a command (a trust root it already has)
                     continue
+                if a.retry_at is not None and a.retry_at > now:
+                    continue
                 command_id, envelope = self._sign(rollout, a.device_id)
                 if self.store.record_command(
                     rollout.id, a.device_id, command_id, envelope, at=self.clock()
@@ -603,6 +636,7 @@ class RolloutDriver:
                     to_publish.append((a.device_id, command_id, envelope))
         self._publish(to_publish, rollback=False)
         self._dirty = True
+        return len(to_publish)
 
     def _sign(self, rollout: Rollout, device_id: str) -> tuple[str, bytes]:
         if rollout.kind == "deploy":

@@ -17,8 +17,10 @@ from typing import Any
 # The failure types an operator can put a threshold on (an assignment's terminal state).
 FAILURE_TYPES = ("FAILED", "REJECTED", "ROLLED_BACK", "TIMED_OUT")
 ALL = "ALL"
-# AWS IoT Jobs' range for maximumPerMinute.
+# AWS IoT Jobs' range for maximumPerMinute, and its jobExecutionsRetryConfig.
 MAX_PER_MINUTE = 1000
+MAX_RETRIES = 10
+RETRY_TYPES = ("FAILED", "TIMED_OUT")
 
 
 class PolicyError(ValueError):
@@ -45,6 +47,9 @@ class RolloutPolicy:
     start_at: float | None = None  # epoch seconds
     approve_waves: bool = False  # wait for `rollout promote` after each wave
     device_timeout: float | None = None  # seconds one device may stay in one job state
+    retries: int = 0  # new commands for a device whose job ended in one of `retry_on`
+    retry_on: tuple[str, ...] = ()
+    retry_backoff: float = 10.0  # seconds before the first retry, doubling after
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -67,7 +72,14 @@ class RolloutPolicy:
             start_at=d.get("start_at"),
             approve_waves=bool(d.get("approve_waves")),
             device_timeout=d.get("device_timeout"),
+            retries=int(d.get("retries") or 0),
+            retry_on=tuple(d.get("retry_on") or ()),
+            retry_backoff=float(d.get("retry_backoff") or 10.0),
         )
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before retry number `attempt` (1-based)."""
+        return self.retry_backoff * 2 ** (attempt - 1)
 
     @property
     def release_interval(self) -> float:
@@ -85,6 +97,11 @@ class RolloutPolicy:
             parts.append(f"at most {self.max_per_minute} commands/min")
         if self.start_at is not None:
             parts.append(f"start at {format_time(self.start_at)}")
+        if self.retries:
+            parts.append(
+                f"{self.retries} retries on {'+'.join(self.retry_on)} "
+                f"(back-off {self.retry_backoff:g}s, doubling)"
+            )
         if self.device_timeout:
             parts.append(f"a device stuck {self.device_timeout:g}s in one state times out")
         if self.approve_waves:
@@ -153,12 +170,19 @@ def make_policy(
     start_at: str | None = None,
     approve_waves: bool = False,
     device_timeout: float | None = None,
+    retries: int = 0,
+    retry_on: str = "FAILED,TIMED_OUT",
+    retry_backoff: float = 10.0,
     now: float,
 ) -> RolloutPolicy:
     if min_finished < 0:
         raise PolicyError("--min-finished must be 0 or more")
     if device_timeout is not None and device_timeout <= 0:
         raise PolicyError("--device-timeout must be positive")
+    if not 0 <= retries <= MAX_RETRIES:
+        raise PolicyError(f"--retries {retries} is not within 0..{MAX_RETRIES}")
+    if retry_backoff < 0:
+        raise PolicyError("--retry-backoff must be 0 or more")
     if max_per_minute is not None and not 1 <= max_per_minute <= MAX_PER_MINUTE:
         raise PolicyError(f"--max-per-minute {max_per_minute} is not within 1..{MAX_PER_MINUTE}")
     return RolloutPolicy(
@@ -168,7 +192,26 @@ def make_policy(
         start_at=parse_start_at(start_at, now) if start_at else None,
         approve_waves=approve_waves,
         device_timeout=device_timeout,
+        retries=retries,
+        retry_on=parse_retry_on(retry_on) if retries else (),
+        retry_backoff=retry_backoff,
     )
+
+
+def parse_retry_on(spec: str) -> tuple[str, ...]:
+    """`TIMED_OUT,FAILED` or `ALL`: the failures a retry may cure (a REJECTED bundle or a
+    ROLLED_BACK gate would only fail again)."""
+    types: list[str] = []
+    for t in (p.strip().upper() for p in spec.split(",")):
+        if t == ALL:
+            types.extend(RETRY_TYPES)
+        elif t in RETRY_TYPES:
+            types.append(t)
+        else:
+            raise PolicyError(
+                f"--retry-on {spec!r}: {t or '(empty)'} is not one of FAILED, TIMED_OUT, ALL"
+            )
+    return tuple(dict.fromkeys(types))
 
 
 @dataclass

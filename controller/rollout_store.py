@@ -154,6 +154,8 @@ CREATE TABLE IF NOT EXISTS assignments (
     cx_envelope BLOB,
     cx_published_at REAL,
     commanded_at REAL,               -- when its command was released (--max-per-minute)
+    attempts INTEGER NOT NULL DEFAULT 0,  -- retries sent so far (--retries)
+    retry_at REAL,                   -- a retry's command is not released before this
     PRIMARY KEY (rollout_id, device_id)
 );
 CREATE INDEX IF NOT EXISTS assignments_wave ON assignments(rollout_id, wave);
@@ -250,6 +252,8 @@ class Assignment:
     cx_envelope: bytes | None = None
     cx_published_at: float | None = None
     commanded_at: float | None = None
+    attempts: int = 0
+    retry_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Assignment:
@@ -330,6 +334,8 @@ class RolloutStore:
         ("rollouts", "payload", "TEXT"),
         ("rollouts", "policy", "TEXT"),
         ("assignments", "commanded_at", "REAL"),
+        ("assignments", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+        ("assignments", "retry_at", "REAL"),
     )
 
     def _migrate(self) -> None:
@@ -669,6 +675,22 @@ class RolloutStore:
                 "UPDATE assignments SET command_id=?, envelope=?, state=?, updated_at=?, "
                 "commanded_at=? WHERE rollout_id=? AND device_id=? AND command_id IS NULL",
                 (command_id, envelope, PENDING, now, at or now, rollout_id, device_id),
+            )
+            return cur.rowcount == 1
+
+    def reset_for_retry(
+        self, rollout_id: str, device_id: str, command_id: str, retry_at: float, reason: str
+    ) -> bool:
+        """Make a failed assignment wait for a new command (`retry_at` on): its failed
+        command is forgotten (a late event of it no longer counts), its cancel too (an
+        abort may cancel the new one). Only while it still holds `command_id`."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET command_id=NULL, envelope=NULL, published_at=NULL, "
+                "cx_command_id=NULL, cx_envelope=NULL, cx_published_at=NULL, state=?, "
+                "reason=?, code=NULL, last_seq=NULL, attempts=attempts+1, retry_at=?, "
+                "updated_at=? WHERE rollout_id=? AND device_id=? AND command_id=?",
+                (WAITING, reason, retry_at, time.time(), rollout_id, device_id, command_id),
             )
             return cur.rowcount == 1
 

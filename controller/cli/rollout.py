@@ -531,6 +531,15 @@ def start(
         "--device-timeout",
         help="seconds a device's job may stay in one state; then it is canceled, TIMED_OUT",
     ),
+    retries: int = typer.Option(
+        0, "--retries", help="new commands for a device whose job failed so (0..10)"
+    ),
+    retry_on: str = typer.Option(
+        "FAILED,TIMED_OUT", "--retry-on", help="which failures --retries cures: FAILED, TIMED_OUT"
+    ),
+    retry_backoff: float = typer.Option(
+        10.0, "--retry-backoff", help="seconds before the first retry (doubles after each)"
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
@@ -545,6 +554,9 @@ def start(
             start_at=start_at,
             approve_waves=approve_waves,
             device_timeout=device_timeout,
+            retries=retries,
+            retry_on=retry_on,
+            retry_backoff=retry_backoff,
             now=time.time(),
         )
     except PolicyError as e:

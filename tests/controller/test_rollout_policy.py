@@ -344,3 +344,66 @@ def test_device_timeout_cancels_a_device_stuck_in_one_state_before_the_wave_dead
             lambda: bool(fleet.devices["robot-0001"].canceled), what="the device canceling it"
         )
         assert [k for _, d, k in counter.arrivals if d == "robot-0000"] == ["deploy"]
+
+
+def test_retries_turn_a_transient_failure_into_a_success_and_it_never_counts_as_failed(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    with fleet_of(mosquitto, keys, 2) as fleet:
+        flaky = fleet.devices["robot-0001"]
+        flaky.behaviour = Behaviour(
+            outcome=JobState.FAILED, code="download_failed", reason="mirror unreachable"
+        )
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices),
+            waves_spec="100%",
+            max_failure_rate=0.0,  # one counted failure would abort
+            policy=policy(retries=2, retry_on="FAILED", retry_backoff=1.0),
+        )
+        driver = harness.driver(rid)
+        t = threading.Thread(target=driver.run)
+        t.start()
+        try:
+
+            def retry_waiting() -> bool:
+                a = harness.store.assignment(rid, "robot-0001")
+                return a is not None and a.attempts == 1 and a.command_id is None
+
+            wait_until(retry_waiting, what="the retry scheduled")
+            a = harness.store.assignment(rid, "robot-0001")
+            assert a is not None and a.state == "WAITING"
+            assert a.reason == "retry 1 of 2 after FAILED: mirror unreachable"
+            flaky.behaviour = Behaviour()  # the mirror is back
+            t.join(20)
+            assert not t.is_alive()
+        finally:
+            driver.stop.set()
+            t.join(5)
+        assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
+        final = harness.store.assignment(rid, "robot-0001")
+        assert final is not None and final.state == "SUCCEEDED" and final.attempts == 1
+        deploys = [t for t, d, k in counter.arrivals if d == "robot-0001" and k == "deploy"]
+        assert len(deploys) == 2 and deploys[1] - deploys[0] >= 0.9  # the back-off
+        assert flaky.models["detector"]["active"] == "2.0.0"
+
+
+def test_the_last_retry_failing_counts_as_the_failure(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
+) -> None:
+    with fleet_of(mosquitto, keys, 1) as fleet:
+        fleet.devices["robot-0000"].behaviour = Behaviour(
+            outcome=JobState.FAILED, code="download_failed", reason="mirror unreachable"
+        )
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices),
+            waves_spec="100%",
+            policy=policy(retries=2, retry_on="ALL", retry_backoff=0.2),
+        )
+        result = harness.drive(rid)
+        assert result.state == ABORTED
+        assert "failure rate 100% (1 of 1)" in (result.abort_reason or "")
+        a = harness.store.assignment(rid, "robot-0000")
+        assert a is not None and a.state == "FAILED" and a.attempts == 2
+        wait_until(lambda: len(counter.arrivals) == 3, what="three deploys")
