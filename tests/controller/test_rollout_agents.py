@@ -451,3 +451,43 @@ def test_device_timeout_cancels_a_real_agent_stuck_downloading(fleet: Fleet) -> 
         assert fleet.active("robot-a") == before != "9.0.0"
     finally:
         server.close()
+
+
+def test_retries_turn_a_mirror_outage_on_a_real_agent_into_a_success(fleet: Fleet) -> None:
+    """--retries on a real agent: the bundle server is down, so the agent's download fails
+    (FAILED, download_failed, after its own retries); the controller waits its back-off and
+    sends a new command, which succeeds once the server is up. With --max-failure-rate 0
+    the first failure would have aborted had it counted."""
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    bundle = fleet.bundle("10.0.0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here until the "mirror" comes back
+    out = fleet.jetfleet(
+        "rollout", "start", str(bundle), "--target", "robot-a", "--waves", "100%",
+        "--bundle-url", f"http://127.0.0.1:{port}/{bundle.name}", "--max-failure-rate", "0",
+        "--retries", "2", "--retry-on", "FAILED", "--retry-backoff", "3", "--output", "json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rid = json.loads(out.stdout)["rollout"]["id"]
+
+    def status() -> dict:  # type: ignore[type-arg]
+        st = fleet.jetfleet("rollout", "status", rid, "--output", "json")
+        return json.loads(st.stdout)  # type: ignore[no-any-return]
+
+    wait_until(lambda: status()["devices"][0]["attempts"] == 1, timeout=60, what="a retry")
+    assert status()["devices"][0]["reason"].startswith("retry 1 of 2 after FAILED")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(bundle.parent))
+    mirror = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    try:
+        wait_until(lambda: status()["rollout"]["state"] == "succeeded", timeout=120)
+        device = status()["devices"][0]
+        assert (device["state"], device["attempts"]) == ("SUCCEEDED", 1)
+        assert fleet.active("robot-a") == "10.0.0"
+    finally:
+        mirror.shutdown()
