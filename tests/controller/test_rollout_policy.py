@@ -255,7 +255,8 @@ def test_a_controller_db_from_before_policies_gets_the_columns_and_the_default_p
     harness.registry.conn.close()
     conn = sqlite3.connect(db)
     conn.execute("ALTER TABLE rollouts DROP COLUMN policy")
-    conn.execute("ALTER TABLE assignments DROP COLUMN commanded_at")
+    for column in ("commanded_at", "attempts", "retry_at"):
+        conn.execute(f"ALTER TABLE assignments DROP COLUMN {column}")
     conn.commit()
     conn.row_factory = sqlite3.Row
     store = RolloutStore(conn)
@@ -263,7 +264,8 @@ def test_a_controller_db_from_before_policies_gets_the_columns_and_the_default_p
     assert "policy" in cols
     old = store.get(rid)
     assert old is not None and old.policy == RolloutPolicy()
-    assert store.assignments(rid)[0].commanded_at is None
+    a = store.assignments(rid)[0]
+    assert (a.commanded_at, a.attempts, a.retry_at) == (None, 0, None)
     conn.close()
 
 
