@@ -479,8 +479,17 @@ def test_retries_turn_a_mirror_outage_on_a_real_agent_into_a_success(fleet: Flee
         st = fleet.jetfleet("rollout", "status", rid, "--output", "json")
         return json.loads(st.stdout)  # type: ignore[no-any-return]
 
-    wait_until(lambda: status()["devices"][0]["attempts"] == 1, timeout=60, what="a retry")
-    assert status()["devices"][0]["reason"].startswith("retry 1 of 2 after FAILED")
+    seen: list[dict] = []  # type: ignore[type-arg]
+
+    def retried() -> bool:
+        seen[:] = status()["devices"]
+        return bool(seen[0]["attempts"] == 1)
+
+    wait_until(retried, timeout=60, what="a retry")
+    # Seen while it waited for its back-off, or already re-sent (its reason then cleared).
+    assert (seen[0]["reason"] or "retry 1 of 2 after FAILED").startswith(
+        "retry 1 of 2 after FAILED"
+    )
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(bundle.parent))
     mirror = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=mirror.serve_forever, daemon=True).start()
