@@ -8,21 +8,32 @@ A version directory is written under a temporary name, fsynced and renamed into 
 and never changed afterwards: the robot's runtime may have the engine open. The
 symlinks are replaced with os.replace() of a freshly made temporary symlink (atomic on
 POSIX), then the directory is fsynced so the switch survives a power cut.
+
+The consumer contract (docs/integration.md): any process loads `current/engine`, reads
+the version from `current/version`, and acknowledges what it loaded, in
+data_dir/ack/<model>.json or on the LiveStats socket; with `[activation] ack_timeout_s`
+the agent waits for that word after a switch and rolls back without it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from agent.livestats import Ack
 from protocol.ids import SemVer
 from protocol.messages import ModelSlot
 
@@ -34,6 +45,8 @@ MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 TMP_PREFIX = ".tmp-"
 BUNDLE_REF = "bundle.sha256"  # the bundle a version came from (data_dir/bundles/<sha256>/)
+VERSION_FILE = "version"  # the version's own name, for consumers that read `current/version`
+MAX_ACK_BYTES = 4096
 
 
 class ActivationError(Exception):
@@ -216,6 +229,8 @@ class ModelStore:
                 _link_or_copy(meta, tmp / ENGINE_META)
             (tmp / MANIFEST).write_bytes(manifest_json)
             _fsync_file(tmp / MANIFEST)
+            (tmp / VERSION_FILE).write_text(version + "\n")
+            _fsync_file(tmp / VERSION_FILE)
             _link_or_copy(golden, tmp / GOLDEN)
             if bundle_sha256:
                 (tmp / BUNDLE_REF).write_text(bundle_sha256 + "\n")
@@ -363,3 +378,120 @@ def check_health(spec: str, *, timeout: float, env: dict[str, str] | None = None
             f"health check {spec!r} exited {proc.returncode}" + (f": {tail}" if tail else ""),
             code="health_failed",
         )
+
+
+def read_ack_file(path: Path, model: str) -> Ack | None:
+    """The consumer's ack file: {"version": V, "healthy": true, "reason": "..."}.
+
+    None when there is none; ValueError when it is not one (it may be mid-write: a
+    consumer should write a temporary file and rename it, but not every one does).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ACK_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror or e}") from e
+    if len(data) > MAX_ACK_BYTES:
+        raise ValueError(f"it is larger than {MAX_ACK_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"it is not JSON: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("version"), str):
+        raise ValueError('it has no "version" string')
+    if doc.get("model", model) != model:
+        raise ValueError(f"it names model {doc.get('model')!r}, not {model!r}")
+    healthy = doc.get("healthy", True)
+    if not isinstance(healthy, bool):
+        raise ValueError('"healthy" must be true or false')
+    reason = str(doc.get("reason") or "")[:300]
+    return Ack(model, doc["version"], healthy, reason, str(path))
+
+
+class AckChannel:
+    """Where consumers say which version they loaded: an ack file per model in
+    `ack_dir`, or an acknowledgement (or latency report) on the LiveStats socket."""
+
+    def __init__(self, ack_dir: Path, live: Any | None = None) -> None:
+        self.ack_dir = Path(ack_dir)
+        self.live = live
+        self.problem: str | None = None  # why the ack file was unreadable, last check
+        self.heard: str | None = None  # the last version a consumer acknowledged (any)
+
+    def path(self, model: str) -> Path:
+        return self.ack_dir / f"{model}.json"
+
+    def clear(self, model: str) -> None:
+        """Forget earlier acknowledgements; called before a switch."""
+        self.heard = next((a.version for a in self._acks(model)), None)
+        self.ack_dir.mkdir(parents=True, exist_ok=True)
+        self.path(model).unlink(missing_ok=True)
+        if self.live is not None:
+            self.live.clear_ack(model)
+
+    def check(self, model: str, version: str) -> Ack | None:
+        """The acknowledgement of `version`, if one came; ActivationError if the consumer
+        reports that it failed; None while it has not answered (or a bad ack file:
+        `problem` says why)."""
+        self.problem = None
+        for ack in self._acks(model):
+            if ack.version != version:
+                self.heard = ack.version
+                continue
+            if not ack.healthy:
+                raise ActivationError(
+                    f"the consumer of {model} reports {version} unhealthy"
+                    + (f": {ack.reason}" if ack.reason else "")
+                    + f" ({ack.source})",
+                    code="health_failed",
+                )
+            return ack
+        return None
+
+    def _acks(self, model: str) -> list[Ack]:
+        found = []
+        try:
+            ack = read_ack_file(self.path(model), model)
+        except ValueError as e:
+            self.problem = f"{self.path(model)} is not a valid acknowledgement: {e}"
+            ack = None
+        if ack is not None:
+            found.append(ack)
+        live = self.live.ack(model) if self.live is not None else None
+        if live is not None:
+            found.append(live)
+        return found
+
+    def wait(
+        self,
+        model: str,
+        version: str,
+        *,
+        timeout: float,
+        stop: threading.Event,
+        beat: Callable[[], None] = lambda: None,
+        poll: float = 0.1,
+    ) -> Ack | None:
+        """Wait for the acknowledgement of `version`; None if `stop` was set first.
+        ActivationError: code not_acknowledged past `timeout`, health_failed when the
+        consumer reports a failure."""
+        end = time.monotonic() + timeout
+        while not stop.is_set():
+            beat()
+            ack = self.check(model, version)
+            if ack is not None:
+                log.info("consumer_acknowledged", model=model, version=version, source=ack.source)
+                return ack
+            left = end - time.monotonic()
+            if left <= 0:
+                raise ActivationError(
+                    f"no consumer acknowledged {model} {version} within {timeout:g}s "
+                    f"(expected in {self.path(model)} or on the LiveStats socket)"
+                    + (f"; the last version acknowledged is {self.heard}" if self.heard else "")
+                    + (f"; {self.problem}" if self.problem else ""),
+                    code="not_acknowledged",
+                )
+            stop.wait(min(poll, left))
+        return None

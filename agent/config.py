@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from protocol.errors import ProtocolError
@@ -85,6 +92,13 @@ class ActivationConfig(_Section):
     hook_timeout_s: float = Field(default=120.0, gt=0)
     health_timeout_s: float = Field(default=10.0, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0)
+    # The consumer contract (docs/integration.md): after a switch, wait this long for the
+    # consumer to acknowledge the new version, else roll back; 0 waits for nothing.
+    ack_timeout_s: float = Field(default=0.0, ge=0)
+    # Models whose consumer acknowledges (empty: every model).
+    ack_models: list[str] = Field(default_factory=list)
+    # Where consumers write <model>.json (empty: data_dir/ack); bind-mount it read-write.
+    ack_dir: str = ""
 
 
 class TelemetryConfig(_Section):
@@ -131,6 +145,35 @@ class GateConfig(_Section):
     sysfs_root: Path = Path("/")
 
 
+class EngineConfig(_Section):
+    """Where the engine child runs: on the host (its TensorRT), or in the consumer's image
+    so that the TensorRT that loads the engine builds and gates it (integration.md)."""
+
+    builder: Literal["host", "container"] = "host"
+    image: str = ""
+    runtime: Literal["docker", "podman"] = "docker"
+    # GPU flags for `run`; None: docker --runtime nvidia, podman --device nvidia.com/gpu=all.
+    gpu_args: list[str] | None = None
+    run_args: list[str] = Field(default_factory=list)
+    python: str = "python3"
+    # The host directory with agent/ and protocol/ (mounted read-only); empty: this agent's.
+    code_dir: str = ""
+
+    @model_validator(mode="after")
+    def _image(self) -> EngineConfig:
+        if self.builder == "container" and not self.image.strip():
+            raise ValueError('builder = "container" needs an image')
+        return self
+
+
+class DesiredConfig(_Section):
+    """Convergence to the signed desired state (group releases and pins)."""
+
+    # Convergence starts a random 0..jitter_s seconds after the agent starts or a release
+    # or pin document changes: a fleet back from a power cut does not download at once.
+    jitter_s: float = Field(default=30.0, ge=0, le=3600)
+
+
 class AgentConfig(BaseSettings):
     """SPEC §8 keys exactly, plus optional sections with defaults (limits, download)."""
 
@@ -156,6 +199,8 @@ class AgentConfig(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    desired: DesiredConfig = Field(default_factory=DesiredConfig)
 
     @field_validator("device_id")
     @classmethod
@@ -181,6 +226,14 @@ class AgentConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init kwargs; the environment must win over them.
         return (env_settings, init_settings)
+
+    @property
+    def ack_dir(self) -> Path:
+        return Path(self.activation.ack_dir or Path(self.data_dir) / "ack")
+
+    def wants_ack(self, model: str) -> bool:
+        a = self.activation
+        return a.ack_timeout_s > 0 and (not a.ack_models or model in a.ack_models)
 
     @property
     def max_bundle_bytes(self) -> int:

@@ -31,6 +31,7 @@ from agent import sdnotify
 from agent.activation import ModelStore
 from agent.commands import CommandProcessor
 from agent.config import AgentConfig
+from agent.desired import DesiredState, document_topics
 from agent.journal import Journal
 from agent.mqtt import AgentMqtt
 from agent.outbox import Outbox
@@ -152,6 +153,7 @@ class Agent:
             current_job=lambda: self.worker.current,
             trust_version=lambda: self.trust.root.version,
             fault=lambda: self.commands.fault,
+            desired=lambda: self.desired.summary(),
         )
         self.mqtt = AgentMqtt(
             config,
@@ -160,6 +162,8 @@ class Agent:
             on_connected=self._on_connected,
             on_published=self._on_published,
             on_disconnected=self._on_disconnected,
+            documents=document_topics(self.topics, config.device_id, config.groups),
+            on_document=lambda topic, payload, ack: self.desired.enqueue(topic, payload, ack),
         )
         self.outbox = Outbox(self.store, self._publish_event, self.mqtt.connected.is_set)
         self.journal = Journal(
@@ -187,6 +191,18 @@ class Agent:
             groups=config.groups,
             wake_worker=self.worker.wake,
             on_cancel=self.worker.cancel,
+        )
+        self.desired = DesiredState(
+            self.store,
+            self.journal,
+            self.trust,
+            self.models,
+            device_id=config.device_id,
+            groups=config.groups,
+            topics=self.topics,
+            jitter_s=config.desired.jitter_s,
+            wake_worker=self.worker.wake,
+            on_change=self._dirty.set,
         )
         self.telemetry: Any | None = None
 
@@ -274,6 +290,7 @@ class Agent:
         self.outbox.start()
         self.commands.start()
         self.worker.start()
+        self.desired.start()
         self.mqtt.start()
         log.info(
             "agent_started",
@@ -360,6 +377,7 @@ class Agent:
             self.telemetry.stop()
         self.journal.stop()
         self.commands.stop()
+        self.desired.stop()
         self.worker.stop()
         # Give in-flight events a moment to be acknowledged; what is left stays in the
         # outbox and goes out on the next start.

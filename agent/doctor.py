@@ -558,6 +558,19 @@ def _tls_refusal(config: AgentConfig, addr: BrokerAddress, where: str) -> CheckR
     )
 
 
+def check_builder(config: AgentConfig) -> CheckResult:
+    """[engine] builder = "container": the runtime runs and the consumer's image is here."""
+    from agent import container
+
+    e = config.engine
+    problem = container.image_problem(config)
+    if problem:
+        return _result("builder", FAIL, problem,
+                       f"install {e.runtime} with the NVIDIA runtime and pull {e.image} "
+                       "(the agent never pulls); see docs/integration.md")  # fmt: skip
+    return _result("builder", PASS, f"engines build in {e.image} ({e.runtime})")
+
+
 # ---------------------------------------------------------------------------- runner
 
 
@@ -596,6 +609,8 @@ def run_checks(
     results.append(check_clock(config, now, root))
     results.append(_load_trust(config, now)[1])
     results.append(check_broker(config, broker_timeout))
+    if config.engine.builder == "container":
+        results.append(check_builder(config))
     return results
 
 

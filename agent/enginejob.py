@@ -153,20 +153,36 @@ class EngineJob:
         stopping: Callable[[], bool],
         heartbeat: Callable[[], None] = lambda: None,
         on_progress: Callable[[str, float], None] = lambda phase, fraction: None,
+        command: list[str] | None = None,
+        on_kill: Callable[[], None] = lambda: None,
     ) -> None:
+        """`command`: how to start the child (default: this Python; agent/container.py
+        runs it in an image); `on_kill`: what else stops it (a container's by name)."""
         self._canceled = canceled
         self._stopping = stopping
         self._heartbeat = heartbeat
         self._on_progress = on_progress
+        self._on_kill = on_kill
         self._lines: queue.Queue[str | None] = queue.Queue()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.enginejob"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,  # the child's logs go where the agent's go (journald)
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        argv = command or [sys.executable, "-m", "agent.enginejob"]
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,  # the child's logs go where the agent's go (journald)
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except OSError as e:  # e.g. no docker/podman on this robot: the job fails, cleanly
+            why = f"cannot start the engine builder {argv[0]!r}: {e}"
+            error = json.dumps({"error": {"code": "build_failed", "reason": why}})
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; print(sys.argv[1])", error],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
         self._send(json.dumps(request))
@@ -256,6 +272,7 @@ class EngineJob:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._on_kill()
 
     def close(self) -> None:
         if self.proc.poll() is None:

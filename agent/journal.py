@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from agent.store import JobRecord, Store
-from protocol.messages import JobEvent, JobState
+from protocol.messages import JobEvent, JobState, bound_reason
 from protocol.topics import Topics
 
 log = structlog.get_logger("jetfleet.agent.journal")
@@ -72,6 +72,8 @@ class Journal:
             fields["gate"] = gate
         if phase is not None:
             fields["phase"] = phase
+        if job is not None and job.data.get("origin"):
+            fields["origin"] = job.data["origin"]  # a converge job (agent/desired.py)
         return fields
 
     def transition(
@@ -122,7 +124,7 @@ class Journal:
             model=job.model,
             version=job.version,
             code=None if event_only else code,
-            reason=None if event_only else reason,
+            reason=None if event_only or reason is None else bound_reason(reason),
         )
         event = self.store.add_event(
             db,
@@ -133,7 +135,7 @@ class Journal:
         )
         job.state = state
         if not event_only:
-            job.code, job.reason = code, reason
+            job.code, job.reason = code, event.reason
         log.info(
             "job_state",
             command_id=job.command_id,
@@ -141,7 +143,7 @@ class Journal:
             state=state.value,
             seq=event.seq,
             code=code,
-            reason=reason,
+            reason=reason,  # the log keeps the full text
         )
         return event
 

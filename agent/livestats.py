@@ -7,6 +7,11 @@ p99 with the gate's p99 and rolls back when it exceeds it by the allowed margin.
 
 Datagram (little-endian):  b"JFL1" | u8 len + model | u8 len + version | u16 n | n x f32 ms
 
+The same socket takes a consumer's acknowledgement that it loaded a version (the
+activation contract, docs/integration.md), and a latency report of a version counts as one:
+
+    b"JFA1" | u8 len + model | u8 len + version | u8 healthy (1/0) | u8 len + reason
+
 Datagrams are fire-and-forget: a lost one costs a few samples, a malformed one is counted
 and dropped, and nothing a client sends can stop or grow the server beyond its bounds.
 
@@ -34,6 +39,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 MAGIC = b"JFL1"
+ACK_MAGIC = b"JFA1"
 MAX_SAMPLES_PER_DATAGRAM = 512
 MAX_DATAGRAM = 4 + 1 + 255 + 1 + 255 + 2 + 4 * MAX_SAMPLES_PER_DATAGRAM
 
@@ -72,6 +78,46 @@ def decode_report(data: bytes) -> tuple[str, str, array[float]]:
     if not all(math.isfinite(x) and x >= 0 for x in lat):
         raise LiveStatsError("latencies must be finite and non-negative")
     return model, version, lat
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A consumer's word that it loaded `version` of `model` (healthy) or failed to."""
+
+    model: str
+    version: str
+    healthy: bool
+    reason: str
+    source: str  # "socket" (a JFA1 datagram), "report" (latencies), or the ack file's path
+
+
+def encode_ack(model: str, version: str, healthy: bool = True, reason: str = "") -> bytes:
+    m, v, r = model.encode()[:255], version.encode()[:255], reason.encode()[:255]
+    return b"".join(
+        [ACK_MAGIC, bytes([len(m)]), m, bytes([len(v)]), v, bytes([1 if healthy else 0]),
+         bytes([len(r)]), r]
+    )  # fmt: skip
+
+
+def decode_ack(data: bytes) -> Ack:
+    try:
+        if data[:4] != ACK_MAGIC:
+            raise LiveStatsError("bad magic")
+        pos = 4
+        fields = []
+        for _ in range(2):
+            n = data[pos]
+            fields.append(data[pos + 1 : pos + 1 + n].decode())
+            pos += 1 + n
+        healthy = data[pos]
+        n = data[pos + 1]
+        reason = data[pos + 2 : pos + 2 + n].decode("utf-8", "replace")
+        pos += 2 + n
+    except (IndexError, UnicodeDecodeError) as e:
+        raise LiveStatsError(f"truncated or garbled acknowledgement: {e}") from e
+    if len(data) != pos or not fields[0] or not fields[1] or healthy not in (0, 1):
+        raise LiveStatsError("malformed acknowledgement")
+    return Ack(fields[0], fields[1], healthy == 1, reason, "socket")
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -136,6 +182,7 @@ class LiveStats:
         self.mode = mode
         self.dropped = 0  # malformed datagrams, or samples of another version
         self._models: dict[str, _Window] = {}
+        self._acks: dict[str, Ack] = {}
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -197,7 +244,15 @@ class LiveStats:
 
     def ingest(self, data: bytes) -> None:
         """Take one datagram (the server thread calls this; tests may too)."""
+        if data[:4] == ACK_MAGIC:
+            self._take_ack(decode_ack(data))
+            return
         model, version, lat = decode_report(data)
+        if version:
+            # Inferences on a version prove it loaded; an explicit word about it stands.
+            held = self._acks.get(model)
+            if held is None or held.version != version:
+                self._take_ack(Ack(model, version, True, "serving", "report"))
         with self._lock:
             w = self._models.get(model)
             if w is None:
@@ -213,6 +268,24 @@ class LiveStats:
                 self.dropped += 1
                 return
             w.add(lat)
+
+    def _take_ack(self, ack: Ack) -> None:
+        with self._lock:
+            if ack.model not in self._acks and len(self._acks) >= self.max_models:
+                self.dropped += 1
+                return
+            self._acks[ack.model] = ack
+
+    def ack(self, model: str) -> Ack | None:
+        """The latest acknowledgement (or report) for `model` since clear_ack()."""
+        with self._lock:
+            return self._acks.get(model)
+
+    def clear_ack(self, model: str) -> None:
+        """Forget what was acknowledged: called before a switch, so only a word sent
+        after it counts."""
+        with self._lock:
+            self._acks.pop(model, None)
 
     def reset(self, model: str, version: str | None = None) -> None:
         """Start a fresh window; with `version`, only that version's samples count."""

@@ -43,6 +43,13 @@ TLS_CHECK_MIN_INTERVAL_S = 0.5
 
 Ack = Callable[[], None]
 
+# MQTT 5 DISCONNECT reason "Session taken over": another client connected with our id.
+SESSION_TAKEN_OVER = 142
+# Brokers that just close the socket (Mosquitto 2.0) instead: this many sessions in a
+# row, each ended by the broker within SHORT_SESSION_S of its connect, is a takeover too.
+SHORT_SESSION_S = 5.0
+SHORT_SESSIONS_FOR_TAKEOVER = 3
+
 
 class AgentMqtt:
     def __init__(
@@ -54,6 +61,8 @@ class AgentMqtt:
         on_connected: Callable[[], None] | None = None,
         on_published: Callable[[int], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
+        documents: tuple[str, ...] = (),
+        on_document: Callable[[str, bytes, Ack], None] | None = None,
     ) -> None:
         self.config = config
         self.topics = Topics(config.topic_prefix)
@@ -98,12 +107,19 @@ class AgentMqtt:
         self.client.on_connect_fail = self._handle_connect_fail
         self._tls_problem: str | None = None
         self._tls_checked_at = float("-inf")
+        self._unreachable: str | None = None  # the cause last logged; None once connected
+        self._connected_at = 0.0
+        self._short_sessions = 0
         self.client.on_message = self._handle_message
         self.client.on_publish = self._handle_publish
         self.client.on_socket_open = self._handle_socket_open
         self._subscribe_topics = [self.topics.device_cmd(self.device_id)] + [
             self.topics.group_cmd(g) for g in config.groups
         ]
+        # Retained desired-state documents (releases, pins): re-sent on every subscribe.
+        self._documents = set(documents)
+        self._on_document = on_document
+        self._subscribe_topics += sorted(self._documents)
 
     def _jitter(self) -> None:
         # A fleet that lost its broker must not reconnect in lockstep: randomize the first
@@ -165,6 +181,8 @@ class AgentMqtt:
             self.generation += 1
         self.connected.set()
         self.ever_connected.set()
+        self._connected_at = time.monotonic()
+        self._unreachable = None  # a later failure is news again
         self._tls_problem = None  # a later TLS failure is news again
         self._jitter()
         client.subscribe([(t, 1) for t in self._subscribe_topics])
@@ -187,7 +205,28 @@ class AgentMqtt:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._explain_unreachable()
         self._explain_connect_failure()
+
+    def _explain_unreachable(self) -> None:
+        """paho retries a failed connect silently: say at once why the broker cannot be
+        reached (refused, unknown host, timed out), again only when the cause changes.
+        TLS brokers are diagnosed by _explain_connect_failure, TCP included."""
+        if self._addr.tls:
+            return
+        try:
+            with socket.create_connection((self._addr.host, self._addr.port), timeout=3.0):
+                return  # reachable by now: the next attempt will tell
+        except OSError as e:
+            cause = e.strerror or str(e) or type(e).__name__
+        if cause != self._unreachable:
+            log.error(
+                "mqtt_unreachable",
+                broker=self._addr.url,
+                reason=cause,
+                retry_max_s=self._max_delay,
+            )
+        self._unreachable = cause
 
     def _explain_connect_failure(self) -> None:
         """After every failed connect over TLS, find out why the broker will not have us
@@ -218,12 +257,40 @@ class AgentMqtt:
             # a broker refuses a client certificate (e.g. revoked) only after the
             # handshake, which paho reports as this disconnect: say why, on every attempt.
             self._explain_connect_failure()
-        log.warning("mqtt_disconnected", reason=str(reason), **self._known_problem(established))
+        if not self._explain_takeover(reason):
+            log.warning("mqtt_disconnected", reason=str(reason), **self._known_problem(established))
         if self._on_disconnected:
             self._on_disconnected()
 
     def _known_problem(self, established: bool) -> dict[str, str]:
         return {} if established or not self._tls_problem else {"tls": self._tls_problem}
+
+    def _explain_takeover(self, reason: Any) -> bool:
+        """Name a session takeover as such, with its likely cause: two agents with one
+        device_id knock each other off the broker for as long as both run. True if this
+        disconnect was logged as one."""
+        ours = getattr(reason, "value", None) == 0  # our own clean disconnect (stop)
+        by_broker = (
+            not ours and self.connected_for() < SHORT_SESSION_S and self.ever_connected.is_set()
+        )
+        self._short_sessions = self._short_sessions + 1 if by_broker else 0
+        taken = getattr(reason, "value", None) == SESSION_TAKEN_OVER
+        if not taken and self._short_sessions < SHORT_SESSIONS_FOR_TAKEOVER:
+            return False
+        log.error(
+            "mqtt_session_taken_over",
+            reason=str(reason)
+            if taken
+            else f"{self._short_sessions} sessions in a row ended "
+            f"by the broker within {SHORT_SESSION_S:g}s of connecting ({reason})",
+            likely_cause=f"another client connected with client id {self.device_id!r}: is a "
+            "second agent running with the same device_id (a copied agent.toml)?",
+        )
+        return True
+
+    def connected_for(self) -> float:
+        """Seconds since the last successful connect."""
+        return time.monotonic() - self._connected_at
 
     def _ack_later(self, mid: int, qos: int) -> Ack:
         gen = self.generation
@@ -246,6 +313,9 @@ class AgentMqtt:
                     "command_dropped", topic=msg.topic, reason="too large", size=len(payload)
                 )
                 ack()
+                return
+            if msg.topic in self._documents and self._on_document is not None:
+                self._on_document(msg.topic, payload, ack)
                 return
             self._on_command(msg.topic, payload, ack, bool(msg.dup))
         except Exception:

@@ -11,10 +11,13 @@ swap, and the old engine is closed only when its last in-flight request has retu
 
 Every latency is reported to the agent's LiveStats socket, batched and fire-and-forget:
 if the agent is down, restarting or slow, samples are dropped and inference goes on.
+Each load is acknowledged on the same socket (loaded, or failed with the reason): this
+class follows the consumer contract of docs/integration.md by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -29,7 +32,7 @@ import structlog
 
 from agent.engines import Engine, EngineError, EngineLoadError, load_engine
 from agent.engines.api import ENGINE_FILENAME
-from agent.livestats import MAX_SAMPLES_PER_DATAGRAM, encode_report
+from agent.livestats import MAX_SAMPLES_PER_DATAGRAM, encode_ack, encode_report
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +122,11 @@ class _Reporter:
         except OSError:  # no agent, agent restarting, socket buffer full: drop, go on
             self.dropped += n
 
+    def ack(self, version: str, healthy: bool, reason: str = "") -> None:
+        # No agent listening: it learns the version from the latency reports later.
+        with contextlib.suppress(OSError):
+            self._sock.sendto(encode_ack(self.model, version, healthy, reason), self.path)
+
     def close(self) -> None:
         self.flush()
         self._sock.close()
@@ -159,6 +167,7 @@ class ModelRuntime:
             raise NoModelError(f"model {name!r} has no active version ({self.current} is missing)")
         self._slot = self._load(target)
         self.swaps = 0
+        self._ack(self._slot.version, True)
 
     # -- public -------------------------------------------------------------------------
 
@@ -216,6 +225,10 @@ class ModelRuntime:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _ack(self, version: str, healthy: bool, reason: str = "") -> None:
+        if self._reporter is not None:
+            self._reporter.ack(version, healthy, reason)
+
     def _read_target(self) -> str | None:
         try:
             return os.readlink(self.current)
@@ -266,6 +279,7 @@ class ModelRuntime:
                     self._failed_target = target
                     log.error("runtime_swap_failed", model=self.name, target=target,
                               reason=e.reason)  # fmt: skip
+                    self._ack(Path(target).name, False, str(e.reason))
                     return changed
                 with self._slot_lock:
                     old, self._slot = self._slot, new
@@ -273,6 +287,7 @@ class ModelRuntime:
                 self.swaps += 1
                 changed = True
                 old.retire()
+                self._ack(new.version, True)
                 log.info("runtime_swapped", model=self.name, old=old.version, new=new.version)
         finally:
             self._loading.release()

@@ -12,7 +12,14 @@ from typing import Any
 from agent import __version__
 from agent.activation import ModelStore
 from agent.store import JobRecord, Store
-from protocol.messages import CommandKind, DeviceFault, DeviceStatus, HardwareProfile, JobSummary
+from protocol.messages import (
+    CommandKind,
+    DesiredSummary,
+    DeviceFault,
+    DeviceStatus,
+    HardwareProfile,
+    JobSummary,
+)
 
 
 def job_summary(job: JobRecord | None) -> JobSummary | None:
@@ -29,6 +36,7 @@ def job_summary(job: JobRecord | None) -> JobSummary | None:
         rollout_id=job.rollout_id,
         model=job.model,
         version=job.version,
+        origin=job.data.get("origin"),
     )
 
 
@@ -44,6 +52,7 @@ class StatusBuilder:
         current_job: Callable[[], JobRecord | None] = lambda: None,
         trust_version: Callable[[], int | None] = lambda: None,
         fault: Callable[[], DeviceFault | None] = lambda: None,
+        desired: Callable[[], DesiredSummary | None] = lambda: None,
     ) -> None:
         self.device_id = device_id
         self.groups = list(groups)
@@ -53,6 +62,7 @@ class StatusBuilder:
         self._current_job = current_job
         self._trust_version = trust_version
         self._fault = fault
+        self._desired = desired
 
     def build(self, *, online: bool = True) -> DeviceStatus:
         job = self._current_job()
@@ -71,6 +81,7 @@ class StatusBuilder:
             last_seq=self.store.last_seq(),
             trust_version=self._trust_version(),
             fault=self._fault(),
+            desired=self._desired(),
         )
 
     def offline(self) -> DeviceStatus:

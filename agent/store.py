@@ -212,7 +212,11 @@ class Store:
 
     def put(self, key: str, value: str) -> None:
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
+            self.put_kv(db, key, value)
+
+    def put_kv(self, db: sqlite3.Connection, key: str, value: str) -> None:
+        """`put` inside the caller's transaction."""
+        db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
 
     # ---- reset after corruption ---------------------------------------------------------
     def record_reset(self, at: float, reason: str, seq_floor: int) -> None:

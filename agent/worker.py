@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
-from agent.activation import ActivationError, ModelStore, check_health, run_hook
+from agent import container
+from agent.activation import AckChannel, ActivationError, ModelStore, check_health, run_hook
 from agent.commands import reason_code
 from agent.config import AgentConfig
 from agent.download import (
@@ -113,6 +114,9 @@ class Worker:
         self.trust = trust
         self.live = live
         self.models = ModelStore(config.data_dir)
+        self.acks = AckChannel(config.ack_dir, live)
+        if config.activation.ack_timeout_s > 0:
+            config.ack_dir.mkdir(parents=True, exist_ok=True)  # consumers write here
         self.downloads = Path(config.data_dir) / "downloads"
         self.bundles = Path(config.data_dir) / "bundles"
         self._on_change = on_change
@@ -404,12 +408,8 @@ class Worker:
                 "max_temp_rise_c": self.config.gate.max_temp_rise_c,
             },
         }
-        engine_job = EngineJob(
-            request,
-            canceled=lambda: self._canceled(job),
-            stopping=self._stop.is_set,
-            heartbeat=self._beat,
-            on_progress=self._build_progress(job),
+        engine_job = self._engine_job(
+            request, lambda: self._canceled(job), self._build_progress(job)
         )
         try:
             try:
@@ -482,16 +482,18 @@ class Worker:
         else:
             figures["probation_baseline"] = "gate"
             figures["probation_baseline_p99_ms"] = figures.get("p99_ms")
-        self.models.switch(manifest.name, manifest.version)
-        self._on_change()
+        self._switch(manifest.name, manifest.version)
         self.journal.maybe_pause_named("ACTIVATING:switched")
         try:
             self._hook(job)
-            self._health(job)
+            acked_by = self._await_ack(manifest.name, manifest.version)
+            self._health(job)  # after the word: a consumer restarted by the hook is up
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
             raise JobEnded() from e
 
+        if acked_by:
+            figures["acknowledged_by"] = acked_by
         # PROBATION
         self._step(job, JobState.PROBATION, gate=figures)
         try:
@@ -613,6 +615,7 @@ class Worker:
             "JETFLEET_PREVIOUS_VERSION": slot.previous or "",
             "JETFLEET_ENGINE": str(engine),
             "JETFLEET_COMMAND_ID": job.command_id,
+            "JETFLEET_ACK_FILE": str(self.acks.path(name)),
         }
 
     def _hook(self, job: JobRecord) -> None:
@@ -622,6 +625,23 @@ class Worker:
     def _health(self, job: JobRecord) -> None:
         a = self.config.activation
         check_health(a.health, timeout=a.health_timeout_s, env=self._env(job))
+
+    def _switch(self, name: str, version: str) -> None:
+        if self.config.wants_ack(name):
+            self.acks.clear(name)  # only a word sent after the switch counts
+        self.models.switch(name, version)
+        self._on_change()
+
+    def _await_ack(self, name: str, version: str) -> str | None:
+        """The consumer contract: the consumer must say it loaded `version` in time.
+        Returns where the word came from (None: no acknowledgement expected)."""
+        if not self.config.wants_ack(name):
+            return None
+        timeout = self.config.activation.ack_timeout_s
+        ack = self.acks.wait(name, version, timeout=timeout, stop=self._stop, beat=self._beat)
+        if ack is None:
+            raise Stopping()
+        return ack.source
 
     def _live_baseline(self, name: str, version: str | None) -> LiveWindow | None:
         """The running version's live latency window, if it has enough samples."""
@@ -654,6 +674,8 @@ class Worker:
                 raise Stopping()
             self.heartbeat = time.monotonic()
             self._health(job)
+            if self.config.wants_ack(manifest.name):
+                self.acks.check(manifest.name, manifest.version)  # a reported failure
             if self.live is not None and limit is not None:
                 window = self.live.snapshot(manifest.name)
                 if (
@@ -805,13 +827,11 @@ class Worker:
             "protect": [str(p) for p in self.models.protected_engines()],
             "memory_bytes": self.config.engine_memory_bytes,
         }
-        engine_job = EngineJob(
+        engine_job = self._engine_job(
             request,
-            canceled=(lambda: False) if restoring else (lambda: self._canceled(job)),
-            stopping=self._stop.is_set,
-            heartbeat=self._beat,
+            (lambda: False) if restoring else (lambda: self._canceled(job)),
             # A restore runs inside ACTIVATING/PROBATION: no BUILDING to report progress in.
-            on_progress=(lambda phase, fraction: None) if restoring else self._build_progress(job),
+            (lambda phase, fraction: None) if restoring else self._build_progress(job),
         )
         try:
             built = engine_job.build()
@@ -835,6 +855,23 @@ class Worker:
             self.models.replace_engine(name, version, built.engine)
             log.info("rollback_engine_rebuilt", model=name, version=version, reason=why)
         return None
+
+    def _engine_job(
+        self,
+        request: dict[str, Any],
+        canceled: Callable[[], bool],
+        on_progress: Callable[[str, float], None] = lambda phase, fraction: None,
+    ) -> EngineJob:
+        """The engine child, on the host or in the consumer's image ([engine] builder)."""
+        command, on_kill = None, lambda: None
+        if self.config.engine.builder == "container":
+            name = container.new_name()
+            container.prepare(self.config)
+            command = container.child_command(self.config, name)
+            on_kill = lambda: container.kill(self.config, name)  # noqa: E731
+        return EngineJob(request, canceled=canceled, stopping=self._stop.is_set,
+                         heartbeat=self._beat, on_progress=on_progress, command=command,
+                         on_kill=on_kill)  # fmt: skip
 
     # ---- rollback -------------------------------------------------------------------
     def _rollback(self, job: JobRecord) -> None:
@@ -863,10 +900,10 @@ class Worker:
         self._step(
             job, JobState.ACTIVATING, prev={"active": slot.active, "previous": slot.previous}
         )
-        self.models.switch(name, version)
-        self._on_change()
+        self._switch(name, version)
         try:
             self._hook(job)
+            self._await_ack(name, version)
             self._health(job)
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
@@ -877,6 +914,8 @@ class Worker:
     def recover(self) -> None:
         """Called once at start, before the threads: settle every job left in flight."""
         removed = self.models.remove_tmp()
+        if self.config.engine.builder == "container":
+            container.remove_leftovers(self.config)  # builds the killed agent left running
         resumable: set[str] = set()
         for job in self.store.active_jobs():
             if job.state in (JobState.ACTIVATING, JobState.PROBATION):

@@ -380,7 +380,7 @@ class Demo:
             f"{MAX_REGRESSION_PCT:g}",
             "--probation-s",
             f"{PROBATION_S:g}",
-            "-o",
+            "--out",
             str(out),
         )
         return out

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from controller.files import fsync_dir, write_atomic
+from protocol.bundle import read_envelope
 from protocol.dsse import Envelope
 from protocol.errors import ProtocolError
 from protocol.keys import SigningKey
@@ -162,6 +163,46 @@ def trust_chain(directory: Path, keys: KeySet) -> list[bytes]:
             if sub.name.startswith("v") and sub.name[1:].isdigit() and path.is_file():
                 found.append((int(sub.name[1:]), path.read_bytes()))
     return [env for version, env in sorted(found) if version < keys.trust.version]
+
+
+def retired_release_version(directory: Path, keyids: Iterable[str]) -> int | None:
+    """The trust root version whose release key (since retired) made one of these
+    signatures, or None if none of them is a retired release key of this directory."""
+    wanted = set(keyids)
+    for version, key in retired_keys(directory, "release"):
+        if key.keyid in wanted:
+            return version
+    return None
+
+
+def retired_signer_reason(directory: Path | None, bundle: Path, trust: TrustRoot) -> str | None:
+    """Why a bundle does not verify when a release key that a rotation retired signed it
+    (which key, which trust root retired it, and the fix); None for any other bundle."""
+    if directory is None:
+        return None
+    try:
+        keyids = [sig.keyid for sig in read_envelope(bundle).signatures]
+        version = retired_release_version(directory, keyids)
+    except (ProtocolError, KeystoreError):
+        return None
+    if version is None or version >= trust.version:
+        return None
+    return (
+        f"signed by release key v{version}, retired by trust root v{trust.version}: "
+        f"re-sign it with `jetfleet bundle sign {bundle}`"
+    )
+
+
+def retired_trust(directory: Path, version: int) -> TrustRoot:
+    """Trust root `version` as it was before a rotation (DIR/retired/v<N>/trust.json),
+    expired or not: to check what its keys signed."""
+    path = Path(directory).expanduser() / RETIRED_DIR / f"v{version}" / TRUST_FILE
+    try:
+        return load_trust_root(path.read_bytes(), datetime.now(timezone.utc), check_expiry=False)
+    except OSError as e:
+        raise KeystoreError(f"cannot read {path}: {e.strerror}") from e
+    except ProtocolError as e:
+        raise KeystoreError(f"{path}: {e.reason}") from e
 
 
 def trust_update_signers(directory: Path, keys: KeySet) -> list[SigningKey]:

@@ -110,6 +110,11 @@ class LocalMosquitto:
             self.stop()
             raise BrokerError(f"{e}; mosquitto log:\n{self.log_path.read_text()[-2000:]}") from e
 
+    def wait(self) -> int | None:
+        """Until mosquitto exits; its exit status."""
+        proc = self.proc
+        return proc.wait() if proc is not None else None
+
     def stop(self) -> None:
         """SIGTERM: mosquitto saves its persistence file (sessions, queued messages) first."""
         if self.proc is None:

@@ -147,16 +147,28 @@ class Registry:
 
     # -- ingest ------------------------------------------------------------------------
     def apply_status(self, status: DeviceStatus, received_at: float | None = None) -> None:
+        """An online status proves the device is there now (last seen: when it arrived). An
+        offline one (the will, or a clean stop) may be read hours later from the broker:
+        last seen is then what we knew, or the robot's own timestamp on the status, never
+        the time we read it; and the will's missing models and hardware keep the last
+        known ones (the robot still has them)."""
         models = {name: slot.model_dump() for name, slot in status.models.items()}
         job = status.job.model_dump(mode="json") if status.job else None
+        seen = (received_at or time.time()) if status.online else status.at.timestamp()
         with self._lock:
             self.conn.execute(
                 """INSERT INTO devices (id, groups, online, last_seen, agent_version, hardware,
                        models, job, last_seq, status_at, trust_version)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET groups=excluded.groups, online=excluded.online,
-                       last_seen=excluded.last_seen, agent_version=excluded.agent_version,
-                       hardware=excluded.hardware, models=excluded.models, job=excluded.job,
+                       last_seen=CASE WHEN excluded.online THEN excluded.last_seen
+                           ELSE MAX(COALESCE(devices.last_seen, 0), excluded.last_seen) END,
+                       agent_version=COALESCE(excluded.agent_version, devices.agent_version),
+                       hardware=CASE WHEN excluded.online OR excluded.hardware != '{}'
+                           THEN excluded.hardware ELSE devices.hardware END,
+                       models=CASE WHEN excluded.online OR excluded.models != '{}'
+                           THEN excluded.models ELSE devices.models END,
+                       job=excluded.job,
                        last_seq=MAX(COALESCE(devices.last_seq, -1),
                                     COALESCE(excluded.last_seq, -1)),
                        status_at=excluded.status_at,
@@ -165,7 +177,7 @@ class Registry:
                     status.device_id,
                     json.dumps(status.groups),
                     int(status.online),
-                    received_at or time.time(),
+                    seen,
                     status.agent_version,
                     status.hardware.model_dump_json(exclude_none=True),
                     json.dumps(models),

@@ -480,6 +480,7 @@ class RolloutDriver:
         if running is not None:
             if rollout.state == ABORTING and running.idx not in self._canceled_waves:
                 self._cancel_in_flight(rollout, running.idx)
+                self._give_up_on_silent(rollout, running.idx)
             if rollout.policy.device_timeout and rollout.state != ABORTING:
                 self._time_out_stuck(rollout, running.idx, now, rollout.policy.device_timeout)
             if rollout.policy.retries and rollout.state in (RUNNING, PAUSED):
@@ -783,6 +784,20 @@ class RolloutDriver:
             )
         self._publish(to_publish, rollback=False, cancel=True)
         self._dirty = True
+
+    def _give_up_on_silent(self, rollout: Rollout, idx: int) -> None:
+        """An abort does not wait out the wave timeout for devices that never answered
+        (offline, or an id that was never a device): their cancel waits in the broker
+        behind the deploy, so they count as TIMED_OUT now."""
+        silent = self.store.time_out(
+            rollout.id,
+            idx,
+            "never answered its command; the abort did not wait (a cancel waits for it "
+            "in the broker)",
+            only_silent=True,
+        )
+        if silent:
+            log.warning("abort_gave_up_on_silent", rollout_id=rollout.id, devices=silent)
 
     def _cancel_timed_out(self, rollout: Rollout, only: set[str] | None = None) -> None:
         """Devices the rollout counted as TIMED_OUT never said they stopped: an offline

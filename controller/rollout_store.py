@@ -525,6 +525,22 @@ class RolloutStore:
             rows = self.conn.execute(sql + " ORDER BY position", args).fetchall()
         return [Assignment.from_row(r) for r in rows]
 
+    def device_history(self, device_id: str, limit: int = 20) -> list[tuple[Rollout, Assignment]]:
+        """The device's jobs across rollouts, newest first."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT a.* FROM assignments a JOIN rollouts r ON r.id = a.rollout_id "
+                "WHERE a.device_id=? ORDER BY r.created_at DESC LIMIT ?",
+                (device_id, limit),
+            ).fetchall()
+        out = []
+        for row in rows:
+            a = Assignment.from_row(row)
+            r = self.get(a.rollout_id)
+            if r is not None:
+                out.append((r, a))
+        return out
+
     def assignment(self, rollout_id: str, device_id: str) -> Assignment | None:
         with self._lock:
             row = self.conn.execute(
@@ -835,14 +851,18 @@ class RolloutStore:
                 ).fetchone()[0]
             )
 
-    def time_out(self, rollout_id: str, wave: int, reason: str) -> list[str]:
-        """Every unfinished, commanded device of the wave becomes TIMED_OUT."""
+    def time_out(
+        self, rollout_id: str, wave: int, reason: str, *, only_silent: bool = False
+    ) -> list[str]:
+        """Every unfinished, commanded device of the wave becomes TIMED_OUT (with
+        `only_silent`, only those that never answered their command: still PENDING)."""
         placeholders = ",".join("?" for _ in TERMINAL)
+        silent = " AND state=?" if only_silent else ""
         with self.transaction() as c:
             rows = c.execute(
                 f"SELECT device_id FROM assignments WHERE rollout_id=? AND wave=? "
-                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders})",
-                (rollout_id, wave, *TERMINAL),
+                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}){silent}",
+                (rollout_id, wave, *TERMINAL, *((PENDING,) if only_silent else ())),
             ).fetchall()
             ids = [r["device_id"] for r in rows]
             c.executemany(

@@ -1,7 +1,14 @@
-"""Controller settings: CLI options > environment > ~/.config/jetfleet/config.toml > defaults.
+"""Controller settings: CLI options > environment > the context > ~/.config/jetfleet/config.toml
+> defaults.
 
 SPEC §8: `--broker` (JETFLEET_BROKER), `--keys` (JETFLEET_KEYS), `--db` (JETFLEET_DB), and
 the agent's TLS keys (`ca`, `cert`, `key`); the config file uses the same key names.
+
+Named contexts (one per fleet, as kubectl's): `[contexts.NAME]` tables of the config file
+with the same keys. The one in use is `--context` (JETFLEET_CONTEXT), else the one
+`jetfleet context use` wrote to `current-context` beside the config file. A context's
+database defaults to DATA_DIR/contexts/NAME/controller.db, and the bundle directory is
+bundles/ beside the database, so no two fleets share state.
 """
 
 from __future__ import annotations
@@ -30,6 +37,58 @@ class SettingsError(ValueError):
     """A config file or value the controller cannot use; the message names the key."""
 
 
+CURRENT_CONTEXT_FILE = "current-context"
+_CONTEXT_KEYS = ("broker", "keys", "db", "ca", "cert", "key", "protocol", "prefix", "bundle_dir")
+
+
+def config_path(config: Path | None = None) -> Path:
+    return config or Path(os.environ.get("JETFLEET_CONFIG", default_config_path()))
+
+
+def current_context_path(config: Path) -> Path:
+    return config.parent / CURRENT_CONTEXT_FILE
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"{path}: not valid TOML ({e})") from e
+
+
+def contexts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    table = data.get("contexts", {})
+    return (
+        {k: v for k, v in table.items() if isinstance(v, dict)} if isinstance(table, dict) else {}
+    )
+
+
+def context_values(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    """The settings of context `name`, with its own database and bundle directory."""
+    known = contexts(data)
+    if name not in known:
+        raise SettingsError(
+            f"no context {name!r} in {path} (contexts: {', '.join(sorted(known)) or 'none'}; "
+            f"add a [contexts.{name}] table)"
+        )
+    unknown = sorted(set(known[name]) - set(_CONTEXT_KEYS))
+    if unknown:
+        raise SettingsError(
+            f"{path}: [contexts.{name}] has unknown key(s) {', '.join(unknown)}; "
+            f"keys are {', '.join(_CONTEXT_KEYS)}"
+        )
+    return {"db": default_data_dir() / "contexts" / name / "controller.db", **known[name]}
+
+
+def current_context(path: Path) -> str | None:
+    try:
+        return current_context_path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
 @dataclass
 class ControllerSettings:
     broker: str = DEFAULT_BROKER
@@ -40,20 +99,21 @@ class ControllerSettings:
     key: str = ""
     protocol: str = "5"
     prefix: str = "jetfleet/v1"
-    bundle_dir: Path = field(default_factory=lambda: default_data_dir() / "bundles")
+    bundle_dir: Path = Path()  # unset: bundles/ beside the database (state per database)
+    context: str | None = None  # the named context in use
 
     @classmethod
     def load(
-        cls, overrides: dict[str, Any] | None = None, config: Path | None = None
+        cls,
+        overrides: dict[str, Any] | None = None,
+        config: Path | None = None,
+        context: str | None = None,
     ) -> ControllerSettings:
         values: dict[str, Any] = {}
-        path = config or Path(os.environ.get("JETFLEET_CONFIG", default_config_path()))
-        if path.is_file():
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as e:
-                raise SettingsError(f"{path}: not valid TOML ({e})") from e
-            known = {f.name for f in fields(cls)}
+        path = config_path(config)
+        data = read_config(path)
+        if data:
+            known = {f.name for f in fields(cls)} - {"context"}
             flat = (
                 {**data, **data.get("broker", {})} if isinstance(data.get("broker"), dict) else data
             )
@@ -62,20 +122,24 @@ class ControllerSettings:
             for k, v in flat.items():
                 if k in known:
                     values[k] = v
-        for name, env in (
+        name = context or os.environ.get("JETFLEET_CONTEXT") or current_context(path)
+        if name:
+            values.update(context_values(data, name, path))
+        for name_, env in (
             ("broker", "JETFLEET_BROKER"),
             ("keys", "JETFLEET_KEYS"),
             ("db", "JETFLEET_DB"),
         ):
             if os.environ.get(env):
-                values[name] = os.environ[env]
+                values[name_] = os.environ[env]
         for k, v in (overrides or {}).items():
             if v is not None and v != "":
                 values[k] = v
-        s = cls(**values)
+        s = cls(**values, context=name)
         s.keys = Path(s.keys).expanduser() if s.keys else None
         s.db = Path(s.db).expanduser()
-        s.bundle_dir = Path(s.bundle_dir).expanduser()
+        given = values.get("bundle_dir")
+        s.bundle_dir = Path(given).expanduser() if given else s.db.parent / "bundles"
         s.protocol = str(s.protocol)
         if s.protocol not in ("5", "3.1.1"):
             raise SettingsError(f"protocol must be 5 or 3.1.1, not {s.protocol!r}")

@@ -327,11 +327,19 @@ def _canonical_envelope(envelope: Envelope) -> bytes:
     ).encode()
 
 
+NOT_A_BUNDLE = "not a jetfleet bundle: a .jfb is a signed tar archive and this file is no tar"
+
+
 def _read_manifest_member(r: _Reader) -> tuple[_Header, bytes]:
     """The first member, which must be the (size-capped) manifest envelope."""
-    block = r.read(BLOCK, "the first tar header").tobytes()
+    try:
+        block = r.read(BLOCK, "the first tar header").tobytes()
+    except BundleFormatError as e:
+        raise BundleFormatError(NOT_A_BUNDLE) from e
     if _zero(memoryview(block)):
         raise BundleFormatError("bundle is an empty tar archive")
+    if not block[257:262] == b"ustar":  # not even a tar (an .onnx, a zip...)
+        raise BundleFormatError(NOT_A_BUNDLE)
     header = _parse_header(block, 0)
     if header.name != MANIFEST_MEMBER:
         raise BundleFormatError(

@@ -251,6 +251,8 @@ class ReasonCode(str, Enum):
     HEALTH_FAILED = "health_failed"
     PROBATION_LATENCY = "probation_latency"
     GPU_FALLBACK = "gpu_fallback"  # more DLA-build layers on the GPU than the manifest allows
+    # The consumer did not acknowledge the new version within [activation] ack_timeout_s.
+    NOT_ACKNOWLEDGED = "not_acknowledged"
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"
@@ -258,7 +260,24 @@ class ReasonCode(str, Enum):
     # command issued before that (the device can no longer tell it from a replay).
     STATE_RESET = "state_reset"
     NOT_CANCELABLE = "not_cancelable"  # a cancel naming an unknown job or one already activating
+    # Desired state (releases and pins, issue 13): an older document than one accepted, or
+    # one as old with other content; two groups' releases that disagree on a model.
+    RELEASE_STALE = "release_stale"
+    RELEASE_CONFLICT = "release_conflict"
     INTERNAL = "internal"
+
+
+# What a person reads of a reason (status, `rollout status`, logs); longer ones are
+# summarised and the full text travels in the event's `detail`.
+REASON_MAX_CHARS = 400
+
+
+def bound_reason(reason: str, limit: int = REASON_MAX_CHARS) -> str:
+    """`reason` if short enough, else its start and how much was left out."""
+    if len(reason) <= limit:
+        return reason
+    cut = reason[: limit - 40].rsplit(" ", 1)[0] or reason[: limit - 40]
+    return f"{cut} … [{len(reason) - len(cut):,} more characters]"
 
 
 class JobEvent(Document):
@@ -277,7 +296,12 @@ class JobEvent(Document):
         max_length=200,
         description="BUILDING progress events: the build phase `progress` is of",
     )
-    reason: str | None = None
+    reason: str | None = Field(
+        default=None, description=f"for a person, at most {REASON_MAX_CHARS} characters"
+    )
+    detail: str | None = Field(
+        default=None, description="the full reason, when `reason` had to be shortened"
+    )
     code: str | None = None
     kind: CommandKind | None = None
     model: str | None = None
@@ -292,9 +316,24 @@ class JobEvent(Document):
         "command only when it is the refusal of the very bytes the controller sent and its "
         "code is not replay",
     )
+    origin: Literal["release", "pin"] | None = Field(
+        default=None,
+        description="set on the events of a job the device started itself to converge to "
+        "its desired state (a group release or a pin), which no operator command names",
+    )
     at: datetime = Field(default_factory=utcnow)
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_reason(cls, data: Any) -> Any:
+        """Every event, built or received, carries a reason a person can read."""
+        if isinstance(data, dict) and isinstance(data.get("reason"), str):
+            short = bound_reason(data["reason"])
+            if short != data["reason"]:
+                data = {**data, "reason": short, "detail": data.get("detail") or data["reason"]}
+        return data
 
     @model_validator(mode="after")
     def _reason_on_failure(self) -> JobEvent:
@@ -347,6 +386,37 @@ class JobSummary(BaseModel):
     rollout_id: str | None = None
     model: str | None = None
     version: str | None = None
+    origin: Literal["release", "pin"] | None = None
+
+
+class HeldBack(BaseModel):
+    """A desired version that failed on this device: not tried again until a newer one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: str
+    sha256: str
+    code: str
+    reason: str
+
+
+class DesiredSummary(BaseModel):
+    """What the device should run (its accepted releases and pins) and where it stands."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    releases: dict[str, int] = Field(
+        default_factory=dict, description="group -> version of the release accepted"
+    )
+    pins_version: int | None = Field(default=None, description="version of the pins accepted")
+    models: dict[str, str] = Field(
+        default_factory=dict, description="model -> desired version (pin, else the groups')"
+    )
+    held_back: dict[str, HeldBack] = Field(default_factory=dict)
+    conflicts: dict[str, str] = Field(
+        default_factory=dict,
+        description="model -> why the groups' releases disagree (nothing is changed for it)",
+    )
 
 
 class DeviceFault(BaseModel):
@@ -382,6 +452,10 @@ class DeviceStatus(Document):
         default=None,
         description="set while the device cannot do its work: code disk_full while its state "
         "database cannot be written (commands then wait, unacknowledged, in the broker)",
+    )
+
+    desired: DesiredSummary | None = Field(
+        default=None, description="set once the device accepted a release or pins"
     )
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))

@@ -39,6 +39,14 @@ class Topics:
     def telemetry(self, device_id: str) -> str:
         return f"{self.prefix}/devices/{validate_id(device_id)}/telemetry"
 
+    def group_release(self, group: str) -> str:
+        """The group's release (retained, operator-signed): its desired state."""
+        return f"{self.prefix}/groups/{validate_id(group, 'group name')}/release"
+
+    def device_pins(self, device_id: str) -> str:
+        """The device's pins (retained, operator-signed): per-model overrides."""
+        return f"{self.prefix}/devices/{validate_id(device_id)}/pins"
+
     # Wildcard subscriptions used by the controller.
     def all_events(self) -> str:
         return f"{self.prefix}/devices/+/events"

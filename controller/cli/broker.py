@@ -1,13 +1,17 @@
-"""`jetfleet broker config`: a Mosquitto 2 configuration with mutual TLS and per-device ACLs."""
+"""`jetfleet broker config`: a Mosquitto 2 configuration with mutual TLS and per-device ACLs;
+`jetfleet broker run`: a local development broker."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
 
 from controller import brokerconfig, pki
-from controller.cli.common import Output, OutputOption, fail, print_json
+from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json
+from controller.localbroker import BrokerError, LocalMosquitto
+from controller.settings import default_data_dir
 from protocol.topics import DEFAULT_PREFIX
 
 app = typer.Typer(help="Broker configuration for the fleet (Mosquitto 2).", no_args_is_help=True)
@@ -97,3 +101,36 @@ def config(
                    "interface: it protects nothing unless robots cannot reach it "
                    "(--controller-bind or a firewall)", err=True)  # fmt: skip
     typer.echo(f"start it with: mosquitto -c {files.config}")
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command("run")
+def run(
+    port: int = typer.Option(1883, "--port", help="port on 127.0.0.1"),
+    directory: Path | None = typer.Option(
+        None, "--dir", help="config, log and persistence [default: DATA_DIR/broker]"
+    ),
+) -> None:
+    """A local Mosquitto for the tour and for development, in the foreground until
+    Ctrl-C: loopback only, no TLS, anonymous. For a fleet use `broker config`."""
+    work = directory or default_data_dir() / "broker"
+    broker = LocalMosquitto(work, port=port)
+    try:
+        broker.start()
+    except BrokerError as e:
+        fail(f"{e} (is port {port} taken? try --port)", EXIT_FAILED)
+    typer.echo(
+        f"broker listening on {broker.url} (development only: loopback, no TLS, anonymous); "
+        f"use it with: export JETFLEET_BROKER={broker.url}",
+        err=True,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C (never inside wait())
+    try:
+        broker.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import shutil
+import tempfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from controller.cli.common import (
     print_json,
     settings,
 )
-from protocol.bundle import read_envelope, verify_bundle
+from protocol.bundle import extract_bundle, read_envelope, verify_bundle, write_bundle
 from protocol.errors import ProtocolError, VerificationError
 from protocol.manifest import GateSpec, Manifest, OutputCheck, Precision, Targets
 from protocol.trust import TrustRoot, load_trust_root
@@ -31,8 +33,6 @@ app = typer.Typer(
     help="Build, verify and inspect signed model bundles (.jfb).", no_args_is_help=True
 )
 
-# `-o` is the bundle file here (as in SPEC §7), so the format flag is --output only.
-FormatOption = typer.Option(Output.human, "--output", help="human or json")
 _GATE_DEFAULTS = GateSpec()
 
 
@@ -46,9 +46,7 @@ def build(
     model: Path = typer.Argument(..., help="the ONNX model (fp32)"),
     name: str = typer.Option(..., "--name", help="model name, e.g. detector"),
     version: str = typer.Option(..., "--version", help="semantic version, e.g. 1.4.0"),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="output file (default: NAME-VERSION.jfb)"
-    ),
+    out: Path | None = typer.Option(None, "--out", help="output file (default: NAME-VERSION.jfb)"),
     golden: Path | None = typer.Option(
         None,
         "--golden",
@@ -111,7 +109,7 @@ def build(
         None, "--min-jetpack", help="minimum JetPack version, e.g. 6.0"
     ),
     seed: int = typer.Option(0, "--seed", help="seed of generated golden inputs"),
-    output: Output = FormatOption,
+    output: Output = OutputOption,
 ) -> None:
     """Build a bundle from an ONNX model and sign it with the release key (--keys DIR)."""
     if precision not in ("fp32", "fp16", "int8"):
@@ -240,6 +238,79 @@ def _load_trust(ctx: typer.Context, trust: Path | None, now: datetime) -> TrustR
         fail(f"verification failed: trust root {trust}: {e.reason} [{e.code}]", EXIT_VERIFY)
 
 
+@app.command("sign")
+def sign(
+    ctx: typer.Context,
+    bundle: Path = typer.Argument(..., help="the .jfb file"),
+    out: Path | None = typer.Option(None, "--out", help="where to write it [default: in place]"),
+    output: Output = OutputOption,
+) -> None:
+    """Re-sign a bundle with the current release key (after `keys rotate`), without
+    rebuilding: its files and manifest stay as they are, checked against the retired
+    release key that signed them first."""
+    s = settings(ctx)
+    if s.keys is None:
+        fail("no key directory: pass --keys DIR or set JETFLEET_KEYS (see `jetfleet keys init`)")
+    if not bundle.is_file():
+        fail(f"bundle {bundle} does not exist or is not a file")
+    try:
+        keys = keystore.load_keys(s.keys)
+        keyids = [sig.keyid for sig in read_envelope(bundle).signatures]
+    except keystore.KeystoreError as e:
+        fail(str(e), EXIT_VERIFY)
+    except ProtocolError as e:
+        fail(f"cannot read {bundle}: {e.reason} [{e.code}]", EXIT_VERIFY)
+    dest = out or bundle
+    if keys.release.keyid in keyids:
+        if dest != bundle:
+            shutil.copyfile(bundle, dest)
+        _signed(dest, keys, None, output, "already signed by the current release key")
+        return
+    version = keystore.retired_release_version(s.keys, keyids)
+    if version is None:
+        fail(
+            f"{bundle} is signed by no release key of {s.keys}, current or retired: "
+            "it cannot be re-signed here (rebuild it)",
+            EXIT_VERIFY,
+        )
+    try:
+        _resign(bundle, dest, keystore.retired_trust(s.keys, version), keys)
+    except keystore.KeystoreError as e:
+        fail(str(e), EXIT_VERIFY)
+    except VerificationError as e:
+        fail(f"{bundle} does not verify against trust root v{version}: {e.reason}", EXIT_VERIFY)
+    _signed(dest, keys, version, output, f"re-signed (was release key v{version})")
+
+
+def _resign(bundle: Path, dest: Path, old: TrustRoot, keys: keystore.KeySet) -> None:
+    """Extract and check every file against the old signature, then write the same
+    manifest and files signed by the current release key."""
+    # An expired old trust root still tells whether the files are the ones it signed.
+    at = min(datetime.now(timezone.utc), old.expires - timedelta(seconds=1))
+    with tempfile.TemporaryDirectory(prefix="jetfleet-sign-") as tmp:
+        verified = extract_bundle(bundle, old, Path(tmp) / "x", at)
+        files = {f.path: verified.root / f.path for f in verified.manifest.files}
+        write_bundle(dest, verified.manifest, files, [keys.release])
+    verify_bundle(dest, keys.trust, datetime.now(timezone.utc))
+
+
+def _signed(dest: Path, keys: keystore.KeySet, was: int | None, output: Output, what: str) -> None:
+    if output is Output.json:
+        print_json(
+            {
+                "bundle": str(dest),
+                "release_keyid": keys.release.keyid,
+                "trust_version": keys.trust.version,
+                "retired_release_version": was,
+            }
+        )
+        return
+    typer.echo(
+        f"{dest}: {what}; signed by release key {keys.release.keyid[:16]}… "
+        f"(trust root v{keys.trust.version})"
+    )
+
+
 @app.command("verify")
 def verify(
     ctx: typer.Context,
@@ -259,9 +330,10 @@ def verify(
     try:
         m = verify_bundle(bundle, root, now, max_size=cap)
     except VerificationError as e:
+        reason = keystore.retired_signer_reason(settings(ctx).keys, bundle, root) or e.reason
         if output is Output.json:
-            print_json({"ok": False, "code": e.code, "reason": e.reason, "bundle": str(bundle)})
-        fail(f"verification failed: {bundle}: {e.reason} [{e.code}]", EXIT_VERIFY)
+            print_json({"ok": False, "code": e.code, "reason": reason, "bundle": str(bundle)})
+        fail(f"verification failed: {bundle}: {reason} [{e.code}]", EXIT_VERIFY)
     signers = sorted(
         s.keyid for s in read_envelope(bundle).signatures if s.keyid in root.roles["release"].keyids
     )

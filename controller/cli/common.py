@@ -24,6 +24,13 @@ class Output(str, Enum):
 
 OutputOption = typer.Option(Output.human, "--output", "-o", help="human or json")
 
+AllowUnseenOption = typer.Option(
+    False,
+    "--allow-unseen",
+    help="command devices named in --target that never reported to this controller "
+    "(provisioning); without it a never-seen id is refused as a likely typo",
+)
+
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """One clear line on stderr, then exit with the SPEC's code."""

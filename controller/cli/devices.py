@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli.common import Output, OutputOption, fail, print_json, settings
+from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import DeviceRecord, Registry, sync_from_broker
 from controller.settings import ControllerSettings
@@ -128,7 +128,7 @@ def skew_text(skew: float) -> str:
     return f"{_span(skew)} {'ahead' if skew > 0 else 'behind'}"
 
 
-def _ago(ts: float | None) -> str:
+def ago(ts: float | None) -> str:
     if ts is None:
         return "never"
     s = max(0.0, time.time() - ts)
@@ -156,9 +156,21 @@ def _job(d: DeviceRecord) -> str:
     return f"{d.job.get('state')} {what}".strip()
 
 
-def devices_table(records: list[DeviceRecord], skews: dict[str, float] | None = None) -> Table:
+def _online(online: bool, stale: bool) -> str:
+    if stale:
+        return f"[yellow]? (was {'yes' if online else 'no'})[/]"
+    return "[green]yes[/]" if online else "[red]no[/]"
+
+
+def devices_table(
+    records: list[DeviceRecord], skews: dict[str, float] | None = None, stale: str | None = None
+) -> Table:
+    """`stale`: why the broker could not be read; the online column is then last known."""
     skews = skews or {}
-    table = Table(title=f"{len(records)} device(s)", title_justify="left")
+    title = f"{len(records)} device(s)"
+    if stale:
+        title += f" [bold red]NOT REFRESHED ({stale}): last known state[/]"
+    table = Table(title=title, title_justify="left")
     for col in ("device", "groups", "online", "last seen", "clock", "hardware", "models", "job"):
         table.add_column(col)
     for d in records:
@@ -168,8 +180,8 @@ def devices_table(records: list[DeviceRecord], skews: dict[str, float] | None = 
         table.add_row(
             d.id,
             ",".join(d.groups) or "-",
-            "[green]yes[/]" if d.online else "[red]no[/]",
-            _ago(d.last_seen),
+            _online(d.online, stale is not None),
+            ago(d.last_seen),
             f"[red]{skew_text(skews[d.id])}[/]" if d.id in skews else "",
             hw or "-",
             _models(d),
@@ -193,23 +205,28 @@ def devices(
         except ProtocolError as e:
             fail(e.reason)
     registry = open_registry(s)
-    stale = False
+    stale: str | None = None
     try:
         refresh_registry(s, registry, timeout)
     except MqttError as e:
-        stale = True
+        stale = "broker unreachable"
         typer.echo(f"jetfleet: {e}; showing the last known state", err=True)
     records = registry.devices(group)
     skews = clock_skews(s, records, time.time())
     if output is Output.json:
         print_json(
-            [{**d.to_dict(), "stale": stale, "clock_skew_s": skews.get(d.id)} for d in records]
+            [
+                {**d.to_dict(), "stale": stale is not None, "clock_skew_s": skews.get(d.id)}
+                for d in records
+            ]
         )
-        return
-    Console().print(devices_table(records, skews))
+    else:
+        Console().print(devices_table(records, skews, stale))
     for device_id, skew in skews.items():
         typer.echo(
             f"jetfleet: {device_id}'s clock is {skew_text(skew)}: every command to it fails "
             "(expired or issued in the future); enable NTP on it",
             err=True,
         )
+    if stale:  # the data could not be refreshed: scripts must not take it as current
+        raise typer.Exit(EXIT_FAILED)

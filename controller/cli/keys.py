@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from controller import keystore
-from controller.cli.common import EXIT_VERIFY, Output, OutputOption, fail, print_json, settings
+from controller.cli.common import (
+    EXIT_VERIFY,
+    AllowUnseenOption,
+    Output,
+    OutputOption,
+    fail,
+    print_json,
+    settings,
+)
 from protocol.trust import ROLES, RoleName
 
 app = typer.Typer(
@@ -121,6 +129,7 @@ def push(
         help="DANGEROUS: push even though another running or paused rollout still drives "
         "some target devices",
     ),
+    allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
     """Send the trust root of the global --keys directory (its trust.json) to devices.
@@ -163,6 +172,7 @@ def push(
         canary=None,
         payload=trust_update_payload(keys.trust_envelope, keystore.trust_chain(s.keys, keys)),
         force=force,
+        allow_unseen=allow_unseen,
     )
     if output is Output.human:
         typer.echo(

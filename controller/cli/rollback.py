@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli.common import Output, OutputOption, fail, settings
+from controller.cli.common import AllowUnseenOption, Output, OutputOption, fail, settings
 from controller.cli.devices import configure_cli_logging
 from controller.cli.rollout import (
     CanaryOption,
@@ -37,6 +37,7 @@ def rollback(
     wait: bool = WaitOption,
     canary: str | None = CanaryOption,
     force: bool = ForceOption,
+    allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
     """Return devices to an earlier version of a model, in waves."""
@@ -62,6 +63,7 @@ def rollback(
         auto_rollback=False,
         canary=canary,
         force=force,
+        allow_unseen=allow_unseen,
     )
     if output is Output.human:
         typer.echo(f"rollout {rid}: rollback of {model} to {to_version}", err=True)

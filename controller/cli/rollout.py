@@ -12,8 +12,9 @@ import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import typer
@@ -25,8 +26,8 @@ from rich.text import Text
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_USAGE,
     EXIT_VERIFY,
+    AllowUnseenOption,
     Output,
     OutputOption,
     fail,
@@ -40,7 +41,13 @@ from controller.cli.devices import (
     refresh_registry,
 )
 from controller.commands import CommandSigner
-from controller.keystore import KeySet, KeystoreError, load_keys, trust_update_signers
+from controller.keystore import (
+    KeySet,
+    KeystoreError,
+    load_keys,
+    retired_signer_reason,
+    trust_update_signers,
+)
 from controller.mqtt import MqttError
 from controller.registry import Registry, TargetError
 from controller.rollout import (
@@ -61,6 +68,7 @@ from controller.rollout_store import (
     FINISHED,
     PAUSED,
     SUCCEEDED,
+    Assignment,
     DevicesHeldError,
     Rollout,
     RolloutStore,
@@ -109,6 +117,13 @@ def keyset(s: ControllerSettings) -> KeySet:
 def open_store(s: ControllerSettings) -> tuple[RolloutStore, Registry]:
     registry = open_registry(s)
     return RolloutStore(registry.conn), registry
+
+
+def latest_rollout(store: RolloutStore) -> Rollout:
+    recent = store.recent(1)
+    if not recent:
+        fail("no rollout yet (see `jetfleet rollout start`)")
+    return recent[0]
 
 
 def find_rollout(store: RolloutStore, rollout_id: str) -> Rollout:
@@ -376,6 +391,8 @@ def spawn_driver(s: ControllerSettings, rollout_id: str) -> int:
     ]
     if s.keys:
         args += ["--keys", str(s.keys)]
+    if s.context:  # its protocol and prefix too, whatever the current context is then
+        args += ["--context", s.context]
     for opt, val in (("--ca", s.ca), ("--cert", s.cert), ("--key", s.key)):
         if val:
             args += [opt, val]
@@ -423,10 +440,13 @@ def start_rollout(
     payload: str | None = None,
     force: bool = False,
     policy: RolloutPolicy | None = None,
+    allow_unseen: bool = False,
 ) -> str:
     """Resolve the target against a fresh view of the fleet and store the planned rollout.
 
-    Exits 2 when another unfinished rollout still drives a target device, unless `force`."""
+    Exits 2, storing nothing, for a never-seen device (unless `allow_unseen`), a rollback
+    of a model a target device does not have, or a device another unfinished rollout
+    still drives (unless `force`)."""
     store, registry = open_store(s)
     try:
         refresh_registry(s, registry, target=target)
@@ -435,6 +455,10 @@ def start_rollout(
     try:
         ids = registry.resolve_target(target)
         unknown = registry.unknown(ids)
+        if unknown and not allow_unseen:
+            fail(never_seen_message(unknown, registry))
+        if kind == "rollback":
+            check_rollback_model(registry, ids, model)
         offline = [d.id for d in registry.devices() if d.id in set(ids) and not d.online]
         if offline:
             shown = ", ".join(offline[:10]) + (" …" if len(offline) > 10 else "")
@@ -477,6 +501,34 @@ def start_rollout(
     except ProtocolError as e:
         fail(e.reason)
     return r.id
+
+
+def _names(ids: list[str], shown: int = 10) -> str:
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
+def never_seen_message(unknown: list[str], registry: Registry) -> str:
+    known = [d.id for d in registry.devices()]
+    return (
+        f"--target names {len(unknown)} device(s) this controller has never seen: "
+        f"{_names(unknown)} (known: {_names(known) or 'none'}); check the spelling "
+        "(`jetfleet devices`), or pass --allow-unseen to command a device not yet connected"
+    )
+
+
+def check_rollback_model(registry: Registry, ids: list[str], model: str) -> None:
+    """A rollback of a model a device does not hold is refused by that device anyway:
+    refuse it here, before anything is signed, naming the models the fleet has."""
+    records = {d.id: d for d in registry.devices()}
+    lacking = [i for i in ids if i in records and model not in records[i].models]
+    if not lacking:
+        return
+    fleet_models = sorted({m for i in ids if i in records for m in records[i].models})
+    fail(
+        f"rollback --model {model}: {len(lacking)} target device(s) have no model {model!r}: "
+        f"{_names(lacking)} (their models: {', '.join(fleet_models) or 'none'})"
+    )
 
 
 def check_plan_options(waves: str, max_failure_rate: float, wave_timeout: float) -> None:
@@ -540,6 +592,7 @@ def start(
     retry_backoff: float = typer.Option(
         10.0, "--retry-backoff", help="seconds before the first retry (doubles after each)"
     ),
+    allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
@@ -567,7 +620,8 @@ def start(
     try:
         manifest = verify_bundle(bundle, keys.trust, datetime.now(timezone.utc))
     except VerificationError as e:
-        fail(f"bundle {bundle} failed verification [{e.code}]: {e.reason}", EXIT_VERIFY)
+        reason = retired_signer_reason(s.keys, bundle, keys.trust) or e.reason
+        fail(f"bundle {bundle} failed verification [{e.code}]: {reason}", EXIT_VERIFY)
     except OSError as e:
         fail(f"bundle {bundle}: {e.strerror}")
     try:
@@ -590,6 +644,7 @@ def start(
         bundle=(url, _sha256(published), published.stat().st_size),
         force=force,
         policy=policy,
+        allow_unseen=allow_unseen,
     )
     typer.echo(f"jetfleet: bundle URL {url}: {why}", err=True)
     if output is Output.human:
@@ -597,17 +652,53 @@ def start(
     launch(s, keys, rid, wait, output)
 
 
+def gate_text(gate: dict[str, Any] | None) -> str:
+    """The gate figures an operator compares at a glance (the JSON has them all)."""
+    if not gate:
+        return "-"
+    parts = []
+    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("live_p99_ms", "live p99")):
+        if isinstance(gate.get(key), int | float):
+            parts.append(f"{label} {gate[key]:.2f} ms")
+    comparison = (gate.get("speed") or {}).get("comparison") or {}
+    if isinstance(comparison.get("median_change_pct"), int | float):
+        parts.append(f"{comparison['median_change_pct']:+.1f}% vs active")
+    return ", ".join(parts) or "-"
+
+
+def assignments_table(assignments: list[Assignment]) -> Table:
+    """One row per device: where its job stands, the gate's figures and its reason."""
+    table = Table(title="devices", title_justify="left", show_header=True, header_style="bold")
+    for col in ("device", "wave", "state", "from", "gate", "rollback", "reason"):
+        table.add_column(col, no_wrap=col == "device")
+    for a in assignments:
+        rollback = f"{a.rb_state} to {a.rb_to_version}" if a.rb_state else "-"
+        table.add_row(
+            a.device_id,
+            str(a.wave + 1),
+            f"[{_STATE_STYLE.get(a.state, 'white')}]{a.state}[/]",
+            a.prev_version or "-",
+            gate_text(a.gate),
+            rollback,
+            a.rb_reason or a.reason or "-",
+        )
+    return table
+
+
 @app.command("status")
 def status(
     ctx: typer.Context,
-    rollout_id: str = typer.Argument(..., help="rollout id (or a unique prefix)"),
+    rollout_id: str | None = typer.Argument(
+        None, help="rollout id or a unique prefix of it [default: the latest rollout]"
+    ),
     output: Output = OutputOption,
 ) -> None:
-    """Where a rollout stands: waves, per-state counts, failures with their reasons."""
+    """Where a rollout stands: waves, per-state counts, and every device with its gate
+    figures and reason."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
-    r = find_rollout(store, rollout_id)
+    r = find_rollout(store, rollout_id) if rollout_id else latest_rollout(store)
     summary = store.summary(r.id)
     driven = driver_alive(r)
     if output is Output.json:
@@ -616,7 +707,9 @@ def status(
         data["devices"] = [a.to_dict() for a in store.assignments(r.id)]
         print_json(data)
         return
-    Console().print(render(summary))
+    console = Console()
+    console.print(render(summary))
+    console.print(assignments_table(store.assignments(r.id)))
     if r.state not in FINISHED and not driven:
         typer.echo(f"no controller process is driving it{_why_undriven(s)}: "
                    f"`jetfleet rollout resume {r.id}`")  # fmt: skip
@@ -630,82 +723,116 @@ def _why_undriven(s: ControllerSettings) -> str:
     return f" (the disk holding {s.db} is full, {free // 1024} KiB free: free space first)"
 
 
+def print_unwrapped(table: Table) -> None:
+    """As wide as the table needs, whatever the terminal (as kubectl prints): a cut or
+    folded id could not be copied into the next command."""
+    console = Console()
+    needed = console.measure(table, options=console.options.update_width(1000)).maximum
+    Console(width=max(console.width, needed)).print(table)
+
+
+class ListOutput(str, Enum):
+    human = "human"
+    wide = "wide"
+    json = "json"
+
+
+_LIST_COLUMNS = ("id", "kind", "model", "version", "state", "target", "devices", "failed")
+# `-o wide` adds these, as kubectl does.
+_WIDE_COLUMNS = ("waves", "max failure", "wave timeout", "canary", "abort reason")
+
+
+def _list_row(store: RolloutStore, r: Rollout) -> dict[str, Any]:
+    sm = store.summary(r.id)
+    return {
+        "id": r.id,
+        "kind": r.kind,
+        "model": r.model,
+        "version": r.version,
+        "state": r.state,
+        "target": r.target,
+        "devices": sum(w.size for w in sm.waves if w.state not in ("rollback", "rolled_back")),
+        "failed": sm.failed,
+        "created_at": r.created_at,
+        "waves": ",".join(str(w.size) for w in sm.waves),
+        "max_failure_rate": r.max_failure_rate,
+        "wave_timeout": r.wave_timeout,
+        "canary": r.canary,
+        "abort_reason": r.abort_reason,
+    }
+
+
 @app.command("list")
 def list_(
     ctx: typer.Context,
     limit: int = typer.Option(50, "--limit", min=1),
-    output: Output = OutputOption,
+    output: ListOutput = typer.Option(
+        ListOutput.human, "--output", "-o", help="human, wide (more columns) or json"
+    ),
 ) -> None:
-    """Recent rollouts, newest first."""
+    """Recent rollouts, newest first. Every command that takes a rollout id also takes a
+    unique prefix of it (`r-3f2`)."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
-    rows: list[dict[str, Any]] = []
-    for r in store.recent(limit):
-        sm = store.summary(r.id)
-        rows.append(
-            {
-                "id": r.id,
-                "kind": r.kind,
-                "model": r.model,
-                "version": r.version,
-                "state": r.state,
-                "target": r.target,
-                "devices": sum(
-                    w.size for w in sm.waves if w.state not in ("rollback", "rolled_back")
-                ),
-                "failed": sm.failed,
-                "created_at": r.created_at,
-            }
-        )
-    if output is Output.json:
+    rows = [_list_row(store, r) for r in store.recent(limit)]
+    if output is ListOutput.json:
         print_json(rows)
         return
-    table = Table(title="rollouts")
-    for col in (
-        "id",
-        "kind",
-        "model",
-        "version",
-        "state",
-        "target",
-        "devices",
-        "failed",
-        "created",
-    ):
-        table.add_column(col)
+    wide = output is ListOutput.wide
+    table = Table(title="rollouts", title_justify="left")
+    for col in (*_LIST_COLUMNS, "created", *(_WIDE_COLUMNS if wide else ())):
+        # An id is never cut: it is what the operator copies into the next command.
+        table.add_column(col, no_wrap=col in ("id", "created"))
     for row in rows:
         created = datetime.fromtimestamp(row["created_at"], timezone.utc)
-        table.add_row(
-            row["id"],
-            row["kind"],
-            row["model"],
-            row["version"],
-            row["state"],
-            row["target"],
-            str(row["devices"]),
-            str(row["failed"]),
-            f"{created:%Y-%m-%d %H:%M:%S}",
-        )
-    Console().print(table)
+        cells = [str(row[c]) for c in _LIST_COLUMNS] + [f"{created:%Y-%m-%d %H:%M:%S}"]
+        if wide:
+            cells += [
+                row["waves"],
+                f"{row['max_failure_rate']:g}",
+                f"{row['wave_timeout']:g}s",
+                row["canary"] or "-",
+                row["abort_reason"] or "-",
+            ]
+        table.add_row(*cells)
+    print_unwrapped(table)
+
+
+def already_ended(store: RolloutStore, r: Rollout, output: Output) -> NoReturn:
+    """`pause`, `resume` and `abort` of a rollout that has ended all answer alike: one
+    line, the summary with --output json, and the rollout's own outcome as exit code
+    (0 succeeded, 1 aborted), as `--wait` would have."""
+    typer.echo(f"jetfleet: rollout {r.id} already ended: {r.state}", err=True)
+    _finish(store, r.id, output)
+    raise AssertionError("unreachable")  # _finish always exits
 
 
 @app.command("pause")
-def pause_cmd(ctx: typer.Context, rollout_id: str = typer.Argument(...)) -> None:
+def pause_cmd(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(..., help="rollout id or a unique prefix of it"),
+    output: Output = OutputOption,
+) -> None:
     """Start no further waves (devices already commanded finish their jobs)."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id)
+    if r.state in FINISHED:
+        already_ended(store, r, output)
     if not pause(store, r.id):
         fail(f"rollout {r.id} is {r.state}; only a running rollout can be paused", EXIT_FAILED)
+    if output is Output.json:
+        print_json(store.summary(r.id).to_dict())
+        return
     typer.echo(f"rollout {r.id} paused; `jetfleet rollout resume {r.id}` continues it")
 
 
 @app.command("resume")
 def resume(
     ctx: typer.Context,
-    rollout_id: str = typer.Argument(...),
+    rollout_id: str = typer.Argument(..., help="rollout id or a unique prefix of it"),
     wait: bool = WaitOption,
     output: Output = OutputOption,
 ) -> None:
@@ -716,9 +843,7 @@ def resume(
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id)
     if r.state in FINISHED:
-        if output is Output.json:
-            _finish(store, r.id, output)
-        fail(f"rollout {r.id} already {r.state}", EXIT_FAILED if r.state == ABORTED else EXIT_OK)
+        already_ended(store, r, output)
     if r.state == PAUSED:
         resume_state(store, r.id)
     if driver_alive(r):
@@ -732,7 +857,7 @@ def resume(
 @app.command("abort")
 def abort(
     ctx: typer.Context,
-    rollout_id: str = typer.Argument(...),
+    rollout_id: str = typer.Argument(..., help="rollout id or a unique prefix of it"),
     no_rollback: bool = typer.Option(
         False, "--no-rollback", help="leave devices that already succeeded on the new version"
     ),
@@ -748,7 +873,7 @@ def abort(
     r = find_rollout(store, rollout_id)
     rollback = r.auto_rollback and not no_rollback
     if not store.request_abort(r.id, "aborted by the operator", rollback):
-        fail(f"rollout {r.id} already {r.state}", EXIT_USAGE)
+        already_ended(store, store.get(r.id) or r, output)
     if driver_alive(r):
         if wait:
             watch(s, r.id, output)
@@ -816,6 +941,7 @@ def retry_cmd(
         payload=old.payload,
         force=force,
         policy=replace(old.policy, start_at=None),
+        allow_unseen=True,  # ID already took them; a retry must not drop the unseen ones
     )
     if output is Output.human:
         typer.echo(f"rollout {rid}: retry of {old.id} on {len(failed)} device(s)", err=True)

@@ -28,6 +28,14 @@ from rich.table import Table
 from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
 from controller.cli.devices import configure_cli_logging, mqtt_options
 from controller.mqtt import ControllerMqtt, MqttError
+from controller.plotdata import (
+    LATENCY,
+    VersionChange,
+    byte_scale,
+    latency_by_version,
+    split_at_gaps,
+    version_changes,
+)
 from controller.telemetry_store import (
     METRIC_HELP,
     METRICS,
@@ -263,6 +271,19 @@ def write_export(
     return n
 
 
+def _known_device(store: TelemetryStore, device: str) -> None:
+    """A device that never sent telemetry here is most likely a typo: an error (exit 2),
+    not an empty export."""
+    known = store.devices()
+    if device not in known:
+        shown = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        store.close()
+        fail(
+            f"no telemetry was ever received from {device!r} (devices with telemetry: "
+            f"{shown or 'none'})"
+        )
+
+
 @app.command()
 def export(
     ctx: typer.Context,
@@ -273,7 +294,7 @@ def export(
     resolution: Resolution = typer.Option(
         Resolution.raw, "--resolution", help="raw samples (24 h kept) or 1-minute means (30 d)"
     ),
-    out: Path | None = typer.Option(None, "-o", "--out", help="file to write [stdout]"),
+    out: Path | None = typer.Option(None, "--out", help="file to write [stdout]"),
     telemetry_db: Path | None = TelemetryDbOption,
 ) -> None:
     """Samples of one device as CSV (one row per sample) or JSON Lines (the samples)."""
@@ -284,6 +305,7 @@ def export(
         fail(e.reason if isinstance(e, ProtocolError) else str(e))
     store = _open_store(_telemetry_db(ctx, telemetry_db))
     try:
+        _known_device(store, device)
         rows = _rows(store, device, t0, t1, resolution)
         if out is None:
             n = write_export(rows, fmt, resolution, sys.stdout)
@@ -305,15 +327,20 @@ def export(
 def plot(
     ctx: typer.Context,
     device: str = typer.Option(..., "--device", help="device id"),
-    metric: str = typer.Option(..., "--metric", help=f"one of: {', '.join(METRICS)}"),
-    out: Path = typer.Option(..., "-o", "--out", help="PNG file to write"),
+    metric: str = typer.Option(
+        ...,
+        "--metric",
+        help=f"{LATENCY} (p50/p99 per model version) or one of: {', '.join(METRICS)}",
+    ),
+    out: Path = typer.Option(..., "--out", help="PNG file to write"),
     since: str = typer.Option("1h", "--since", help="30m, 1h, 2d ... or an ISO 8601 time"),
     until: str | None = typer.Option(None, "--until", help="same forms as --since [now]"),
     telemetry_db: Path | None = TelemetryDbOption,
 ) -> None:
-    """One metric of one device over time, to a PNG."""
-    if metric not in METRICS:
-        fail(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+    """One metric of one device over time, to a PNG: the line breaks where the robot was
+    offline, dotted lines mark version changes, bytes are in MiB or GiB."""
+    if metric not in METRICS and metric != LATENCY:
+        fail(f"unknown metric {metric!r}; choose one of: {LATENCY}, {', '.join(METRICS)}")
     try:
         validate_id(device)
         t0, t1 = parse_time(since), parse_time(until) if until else None
@@ -321,26 +348,91 @@ def plot(
         fail(e.reason if isinstance(e, ProtocolError) else str(e))
     store = _open_store(_telemetry_db(ctx, telemetry_db))
     try:
-        points = store.series(device, metric, t0, t1)
+        raw = list(store.raw_rows(device, t0, t1))
+        if metric == LATENCY:
+            series = {
+                f"{label} {key[:3]}": pts
+                for label, by_key in latency_by_version(raw).items()
+                for key, pts in by_key.items()
+            }
+        else:
+            series = {metric: store.series(device, metric, t0, t1)}
     finally:
         store.close()
+    points = sum(len(p) for p in series.values())
     if not points:
         fail(f"no {metric} data for {device} since {_iso(t0)}", EXIT_FAILED)
+    changes = version_changes(raw)
+    gaps = _draw(out, f"{device}: {metric}", metric, series, changes)
+    typer.echo(f"{out}: {points} points of {metric} for {device}{_notes(gaps, changes)}", err=True)
+
+
+def _notes(gaps: list[tuple[float, float]], changes: list[VersionChange]) -> str:
+    def hm(ts: float) -> str:
+        return f"{datetime.fromtimestamp(ts, timezone.utc):%H:%M}"
+
+    notes = [f"offline {hm(a)}-{hm(b)}" for a, b in gaps]
+    notes += [f"{c.model} {c.before or '-'} -> {c.after or '-'} at {hm(c.ts)}" for c in changes]
+    return f"; {'; '.join(notes)}" if notes else ""
+
+
+def _draw(
+    out: Path,
+    title: str,
+    metric: str,
+    series: dict[str, list[tuple[float, float]]],
+    changes: list[VersionChange],
+) -> list[tuple[float, float]]:
+    """Write the PNG; the gaps it left (where the robot was offline)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
-    times: Any = [datetime.fromtimestamp(t, timezone.utc) for t, _ in points]
-    values = [v for _, v in points]
+    def when(ts: float) -> Any:
+        return datetime.fromtimestamp(ts, timezone.utc)
+
+    scale, unit = byte_scale(metric, (v for pts in series.values() for _, v in pts))
+    label = "latency, ms" if metric == LATENCY else METRIC_HELP[metric]
+    if unit:
+        label = label.replace("bytes", unit)
+    gaps: list[tuple[float, float]] = []
     fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
     try:
-        ax.plot(times, values, linewidth=1.2, marker="." if len(points) < 60 else None)
-        ax.set_title(f"{device}: {metric}")
-        ax.set_ylabel(METRIC_HELP[metric])
-        ax.set_xlabel("time (UTC)")
+        for i, (name, pts) in enumerate(sorted(series.items())):
+            runs, run_gaps = split_at_gaps(pts)
+            gaps = gaps or run_gaps
+            color = f"C{i % 10}"
+            for j, run in enumerate(runs):
+                ax.plot(
+                    [when(t) for t, _ in run],
+                    [v / scale for _, v in run],
+                    linewidth=1.2,
+                    color=color,
+                    linestyle="--" if name.endswith(" p50") else "-",
+                    marker="." if len(pts) < 60 else None,
+                    label=name if j == 0 and len(series) > 1 else None,
+                )
+        for a, b in gaps:
+            ax.axvspan(when(a), when(b), color="grey", alpha=0.15, label=None)
+        for c in changes:
+            ax.axvline(when(c.ts), color="black", linestyle=":", linewidth=1)
+            ax.annotate(
+                f"{c.model} {c.after or '-'}",
+                (when(c.ts), 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                rotation=90,
+                va="top",
+                ha="right",
+            )
+        ax.set_title(title)
+        ax.set_ylabel(label)
+        ax.set_xlabel("time (UTC); grey: offline")
         ax.grid(True, alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
         fig.autofmt_xdate()
         fig.tight_layout()
@@ -349,4 +441,4 @@ def plot(
         tmp.replace(out)
     finally:
         plt.close(fig)
-    typer.echo(f"{out}: {len(points)} points of {metric} for {device}", err=True)
+    return gaps

@@ -326,8 +326,8 @@ class Publisher:
         self.client.connect(host, port, 30)
         self.client.loop_start()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        info = self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         info.wait_for_publish(timeout=10)
 
     def close(self) -> None:
@@ -341,9 +341,9 @@ class Publisher:
         self.close()
 
 
-def publish(broker_url: str, topic: str, payload: bytes) -> None:
+def publish(broker_url: str, topic: str, payload: bytes, *, retain: bool = False) -> None:
     with Publisher(broker_url) as p:
-        p.publish(topic, payload)
+        p.publish(topic, payload, retain=retain)
 
 
 def build_bundle(

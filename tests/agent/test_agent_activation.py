@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.activation import ActivationError, ModelStore, check_health, run_hook
+from agent.activation import (
+    AckChannel,
+    ActivationError,
+    ModelStore,
+    check_health,
+    read_ack_file,
+    run_hook,
+)
+from agent.livestats import Ack
 
 
 def _engine(tmp: Path, text: str) -> Path:
@@ -73,3 +81,44 @@ def test_health_over_http_needs_2xx(tmp_path: Path) -> None:
         check_health("http://127.0.0.1:1/health", timeout=1)
     assert e.value.code == "health_failed"
     check_health("true", timeout=5)
+
+
+def test_each_version_dir_names_its_version_for_consumers(tmp_path: Path) -> None:
+    ms = ModelStore(tmp_path / "data")
+    _install(ms, tmp_path, "1.0.0")
+    ms.switch("det", "1.0.0")
+    assert (ms.current_link("det") / "version").read_text() == "1.0.0\n"
+
+
+def test_ack_file_is_read_strictly_and_a_bad_one_is_named_at_the_deadline(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    ch = AckChannel(tmp_path / "ack")
+    ch.clear("det")
+    path = ch.path("det")
+    assert read_ack_file(path, "det") is None
+    path.write_text('{"version": "1.1.0"}')
+    assert read_ack_file(path, "det") == Ack("det", "1.1.0", True, "", str(path))
+    for bad, why in (
+        ("{", "not JSON"),
+        ('{"version": 1}', '"version" string'),
+        ('{"model": "other", "version": "1.1.0"}', "names model 'other'"),
+        ('{"version": "1.1.0", "healthy": "yes"}', "true or false"),
+        ("x" * 5000, "larger than"),
+    ):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=why):
+            read_ack_file(path, "det")
+    path.write_text("{")
+    with pytest.raises(ActivationError, match="not JSON") as e:
+        ch.wait("det", "1.1.0", timeout=0.3, stop=threading.Event())
+    assert e.value.code == "not_acknowledged"
+    path.write_text('{"version": "1.1.0", "healthy": false, "reason": "CUDA OOM"}')
+    with pytest.raises(ActivationError, match=r"reports 1\.1\.0 unhealthy: CUDA OOM") as e:
+        ch.wait("det", "1.1.0", timeout=5, stop=threading.Event())
+    assert e.value.code == "health_failed"
+    stop = threading.Event()
+    stop.set()
+    assert ch.wait("det", "2.0.0", timeout=5, stop=stop) is None  # the agent is stopping

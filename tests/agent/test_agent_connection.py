@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -222,3 +223,56 @@ def test_missing_client_key_is_a_config_error_naming_the_file(
         timeout=60,
     )
     assert r.returncode == 2 and "nope.key" in r.stderr
+
+
+def test_an_unreachable_broker_is_logged_at_once_with_its_cause(
+    tmp_path: Path, trust_material
+) -> None:
+    from controller.localbroker import free_port
+
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        device_id=DEV,
+        broker_url=f"mqtt://127.0.0.1:{free_port()}",  # nothing listens there
+        data_dir=tmp_path / "data",
+        trust_root=trust_material.write(tmp_path / "trust.json"),
+    )
+    with AgentProcess(cfg) as agent:
+        deadline = time.monotonic() + 15
+        while "mqtt_unreachable" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = agent.log()
+    assert "mqtt_unreachable" in log, log[-2000:]
+    line = next(x for x in log.splitlines() if "mqtt_unreachable" in x)
+    assert "Connection refused" in line
+    assert log.count("mqtt_unreachable") == 1  # once per cause, not once per retry
+
+
+@pytest.mark.slow
+def test_two_agents_with_one_device_id_name_the_session_takeover(
+    tmp_path: Path, mosquitto, trust_material
+) -> None:
+    agents = []
+    trust = trust_material.write(tmp_path / "trust.json")
+    for name in ("a", "b"):
+        cfg = write_agent_config(
+            tmp_path / name / "agent.toml",
+            device_id=DEV,
+            broker_url=mosquitto.url,
+            data_dir=tmp_path / name / "data",
+            trust_root=trust,
+        )
+        agents.append(AgentProcess(cfg).start())
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if any("mqtt_session_taken_over" in a.log() for a in agents):
+                break
+            time.sleep(0.2)
+        logs = "".join(a.log() for a in agents)
+    finally:
+        for a in agents:
+            a.stop()
+    line = next((x for x in logs.splitlines() if "mqtt_session_taken_over" in x), "")
+    assert line, logs[-3000:]
+    assert "same device_id" in line and DEV in line

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.livestats import LiveStats, LiveStatsError, decode_report, encode_report
+from agent.livestats import (
+    Ack,
+    LiveStats,
+    LiveStatsError,
+    decode_ack,
+    decode_report,
+    encode_ack,
+    encode_report,
+)
 
 
 @pytest.fixture
@@ -95,3 +103,31 @@ def test_a_stale_socket_file_does_not_stop_a_restart(tmp_path: Path) -> None:
         _send(path, encode_report("det", "1", [1.0]))
         _wait_count(second, "det", 1)
     assert not path.exists()
+
+
+def test_acknowledgements_round_trip_and_a_report_counts_as_one(stats: LiveStats) -> None:
+    data = encode_ack("det", "1.1.0", False, "plan does not deserialize")
+    assert decode_ack(data) == Ack("det", "1.1.0", False, "plan does not deserialize", "socket")
+    for bad in (data[:-1], data + b"\0", b"JFA1\x00\x00\x01\x00", b"JFA1\x01d\x01v\x07\x00"):
+        with pytest.raises(LiveStatsError):
+            decode_ack(bad)
+    _send(stats.socket_path, data)
+    _wait_ack(stats, "det", "1.1.0")
+    assert stats.ack("det") == Ack("det", "1.1.0", False, "plan does not deserialize", "socket")
+    # Latencies of the version a consumer has reported on do not hide its word...
+    _send(stats.socket_path, encode_report("det", "1.1.0", [1.0]))
+    _wait_count(stats, "det", 1)
+    assert stats.ack("det") is not None and stats.ack("det").healthy is False
+    # ...but inferences on another version prove that one loaded.
+    stats.clear_ack("det")
+    assert stats.ack("det") is None
+    _send(stats.socket_path, encode_report("det", "1.2.0", [1.0]))
+    _wait_ack(stats, "det", "1.2.0")
+    assert stats.ack("det") == Ack("det", "1.2.0", True, "serving", "report")
+
+
+def _wait_ack(stats: LiveStats, model: str, version: str, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (a := stats.ack(model)) is None or a.version != version:
+        assert time.monotonic() < deadline, f"no ack of {version}: {a}"
+        time.sleep(0.01)

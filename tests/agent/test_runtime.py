@@ -196,3 +196,32 @@ def test_a_first_load_failing_with_a_foreign_exception_is_an_engine_load_error(
     loader = loader_failing_for("1.0.0", TypeError("data type not understood"), [])
     with pytest.raises(EngineLoadError, match=r"1\.0\.0 failed: TypeError: data type"):
         ModelRuntime("det", device.root, report=False, engine_loader=loader)
+
+
+def test_the_runtime_acknowledges_each_load_and_a_failed_swap_on_the_socket(
+    device: Device,
+) -> None:
+    """ModelRuntime follows the consumer contract by itself: no service code needed."""
+    bad = device.install("3.0.0", seed=3)
+    (bad / "engine").unlink()
+    (bad / "engine").write_bytes(b"not an engine")
+    with (
+        LiveStats(device.root / "run" / "live.sock") as stats,
+        ModelRuntime("det", device.root) as rt,
+    ):
+        assert _ack_of(stats, "1.0.0").healthy
+        device.activate("2.0.0")
+        assert rt.refresh(wait=True)
+        assert _ack_of(stats, "2.0.0").source == "socket"
+        device.activate("3.0.0")
+        assert rt.refresh(wait=True) is False
+        ack = _ack_of(stats, "3.0.0")
+        assert not ack.healthy and "3.0.0" in ack.reason and rt.version == "2.0.0"
+
+
+def _ack_of(stats: LiveStats, version: str) -> Any:
+    deadline = time.monotonic() + 3
+    while (a := stats.ack("det")) is None or a.version != version:
+        assert time.monotonic() < deadline, f"no ack of {version}: {a}"
+        time.sleep(0.01)
+    return a

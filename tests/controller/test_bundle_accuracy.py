@@ -46,7 +46,7 @@ def resnet(tmp_path: Path) -> Path:
 def _build(cli: Cli, model: Path, version: str, *extra: str | Path) -> tuple[Result, Path]:
     out = model.parent / f"b-{version}.jfb"
     r = cli("bundle", "build", model, "--name", "classifier", "--version", version,
-            "-o", out, "--output", "json", *extra)  # fmt: skip
+            "--out", out, "--output", "json", *extra)  # fmt: skip
     return r, out
 
 

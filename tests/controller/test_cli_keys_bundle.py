@@ -135,7 +135,17 @@ def test_build_creates_the_output_directory(
 ) -> None:
     out = tmp_path / "new" / "dir" / "m.jfb"
     r = cli(
-        "--keys", keys_dir, "bundle", "build", mlp, "--name", "m", "--version", "1.0.0", "-o", out
+        "--keys",
+        keys_dir,
+        "bundle",
+        "build",
+        mlp,
+        "--name",
+        "m",
+        "--version",
+        "1.0.0",
+        "--out",
+        out,
     )
     assert r.exit_code == 0, r.output
     assert out.is_file() and os.listdir(out.parent) == ["m.jfb"]
@@ -258,7 +268,7 @@ def test_golden_inputs_only_get_outputs_computed_by_onnx_runtime(
         "1.0.0",
         "--golden",
         tmp_path / "in.npz",
-        "-o",
+        "--out",
         tmp_path / "b.jfb",
         "--output",
         "json",
@@ -290,7 +300,7 @@ def test_golden_outputs_from_training_are_kept_when_the_model_agrees(
         "1.0.0",
         "--golden",
         tmp_path / "g.npz",
-        "-o",
+        "--out",
         tmp_path / "b.jfb",
         "--output",
         "json",
@@ -322,7 +332,7 @@ def test_model_disagreeing_with_given_golden_outputs_is_refused_naming_the_worst
         "1.0.0",
         "--golden",
         tmp_path / "g.npz",
-        "-o",
+        "--out",
         tmp_path / "b.jfb",
     )
     assert r.exit_code == 1
@@ -417,7 +427,7 @@ def test_fp16_bundle_keeps_fp32_io_and_fp32_golden_outputs(
         "0.05",
         "--rtol",
         "0.05",
-        "-o",
+        "--out",
         tmp_path / "c.jfb",
         "--output",
         "json",
@@ -459,7 +469,7 @@ def test_int8_bundle_is_qdq_quantized_from_the_calibration_set(
         "0.5",
         "--rtol",
         "0.5",
-        "-o",
+        "--out",
         tmp_path / "q.jfb",
     )
     assert r.exit_code == 0, r.output

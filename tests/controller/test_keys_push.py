@@ -37,7 +37,6 @@ from tests.agent.harness import (
 )
 
 T = Topics()
-NOW = datetime.now(timezone.utc)
 
 
 def test_push_signature_is_accepted_under_every_earlier_trust_root_and_by_no_other_key(
@@ -55,18 +54,19 @@ def test_push_signature_is_accepted_under_every_earlier_trust_root_and_by_no_oth
     pushed = CommandSigner(signers).trust_update(
         "robot-1", trust_root=json.loads(v3.trust_envelope)
     )
+    now = datetime.now(timezone.utc)  # the push was signed just now, not at collection
     roots = [
-        load_trust_root((d / "retired/v1/trust.json").read_bytes(), NOW),
-        load_trust_root((d / "retired/v2/trust.json").read_bytes(), NOW),
+        load_trust_root((d / "retired/v1/trust.json").read_bytes(), now),
+        load_trust_root((d / "retired/v2/trust.json").read_bytes(), now),
         v3.trust,
     ]
     for trust in roots:  # a device on any earlier version accepts the command
-        cmd = verify_command(pushed.envelope, trust, device_id="robot-1", groups=[], now=NOW)
+        cmd = verify_command(pushed.envelope, trust, device_id="robot-1", groups=[], now=now)
         assert cmd.kind is CommandKind.TRUST_UPDATE
     # Signed with the current operator key alone, a v1 device would refuse it.
     alone = CommandSigner([v3.operator]).trust_update("robot-1", trust_root={})
     with pytest.raises(VerificationError):
-        verify_command(alone.envelope, v1.trust, device_id="robot-1", groups=[], now=NOW)
+        verify_command(alone.envelope, v1.trust, device_id="robot-1", groups=[], now=now)
 
 
 def test_a_database_from_before_trust_pushes_opens_and_keeps_its_rollouts(tmp_path: Path) -> None:

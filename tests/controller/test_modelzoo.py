@@ -50,7 +50,7 @@ def bundle_build(cli: Cli, model: Path, name: str, profiles: tuple[str, ...], ou
     args: list[Any] = ["bundle", "build", model, "--name", name, "--version", "1.0.0"]
     for p in profiles:
         args += ["--profile", p]
-    return cli(*args, "--probation-s", "0", "-o", out, "--output", "json")
+    return cli(*args, "--probation-s", "0", "--out", out, "--output", "json")
 
 
 def extract(bundle: Path, keys_dir: Path, dest: Path) -> VerifiedBundle:
@@ -200,7 +200,7 @@ def test_golden_inputs_outside_their_profile_are_refused_at_bundle_build(
     golden = bundler.write_npz(tmp_path / "g.npz", {"input": np.zeros((8, 3, 32, 32), np.float32)})
     r = cli(
         "bundle", "build", model, "--name", "m", "--version", "1.0.0", "--golden", golden,
-        "--profile", CORPUS["mobilenet"].profiles[0], "-o", tmp_path / "b.jfb",
+        "--profile", CORPUS["mobilenet"].profiles[0], "--out", tmp_path / "b.jfb",
     )  # fmt: skip
     assert r.exit_code == 2, r.output
     assert "golden input 'input' has shape [8, 3, 32, 32], outside its profile" in r.stderr

@@ -86,7 +86,7 @@ def test_bundle_build_then_rollout_to_a_real_agent_makes_the_model_active_and_se
     profiles = [a for p in zoo.profiles for a in ("--profile", p)]
     built = robot.bundle_build(
         model, "--name", name, "--version", "1.0.0", *profiles, "--probation-s", "0",
-        "-o", bundle,
+        "--out", bundle,
     )  # fmt: skip
     assert built.exit_code == 0, built.output
     out = robot.jetfleet(

@@ -151,12 +151,17 @@ def test_devices_command_prints_json_and_filters_by_group(
         table = run_cli({**env, "COLUMNS": "200"}, "devices")
         assert "robot-0002" in table.stdout and "detector 1.0.0" in table.stdout
         assert run_cli(env, "devices", "--group", "Bad Group").returncode == 2
-    # Broker gone: the last known fleet, flagged stale, with the reason on stderr.
+    # Broker gone: the last known fleet, flagged stale in the table too, with the reason
+    # on stderr, and exit 1 (a script must not take it for the current state).
     mosquitto.stop()
     out = run_cli(env, "devices", "--output", "json", "--timeout", "1")
-    assert out.returncode == 0
+    assert out.returncode == 1
     assert all(d["stale"] for d in json.loads(out.stdout))
     assert "showing the last known state" in out.stderr
+    table = run_cli({**env, "COLUMNS": "200"}, "devices", "--timeout", "1")
+    assert table.returncode == 1
+    assert "NOT REFRESHED (broker unreachable): last known state" in table.stdout
+    assert "? (was yes)" in table.stdout and "[green]" not in table.stdout
 
 
 class CountingRegistry(Registry):

@@ -67,6 +67,11 @@ def db_rows(env: dict[str, str], sql: str, *args: object) -> list[sqlite3.Row]:
         conn.close()
 
 
+# A canary slow enough (about 6 steps of this) that `rollout pause`, a new CLI process,
+# lands while it deploys even on a loaded 2-core machine.
+CANARY_STEP_S = 1.0
+
+
 def start_and_pause_after_the_canary(env: dict[str, str], bundle: Path) -> str:
     """Start a `--waves 1,100%` rollout to all devices, pause it while the canary deploys,
     and return its id once the canary's wave is done (the second wave never starts)."""
@@ -111,7 +116,7 @@ def test_rollout_start_wait_json_deploys_every_device_from_the_published_bundle(
         assert data["rollout"]["state"] == "succeeded"
         assert [d["state"] for d in data["devices"]] == ["SUCCEEDED"] * 3
         assert [w["size"] for w in data["waves"]] == [1, 2]
-        published = tmp_path / "data" / "jetfleet" / "bundles" / "detector-2.0.0.jfb"
+        published = tmp_path / "data" / "bundles" / "detector-2.0.0.jfb"  # beside the db
         assert published.read_bytes() == bundle.read_bytes()
         assert data["rollout"]["bundle_url"] == published.as_uri()
         assert data["rollout"]["bundle_sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
@@ -277,7 +282,7 @@ def test_start_without_wait_hands_the_rollout_to_a_background_driver(
 def test_abort_of_a_paused_rollout_rolls_back_the_devices_that_succeeded(
     mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], bundle: Path
 ) -> None:
-    with SimFleet(mosquitto.url, keys.trust, make_devices(3, step_s=0.3)) as fleet:
+    with SimFleet(mosquitto.url, keys.trust, make_devices(3, step_s=CANARY_STEP_S)) as fleet:
         # Pause while the canary is deploying: its wave finishes, no second wave starts.
         rid = start_and_pause_after_the_canary(env, bundle)
         time.sleep(0.5)
@@ -460,7 +465,7 @@ def test_a_second_rollout_on_devices_a_paused_one_still_drives_is_refused_unless
     mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], bundle: Path, tmp_path: Path
 ) -> None:
     newer = build_bundle(tmp_path / "build3", keys.release, version="3.0.0")
-    with SimFleet(mosquitto.url, keys.trust, make_devices(3, step_s=0.3)) as fleet:
+    with SimFleet(mosquitto.url, keys.trust, make_devices(3, step_s=CANARY_STEP_S)) as fleet:
         # Paused after its canary: robot-0000 is done (SUCCEEDED), the others still wait
         # for their wave in it.
         held_by = start_and_pause_after_the_canary(env, bundle)

@@ -91,7 +91,7 @@ def test_export_jsonl_hands_back_the_samples_as_sent(db: Path, tmp_path: Path) -
         "10m",
         "--format",
         "jsonl",
-        "-o",
+        "--out",
         str(out_file),
         "--telemetry-db",
         str(db),
@@ -161,7 +161,7 @@ def test_plot_writes_a_png(db: Path, tmp_path: Path) -> None:
         "robot-a",
         "--metric",
         "cpu_pct",
-        "-o",
+        "--out",
         str(png),
         "--since",
         "1h",
@@ -181,7 +181,7 @@ def test_plot_unknown_metric_lists_the_known_ones(db: Path, tmp_path: Path) -> N
         "robot-a",
         "--metric",
         "fan_rpm",
-        "-o",
+        "--out",
         str(tmp_path / "x.png"),
         "--telemetry-db",
         str(db),
@@ -257,3 +257,57 @@ def test_watch_once_shows_status_and_live_samples(
     assert r["online"] is True and r["versions"] == {"detector": "1.4.0"}
     assert r["gpu_load_pct"] == 42.0 and r["power_w"] == 70.0 and r["temp_max_c"] == 44.2
     assert r["age_s"] is not None and r["age_s"] < 5
+
+
+def test_export_of_a_device_that_never_sent_telemetry_is_an_error(db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "robot-z.csv"
+    code, stdout, err = invoke(
+        "telemetry", "export", "--device", "robot-z", "--out", str(out),
+        "--telemetry-db", str(db),
+    )  # fmt: skip
+    assert code == 2, err
+    assert "no telemetry was ever received from 'robot-z'" in err
+    assert "devices with telemetry: robot-a, robot-b" in err
+    assert stdout == "" and not out.exists()
+
+
+def test_plot_shows_offline_gaps_version_changes_and_latency_per_version(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "telemetry.db"
+    store = TelemetryStore(path)
+    now = time.time()
+    rows = []
+    for i in range(40):  # a sample a minute, with 20 minutes offline after the 20th
+        ts = now - 3600 + (i if i < 20 else i + 20) * 60
+        version = "1.0.0" if i < 25 else "2.0.0"
+        s = TelemetrySample.new(
+            device_id="robot-c",
+            at=datetime.fromtimestamp(ts, timezone.utc),
+            uptime_s=ts % 1000,
+            cpu={"percent": [10.0]},
+            mem={"total": 8 * 2**30, "used": 3 * 2**30, "available": 5 * 2**30},
+            models={"detector": {"version": version, "p50_ms": 2.0, "p99_ms": 5.0}},
+        )
+        rows.append(row_from_sample(s, s.encode().decode()))
+    store.insert_batch(rows)
+    store.close()
+
+    def plot(metric: str) -> tuple[int, str]:
+        png = tmp_path / f"{metric}.png"
+        code, _, err = invoke(
+            "telemetry", "plot", "--device", "robot-c", "--metric", metric, "--out", str(png),
+            "--since", "2h", "--telemetry-db", str(path),
+        )  # fmt: skip
+        assert code == 0, err
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return code, err
+
+    _, err = plot("cpu_pct")
+    hm = [f"{datetime.fromtimestamp(now - 3600 + m * 60, timezone.utc):%H:%M}" for m in (19, 40)]
+    assert f"offline {hm[0]}-{hm[1]}" in err
+    changed = f"{datetime.fromtimestamp(now - 3600 + 45 * 60, timezone.utc):%H:%M}"
+    assert f"detector 1.0.0 -> 2.0.0 at {changed}" in err
+    _, err = plot("latency")
+    assert "80 points of latency" in err  # p50 and p99 of 40 samples, per version
+    plot("mem_used")

@@ -1,0 +1,379 @@
+"""`jetfleet release ...`: the fleet's desired state (issue 13).
+
+A release says which version of each model a group runs; a pin overrides it for one model
+on one device. Both are operator-signed documents published retained on the broker, so a
+robot converges to them on its own, with no controller running (agent/desired.py). Each
+has a per-group (per-device) version that only goes up: the next one is the higher of the
+broker's retained copy and this controller's history, plus one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from controller.cli.common import (
+    EXIT_FAILED,
+    EXIT_VERIFY,
+    Output,
+    OutputOption,
+    fail,
+    print_json,
+    settings,
+)
+from controller.cli.devices import configure_cli_logging, mqtt_options, open_registry
+from controller.cli.rollout import BundleConflictError, choose_bundle_url, keyset, publish_bundle
+from controller.mqtt import ControllerMqtt, MqttError
+from controller.settings import ControllerSettings
+from protocol.bundle import bundle_filename, verify_bundle
+from protocol.dsse import Envelope
+from protocol.errors import ProtocolError, VerificationError
+from protocol.ids import validate_id, validate_semver
+from protocol.release import DesiredModel, Pins, Release, sign_release
+from protocol.topics import Topics
+from protocol.transport import TransportConfigError
+
+app = typer.Typer(help="The fleet's desired state: group releases and device pins.")
+
+GroupOption = typer.Option(..., "--group", "-g", help="group name")
+BundleOption = typer.Option(None, "--bundle", help="publish this .jfb first (verified)")
+UrlOption = typer.Option(None, "--bundle-url", help="where devices fetch it")
+_HISTORY_DDL = """
+CREATE TABLE IF NOT EXISTS release_history (
+    scope TEXT NOT NULL,          -- group:NAME or device:ID
+    version INTEGER NOT NULL,
+    issued_at TEXT NOT NULL,
+    models TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    PRIMARY KEY (scope, version)
+)
+"""
+
+
+# -- broker ----------------------------------------------------------------------------
+def _client(s: ControllerSettings) -> ControllerMqtt:
+    try:
+        return ControllerMqtt(mqtt_options(s))
+    except TransportConfigError as e:
+        fail(f"TLS settings: {e.reason}")
+
+
+def read_retained(s: ControllerSettings, topic: str, timeout: float = 10.0) -> dict[str, bytes]:
+    """The retained messages on `topic` (a filter may hold +): topic -> payload. A marker
+    published after the subscription arrives after them (see sync_from_broker)."""
+    marker = f"{Topics(s.prefix).prefix}/controller/sync/{uuid.uuid4().hex}"
+    got: dict[str, bytes] = {}
+    done = threading.Event()
+
+    def on_message(t: str, payload: bytes, retained: bool) -> None:
+        if t == marker:
+            done.set()
+        elif payload:
+            got[t] = payload
+
+    try:
+        with _client(s).connect(timeout=timeout) as m:
+            m.set_handler(on_message)
+            m.subscribe([marker, topic], timeout=timeout)
+            m.publish(marker, b"sync", qos=1)
+            done.wait(timeout)
+    except MqttError as e:
+        fail(f"broker {s.broker}: {e}", EXIT_FAILED)
+    return got
+
+
+def publish_retained(s: ControllerSettings, topic: str, payload: bytes) -> None:
+    try:
+        with _client(s).connect() as m:
+            m.publish(topic, payload, qos=1, retain=True)
+    except MqttError as e:
+        fail(f"broker {s.broker}: {e}", EXIT_FAILED)
+
+
+def _decode(cls: type[Release] | type[Pins], payload: bytes) -> Release | Pins | None:
+    """A retained document, read without verifying it (the devices verify)."""
+    try:
+        return cls.decode(Envelope.decode(payload).payload_bytes())
+    except ProtocolError:
+        return None
+
+
+# -- history ---------------------------------------------------------------------------
+def _history_db(s: ControllerSettings) -> sqlite3.Connection:
+    conn = open_registry(s).conn
+    conn.execute(_HISTORY_DDL)
+    return conn
+
+
+def _record(s: ControllerSettings, scope: str, doc: Release | Pins, envelope: bytes) -> None:
+    conn = _history_db(s)
+    with conn:
+        conn.execute(
+            "INSERT OR REPLACE INTO release_history VALUES (?, ?, ?, ?, ?)",
+            (
+                scope,
+                doc.version,
+                doc.issued_at.isoformat(),
+                json.dumps({n: m.model_dump() for n, m in doc.models.items()}),
+                envelope,
+            ),
+        )
+
+
+def _last_version(s: ControllerSettings, scope: str) -> int:
+    row = (
+        _history_db(s)
+        .execute("SELECT MAX(version) FROM release_history WHERE scope=?", (scope,))
+        .fetchone()
+    )
+    return int(row[0] or 0)
+
+
+# -- documents -------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish(s: ControllerSettings, bundle: Path, model: str, version: str) -> None:
+    """Verify BUNDLE is MODEL VERSION, signed by the release role, and publish it."""
+    try:
+        manifest = verify_bundle(bundle, keyset(s).trust, datetime.now(timezone.utc))
+    except VerificationError as e:
+        fail(f"bundle {bundle} failed verification [{e.code}]: {e.reason}", EXIT_VERIFY)
+    except OSError as e:
+        fail(f"bundle {bundle}: {e.strerror}")
+    if (manifest.name, manifest.version) != (model, version):
+        fail(f"bundle {bundle} is {manifest.name} {manifest.version}, not {model} {version}")
+    try:
+        publish_bundle(bundle.resolve(), s, model, version)
+    except BundleConflictError as e:
+        fail(str(e))
+
+
+def published_model(
+    s: ControllerSettings,
+    model: str,
+    version: str,
+    bundle_url: str | None,
+    bundle: Path | None = None,
+) -> DesiredModel:
+    """What devices need to fetch a published bundle (`rollout start` publishes, and so
+    does --bundle here)."""
+    try:
+        validate_id(model, "model name")
+        validate_semver(version)
+    except ProtocolError as e:
+        fail(e.reason)
+    if bundle is not None:
+        publish(s, bundle, model, version)
+    path = s.bundle_dir / bundle_filename(model, version)
+    if not path.is_file():
+        fail(f"{model} {version} is not published: no {path} (pass --bundle FILE)")
+    url, _why = choose_bundle_url(s, path, bundle_url)
+    return DesiredModel(version=version, sha256=_sha256(path), url=url, size=path.stat().st_size)
+
+
+def _publish(
+    s: ControllerSettings,
+    scope: str,
+    topic: str,
+    current: Release | Pins | None,
+    build: Any,
+) -> Release | Pins:
+    version = max(current.version if current else 0, _last_version(s, scope)) + 1
+    doc = build(version, datetime.now(timezone.utc))
+    envelope = sign_release(doc, [keyset(s).operator]).encode()
+    publish_retained(s, topic, envelope)
+    _record(s, scope, doc, envelope)
+    return doc
+
+
+def _show(doc: Release | Pins, scope: str, output: Output) -> None:
+    if output is Output.json:
+        print_json({"scope": scope, **doc.to_dict()})
+        return
+    typer.echo(f"{scope} version {doc.version} (issued {doc.issued_at.isoformat()})")
+    for name, m in sorted(doc.models.items()):
+        typer.echo(f"  {name} {m.version}  sha256 {m.sha256[:12]}…  {m.url}")
+
+
+# -- commands --------------------------------------------------------------------------
+@app.command("set")
+def release_set(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="model name"),
+    version: str = typer.Argument(..., help="a published version of it"),
+    group: str = GroupOption,
+    bundle: Path | None = BundleOption,
+    bundle_url: str | None = UrlOption,
+    output: Output = OutputOption,
+) -> None:
+    """Make VERSION of MODEL the group's desired version (a new signed release)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    try:
+        validate_id(group, "group name")
+    except ProtocolError as e:
+        fail(e.reason)
+    want = published_model(s, model, version, bundle_url, bundle)
+    topic = Topics(s.prefix).group_release(group)
+    current = _decode(Release, read_retained(s, topic).get(topic, b""))
+    models = {**(current.models if current else {}), model: want}
+    doc = _publish(
+        s,
+        f"group:{group}",
+        topic,
+        current,
+        lambda v, at: Release.new(group=group, version=v, issued_at=at, models=models),
+    )
+    _show(doc, f"group {group}", output)
+
+
+@app.command("retry")
+def release_retry(
+    ctx: typer.Context,
+    group: str = GroupOption,
+    output: Output = OutputOption,
+) -> None:
+    """Republish the group's release as an explicit retry: robots that held a version back
+    after it failed there try it once more."""
+    configure_cli_logging()
+    s = settings(ctx)
+    topic = Topics(s.prefix).group_release(group)
+    current = _decode(Release, read_retained(s, topic).get(topic, b""))
+    if not isinstance(current, Release):
+        fail(f"group {group} has no release on the broker (see `jetfleet release set`)")
+    doc = _publish(
+        s,
+        f"group:{group}",
+        topic,
+        current,
+        lambda v, at: Release.new(
+            group=group, version=v, issued_at=at, models=current.models, retry=True
+        ),
+    )
+    _show(doc, f"group {group}", output)
+
+
+@app.command("show")
+def release_show(
+    ctx: typer.Context,
+    group: str | None = typer.Option(None, "--group", "-g", help="only this group"),
+    output: Output = OutputOption,
+) -> None:
+    """The releases the broker holds now (what robots get on connect)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    topics = Topics(s.prefix)
+    topic = topics.group_release(group) if group else f"{s.prefix}/groups/+/release"
+    found = read_retained(s, topic)
+    docs = [d for d in (_decode(Release, p) for p in found.values()) if isinstance(d, Release)]
+    if output is Output.json:
+        print_json([d.to_dict() for d in sorted(docs, key=lambda d: d.group)])
+        return
+    if not docs:
+        typer.echo("no release" + (f" for group {group}" if group else ""))
+    for d in sorted(docs, key=lambda d: d.group):
+        _show(d, f"group {d.group}", output)
+
+
+@app.command("history")
+def release_history(
+    ctx: typer.Context,
+    group: str | None = typer.Option(None, "--group", "-g", help="only this group"),
+    output: Output = OutputOption,
+) -> None:
+    """Every release and pin document this controller signed, newest first."""
+    configure_cli_logging()
+    s = settings(ctx)
+    sql = "SELECT scope, version, issued_at, models FROM release_history"
+    args: tuple[str, ...] = ()
+    if group:
+        sql, args = sql + " WHERE scope=?", (f"group:{group}",)
+    rows = _history_db(s).execute(sql + " ORDER BY issued_at DESC, version DESC", args).fetchall()
+    entries = [
+        {"scope": r[0], "version": r[1], "issued_at": r[2], "models": json.loads(r[3])}
+        for r in rows
+    ]
+    if output is Output.json:
+        print_json(entries)
+        return
+    for e in entries:
+        models = ", ".join(f"{n} {m['version']}" for n, m in sorted(e["models"].items()))
+        typer.echo(f"{e['issued_at']}  {e['scope']} v{e['version']}: {models or '(none)'}")
+
+
+def _pins(s: ControllerSettings, device: str) -> tuple[str, Pins | None]:
+    try:
+        validate_id(device)
+    except ProtocolError as e:
+        fail(e.reason)
+    topic = Topics(s.prefix).device_pins(device)
+    current = _decode(Pins, read_retained(s, topic).get(topic, b""))
+    return topic, current if isinstance(current, Pins) else None
+
+
+@app.command("pin")
+def release_pin(
+    ctx: typer.Context,
+    device: str = typer.Argument(..., help="device id"),
+    model: str = typer.Argument(..., help="model name"),
+    version: str = typer.Argument(..., help="a published version of it"),
+    bundle: Path | None = BundleOption,
+    bundle_url: str | None = UrlOption,
+    output: Output = OutputOption,
+) -> None:
+    """Keep DEVICE on VERSION of MODEL, whatever its groups' releases say."""
+    configure_cli_logging()
+    s = settings(ctx)
+    want = published_model(s, model, version, bundle_url, bundle)
+    topic, current = _pins(s, device)
+    models = {**(current.models if current else {}), model: want}
+    doc = _publish(
+        s,
+        f"device:{device}",
+        topic,
+        current,
+        lambda v, at: Pins.new(device=device, version=v, issued_at=at, models=models),
+    )
+    _show(doc, f"device {device} pins", output)
+
+
+@app.command("unpin")
+def release_unpin(
+    ctx: typer.Context,
+    device: str = typer.Argument(..., help="device id"),
+    model: str | None = typer.Argument(None, help="model name (default: every pin)"),
+    output: Output = OutputOption,
+) -> None:
+    """Let DEVICE follow its groups' releases again (for MODEL, or for every model)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    topic, current = _pins(s, device)
+    held = dict(current.models) if current else {}
+    if model is not None and model not in held:
+        fail(f"device {device} has no pin for {model}")
+    models = {n: m for n, m in held.items() if model is not None and n != model}
+    doc = _publish(
+        s,
+        f"device:{device}",
+        topic,
+        current,
+        lambda v, at: Pins.new(device=device, version=v, issued_at=at, models=models),
+    )
+    _show(doc, f"device {device} pins", output)
+
+
+__all__ = ["app", "published_model", "read_retained"]
