@@ -34,6 +34,8 @@ import structlog
 from controller.commands import CommandSigner
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import Registry
+from controller.rollout_policy import RolloutPolicy, Tally, abort_reason, exponential_sizes
+from controller.rollout_policy import crosses as crosses  # re-exported: the planning tests
 from controller.rollout_store import (
     ABORTED,
     ABORTING,
@@ -42,10 +44,14 @@ from controller.rollout_store import (
     PENDING,
     REFUSED,
     RUNNING,
+    SCHEDULED,
     SUCCEEDED,
     TERMINAL,
+    WAITING,
+    WAITING_APPROVAL,
     Rollout,
     RolloutStore,
+    Wave,
     is_disk_full,
 )
 from protocol.errors import ProtocolError
@@ -87,8 +93,12 @@ class WaveStep:
         return min(total, math.ceil(total * self.percent / 100.0 - 1e-9))
 
 
-def parse_waves(spec: str) -> list[WaveStep]:
-    """`1,10%,100%` → steps. Counts and percentages are cumulative and must not shrink."""
+def parse_waves(spec: str, total: int = 1) -> list[WaveStep]:
+    """`1,10%,100%` → steps. Counts and percentages are cumulative and must not shrink.
+    `exp:BASExFACTOR` (e.g. `exp:1x2`): waves of 1, 2, 4, 8 … devices for a target of
+    `total` devices."""
+    if spec.strip().startswith("exp:"):
+        return _exponential_steps(spec, total)
     steps: list[WaveStep] = []
     parts = [p.strip() for p in spec.split(",")]
     if not spec.strip() or any(not p for p in parts):
@@ -110,6 +120,22 @@ def parse_waves(spec: str) -> list[WaveStep]:
                 raise
             raise WaveSpecError(f"--waves {spec!r}: {p!r} is neither a count nor a %") from e
     return steps
+
+
+def _exponential_steps(spec: str, total: int) -> list[WaveStep]:
+    base, sep, factor = spec.strip()[4:].partition("x")
+    try:
+        b, f = int(base), float(factor)
+    except ValueError:
+        raise WaveSpecError(
+            f"--waves {spec!r}: expected exp:BASExFACTOR, e.g. exp:1x2 (waves of 1, 2, 4 …)"
+        ) from None
+    if not sep or b < 1 or not 1 <= f <= 100:
+        raise WaveSpecError(
+            f"--waves {spec!r}: the first wave must be at least 1 device and the factor "
+            "within 1..100"
+        )
+    return [WaveStep(count=n) for n in exponential_sizes(b, f, max(total, 1))]
 
 
 def plan_waves(
@@ -138,15 +164,6 @@ def plan_waves(
     if done < total:
         waves.append(ordered[done:])
     return waves
-
-
-def failure_rate(assigned: int, failed: int) -> float:
-    return failed / assigned if assigned else 0.0
-
-
-def crosses(assigned: int, failed: int, max_failure_rate: float) -> bool:
-    """Strictly above the threshold aborts: 0.34 tolerates one failure out of three."""
-    return failure_rate(assigned, failed) > max_failure_rate + 1e-12
 
 
 # -- driver lock -------------------------------------------------------------------------
@@ -445,10 +462,17 @@ class RolloutDriver:
         assert rollout is not None
         if rollout.state in FINISHED:
             return rollout
+        now = self.clock()
+        if rollout.state == SCHEDULED:
+            if now < (rollout.policy.start_at or now):
+                return rollout
+            if self.store.transition(rollout.id, SCHEDULED, RUNNING):
+                log.info("rollout_scheduled_start", rollout_id=rollout.id)
+            self._dirty = True
+            rollout = self.store.get(rollout.id) or rollout
         waves = self.store.waves(rollout.id)
         running = next((w for w in waves if w.state == "running"), None)
         rollback_wave = next((w for w in waves if w.state == "rollback"), None)
-        now = self.clock()
 
         if rollback_wave is not None:
             return self._step_rollback(rollout, rollback_wave.idx, rollback_wave.deadline or now)
@@ -457,6 +481,17 @@ class RolloutDriver:
             if rollout.state == ABORTING and running.idx not in self._canceled_waves:
                 self._cancel_in_flight(rollout, running.idx)
                 self._give_up_on_silent(rollout, running.idx)
+            if rollout.policy.device_timeout and rollout.state != ABORTING:
+                self._time_out_stuck(rollout, running.idx, now, rollout.policy.device_timeout)
+            if rollout.policy.retries and rollout.state in (RUNNING, PAUSED):
+                self._schedule_retries(rollout, running.idx, now)
+            if rollout.state != ABORTING and self._unreleased(rollout, running.idx):
+                # A paced wave, or one with retries due: it goes on until every device got
+                # its command (a pause holds the rest back; an abort leaves them
+                # uncommanded).
+                if rollout.state == RUNNING:
+                    self._release_next(rollout, running.idx, now)
+                return rollout
             if self.store.open_count(rollout.id, running.idx) == 0 or now >= (
                 running.deadline or now
             ):
@@ -472,24 +507,21 @@ class RolloutDriver:
                 self.store.end_wave(rollout.id, running.idx)
                 self._dirty = True
                 log.info("wave_done", rollout_id=rollout.id, wave=running.idx)
-                summary = self.store.summary(rollout.id)
-                if rollout.state != ABORTING and crosses(
-                    summary.assigned, summary.failed, rollout.max_failure_rate
-                ):
-                    reason = (
-                        f"failure rate {summary.failure_rate:.0%} ({summary.failed} of "
-                        f"{summary.assigned}) crossed --max-failure-rate "
-                        f"{rollout.max_failure_rate:g} in wave {running.idx + 1}"
-                    )
+                reason = self._abort_reason(rollout, running.idx)
+                if rollout.state != ABORTING and reason is not None:
                     self.store.request_abort(rollout.id, reason, rollout.auto_rollback)
                     log.warning("rollout_aborting", rollout_id=rollout.id, reason=reason)
+                elif self._needs_approval(rollout, waves) and self.store.transition(
+                    rollout.id, RUNNING, WAITING_APPROVAL
+                ):
+                    log.info("wave_awaits_approval", rollout_id=rollout.id, wave=running.idx)
                 rollout = self.store.get(rollout.id) or rollout
             else:
                 return rollout  # the wave goes on
 
         if rollout.state == ABORTING:
             return self._begin_rollback(rollout)
-        if rollout.state == PAUSED:
+        if rollout.state in (PAUSED, WAITING_APPROVAL):
             return rollout
         pending = [w for w in waves if w.state == "pending"]
         if not pending:
@@ -500,26 +532,112 @@ class RolloutDriver:
         self._start_wave(rollout, pending[0].idx)
         return self.store.get(rollout.id) or rollout
 
+    def _abort_reason(self, rollout: Rollout, idx: int) -> str | None:
+        """Whether the rollout's abort criteria, judged on every device so far, say stop."""
+        tally = Tally()
+        assignments = self.store.assignments(rollout.id)
+        for a in assignments:
+            if a.terminal:
+                tally.finished += 1
+            if a.command_id is not None:
+                tally.commanded += 1
+                tally.states[a.state] = tally.states.get(a.state, 0) + 1
+        return abort_reason(rollout.policy, rollout.max_failure_rate, tally, len(assignments), idx)
+
+    def _time_out_stuck(self, rollout: Rollout, idx: int, now: float, limit_s: float) -> None:
+        """--device-timeout: a device stuck in one state that long counts as TIMED_OUT and
+        gets a signed cancel (a job already activating refuses it and finishes)."""
+        stuck = self.store.time_out_stuck(rollout.id, idx, now - limit_s, limit_s)
+        if stuck:
+            log.warning("devices_stuck", rollout_id=rollout.id, wave=idx, devices=stuck)
+            self._cancel_timed_out(rollout, only=set(stuck))
+            self._dirty = True
+
+    @staticmethod
+    def _needs_approval(rollout: Rollout, waves: list[Wave]) -> bool:
+        """--approve-waves: a running rollout with waves still to start waits for
+        `promote` (a paused one waits for `resume`, which is that approval)."""
+        return (
+            rollout.policy.approve_waves
+            and rollout.state == RUNNING
+            and any(w.state == "pending" for w in waves)
+        )
+
     def _start_wave(self, rollout: Rollout, idx: int) -> None:
         self.store.start_wave(rollout.id, idx, self.clock() + rollout.wave_timeout)
         log.info("wave_started", rollout_id=rollout.id, wave=idx)
-        self._command_wave(rollout, idx)
+        if not rollout.policy.max_per_minute:
+            self._command_wave(rollout, idx)
 
-    def _command_wave(self, rollout: Rollout, idx: int) -> None:
+    def _unreleased(self, rollout: Rollout, idx: int) -> bool:
+        """Devices of the wave still waiting for their command."""
+        return any(
+            a.command_id is None and a.state == WAITING
+            for a in self.store.assignments(rollout.id, idx)
+        )
+
+    def _release_next(self, rollout: Rollout, idx: int, now: float) -> None:
+        """Commands due now: with --max-per-minute the next one once 60/N seconds passed
+        since the rollout's last one (stored, so the pace holds across waves and
+        restarts). The wave's deadline then counts from the last release."""
+        paced = bool(rollout.policy.max_per_minute)
+        last = self.store.last_commanded_at(rollout.id)
+        if paced and last is not None and now - last < rollout.policy.release_interval:
+            return
+        if self._command_wave(rollout, idx, limit=1 if paced else None, now=now):
+            self.store.extend_deadline(rollout.id, idx, now + rollout.wave_timeout)
+
+    def _schedule_retries(self, rollout: Rollout, idx: int, now: float) -> None:
+        """--retries: a device whose job ended in a --retry-on type, with retries left,
+        waits for a new command after its back-off instead of counting as failed. One
+        that timed out never said it stopped: its old job gets a cancel first."""
+        policy = rollout.policy
+        due = [
+            a
+            for a in self.store.assignments(rollout.id, idx)
+            if a.command_id is not None and a.state in policy.retry_on
+            and a.attempts < policy.retries
+        ]  # fmt: skip
+        timed_out = {a.device_id for a in due if a.state == JobState.TIMED_OUT.value}
+        if timed_out:
+            self._cancel_timed_out(rollout, only=timed_out)
+        for a in due:
+            assert a.command_id is not None
+            attempt = a.attempts + 1
+            reason = f"retry {attempt} of {policy.retries} after {a.state}: {a.reason or a.code}"
+            self.store.reset_for_retry(
+                rollout.id, a.device_id, a.command_id, now + policy.backoff(attempt), reason
+            )
+            log.warning("device_retry", rollout_id=rollout.id, device_id=a.device_id,
+                        attempt=attempt, after=a.state)  # fmt: skip
+            self._dirty = True
+
+    def _command_wave(
+        self, rollout: Rollout, idx: int, limit: int | None = None, now: float | None = None
+    ) -> int:
         """Sign, record, then publish a command for every device of the wave that has none
-        (all of them, unless a crash interrupted this very step before)."""
+        (all of them, unless a crash interrupted this very step before), or for the next
+        `limit` of them; a retry only once its back-off ended. Returns how many."""
         to_publish: list[tuple[str, str, bytes]] = []
+        now = self.clock() if now is None else now
         with self.store.transaction():
             for a in self.store.assignments(rollout.id, idx):
+                if limit is not None and len(to_publish) >= limit:
+                    break
                 if a.command_id is not None:  # assigned before a crash: never sign anew
                     continue
                 if a.terminal:  # settled without a command (a trust root it already has)
                     continue
+                if a.retry_at is not None and a.retry_at > now:
+                    continue
                 command_id, envelope = self._sign(rollout, a.device_id)
-                if self.store.record_command(rollout.id, a.device_id, command_id, envelope):
+                if self.store.record_command(
+                    rollout.id, a.device_id, command_id, envelope, at=self.clock()
+                ):
                     to_publish.append((a.device_id, command_id, envelope))
         self._publish(to_publish, rollback=False)
         self._dirty = True
+        return len(to_publish)
 
     def _sign(self, rollout: Rollout, device_id: str) -> tuple[str, bytes]:
         if rollout.kind == "deploy":
@@ -567,7 +685,8 @@ class RolloutDriver:
         assert rollout is not None
         self._republish_unacknowledged()
         for w in self.store.waves(rollout.id):
-            if w.state == "running":
+            # A paced wave's devices are released by the loop, at its pace.
+            if w.state == "running" and not rollout.policy.max_per_minute:
                 self._command_wave(rollout, w.idx)
 
     def _republish_unacknowledged(self) -> None:
@@ -680,7 +799,7 @@ class RolloutDriver:
         if silent:
             log.warning("abort_gave_up_on_silent", rollout_id=rollout.id, devices=silent)
 
-    def _cancel_timed_out(self, rollout: Rollout) -> None:
+    def _cancel_timed_out(self, rollout: Rollout, only: set[str] | None = None) -> None:
         """Devices the rollout counted as TIMED_OUT never said they stopped: an offline
         one still finds the deploy queued in its broker session when it returns. A signed
         cancel, queued behind it, stops that job before it activates (a job already past
@@ -691,6 +810,7 @@ class RolloutDriver:
             for a in self.store.assignments(rollout.id):
                 if (
                     a.state != JobState.TIMED_OUT.value
+                    or (only is not None and a.device_id not in only)
                     or a.command_id is None
                     or a.cx_command_id is not None
                     or (a.device_id, a.command_id) in reported
@@ -782,8 +902,10 @@ def create_rollout(
     rollout_id: str | None = None,
     payload: str | None = None,
     force: bool = False,
+    policy: RolloutPolicy | None = None,
 ) -> Rollout:
-    """Plan the waves and store the rollout (nothing is signed or sent yet).
+    """Plan the waves and store the rollout (nothing is signed or sent yet); `policy`
+    (abort criteria, pace, scheduled start) is stored with it.
 
     kind `trust_update`: `payload` is `trust_update_payload(...)` (JSON text), sent
     to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version).
@@ -804,7 +926,7 @@ def create_rollout(
         validate_id(d)
     if canary is not None:
         validate_id(canary)
-    waves = plan_waves(device_ids, parse_waves(waves_spec), canary)
+    waves = plan_waves(device_ids, parse_waves(waves_spec, len(device_ids)), canary)
     # The version each device runs now is what an abort returns it to.
     prev: dict[str, str | None] = {}
     done: dict[str, str] = {}
@@ -835,6 +957,7 @@ def create_rollout(
         payload=payload,
         exclusive=not force,
         already_done=done,
+        policy=policy,
     )
 
 
@@ -846,6 +969,11 @@ def pause(store: RolloutStore, rollout_id: str) -> bool:
     return True
 
 
+def promote(store: RolloutStore, rollout_id: str) -> bool:
+    """Waiting for approval → running: the driver starts the next wave."""
+    return store.transition(rollout_id, WAITING_APPROVAL, RUNNING)
+
+
 def resume_state(store: RolloutStore, rollout_id: str) -> bool:
     """Paused → running (the driver, live or started by `resume`, picks it up)."""
     r = store.get(rollout_id)
@@ -853,3 +981,17 @@ def resume_state(store: RolloutStore, rollout_id: str) -> bool:
         return False
     store.set_state(rollout_id, RUNNING)
     return True
+
+
+def failed_devices(store: RolloutStore, rollout_id: str) -> tuple[Rollout, list[str]]:
+    """What `rollout retry` starts over: a finished rollout and the devices whose job in
+    it ended FAILED, REJECTED, ROLLED_BACK or TIMED_OUT."""
+    r = store.get(rollout_id)
+    if r is None:
+        raise RolloutError(f"no rollout {rollout_id!r}")
+    if r.state not in FINISHED:
+        raise RolloutError(f"rollout {r.id} is {r.state}; retry it once it has finished")
+    failed = [a.device_id for a in store.assignments(r.id) if a.failed]
+    if not failed:
+        raise RolloutError(f"rollout {r.id} has no failed devices to retry")
+    return r, failed

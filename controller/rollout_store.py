@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.rollout_policy import RolloutPolicy
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
 # Assignment states besides the agent's job states (docs/protocol.md).
@@ -39,15 +40,18 @@ FAILED = frozenset(s.value for s in FAILURE_STATES)
 _PIPELINE_ORDER = {s.value: i for i, s in enumerate(PIPELINE[:-1])}  # not SUCCEEDED
 
 # Rollout states.
+SCHEDULED = "scheduled"  # --start-at in the future: stored, holds its devices, sends nothing
 RUNNING = "running"
 PAUSED = "paused"
+# --approve-waves: a wave ended within the abort criteria; the next waits for `promote`.
+WAITING_APPROVAL = "waiting_approval"
 ABORTING = "aborting"  # threshold crossed or operator abort: waits for the wave, rolls back
 SUCCEEDED = "succeeded"
 ABORTED = "aborted"
 FINISHED = frozenset({SUCCEEDED, ABORTED})
 # Rollouts that may still send a device a command (an aborting one sends cancels and
 # rollbacks).
-UNFINISHED = frozenset({RUNNING, PAUSED, ABORTING})
+UNFINISHED = frozenset({SCHEDULED, RUNNING, PAUSED, WAITING_APPROVAL, ABORTING})
 
 
 class DevicesHeldError(RuntimeError):
@@ -111,7 +115,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     rollback_on_abort INTEGER NOT NULL DEFAULT 1,
     driver_pid INTEGER,
     driver_started REAL,
-    payload TEXT                     -- trust_update: the trust root's DSSE envelope (JSON)
+    payload TEXT,                    -- trust_update: the trust root's DSSE envelope (JSON)
+    policy TEXT                      -- RolloutPolicy as JSON (NULL: the default policy)
 );
 CREATE TABLE IF NOT EXISTS waves (
     rollout_id TEXT NOT NULL REFERENCES rollouts(id),
@@ -148,6 +153,9 @@ CREATE TABLE IF NOT EXISTS assignments (
     cx_command_id TEXT UNIQUE,       -- cancel sent when the rollout aborted mid-wave
     cx_envelope BLOB,
     cx_published_at REAL,
+    commanded_at REAL,               -- when its command was released (--max-per-minute)
+    attempts INTEGER NOT NULL DEFAULT 0,  -- retries sent so far (--retries)
+    retry_at REAL,                   -- a retry's command is not released before this
     PRIMARY KEY (rollout_id, device_id)
 );
 CREATE INDEX IF NOT EXISTS assignments_wave ON assignments(rollout_id, wave);
@@ -190,17 +198,21 @@ class Rollout:
     driver_pid: int | None
     driver_started: float | None
     payload: str | None = None
+    policy: RolloutPolicy = field(default_factory=RolloutPolicy)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Rollout:
         d = dict(row)
         d["auto_rollback"] = bool(d["auto_rollback"])
         d["rollback_on_abort"] = bool(d["rollback_on_abort"])
+        d["policy"] = RolloutPolicy.from_json(d.get("policy"))
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         # The payload (a trust root envelope) is what every command carries, not status.
-        return {k: v for k, v in self.__dict__.items() if k != "payload"}
+        d = {k: v for k, v in self.__dict__.items() if k != "payload"}
+        d["policy"] = self.policy.to_dict()
+        return d
 
 
 @dataclass
@@ -239,6 +251,9 @@ class Assignment:
     cx_command_id: str | None = None
     cx_envelope: bytes | None = None
     cx_published_at: float | None = None
+    commanded_at: float | None = None
+    attempts: int = 0
+    retry_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Assignment:
@@ -322,12 +337,24 @@ class RolloutStore:
         conn.executescript(_SCHEMA)
         self._migrate()
 
+    # Columns added after the first release (table, column, type): NULL in older rows
+    # means the behaviour from before the column (no payload, the default policy…).
+    _ADDED_COLUMNS = (
+        ("rollouts", "payload", "TEXT"),
+        ("rollouts", "policy", "TEXT"),
+        ("assignments", "commanded_at", "REAL"),
+        ("assignments", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+        ("assignments", "retry_at", "REAL"),
+    )
+
     def _migrate(self) -> None:
-        """Columns added after the first release, for databases created before them."""
-        cols = {r[1] for r in self.conn.execute("PRAGMA table_info(rollouts)")}
-        if "payload" not in cols:
+        """Add the columns of later releases to a database created before them."""
+        for table, column, kind in self._ADDED_COLUMNS:
+            cols = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+            if column in cols:
+                continue
             try:
-                self.conn.execute("ALTER TABLE rollouts ADD COLUMN payload TEXT")
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             except sqlite3.OperationalError as e:
                 if "duplicate column" not in str(e):  # another process just added it
                     raise
@@ -372,13 +399,17 @@ class RolloutStore:
         payload: str | None = None,
         exclusive: bool = True,
         already_done: dict[str, str] | None = None,
+        policy: RolloutPolicy | None = None,
     ) -> Rollout:
         """Store a planned rollout. `exclusive`: refuse (DevicesHeldError, nothing stored)
         when another unfinished rollout still drives one of its devices; checked in the
         same write transaction, so two concurrent `start`s cannot both pass.
         `already_done`: device → reason for devices that need no command (they start
-        SUCCEEDED, with that reason, and are never commanded)."""
+        SUCCEEDED, with that reason, and are never commanded). A `policy` with a
+        `start_at` still to come stores the rollout SCHEDULED."""
         now = time.time()
+        policy = policy or RolloutPolicy()
+        state = SCHEDULED if policy.start_at is not None and policy.start_at > now else RUNNING
         prev_versions = prev_versions or {}
         already_done = already_done or {}
         with self.transaction() as c:
@@ -389,12 +420,12 @@ class RolloutStore:
             c.execute(
                 """INSERT INTO rollouts (id, kind, state, created_at, updated_at, model, version,
                    bundle_url, bundle_sha256, bundle_size, target, waves_spec, max_failure_rate,
-                   wave_timeout, auto_rollback, canary, payload)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   wave_timeout, auto_rollback, canary, payload, policy)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     rollout_id,
                     kind,
-                    RUNNING,
+                    state,
                     now,
                     now,
                     model,
@@ -409,6 +440,7 @@ class RolloutStore:
                     int(auto_rollback),
                     canary,
                     payload,
+                    policy.to_json(),
                 ),
             )
             position = 0
@@ -601,6 +633,16 @@ class RolloutStore:
                 (state, now, abort_reason, state, now, rollout_id),
             )
 
+    def transition(self, rollout_id: str, from_state: str, to_state: str) -> bool:
+        """Move the rollout to `to_state` only if it is still in `from_state` (an operator's
+        abort or pause in between wins)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE rollouts SET state=?, updated_at=? WHERE id=? AND state=?",
+                (to_state, time.time(), rollout_id, from_state),
+            )
+            return cur.rowcount == 1
+
     def request_abort(self, rollout_id: str, reason: str, rollback: bool) -> bool:
         """Mark an unfinished rollout for abort; False if it had already finished."""
         with self.transaction() as c:
@@ -646,17 +688,58 @@ class RolloutStore:
             )
 
     def record_command(
-        self, rollout_id: str, device_id: str, command_id: str, envelope: bytes
+        self,
+        rollout_id: str,
+        device_id: str,
+        command_id: str,
+        envelope: bytes,
+        *,
+        at: float | None = None,
     ) -> bool:
         """Attach the signed command to a device's assignment, once: False (and nothing
-        changes) if the assignment already has one."""
+        changes) if the assignment already has one. `at`: when it was released (the
+        driver's clock), what --max-per-minute paces against, across restarts."""
+        now = time.time()
         with self.transaction() as c:
             cur = c.execute(
-                "UPDATE assignments SET command_id=?, envelope=?, state=?, updated_at=? "
-                "WHERE rollout_id=? AND device_id=? AND command_id IS NULL",
-                (command_id, envelope, PENDING, time.time(), rollout_id, device_id),
+                "UPDATE assignments SET command_id=?, envelope=?, state=?, updated_at=?, "
+                "commanded_at=? WHERE rollout_id=? AND device_id=? AND command_id IS NULL",
+                (command_id, envelope, PENDING, now, at or now, rollout_id, device_id),
             )
             return cur.rowcount == 1
+
+    def reset_for_retry(
+        self, rollout_id: str, device_id: str, command_id: str, retry_at: float, reason: str
+    ) -> bool:
+        """Make a failed assignment wait for a new command (`retry_at` on): its failed
+        command is forgotten (a late event of it no longer counts), its cancel too (an
+        abort may cancel the new one). Only while it still holds `command_id`."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET command_id=NULL, envelope=NULL, published_at=NULL, "
+                "cx_command_id=NULL, cx_envelope=NULL, cx_published_at=NULL, state=?, "
+                "reason=?, code=NULL, last_seq=NULL, attempts=attempts+1, retry_at=?, "
+                "updated_at=? WHERE rollout_id=? AND device_id=? AND command_id=?",
+                (WAITING, reason, retry_at, time.time(), rollout_id, device_id, command_id),
+            )
+            return cur.rowcount == 1
+
+    def last_commanded_at(self, rollout_id: str) -> float | None:
+        """When the rollout last released a deploy command (None: never)."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT MAX(commanded_at) FROM assignments WHERE rollout_id=?", (rollout_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def extend_deadline(self, rollout_id: str, idx: int, deadline: float) -> None:
+        """A paced wave's deadline counts from its last released command."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE waves SET deadline=MAX(COALESCE(deadline, 0), ?) "
+                "WHERE rollout_id=? AND idx=?",
+                (deadline, rollout_id, idx),
+            )
 
     def record_rollback(
         self, rollout_id: str, device_id: str, command_id: str, envelope: bytes, to_version: str
@@ -770,13 +853,14 @@ class RolloutStore:
         return (row[0], row[1]) if row else None
 
     def open_count(self, rollout_id: str, wave: int) -> int:
-        """Devices of the wave not yet in a terminal state."""
+        """Commanded devices of the wave not yet in a terminal state (a paced wave's
+        devices still waiting for their command are the driver's to count)."""
         placeholders = ",".join("?" for _ in TERMINAL)
         with self._lock:
             return int(
                 self.conn.execute(
                     f"SELECT COUNT(*) FROM assignments WHERE rollout_id=? AND wave=? "
-                    f"AND state NOT IN ({placeholders})",
+                    f"AND command_id IS NOT NULL AND state NOT IN ({placeholders})",
                     (rollout_id, wave, *TERMINAL),
                 ).fetchone()[0]
             )
@@ -791,7 +875,7 @@ class RolloutStore:
         with self.transaction() as c:
             rows = c.execute(
                 f"SELECT device_id FROM assignments WHERE rollout_id=? AND wave=? "
-                f"AND state NOT IN ({placeholders}){silent}",
+                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}){silent}",
                 (rollout_id, wave, *TERMINAL, *((PENDING,) if only_silent else ())),
             ).fetchall()
             ids = [r["device_id"] for r in rows]
@@ -804,6 +888,38 @@ class RolloutStore:
                 ],
             )
         return ids
+
+    def time_out_stuck(
+        self, rollout_id: str, wave: int, before: float, limit_s: float
+    ) -> list[str]:
+        """--device-timeout: devices of the wave whose job reported a state and has not
+        moved since `before` become TIMED_OUT (PENDING is not a job state: a device that
+        has not received its command yet is the wave timeout's to judge)."""
+        placeholders = ",".join("?" for _ in TERMINAL)
+        now = time.time()
+        with self.transaction() as c:
+            rows = c.execute(
+                f"SELECT device_id, state FROM assignments WHERE rollout_id=? AND wave=? "
+                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}) AND state != ? "
+                f"AND updated_at < ?",
+                (rollout_id, wave, *TERMINAL, PENDING, before),
+            ).fetchall()
+            c.executemany(
+                "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=?",
+                [
+                    (
+                        JobState.TIMED_OUT.value,
+                        f"stuck in {r['state']} for more than {limit_s:g}s (--device-timeout)",
+                        "timed_out",
+                        now,
+                        rollout_id,
+                        r["device_id"],
+                    )
+                    for r in rows
+                ],
+            )
+        return [r["device_id"] for r in rows]
 
     def time_out_rollbacks(self, rollout_id: str, reason: str) -> list[str]:
         placeholders = ",".join("?" for _ in TERMINAL)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -54,9 +55,12 @@ from controller.rollout import (
     WaveSpecError,
     create_rollout,
     driver_alive,
+    failed_devices,
     pause,
+    promote,
     resume_state,
 )
+from controller.rollout_policy import PolicyError, RolloutPolicy, format_time, make_policy
 from controller.rollout_store import (
     ABORTED,
     FINISHED,
@@ -255,6 +259,12 @@ def render(summary: RolloutSummary) -> Group:
         )
     if len(summary.failures) > 20:
         parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
+    if r.policy.describe():
+        parts.append(Text(f"policy: {r.policy.describe()}"))
+    if r.state == "waiting_approval":
+        parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
+    if r.state == "scheduled" and r.policy.start_at is not None:
+        parts.append(Text(f"scheduled: starts at {format_time(r.policy.start_at)}", style="cyan"))
     if r.abort_reason:
         parts.append(Text(f"abort: {r.abort_reason}", style="bold red"))
     return Group(*parts)
@@ -421,6 +431,7 @@ def start_rollout(
     bundle: tuple[str, str, int] | None = None,
     payload: str | None = None,
     force: bool = False,
+    policy: RolloutPolicy | None = None,
     allow_unseen: bool = False,
 ) -> str:
     """Resolve the target against a fresh view of the fleet and store the planned rollout.
@@ -473,6 +484,7 @@ def start_rollout(
             bundle_size=bundle[2] if bundle else None,
             payload=payload,
             force=force,
+            policy=policy,
         )
     except DevicesHeldError as e:
         fail(str(e))
@@ -540,6 +552,38 @@ def start(
     canary: str | None = CanaryOption,
     bundle_url: str | None = typer.Option(None, "--bundle-url", help="where devices fetch it"),
     force: bool = ForceOption,
+    abort_on: str = typer.Option(
+        "",
+        "--abort-on",
+        help="abort thresholds per failure type (FAILED, REJECTED, ROLLED_BACK, TIMED_OUT, "
+        "ALL; A+B counts together), e.g. ROLLED_BACK>5%,TIMED_OUT>20%",
+    ),
+    min_finished: int = typer.Option(
+        0, "--min-finished", help="no abort decision before this many devices finished"
+    ),
+    max_per_minute: int | None = typer.Option(
+        None, "--max-per-minute", help="release at most this many commands a minute (1..1000)"
+    ),
+    start_at: str | None = typer.Option(
+        None, "--start-at", help="scheduled start: ISO 8601 time (UTC if no zone) or +30m"
+    ),
+    approve_waves: bool = typer.Option(
+        False, "--approve-waves", help="after each wave wait for `jetfleet rollout promote ID`"
+    ),
+    device_timeout: float | None = typer.Option(
+        None,
+        "--device-timeout",
+        help="seconds a device's job may stay in one state; then it is canceled, TIMED_OUT",
+    ),
+    retries: int = typer.Option(
+        0, "--retries", help="new commands for a device whose job failed so (0..10)"
+    ),
+    retry_on: str = typer.Option(
+        "FAILED,TIMED_OUT", "--retry-on", help="which failures --retries cures: FAILED, TIMED_OUT"
+    ),
+    retry_backoff: float = typer.Option(
+        10.0, "--retry-backoff", help="seconds before the first retry (doubles after each)"
+    ),
     allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
@@ -547,6 +591,21 @@ def start(
     configure_cli_logging()
     s = settings(ctx)
     check_plan_options(waves, max_failure_rate, wave_timeout)
+    try:
+        policy = make_policy(
+            abort_on=abort_on,
+            min_finished=min_finished,
+            max_per_minute=max_per_minute,
+            start_at=start_at,
+            approve_waves=approve_waves,
+            device_timeout=device_timeout,
+            retries=retries,
+            retry_on=retry_on,
+            retry_backoff=retry_backoff,
+            now=time.time(),
+        )
+    except PolicyError as e:
+        fail(str(e))
     if not bundle.is_file():
         fail(f"bundle {bundle} does not exist")
     keys = keyset(s)
@@ -576,6 +635,7 @@ def start(
         canary=canary,
         bundle=(url, sha256_file(published), published.stat().st_size),
         force=force,
+        policy=policy,
         allow_unseen=allow_unseen,
     )
     typer.echo(f"jetfleet: bundle URL {url}: {why}", err=True)
@@ -812,3 +872,69 @@ def abort(
         typer.echo(f"rollout {r.id} aborting; process {r.driver_pid} is finishing it")
         return
     launch(s, keyset(s), r.id, wait, output)
+
+
+@app.command("promote")
+def promote_cmd(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(...),
+    wait: bool = WaitOption,
+    output: Output = OutputOption,
+) -> None:
+    """Approve the next wave of a rollout started with --approve-waves."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    r = find_rollout(store, rollout_id)
+    if not promote(store, r.id):
+        fail(f"rollout {r.id} is {r.state}; only one waiting for approval can be promoted")
+    if driver_alive(r):
+        if wait:
+            watch(s, r.id, output)
+        typer.echo(f"rollout {r.id} promoted; process {r.driver_pid} starts the next wave")
+        return
+    launch(s, keyset(s), r.id, wait, output)
+
+
+@app.command("retry")
+def retry_cmd(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(...),
+    wait: bool = WaitOption,
+    force: bool = ForceOption,
+    output: Output = OutputOption,
+) -> None:
+    """A new rollout over only the devices that failed in ROLLOUT_ID, with the same
+    bundle, waves, thresholds and policy (starting now)."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    try:
+        old, failed = failed_devices(store, find_rollout(store, rollout_id).id)
+    except RolloutError as e:
+        fail(str(e))
+    keys = keyset(s)
+    bundle = None
+    if old.bundle_url and old.bundle_sha256 and old.bundle_size:
+        bundle = (old.bundle_url, old.bundle_sha256, old.bundle_size)
+    rid = start_rollout(
+        s,
+        kind=old.kind,
+        keys=keys,
+        model=old.model,
+        version=old.version,
+        target=",".join(failed),
+        waves=old.waves_spec,
+        max_failure_rate=old.max_failure_rate,
+        wave_timeout=old.wave_timeout,
+        auto_rollback=old.auto_rollback,
+        canary=old.canary if old.canary in failed else None,
+        bundle=bundle,
+        payload=old.payload,
+        force=force,
+        policy=replace(old.policy, start_at=None),
+        allow_unseen=True,  # ID already took them; a retry must not drop the unseen ones
+    )
+    if output is Output.human:
+        typer.echo(f"rollout {rid}: retry of {old.id} on {len(failed)} device(s)", err=True)
+    launch(s, keys, rid, wait, output)

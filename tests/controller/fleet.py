@@ -458,6 +458,7 @@ class CommandCounter:
         self.topics = topics or Topics()
         addr = parse_broker_url(broker_url)
         self.messages: dict[str, list[str]] = {}
+        self.arrivals: list[tuple[float, str, str]] = []  # (monotonic time, device, kind)
         self._lock = threading.Lock()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5
@@ -479,6 +480,7 @@ class CommandCounter:
             self.messages.setdefault(device, []).append(
                 f"{command['kind']}:{command['command_id']}"
             )
+            self.arrivals.append((time.monotonic(), device, command["kind"]))
 
     def per_device(self) -> dict[str, list[str]]:
         with self._lock:

@@ -331,3 +331,172 @@ def test_operator_abort_cancels_a_real_agents_job_in_flight(fleet: Fleet) -> Non
         assert fleet.active("robot-a") == before != "5.0.0"
     finally:
         server.close()
+
+
+def test_min_finished_lets_a_failing_canary_pass_and_the_rolled_back_share_then_aborts(
+    fleet: Fleet,
+) -> None:
+    """Abort criteria on real agents: robot-c's gate rolls 6.0.0 back. It is the canary;
+    --min-finished 3 keeps that one failure from deciding, the second wave runs, and at
+    the end ROLLED_BACK (1 of 3) crosses its own 20% threshold though --max-failure-rate
+    would tolerate it: the rollout aborts naming that type, and robot-a and robot-b go
+    back to the version they ran."""
+    before = {d: fleet.active(d) for d in ("robot-a", "robot-b")}
+    out = fleet.jetfleet(
+        "rollout", "start", str(fleet.bundle("6.0.0")), "--target", "all",
+        "--waves", "1,100%", "--canary", "robot-c", "--max-failure-rate", "1",
+        "--abort-on", "FAILED>0%,ROLLED_BACK>20%", "--min-finished", "3",
+        "--wait", "--output", "json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    data = json.loads(out.stdout)
+    assert data["rollout"]["abort_reason"] == (
+        "ROLLED_BACK 33% (1 of 3) crossed --abort-on ROLLED_BACK>20% in wave 2"
+    )
+    devices = {d["device_id"]: d for d in data["devices"]}
+    assert devices["robot-c"]["state"] == "ROLLED_BACK"
+    for d in ("robot-a", "robot-b"):
+        assert devices[d]["state"] == "SUCCEEDED" and devices[d]["rb_state"] == "SUCCEEDED"
+    wait_until(
+        lambda: all(fleet.active(d) == v for d, v in before.items()),
+        timeout=30,
+        what="robot-a and robot-b back on their old version",
+    )
+
+
+def test_scheduled_exponential_paced_rollout_to_real_agents(fleet: Fleet) -> None:
+    """Pace on real agents: stored SCHEDULED until --start-at, waves of 1 then 2
+    (exp:1x2), and commands released one per 2 s (--max-per-minute 30)."""
+    counter = CommandCounter(fleet.broker.url)
+    try:
+        out = fleet.jetfleet(
+            "rollout", "start", str(fleet.bundle("7.0.0")), "--target", "robot-a,robot-b",
+            "--waves", "exp:1x2", "--max-per-minute", "30", "--start-at", "+4s",
+            "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        started = json.loads(out.stdout)
+        assert started["rollout"]["state"] == "scheduled"
+        rid, start_at = started["rollout"]["id"], started["rollout"]["policy"]["start_at"]
+
+        def status() -> dict:  # type: ignore[type-arg]
+            st = fleet.jetfleet("rollout", "status", rid, "--output", "json")
+            return json.loads(st.stdout)  # type: ignore[no-any-return]
+
+        wait_until(lambda: status()["rollout"]["state"] == "succeeded", timeout=180, what="7.0.0")
+        data = status()
+        assert [w["size"] for w in data["waves"]] == [1, 1]
+        commanded = sorted(d["commanded_at"] for d in data["devices"])
+        assert commanded[0] >= start_at
+        assert commanded[1] - commanded[0] >= 2.0 - 1e-6
+        assert len(counter.arrivals) == 2
+        assert fleet.active("robot-a") == fleet.active("robot-b") == "7.0.0"
+    finally:
+        counter.close()
+
+
+def test_approve_waves_holds_the_second_wave_of_real_agents_until_promote(fleet: Fleet) -> None:
+    """Approval on real agents: robot-a deploys 8.0.0, then the rollout waits; robot-b gets
+    its command only after `rollout promote`."""
+    counter = CommandCounter(fleet.broker.url)
+    try:
+        out = fleet.jetfleet(
+            "rollout", "start", str(fleet.bundle("8.0.0")), "--target", "robot-a,robot-b",
+            "--waves", "1,100%", "--approve-waves", "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        rid = json.loads(out.stdout)["rollout"]["id"]
+
+        def state() -> str:
+            st = fleet.jetfleet("rollout", "status", rid, "--output", "json")
+            return str(json.loads(st.stdout)["rollout"]["state"])
+
+        wait_until(lambda: state() == "waiting_approval", timeout=120, what="robot-a's wave")
+        assert fleet.active("robot-a") == "8.0.0" and fleet.active("robot-b") != "8.0.0"
+        assert set(counter.per_device()) == {"robot-a"}
+        out = fleet.jetfleet("rollout", "promote", rid, "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_until(lambda: state() == "succeeded", timeout=120, what="robot-b's wave")
+        assert fleet.active("robot-b") == "8.0.0"
+    finally:
+        counter.close()
+
+
+def test_device_timeout_cancels_a_real_agent_stuck_downloading(fleet: Fleet) -> None:
+    """--device-timeout on a real agent: its download trickles (100 KiB/s), so its job stays
+    DOWNLOADING past 3 s; the controller counts it TIMED_OUT long before the wave's
+    deadline and cancels it, and the agent keeps the version it ran."""
+    before = fleet.active("robot-a")
+    bundle = fleet.bundle("9.0.0")
+    server = SlowBundleServer(bundle)
+    try:
+        out = fleet.jetfleet(
+            "rollout", "start", str(bundle), "--target", "robot-a", "--waves", "100%",
+            "--bundle-url", server.url, "--device-timeout", "3", "--wave-timeout", "300",
+            "--max-failure-rate", "1", "--wait", "--output", "json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        data = json.loads(out.stdout)
+        device = data["devices"][0]
+        assert device["state"] == "TIMED_OUT", device
+        assert device["reason"] == "stuck in DOWNLOADING for more than 3s (--device-timeout)"
+
+        assert device["cx_command_id"] is not None
+
+        def download_stopped() -> bool:
+            job = fleet.devices()["robot-a"].get("job") or {}
+            return job.get("command_id") != device["command_id"] or job.get("state") == "CANCELED"
+
+        wait_until(download_stopped, timeout=30, what="the agent canceling the stuck job")
+        assert fleet.active("robot-a") == before != "9.0.0"
+    finally:
+        server.close()
+
+
+def test_retries_turn_a_mirror_outage_on_a_real_agent_into_a_success(fleet: Fleet) -> None:
+    """--retries on a real agent: the bundle server is down, so the agent's download fails
+    (FAILED, download_failed, after its own retries); the controller waits its back-off and
+    sends a new command, which succeeds once the server is up. With --max-failure-rate 0
+    the first failure would have aborted had it counted."""
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    bundle = fleet.bundle("10.0.0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here until the "mirror" comes back
+    out = fleet.jetfleet(
+        "rollout", "start", str(bundle), "--target", "robot-a", "--waves", "100%",
+        "--bundle-url", f"http://127.0.0.1:{port}/{bundle.name}", "--max-failure-rate", "0",
+        "--retries", "2", "--retry-on", "FAILED", "--retry-backoff", "3", "--output", "json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rid = json.loads(out.stdout)["rollout"]["id"]
+
+    def status() -> dict:  # type: ignore[type-arg]
+        st = fleet.jetfleet("rollout", "status", rid, "--output", "json")
+        return json.loads(st.stdout)  # type: ignore[no-any-return]
+
+    seen: list[dict] = []  # type: ignore[type-arg]
+
+    def retried() -> bool:
+        seen[:] = status()["devices"]
+        return bool(seen[0]["attempts"] == 1)
+
+    wait_until(retried, timeout=60, what="a retry")
+    # Seen while it waited for its back-off, or already re-sent (its reason then cleared).
+    assert (seen[0]["reason"] or "retry 1 of 2 after FAILED").startswith(
+        "retry 1 of 2 after FAILED"
+    )
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(bundle.parent))
+    mirror = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    try:
+        wait_until(lambda: status()["rollout"]["state"] == "succeeded", timeout=120)
+        device = status()["devices"][0]
+        assert (device["state"], device["attempts"]) == ("SUCCEEDED", 1)
+        assert fleet.active("robot-a") == "10.0.0"
+    finally:
+        mirror.shutdown()
