@@ -169,13 +169,16 @@ def plan_waves(
 # -- driver lock -------------------------------------------------------------------------
 def driver_alive(rollout: Rollout) -> bool:
     """Whether the process recorded as this rollout's driver is still running (a pid
-    alone could have been reused, so its start time must match too)."""
+    alone could have been reused, so its start time must match too; a killed driver nobody
+    reaped yet is a zombie, not a driver)."""
     if not rollout.driver_pid:
         return False
     if rollout.driver_pid == os.getpid():
         return False
     try:
         proc = psutil.Process(rollout.driver_pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
         return abs(proc.create_time() - (rollout.driver_started or 0)) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
@@ -541,7 +544,8 @@ class RolloutDriver:
                 tally.finished += 1
             if a.command_id is not None:
                 tally.commanded += 1
-                tally.states[a.state] = tally.states.get(a.state, 0) + 1
+                if not a.not_judged:  # no verdict on the model: not a failure of it
+                    tally.states[a.state] = tally.states.get(a.state, 0) + 1
         return abort_reason(rollout.policy, rollout.max_failure_rate, tally, len(assignments), idx)
 
     def _time_out_stuck(self, rollout: Rollout, idx: int, now: float, limit_s: float) -> None:

@@ -57,7 +57,7 @@ def test_help_and_a_plain_command_work_without_the_controller_extra(tmp_path: Pa
     ("args", "module"),
     [
         (("serve",), "prometheus_client"),
-        (("telemetry", "plot", "--device", "robot-1", "--metric", "gpu_util", "-o", "p.png"),
+        (("telemetry", "plot", "--device", "robot-1", "--metric", "gpu_util", "--out", "p.png"),
          "matplotlib"),
     ],
 )  # fmt: skip
