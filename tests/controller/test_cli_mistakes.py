@@ -12,7 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet import CommandCounter, SimFleet, build_bundle, cli_env, make_devices, run_cli
+from fleet import (
+    CommandCounter,
+    SimFleet,
+    build_bundle,
+    cli_env,
+    make_devices,
+    run_cli,
+    wait_until,
+)
 from models import make_mlp
 from typer.testing import CliRunner
 
@@ -85,7 +93,11 @@ def test_a_typo_in_the_target_is_refused_before_anything_is_stored_or_sent(
 
 
 def test_abort_ends_a_rollout_whose_devices_never_answered_without_the_wave_timeout(
-    mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], bundle: Path
+    mosquitto: LocalMosquitto,
+    keys: KeySet,
+    env: dict[str, str],
+    bundle: Path,
+    counter: CommandCounter,
 ) -> None:
     with SimFleet(mosquitto.url, keys.trust, make_devices(1)):
         # Provisioning: a robot that has not connected yet, named on purpose.
@@ -95,6 +107,8 @@ def test_abort_ends_a_rollout_whose_devices_never_answered_without_the_wave_time
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         rid = json.loads(out.stdout)["rollout"]["id"]
+        # Its command went out (a device never commanded is not one that never answered).
+        wait_until(lambda: "robot-new" in counter.per_device(), timeout=20, what="the command")
         started = time.monotonic()
         aborted = run_cli(env, "rollout", "abort", rid, "--wait", "--output", "json")
         assert aborted.returncode == 1, aborted.stderr
