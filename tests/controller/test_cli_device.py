@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli, wait_until
 
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
 from controller.telemetry_store import TelemetryStore, row_from_sample
 from protocol.telemetry import TelemetrySample
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
 
 
 @pytest.fixture

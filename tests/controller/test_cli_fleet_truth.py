@@ -9,21 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet import Behaviour, SimFleet, build_bundle, cli_env, make_devices, run_cli, wait_until
+from fleet import Behaviour, SimFleet, build_bundle, make_devices, run_cli, wait_until
 
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
 from protocol.messages import REASON_MAX_CHARS, JobState
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
-
-
-@pytest.fixture
-def env(tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet) -> dict[str, str]:
-    return cli_env(tmp_path, mosquitto.url, tmp_path / "keys")
 
 
 def listed(env: dict[str, str]) -> dict[str, dict[str, object]]:

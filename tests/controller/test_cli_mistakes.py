@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fleet import (
     CommandCounter,
     SimFleet,
-    build_bundle,
-    cli_env,
     make_devices,
     run_cli,
     wait_until,
@@ -25,30 +22,8 @@ from models import make_mlp
 from typer.testing import CliRunner
 
 from controller.cli.main import app
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
-
-
-@pytest.fixture
-def env(tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet) -> dict[str, str]:
-    return cli_env(tmp_path, mosquitto.url, tmp_path / "keys")
-
-
-@pytest.fixture
-def bundle(tmp_path: Path, keys: KeySet) -> Path:
-    return build_bundle(tmp_path / "build", keys.release, version="2.0.0")
-
-
-@pytest.fixture
-def counter(mosquitto: LocalMosquitto) -> Iterator[CommandCounter]:
-    c = CommandCounter(mosquitto.url)
-    yield c
-    c.close()
 
 
 def rollouts(env: dict[str, str]) -> list[str]:

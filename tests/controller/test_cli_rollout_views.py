@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli
 
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
 
 
 @pytest.fixture

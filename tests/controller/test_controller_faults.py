@@ -12,9 +12,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from fleet import SimFleet, build_bundle, cli_env, jetfleet_cmd, make_devices, run_cli, wait_until
+from fleet import SimFleet, cli_env, jetfleet_cmd, make_devices, run_cli, wait_until
 
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto, free_port
 from controller.serve import read_serve_state
 from protocol.messages import DeviceStatus
@@ -22,16 +22,6 @@ from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
 from tests.agent.harness import Publisher
 from tests.diskfull import fill, small_tmpfs
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
-
-
-@pytest.fixture
-def bundle(tmp_path: Path, keys: KeySet) -> Path:
-    return build_bundle(tmp_path / "build", keys.release, version="2.0.0")
 
 
 def rows(db: Path, sql: str) -> list[sqlite3.Row]:

@@ -4,7 +4,6 @@ protocol (signed commands verified, real events and retained status)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,27 +11,15 @@ from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_d
 from rich.console import Console
 
 from controller.cli.rollout import render
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
 from controller.rollout_store import ABORTED, PENDING, SUCCEEDED, DevicesHeldError
 from protocol.messages import JobState
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
-
-
-@pytest.fixture
 def harness(tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet) -> ControllerHarness:
     return ControllerHarness(tmp_path / "controller.db", mosquitto.url, keys.operator)
-
-
-@pytest.fixture
-def counter(mosquitto: LocalMosquitto) -> Iterator[CommandCounter]:
-    c = CommandCounter(mosquitto.url)
-    yield c
-    c.close()
 
 
 def fleet_of(mosquitto: LocalMosquitto, keys: KeySet, n: int, **kw: object) -> SimFleet:

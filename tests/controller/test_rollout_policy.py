@@ -9,13 +9,12 @@ import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_devices, wait_until
 
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
 from controller.rollout import WaveSpecError, parse_waves, plan_waves
 from controller.rollout_policy import (
@@ -31,20 +30,8 @@ from protocol.messages import JobState
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
-
-
-@pytest.fixture
 def harness(tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet) -> ControllerHarness:
     return ControllerHarness(tmp_path / "controller.db", mosquitto.url, keys.operator)
-
-
-@pytest.fixture
-def counter(mosquitto: LocalMosquitto) -> Iterator[CommandCounter]:
-    c = CommandCounter(mosquitto.url)
-    yield c
-    c.close()
 
 
 def fleet_of(mosquitto: LocalMosquitto, keys: KeySet, n: int, **kw: object) -> SimFleet:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,38 +16,14 @@ from fleet import (
     Behaviour,
     CommandCounter,
     SimFleet,
-    build_bundle,
-    cli_env,
     make_devices,
     run_cli,
     wait_until,
 )
 
-from controller.keystore import KeySet, init_keys
+from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
 from protocol.messages import JobState
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeySet:
-    return init_keys(tmp_path / "keys")
-
-
-@pytest.fixture
-def env(tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet) -> dict[str, str]:
-    return cli_env(tmp_path, mosquitto.url, tmp_path / "keys")
-
-
-@pytest.fixture
-def bundle(tmp_path: Path, keys: KeySet) -> Path:
-    return build_bundle(tmp_path / "build", keys.release, version="2.0.0")
-
-
-@pytest.fixture
-def counter(mosquitto: LocalMosquitto) -> Iterator[CommandCounter]:
-    c = CommandCounter(mosquitto.url)
-    yield c
-    c.close()
 
 
 @pytest.mark.parametrize(
