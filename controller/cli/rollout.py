@@ -415,6 +415,19 @@ def launch(
         )
 
 
+def hand_to_driver(
+    s: ControllerSettings, r: Rollout, wait: bool, output: Output, message: str
+) -> None:
+    """After a change to a stored rollout: its live driver acts on it (follow it with
+    --wait, else say `message`); with none alive, start one."""
+    if driver_alive(r):
+        if wait:
+            watch(s, r.id, output)
+        typer.echo(message)
+        return
+    launch(s, keyset(s), r.id, wait, output)
+
+
 def start_rollout(
     s: ControllerSettings,
     *,
@@ -838,12 +851,7 @@ def resume(
         already_ended(store, r, output)
     if r.state == PAUSED:
         resume_state(store, r.id)
-    if driver_alive(r):
-        if wait:
-            watch(s, r.id, output)
-        typer.echo(f"rollout {r.id} resumed; driven by process {r.driver_pid}")
-        return
-    launch(s, keyset(s), r.id, wait, output)
+    hand_to_driver(s, r, wait, output, f"rollout {r.id} resumed; driven by process {r.driver_pid}")
 
 
 @app.command("abort")
@@ -866,12 +874,9 @@ def abort(
     rollback = r.auto_rollback and not no_rollback
     if not store.request_abort(r.id, "aborted by the operator", rollback):
         already_ended(store, store.get(r.id) or r, output)
-    if driver_alive(r):
-        if wait:
-            watch(s, r.id, output)
-        typer.echo(f"rollout {r.id} aborting; process {r.driver_pid} is finishing it")
-        return
-    launch(s, keyset(s), r.id, wait, output)
+    hand_to_driver(
+        s, r, wait, output, f"rollout {r.id} aborting; process {r.driver_pid} is finishing it"
+    )
 
 
 @app.command("promote")
@@ -888,12 +893,9 @@ def promote_cmd(
     r = find_rollout(store, rollout_id)
     if not promote(store, r.id):
         fail(f"rollout {r.id} is {r.state}; only one waiting for approval can be promoted")
-    if driver_alive(r):
-        if wait:
-            watch(s, r.id, output)
-        typer.echo(f"rollout {r.id} promoted; process {r.driver_pid} starts the next wave")
-        return
-    launch(s, keyset(s), r.id, wait, output)
+    hand_to_driver(
+        s, r, wait, output, f"rollout {r.id} promoted; process {r.driver_pid} starts the next wave"
+    )
 
 
 @app.command("retry")
