@@ -42,7 +42,6 @@ import onnx
 import paho.mqtt.client as paho
 import typer
 from onnx import TensorProto, helper, numpy_helper
-from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -50,6 +49,7 @@ from rich.text import Text
 from controller.localbroker import LocalMosquitto
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
+from protocol.transport import paho_client
 
 MODEL = "detector"
 GROUP = "warehouse-a"
@@ -452,7 +452,9 @@ class Demo:
         samples: dict[str, TelemetrySample] = {}
         done = threading.Event()
         topics = Topics()
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="jetfleet-demo-telemetry")
+        client, _ = paho_client(
+            self.broker.url, client_id="jetfleet-demo-telemetry", protocol="3.1.1"
+        )
 
         def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
             try:

@@ -20,6 +20,7 @@ from protocol.transport import (
     TransportConfigError,
     client_tls_context,
     diagnose_tls,
+    paho_client,
 )
 from tests.transport.brokers import FleetPki, TlsBroker, start_tls_broker
 
@@ -215,3 +216,17 @@ def test_agent_logs_why_the_broker_refuses_it_naming_the_file(
             log = agent.log()
         assert expected in log, log[-2000:]
         assert log.count("mqtt_tls_problem") == 1  # once, not on every retry
+
+
+def test_every_client_follows_one_tls_rule_the_url_scheme(
+    tls_broker: TlsBroker, fleet_pki: FleetPki
+) -> None:
+    a = fleet_pki.certs["robot-a"]
+    files = {"ca": str(fleet_pki.ca), "cert": str(a.cert), "key": str(a.key)}
+    plain = f"mqtt://{tls_broker.host}:{tls_broker.port}"
+    with pytest.raises(TransportConfigError, match="is plain MQTT but TLS files are set"):
+        paho_client(plain, client_id="robot-a", **files)
+    client, addr = paho_client(plain.replace("mqtt://", "mqtts://"), client_id="robot-a", **files)
+    assert addr.tls
+    assert client.connect(addr.host, addr.port) == 0  # mutual TLS with the fleet's files
+    client.disconnect()
