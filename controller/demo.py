@@ -47,6 +47,7 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.localbroker import LocalMosquitto
+from protocol.errors import CodedError
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
 from protocol.transport import paho_client
@@ -65,8 +66,10 @@ TELEMETRY_INTERVAL_S = 2.0
 STEP_TIMEOUT_S = 90.0
 
 
-class DemoError(RuntimeError):
+class DemoError(CodedError, RuntimeError):
     """A step of the demo did not do what it should; the message says which."""
+
+    code = "demo"
 
 
 @dataclass

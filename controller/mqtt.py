@@ -25,6 +25,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from protocol.errors import CodedError
 from protocol.transport import BrokerAddress, diagnose_tls, paho_client
 
 log = structlog.get_logger("jetfleet.controller.mqtt")
@@ -34,8 +35,10 @@ MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
 SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
-class MqttError(RuntimeError):
+class MqttError(CodedError, RuntimeError):
     """The broker could not be reached, refused us, or did not acknowledge in time."""
+
+    code = "mqtt"
 
 
 @dataclass(frozen=True)

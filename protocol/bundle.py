@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from protocol.dsse import Envelope, sign
-from protocol.errors import BundleError, MessageError
+from protocol.errors import (  # the bundle's errors, importable from here too
+    BundleError,
+    BundleFormatError,
+    BundleTooLargeError,
+    MemberMismatchError,
+    MessageError,
+    UnsafeMemberError,
+)
 from protocol.fsio import atomic_file, fsync_dir, sha256_file
 from protocol.keys import SigningKey
 from protocol.manifest import (
@@ -56,38 +63,6 @@ CHUNK = 1 << 20  # read/hash/write granularity: large enough to run at hashlib's
 BLOCK = 512
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes expected)
-
-
-# -- errors ------------------------------------------------------------------------------
-
-
-class BundleFormatError(BundleError):
-    """Not a canonical jetfleet tar: corrupt or non-canonical header, truncation, trailing
-    data, a first member other than the manifest, an unreadable manifest envelope."""
-
-
-class UnsafeMemberError(BundleError):
-    """A member that extraction must never create: traversal, absolute path, a symlink,
-    hard link, device file, FIFO, directory or a tar extension header."""
-
-    def __init__(self, reason: str, *, member: str, code: str | None = None) -> None:
-        super().__init__(reason, code=code)
-        self.member = member
-
-
-class MemberMismatchError(BundleError):
-    """Members that differ from the signed manifest: missing, extra, duplicated, resized,
-    or with another SHA-256 (tampered)."""
-
-    def __init__(self, reason: str, *, member: str, code: str | None = None) -> None:
-        super().__init__(reason, code=code)
-        self.member = member
-
-
-class BundleTooLargeError(BundleError):
-    """Bigger than the caller's cap (`max_size`), or a manifest that declares more."""
-
-    code = "too_large"
 
 
 # -- results -----------------------------------------------------------------------------
@@ -411,7 +386,7 @@ def _open_bundle(path: Path, max_size: int | None) -> BinaryIO:
         raise
     with contextlib.suppress(AttributeError, OSError):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    return f  # type: ignore[return-value]
+    return f
 
 
 def _check_size(size: int, max_size: int | None, what: str) -> None:
@@ -499,7 +474,7 @@ def _walk(
 ) -> tuple[Manifest, str | None]:
     """The one reader behind verify and extract: every check, in stream order."""
     with _open_bundle(path, max_size) as f:
-        r = _Reader(f, whole_file_hash=dest_tmp is not None)  # type: ignore[arg-type]
+        r = _Reader(f, whole_file_hash=dest_tmp is not None)
         envelope_bytes, manifest, mheader = _read_manifest(r, trust, now)
         total = expected_size(manifest, mheader.size)
         _check_size(total, max_size, f"manifest declares a {total}-byte bundle")
@@ -559,7 +534,7 @@ def read_envelope(path: Path) -> Envelope:
     except OSError as e:
         raise BundleFormatError(f"cannot open bundle {path}: {e.strerror}") from e
     with f:
-        _, data = _read_manifest_member(_Reader(f, whole_file_hash=False))  # type: ignore[arg-type]
+        _, data = _read_manifest_member(_Reader(f, whole_file_hash=False))
     return _decode_envelope(data)
 
 

@@ -19,11 +19,7 @@ import paho.mqtt.client as paho
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol.errors import ProtocolError
-
-
-class TransportConfigError(ProtocolError):
-    code = "transport_config"
+from protocol.errors import TransportConfigError  # importable from here too
 
 
 @dataclass(frozen=True)
@@ -109,9 +105,9 @@ def paho_client(
     """A paho 2.x client (callback API 2) for `url`, and the address to connect to.
 
     The one TLS rule: TLS exactly when the URL says mqtts:// (or ssl://), verified
-    against `ca` with `cert`/`key` for mutual TLS. TLS files given with a plain URL are
-    refused rather than ignored (or silently turning TLS on), so a config never means two
-    things. `persistent` keeps an MQTT 3.1.1 session (MQTT 5 sets it at connect time)."""
+    against `ca` with `cert`/`key` for mutual TLS; with a plain URL the TLS files are not
+    used (a config may keep them while a broker moves). `persistent` keeps an MQTT 3.1.1
+    session (MQTT 5 sets it at connect time)."""
     addr = parse_broker_url(url)
     v5 = protocol == "5"
     client = paho.Client(
@@ -125,10 +121,6 @@ def paho_client(
         client.username_pw_set(username, password or None)
     if addr.tls:
         client.tls_set_context(client_tls_context(ca, cert, key))
-    elif ca or cert or key:
-        raise TransportConfigError(
-            f"broker url {url!r} is plain MQTT but TLS files are set: use mqtts:// for TLS"
-        )
     return client, addr
 
 

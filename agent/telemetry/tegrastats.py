@@ -27,6 +27,8 @@ from pathlib import Path
 
 import structlog
 
+from protocol.errors import CodedError
+
 log = structlog.get_logger(__name__)
 
 TEGRASTATS_CANDIDATES = ("tegrastats", "/usr/bin/tegrastats")
@@ -49,8 +51,10 @@ _NOT_SENSORS = frozenset({"PMIC"})
 _ABSENT_TEMP = -100.0
 
 
-class TegrastatsParseError(ValueError):
+class TegrastatsParseError(CodedError, ValueError):
     """A line with none of the fields every tegrastats release prints (RAM, CPU)."""
+
+    code = "tegrastats_parse"
 
 
 @dataclass
