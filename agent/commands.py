@@ -34,10 +34,7 @@ from protocol.dsse import Envelope
 from protocol.errors import (
     CodedError,
     CommandRejected,
-    MessageError,
     ProtocolError,
-    TrustRootError,
-    VerificationError,
 )
 from protocol.messages import (
     BODY_BY_KIND,
@@ -68,14 +65,8 @@ MAX_OUTBOX_FOR_REFUSALS = 200
 
 def reason_code(err: BaseException) -> str:
     """A ReasonCode value for any error (scripts match on these)."""
-    if isinstance(err, CodedError) and err.code in _CODES:
-        return err.code
-    if isinstance(err, TrustRootError):
-        return ReasonCode.TRUST_ROOT.value
-    if isinstance(err, MessageError):
-        return ReasonCode.MALFORMED.value
-    if isinstance(err, VerificationError):
-        return ReasonCode.BAD_SIGNATURE.value
+    if isinstance(err, CodedError):
+        return err.code if err.code in _CODES else err.job_code
     return ReasonCode.INTERNAL.value
 
 

@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.ids import validate_id
 from protocol.topics import DEFAULT_PREFIX
 from protocol.transport import TransportConfigError, parse_broker_url
@@ -36,8 +36,10 @@ DEFAULT_CONFIG_PATH = Path("/etc/jetfleet/agent.toml")
 ENV_PREFIX = "JETFLEET_AGENT_"
 
 
-class ConfigError(ValueError):
+class ConfigError(CodedError, ValueError):
     """A config the agent cannot run with; the message names the key and the reason."""
+
+    code = "config"
 
     def __init__(self, reason: str, *, key: str | None = None) -> None:
         super().__init__(reason)

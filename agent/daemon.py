@@ -39,6 +39,7 @@ from agent.status import StatusBuilder
 from agent.store import Store, StoreReset, open_store
 from agent.truststore import TrustStore
 from agent.worker import Worker
+from protocol.errors import CodedError
 from protocol.messages import HardwareProfile, JobState, ReasonCode
 from protocol.topics import Topics
 
@@ -51,8 +52,10 @@ SEEN_PURGE_EVERY_S = 3600.0
 STATUS_MIN_INTERVAL_S = 0.2
 
 
-class AgentLockedError(RuntimeError):
-    pass
+class AgentLockedError(CodedError, RuntimeError):
+    """The local Mosquitto could not be found, configured or started."""
+
+    code = "agent_locked"
 
 
 def lock_data_dir(data_dir: Path) -> IO[str]:

@@ -28,7 +28,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import typer
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 from agent.hardware import detect_hardware, meminfo_bytes, parse_version
@@ -39,8 +38,8 @@ from protocol.errors import ProtocolError, TrustExpiredError
 from protocol.transport import (
     BrokerAddress,
     TransportConfigError,
-    client_tls_context,
     diagnose_tls,
+    paho_client,
     parse_broker_url,
 )
 from protocol.trust import TrustRoot
@@ -425,39 +424,36 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
     """A real MQTT CONNECT with the configured TLS files and credentials."""
     b = config.broker
     try:
-        addr = parse_broker_url(b.url)
+        parse_broker_url(b.url)
     except TransportConfigError as e:
         return _result("broker", FAIL, e.reason, "fix [broker] url in the config")
-    v5 = b.protocol == "5"
-    # Never the device id: a CONNECT with it would take over the running agent's session.
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{config.device_id}-doctor-{os.getpid()}",
-        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-        clean_session=None if v5 else True,
-    )
-    if b.username:
-        client.username_pw_set(b.username, b.password or None)
-    tls_note = ""
-    if addr.tls:
-        try:
-            client.tls_set_context(client_tls_context(b.ca, b.cert, b.key))
-        except TransportConfigError as e:
-            return _result("broker", FAIL, e.reason, "fix [broker] ca/cert/key in the config")
-        tls_note = ", TLS" + (" with client certificate" if b.cert else "")
-    client.connect_timeout = timeout
-    outcome: dict[str, Any] = {}
-
-    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
-        outcome["reason"] = reason
-
-    def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
-        outcome.setdefault("dropped", reason)
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
+    try:
+        # Never the device id: a CONNECT with it would take over the running agent's session.
+        client, addr = paho_client(
+            b.url,
+            client_id=f"{config.device_id}-doctor-{os.getpid()}",
+            protocol=b.protocol,
+            ca=b.ca,
+            cert=b.cert,
+            key=b.key,
+            username=b.username,
+            password=b.password,
+        )
+    except TransportConfigError as e:
+        return _result("broker", FAIL, e.reason, "fix [broker] ca/cert/key in the config")
     where = f"{addr.host}:{addr.port}"
-    # TCP first, so "nothing listens" and "it listens but the TLS/MQTT talk fails" differ.
+    unreachable = _tcp_unreachable(addr, where, timeout)
+    if unreachable is not None:
+        return unreachable
+    started = time.monotonic()
+    outcome, failed = _connect_once(client, addr, where, timeout)
+    if failed is not None:
+        return failed
+    return _connack_verdict(config, addr, where, outcome, timeout, time.monotonic() - started)
+
+
+def _tcp_unreachable(addr: BrokerAddress, where: str, timeout: float) -> CheckResult | None:
+    """TCP first, so "nothing listens" and "it listens but the TLS/MQTT talk fails" differ."""
     try:
         socket.create_connection((addr.host, addr.port), timeout=timeout).close()
     except OSError as e:
@@ -468,6 +464,25 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
             "check the URL, the network, and that the broker listens there "
             f"(nc -vz {addr.host} {addr.port})",
         )
+    return None
+
+
+def _connect_once(
+    client: paho.Client, addr: BrokerAddress, where: str, timeout: float
+) -> tuple[dict[str, Any], CheckResult | None]:
+    """CONNECT and wait for the CONNACK (or the hang-up): what happened, or the failure
+    of the TLS handshake / socket."""
+    outcome: dict[str, Any] = {}
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+        outcome["reason"] = reason
+
+    def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+        outcome.setdefault("dropped", reason)
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.connect_timeout = timeout
     started = time.monotonic()
     try:
         client.connect(addr.host, addr.port, keepalive=max(5, int(timeout) + 5))
@@ -476,7 +491,7 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
                 outcome.setdefault("dropped", "connection lost")
                 break
     except ssl.SSLError as e:
-        return _result(
+        return outcome, _result(
             "broker",
             FAIL,
             f"TLS handshake with {where} failed: {e.reason or e}",
@@ -484,23 +499,38 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
             "match the URL host) and the client certificate",
         )
     except OSError as e:
-        if addr.tls:
-            return _result(
-                "broker",
-                FAIL,
-                f"TLS handshake with {where} failed: {e.strerror or e}",
-                "is that port a TLS listener? mqtts:// is usually port 8883, mqtt:// 1883",
-            )
-        return _result(
-            "broker",
-            FAIL,
-            f"{where} dropped the connection: {e.strerror or e}",
-            "check the broker's log; is it an MQTT port?",
-        )
+        return outcome, _socket_failure(addr, where, e)
     finally:
         with contextlib.suppress(Exception):  # best effort: the check's verdict stands
             client.disconnect()
-    elapsed_ms = (time.monotonic() - started) * 1000
+    return outcome, None
+
+
+def _socket_failure(addr: BrokerAddress, where: str, e: OSError) -> CheckResult:
+    if addr.tls:
+        return _result(
+            "broker",
+            FAIL,
+            f"TLS handshake with {where} failed: {e.strerror or e}",
+            "is that port a TLS listener? mqtts:// is usually port 8883, mqtt:// 1883",
+        )
+    return _result(
+        "broker",
+        FAIL,
+        f"{where} dropped the connection: {e.strerror or e}",
+        "check the broker's log; is it an MQTT port?",
+    )
+
+
+def _connack_verdict(
+    config: AgentConfig,
+    addr: BrokerAddress,
+    where: str,
+    outcome: dict[str, Any],
+    timeout: float,
+    elapsed_s: float,
+) -> CheckResult:
+    """What the broker's answer (or silence) to CONNECT says."""
     reason = outcome.get("reason")
     if reason is None and "dropped" in outcome:
         if addr.tls:
@@ -526,9 +556,13 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
             f"{where} refused the connection: {reason}",
             "check [broker] username/password or the client certificate, and the broker ACL",
         )
-    proto = "MQTT 5" if v5 else "MQTT 3.1.1"
+    b = config.broker
+    proto = "MQTT 5" if b.protocol == "5" else "MQTT 3.1.1"
+    tls_note = (", TLS" + (" with client certificate" if b.cert else "")) if addr.tls else ""
     return _result(
-        "broker", PASS, f"connected to {where} ({proto}{tls_note}) in {elapsed_ms:.0f} ms"
+        "broker",
+        PASS,
+        f"connected to {where} ({proto}{tls_note}) in {elapsed_s * 1000:.0f} ms",
     )
 
 

@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -308,11 +309,31 @@ def _transfer(
     limits: DownloadLimits,
     progress: Progress | None,
 ) -> None:
+    with _request(url, part, have, guard, limits) as resp:
+        have = _resume_offset(resp, url, have, size)
+        # The socket timeout bounds each read; the guard bounds the whole transfer.
+        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+        if isinstance(sock, socket.socket):
+            sock.settimeout(limits.read_timeout_s)
+        with open(part, "ab" if have else "wb") as out:
+            try:
+                done = _copy_body(resp, out, url, have, guard, size, limits, progress)
+            finally:
+                out.flush()
+                os.fsync(out.fileno())
+    if done != size:
+        raise DownloadError(f"GET {url}: got {done} bytes, the command declares {size}")
+
+
+def _request(
+    url: str, part: Path, have: int, guard: _Guard, limits: DownloadLimits
+) -> http.client.HTTPResponse:
+    """The GET (a range request from `have` when resuming), answered with headers."""
     req = urllib.request.Request(url, headers={"User-Agent": "jetfleet-agent"})
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
-        resp = _opener(guard).open(req, timeout=limits.connect_timeout_s)
+        resp: http.client.HTTPResponse = _opener(guard).open(req, timeout=limits.connect_timeout_s)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:
             # Our partial file is longer than or equal to the server's: start over.
@@ -322,64 +343,72 @@ def _transfer(
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         guard.check()
         raise DownloadError(f"GET {url}: {getattr(e, 'reason', e)}") from e
-    with resp:
-        status = int(resp.status)
-        if have and status == 200:
-            have = 0  # the server ignored Range: take the whole body again
-        elif have and status != 206:
-            raise DownloadError(f"GET {url}: unexpected HTTP {status} to a range request")
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and have + int(length) > size:
+    return resp
+
+
+def _resume_offset(resp: http.client.HTTPResponse, url: str, have: int, size: int) -> int:
+    """Where the body starts in the file: `have`, or 0 when the server ignored Range."""
+    status = int(resp.status)
+    if have and status == 200:
+        have = 0  # the server ignored Range: take the whole body again
+    elif have and status != 206:
+        raise DownloadError(f"GET {url}: unexpected HTTP {status} to a range request")
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit() and have + int(length) > size:
+        raise DownloadError(
+            f"GET {url}: server announces {have + int(length)} bytes, the command declares {size}",
+            code="too_large",
+        )
+    return have
+
+
+def _copy_body(
+    resp: http.client.HTTPResponse,
+    out: BinaryIO,
+    url: str,
+    done: int,
+    guard: _Guard,
+    size: int,
+    limits: DownloadLimits,
+    progress: Progress | None,
+) -> int:
+    """Append the body to `out` under the guard; the file's length when it ends."""
+    last_sync = time.monotonic()
+    while True:
+        chunk = _read_chunk(resp, url, limits)
+        guard.check()
+        if not chunk:
+            return done
+        if guard.canceled():
+            raise Canceled()
+        done += len(chunk)
+        guard.received += len(chunk)
+        if done > size:
             raise DownloadError(
-                f"GET {url}: server announces {have + int(length)} bytes, the command "
-                f"declares {size}",
+                f"GET {url}: more than the declared {size} bytes (endless data)",
                 code="too_large",
             )
-        # The socket timeout bounds each read; the guard bounds the whole transfer.
-        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
-        if isinstance(sock, socket.socket):
-            sock.settimeout(limits.read_timeout_s)
-        mode = "ab" if have else "wb"
-        done = have
-        last_sync = time.monotonic()
-        with open(part, mode) as out:
-            try:
-                while True:
-                    try:
-                        # read1: whatever has arrived (up to CHUNK), so progress and the
-                        # guard's rate see every byte of a trickle.
-                        chunk = resp.read1(CHUNK)
-                    except TimeoutError as e:
-                        raise DownloadError(
-                            f"GET {url}: no data for {limits.read_timeout_s:.0f}s (slow retrieval)"
-                        ) from e
-                    except (OSError, http.client.HTTPException) as e:
-                        raise DownloadError(f"GET {url}: connection lost ({e})") from e
-                    guard.check()
-                    if not chunk:
-                        break
-                    if guard.canceled():
-                        raise Canceled()
-                    done += len(chunk)
-                    guard.received += len(chunk)
-                    if done > size:
-                        raise DownloadError(
-                            f"GET {url}: more than the declared {size} bytes (endless data)",
-                            code="too_large",
-                        )
-                    out.write(chunk)
-                    if progress:
-                        progress(done, size)
-                    if time.monotonic() - last_sync > 2.0:
-                        # Keep the resumable prefix durable without an fsync per chunk.
-                        out.flush()
-                        os.fsync(out.fileno())
-                        last_sync = time.monotonic()
-            finally:
-                out.flush()
-                os.fsync(out.fileno())
-    if done != size:
-        raise DownloadError(f"GET {url}: got {done} bytes, the command declares {size}")
+        out.write(chunk)
+        if progress:
+            progress(done, size)
+        if time.monotonic() - last_sync > 2.0:
+            # Keep the resumable prefix durable without an fsync per chunk.
+            out.flush()
+            os.fsync(out.fileno())
+            last_sync = time.monotonic()
+
+
+def _read_chunk(resp: http.client.HTTPResponse, url: str, limits: DownloadLimits) -> bytes:
+    try:
+        # read1: whatever has arrived (up to CHUNK), so progress and the guard's rate see
+        # every byte of a trickle.
+        return resp.read1(CHUNK)
+    except TimeoutError as e:
+        raise DownloadError(
+            f"GET {url}: no data for {limits.read_timeout_s:.0f}s (slow retrieval)"
+        ) from e
+    except (OSError, http.client.HTTPException) as e:
+        raise DownloadError(f"GET {url}: connection lost ({e})") from e
 
 
 def remove_partials(downloads: Path, keep: set[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from typing import Any
 import structlog
 
 from agent.metrics import MAX_METRICS_DATAGRAM, METRICS_MAGIC, MetricsBook, decode_metrics
+from protocol.errors import CodedError
 
 log = structlog.get_logger(__name__)
 
@@ -50,8 +51,10 @@ MAX_SAMPLES_PER_DATAGRAM = 512
 MAX_DATAGRAM = max(4 + 1 + 255 + 1 + 255 + 2 + 4 * MAX_SAMPLES_PER_DATAGRAM, MAX_METRICS_DATAGRAM)
 
 
-class LiveStatsError(ValueError):
+class LiveStatsError(CodedError, ValueError):
     """A datagram that is not a latency report."""
+
+    code = "live_stats"
 
 
 def encode_report(model: str, version: str, latencies_ms: Sequence[float]) -> bytes:

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.errors import CodedError
+
 METRICS_MAGIC = b"JFM1"
 MAX_NAME = 64
 MAX_METRICS_PER_DATAGRAM = 64
@@ -49,8 +51,10 @@ MAX_METRICS_DATAGRAM = (
 Entry = list[Any]
 
 
-class MetricsError(ValueError):
+class MetricsError(CodedError, ValueError):
     """A datagram that is not a well-formed metrics report."""
+
+    code = "metrics"
 
 
 def valid_name(name: str) -> bool:

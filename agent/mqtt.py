@@ -25,13 +25,12 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig
 from protocol.topics import Topics
-from protocol.transport import client_tls_context, diagnose_tls, parse_broker_url
+from protocol.transport import diagnose_tls, paho_client
 
 log = structlog.get_logger("jetfleet.agent.mqtt")
 
@@ -74,13 +73,17 @@ class AgentMqtt:
         self.connected = threading.Event()
         self.ever_connected = threading.Event()
         self._v5 = config.broker.protocol == "5"
-        addr = parse_broker_url(config.broker.url)
-        self._addr = addr
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
+        b = config.broker
+        self.client, self._addr = paho_client(
+            b.url,
             client_id=config.device_id,
-            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
-            clean_session=None if self._v5 else False,
+            protocol=b.protocol,
+            persistent=True,
+            ca=b.ca,
+            cert=b.cert,
+            key=b.key,
+            username=b.username,
+            password=b.password,
             manual_ack=True,
         )
         # Bumped on every connect: a PUBACK for a message of an earlier connection must
@@ -91,11 +94,6 @@ class AgentMqtt:
         # are on disk too, in the outbox).
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(20)
-        b = config.broker
-        if b.username:
-            self.client.username_pw_set(b.username, b.password or None)
-        if addr.tls:
-            self.client.tls_set_context(client_tls_context(b.ca, b.cert, b.key))
         self.client.will_set(self.topics.status(self.device_id), will_payload, qos=1, retain=True)
         self._min_delay = b.reconnect_min_s
         self._max_delay = b.reconnect_max_s

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.manifest import GateSpec, OutputCheck, Precision, TensorSpec
 
 # What a float output is judged by when the operator names nothing (`--accuracy`): fp32 is
@@ -24,8 +24,10 @@ PRECISION_CHECKS: dict[str, OutputCheck | None] = {
 }
 
 
-class AccuracySpecError(Exception):
+class AccuracySpecError(CodedError):
     """A bad --accuracy option (exit 2): the message names the option and the field."""
+
+    code = "accuracy_spec"
 
 
 def gate_with_checks(

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from controller import pki
-from protocol.errors import InvalidIdError
+from protocol.errors import CodedError, InvalidIdError
 from protocol.ids import validate_id
 from protocol.topics import DEFAULT_PREFIX
 
@@ -42,8 +42,10 @@ DEVICE_WRITE_CHANNELS = ("events", "status", "telemetry")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
-class BrokerConfigError(ValueError):
+class BrokerConfigError(CodedError, ValueError):
     """A groups file, prefix or identity the broker configuration cannot be built from."""
+
+    code = "broker_config"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from protocol.bundle import (
     make_manifest,
     write_bundle,
 )
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.fsio import sha256_file
 from protocol.keys import SigningKey
 from protocol.manifest import (
@@ -56,12 +56,16 @@ MODEL_MEMBER = "model.onnx"
 GOLDEN_MEMBER = "golden.npz"
 
 
-class BuildInputError(Exception):
+class BuildInputError(CodedError):
     """Bad input from the operator (exit 2): the message names the file, tensor or option."""
 
+    code = "bundle_input"
 
-class GoldenMismatchError(Exception):
+
+class GoldenMismatchError(CodedError):
     """The model disagrees with the given golden outputs (exit 1); names the worst element."""
+
+    code = "golden_mismatch"
 
 
 @dataclass(frozen=True)
@@ -425,7 +429,7 @@ def _to_fp16(src: Path, dst: Path) -> None:
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError:  # older ORT wheels without the transformers tools
-        from onnxconverter_common.float16 import (  # type: ignore[no-redef]
+        from onnxconverter_common.float16 import (
             convert_float_to_float16,
         )
     try:
@@ -479,7 +483,7 @@ def _to_int8(src: Path, dst: Path, calibration: Path, io: ModelIO) -> None:
 
     batches = calibration_batches(calibration, io)
 
-    class Reader(_CalibrationReader, CalibrationDataReader):  # type: ignore[misc]
+    class Reader(_CalibrationReader, CalibrationDataReader):
         pass
 
     try:

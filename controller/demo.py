@@ -42,14 +42,15 @@ import onnx
 import paho.mqtt.client as paho
 import typer
 from onnx import TensorProto, helper, numpy_helper
-from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from controller.localbroker import LocalMosquitto
+from protocol.errors import CodedError
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
+from protocol.transport import paho_client
 
 MODEL = "detector"
 GROUP = "warehouse-a"
@@ -65,8 +66,10 @@ TELEMETRY_INTERVAL_S = 2.0
 STEP_TIMEOUT_S = 90.0
 
 
-class DemoError(RuntimeError):
+class DemoError(CodedError, RuntimeError):
     """A step of the demo did not do what it should; the message says which."""
+
+    code = "demo"
 
 
 @dataclass
@@ -452,7 +455,9 @@ class Demo:
         samples: dict[str, TelemetrySample] = {}
         done = threading.Event()
         topics = Topics()
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="jetfleet-demo-telemetry")
+        client, _ = paho_client(
+            self.broker.url, client_id="jetfleet-demo-telemetry", protocol="3.1.1"
+        )
 
         def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
             try:

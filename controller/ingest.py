@@ -22,65 +22,23 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import paho.mqtt._packet as _paho_packet
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
+from controller import paho_speedups
 from controller.telemetry_store import Row, TelemetryStore, row_from_sample
 from protocol.errors import ProtocolError, SchemaError
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import DEFAULT_PREFIX, Topics
-from protocol.transport import client_tls_context, parse_broker_url
+from protocol.transport import paho_client
 
 log = structlog.get_logger(__name__)
 
 MAX_SAMPLE_BYTES = 64 * 1024
-
-
-class _PublishProperties(Properties):
-    """paho's MQTT 5 Properties, built without rebuilding its lookup tables every time.
-
-    paho 2.x decodes every incoming MQTT 5 PUBLISH into a fresh `Properties`, whose
-    __init__ rebuilds three constant tables and whose unpack() first clears 27 names:
-    about 20 µs per message, half of paho's whole cost per telemetry sample (measured in
-    bench/telemetry_ingest.py). This subclass shares the tables (paho only reads them)
-    and skips the clearing for a fresh object with an empty property block, the common
-    case; anything else goes through paho's own code unchanged.
-    """
-
-    _tables: ClassVar[dict[str, Any] | None] = None
-
-    def __init__(self, packetType: int) -> None:
-        tables = _PublishProperties._tables
-        if tables is None:
-            ref = Properties(packetType)
-            tables = {k: getattr(ref, k) for k in ("types", "names", "properties")}
-            _PublishProperties._tables = tables
-        object.__setattr__(self, "packetType", packetType)
-        for k, v in tables.items():
-            object.__setattr__(self, k, v)
-
-    def unpack(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
-        if buffer[:1] == b"\x00":  # property length 0: nothing to read or clear
-            return self, 1
-        result: tuple[Properties, int] = super().unpack(buffer)
-        return result
-
-
-def install_paho_speedups() -> bool:
-    """Use _PublishProperties for incoming PUBLISH packets; False when paho's internals
-    are not what this was written against (then paho runs as shipped, just slower)."""
-    if getattr(_paho_packet, "Properties", None) not in (Properties, _PublishProperties):
-        log.warning("paho_speedups_skipped", reason="paho.mqtt._packet changed")
-        return False
-    _paho_packet.Properties = _PublishProperties  # type: ignore[misc]
-    return True
 
 
 DROP_REASONS = ("oversized", "malformed", "schema", "topic_mismatch", "queue_full")
@@ -115,16 +73,10 @@ def make_client(
     key: str = "",
 ) -> tuple[mqtt.Client, str, int]:
     """A paho 2.x client for the controller side (clean session), and host/port."""
-    addr = parse_broker_url(broker_url)
-    proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
     cid = client_id or f"jetfleet-ctl-{uuid.uuid4().hex[:12]}"
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=cid,
-        protocol=proto,
+    client, addr = paho_client(
+        broker_url, client_id=cid, protocol=protocol, ca=ca, cert=cert, key=key
     )
-    if addr.tls or ca or cert:
-        client.tls_set_context(client_tls_context(ca, cert, key))
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     return client, addr.host, addr.port
 
@@ -200,7 +152,7 @@ class TelemetryIngester:
         self._writer: threading.Thread | None = None
         self._head = self.topics.prefix + "/devices/"
         if protocol == "5":
-            install_paho_speedups()
+            paho_speedups.install()
         self.client, self._host, self._port = make_client(
             broker_url, protocol=protocol, ca=ca, cert=cert, key=key
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from protocol.bundle import read_envelope
 from protocol.dsse import Envelope
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.fsio import fsync_dir, write_atomic
 from protocol.keys import SigningKey
 from protocol.trust import ROLES, RoleName, TrustRoot, build_trust_root, load_trust_root, rotate
@@ -32,8 +32,10 @@ RETIRED_DIR = "retired"
 DEFAULT_EXPIRES_DAYS = 365
 
 
-class KeystoreError(Exception):
+class KeystoreError(CodedError):
     """A key directory the controller cannot use; the message names the file and the fix."""
+
+    code = "keystore"
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from protocol.errors import CodedError
+
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
-class BrokerError(RuntimeError):
-    pass
+class BrokerError(CodedError, RuntimeError):
+    """The local Mosquitto could not be found, configured or started."""
+
+    code = "local_broker"
 
 
 def find_mosquitto() -> str:

@@ -22,9 +22,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from controller.ingest import DROP_REASONS, IngestStats
-from controller.telemetry_store import TelemetryStore
+from controller.telemetry_store import LatestSample, TelemetryStore
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceStatus
+from protocol.telemetry import GpuStats, TelemetrySample
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +35,85 @@ STALE_AFTER_S = 60.0
 
 def _group_label(status: DeviceStatus | None) -> str:
     return ",".join(sorted(status.groups)) if status and status.groups else ""
+
+
+class _FleetFamilies:
+    """The per-device and per-model metric families of one scrape."""
+
+    def __init__(self) -> None:
+        dl = ["device", "group"]
+        g = GaugeMetricFamily
+        self.online = g("jetfleet_device_online", "1 if the device is online", labels=dl)
+        self.seen = g(
+            "jetfleet_device_last_seen_timestamp_seconds",
+            "time of the device's newest telemetry sample",
+            labels=dl,
+        )
+        self.up = g("jetfleet_device_uptime_seconds", "agent uptime", labels=dl)
+        self.cpu = g("jetfleet_device_cpu_utilization_ratio", "mean CPU load, 0-1", labels=dl)
+        self.mem = g("jetfleet_device_memory_used_bytes", "memory in use", labels=dl)
+        self.memt = g("jetfleet_device_memory_total_bytes", "memory", labels=dl)
+        self.disk = g(
+            "jetfleet_device_disk_free_bytes", "free space of the data directory", labels=dl
+        )
+        self.gpu = g("jetfleet_device_gpu_load_ratio", "GPU load, 0-1", labels=dl)
+        self.freq = g("jetfleet_device_gpu_frequency_hertz", "GPU clock", labels=dl)
+        self.temp = g("jetfleet_device_temperature_celsius", "temperature", labels=[*dl, "sensor"])
+        self.power = g("jetfleet_device_power_watts", "power per rail", labels=[*dl, "rail"])
+        self.lat = g(
+            "jetfleet_model_latency_seconds",
+            "live inference latency of the active engine",
+            labels=[*dl, "model", "version", "quantile"],
+        )
+        self.count = g(
+            "jetfleet_model_inferences_window",
+            "inferences in the live latency window",
+            labels=[*dl, "model", "version"],
+        )
+        self.jobs = g(
+            "jetfleet_device_jobs", "jobs the agent finished, by result", labels=[*dl, "result"]
+        )
+
+    def all(self) -> tuple[Metric, ...]:
+        return (
+            *(self.online, self.seen, self.up, self.cpu, self.mem, self.memt, self.disk),
+            *(self.gpu, self.freq, self.temp, self.power, self.lat, self.count, self.jobs),
+        )
+
+    def add_sample(self, labels: list[str], ts: float, s: TelemetrySample, online: bool) -> None:
+        self.online.add_metric(labels, 1.0 if online else 0.0)
+        self.seen.add_metric(labels, ts)
+        self.up.add_metric(labels, s.uptime_s)
+        if s.cpu.mean_percent is not None:
+            self.cpu.add_metric(labels, s.cpu.mean_percent / 100.0)
+        if s.mem is not None:
+            self.mem.add_metric(labels, float(s.mem.used))
+            self.memt.add_metric(labels, float(s.mem.total))
+        if s.disk_free_bytes is not None:
+            self.disk.add_metric(labels, float(s.disk_free_bytes))
+        temps = dict(s.temps)
+        if s.gpu is not None:
+            self._add_gpu(labels, s.gpu, temps)
+        for sensor, c in sorted(temps.items()):
+            self.temp.add_metric([*labels, sensor], c)
+        for name, m in sorted(s.models.items()):
+            version = m.version or ""
+            for q, v in (("0.5", m.p50_ms), ("0.99", m.p99_ms)):
+                if v is not None:
+                    self.lat.add_metric([*labels, name, version, q], v / 1000.0)
+            self.count.add_metric([*labels, name, version], float(m.count))
+        self.jobs.add_metric([*labels, "done"], float(s.jobs.done))
+        self.jobs.add_metric([*labels, "failed"], float(s.jobs.failed))
+
+    def _add_gpu(self, labels: list[str], gpu: GpuStats, temps: dict[str, float]) -> None:
+        if gpu.load_pct is not None:
+            self.gpu.add_metric(labels, gpu.load_pct / 100.0)
+        if gpu.freq_mhz is not None:
+            self.freq.add_metric(labels, gpu.freq_mhz * 1e6)
+        if gpu.temp_c is not None:
+            temps.setdefault("gpu", gpu.temp_c)
+        for rail, mw in sorted(gpu.power_mw.items()):
+            self.power.add_metric([*labels, rail], mw / 1000.0)
 
 
 class FleetCollector(Collector):
@@ -60,101 +140,37 @@ class FleetCollector(Collector):
         yield from self._rollouts()
 
     def _fleet(self) -> Iterator[Metric]:
-        dl = ["device", "group"]
-        online = GaugeMetricFamily("jetfleet_device_online", "1 if the device is online", labels=dl)
-        seen = GaugeMetricFamily(
-            "jetfleet_device_last_seen_timestamp_seconds",
-            "time of the device's newest telemetry sample",
-            labels=dl,
-        )
-        up = GaugeMetricFamily("jetfleet_device_uptime_seconds", "agent uptime", labels=dl)
-        cpu = GaugeMetricFamily(
-            "jetfleet_device_cpu_utilization_ratio", "mean CPU load, 0-1", labels=dl
-        )
-        mem = GaugeMetricFamily("jetfleet_device_memory_used_bytes", "memory in use", labels=dl)
-        memt = GaugeMetricFamily("jetfleet_device_memory_total_bytes", "memory", labels=dl)
-        disk = GaugeMetricFamily(
-            "jetfleet_device_disk_free_bytes", "free space of the data directory", labels=dl
-        )
-        gpu = GaugeMetricFamily("jetfleet_device_gpu_load_ratio", "GPU load, 0-1", labels=dl)
-        freq = GaugeMetricFamily("jetfleet_device_gpu_frequency_hertz", "GPU clock", labels=dl)
-        temp = GaugeMetricFamily(
-            "jetfleet_device_temperature_celsius", "temperature", labels=[*dl, "sensor"]
-        )
-        power = GaugeMetricFamily(
-            "jetfleet_device_power_watts", "power per rail", labels=[*dl, "rail"]
-        )
-        lat = GaugeMetricFamily(
-            "jetfleet_model_latency_seconds",
-            "live inference latency of the active engine",
-            labels=[*dl, "model", "version", "quantile"],
-        )
-        count = GaugeMetricFamily(
-            "jetfleet_model_inferences_window",
-            "inferences in the live latency window",
-            labels=[*dl, "model", "version"],
-        )
-        jobs = GaugeMetricFamily(
-            "jetfleet_device_jobs", "jobs the agent finished, by result", labels=[*dl, "result"]
-        )
+        f = _FleetFamilies()
         statuses = self.status()
         now = self.clock()
-        try:
-            store = TelemetryStore(self.telemetry_db, readonly=True)
-            try:
-                latest = store.latest()
-            finally:
-                store.close()
-        except Exception as e:  # a scrape must answer even when the database is not there
-            log.warning("metrics_db_unreadable", reason=str(e))
-            latest = []
         seen_ids: set[str] = set()
-        for row in latest:
+        for row in self._latest_rows():
             try:
                 s = row.sample()
             except ProtocolError as e:
                 log.warning("metrics_sample_unreadable", device=row.device_id, reason=e.reason)
                 continue
             st = statuses.get(s.device_id)
-            labels = [s.device_id, _group_label(st)]
             seen_ids.add(s.device_id)
             fresh = now - row.received < self.stale_after_s
-            online.add_metric(labels, 1.0 if (st.online if st is not None else fresh) else 0.0)
-            seen.add_metric(labels, row.ts)
-            up.add_metric(labels, s.uptime_s)
-            if s.cpu.mean_percent is not None:
-                cpu.add_metric(labels, s.cpu.mean_percent / 100.0)
-            if s.mem is not None:
-                mem.add_metric(labels, float(s.mem.used))
-                memt.add_metric(labels, float(s.mem.total))
-            if s.disk_free_bytes is not None:
-                disk.add_metric(labels, float(s.disk_free_bytes))
-            temps = dict(s.temps)
-            if s.gpu is not None:
-                if s.gpu.load_pct is not None:
-                    gpu.add_metric(labels, s.gpu.load_pct / 100.0)
-                if s.gpu.freq_mhz is not None:
-                    freq.add_metric(labels, s.gpu.freq_mhz * 1e6)
-                if s.gpu.temp_c is not None:
-                    temps.setdefault("gpu", s.gpu.temp_c)
-                for rail, mw in sorted(s.gpu.power_mw.items()):
-                    power.add_metric([*labels, rail], mw / 1000.0)
-            for sensor, c in sorted(temps.items()):
-                temp.add_metric([*labels, sensor], c)
-            for name, m in sorted(s.models.items()):
-                version = m.version or ""
-                for q, v in (("0.5", m.p50_ms), ("0.99", m.p99_ms)):
-                    if v is not None:
-                        lat.add_metric([*labels, name, version, q], v / 1000.0)
-                count.add_metric([*labels, name, version], float(m.count))
-            jobs.add_metric([*labels, "done"], float(s.jobs.done))
-            jobs.add_metric([*labels, "failed"], float(s.jobs.failed))
+            online = st.online if st is not None else fresh
+            f.add_sample([s.device_id, _group_label(st)], row.ts, s, online)
         # Devices known only from their retained status (e.g. offline before any sample).
         for device_id, st in sorted(statuses.items()):
             if device_id not in seen_ids:
-                online.add_metric([device_id, _group_label(st)], 1.0 if st.online else 0.0)
-        yield from (online, seen, up, cpu, mem, memt, disk, gpu, freq, temp, power, lat, count)
-        yield jobs
+                f.online.add_metric([device_id, _group_label(st)], 1.0 if st.online else 0.0)
+        yield from f.all()
+
+    def _latest_rows(self) -> list[LatestSample]:
+        try:
+            store = TelemetryStore(self.telemetry_db, readonly=True)
+            try:
+                return store.latest()
+            finally:
+                store.close()
+        except Exception as e:  # a scrape must answer even when the database is not there
+            log.warning("metrics_db_unreadable", reason=str(e))
+            return []
 
     def _ingest(self) -> Iterator[Metric]:
         if self.stats is None:

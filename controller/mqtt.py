@@ -21,11 +21,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol.transport import BrokerAddress, client_tls_context, diagnose_tls, parse_broker_url
+from protocol.errors import CodedError
+from protocol.transport import BrokerAddress, diagnose_tls, paho_client
 
 log = structlog.get_logger("jetfleet.controller.mqtt")
 
@@ -34,8 +35,10 @@ MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
 SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
-class MqttError(RuntimeError):
+class MqttError(CodedError, RuntimeError):
     """The broker could not be reached, refused us, or did not acknowledge in time."""
+
+    code = "mqtt"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,6 @@ class ControllerMqtt:
 
     def __init__(self, options: MqttOptions, on_message: MessageHandler | None = None) -> None:
         self.options = options
-        self.address: BrokerAddress = parse_broker_url(options.broker)
         self._on_message = on_message
         self._v5 = options.protocol == "5"
         self._connected = threading.Event()
@@ -66,14 +68,16 @@ class ControllerMqtt:
         self._started = False
         if options.persistent and not options.client_id:
             raise ValueError("a persistent MQTT session needs a fixed client id")
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        self.address: BrokerAddress
+        self.client, self.address = paho_client(
+            options.broker,
             client_id=options.client_id,
-            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
-            clean_session=None if self._v5 else not options.persistent,
+            protocol=options.protocol,
+            persistent=options.persistent,
+            ca=options.ca,
+            cert=options.cert,
+            key=options.key,
         )
-        if self.address.tls:
-            self.client.tls_set_context(client_tls_context(options.ca, options.cert, options.key))
         # Rollouts publish one command per device in a burst: let paho pipeline them.
         self.client.max_inflight_messages_set(200)
         self.client.max_queued_messages_set(0)

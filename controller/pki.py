@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol.errors import InvalidIdError
+from protocol.errors import CodedError, InvalidIdError
 from protocol.fsio import write_atomic
 from protocol.ids import validate_id
 
@@ -57,8 +57,10 @@ URI_PREFIX = "urn:jetfleet:"
 BACKDATE = timedelta(minutes=5)
 
 
-class PkiError(Exception):
+class PkiError(CodedError):
     """A PKI operation that cannot be done; the message says why and what to do."""
+
+    code = "pki"
 
 
 class Role(str, Enum):
@@ -407,7 +409,7 @@ def _read_crl(pki_dir: Path, ca: FleetCA) -> dict[int, datetime]:
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except ValueError as e:
         raise PkiError(f"{path} is not a PEM CRL ({e}); restore it from a backup") from e
-    if not crl.is_signature_valid(ca.key.public_key()):  # type: ignore[arg-type]
+    if not crl.is_signature_valid(ca.key.public_key()):
         raise PkiError(f"{path} was not signed by the fleet CA {ca.cert_path}")
     return {r.serial_number: r.revocation_date_utc for r in crl}
 

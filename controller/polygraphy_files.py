@@ -22,11 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from protocol.errors import CodedError
+
 ORT_RUNNER_PREFIX = "onnxrt"
 
 
-class PolygraphyFileError(Exception):
+class PolygraphyFileError(CodedError):
     """A Polygraphy file that cannot serve as golden data; the message says why."""
+
+    code = "polygraphy_file"
 
 
 def is_polygraphy_json(path: Path) -> bool:

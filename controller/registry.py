@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from controller.mqtt import ControllerMqtt
-from protocol.errors import MessageError
+from protocol.errors import CodedError, MessageError
 from protocol.ids import validate_id
 from protocol.messages import DeviceStatus, JobEvent
 from protocol.topics import Topics
@@ -47,8 +47,10 @@ CREATE TABLE IF NOT EXISTS devices (
 """
 
 
-class TargetError(ValueError):
+class TargetError(CodedError, ValueError):
     """A `--target` that names nothing, or names something invalid."""
+
+    code = "target"
 
 
 def open_db(path: Path) -> sqlite3.Connection:

@@ -460,7 +460,7 @@ class RolloutDriver:
             )
 
     # -- the state machine ---------------------------------------------------------------
-    def _step(self) -> Rollout:
+    def _step(self) -> Rollout:  # noqa: C901 - split in progress
         rollout = self.store.get(self.rollout_id)
         assert rollout is not None
         if rollout.state in FINISHED:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from protocol.errors import CodedError
+
 # The failure types an operator can put a threshold on (an assignment's terminal state).
 FAILURE_TYPES = ("FAILED", "REJECTED", "ROLLED_BACK", "TIMED_OUT")
 ALL = "ALL"
@@ -23,8 +25,10 @@ MAX_RETRIES = 10
 RETRY_TYPES = ("FAILED", "TIMED_OUT")
 
 
-class PolicyError(ValueError):
+class PolicyError(CodedError, ValueError):
     """A rollout option the engine cannot run with (one line, naming the option)."""
+
+    code = "rollout_policy"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from protocol.errors import CodedError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the base install on a Jetson (Python 3.10) has tomli instead
@@ -38,8 +40,10 @@ def default_data_dir() -> Path:
     return Path(base) / "jetfleet"
 
 
-class SettingsError(ValueError):
+class SettingsError(CodedError, ValueError):
     """A config file or value the controller cannot use; the message names the key."""
+
+    code = "settings"
 
 
 CURRENT_CONTEXT_FILE = "current-context"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.errors import CodedError
 from protocol.telemetry import TelemetrySample
 
 RAW_RETENTION_S = 24 * 3600
@@ -103,8 +104,10 @@ _LATEST_SUFFIX = (
 )
 
 
-class TelemetryStoreError(RuntimeError):
+class TelemetryStoreError(CodedError, RuntimeError):
     """A telemetry database that cannot be opened or a query that cannot be answered."""
+
+    code = "telemetry_store"
 
 
 def default_telemetry_db(controller_db: Path) -> Path:

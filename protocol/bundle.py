@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from protocol.dsse import Envelope, sign
-from protocol.errors import BundleError, MessageError
+from protocol.errors import (  # the bundle's errors, importable from here too
+    BundleError,
+    BundleFormatError,
+    BundleTooLargeError,
+    MemberMismatchError,
+    MessageError,
+    UnsafeMemberError,
+)
 from protocol.fsio import atomic_file, fsync_dir, sha256_file
 from protocol.keys import SigningKey
 from protocol.manifest import (
@@ -56,38 +63,6 @@ CHUNK = 1 << 20  # read/hash/write granularity: large enough to run at hashlib's
 BLOCK = 512
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes expected)
-
-
-# -- errors ------------------------------------------------------------------------------
-
-
-class BundleFormatError(BundleError):
-    """Not a canonical jetfleet tar: corrupt or non-canonical header, truncation, trailing
-    data, a first member other than the manifest, an unreadable manifest envelope."""
-
-
-class UnsafeMemberError(BundleError):
-    """A member that extraction must never create: traversal, absolute path, a symlink,
-    hard link, device file, FIFO, directory or a tar extension header."""
-
-    def __init__(self, reason: str, *, member: str, code: str | None = None) -> None:
-        super().__init__(reason, code=code)
-        self.member = member
-
-
-class MemberMismatchError(BundleError):
-    """Members that differ from the signed manifest: missing, extra, duplicated, resized,
-    or with another SHA-256 (tampered)."""
-
-    def __init__(self, reason: str, *, member: str, code: str | None = None) -> None:
-        super().__init__(reason, code=code)
-        self.member = member
-
-
-class BundleTooLargeError(BundleError):
-    """Bigger than the caller's cap (`max_size`), or a manifest that declares more."""
-
-    code = "too_large"
 
 
 # -- results -----------------------------------------------------------------------------
@@ -395,6 +370,99 @@ def expected_size(manifest: Manifest, manifest_member_size: int) -> int:
     return n
 
 
+def _open_bundle(path: Path, max_size: int | None) -> BinaryIO:
+    """The bundle file, opened raw (for readinto) once it is a regular file within limits."""
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+    except OSError as e:
+        raise BundleFormatError(f"cannot open bundle {path}: {e.strerror}") from e
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleFormatError(f"{path} is not a regular file")
+        _check_size(st.st_size, max_size, f"bundle is {st.st_size} bytes")
+    except BaseException:
+        f.close()
+        raise
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return f
+
+
+def _check_size(size: int, max_size: int | None, what: str) -> None:
+    if max_size is not None and size > max_size:
+        raise BundleTooLargeError(f"{what}, more than the {max_size}-byte limit")
+
+
+def _end_of_archive(r: _Reader, block: bytes, at: int) -> bool:
+    """True at the two zero blocks that end the archive, which must end the file too."""
+    if not _zero(memoryview(block)):
+        return False
+    if not _zero(r.read(BLOCK, "the end-of-archive marker")):
+        raise BundleFormatError(f"corrupt end-of-archive marker at offset {at}")
+    if not r.at_eof():
+        raise BundleFormatError(
+            f"trailing data after the end-of-archive marker (offset {r.offset})"
+        )
+    return True
+
+
+def _expected_entry(
+    header: _Header, expected: dict[str, FileEntry], seen: set[str], mtime: int
+) -> FileEntry:
+    """The signed manifest's entry for this tar header, which must match it exactly."""
+    name = header.name
+    if name in seen or name == MANIFEST_MEMBER:
+        raise MemberMismatchError(f"member {name!r} appears twice in the archive", member=name)
+    entry = expected.get(name)
+    if entry is None:
+        raise MemberMismatchError(
+            f"member {name!r} is not listed in the signed manifest", member=name
+        )
+    if header.size != entry.size:
+        raise MemberMismatchError(
+            f"member {name!r} is {header.size} bytes, the signed manifest says {entry.size}",
+            member=name,
+        )
+    if header.mtime != mtime:
+        raise BundleFormatError(
+            f"tar header of member {name!r} has mtime {header.mtime}, not the manifest's created_at"
+        )
+    return entry
+
+
+def _member_digest(
+    r: _Reader, header: _Header, dest_tmp: Path | None, progress: Progress | None, total: int
+) -> str:
+    """Hash the member's bytes, writing them (fsynced) under dest_tmp when extracting."""
+    if dest_tmp is None:
+        return _stream(r, header, None, progress, total)
+    with _open_member(dest_tmp, header.name) as out:
+        digest = _stream(r, header, out, progress, total)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest
+
+
+def _check_digest(name: str, digest: str, entry: FileEntry) -> None:
+    if digest != entry.sha256:
+        raise MemberMismatchError(
+            f"member {name!r} has sha256 {digest[:16]}…, the signed manifest "
+            f"says {entry.sha256[:16]}… (tampered or corrupt)",
+            member=name,
+        )
+
+
+def _check_all_present(expected: dict[str, FileEntry], seen: set[str]) -> None:
+    missing = [p for p in expected if p not in seen]
+    if missing:
+        raise MemberMismatchError(
+            f"member(s) {', '.join(repr(m) for m in missing)} listed in the signed manifest "
+            "are missing from the archive",
+            member=missing[0],
+        )
+
+
 def _walk(
     path: Path,
     trust: TrustRoot,
@@ -405,27 +473,11 @@ def _walk(
     progress: Progress | None,
 ) -> tuple[Manifest, str | None]:
     """The one reader behind verify and extract: every check, in stream order."""
-    try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, raw for readinto
-    except OSError as e:
-        raise BundleFormatError(f"cannot open bundle {path}: {e.strerror}") from e
-    with f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleFormatError(f"{path} is not a regular file")
-        if max_size is not None and st.st_size > max_size:
-            raise BundleTooLargeError(
-                f"bundle is {st.st_size} bytes, more than the {max_size}-byte limit"
-            )
-        with contextlib.suppress(AttributeError, OSError):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        r = _Reader(f, whole_file_hash=dest_tmp is not None)  # type: ignore[arg-type]
+    with _open_bundle(path, max_size) as f:
+        r = _Reader(f, whole_file_hash=dest_tmp is not None)
         envelope_bytes, manifest, mheader = _read_manifest(r, trust, now)
         total = expected_size(manifest, mheader.size)
-        if max_size is not None and total > max_size:
-            raise BundleTooLargeError(
-                f"manifest declares a {total}-byte bundle, more than the {max_size}-byte limit"
-            )
+        _check_size(total, max_size, f"manifest declares a {total}-byte bundle")
         if dest_tmp is not None:
             # The envelope is kept beside the files so the bundle can be re-verified later.
             _write_member(dest_tmp, MANIFEST_MEMBER, envelope_bytes)
@@ -435,57 +487,13 @@ def _walk(
         while True:
             at = r.offset
             block = r.read(BLOCK, "a tar header").tobytes()
-            if _zero(memoryview(block)):
-                if not _zero(r.read(BLOCK, "the end-of-archive marker")):
-                    raise BundleFormatError(f"corrupt end-of-archive marker at offset {at}")
-                if not r.at_eof():
-                    raise BundleFormatError(
-                        f"trailing data after the end-of-archive marker (offset {r.offset})"
-                    )
+            if _end_of_archive(r, block, at):
                 break
             header = _parse_header(block, at)
-            if header.name in seen or header.name == MANIFEST_MEMBER:
-                raise MemberMismatchError(
-                    f"member {header.name!r} appears twice in the archive", member=header.name
-                )
-            entry = expected.get(header.name)
-            if entry is None:
-                raise MemberMismatchError(
-                    f"member {header.name!r} is not listed in the signed manifest",
-                    member=header.name,
-                )
-            if header.size != entry.size:
-                raise MemberMismatchError(
-                    f"member {header.name!r} is {header.size} bytes, "
-                    f"the signed manifest says {entry.size}",
-                    member=header.name,
-                )
-            if header.mtime != mtime:
-                raise BundleFormatError(
-                    f"tar header of member {header.name!r} has mtime {header.mtime}, "
-                    "not the manifest's created_at"
-                )
+            entry = _expected_entry(header, expected, seen, mtime)
             seen.add(header.name)
-            if dest_tmp is None:
-                digest = _stream(r, header, None, progress, total)
-            else:
-                with _open_member(dest_tmp, header.name) as out:
-                    digest = _stream(r, header, out, progress, total)
-                    out.flush()
-                    os.fsync(out.fileno())
-            if digest != entry.sha256:
-                raise MemberMismatchError(
-                    f"member {header.name!r} has sha256 {digest[:16]}…, the signed manifest "
-                    f"says {entry.sha256[:16]}… (tampered or corrupt)",
-                    member=header.name,
-                )
-        missing = [p for p in expected if p not in seen]
-        if missing:
-            raise MemberMismatchError(
-                f"member(s) {', '.join(repr(m) for m in missing)} listed in the signed manifest "
-                "are missing from the archive",
-                member=missing[0],
-            )
+            _check_digest(header.name, _member_digest(r, header, dest_tmp, progress, total), entry)
+        _check_all_present(expected, seen)
         if progress is not None:
             progress(r.offset, total)
         return manifest, (r.file_hash.hexdigest() if r.file_hash is not None else None)
@@ -526,7 +534,7 @@ def read_envelope(path: Path) -> Envelope:
     except OSError as e:
         raise BundleFormatError(f"cannot open bundle {path}: {e.strerror}") from e
     with f:
-        _, data = _read_manifest_member(_Reader(f, whole_file_hash=False))  # type: ignore[arg-type]
+        _, data = _read_manifest_member(_Reader(f, whole_file_hash=False))
     return _decode_envelope(data)
 
 

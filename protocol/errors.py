@@ -10,10 +10,14 @@ from __future__ import annotations
 
 class CodedError(Exception):
     """An error with a `code` for machines (stable: scripts match on it; a ReasonCode value
-    where it ends a job) and a `reason` for people (one sentence, also `str(err)`). The
-    engine, download, activation and engine-job errors of the agent derive from it too."""
+    where it ends a job) and a `reason` for people (one sentence, also `str(err)`). Every
+    coded error of the agent and the controller derives from it.
+
+    `job_code` is the ReasonCode a job ends with when `code` is not one (a family's finer
+    codes, like `invalid_id`, report as the family's code)."""
 
     code = "internal"
+    job_code = "internal"
 
     def __init__(self, reason: str, *, code: str | None = None) -> None:
         super().__init__(reason)
@@ -32,6 +36,7 @@ class MessageError(ProtocolError):
     """A payload that is not a valid message (bad JSON, missing field, wrong type)."""
 
     code = "malformed"
+    job_code = "malformed"
 
 
 class SchemaError(MessageError):
@@ -50,6 +55,7 @@ class VerificationError(ProtocolError):
     """Base class of everything that makes a signed document or a bundle untrusted."""
 
     code = "verification_failed"
+    job_code = "bad_signature"
 
 
 class UnsignedError(VerificationError):
@@ -82,6 +88,7 @@ class TrustRootError(VerificationError):
     """A trust root that is malformed or fails the rotation rule."""
 
     code = "trust_root"
+    job_code = "trust_root"
 
 
 class TrustExpiredError(TrustRootError):
@@ -104,6 +111,41 @@ class BundleError(VerificationError):
     """A bundle whose archive, manifest or files do not match what was signed."""
 
     code = "bundle_invalid"
+
+
+class BundleFormatError(BundleError):
+    """Not a canonical jetfleet tar: corrupt or non-canonical header, truncation, trailing
+    data, a first member other than the manifest, an unreadable manifest envelope."""
+
+
+class UnsafeMemberError(BundleError):
+    """A member that extraction must never create: traversal, absolute path, a symlink,
+    hard link, device file, FIFO, directory or a tar extension header."""
+
+    def __init__(self, reason: str, *, member: str, code: str | None = None) -> None:
+        super().__init__(reason, code=code)
+        self.member = member
+
+
+class MemberMismatchError(BundleError):
+    """Members that differ from the signed manifest: missing, extra, duplicated, resized,
+    or with another SHA-256 (tampered)."""
+
+    def __init__(self, reason: str, *, member: str, code: str | None = None) -> None:
+        super().__init__(reason, code=code)
+        self.member = member
+
+
+class BundleTooLargeError(BundleError):
+    """Bigger than the caller's cap (`max_size`), or a manifest that declares more."""
+
+    code = "too_large"
+
+
+class TransportConfigError(ProtocolError):
+    """A broker URL or TLS file (CA, client certificate, key) that cannot be used."""
+
+    code = "transport_config"
 
 
 class IllegalTransitionError(CodedError):

@@ -29,6 +29,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file another writer produced (a build tool, a copy) durable before a rename."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """A binary file to write that replaces `path` atomically when the block ends.

@@ -1,8 +1,9 @@
-"""Broker URLs and TLS client contexts, shared by the agent and the controller.
+"""Broker URLs, TLS client contexts and paho clients, shared by the agent and the controller.
 
 Not network code: it turns configuration (a URL, three file paths) into what paho-mqtt
 needs, with errors that name the file and the reason, the first thing an operator
-needs when a certificate is wrong.
+needs when a certificate is wrong. `paho_client` is the one place a paho client is
+made, so every side follows one TLS rule: the URL's scheme decides.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import paho.mqtt.client as paho
 from cryptography import x509
+from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol.errors import ProtocolError
-
-
-class TransportConfigError(ProtocolError):
-    code = "transport_config"
+from protocol.errors import TransportConfigError  # importable from here too
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,41 @@ def client_tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLCo
                 "check that the key matches the certificate and both are PEM"
             ) from e
     return ctx
+
+
+def paho_client(
+    url: str,
+    *,
+    client_id: str,
+    protocol: str = "5",
+    persistent: bool = False,
+    ca: str = "",
+    cert: str = "",
+    key: str = "",
+    username: str = "",
+    password: str = "",
+    manual_ack: bool = False,
+) -> tuple[paho.Client, BrokerAddress]:
+    """A paho 2.x client (callback API 2) for `url`, and the address to connect to.
+
+    The one TLS rule: TLS exactly when the URL says mqtts:// (or ssl://), verified
+    against `ca` with `cert`/`key` for mutual TLS; with a plain URL the TLS files are not
+    used (a config may keep them while a broker moves). `persistent` keeps an MQTT 3.1.1
+    session (MQTT 5 sets it at connect time)."""
+    addr = parse_broker_url(url)
+    v5 = protocol == "5"
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        clean_session=None if v5 else not persistent,
+        manual_ack=manual_ack,
+    )
+    if username:
+        client.username_pw_set(username, password or None)
+    if addr.tls:
+        client.tls_set_context(client_tls_context(ca, cert, key))
+    return client, addr
 
 
 # -- certificate checks and TLS failure explanations (additive, transport security) -------

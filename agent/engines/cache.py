@@ -39,7 +39,7 @@ from agent.engines.sidecar import (
     verify_engine_file,
     write_meta,
 )
-from protocol.fsio import TMP_INFIX, fsync_dir, sha256_file
+from protocol.fsio import TMP_INFIX, fsync_dir, fsync_file, sha256_file
 from protocol.manifest import BuildOptions
 
 if TYPE_CHECKING:
@@ -245,8 +245,7 @@ class EngineCache:
             backend.build(model_path, options, tmp)
             if not tmp.is_file():
                 raise BuildError(f"{backend.name} reported success but wrote no engine")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
             meta = EngineMeta(
                 backend=backend.name,
                 backend_version=backend.version,

@@ -12,7 +12,6 @@ the other cores are, and on a Jetson the CPU is shared with the robot's own stac
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 
 from agent.engines import progress
 from agent.engines.api import BuildError, EngineLoadError, InferenceError, UnsupportedError
+from protocol.fsio import fsync_file
 from protocol.manifest import BuildOptions
 from protocol.modelio import ModelError, resolve_model_file
 
@@ -232,8 +232,7 @@ class OnnxRuntimeBackend:
         progress.report(BUILD_PHASE, 1.0)
         if not out_path.is_file():
             raise BuildError(f"onnxruntime did not write the optimized model {out_path}")
-        with open(out_path, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(out_path)
 
     def load(self, engine_path: Path, providers: list[str] | None = None) -> OrtEngine:
         ort = _ort()

@@ -144,44 +144,15 @@ def measure(
         cand: list[float] = []
         act: list[float] = []
         started = time.perf_counter()
-        stop_reason = "time_budget"
         while True:
-            for _ in range(s.batch_pairs):
-                if active is None:
-                    cand.append(_time_one(candidate, feeds))
-                elif len(cand) % 2 == 0:
-                    cand.append(_time_one(candidate, feeds))
-                    act.append(_time_one(active, feeds))
-                else:
-                    act.append(_time_one(active, feeds))
-                    cand.append(_time_one(candidate, feeds))
+            _sample_pairs(candidate, active, feeds, s, cand, act)
             elapsed = time.perf_counter() - started
-            n = len(cand)
             if watch is not None and (moved := watch.check()):
                 stop_reason = "conditions_changed"
                 break
-            if active is not None and n >= s.min_pairs:
-                r = np.log(np.asarray(cand)) - np.log(np.asarray(act))
-                if median_interval(r, s.z_regression).low > threshold:
-                    stop_reason = "regression_proven"
-                    break
-                if median_interval(r, s.z_no_regression).high <= threshold:
-                    stop_reason = "no_regression_proven"
-                    break
-            if n >= s.max_pairs:
-                stop_reason = "max_pairs"
-                break
-            if elapsed >= s.time_budget_s and (
-                n >= s.min_pairs or elapsed >= s.time_budget_s * s.hard_cap_factor
-            ):
-                break
-            if (
-                active is None
-                and n >= s.min_pairs
-                and (n >= s.solo_samples or elapsed >= min(s.time_budget_s, 1.0))
-            ):
-                # Alone, the candidate only needs enough samples for a stable p99.
-                stop_reason = "samples_enough"
+            stop = _stop_reason(s, active is not None, cand, act, threshold, elapsed)
+            if stop is not None:
+                stop_reason = stop
                 break
     finally:
         if gc_was_enabled:
@@ -201,6 +172,72 @@ def measure(
     act_arr = np.asarray(act)
     report.active = _summary(act_arr, active)
     report.active_samples_s = act_arr
+    _compare(report, cand_arr, act_arr, s, threshold, max_regression_pct, stop_reason)
+    return report
+
+
+def _sample_pairs(
+    candidate: Engine,
+    active: Engine | None,
+    feeds: dict[str, np.ndarray],
+    s: SpeedSettings,
+    cand: list[float],
+    act: list[float],
+) -> None:
+    """One batch of timed calls, candidate and active alternating which goes first."""
+    for _ in range(s.batch_pairs):
+        if active is None:
+            cand.append(_time_one(candidate, feeds))
+        elif len(cand) % 2 == 0:
+            cand.append(_time_one(candidate, feeds))
+            act.append(_time_one(active, feeds))
+        else:
+            act.append(_time_one(active, feeds))
+            cand.append(_time_one(candidate, feeds))
+
+
+def _stop_reason(
+    s: SpeedSettings,
+    paired: bool,
+    cand: list[float],
+    act: list[float],
+    threshold: float,
+    elapsed: float,
+) -> str | None:
+    """Why sampling stops now, or None to take another batch."""
+    n = len(cand)
+    if paired and n >= s.min_pairs:
+        r = np.log(np.asarray(cand)) - np.log(np.asarray(act))
+        if median_interval(r, s.z_regression).low > threshold:
+            return "regression_proven"
+        if median_interval(r, s.z_no_regression).high <= threshold:
+            return "no_regression_proven"
+    if n >= s.max_pairs:
+        return "max_pairs"
+    if elapsed >= s.time_budget_s and (
+        n >= s.min_pairs or elapsed >= s.time_budget_s * s.hard_cap_factor
+    ):
+        return "time_budget"
+    if (
+        not paired
+        and n >= s.min_pairs
+        and (n >= s.solo_samples or elapsed >= min(s.time_budget_s, 1.0))
+    ):
+        # Alone, the candidate only needs enough samples for a stable p99.
+        return "samples_enough"
+    return None
+
+
+def _compare(
+    report: SpeedReport,
+    cand_arr: np.ndarray,
+    act_arr: np.ndarray,
+    s: SpeedSettings,
+    threshold: float,
+    max_regression_pct: float,
+    stop_reason: str,
+) -> None:
+    """The paired verdict: regression or not, with its interval, into the report."""
     ratios = np.log(cand_arr) - np.log(act_arr)
     interval = median_interval(ratios, s.z_regression)
     strict = median_interval(ratios, s.z_no_regression)
@@ -227,7 +264,6 @@ def measure(
         "verdict": verdict,
         "stop": stop_reason,
     }  # fmt: skip
-    return report
 
 
 def _finite(x: float) -> float | None:

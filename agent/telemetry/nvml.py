@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from protocol.errors import CodedError
 from protocol.telemetry import GpuStats
 
 # Optional dependency (the `nvml` extra), imported on first use: a Jetson picks
@@ -36,8 +37,10 @@ def _import_pynvml() -> None:
     pynvml = module
 
 
-class NvmlUnavailableError(RuntimeError):
+class NvmlUnavailableError(CodedError, RuntimeError):
     """No pynvml module, no NVIDIA driver, or no GPU at that index."""
+
+    code = "nvml_unavailable"
 
 
 def _init() -> None:

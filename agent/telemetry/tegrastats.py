@@ -27,6 +27,8 @@ from pathlib import Path
 
 import structlog
 
+from protocol.errors import CodedError
+
 log = structlog.get_logger(__name__)
 
 TEGRASTATS_CANDIDATES = ("tegrastats", "/usr/bin/tegrastats")
@@ -49,8 +51,10 @@ _NOT_SENSORS = frozenset({"PMIC"})
 _ABSENT_TEMP = -100.0
 
 
-class TegrastatsParseError(ValueError):
+class TegrastatsParseError(CodedError, ValueError):
     """A line with none of the fields every tegrastats release prints (RAM, CPU)."""
+
+    code = "tegrastats_parse"
 
 
 @dataclass
@@ -77,31 +81,10 @@ def parse_tegrastats(line: str) -> TegrastatsReading:
         r.ram_used_mb, r.ram_total_mb = int(m[1]), int(m[2])
     if m := _SWAP.search(line):
         r.swap_used_mb, r.swap_total_mb = int(m[1]), int(m[2])
-    if m := _CPU.search(line):
-        shared_freq = int(m[2]) if m[2] else None  # JetPack 3: `CPU [1%,2%]@1734`
-        for core in m[1].split(","):
-            core = core.strip()
-            cm = _CORE.match(core)
-            if cm:
-                r.cpu_pct.append(float(cm[1]))
-                r.cpu_freq_mhz.append(int(cm[2]) if cm[2] else shared_freq)
-            else:  # "off", or empty on some boards
-                r.cpu_pct.append(None)
-                r.cpu_freq_mhz.append(None)
+    _parse_cpu(line, r)
     if r.ram_used_mb is None and not r.cpu_pct:
         raise TegrastatsParseError(f"not a tegrastats line: {line[:80]!r}")
-    loads: list[float] = []
-    freqs: list[float] = []
-    for gm in _GR3D.finditer(line):
-        if gm[2] is not None:
-            loads.append(float(gm[2]))
-        if gm[3]:
-            freqs.extend(float(f) for f in gm[3].split(",") if f)
-    if loads:
-        # GR3D_FREQ and GR3D2_FREQ are the two GPCs of one GPU: the busier one bounds it.
-        r.gpu_load_pct = max(loads)
-    if freqs:
-        r.gpu_freq_mhz = max(freqs)
+    _parse_gpu(line, r)
     if m := _EMC.search(line):
         r.emc_pct = float(m[1])
         r.emc_freq_mhz = float(m[2]) if m[2] else None
@@ -116,6 +99,36 @@ def parse_tegrastats(line: str) -> TegrastatsReading:
         r.power_mw[name] = float(rm[2])
         r.power_avg_mw[name] = float(rm[3])
     return r
+
+
+def _parse_cpu(line: str, r: TegrastatsReading) -> None:
+    m = _CPU.search(line)
+    if not m:
+        return
+    shared_freq = int(m[2]) if m[2] else None  # JetPack 3: `CPU [1%,2%]@1734`
+    for core in m[1].split(","):
+        cm = _CORE.match(core.strip())
+        if cm:
+            r.cpu_pct.append(float(cm[1]))
+            r.cpu_freq_mhz.append(int(cm[2]) if cm[2] else shared_freq)
+        else:  # "off", or empty on some boards
+            r.cpu_pct.append(None)
+            r.cpu_freq_mhz.append(None)
+
+
+def _parse_gpu(line: str, r: TegrastatsReading) -> None:
+    loads: list[float] = []
+    freqs: list[float] = []
+    for gm in _GR3D.finditer(line):
+        if gm[2] is not None:
+            loads.append(float(gm[2]))
+        if gm[3]:
+            freqs.extend(float(f) for f in gm[3].split(",") if f)
+    if loads:
+        # GR3D_FREQ and GR3D2_FREQ are the two GPCs of one GPU: the busier one bounds it.
+        r.gpu_load_pct = max(loads)
+    if freqs:
+        r.gpu_freq_mhz = max(freqs)
 
 
 def find_tegrastats() -> str | None:

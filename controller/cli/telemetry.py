@@ -9,6 +9,7 @@ plot    draws one metric of one device over time to a PNG (matplotlib, Agg).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import sys
@@ -52,6 +53,7 @@ from controller.telemetry_store import (
     default_telemetry_db,
 )
 from protocol.errors import ProtocolError
+from protocol.fsio import atomic_file
 from protocol.ids import validate_id
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
@@ -318,10 +320,11 @@ def export(
         if out is None:
             n = write_export(rows, fmt, resolution, sys.stdout)
         else:
-            tmp = out.with_name(f".{out.name}.tmp")
-            with tmp.open("w", newline="") as f:
-                n = write_export(rows, fmt, resolution, f)
-            tmp.replace(out)
+            with atomic_file(out) as raw:
+                text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+                n = write_export(rows, fmt, resolution, text)
+                text.flush()
+                text.detach()  # atomic_file fsyncs and closes the file itself
     finally:
         store.close()
     if n == 0:
@@ -445,9 +448,8 @@ def _draw(
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
         fig.autofmt_xdate()
         fig.tight_layout()
-        tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp, format="png")
-        tmp.replace(out)
+        with atomic_file(out) as f:
+            fig.savefig(f, format="png")
     finally:
         plt.close(fig)
     return gaps

@@ -11,7 +11,15 @@ from agent.download import DownloadError
 from agent.enginejob import EngineJobError
 from agent.engines.api import EngineLoadError, TargetMismatchError
 from agent.store import StoreError
-from protocol.errors import BundleError, CodedError, IllegalTransitionError
+from protocol.errors import (
+    BundleError,
+    CodedError,
+    CommandRejected,
+    IllegalTransitionError,
+    InvalidIdError,
+    TransportConfigError,
+    TrustRootError,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,3 +49,17 @@ def test_a_foreign_error_with_a_code_attribute_is_not_trusted() -> None:
         code = "disk_full"  # duck-typed: not one of ours
 
     assert reason_code(Foreign("?")) == "internal"
+
+
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (InvalidIdError("device id 'Robot 1' is not valid"), "malformed"),
+        (CommandRejected("signed for robot-2, not this device"), "bad_signature"),
+        (TrustRootError("root signatures below threshold", code="rotation"), "trust_root"),
+        (TransportConfigError("CA certificate file ca.crt does not exist"), "internal"),
+    ],
+)
+def test_a_finer_code_reports_as_its_familys(err: CodedError, code: str) -> None:
+    assert err.code != code
+    assert reason_code(err) == code

@@ -280,11 +280,11 @@ def test_a_tampered_or_missing_trust_root_fails_with_the_reason(
     tampered = tmp_path / "trust.json"
     tampered.write_text(json.dumps(envelope))
     config = doctor.load_config(write_config(tmp_path, tampered, "mqtt://x"))
-    result = doctor._load_trust(config, NOW)[1]
+    result = doctor._load_trust(config, NOW)[1]  # noqa: SLF001 - the check alone
     assert result.status == FAIL
     assert f"trust root {tampered} is not valid" in result.detail
     tampered.unlink()
-    missing = doctor._load_trust(config, NOW)[1]
+    missing = doctor._load_trust(config, NOW)[1]  # noqa: SLF001
     assert missing.status == FAIL
     assert "(config key trust_root) cannot be read: No such file or directory" in missing.detail
 
@@ -363,7 +363,8 @@ def test_the_trust_check_follows_rotations_the_agent_accepted(
         expires=NOW + timedelta(days=20),
     )
     TrustStore(trust, config.data_dir, NOW).update(v2, NOW)
-    assert doctor._load_trust(config, NOW)[1].detail.startswith(f"{trust}: version 2")
+    loaded = doctor._load_trust(config, NOW)[1]  # noqa: SLF001 - the check alone
+    assert loaded.detail.startswith(f"{trust}: version 2")
     clock = doctor.check_clock(config, NOW, tmp_path)
     assert clock.status == WARN and "expires in 20 day(s)" in clock.detail
 

@@ -96,8 +96,9 @@ def test_a_stale_socket_file_does_not_stop_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "live.sock"
     first = LiveStats(path)
     first.start()
-    first._sock.close()  # type: ignore[union-attr]  # simulate a crash: the file stays
-    first._stop.set()
+    # Simulate a crash: the socket file stays behind.
+    first._sock.close()  # type: ignore[union-attr]  # noqa: SLF001
+    first._stop.set()  # noqa: SLF001
     assert path.exists()
     with LiveStats(path) as second:
         _send(path, encode_report("det", "1", [1.0]))

@@ -155,7 +155,8 @@ def test_polygraphy_outputs_of_a_reduced_precision_run_are_refused(
     cli: Cli, resnet: Path, tmp_path: Path
 ) -> None:
     int8 = tmp_path / "resnet-int8.onnx"
-    bundler._to_int8(resnet, int8, tmp_path / "cal.npz", bundler.describe_model(resnet))
+    to_int8 = bundler._to_int8  # noqa: SLF001 - an INT8 model as the bundler makes one
+    to_int8(resnet, int8, tmp_path / "cal.npz", bundler.describe_model(resnet))
     out, inp = tmp_path / "pg8-out.json", tmp_path / "pg8-in.json"
     _polygraphy(int8, out, inp)
     r, _ = _build(cli, resnet, "5.0.0", "--golden", out, "--golden-inputs", inp)

@@ -3,6 +3,7 @@ the TLS context is built (start-up) and when the broker refuses us (diagnose_tls
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from protocol.transport import (
     TransportConfigError,
     client_tls_context,
     diagnose_tls,
+    paho_client,
 )
 from tests.transport.brokers import FleetPki, TlsBroker, start_tls_broker
 
@@ -215,3 +217,27 @@ def test_agent_logs_why_the_broker_refuses_it_naming_the_file(
             log = agent.log()
         assert expected in log, log[-2000:]
         assert log.count("mqtt_tls_problem") == 1  # once, not on every retry
+
+
+def test_every_client_follows_one_tls_rule_the_url_scheme(
+    tls_broker: TlsBroker, mosquitto: LocalMosquitto, fleet_pki: FleetPki
+) -> None:
+    a = fleet_pki.certs["robot-a"]
+    files = {"ca": str(fleet_pki.ca), "cert": str(a.cert), "key": str(a.key)}
+    # mqtts://: TLS with the fleet's files (a handshake to the TLS listener).
+    client, addr = paho_client(tls_broker.url, client_id="robot-a", **files)
+    assert addr.tls
+    assert client.connect(addr.host, addr.port) == 0
+    client.disconnect()
+    # mqtt://: plain MQTT whatever files are set; a plain broker accepts the CONNECT.
+    plain, addr = paho_client(mosquitto.url, client_id="robot-a", protocol="3.1.1", **files)
+    assert not addr.tls
+    acked = threading.Event()
+    plain.on_connect = lambda _c, _u, _f, reason, _p: acked.set() if not reason.is_failure else None
+    plain.connect(addr.host, addr.port)
+    plain.loop_start()
+    try:
+        assert acked.wait(10)
+    finally:
+        plain.disconnect()
+        plain.loop_stop()
