@@ -4,7 +4,7 @@ TensorRT and ONNX Runtime are large (tens to hundreds of MiB, a CUDA context on 
 Jetson), can take minutes, and can crash or be OOM-killed on a model that does not fit.
 None of that may happen inside the daemon: the worker starts
 
-    python -m agent.enginejob      (request: one JSON line on stdin)
+    python -m agent.enginejob      (request: one EngineRequest as a JSON line on stdin)
 
 which checks targets and builds (through the EngineCache), prints `{"built": ...}`, waits
 for `gate` on stdin (the worker persists VALIDATING first), runs the gate and prints
@@ -45,17 +45,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from agent.download import Canceled
 from protocol.errors import CodedError
+from protocol.manifest import BuildOptions, GateSpec, Targets, TensorSpec
 
 if TYPE_CHECKING:  # the daemon side stays numpy-free
     from agent.engines.api import Backend
     from agent.engines.cache import EngineCache
     from agent.gate.speed import SpeedSettings
-    from protocol.manifest import BuildOptions
 
 
 PROGRESS_EVERY_S = 0.5  # child -> worker; the worker throttles events further
+
+
+class SpeedRequest(BaseModel):
+    """The agent's [gate] settings for the speed comparison (agent.gate.SpeedSettings)."""
+
+    model_config = ConfigDict(extra="forbid")
+    attempts: int | None = None
+    retry_wait_s: float | None = None
+    max_temp_rise_c: float | None = None
+
+
+class EngineRequest(BaseModel):
+    """What the worker asks of the engine child: built by the worker in one place
+    (Worker._engine_request), sent as one JSON line, parsed by child_main.
+
+    mode "deploy": check targets, build through the cache, then (on "gate") run the gate
+    on `golden` against `active`. mode "ensure": make a held version's `engine` loadable
+    here, rebuilding it from `model` (None: its bundle is no longer held) when it is not.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: str = Field(default="deploy", pattern="^(deploy|ensure)$")
+    backend: str
+    allow_cpu_fallback: bool = True
+    cache_root: Path
+    timing_cache_dir: Path | None = None
+    cache_bytes: int
+    model: Path | None
+    model_sha256: str
+    build: BuildOptions = Field(default_factory=BuildOptions)
+    targets: Targets = Field(default_factory=Targets)
+    protect: list[Path] = Field(default_factory=list)
+    memory_bytes: int | None = None
+    sysfs_root: Path = Path("/")
+    engine: Path | None = None  # ensure: the held engine to keep when it loads
+    golden: Path | None = None  # deploy: checked before the build, used by the gate
+    golden_max_bytes: int = 0
+    inputs: list[TensorSpec] = Field(default_factory=list)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+    gate: GateSpec | None = None
+    active: Path | None = None  # deploy: the engine the gate compares speed against
+    speed: SpeedRequest = Field(default_factory=SpeedRequest)
 
 
 class Throttle:
@@ -148,7 +192,7 @@ class EngineJob:
 
     def __init__(
         self,
-        request: dict[str, Any],
+        request: EngineRequest,
         *,
         canceled: Callable[[], bool],
         stopping: Callable[[], bool],
@@ -186,7 +230,7 @@ class EngineJob:
             )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
-        self._send(json.dumps(request))
+        self._send(request.model_dump_json())
 
     def _read(self, out: IO[str]) -> None:
         for line in out:
@@ -319,16 +363,15 @@ def _progress_sink() -> Callable[[str, float], None]:
     return sink
 
 
-def _loadable_engine(
-    cache: EngineCache, backend: Backend, req: dict[str, Any], build: BuildOptions
-) -> Path:
+def _loadable_engine(cache: EngineCache, backend: Backend, req: EngineRequest) -> Path:
     """The engine for this request from the cache, built if missing; a cached one that
     does not load (deserialize) here is evicted and rebuilt, once."""
     from agent.engines import EngineLoadError
 
     def get() -> Path:
-        return cache.get_or_build(backend, Path(req["model"]), req["model_sha256"], build,
-                                  protect=[Path(p) for p in req["protect"]])  # fmt: skip
+        assert req.model is not None
+        return cache.get_or_build(backend, req.model, req.model_sha256, req.build,
+                                  protect=req.protect)  # fmt: skip
 
     builds = cache.builds
     engine = get()
@@ -379,25 +422,18 @@ def _cap_memory(limit: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
-def _check_golden(req: dict[str, Any]) -> None:
+def _check_golden(req: EngineRequest) -> None:
     """Before the build (minutes on a Jetson): the golden file is the manifest's."""
     from agent.gate.golden import check_golden
-    from protocol.manifest import TensorSpec
 
-    tensors = req["tensors"]
-    check_golden(
-        Path(req["golden"]),
-        [TensorSpec.model_validate(t) for t in tensors["inputs"]],
-        [TensorSpec.model_validate(t) for t in tensors["outputs"]],
-        int(req["golden_max_bytes"]),
-    )
+    assert req.golden is not None
+    check_golden(req.golden, req.inputs, req.outputs, req.golden_max_bytes)
 
 
-def _speed_settings(doc: dict[str, Any]) -> SpeedSettings:
+def _speed_settings(speed: SpeedRequest) -> SpeedSettings:
     from agent.gate import SpeedSettings
 
-    known = {"attempts", "retry_wait_s", "max_temp_rise_c"}
-    return SpeedSettings(**{k: v for k, v in doc.items() if k in known})
+    return SpeedSettings(**speed.model_dump(exclude_none=True))
 
 
 def _emit_not_judged(attempt: int, attempts: int, moved: list[str], wait_s: float) -> None:
@@ -405,10 +441,108 @@ def _emit_not_judged(attempt: int, attempts: int, moved: list[str], wait_s: floa
                           "retry_in_s": wait_s}})  # fmt: skip
 
 
-def _disk_full(err: BaseException, req: dict[str, Any]) -> str | None:
-    if not req.get("cache_root") or not req.get("model"):
+def _disk_full(err: BaseException, req: EngineRequest | None) -> str | None:
+    if req is None or req.model is None:
         return None
-    return disk_full_reason(err, Path(req["cache_root"]), Path(req["model"]))
+    return disk_full_reason(err, req.cache_root, req.model)
+
+
+def _built(engine: Path, hardware: Any, backend: Backend, *, rebuilt: bool = True) -> None:
+    _emit({"built": {"engine": str(engine), "hardware": hardware.to_dict(),
+                     "backend": backend.name, "backend_version": backend.version,
+                     "rebuilt": rebuilt}})  # fmt: skip
+
+
+def _held_engine_loads(req: EngineRequest) -> bool:
+    """ensure: a rollback target keeps its engine when it loads here (same file, same
+    TensorRT version); it is rebuilt from the held bundle when it does not."""
+    from agent.engines import EngineLoadError, load_engine
+
+    if req.engine is None:
+        return False
+    try:
+        load_engine(req.engine)
+        return True
+    except EngineLoadError as e:
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "engine_unloadable_rebuilding", engine=str(req.engine), reason=e.reason
+        )
+        return False
+
+
+def _build(req: EngineRequest, backend: Backend, hardware: Any) -> Path:
+    """Targets checked, then the engine from the cache (built when missing)."""
+    from agent.engines import progress as build_progress
+    from agent.engines.cache import EngineCache, platform_parts
+    from agent.engines.targets import check_targets
+    from agent.telemetry.sysfs import JetsonSysfs
+    from protocol.errors import BundleError
+    from protocol.modelio import resolve_model_file
+
+    if req.model is None:
+        raise BundleError("the bundle to rebuild the engine from is no longer held")
+    if req.mode == "ensure":
+        _check_model_sha256(req.model, req.model_sha256)
+    # The resolution `bundle build` ran: a model it would refuse is refused here too,
+    # whatever the backend, before any build starts.
+    resolve_model_file(req.model)
+    check_targets(req.targets, hardware, backend, build=req.build)
+    platform = platform_parts(hardware, JetsonSysfs(req.sysfs_root).nvpmodel())
+    cache = EngineCache(req.cache_root, req.cache_bytes, platform)
+    build_progress.set_sink(_progress_sink())
+    engine = _loadable_engine(cache, backend, req)
+    build_progress.set_sink(None)
+    return engine
+
+
+def _gate(req: EngineRequest, backend: Backend, engine: Path) -> None:
+    from agent.gate import ConditionsWatch, run_gate
+    from agent.telemetry.sysfs import JetsonSysfs
+
+    assert req.golden is not None and req.gate is not None
+    speed = _speed_settings(req.speed)
+    result = run_gate(
+        backend,
+        engine,
+        req.active,
+        req.golden,
+        req.gate,
+        speed=speed,
+        watch=ConditionsWatch(JetsonSysfs(req.sysfs_root), max_temp_rise_c=speed.max_temp_rise_c),
+        on_not_judged=_emit_not_judged,
+    )
+    _emit({"gate": {"passed": bool(result.passed), "code": result.code,
+                    "reason": result.reason, "figures": result.figures}})  # fmt: skip
+
+
+def _serve(req: EngineRequest) -> None:
+    """The request's work: build (or keep) the engine, then the gate when asked for."""
+    from agent.engines import choose_backend
+    from agent.hardware import detect_hardware
+
+    _cap_memory(req.memory_bytes)
+    if req.golden is not None:
+        _check_golden(req)
+    # TensorRT keeps its timing cache (per TensorRT version and GPU) next to the
+    # engine cache, so a rebuild after eviction or a rollback reuses the tactics;
+    # ONNX Runtime ignores the option.
+    timing = req.timing_cache_dir or req.cache_root / "timing"
+    choice = choose_backend(req.backend, timing_cache_dir=timing,
+                            allow_cpu_fallback=req.allow_cpu_fallback)  # fmt: skip
+    backend = choice.backend
+    hardware = detect_hardware(backend, root=req.sysfs_root, backend_fallback=choice.fallback)
+    if req.mode == "ensure" and _held_engine_loads(req):
+        assert req.engine is not None
+        _built(req.engine, hardware, backend, rebuilt=False)
+        sys.stdin.readline()
+        return
+    engine = _build(req, backend, hardware)
+    _built(engine, hardware, backend)
+    if sys.stdin.readline().strip() == "gate":
+        _gate(req, backend, engine)
+        sys.stdin.readline()
 
 
 def child_main() -> int:
@@ -416,98 +550,13 @@ def child_main() -> int:
     from agent.logs import configure_logging
 
     configure_logging(os.environ.get("JETFLEET_AGENT_LOG_LEVEL", "warning"))
-    limit: int | None = None
-    req: dict[str, Any] = {}
+    req: EngineRequest | None = None
     try:
-        req = json.loads(sys.stdin.readline())
-        limit = req.get("memory_bytes")
-        _cap_memory(limit)
-        if req.get("golden"):
-            _check_golden(req)
-        from agent.engines import EngineLoadError, choose_backend, load_engine
-        from agent.engines import progress as build_progress
-        from agent.engines.cache import EngineCache, platform_parts
-        from agent.engines.targets import check_targets
-        from agent.gate import ConditionsWatch, run_gate
-        from agent.hardware import detect_hardware
-        from agent.telemetry.sysfs import JetsonSysfs
-        from protocol.manifest import BuildOptions, GateSpec, Targets
-        from protocol.modelio import resolve_model_file
-
-        # TensorRT keeps its timing cache (per TensorRT version and GPU) next to the
-        # engine cache, so a rebuild after eviction or a rollback reuses the tactics;
-        # ONNX Runtime ignores the option.
-        timing = req.get("timing_cache_dir") or Path(req["cache_root"]) / "timing"
-        choice = choose_backend(req["backend"], timing_cache_dir=Path(timing),
-                                allow_cpu_fallback=req.get("allow_cpu_fallback", True))  # fmt: skip
-        backend = choice.backend
-        build = BuildOptions.model_validate(req["build"])
-        jetson_root = Path(req.get("sysfs_root") or "/")
-        hardware = detect_hardware(backend, root=jetson_root, backend_fallback=choice.fallback)
-        if req.get("mode") == "ensure" and req.get("engine"):
-            # A rollback target: keep its engine when it loads here (same file, same
-            # TensorRT version); rebuild it from the held bundle when it does not.
-            try:
-                load_engine(Path(req["engine"]))
-                _emit({"built": {"engine": req["engine"], "hardware": hardware.to_dict(),
-                                 "backend": backend.name, "backend_version": backend.version,
-                                 "rebuilt": False}})  # fmt: skip
-                sys.stdin.readline()
-                return 0
-            except EngineLoadError as e:
-                import structlog
-
-                structlog.get_logger(__name__).warning(
-                    "engine_unloadable_rebuilding", engine=req["engine"], reason=e.reason
-                )
-        if req.get("mode") == "ensure":
-            _check_model_sha256(Path(req["model"]), req["model_sha256"])
-        # The resolution `bundle build` ran: a model it would refuse is refused here too,
-        # whatever the backend, before any build starts.
-        resolve_model_file(Path(req["model"]))
-        check_targets(Targets.model_validate(req["targets"]), hardware, backend, build=build)
-        platform = platform_parts(hardware, JetsonSysfs(jetson_root).nvpmodel())
-        cache = EngineCache(Path(req["cache_root"]), int(req["cache_bytes"]), platform)
-        build_progress.set_sink(_progress_sink())
-        engine = _loadable_engine(cache, backend, req, build)
-        build_progress.set_sink(None)
-        _emit(
-            {
-                "built": {
-                    "engine": str(engine),
-                    "hardware": hardware.to_dict(),
-                    "backend": backend.name,
-                    "backend_version": backend.version,
-                }
-            }
-        )
-        if sys.stdin.readline().strip() != "gate":
-            return 0
-        active = Path(req["active"]) if req.get("active") else None
-        speed = _speed_settings(req.get("speed") or {})
-        result = run_gate(
-            backend,
-            engine,
-            active,
-            Path(req["golden"]),
-            GateSpec.model_validate(req["gate"]),
-            speed=speed,
-            watch=ConditionsWatch(JetsonSysfs(jetson_root), max_temp_rise_c=speed.max_temp_rise_c),
-            on_not_judged=_emit_not_judged,
-        )
-        _emit(
-            {
-                "gate": {
-                    "passed": bool(result.passed),
-                    "code": result.code,
-                    "reason": result.reason,
-                    "figures": result.figures,
-                }
-            }
-        )
-        sys.stdin.readline()
+        req = EngineRequest.model_validate_json(sys.stdin.readline())
+        _serve(req)
         return 0
     except MemoryError as e:
+        limit = req.memory_bytes if req is not None else None
         cap = f"the engine child's cap of {limit // 2**20} MiB" if limit else "memory"
         _emit({"error": {"code": "build_failed",
                          "reason": f"out of {cap} (limits.engine_memory_mb): {e}"}})  # fmt: skip

@@ -47,7 +47,9 @@ from agent.download import (
 from agent.enginejob import (
     EngineJob,
     EngineJobError,
+    EngineRequest,
     Interrupted,
+    SpeedRequest,
     Throttle,
     check_engine_space,
     is_no_space,
@@ -294,23 +296,39 @@ class Worker:
         return model.model_validate(job.data.get("body") or {})
 
     # ---- deploy ---------------------------------------------------------------------
-    def _deploy(self, job: JobRecord) -> None:  # noqa: C901 - split in progress
+    def _deploy(self, job: JobRecord) -> None:
+        """DOWNLOADING, VERIFYING, BUILDING, VALIDATING, ACTIVATING, PROBATION, SUCCEEDED:
+        each step persists its state first and ends the job itself when it must."""
         body = self._body(job)
         assert isinstance(body, DeployBody)
-        sha = body.sha256
-        cancel_check = lambda: self._stop.is_set() or self._canceled(job)  # noqa: E731
+        path = self._download(job, body)
+        bundle = self._verify_step(job, body, path)
+        engine, figures = self._build_and_gate(job, bundle)
+        self._activate(job, bundle, engine, figures)
+        self._probation_step(job, bundle.manifest, figures)
+        self._succeed(job, figures)
 
-        # DOWNLOADING
-        self._step(job, JobState.DOWNLOADING)
-        limits = DownloadLimits(
+    def _limits(self) -> DownloadLimits:
+        d = self.config.download
+        return DownloadLimits(
             max_bytes=self.config.max_bundle_bytes,
             min_free_bytes=self.config.limits.min_free_disk_mb * 2**20,
-            connect_timeout_s=self.config.download.connect_timeout_s,
-            read_timeout_s=self.config.download.read_timeout_s,
-            retries=self.config.download.retries,
-            min_rate_bytes_s=self.config.download.min_rate_bytes_s,
-            min_rate_window_s=self.config.download.min_rate_window_s,
+            connect_timeout_s=d.connect_timeout_s,
+            read_timeout_s=d.read_timeout_s,
+            retries=d.retries,
+            min_rate_bytes_s=d.min_rate_bytes_s,
+            min_rate_window_s=d.min_rate_window_s,
         )
+
+    def _fail(self, job: JobRecord, state: JobState, code: ReasonCode | str, reason: str,
+              *, gate: dict[str, Any] | None = None) -> NoReturn:  # fmt: skip
+        """End the job before activation: what it downloaded goes, the old engine stays."""
+        self._cleanup(job)
+        self._end(job, state, code, reason, gate=gate)
+        raise JobEnded()
+
+    def _download(self, job: JobRecord, body: DeployBody) -> Path:
+        self._step(job, JobState.DOWNLOADING)
         last = [time.monotonic(), 0.0]
 
         def progress(done: int, total: int) -> None:
@@ -322,46 +340,32 @@ class Worker:
                 self.journal.progress(job, frac)
 
         try:
-            path = fetch(
-                body.url,
-                sha256=sha,
-                size=body.size,
-                downloads=self.downloads,
-                limits=limits,
-                progress=progress,
-                canceled=cancel_check,
-            )
+            return fetch(body.url, sha256=body.sha256, size=body.size, downloads=self.downloads,
+                         limits=self._limits(), progress=progress,
+                         canceled=lambda: self._stop.is_set() or self._canceled(job))  # fmt: skip
         except Canceled:
             if self._stop.is_set():
                 raise Stopping() from None
             raise
         except DownloadError as e:
-            state = (
-                JobState.REJECTED if e.code in ("bundle_invalid", "too_large") else JobState.FAILED
-            )
-            self._cleanup(job)
-            self._end(job, state, e.code, e.reason)
-            raise JobEnded() from e
+            refused = e.code in ("bundle_invalid", "too_large")
+            self._fail(job, JobState.REJECTED if refused else JobState.FAILED, e.code, e.reason)
 
-        # VERIFYING
+    def _verify_step(self, job: JobRecord, body: DeployBody, path: Path) -> VerifiedBundle:
         self._step(job, JobState.VERIFYING)
+        limits = self._limits()
         try:
             # Extraction needs the bundle's size again (the engine later comes on top).
             self.bundles.mkdir(parents=True, exist_ok=True)
             check_disk(self.bundles, body.size, limits)
         except DownloadError as e:
-            self._cleanup(job)
-            self._end(job, JobState.FAILED, e.code, e.reason)
-            raise JobEnded() from e
+            self._fail(job, JobState.FAILED, e.code, e.reason)
         try:
-            bundle = self._verify(path, sha, min(body.size, limits.max_bytes))
+            bundle = self._verify(path, body.sha256, min(body.size, limits.max_bytes))
         except ProtocolError as e:
-            self._cleanup(job)
-            self._end(job, JobState.REJECTED, reason_code(e), f"bundle refused: {e.reason}")
-            raise JobEnded() from e
+            self._fail(job, JobState.REJECTED, reason_code(e), f"bundle refused: {e.reason}")
         manifest = bundle.manifest
-        dest = bundle.root
-        if bundle.sha256 != sha:
+        if bundle.sha256 != body.sha256:
             self._reject(job, ReasonCode.BUNDLE_INVALID, "bundle changed while it was verified")
         if (body.name and body.name != manifest.name) or (
             body.version and body.version != manifest.version
@@ -375,41 +379,20 @@ class Worker:
         job.model, job.version = manifest.name, manifest.version
         active = self.models.slot(manifest.name).active
         if active is not None:
-            self._check_against_active(job, manifest, active, sha)
+            self._check_against_active(job, manifest, active, body.sha256)
+        return bundle
 
-        # BUILDING and VALIDATING run in a child process (agent/enginejob.py).
-        self._step(job, JobState.BUILDING, bundle=str(dest))
-        cache_root = Path(self.config.data_dir) / "engines"
+    def _build_and_gate(
+        self, job: JobRecord, bundle: VerifiedBundle
+    ) -> tuple[Path, dict[str, Any]]:
+        """BUILDING and VALIDATING, in the engine child (agent/enginejob.py): the built
+        engine and the gate's figures, or the job ended (the old engine stays)."""
+        self._step(job, JobState.BUILDING, bundle=str(bundle.root))
+        request = self._deploy_request(bundle)
         try:
-            check_engine_space(cache_root, bundle.model_path, limits.min_free_bytes)
+            check_engine_space(request.cache_root, bundle.model_path, self._limits().min_free_bytes)
         except EngineJobError as e:
-            self._cleanup(job)
-            self._end(job, JobState.FAILED, e.code, f"engine build: {e.reason}")
-            raise JobEnded() from e
-        request = {
-            "backend": self.config.backend,
-            "allow_cpu_fallback": self.config.allow_cpu_fallback,
-            "cache_root": str(cache_root),
-            "timing_cache_dir": str(Path(self.config.data_dir) / "engines" / "timing"),
-            "cache_bytes": self.config.limits.engine_cache_mb * 2**20,
-            "model": str(bundle.model_path),
-            "model_sha256": manifest.file(manifest.model).sha256,
-            "build": manifest.build.model_dump(mode="json"),
-            "targets": manifest.targets.model_dump(mode="json"),
-            "protect": [str(p) for p in self.models.protected_engines()],
-            "golden": str(bundle.golden_path),
-            "golden_max_bytes": self.config.limits.max_golden_mb * 2**20,
-            "tensors": manifest.model_dump(mode="json", include={"inputs", "outputs"}),
-            "memory_bytes": self.config.engine_memory_bytes,
-            "gate": manifest.gate.model_dump(mode="json"),
-            "active": str(self.models.active_engine(manifest.name) or "") or None,
-            "sysfs_root": str(self.config.gate.sysfs_root),
-            "speed": {
-                "attempts": self.config.gate.speed_attempts,
-                "retry_wait_s": self.config.gate.retry_wait_s,
-                "max_temp_rise_c": self.config.gate.max_temp_rise_c,
-            },
-        }
+            self._fail(job, JobState.FAILED, e.code, f"engine build: {e.reason}")
         engine_job = self._engine_job(
             request, lambda: self._canceled(job), self._build_progress(job)
         )
@@ -419,71 +402,48 @@ class Worker:
             except EngineJobError as e:
                 self._build_failed(job, e)
             self._on_hardware(built.hardware, built.backend, built.backend_version)
-            engine = built.engine
-
-            # VALIDATING
-            self._step(job, JobState.VALIDATING, engine=str(engine))
+            self._step(job, JobState.VALIDATING, engine=str(built.engine))
             try:
                 result = engine_job.gate(lambda nj: self._not_judged(job, nj))
             except EngineJobError as e:
-                self._cleanup(job)
-                self._end(job, JobState.FAILED, e.code, f"gate could not run: {e.reason}")
-                raise JobEnded() from e
+                self._fail(job, JobState.FAILED, e.code, f"gate could not run: {e.reason}")
         except Interrupted:
             raise Stopping() from None
         finally:
             engine_job.close()
+        return built.engine, self._judge(job, bundle.manifest.name, result)
+
+    def _judge(self, job: JobRecord, name: str, result: dict[str, Any]) -> dict[str, Any]:
+        """The gate's verdict: its figures when it passed, else the job ends."""
         figures = dict(result.get("figures") or {})
+        active = self.models.slot(name).active or "no engine"
         if result.get("code") == ReasonCode.NOT_JUDGED.value:
             # No verdict on the model: the device could not hold its clocks still.
-            self._cleanup(job)
-            self._end(
-                job,
-                JobState.FAILED,
-                ReasonCode.NOT_JUDGED,
-                f"{active or 'no engine'} stays active: {result.get('reason')}",
-                gate=figures,
-            )
-            raise JobEnded()
+            self._fail(job, JobState.FAILED, ReasonCode.NOT_JUDGED,
+                       f"{active} stays active: {result.get('reason')}", gate=figures)  # fmt: skip
         if not result.get("passed"):
-            code = result.get("code") or ReasonCode.ACCURACY.value
-            self._cleanup(job)
-            self._end(
-                job,
-                JobState.ROLLED_BACK,
-                code,
-                f"gate failed, {active or 'no engine'} stays active: {result.get('reason')}",
-                gate=figures,
-            )
-            raise JobEnded()
+            self._fail(job, JobState.ROLLED_BACK, result.get("code") or ReasonCode.ACCURACY.value,
+                       f"gate failed, {active} stays active: {result.get('reason')}",
+                       gate=figures)  # fmt: skip
+        return figures
 
-        # ACTIVATING: past this point the job cannot be canceled.
+    def _activate(
+        self, job: JobRecord, bundle: VerifiedBundle, engine: Path, figures: dict[str, Any]
+    ) -> None:
+        """ACTIVATING: past this point the job cannot be canceled; a failure restores."""
+        manifest = bundle.manifest
         slot = self.models.slot(manifest.name)
-        self._step(
-            job,
-            JobState.ACTIVATING,
-            prev={"active": slot.active, "previous": slot.previous},
-            gate=figures,
-        )
+        prev = {"active": slot.active, "previous": slot.previous}
+        self._step(job, JobState.ACTIVATING, prev=prev, gate=figures)
         self.models.install_version(
             manifest.name,
             manifest.version,
-            Path(engine),
+            engine,
             manifest.model_dump_json(by_alias=True).encode(),
             bundle.golden_path,
-            bundle_sha256=sha,
+            bundle_sha256=bundle.sha256,
         )
-        # Probation compares the new version's live p99 with the old one's under the same
-        # load (taken before the switch); the gate's single-threaded p99 is only the
-        # fallback, as a loaded robot's live p99 sits above it and would roll back falsely.
-        baseline = self._live_baseline(manifest.name, slot.active)
-        if baseline is not None:
-            figures["probation_baseline"] = "live"
-            figures["probation_baseline_p99_ms"] = baseline.p99_ms
-            figures["probation_baseline_count"] = baseline.count
-        else:
-            figures["probation_baseline"] = "gate"
-            figures["probation_baseline_p99_ms"] = figures.get("p99_ms")
+        figures.update(self._probation_baseline(manifest.name, slot.active, figures))
         self._switch(manifest.name, manifest.version)
         self.journal.maybe_pause_named("ACTIVATING:switched")
         try:
@@ -493,22 +453,82 @@ class Worker:
         except ActivationError as e:
             self._restore(job, e.code, e.reason)
             raise JobEnded() from e
-
         if acked_by:
             figures["acknowledged_by"] = acked_by
-        # PROBATION
+
+    def _probation_baseline(
+        self, name: str, active: str | None, figures: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Probation compares the new version's live p99 with the old one's under the same
+        load (taken before the switch); the gate's single-threaded p99 is only the
+        fallback, as a loaded robot's live p99 sits above it and would roll back falsely."""
+        baseline = self._live_baseline(name, active)
+        if baseline is None:
+            return {
+                "probation_baseline": "gate",
+                "probation_baseline_p99_ms": figures.get("p99_ms"),
+            }
+        return {
+            "probation_baseline": "live",
+            "probation_baseline_p99_ms": baseline.p99_ms,
+            "probation_baseline_count": baseline.count,
+        }
+
+    def _probation_step(self, job: JobRecord, manifest: Manifest, figures: dict[str, Any]) -> None:
         self._step(job, JobState.PROBATION, gate=figures)
         try:
             self._probation(job, manifest, figures)
         except ActivationError as e:
             self._restore(job, e.code, e.reason, gate=figures)
             raise JobEnded() from e
-        self.models.prune(manifest.name, KEEP_VERSIONS)
+
+    def _succeed(self, job: JobRecord, figures: dict[str, Any]) -> None:
+        assert job.model is not None
+        self.models.prune(job.model, KEEP_VERSIONS)
         # The bundle stays while a held version needs it to rebuild its engine (rollback
         # after a TensorRT upgrade); bundles of pruned versions go.
         self._cleanup(job)
         self._gc_bundles()
         self._end(job, JobState.SUCCEEDED, None, None, gate=figures)
+
+    def _engine_request(
+        self, manifest: Manifest, model: Path | None, **extra: Any
+    ) -> EngineRequest:
+        """The engine child's request, for a deploy (with the gate's inputs) or an ensure."""
+        engines = Path(self.config.data_dir) / "engines"
+        return EngineRequest(
+            backend=self.config.backend,
+            allow_cpu_fallback=self.config.allow_cpu_fallback,
+            cache_root=engines,
+            timing_cache_dir=engines / "timing",
+            cache_bytes=self.config.limits.engine_cache_mb * 2**20,
+            model=model,
+            model_sha256=manifest.file(manifest.model).sha256,
+            build=manifest.build,
+            targets=manifest.targets,
+            protect=self.models.protected_engines(),
+            memory_bytes=self.config.engine_memory_bytes,
+            **extra,
+        )
+
+    def _deploy_request(self, bundle: VerifiedBundle) -> EngineRequest:
+        m, g = bundle.manifest, self.config.gate
+        return self._engine_request(
+            m,
+            bundle.model_path,
+            golden=bundle.golden_path,
+            golden_max_bytes=self.config.limits.max_golden_mb * 2**20,
+            inputs=m.inputs,
+            outputs=m.outputs,
+            gate=m.gate,
+            active=self.models.active_engine(m.name),
+            sysfs_root=g.sysfs_root,
+            speed=SpeedRequest(
+                attempts=g.speed_attempts,
+                retry_wait_s=g.retry_wait_s,
+                max_temp_rise_c=g.max_temp_rise_c,
+            ),
+        )
 
     def _build_failed(self, job: JobRecord, e: EngineJobError) -> NoReturn:
         refusals = (ReasonCode.TARGET_MISMATCH, ReasonCode.UNSUPPORTED, ReasonCode.BUNDLE_INVALID)
@@ -516,9 +536,7 @@ class Worker:
         code = e.code if e.code in _CODES else ReasonCode.BUILD_FAILED.value
         # bundle_invalid: the golden file, which the child checks before it builds.
         what = "bundle refused" if code == ReasonCode.BUNDLE_INVALID.value else "engine build"
-        self._cleanup(job)
-        self._end(job, state, code, f"{what}: {e.reason}")
-        raise JobEnded() from e
+        self._fail(job, state, code, f"{what}: {e.reason}")
 
     def _verify(self, path: Path, sha: str, max_size: int) -> VerifiedBundle:
         """Extract to bundles/<sha>/, verified against the trust root held now.
@@ -602,10 +620,8 @@ class Worker:
 
         return report
 
-    def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> None:
-        self._cleanup(job)
-        self._end(job, JobState.REJECTED, code, reason)
-        raise JobEnded()
+    def _reject(self, job: JobRecord, code: ReasonCode, reason: str) -> NoReturn:
+        self._fail(job, JobState.REJECTED, code, reason)
 
     def _env(self, job: JobRecord) -> dict[str, str]:
         name = job.model or ""
@@ -814,21 +830,9 @@ class Worker:
         log.info("rollback_engine_check", model=name, version=version, reason=why)
         if not restoring:
             self._step(job, JobState.BUILDING)
-        request = {
-            "mode": "ensure",
-            "engine": str(engine) if why is None else None,
-            "backend": self.config.backend,
-            "allow_cpu_fallback": self.config.allow_cpu_fallback,
-            "cache_root": str(Path(self.config.data_dir) / "engines"),
-            "timing_cache_dir": str(Path(self.config.data_dir) / "engines" / "timing"),
-            "cache_bytes": self.config.limits.engine_cache_mb * 2**20,
-            "model": str(model or ""),
-            "model_sha256": manifest.file(manifest.model).sha256,
-            "build": manifest.build.model_dump(mode="json"),
-            "targets": manifest.targets.model_dump(mode="json"),
-            "protect": [str(p) for p in self.models.protected_engines()],
-            "memory_bytes": self.config.engine_memory_bytes,
-        }
+        request = self._engine_request(
+            manifest, model, mode="ensure", engine=engine if why is None else None
+        )
         engine_job = self._engine_job(
             request,
             (lambda: False) if restoring else (lambda: self._canceled(job)),
@@ -860,7 +864,7 @@ class Worker:
 
     def _engine_job(
         self,
-        request: dict[str, Any],
+        request: EngineRequest,
         canceled: Callable[[], bool],
         on_progress: Callable[[str, float], None] = lambda phase, fraction: None,
     ) -> EngineJob:

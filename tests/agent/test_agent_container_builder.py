@@ -161,11 +161,15 @@ def test_podman_gets_cdi_gpu_flags_and_a_container_builder_needs_an_image(
 def test_a_canceled_child_also_stops_its_container() -> None:
     """Killing the `docker run` client leaves the container running: kill() says so."""
     from agent.download import Canceled
-    from agent.enginejob import EngineJob
+    from agent.enginejob import EngineJob, EngineRequest
 
     stopped: list[str] = []
+    request = EngineRequest(
+        backend="onnxruntime", cache_root=Path("/nonexistent"), cache_bytes=0, model=None,
+        model_sha256="0" * 64,
+    )  # fmt: skip
     job = EngineJob(
-        {},
+        request,
         canceled=lambda: True,
         stopping=lambda: False,
         command=[sys.executable, "-c", "import time; time.sleep(60)"],

@@ -112,24 +112,20 @@ def test_the_builder_names_onnxruntimes_protobuf_failure_on_a_full_disk_disk_ful
 ) -> None:
     """ONNX Runtime reports a short write as "Protobuf serialization failed": the builder
     child itself (no check before it) must still say disk_full."""
-    from agent.enginejob import EngineJob, EngineJobError
-    from protocol.manifest import BuildOptions, Targets
+    from agent.enginejob import EngineJob, EngineJobError, EngineRequest
     from tests.models import make_mlp
 
     model = make_mlp(tmp_path / "model.onnx", seed=0)
     with small_tmpfs(tmp_path / "engines", "1m") as engines:
         fill(engines)
-        request = {
-            "backend": "onnxruntime",
-            "cache_root": str(engines),
-            "timing_cache_dir": str(tmp_path / "timing"),
-            "cache_bytes": 2**30,
-            "model": str(model),
-            "model_sha256": "0" * 64,
-            "build": BuildOptions().model_dump(mode="json"),
-            "targets": Targets().model_dump(mode="json"),
-            "protect": [],
-        }
+        request = EngineRequest(
+            backend="onnxruntime",
+            cache_root=engines,
+            timing_cache_dir=tmp_path / "timing",
+            cache_bytes=2**30,
+            model=model,
+            model_sha256="0" * 64,
+        )
         job = EngineJob(request, canceled=lambda: False, stopping=lambda: False)
         try:
             with pytest.raises(EngineJobError) as err:

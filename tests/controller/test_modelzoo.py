@@ -19,7 +19,7 @@ import pytest
 from modelzoo import CORPUS, DEPLOYABLE, ZooModel, external_data
 from typer.testing import CliRunner, Result
 
-from agent.enginejob import EngineJob, EngineJobError
+from agent.enginejob import EngineJob, EngineJobError, EngineRequest
 from controller import bundler
 from controller.cli.main import app
 from controller.keystore import init_keys
@@ -61,21 +61,20 @@ def extract(bundle: Path, keys_dir: Path, dest: Path) -> VerifiedBundle:
 def device_engine_job(vb: VerifiedBundle, cache: Path) -> dict[str, Any]:
     """Build and gate the bundle in the agent's builder child, as the worker does."""
     m = vb.manifest
-    request = {
-        "backend": "onnxruntime",
-        "cache_root": str(cache),
-        "cache_bytes": 1 << 30,
-        "model": str(vb.model_path),
-        "model_sha256": m.file(m.model).sha256,
-        "build": m.build.model_dump(mode="json"),
-        "targets": m.targets.model_dump(mode="json"),
-        "protect": [],
-        "golden": str(vb.golden_path),
-        "golden_max_bytes": 256 << 20,
-        "tensors": m.model_dump(mode="json", include={"inputs", "outputs"}),
-        "gate": m.gate.model_dump(mode="json"),
-        "active": None,
-    }
+    request = EngineRequest(
+        backend="onnxruntime",
+        cache_root=cache,
+        cache_bytes=1 << 30,
+        model=vb.model_path,
+        model_sha256=m.file(m.model).sha256,
+        build=m.build,
+        targets=m.targets,
+        golden=vb.golden_path,
+        golden_max_bytes=256 << 20,
+        inputs=m.inputs,
+        outputs=m.outputs,
+        gate=m.gate,
+    )
     job = EngineJob(request, canceled=lambda: False, stopping=lambda: False)
     try:
         job.build()
