@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from controller.ingest import DROP_REASONS, IngestStats
+from controller.rollout_store import rollout_state_counts
 from controller.telemetry_store import TelemetryStore
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceStatus
@@ -187,34 +188,27 @@ class FleetCollector(Collector):
             log.warning("metrics_controller_db_unreadable", reason=str(e))
             return
         try:
-            cols = {r[1] for r in conn.execute("PRAGMA table_info(rollouts)")}
-            state_col = next((c for c in ("state", "status") if c in cols), None)
-            if state_col is None:
+            counts = rollout_state_counts(conn)
+            if counts is None:
                 return
+            by_rollout, by_assignment = counts
             g = GaugeMetricFamily(
                 "jetfleet_rollouts",
                 "rollouts in the controller database, by state",
                 labels=["state"],
             )
-            for state, n in conn.execute(
-                f"SELECT {state_col}, COUNT(*) FROM rollouts GROUP BY {state_col}"
-            ):
-                g.add_metric([str(state)], float(n))
+            for state, n in by_rollout.items():
+                g.add_metric([state], float(n))
             yield g
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-            if "assignments" in tables:
-                a_cols = {r[1] for r in conn.execute("PRAGMA table_info(assignments)")}
-                if "state" in a_cols:
-                    d = GaugeMetricFamily(
-                        "jetfleet_rollout_devices",
-                        "device assignments of all rollouts, by job state",
-                        labels=["state"],
-                    )
-                    for state, n in conn.execute(
-                        "SELECT state, COUNT(*) FROM assignments GROUP BY state"
-                    ):
-                        d.add_metric([str(state)], float(n))
-                    yield d
+            if by_assignment is not None:
+                d = GaugeMetricFamily(
+                    "jetfleet_rollout_devices",
+                    "device assignments of all rollouts, by job state",
+                    labels=["state"],
+                )
+                for state, n in by_assignment.items():
+                    d.add_metric([state], float(n))
+                yield d
         except sqlite3.Error as e:
             log.warning("metrics_rollouts_unreadable", reason=str(e))
         finally:

@@ -297,6 +297,10 @@ class Registry:
             raise TargetError(f"--target {target}: a device is named twice")
         return sorted(ids)
 
+    def offline_ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self.conn.execute("SELECT id FROM devices WHERE online=0")}
+
     def unknown(self, ids: Iterable[str]) -> list[str]:
         with self._lock:
             known = {r["id"] for r in self.conn.execute("SELECT id FROM devices")}

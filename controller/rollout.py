@@ -733,13 +733,9 @@ class RolloutDriver:
         # The rollback runs as a pseudo-wave with its own deadline, so a resume after a
         # crash in this phase knows it is rolling back and until when.
         self._skip_pending_waves(rollout)
-        idx = len(self.store.waves(rollout.id))
-        with self.store.transaction() as c:
-            c.execute(
-                "INSERT INTO waves (rollout_id, idx, size, state, started_at, deadline) "
-                "VALUES (?, ?, ?, 'rollback', ?, ?)",
-                (rollout.id, idx, len(succeeded), time.time(), self.clock() + rollout.wave_timeout),
-            )
+        self.store.add_rollback_wave(
+            rollout.id, len(succeeded), self.clock() + rollout.wave_timeout
+        )
         to_publish: list[tuple[str, str, bytes]] = []
         with self.store.transaction():
             for a in succeeded:
@@ -835,11 +831,7 @@ class RolloutDriver:
             self._dirty = True
 
     def _skip_pending_waves(self, rollout: Rollout) -> None:
-        with self.store.transaction() as c:
-            c.execute(
-                "UPDATE waves SET state='skipped' WHERE rollout_id=? AND state='pending'",
-                (rollout.id,),
-            )
+        self.store.skip_pending_waves(rollout.id)
 
     def _step_rollback(self, rollout: Rollout, idx: int, deadline: float) -> Rollout:
         sent = [a for a in self.store.assignments(rollout.id) if a.rb_command_id is not None]

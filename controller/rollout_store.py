@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +90,32 @@ def disk_nearly_full(db: Path) -> int | None:
     except OSError:
         return None
     return free if free < NEARLY_FULL_BYTES else None
+
+
+def rollout_state_counts(
+    conn: sqlite3.Connection,
+) -> tuple[dict[str, int], dict[str, int] | None] | None:
+    """(rollouts by state, assignments by job state) of a database opened read-only,
+    whatever release wrote it: None without a rollouts table, no assignment counts
+    without that table."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(rollouts)")}
+    state_col = next((c for c in ("state", "status") if c in cols), None)
+    if state_col is None:
+        return None
+    rollouts = {
+        str(state): int(n)
+        for state, n in conn.execute(
+            f"SELECT {state_col}, COUNT(*) FROM rollouts GROUP BY {state_col}"
+        )
+    }
+    a_cols = {r[1] for r in conn.execute("PRAGMA table_info(assignments)")}
+    if "state" not in a_cols:
+        return rollouts, None
+    assignments = {
+        str(state): int(n)
+        for state, n in conn.execute("SELECT state, COUNT(*) FROM assignments GROUP BY state")
+    }
+    return rollouts, assignments
 
 
 _SCHEMA = """
@@ -331,8 +357,13 @@ def advances(current: str, new: str) -> bool:
 
 
 class RolloutStore:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, *, offline: Callable[[], Iterable[str]] | None = None
+    ) -> None:
+        """`offline`: the ids of the devices known to be offline now (the registry's
+        `offline_ids`), for a summary's offline_pending."""
         self.conn = conn
+        self._offline = offline
         self._lock = threading.RLock()
         conn.executescript(_SCHEMA)
         self._migrate()
@@ -584,12 +615,9 @@ class RolloutStore:
             waves.append(WaveSummary(w.idx, w.size, w.state, counts, w.deadline))
         assigned = [a for a in assignments if a.command_id is not None]
         failed = [a for a in assigned if a.failed]
-        try:
-            # The registry's table in the same database: commanded devices that are
-            # offline, whose commands wait in the broker.
-            offline = {r[0] for r in self.conn.execute("SELECT id FROM devices WHERE online=0")}
-        except sqlite3.OperationalError:
-            offline = set()
+        # Commanded devices that are offline, whose commands wait in the broker: the
+        # registry knows who is offline (its tables are its own).
+        offline = set(self._offline()) if self._offline is not None else set()
         rollbacks: dict[str, int] = {}
         for a in assignments:
             if a.rb_state:
@@ -670,6 +698,27 @@ class RolloutStore:
             c.execute(
                 "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=?",
                 (pid, started, rollout_id),
+            )
+
+    def add_rollback_wave(self, rollout_id: str, size: int, deadline: float) -> int:
+        """The rollback phase as a pseudo-wave after the last one; returns its index."""
+        with self.transaction() as c:
+            row = c.execute(
+                "SELECT COUNT(*) FROM waves WHERE rollout_id=?", (rollout_id,)
+            ).fetchone()
+            idx = int(row[0])
+            c.execute(
+                "INSERT INTO waves (rollout_id, idx, size, state, started_at, deadline) "
+                "VALUES (?, ?, ?, 'rollback', ?, ?)",
+                (rollout_id, idx, size, time.time(), deadline),
+            )
+        return idx
+
+    def skip_pending_waves(self, rollout_id: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE waves SET state='skipped' WHERE rollout_id=? AND state='pending'",
+                (rollout_id,),
             )
 
     def start_wave(self, rollout_id: str, idx: int, deadline: float) -> None:

@@ -150,7 +150,7 @@ def show(
     registry = open_registry(s)
     fresh = _refreshed(s, registry, device_id)
     record = _known(registry, device_id)
-    store = RolloutStore(registry.conn)
+    store = RolloutStore(registry.conn, offline=registry.offline_ids)
     sample = _latest_sample(s, device_id)
     if output is Output.json:
         print_json(

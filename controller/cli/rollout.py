@@ -115,7 +115,7 @@ def keyset(s: ControllerSettings) -> KeySet:
 
 def open_store(s: ControllerSettings) -> tuple[RolloutStore, Registry]:
     registry = open_registry(s)
-    return RolloutStore(registry.conn), registry
+    return RolloutStore(registry.conn, offline=registry.offline_ids), registry
 
 
 def latest_rollout(store: RolloutStore) -> Rollout:
