@@ -12,7 +12,6 @@ so a device that went away disappears instead of freezing at its last value.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from controller.db import DB_ERRORS, DatabaseError, is_url, open_database
 from controller.ingest import DROP_REASONS, IngestStats
 from controller.rollout_store import rollout_state_counts
 from controller.telemetry_store import TelemetryStore
@@ -40,18 +40,18 @@ def _group_label(status: DeviceStatus | None) -> str:
 class FleetCollector(Collector):
     def __init__(
         self,
-        telemetry_db: Path,
+        telemetry_db: str | Path,
         *,
         stats: Callable[[], IngestStats] | None = None,
         status: Callable[[], dict[str, DeviceStatus]] | None = None,
-        controller_db: Path | None = None,
+        controller_db: str | Path | None = None,
         stale_after_s: float = STALE_AFTER_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.telemetry_db = Path(telemetry_db)
+        self.telemetry_db = telemetry_db
         self.stats = stats
         self.status = status or dict
-        self.controller_db = Path(controller_db) if controller_db else None
+        self.controller_db = controller_db or None
         self.stale_after_s = stale_after_s
         self.clock = clock
 
@@ -180,12 +180,12 @@ class FleetCollector(Collector):
 
     def _rollouts(self) -> Iterator[Metric]:
         db = self.controller_db
-        if db is None or not db.is_file():
+        if db is None or (not is_url(db) and not Path(db).is_file()):
             return
         try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0)
-        except sqlite3.Error as e:
-            log.warning("metrics_controller_db_unreadable", reason=str(e))
+            conn = open_database(db, readonly=True, timeout=2.0)
+        except DatabaseError as e:
+            log.warning("metrics_controller_db_unreadable", reason=e.reason)
             return
         try:
             counts = rollout_state_counts(conn)
@@ -209,7 +209,7 @@ class FleetCollector(Collector):
                 for state, n in by_assignment.items():
                     d.add_metric([state], float(n))
                 yield d
-        except sqlite3.Error as e:
+        except DB_ERRORS as e:
             log.warning("metrics_rollouts_unreadable", reason=str(e))
         finally:
             conn.close()

@@ -10,6 +10,9 @@ import json
 import sqlite3
 from typing import Any
 
+from controller.db import Database
+from controller.db.migrations import Step, migrate
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS release_history (
     scope TEXT NOT NULL,          -- group:NAME or device:ID
@@ -23,16 +26,21 @@ CREATE TABLE IF NOT EXISTS release_history (
 
 
 class ReleaseStore:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        conn.execute(_SCHEMA)
+    # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
+    MIGRATIONS: tuple[Step, ...] = (_SCHEMA,)
+
+    def __init__(self, conn: Database | sqlite3.Connection) -> None:
+        self.conn = Database.wrap(conn)
+        migrate(self.conn, "releases", self.MIGRATIONS)
 
     def record(
         self, scope: str, version: int, issued_at: str, models: dict[str, Any], envelope: bytes
     ) -> None:
         """Store a signed document; the same scope and version again replaces it."""
         self.conn.execute(
-            "INSERT OR REPLACE INTO release_history VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO release_history (scope, version, issued_at, models, envelope) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, version) DO UPDATE SET "
+            "issued_at=excluded.issued_at, models=excluded.models, envelope=excluded.envelope",
             (scope, version, issued_at, json.dumps(models), envelope),
         )
 

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.db import Database
+from controller.db import is_disk_full as is_disk_full  # re-exported: the CLI's checks
+from controller.db.migrations import AddColumn, Step, migrate
 from controller.rollout_policy import RolloutPolicy
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
@@ -33,7 +36,6 @@ REFUSED = "REFUSED"
 
 # Below this much free space on the database's disk a writer is about to fail.
 NEARLY_FULL_BYTES = 1 << 20
-_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (Python 3.11), not in every typeshed
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
@@ -75,14 +77,6 @@ class DevicesHeldError(RuntimeError):
         )
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """SQLITE_FULL: the database's disk (or its WAL's) has no room for the write."""
-    return isinstance(err, sqlite3.OperationalError) and (
-        getattr(err, "sqlite_errorcode", None) == _SQLITE_FULL
-        or "database or disk is full" in str(err)
-    )
-
-
 def disk_nearly_full(db: Path) -> int | None:
     """Free bytes on the database's disk when a write there would fail, else None."""
     try:
@@ -93,12 +87,12 @@ def disk_nearly_full(db: Path) -> int | None:
 
 
 def rollout_state_counts(
-    conn: sqlite3.Connection,
+    conn: Database,
 ) -> tuple[dict[str, int], dict[str, int] | None] | None:
     """(rollouts by state, assignments by job state) of a database opened read-only,
     whatever release wrote it: None without a rollouts table, no assignment counts
     without that table."""
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(rollouts)")}
+    cols = conn.columns("rollouts")
     state_col = next((c for c in ("state", "status") if c in cols), None)
     if state_col is None:
         return None
@@ -108,8 +102,7 @@ def rollout_state_counts(
             f"SELECT {state_col}, COUNT(*) FROM rollouts GROUP BY {state_col}"
         )
     }
-    a_cols = {r[1] for r in conn.execute("PRAGMA table_info(assignments)")}
-    if "state" not in a_cols:
+    if "state" not in conn.columns("assignments"):
         return rollouts, None
     assignments = {
         str(state): int(n)
@@ -227,7 +220,7 @@ class Rollout:
     policy: RolloutPolicy = field(default_factory=RolloutPolicy)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Rollout:
+    def from_row(cls, row: Any) -> Rollout:
         d = dict(row)
         d["auto_rollback"] = bool(d["auto_rollback"])
         d["rollback_on_abort"] = bool(d["rollback_on_abort"])
@@ -282,7 +275,7 @@ class Assignment:
     retry_at: float | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Assignment:
+    def from_row(cls, row: Any) -> Assignment:
         d = dict(row)
         d["gate"] = json.loads(d["gate"]) if d["gate"] else None
         return cls(**d)
@@ -357,19 +350,9 @@ def advances(current: str, new: str) -> bool:
 
 
 class RolloutStore:
-    def __init__(
-        self, conn: sqlite3.Connection, *, offline: Callable[[], Iterable[str]] | None = None
-    ) -> None:
-        """`offline`: the ids of the devices known to be offline now (the registry's
-        `offline_ids`), for a summary's offline_pending."""
-        self.conn = conn
-        self._offline = offline
-        self._lock = threading.RLock()
-        conn.executescript(_SCHEMA)
-        self._migrate()
-
     # Columns added after the first release (table, column, type): NULL in older rows
     # means the behaviour from before the column (no payload, the default policy…).
+    # Each one is a schema migration step after _SCHEMA (see MIGRATIONS): append only.
     _ADDED_COLUMNS = (
         ("rollouts", "payload", "TEXT"),
         ("rollouts", "policy", "TEXT"),
@@ -377,36 +360,28 @@ class RolloutStore:
         ("assignments", "attempts", "INTEGER NOT NULL DEFAULT 0"),
         ("assignments", "retry_at", "REAL"),
     )
+    # Schema steps, oldest first (controller/db/migrations.py): the version of a database
+    # is how many it has. A new table goes in a step of its own, appended here.
+    MIGRATIONS: tuple[Step, ...] = (_SCHEMA, *(AddColumn(*c) for c in _ADDED_COLUMNS))
 
-    def _migrate(self) -> None:
-        """Add the columns of later releases to a database created before them."""
-        for table, column, kind in self._ADDED_COLUMNS:
-            cols = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
-            if column in cols:
-                continue
-            try:
-                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            except sqlite3.OperationalError as e:
-                if "duplicate column" not in str(e):  # another process just added it
-                    raise
+    def __init__(
+        self,
+        conn: Database | sqlite3.Connection,
+        *,
+        offline: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
+        """`offline`: the ids of the devices known to be offline now (the registry's
+        `offline_ids`), for a summary's offline_pending."""
+        self.conn = Database.wrap(conn)
+        self._offline = offline
+        self._lock = threading.RLock()
+        migrate(self.conn, "rollouts", self.MIGRATIONS)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Database]:
         """One write transaction (BEGIN IMMEDIATE … COMMIT); nested calls join the outer one."""
-        with self._lock:
-            if self.conn.in_transaction:
-                yield self.conn
-                return
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-                self.conn.execute("COMMIT")
-            except BaseException:
-                # SQLite may have rolled back already (SQLITE_FULL in a statement); a
-                # failed COMMIT leaves the transaction open.
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
+        with self._lock, self.conn.transaction() as c:
+            yield c
 
     # -- creation ----------------------------------------------------------------------
     def create(
@@ -688,8 +663,9 @@ class RolloutStore:
         saw (None, or a dead process), so two `resume`s cannot both drive it."""
         with self.transaction() as c:
             cur = c.execute(
-                "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=? AND driver_pid IS ?",
-                (pid, started, rollout_id, replacing),
+                "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=? AND "
+                + ("driver_pid IS NULL" if replacing is None else "driver_pid=?"),
+                (pid, started, rollout_id, *(() if replacing is None else (replacing,))),
             )
             return cur.rowcount == 1
 
@@ -785,9 +761,10 @@ class RolloutStore:
         """A paced wave's deadline counts from its last released command."""
         with self.transaction() as c:
             c.execute(
-                "UPDATE waves SET deadline=MAX(COALESCE(deadline, 0), ?) "
+                "UPDATE waves SET deadline="
+                "CASE WHEN COALESCE(deadline, 0) > ? THEN deadline ELSE ? END "
                 "WHERE rollout_id=? AND idx=?",
-                (deadline, rollout_id, idx),
+                (deadline, deadline, rollout_id, idx),
             )
 
     def record_rollback(
@@ -998,8 +975,9 @@ class RolloutStore:
     ) -> None:
         with self.transaction() as c:
             c.execute(
-                "INSERT OR IGNORE INTO rollout_events (rollout_id, device_id, command_id, seq, "
-                "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rollout_events (rollout_id, device_id, command_id, seq, "
+                "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (rollout_id, device_id, command_id, seq, state, reason, code, at, time.time()),
             )
 

@@ -58,7 +58,7 @@ def _refreshed(s: ControllerSettings, registry: Registry, device_id: str) -> boo
 
 def _latest_sample(s: ControllerSettings, device_id: str) -> TelemetrySample | None:
     try:
-        store = TelemetryStore(default_telemetry_db(s.db), readonly=True)
+        store = TelemetryStore(default_telemetry_db(s.db_target()), readonly=True)
     except TelemetryStoreError:
         return None  # no `jetfleet serve` has collected telemetry here
     try:

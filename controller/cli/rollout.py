@@ -379,7 +379,7 @@ def spawn_driver(s: ControllerSettings, rollout_id: str) -> int:
         "--broker",
         s.broker,
         "--db",
-        str(s.db),
+        str(s.db_target()),
     ]
     if s.keys:
         args += ["--keys", str(s.keys)]
