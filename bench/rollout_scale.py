@@ -147,7 +147,7 @@ def run_jetfleet(
     wave_timeout: float,
 ) -> tuple[float, int, float]:
     registry = Registry.open(tmp / f"controller-{version}.db")
-    store = RolloutStore(registry.conn)
+    store = RolloutStore(registry.conn, offline=registry.offline_ids)
     opts = MqttOptions(broker=broker.url)
     from controller.mqtt import ControllerMqtt
     from controller.registry import sync_from_broker

@@ -109,7 +109,7 @@ class TelemetryIngester:
 
     def __init__(
         self,
-        store_path: Path,
+        store_path: str | Path,
         broker_url: str,
         *,
         protocol: str = "5",
@@ -127,7 +127,7 @@ class TelemetryIngester:
         subscribe_status: bool = True,
         on_batch: Callable[[IngestStats], None] | None = None,
     ) -> None:
-        self.store_path = Path(store_path)
+        self.store_path = store_path
         self.topics = Topics(prefix)
         self.protocol = protocol
         self.share_group = share_group
@@ -390,7 +390,12 @@ def _publish_stats(shared: Any, stats: IngestStats) -> None:
 
 
 def _worker_main(
-    store_path: Path, broker_url: str, kwargs: dict[str, Any], stop: Any, ready: Any, shared: Any
+    store_path: str | Path,
+    broker_url: str,
+    kwargs: dict[str, Any],
+    stop: Any,
+    ready: Any,
+    shared: Any,
 ) -> None:
     """One extra ingester process: telemetry only (the parent follows status and runs
     retention), its counters mirrored into shared memory after every batch."""
@@ -418,7 +423,9 @@ class IngestPool:
     all members of one MQTT 5 shared subscription writing the same database: ingestion
     uses as many cores as there are workers (one Python process is bound by its GIL)."""
 
-    def __init__(self, workers: int, store_path: Path, broker_url: str, **kwargs: Any) -> None:
+    def __init__(
+        self, workers: int, store_path: str | Path, broker_url: str, **kwargs: Any
+    ) -> None:
         if workers < 1:
             raise ValueError(f"ingest workers must be >= 1, not {workers}")
         if workers > 1 and (
@@ -434,7 +441,7 @@ class IngestPool:
         self.main = TelemetryIngester(store_path, broker_url, **kwargs)
         own = ("on_status", "subscribe_status", "on_batch", "maintenance_interval_s")
         self._kwargs = {k: v for k, v in kwargs.items() if k not in own}
-        self._store_path, self._broker_url = Path(store_path), broker_url
+        self._store_path, self._broker_url = store_path, broker_url
         self._stop = self._mp.Event()
         self._procs: list[Any] = []
         self._shared: list[Any] = []

@@ -12,7 +12,6 @@ so a device that went away disappears instead of freezing at its last value.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,9 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from controller.db import DB_ERRORS, DatabaseError, is_url, open_database
 from controller.ingest import DROP_REASONS, IngestStats
+from controller.rollout_store import rollout_state_counts
 from controller.telemetry_store import LatestSample, TelemetryStore
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceStatus
@@ -119,18 +120,18 @@ class _FleetFamilies:
 class FleetCollector(Collector):
     def __init__(
         self,
-        telemetry_db: Path,
+        telemetry_db: str | Path,
         *,
         stats: Callable[[], IngestStats] | None = None,
         status: Callable[[], dict[str, DeviceStatus]] | None = None,
-        controller_db: Path | None = None,
+        controller_db: str | Path | None = None,
         stale_after_s: float = STALE_AFTER_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.telemetry_db = Path(telemetry_db)
+        self.telemetry_db = telemetry_db
         self.stats = stats
         self.status = status or dict
-        self.controller_db = Path(controller_db) if controller_db else None
+        self.controller_db = controller_db or None
         self.stale_after_s = stale_after_s
         self.clock = clock
 
@@ -195,43 +196,36 @@ class FleetCollector(Collector):
 
     def _rollouts(self) -> Iterator[Metric]:
         db = self.controller_db
-        if db is None or not db.is_file():
+        if db is None or (not is_url(db) and not Path(db).is_file()):
             return
         try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0)
-        except sqlite3.Error as e:
-            log.warning("metrics_controller_db_unreadable", reason=str(e))
+            conn = open_database(db, readonly=True, timeout=2.0)
+        except DatabaseError as e:
+            log.warning("metrics_controller_db_unreadable", reason=e.reason)
             return
         try:
-            cols = {r[1] for r in conn.execute("PRAGMA table_info(rollouts)")}
-            state_col = next((c for c in ("state", "status") if c in cols), None)
-            if state_col is None:
+            counts = rollout_state_counts(conn)
+            if counts is None:
                 return
+            by_rollout, by_assignment = counts
             g = GaugeMetricFamily(
                 "jetfleet_rollouts",
                 "rollouts in the controller database, by state",
                 labels=["state"],
             )
-            for state, n in conn.execute(
-                f"SELECT {state_col}, COUNT(*) FROM rollouts GROUP BY {state_col}"
-            ):
-                g.add_metric([str(state)], float(n))
+            for state, n in by_rollout.items():
+                g.add_metric([state], float(n))
             yield g
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-            if "assignments" in tables:
-                a_cols = {r[1] for r in conn.execute("PRAGMA table_info(assignments)")}
-                if "state" in a_cols:
-                    d = GaugeMetricFamily(
-                        "jetfleet_rollout_devices",
-                        "device assignments of all rollouts, by job state",
-                        labels=["state"],
-                    )
-                    for state, n in conn.execute(
-                        "SELECT state, COUNT(*) FROM assignments GROUP BY state"
-                    ):
-                        d.add_metric([str(state)], float(n))
-                    yield d
-        except sqlite3.Error as e:
+            if by_assignment is not None:
+                d = GaugeMetricFamily(
+                    "jetfleet_rollout_devices",
+                    "device assignments of all rollouts, by job state",
+                    labels=["state"],
+                )
+                for state, n in by_assignment.items():
+                    d.add_metric([state], float(n))
+                yield d
+        except DB_ERRORS as e:
             log.warning("metrics_rollouts_unreadable", reason=str(e))
         finally:
             conn.close()

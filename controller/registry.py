@@ -22,6 +22,8 @@ from typing import Any
 
 import structlog
 
+from controller.db import Database, open_database
+from controller.db.migrations import AddColumn, Step, migrate
 from controller.mqtt import ControllerMqtt
 from protocol.errors import CodedError, MessageError
 from protocol.ids import validate_id
@@ -53,18 +55,10 @@ class TargetError(CodedError, ValueError):
     code = "target"
 
 
-def open_db(path: Path) -> sqlite3.Connection:
-    """The controller database: WAL so a `rollout status` can read while a driver writes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable across a process kill (the WAL is on disk); only a power cut may
-    # lose the last transactions, and rollout resume tolerates that (see rollout.py).
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
+def open_db(target: str | Path) -> Database:
+    """The controller database: a SQLite file (WAL, so a `rollout status` can read while a
+    driver writes) or a PostgreSQL URL (controller/db)."""
+    return open_database(target)
 
 
 @dataclass
@@ -102,7 +96,7 @@ class DeviceRecord:
         }
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> DeviceRecord:
+    def from_row(cls, row: Any) -> DeviceRecord:
         return cls(
             id=row["id"],
             groups=json.loads(row["groups"]),
@@ -128,23 +122,21 @@ def _epoch(iso: str | None) -> float | None:
 class Registry:
     """Device records in the controller database; safe to share between threads."""
 
-    def __init__(self, conn: sqlite3.Connection, topics: Topics | None = None) -> None:
-        self.conn = conn
+    # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
+    MIGRATIONS: tuple[Step, ...] = (
+        _SCHEMA,
+        AddColumn("devices", "trust_version", "INTEGER"),
+    )
+
+    def __init__(self, conn: Database | sqlite3.Connection, topics: Topics | None = None) -> None:
+        self.conn = Database.wrap(conn)
         self.topics = topics or Topics()
         self._lock = threading.RLock()
         with self._lock:
-            conn.executescript(_SCHEMA)
-            # A database from before trust_version was reported.
-            cols = {r[1] for r in conn.execute("PRAGMA table_info(devices)")}
-            if "trust_version" not in cols:
-                try:
-                    conn.execute("ALTER TABLE devices ADD COLUMN trust_version INTEGER")
-                except sqlite3.OperationalError as e:
-                    if "duplicate column" not in str(e):  # another process just added it
-                        raise
+            migrate(self.conn, "registry", self.MIGRATIONS)
 
     @classmethod
-    def open(cls, path: Path, topics: Topics | None = None) -> Registry:
+    def open(cls, path: str | Path, topics: Topics | None = None) -> Registry:
         return cls(open_db(path), topics)
 
     # -- ingest ------------------------------------------------------------------------
@@ -163,16 +155,18 @@ class Registry:
                        models, job, last_seq, status_at, trust_version)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET groups=excluded.groups, online=excluded.online,
-                       last_seen=CASE WHEN excluded.online THEN excluded.last_seen
-                           ELSE MAX(COALESCE(devices.last_seen, 0), excluded.last_seen) END,
+                       last_seen=CASE WHEN excluded.online = 1
+                           OR excluded.last_seen > COALESCE(devices.last_seen, 0)
+                           THEN excluded.last_seen ELSE COALESCE(devices.last_seen, 0) END,
                        agent_version=COALESCE(excluded.agent_version, devices.agent_version),
-                       hardware=CASE WHEN excluded.online OR excluded.hardware != '{}'
+                       hardware=CASE WHEN excluded.online = 1 OR excluded.hardware != '{}'
                            THEN excluded.hardware ELSE devices.hardware END,
-                       models=CASE WHEN excluded.online OR excluded.models != '{}'
+                       models=CASE WHEN excluded.online = 1 OR excluded.models != '{}'
                            THEN excluded.models ELSE devices.models END,
                        job=excluded.job,
-                       last_seq=MAX(COALESCE(devices.last_seq, -1),
-                                    COALESCE(excluded.last_seq, -1)),
+                       last_seq=CASE WHEN COALESCE(excluded.last_seq, -1)
+                           > COALESCE(devices.last_seq, -1) THEN COALESCE(excluded.last_seq, -1)
+                           ELSE COALESCE(devices.last_seq, -1) END,
                        status_at=excluded.status_at,
                        trust_version=COALESCE(excluded.trust_version, devices.trust_version)""",
                 (
@@ -298,6 +292,10 @@ class Registry:
         if len(set(ids)) != len(ids):
             raise TargetError(f"--target {target}: a device is named twice")
         return sorted(ids)
+
+    def offline_ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self.conn.execute("SELECT id FROM devices WHERE online=0")}
 
     def unknown(self, ids: Iterable[str]) -> list[str]:
         with self._lock:

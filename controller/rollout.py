@@ -20,7 +20,6 @@ import json
 import math
 import os
 import queue
-import sqlite3
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ import psutil
 import structlog
 
 from controller.commands import CommandSigner
+from controller.db import DB_ERRORS
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import Registry
 from controller.rollout_policy import RolloutPolicy, Tally, abort_reason, exponential_sizes
@@ -271,7 +271,7 @@ class RolloutDriver:
                 if rollout.state in FINISHED:
                     break
             return rollout
-        except sqlite3.OperationalError as e:
+        except DB_ERRORS as e:
             if is_disk_full(e):
                 raise DatabaseFullError(self.rollout_id) from None
             raise
@@ -283,7 +283,7 @@ class RolloutDriver:
         stays (it names a dead process, so `status` says nobody drives the rollout)."""
         try:
             self.store.set_driver(self.rollout_id, None, None)
-        except sqlite3.OperationalError as e:
+        except DB_ERRORS as e:
             log.warning("driver_mark_kept", rollout_id=self.rollout_id, error=str(e))
         final = self.store.get(self.rollout_id)
         if self.mqtt is not None:
@@ -348,7 +348,7 @@ class RolloutDriver:
         except ProtocolError as e:
             # A daemon never dies on bad input: log it with the reason and go on.
             log.warning("bad_message_ignored", topic=topic, reason=e.reason, code=e.code)
-        except sqlite3.Error:
+        except DB_ERRORS:
             raise  # the database failed, not the message: the batch must not half-commit
         except Exception:
             # Nor on a message that trips a bug: one device's report must not stop the
@@ -733,13 +733,9 @@ class RolloutDriver:
         # The rollback runs as a pseudo-wave with its own deadline, so a resume after a
         # crash in this phase knows it is rolling back and until when.
         self._skip_pending_waves(rollout)
-        idx = len(self.store.waves(rollout.id))
-        with self.store.transaction() as c:
-            c.execute(
-                "INSERT INTO waves (rollout_id, idx, size, state, started_at, deadline) "
-                "VALUES (?, ?, ?, 'rollback', ?, ?)",
-                (rollout.id, idx, len(succeeded), time.time(), self.clock() + rollout.wave_timeout),
-            )
+        self.store.add_rollback_wave(
+            rollout.id, len(succeeded), self.clock() + rollout.wave_timeout
+        )
         to_publish: list[tuple[str, str, bytes]] = []
         with self.store.transaction():
             for a in succeeded:
@@ -835,11 +831,7 @@ class RolloutDriver:
             self._dirty = True
 
     def _skip_pending_waves(self, rollout: Rollout) -> None:
-        with self.store.transaction() as c:
-            c.execute(
-                "UPDATE waves SET state='skipped' WHERE rollout_id=? AND state='pending'",
-                (rollout.id,),
-            )
+        self.store.skip_pending_waves(rollout.id)
 
     def _step_rollback(self, rollout: Rollout, idx: int, deadline: float) -> Rollout:
         sent = [a for a in self.store.assignments(rollout.id) if a.rb_command_id is not None]

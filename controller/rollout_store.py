@@ -14,12 +14,15 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.db import Database
+from controller.db import is_disk_full as is_disk_full  # re-exported: the CLI's checks
+from controller.db.migrations import AddColumn, Step, migrate
 from controller.rollout_policy import RolloutPolicy
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
@@ -33,7 +36,6 @@ REFUSED = "REFUSED"
 
 # Below this much free space on the database's disk a writer is about to fail.
 NEARLY_FULL_BYTES = 1 << 20
-_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (Python 3.11), not in every typeshed
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
@@ -75,14 +77,6 @@ class DevicesHeldError(RuntimeError):
         )
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """SQLITE_FULL: the database's disk (or its WAL's) has no room for the write."""
-    return isinstance(err, sqlite3.OperationalError) and (
-        getattr(err, "sqlite_errorcode", None) == _SQLITE_FULL
-        or "database or disk is full" in str(err)
-    )
-
-
 def disk_nearly_full(db: Path) -> int | None:
     """Free bytes on the database's disk when a write there would fail, else None."""
     try:
@@ -90,6 +84,31 @@ def disk_nearly_full(db: Path) -> int | None:
     except OSError:
         return None
     return free if free < NEARLY_FULL_BYTES else None
+
+
+def rollout_state_counts(
+    conn: Database,
+) -> tuple[dict[str, int], dict[str, int] | None] | None:
+    """(rollouts by state, assignments by job state) of a database opened read-only,
+    whatever release wrote it: None without a rollouts table, no assignment counts
+    without that table."""
+    cols = conn.columns("rollouts")
+    state_col = next((c for c in ("state", "status") if c in cols), None)
+    if state_col is None:
+        return None
+    rollouts = {
+        str(state): int(n)
+        for state, n in conn.execute(
+            f"SELECT {state_col}, COUNT(*) FROM rollouts GROUP BY {state_col}"
+        )
+    }
+    if "state" not in conn.columns("assignments"):
+        return rollouts, None
+    assignments = {
+        str(state): int(n)
+        for state, n in conn.execute("SELECT state, COUNT(*) FROM assignments GROUP BY state")
+    }
+    return rollouts, assignments
 
 
 _SCHEMA = """
@@ -201,7 +220,7 @@ class Rollout:
     policy: RolloutPolicy = field(default_factory=RolloutPolicy)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Rollout:
+    def from_row(cls, row: Any) -> Rollout:
         d = dict(row)
         d["auto_rollback"] = bool(d["auto_rollback"])
         d["rollback_on_abort"] = bool(d["rollback_on_abort"])
@@ -256,7 +275,7 @@ class Assignment:
     retry_at: float | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Assignment:
+    def from_row(cls, row: Any) -> Assignment:
         d = dict(row)
         d["gate"] = json.loads(d["gate"]) if d["gate"] else None
         return cls(**d)
@@ -331,14 +350,9 @@ def advances(current: str, new: str) -> bool:
 
 
 class RolloutStore:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self._lock = threading.RLock()
-        conn.executescript(_SCHEMA)
-        self._migrate()
-
     # Columns added after the first release (table, column, type): NULL in older rows
     # means the behaviour from before the column (no payload, the default policy…).
+    # Each one is a schema migration step after _SCHEMA (see MIGRATIONS): append only.
     _ADDED_COLUMNS = (
         ("rollouts", "payload", "TEXT"),
         ("rollouts", "policy", "TEXT"),
@@ -346,36 +360,28 @@ class RolloutStore:
         ("assignments", "attempts", "INTEGER NOT NULL DEFAULT 0"),
         ("assignments", "retry_at", "REAL"),
     )
+    # Schema steps, oldest first (controller/db/migrations.py): the version of a database
+    # is how many it has. A new table goes in a step of its own, appended here.
+    MIGRATIONS: tuple[Step, ...] = (_SCHEMA, *(AddColumn(*c) for c in _ADDED_COLUMNS))
 
-    def _migrate(self) -> None:
-        """Add the columns of later releases to a database created before them."""
-        for table, column, kind in self._ADDED_COLUMNS:
-            cols = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
-            if column in cols:
-                continue
-            try:
-                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            except sqlite3.OperationalError as e:
-                if "duplicate column" not in str(e):  # another process just added it
-                    raise
+    def __init__(
+        self,
+        conn: Database | sqlite3.Connection,
+        *,
+        offline: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
+        """`offline`: the ids of the devices known to be offline now (the registry's
+        `offline_ids`), for a summary's offline_pending."""
+        self.conn = Database.wrap(conn)
+        self._offline = offline
+        self._lock = threading.RLock()
+        migrate(self.conn, "rollouts", self.MIGRATIONS)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Database]:
         """One write transaction (BEGIN IMMEDIATE … COMMIT); nested calls join the outer one."""
-        with self._lock:
-            if self.conn.in_transaction:
-                yield self.conn
-                return
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-                self.conn.execute("COMMIT")
-            except BaseException:
-                # SQLite may have rolled back already (SQLITE_FULL in a statement); a
-                # failed COMMIT leaves the transaction open.
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
+        with self._lock, self.conn.transaction() as c:
+            yield c
 
     # -- creation ----------------------------------------------------------------------
     def create(
@@ -584,12 +590,9 @@ class RolloutStore:
             waves.append(WaveSummary(w.idx, w.size, w.state, counts, w.deadline))
         assigned = [a for a in assignments if a.command_id is not None]
         failed = [a for a in assigned if a.failed]
-        try:
-            # The registry's table in the same database: commanded devices that are
-            # offline, whose commands wait in the broker.
-            offline = {r[0] for r in self.conn.execute("SELECT id FROM devices WHERE online=0")}
-        except sqlite3.OperationalError:
-            offline = set()
+        # Commanded devices that are offline, whose commands wait in the broker: the
+        # registry knows who is offline (its tables are its own).
+        offline = set(self._offline()) if self._offline is not None else set()
         rollbacks: dict[str, int] = {}
         for a in assignments:
             if a.rb_state:
@@ -660,8 +663,9 @@ class RolloutStore:
         saw (None, or a dead process), so two `resume`s cannot both drive it."""
         with self.transaction() as c:
             cur = c.execute(
-                "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=? AND driver_pid IS ?",
-                (pid, started, rollout_id, replacing),
+                "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=? AND "
+                + ("driver_pid IS NULL" if replacing is None else "driver_pid=?"),
+                (pid, started, rollout_id, *(() if replacing is None else (replacing,))),
             )
             return cur.rowcount == 1
 
@@ -670,6 +674,27 @@ class RolloutStore:
             c.execute(
                 "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=?",
                 (pid, started, rollout_id),
+            )
+
+    def add_rollback_wave(self, rollout_id: str, size: int, deadline: float) -> int:
+        """The rollback phase as a pseudo-wave after the last one; returns its index."""
+        with self.transaction() as c:
+            row = c.execute(
+                "SELECT COUNT(*) FROM waves WHERE rollout_id=?", (rollout_id,)
+            ).fetchone()
+            idx = int(row[0])
+            c.execute(
+                "INSERT INTO waves (rollout_id, idx, size, state, started_at, deadline) "
+                "VALUES (?, ?, ?, 'rollback', ?, ?)",
+                (rollout_id, idx, size, time.time(), deadline),
+            )
+        return idx
+
+    def skip_pending_waves(self, rollout_id: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE waves SET state='skipped' WHERE rollout_id=? AND state='pending'",
+                (rollout_id,),
             )
 
     def start_wave(self, rollout_id: str, idx: int, deadline: float) -> None:
@@ -736,9 +761,10 @@ class RolloutStore:
         """A paced wave's deadline counts from its last released command."""
         with self.transaction() as c:
             c.execute(
-                "UPDATE waves SET deadline=MAX(COALESCE(deadline, 0), ?) "
+                "UPDATE waves SET deadline="
+                "CASE WHEN COALESCE(deadline, 0) > ? THEN deadline ELSE ? END "
                 "WHERE rollout_id=? AND idx=?",
-                (deadline, rollout_id, idx),
+                (deadline, deadline, rollout_id, idx),
             )
 
     def record_rollback(
@@ -949,8 +975,9 @@ class RolloutStore:
     ) -> None:
         with self.transaction() as c:
             c.execute(
-                "INSERT OR IGNORE INTO rollout_events (rollout_id, device_id, command_id, seq, "
-                "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rollout_events (rollout_id, device_id, command_id, seq, "
+                "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (rollout_id, device_id, command_id, seq, state, reason, code, at, time.time()),
             )
 

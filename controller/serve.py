@@ -307,10 +307,10 @@ class JetfleetHTTPServer(ThreadingHTTPServer):
 @dataclass
 class ServeConfig:
     broker: str
-    telemetry_db: Path
+    telemetry_db: str | Path
     bundle_dir: Path
     data_dir: Path
-    controller_db: Path | None = None
+    controller_db: str | Path | None = None
     host: str = "0.0.0.0"
     http_port: int = 8380
     metrics_port: int | None = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from controller.db import DatabaseError, is_url, sqlite_path
 from protocol.errors import CodedError
 
 if sys.version_info >= (3, 11):
@@ -110,6 +111,13 @@ class ControllerSettings:
     prefix: str = "jetfleet/v1"
     bundle_dir: Path = Path()  # unset: bundles/ beside the database (state per database)
     context: str | None = None  # the named context in use
+    # --db as a server URL (postgresql://…): the database; `db` then only places the
+    # local files (bundles/, rollouts/ logs) in the data directory.
+    database: str = ""
+
+    def db_target(self) -> str | Path:
+        """What the stores open: the PostgreSQL URL, or the SQLite file."""
+        return self.database or self.db
 
     @classmethod
     def load(
@@ -122,7 +130,7 @@ class ControllerSettings:
         path = config_path(config)
         data = read_config(path)
         if data:
-            known = {f.name for f in fields(cls)} - {"context"}
+            known = {f.name for f in fields(cls)} - {"context", "database"}
             flat = (
                 {**data, **data.get("broker", {})} if isinstance(data.get("broker"), dict) else data
             )
@@ -146,7 +154,13 @@ class ControllerSettings:
                 values[k] = v
         s = cls(**values, context=name)
         s.keys = Path(s.keys).expanduser() if s.keys else None
-        s.db = Path(s.db).expanduser()
+        if is_url(s.db):
+            s.database, s.db = str(s.db), default_data_dir() / "controller.db"
+        else:
+            try:
+                s.db = sqlite_path(s.db) or Path(s.db)
+            except DatabaseError as e:
+                raise SettingsError(e.reason) from None
         given = values.get("bundle_dir")
         s.bundle_dir = Path(given).expanduser() if given else s.db.parent / "bundles"
         s.protocol = str(s.protocol)

@@ -15,13 +15,14 @@ deleted. Times are the device's `at`, in Unix seconds.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controller.db import DB_ERRORS, Database, DatabaseError, describe, open_database, sqlite_path
+from controller.db.migrations import Step, migrate
 from protocol.errors import CodedError
 from protocol.telemetry import TelemetrySample
 
@@ -110,8 +111,11 @@ class TelemetryStoreError(CodedError, RuntimeError):
     code = "telemetry_store"
 
 
-def default_telemetry_db(controller_db: Path) -> Path:
-    return Path(controller_db).with_name("telemetry.db")
+def default_telemetry_db(controller_db: str | Path) -> str | Path:
+    """`telemetry.db` next to a SQLite controller database; PostgreSQL keeps telemetry
+    in the controller's database (its own tables)."""
+    local = sqlite_path(controller_db)
+    return local.with_name("telemetry.db") if local is not None else str(controller_db)
 
 
 def row_from_sample(sample: TelemetrySample, payload: str) -> Row:
@@ -152,40 +156,42 @@ class LatestSample:
         return TelemetrySample.decode(self.payload)
 
 
-def connect(path: Path, *, readonly: bool = False, timeout: float = 10.0) -> sqlite3.Connection:
-    path = Path(path)
+def connect(path: str | Path, *, readonly: bool = False, timeout: float = 10.0) -> Database:
+    """The telemetry database: a SQLite file (WAL + NORMAL: a committed batch survives a
+    process crash; only an OS crash can lose the last batches, which for telemetry is the
+    right trade) or the controller's PostgreSQL database."""
     try:
-        if readonly:
-            conn = sqlite3.connect(
-                f"file:{path}?mode=ro", uri=True, timeout=timeout, check_same_thread=False
-            )
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a committed batch survives a process crash; only an OS crash
-            # can lose the last batches, which for telemetry is the right trade.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-    except sqlite3.Error as e:
-        raise TelemetryStoreError(f"telemetry database {path}: {e}") from e
-    return conn
+        db = open_database(path, readonly=readonly, timeout=timeout)
+        migrate(db, "telemetry", MIGRATIONS, readonly=readonly)
+    except DatabaseError as e:
+        raise TelemetryStoreError(f"telemetry {e.reason}") from e
+    except DB_ERRORS as e:
+        raise TelemetryStoreError(f"telemetry database {describe(path)}: {e}") from e
+    return db
+
+
+# Schema steps, oldest first (controller/db/migrations.py): append, never edit.
+MIGRATIONS: tuple[Step, ...] = (_SCHEMA,)
 
 
 class TelemetryStore:
     """Writes (one thread) and queries. Readers may open their own with readonly=True."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self.path = Path(path)
-        if readonly and not self.path.is_file():
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        local = sqlite_path(path)
+        self.path: str | Path = local if local is not None else str(path)
+        if readonly and local is not None and not local.is_file():
             raise TelemetryStoreError(
                 f"no telemetry database at {self.path} (has `jetfleet serve` run?)"
             )
         self.conn = connect(self.path, readonly=readonly)
-        # Python >= 3.11 can ask; 999 is SQLite's smallest default (before 3.32).
-        getlimit = getattr(self.conn, "getlimit", None)
-        which = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
-        self._max_vars = int(getlimit(which)) if getlimit and which is not None else 999
+        self._max_vars = self.conn.max_params
+        # A minute's start from a sample time (times are positive: truncation is floor).
+        self._minute = (
+            "CAST(FLOOR(ts / 60) AS BIGINT) * 60"
+            if self.conn.postgres
+            else "CAST(ts / 60 AS INTEGER) * 60"
+        )
 
     def close(self) -> None:
         self.conn.close()
@@ -210,7 +216,7 @@ class TelemetryStore:
             if cur is None or r[1] >= cur[1]:
                 newest[r[0]] = r
         latest = [(r[0], r[1], now, r[-1]) for r in newest.values()]
-        with self.conn:
+        with self.conn.transaction(exclusive=False):
             self._insert_many("telemetry_raw", _RAW_COLUMNS, rows)
             self._insert_many("device_latest", _LATEST_COLUMNS, latest, _LATEST_SUFFIX)
 
@@ -243,12 +249,14 @@ class TelemetryStore:
         else:
             start = int(done_until) - DOWNSAMPLE_LAG_S
         means = ", ".join(f"AVG({m})" for m in METRICS)
-        with self.conn:
+        replace = ", ".join(f"{c} = excluded.{c}" for c in ("n", *METRICS))
+        with self.conn.transaction(exclusive=False):
             folded = self.conn.execute(
-                f"INSERT OR REPLACE INTO telemetry_minute (device_id, minute, n, "
-                f"{', '.join(METRICS)}) SELECT device_id, CAST(ts / 60 AS INTEGER) * 60, "
+                f"INSERT INTO telemetry_minute (device_id, minute, n, "
+                f"{', '.join(METRICS)}) SELECT device_id, {self._minute}, "
                 f"COUNT(*), {means} FROM telemetry_raw WHERE ts >= ? AND ts < ? "
-                f"GROUP BY device_id, CAST(ts / 60 AS INTEGER)",
+                f"GROUP BY device_id, {self._minute} "
+                f"ON CONFLICT (device_id, minute) DO UPDATE SET {replace}",
                 (start, end),
             ).rowcount
             self._set_meta("downsampled_until", str(end))

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli.common import Output, OutputOption, fail, print_json
+from controller.db import describe
 from controller.settings import (
     ControllerSettings,
     SettingsError,
@@ -53,7 +54,7 @@ def list_(ctx: typer.Context, output: Output = OutputOption) -> None:
                 "current": "*" if name == current else "",
                 "broker": s.broker,
                 "keys": str(s.keys or ""),
-                "db": str(s.db),
+                "db": describe(s.db_target()),
             }
         )
     if output is Output.json:

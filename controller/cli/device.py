@@ -58,7 +58,7 @@ def _refreshed(s: ControllerSettings, registry: Registry, device_id: str) -> boo
 
 def _latest_sample(s: ControllerSettings, device_id: str) -> TelemetrySample | None:
     try:
-        store = TelemetryStore(default_telemetry_db(s.db), readonly=True)
+        store = TelemetryStore(default_telemetry_db(s.db_target()), readonly=True)
     except TelemetryStoreError:
         return None  # no `jetfleet serve` has collected telemetry here
     try:
@@ -150,7 +150,7 @@ def show(
     registry = open_registry(s)
     fresh = _refreshed(s, registry, device_id)
     record = _known(registry, device_id)
-    store = RolloutStore(registry.conn)
+    store = RolloutStore(registry.conn, offline=registry.offline_ids)
     sample = _latest_sample(s, device_id)
     if output is Output.json:
         print_json(

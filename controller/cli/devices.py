@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
+from controller.db import DB_ERRORS
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import DeviceRecord, Registry, sync_from_broker
 from controller.settings import ControllerSettings
@@ -49,7 +49,7 @@ def mqtt_options(s: ControllerSettings, *, client_id: str = "") -> MqttOptions:
 
 
 def open_registry(s: ControllerSettings) -> Registry:
-    return Registry.open(s.db, Topics(s.prefix))
+    return Registry.open(s.db_target(), Topics(s.prefix))
 
 
 def named_devices(target: str | None) -> list[str]:
@@ -88,12 +88,12 @@ TELEMETRY_FRESH_S = 600.0  # an older sample says nothing about the clock now
 def _telemetry_times(s: ControllerSettings) -> dict[str, tuple[float, float]]:
     """device -> (its newest sample's time, when serve received it); {} without serve."""
     try:
-        store = TelemetryStore(default_telemetry_db(s.db), readonly=True)
+        store = TelemetryStore(default_telemetry_db(s.db_target()), readonly=True)
     except TelemetryStoreError:
         return {}
     try:
         return {x.device_id: (x.ts, x.received) for x in store.latest()}
-    except sqlite3.Error:
+    except DB_ERRORS:
         return {}
     finally:
         store.close()

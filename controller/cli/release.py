@@ -10,8 +10,6 @@ broker's retained copy and this controller's history, plus one.
 from __future__ import annotations
 
 import hashlib
-import json
-import sqlite3
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -32,6 +30,7 @@ from controller.cli.common import (
 from controller.cli.devices import configure_cli_logging, mqtt_options, open_registry
 from controller.cli.rollout import BundleConflictError, choose_bundle_url, keyset, publish_bundle
 from controller.mqtt import ControllerMqtt, MqttError
+from controller.release_store import ReleaseStore
 from controller.settings import ControllerSettings
 from protocol.bundle import bundle_filename, verify_bundle
 from protocol.dsse import Envelope
@@ -46,16 +45,6 @@ app = typer.Typer(help="The fleet's desired state: group releases and device pin
 GroupOption = typer.Option(..., "--group", "-g", help="group name")
 BundleOption = typer.Option(None, "--bundle", help="publish this .jfb first (verified)")
 UrlOption = typer.Option(None, "--bundle-url", help="where devices fetch it")
-_HISTORY_DDL = """
-CREATE TABLE IF NOT EXISTS release_history (
-    scope TEXT NOT NULL,          -- group:NAME or device:ID
-    version INTEGER NOT NULL,
-    issued_at TEXT NOT NULL,
-    models TEXT NOT NULL,
-    envelope BLOB NOT NULL,
-    PRIMARY KEY (scope, version)
-)
-"""
 
 
 # -- broker ----------------------------------------------------------------------------
@@ -107,34 +96,17 @@ def _decode(cls: type[Release] | type[Pins], payload: bytes) -> Release | Pins |
 
 
 # -- history ---------------------------------------------------------------------------
-def _history_db(s: ControllerSettings) -> sqlite3.Connection:
-    conn = open_registry(s).conn
-    conn.execute(_HISTORY_DDL)
-    return conn
+def _history(s: ControllerSettings) -> ReleaseStore:
+    return ReleaseStore(open_registry(s).conn)
 
 
 def _record(s: ControllerSettings, scope: str, doc: Release | Pins, envelope: bytes) -> None:
-    conn = _history_db(s)
-    with conn:
-        conn.execute(
-            "INSERT OR REPLACE INTO release_history VALUES (?, ?, ?, ?, ?)",
-            (
-                scope,
-                doc.version,
-                doc.issued_at.isoformat(),
-                json.dumps({n: m.model_dump() for n, m in doc.models.items()}),
-                envelope,
-            ),
-        )
+    models = {n: m.model_dump() for n, m in doc.models.items()}
+    _history(s).record(scope, doc.version, doc.issued_at.isoformat(), models, envelope)
 
 
 def _last_version(s: ControllerSettings, scope: str) -> int:
-    row = (
-        _history_db(s)
-        .execute("SELECT MAX(version) FROM release_history WHERE scope=?", (scope,))
-        .fetchone()
-    )
-    return int(row[0] or 0)
+    return _history(s).last_version(scope)
 
 
 # -- documents -------------------------------------------------------------------------
@@ -298,15 +270,7 @@ def release_history(
     """Every release and pin document this controller signed, newest first."""
     configure_cli_logging()
     s = settings(ctx)
-    sql = "SELECT scope, version, issued_at, models FROM release_history"
-    args: tuple[str, ...] = ()
-    if group:
-        sql, args = sql + " WHERE scope=?", (f"group:{group}",)
-    rows = _history_db(s).execute(sql + " ORDER BY issued_at DESC, version DESC", args).fetchall()
-    entries = [
-        {"scope": r[0], "version": r[1], "issued_at": r[2], "models": json.loads(r[3])}
-        for r in rows
-    ]
+    entries = _history(s).history(f"group:{group}" if group else None)
     if output is Output.json:
         print_json(entries)
         return

@@ -115,7 +115,7 @@ def keyset(s: ControllerSettings) -> KeySet:
 
 def open_store(s: ControllerSettings) -> tuple[RolloutStore, Registry]:
     registry = open_registry(s)
-    return RolloutStore(registry.conn), registry
+    return RolloutStore(registry.conn, offline=registry.offline_ids), registry
 
 
 def latest_rollout(store: RolloutStore) -> Rollout:
@@ -379,7 +379,7 @@ def spawn_driver(s: ControllerSettings, rollout_id: str) -> int:
         "--broker",
         s.broker,
         "--db",
-        str(s.db),
+        str(s.db_target()),
     ]
     if s.keys:
         args += ["--keys", str(s.keys)]

@@ -77,10 +77,10 @@ def serve(
         fail(e.reason)
     cfg = ServeConfig(
         broker=s.broker,
-        telemetry_db=telemetry_db or default_telemetry_db(s.db),
+        telemetry_db=telemetry_db or default_telemetry_db(s.db_target()),
         bundle_dir=s.bundle_dir,
         data_dir=s.db.parent,
-        controller_db=s.db,
+        controller_db=s.db_target(),
         host=host,
         http_port=http_port,
         metrics_port=metrics_port,

@@ -100,11 +100,11 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _telemetry_db(ctx: typer.Context, override: Path | None) -> Path:
-    return override or default_telemetry_db(settings(ctx).db)
+def _telemetry_db(ctx: typer.Context, override: Path | None) -> str | Path:
+    return override or default_telemetry_db(settings(ctx).db_target())
 
 
-def _open_store(path: Path) -> TelemetryStore:
+def _open_store(path: str | Path) -> TelemetryStore:
     try:
         return TelemetryStore(path, readonly=True)
     except TelemetryStoreError as e:

@@ -503,7 +503,7 @@ class ControllerHarness:
         from controller.rollout_store import RolloutStore
 
         self.registry = Registry.open(db)
-        self.store = RolloutStore(self.registry.conn)
+        self.store = RolloutStore(self.registry.conn, offline=self.registry.offline_ids)
         self.signer = CommandSigner([operator])
         self.options = MqttOptions(broker=broker_url, protocol=protocol)
 

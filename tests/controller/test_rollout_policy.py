@@ -244,6 +244,7 @@ def test_a_controller_db_from_before_policies_gets_the_columns_and_the_default_p
     conn.execute("ALTER TABLE rollouts DROP COLUMN policy")
     for column in ("commanded_at", "attempts", "retry_at"):
         conn.execute(f"ALTER TABLE assignments DROP COLUMN {column}")
+    conn.execute("DROP TABLE schema_version")  # written before schema versions
     conn.commit()
     conn.row_factory = sqlite3.Row
     store = RolloutStore(conn)

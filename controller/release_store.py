@@ -1,0 +1,63 @@
+"""Every release and pin document this controller signed (`jetfleet release history`),
+in the controller database next to the registry and the rollouts.
+
+The history is what keeps a group's (a device's) document versions going up when the
+broker lost its retained copy: the next version is above both."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from controller.db import Database
+from controller.db.migrations import Step, migrate
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS release_history (
+    scope TEXT NOT NULL,          -- group:NAME or device:ID
+    version INTEGER NOT NULL,
+    issued_at TEXT NOT NULL,
+    models TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    PRIMARY KEY (scope, version)
+)
+"""
+
+
+class ReleaseStore:
+    # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
+    MIGRATIONS: tuple[Step, ...] = (_SCHEMA,)
+
+    def __init__(self, conn: Database | sqlite3.Connection) -> None:
+        self.conn = Database.wrap(conn)
+        migrate(self.conn, "releases", self.MIGRATIONS)
+
+    def record(
+        self, scope: str, version: int, issued_at: str, models: dict[str, Any], envelope: bytes
+    ) -> None:
+        """Store a signed document; the same scope and version again replaces it."""
+        self.conn.execute(
+            "INSERT INTO release_history (scope, version, issued_at, models, envelope) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, version) DO UPDATE SET "
+            "issued_at=excluded.issued_at, models=excluded.models, envelope=excluded.envelope",
+            (scope, version, issued_at, json.dumps(models), envelope),
+        )
+
+    def last_version(self, scope: str) -> int:
+        row = self.conn.execute(
+            "SELECT MAX(version) FROM release_history WHERE scope=?", (scope,)
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def history(self, scope: str | None = None) -> list[dict[str, Any]]:
+        """Newest first: {scope, version, issued_at, models}."""
+        sql = "SELECT scope, version, issued_at, models FROM release_history"
+        args: tuple[str, ...] = ()
+        if scope is not None:
+            sql, args = sql + " WHERE scope=?", (scope,)
+        rows = self.conn.execute(sql + " ORDER BY issued_at DESC, version DESC", args).fetchall()
+        return [
+            {"scope": r[0], "version": r[1], "issued_at": r[2], "models": json.loads(r[3])}
+            for r in rows
+        ]
