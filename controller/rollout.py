@@ -589,7 +589,9 @@ class RolloutDriver:
         if self.slo_source is None:
             raise RolloutError(f"rollout {rollout.id} has SLOs but the driver has no metrics")
         assignments = self.store.assignments(rollout.id)
-        switched = [a for a in assignments if a.wave <= wave.idx and a.state == SUCCEEDED]
+        switched = [
+            a for a in assignments if a.wave <= wave.idx and a.state == JobState.SUCCEEDED.value
+        ]
         canary = [Window(a.device_id, rollout.version, since, now) for a in switched]
         old = [a for a in assignments if a.wave > wave.idx and a.command_id is None]
         baseline = [Window(a.device_id, a.prev_version or "", since, now) for a in old]
