@@ -60,7 +60,7 @@ from controller.rollout_store import (
 )
 from controller.slo import FAIL as SLO_FAIL
 from controller.slo import NOT_ENOUGH_DATA, Verdict
-from controller.slo_bake import SampleSource, Window, judge_wave
+from controller.slo_bake import BakeWindows, SampleSource, Window, judge_wave
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.messages import DeviceStatus, JobEvent, JobState, ReasonCode
@@ -584,27 +584,30 @@ class RolloutDriver:
 
     def _judge_bake(self, rollout: Rollout, wave: Wave, since: float, now: float) -> list[Verdict]:
         """The devices of the waves so far on the new version, against the target's devices
-        still on the old one over the same window; when none are left, against the same
-        devices' window of the same length before their wave started."""
+        still on the old one over the same window; each device also against its own
+        window of the same length before its wave started (controller/slo.py)."""
         if self.slo_source is None:
             raise RolloutError(f"rollout {rollout.id} has SLOs but the driver has no metrics")
         assignments = self.store.assignments(rollout.id)
         switched = [
             a for a in assignments if a.wave <= wave.idx and a.state == JobState.SUCCEEDED.value
         ]
-        canary = [Window(a.device_id, rollout.version, since, now) for a in switched]
         old = [a for a in assignments if a.wave > wave.idx and a.command_id is None]
-        baseline = [Window(a.device_id, a.prev_version or "", since, now) for a in old]
-        if not old:
-            starts = {w.idx: w.started_at or since for w in self.store.waves(rollout.id)}
-            span = now - since
-            baseline = [
+        span = now - since
+        starts = {w.idx: w.started_at or since for w in self.store.waves(rollout.id)}
+        this = starts[wave.idx]
+        windows = BakeWindows(
+            canary=[Window(a.device_id, rollout.version, since, now) for a in switched],
+            canary_before=[
                 Window(a.device_id, a.prev_version or "", starts[a.wave] - span, starts[a.wave])
                 for a in switched
-            ]
-        return judge_wave(
-            self.slo_source, rollout.policy.slos, rollout.model, canary, baseline, paired=not old
+            ],
+            baseline=[Window(a.device_id, a.prev_version or "", since, now) for a in old],
+            baseline_before=[
+                Window(a.device_id, a.prev_version or "", this - span, this) for a in old
+            ],
         )
+        return judge_wave(self.slo_source, rollout.policy.slos, rollout.model, windows)
 
     def _settle_bake(
         self, rollout: Rollout, idx: int, started: float, verdicts: list[Verdict], now: float

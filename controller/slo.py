@@ -299,18 +299,161 @@ def judge(
     canary: Mapping[str, Sequence[float]],
     baseline: Mapping[str, Sequence[float]],
     *,
+    canary_before: Mapping[str, Sequence[float]] | None = None,
+    baseline_before: Mapping[str, Sequence[float]] | None = None,
     paired: bool = False,
     min_samples: int = DEFAULT_MIN_SAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> Verdict:
     """Judge `slo` on the canary cohort's values (device → samples) against the baseline's
     (ignored by absolute SLOs). `paired`: the baseline is the same devices before their
-    switch."""
-    if slo.relative:
-        return _judge_relative(
-            slo, Cohort.of(canary), Cohort.of(baseline), paired, min_samples, confidence
+    switch. With `canary_before` (and `baseline_before` unless paired), a relative SLO is
+    judged on each device's change against its own past (see `_judge_changes`)."""
+    if not slo.relative:
+        return _judge_absolute(slo, canary, min_samples, confidence)
+    if canary_before is not None:
+        verdict = _judge_changes(
+            slo,
+            canary,
+            canary_before,
+            None if paired else baseline,
+            baseline_before,
+            min_samples,
+            confidence,
         )
-    return _judge_absolute(slo, canary, min_samples, confidence)
+        if verdict is not None:
+            return verdict
+    return _judge_relative(
+        slo, Cohort.of(canary), Cohort.of(baseline), paired, min_samples, confidence
+    )
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One device's log ratio of its mean after to its mean before, and that ratio's
+    variance from its own samples (delta method)."""
+
+    log_ratio: float
+    var: float
+    after: int
+    before: int
+
+
+def _changes(
+    after: Mapping[str, Sequence[float]], before: Mapping[str, Sequence[float]]
+) -> dict[str, _Change] | None:
+    """Devices with samples in both windows; None when a mean is not positive (a log
+    ratio needs positive levels: the level comparison judges those)."""
+    out = {}
+    for d, a in after.items():
+        b = before.get(d) or ()
+        if len(a) < 2 or len(b) < 2:
+            continue
+        (ma, va), (mb, vb) = _mean_var(a), _mean_var(b)
+        if ma <= 0 or mb <= 0:
+            return None
+        var = va / (len(a) * ma * ma) + vb / (len(b) * mb * mb)
+        out[d] = _Change(math.log(ma / mb), var, len(a), len(b))
+    return out
+
+
+def _judge_changes(
+    slo: Slo,
+    canary: Mapping[str, Sequence[float]],
+    canary_before: Mapping[str, Sequence[float]],
+    baseline: Mapping[str, Sequence[float]] | None,
+    baseline_before: Mapping[str, Sequence[float]] | None,
+    min_samples: int,
+    confidence: float,
+) -> Verdict | None:
+    """Difference in differences on the log scale: each device's change from its own
+    window before the switch (so its unit-to-unit level cancels), the canary cohort's
+    mean change minus the baseline cohort's over the same times (so a trend that moves
+    the whole fleet cancels too); without a baseline cohort, the canary's change alone.
+    Welch's t interval on the per-device log ratios; a cohort of one device borrows the
+    other's spread, or, with no other, uses its own samples' variance. None when the
+    windows before hold too few samples (or a level is not positive): then the levels of
+    the bake window decide."""
+    c = _changes(canary, canary_before)
+    b = _changes(baseline, baseline_before or {}) if baseline is not None else {}
+    if c is None or b is None:
+        return None
+    figures: dict[str, Any] = {
+        "canary_devices": len(c),
+        "canary_samples": sum(x.after for x in c.values()),
+        "baseline_devices": len(b),
+        "baseline_samples": sum(x.after for x in b.values()),
+        "threshold": slo.threshold,
+    }
+    need = [c] + ([b] if baseline is not None else [])
+    if any(sum(x.before for x in cohort.values()) < min_samples for cohort in need):
+        return None  # too little history (telemetry began lately): the levels decide
+    if any(sum(x.after for x in cohort.values()) < min_samples for cohort in need):
+        return None  # the level comparison says how short the bake window is
+    (dc, vc, dfc), (db, vb, dfb) = _log_cohorts(c, b)
+    diff, se2 = dc - db, vc + vb
+    half = t_quantile(0.5 + confidence / 2, _welch_df(vc, dfc, vb, dfb)) * math.sqrt(se2)
+    limit = math.log1p(slo.threshold)
+    above = slo.op in ("<", "<=")
+    failed = diff - half > limit if above else diff + half < limit
+    change, low, high = math.expm1(diff), math.expm1(diff - half), math.expm1(diff + half)
+    figures.update(change=change, low=low, high=high)
+    figures.update(
+        canary_mean=_pooled_mean(canary), baseline_mean=_pooled_mean(baseline or canary_before)
+    )
+    against = (
+        f"against {len(b)} devices still on the old version" if b else "against their own past"
+    )
+    words = (
+        f"change {change * 100:+.2f}% ({confidence * 100:g}% interval {low * 100:+.2f}%.."
+        f"{high * 100:+.2f}%) on {len(c)} devices/{figures['canary_samples']} samples, each "
+        f"against its own window before the switch, {against}"
+    )
+    if failed:
+        side = "above" if above else "below"
+        return Verdict(
+            slo.expr,
+            FAIL,
+            f"{words}: the whole interval is {side} {slo.threshold * 100:+g}%",
+            **figures,
+        )
+    return Verdict(slo.expr, PASS, words, **figures)
+
+
+def _pooled_mean(values: Mapping[str, Sequence[float]]) -> float | None:
+    flat = [x for v in values.values() for x in v]
+    return sum(flat) / len(flat) if flat else None
+
+
+def _log_cohorts(
+    c: dict[str, _Change], b: dict[str, _Change]
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean log ratio, variance of that mean, degrees of freedom) of each cohort; an empty
+    baseline is (0, 0, 0)."""
+
+    def own(x: dict[str, _Change]) -> tuple[float, float, float]:
+        (d,) = x.values()
+        return d.log_ratio, d.var, float(min(d.after, d.before) - 1)
+
+    def spread(x: dict[str, _Change]) -> tuple[float, float, int]:
+        m, v = _mean_var([d.log_ratio for d in x.values()])
+        return m, v, len(x) - 1
+
+    if not b:
+        if len(c) == 1:
+            return own(c), (0.0, 0.0, 0)
+        m, v, df = spread(c)
+        return (m, v / len(c), df), (0.0, 0.0, 0)
+    if len(c) >= 2 and len(b) >= 2:
+        (mc, v1, d1), (mb, v2, d2) = spread(c), spread(b)
+        return (mc, v1 / len(c), d1), (mb, v2 / len(b), d2)
+    if len(c) == 1 and len(b) == 1:
+        return own(c), own(b)
+    big, small = (b, c) if len(c) == 1 else (c, b)
+    mbig, vbig, dfbig = spread(big)
+    msmall = next(iter(small.values())).log_ratio
+    out_big, out_small = (mbig, vbig / len(big), dfbig), (msmall, vbig, dfbig)
+    return (out_small, out_big) if small is c else (out_big, out_small)
 
 
 def _judge_relative(
@@ -386,7 +529,7 @@ def _variances(c: Cohort, b: Cohort, paired: bool) -> tuple[tuple[float, int], t
     return (c.var / c.devices, c.devices - 1), (b.var / b.devices, b.devices - 1)
 
 
-def _welch_df(v1: float, df1: int, v2: float, df2: int) -> float:
+def _welch_df(v1: float, df1: float, v2: float, df2: float) -> float:
     """Welch–Satterthwaite degrees of freedom of v1 + v2."""
     num = (v1 + v2) ** 2
     den = (v1 * v1 / df1 if df1 else 0.0) + (v2 * v2 / df2 if df2 else 0.0)

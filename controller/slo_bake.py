@@ -65,28 +65,40 @@ class Window:
     until: float
 
 
+@dataclass(frozen=True)
+class BakeWindows:
+    """The windows a bake reads: the canary devices now (new version) and before their
+    switch (old version); the baseline devices (still on the old version) over the same
+    two periods. No baseline devices: the canary is judged against its own past."""
+
+    canary: Sequence[Window]
+    canary_before: Sequence[Window]
+    baseline: Sequence[Window] = ()
+    baseline_before: Sequence[Window] = ()
+
+
 def judge_wave(
-    source: SampleSource,
-    slos: Sequence[str],
-    model: str,
-    canary: Sequence[Window],
-    baseline: Sequence[Window],
-    *,
-    paired: bool,
+    source: SampleSource, slos: Sequence[str], model: str, w: BakeWindows
 ) -> list[Verdict]:
-    """Each SLO's verdict on the canary windows against the baseline windows."""
-    fetched = {w: source.samples(w.device_id, w.since, w.until) for w in (*canary, *baseline)}
+    """Each SLO's verdict for one bake."""
+    every = (*w.canary, *w.canary_before, *w.baseline, *w.baseline_before)
+    fetched = {x: source.samples(x.device_id, x.since, x.until) for x in every}
     verdicts = []
     for expr in slos:
         slo = parse_slo(expr)
-        verdicts.append(
-            judge(
+        before = _values(slo, model, w.canary_before, fetched)
+        if w.baseline:
+            verdict = judge(
                 slo,
-                _values(slo, model, canary, fetched),
-                _values(slo, model, baseline, fetched),
-                paired=paired,
+                _values(slo, model, w.canary, fetched),
+                _values(slo, model, w.baseline, fetched),
+                canary_before=before,
+                baseline_before=_values(slo, model, w.baseline_before, fetched),
             )
-        )
+        else:
+            now = _values(slo, model, w.canary, fetched)
+            verdict = judge(slo, now, before, canary_before=before, paired=True)
+        verdicts.append(verdict)
     return verdicts
 
 

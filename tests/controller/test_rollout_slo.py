@@ -68,6 +68,7 @@ class Telemetry:
 
     def __enter__(self) -> Telemetry:
         self.thread.start()
+        time.sleep(1.0)  # history before the switch: each device's own past
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,6 +120,7 @@ def test_a_version_worse_on_live_data_is_caught_by_the_bake_and_the_wave_rolled_
     conf = verdicts[SLO]
     assert conf["verdict"] == "FAIL" and conf["bake"] == "failed"
     assert (conf["canary_devices"], conf["baseline_devices"]) == (1, 3)
+    assert "against 3 devices still on the old version" in conf["reason"]
     assert conf["high"] < -0.02 and conf["change"] == pytest.approx(-0.10, abs=0.03)
     assert verdicts["inference_errors == 0"]["verdict"] == "PASS"
     assert summary.to_dict()["slo_verdicts"][0]["reason"]
@@ -144,7 +146,8 @@ def test_an_unchanged_version_bakes_through_every_wave_and_completes(
         (1, "inference_errors == 0", "PASS", "passed"),
     ]
     last = harness.store.slo_verdicts(rid)[2]
-    assert (last["canary_devices"], last["baseline_devices"]) == (4, 4)
+    assert (last["canary_devices"], last["baseline_devices"]) == (4, 0)
+    assert "against their own past" in last["reason"]
 
 
 @pytest.mark.parametrize(("choice", "end"), [("abort", ABORTED), ("continue", SUCCEEDED)])

@@ -54,9 +54,16 @@ def test_durations() -> None:
 
 @pytest.mark.parametrize(
     ("p", "df", "table"),
-    [(0.995, 1, 63.657), (0.995, 2, 9.925), (0.995, 3, 5.841), (0.995, 5, 4.032),
-     (0.995, 10, 3.169), (0.975, 30, 2.042), (0.995, 120, 2.617)],
-)  # fmt: skip
+    [
+        (0.995, 1, 63.657),
+        (0.995, 2, 9.925),
+        (0.995, 3, 5.841),
+        (0.995, 5, 4.032),
+        (0.995, 10, 3.169),
+        (0.975, 30, 2.042),
+        (0.995, 120, 2.617),
+    ],
+)
 def test_t_quantiles_match_the_table(p: float, df: float, table: float) -> None:
     assert t_quantile(p, df) == pytest.approx(table, abs=2e-3)
 
@@ -181,3 +188,36 @@ def test_metric_names_map_to_telemetry_and_service_metrics() -> None:
     assert v("detections >= -2%") == 12
     assert v("latency_p99 <= +1%", version="1") is None  # the device runs version 2
     assert v("nonexistent_mean >= 1") is None
+
+
+def test_each_devices_own_past_cancels_the_unit_to_unit_spread() -> None:
+    """A 10% loss on the robot that always scored 10% above the others: its level now
+    looks like everyone's; its change from its own past does not."""
+    rng = random.Random(11)
+    levels = {"r0": 0.88, "r1": 0.78, "r2": 0.79, "r3": 0.80, "r4": 0.81, "r5": 0.82}
+
+    def window(devices: list[str], factor: float = 1.0) -> dict[str, list[float]]:
+        return {
+            d: [levels[d] * factor * (1 + rng.gauss(0, 0.02)) for _ in range(20)] for d in devices
+        }
+
+    canary, rest = ["r0"], ["r1", "r2", "r3", "r4", "r5"]
+    slo = parse_slo("confidence_mean >= -2%")
+    now, old = window(canary, 0.9), window(rest)
+    assert judge(slo, now, old).verdict == PASS  # by levels, nothing changed
+    v = judge(slo, now, old, canary_before=window(canary), baseline_before=window(rest))
+    assert v.verdict == FAIL and "own window before the switch" in v.reason
+    assert v.change == pytest.approx(-0.10, abs=0.02)
+
+
+def test_without_history_the_levels_decide() -> None:
+    rng = random.Random(12)
+    now = _cohort(rng, "n", 3, 13.0)
+    v = judge(
+        parse_slo("latency_p99 <= +10%"),
+        now,
+        _cohort(rng, "o", 4, 10.0),
+        canary_before={},
+        baseline_before={},
+    )
+    assert v.verdict == FAIL and "own window" not in v.reason
