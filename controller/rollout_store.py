@@ -355,6 +355,36 @@ class RolloutSummary:
         }
 
 
+def slo_verdict_rows(
+    conn: sqlite3.Connection, *, rollout_id: str | None = None, since: float = 0.0
+) -> list[dict[str, Any]]:
+    """SLO verdicts with their figures and their bake's state, of one rollout or of every
+    rollout judged since `since` (the Prometheus view reads these on a read-only
+    connection; a database from before SLO bakes has none)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='slo_verdicts'").fetchone():
+        return []
+    rows = conn.execute(
+        "SELECT v.rollout_id, v.wave, v.slo, v.at, v.verdict, v.reason, v.figures, b.state "
+        "FROM slo_verdicts v LEFT JOIN slo_bakes b ON b.rollout_id = v.rollout_id "
+        "AND b.wave = v.wave WHERE (? IS NULL OR v.rollout_id = ?) AND v.at >= ? "
+        "ORDER BY v.rollout_id, v.wave, v.slo",
+        (rollout_id, rollout_id, since),
+    ).fetchall()
+    return [
+        {
+            "rollout_id": rid,
+            "wave": w,
+            "slo": slo,
+            "at": at,
+            "verdict": verdict,
+            "reason": reason,
+            "bake": bake,
+            **json.loads(figures),
+        }
+        for rid, w, slo, at, verdict, reason, figures, bake in rows
+    ]
+
+
 def advances(current: str, new: str) -> bool:
     """Whether a reported job state moves an assignment forward (events may arrive late or
     twice; a terminal state is final)."""
@@ -764,24 +794,7 @@ class RolloutStore:
 
     def slo_verdicts(self, rollout_id: str) -> list[dict[str, Any]]:
         """Every wave's SLO verdicts, with the bake's state: wave order, then SLO order."""
-        rows = self.conn.execute(
-            "SELECT v.wave, v.slo, v.at, v.verdict, v.reason, v.figures, b.state "
-            "FROM slo_verdicts v LEFT JOIN slo_bakes b ON b.rollout_id = v.rollout_id "
-            "AND b.wave = v.wave WHERE v.rollout_id=? ORDER BY v.wave, v.slo",
-            (rollout_id,),
-        ).fetchall()
-        return [
-            {
-                "wave": w,
-                "slo": slo,
-                "at": at,
-                "verdict": verdict,
-                "reason": reason,
-                "bake": bake,
-                **json.loads(figures),
-            }
-            for w, slo, at, verdict, reason, figures, bake in rows
-        ]
+        return slo_verdict_rows(self.conn, rollout_id=rollout_id)
 
     def end_wave(self, rollout_id: str, idx: int, state: str = "done") -> None:
         with self.transaction() as c:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 from fleet import CommandCounter, ControllerHarness, SimFleet, make_devices
+from prometheus_client import generate_latest
 from rich.console import Console
 
 from controller.cli.rollout import render
 from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
+from controller.metrics import FleetCollector, make_registry
 from controller.rollout_policy import make_policy
 from controller.rollout_store import ABORTED, SUCCEEDED
 from controller.slo_bake import TelemetrySource
@@ -127,6 +129,17 @@ def test_a_version_worse_on_live_data_is_caught_by_the_bake_and_the_wave_rolled_
     console = Console(width=200, record=True)
     console.print(render(summary))
     assert f"SLO wave 1 (failed): {SLO} FAIL" in console.export_text()
+    collector = FleetCollector(tmp_path / "telemetry.db", controller_db=tmp_path / "controller.db")
+    scraped = [
+        line
+        for line in generate_latest(make_registry(collector)).decode().splitlines()
+        if line.startswith("jetfleet_rollout_slo") and SLO in line
+    ]
+    one = f'rollout="{rid}",slo="{SLO}"'
+    assert f'jetfleet_rollout_slo_verdict{{{one},verdict="FAIL",wave="1"}} 1.0' in scraped
+    assert f'jetfleet_rollout_slo_verdict{{{one},verdict="PASS",wave="1"}} 0.0' in scraped
+    change = next(x for x in scraped if x.startswith("jetfleet_rollout_slo_change_ratio"))
+    assert float(change.rsplit(" ", 1)[1]) == pytest.approx(-0.10, abs=0.03)
 
 
 def test_an_unchanged_version_bakes_through_every_wave_and_completes(
