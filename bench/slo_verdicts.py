@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--device-sd", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--samples", default="5,10,20,40,80,160")
+    ap.add_argument("--only", default="", help="the SLOs whose expression contains this")
     ap.add_argument(
         "--levels-only",
         action="store_true",
@@ -92,6 +93,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for expr, level, factor, sample_sd in CASES:
+        if args.only not in expr:
+            continue
         slo = parse_slo(expr)
         for canary in (1, 3, args.fleet):
             for samples in (int(s) for s in args.samples.split(",")):
