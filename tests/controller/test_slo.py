@@ -221,3 +221,30 @@ def test_without_history_the_levels_decide() -> None:
         baseline_before={},
     )
     assert v.verdict == FAIL and "own window" not in v.reason
+
+
+def test_the_rollout_policy_keeps_the_slos_for_resume() -> None:
+    from controller.rollout_policy import RolloutPolicy, make_policy
+
+    p = make_policy(slos=("latency_p99<=+10%", "gpu_temp_c < 85"), bake="2m", now=0)
+    assert p.slos == ("latency_p99 <= +10%", "gpu_temp_c < 85")
+    assert (p.bake, p.bake_max, p.slo_inconclusive) == (120, 360, "abort")
+    assert RolloutPolicy.from_json(p.to_json()) == p
+    assert "bake 120s (up to 360s for data)" in p.describe()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"slos": ("latency_p99 <= +10%",)}, "--slo needs --bake"),
+        ({"bake": "1m"}, "--bake needs at least one --slo"),
+        ({"slos": ("x > 1",), "bake": "1m", "bake_max": "30s"}, "shorter than --bake"),
+        ({"slos": ("x > 1",), "bake": "1m", "slo_inconclusive": "maybe"}, "abort or continue"),
+        ({"slos": ("x >> 1",), "bake": "1m"}, "expected METRIC OP VALUE"),
+    ],
+)
+def test_slo_options_that_cannot_run_are_refused_in_one_line(kw: dict, message: str) -> None:  # type: ignore[type-arg]
+    from controller.rollout_policy import PolicyError, make_policy
+
+    with pytest.raises(PolicyError, match=message):
+        make_policy(now=0, **kw)
