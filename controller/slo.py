@@ -503,9 +503,11 @@ def _judge_relative(
 
 def _too_few(c: Cohort, b: Cohort, paired: bool, min_samples: int) -> str | None:
     if c.samples < min_samples or b.samples < min_samples:
+        hint = " (no telemetry at all: is `jetfleet serve` ingesting it?)"
         return (
             f"needs {min_samples} samples per cohort: canary has {c.samples} "
             f"(from {c.devices} devices), baseline {b.samples} (from {b.devices})"
+            + (hint if c.samples == b.samples == 0 else "")
         )
     if not b.mean:
         return "the baseline mean is 0: a relative threshold has no scale"

@@ -176,6 +176,7 @@ def test_no_telemetry_extends_the_bake_then_follows_the_operators_choice(
     verdicts = harness.store.slo_verdicts(rid)
     assert {v["verdict"] for v in verdicts} == {"NOT_ENOUGH_DATA"}
     assert {v["bake"] for v in verdicts} == {"inconclusive"}
+    assert "is `jetfleet serve` ingesting it?" in verdicts[0]["reason"]
     if choice == "abort":
         assert "without enough data" in (result.abort_reason or "")  # type: ignore[attr-defined]
         assert fleet.devices["robot-0000"].models["detector"]["active"] == "1.0.0"
