@@ -3,7 +3,8 @@
 Per device (labels `device`, `group`): online, last seen, CPU, memory, disk, GPU load,
 temperatures (`sensor`), power rails (`rail`); per model (`device`, `group`, `model`,
 `version`): live inference latency quantiles; the ingester's own counters; and, when the
-controller database has a `rollouts` table, rollouts by state (read-only).
+controller database has a `rollouts` table, rollouts by state and the SLO verdicts of
+the last day's bakes (read-only).
 
 A custom collector rather than registered Gauges: it reads the newest sample of each
 device from SQLite at scrape time (shared by every `jetfleet serve` on that database),
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,7 +24,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from controller.db import DB_ERRORS, DatabaseError, is_url, open_database
 from controller.ingest import DROP_REASONS, IngestStats
-from controller.rollout_store import rollout_state_counts
+from controller.rollout_store import rollout_state_counts, slo_verdict_rows
+from controller.slo import VERDICTS
 from controller.telemetry_store import LatestSample, TelemetryStore
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceStatus
@@ -225,10 +228,48 @@ class FleetCollector(Collector):
                 for state, n in by_assignment.items():
                     d.add_metric([state], float(n))
                 yield d
+            yield from _slo_gauges(slo_verdict_rows(conn, since=self.clock() - SLO_SHOWN_S))
         except DB_ERRORS as e:
             log.warning("metrics_rollouts_unreadable", reason=str(e))
         finally:
             conn.close()
+
+
+# SLO verdicts stay visible this long after their last judgement (a day of rollouts).
+SLO_SHOWN_S = 24 * 3600.0
+
+
+def _slo_gauges(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The latest wave's verdict of each SLO of each rollout judged lately: the verdict as
+    a state set, and the relative change with its interval where the SLO is relative."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:  # ordered by wave: the last one wins
+        latest[(r["rollout_id"], r["slo"])] = r
+    labels = ["rollout", "slo", "wave"]  # in the order the exposition prints them
+    verdict = GaugeMetricFamily(
+        "jetfleet_rollout_slo_verdict",
+        "1 for the SLO's latest verdict in its rollout (PASS, FAIL, NOT_ENOUGH_DATA), else 0",
+        labels=["rollout", "slo", "verdict", "wave"],
+    )
+    figures = {
+        key: GaugeMetricFamily(f"jetfleet_rollout_slo_{key}_ratio", text, labels=labels)
+        for key, text in (
+            ("change", "the canary's relative change against the baseline (-0.1: 10% lower)"),
+            ("low", "lower bound of the change's confidence interval"),
+            ("high", "upper bound of the change's confidence interval"),
+        )
+    }
+    for (rid, slo), r in sorted(latest.items()):
+        wave = str(r["wave"] + 1)
+        values = [rid, slo, wave]
+        for v in VERDICTS:
+            verdict.add_metric([rid, slo, v, wave], 1.0 if r["verdict"] == v else 0.0)
+        if r.get("change") is not None:
+            for key, g in figures.items():
+                if r.get(key) is not None:
+                    g.add_metric(values, float(r[key]))
+    yield verdict
+    yield from figures.values()
 
 
 def make_registry(collector: FleetCollector) -> CollectorRegistry:

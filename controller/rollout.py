@@ -39,6 +39,10 @@ from controller.rollout_policy import crosses as crosses  # re-exported: the pla
 from controller.rollout_store import (
     ABORTED,
     ABORTING,
+    BAKE_FAILED,
+    BAKE_INCONCLUSIVE,
+    BAKE_PASSED,
+    BAKING,
     FINISHED,
     PAUSED,
     PENDING,
@@ -54,6 +58,9 @@ from controller.rollout_store import (
     Wave,
     is_disk_full,
 )
+from controller.slo import FAIL as SLO_FAIL
+from controller.slo import NOT_ENOUGH_DATA, Verdict
+from controller.slo_bake import BakeWindows, SampleSource, Window, judge_wave
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.messages import DeviceStatus, JobEvent, JobState, ReasonCode
@@ -207,6 +214,7 @@ class RolloutDriver:
         on_progress: ProgressCallback | None = None,
         tick_s: float = 0.05,
         clock: Callable[[], float] = time.time,
+        slo_source: SampleSource | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -236,6 +244,8 @@ class RolloutDriver:
         self.messages_handled = 0
         self.busy_s = 0.0  # time spent applying messages: messages_handled / busy_s = capacity
         self._dirty = True
+        self.slo_source = slo_source
+        self._next_judgement = 0.0
 
     # MQTT network thread: only enqueue.
     def _enqueue(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -460,7 +470,7 @@ class RolloutDriver:
             )
 
     # -- the state machine ---------------------------------------------------------------
-    def _step(self) -> Rollout:  # noqa: C901 - split in progress
+    def _step(self) -> Rollout:
         rollout = self.store.get(self.rollout_id)
         assert rollout is not None
         if rollout.state in FINISHED:
@@ -479,51 +489,62 @@ class RolloutDriver:
 
         if rollback_wave is not None:
             return self._step_rollback(rollout, rollback_wave.idx, rollback_wave.deadline or now)
-
         if running is not None:
-            if rollout.state == ABORTING and running.idx not in self._canceled_waves:
-                self._cancel_in_flight(rollout, running.idx)
-                self._give_up_on_silent(rollout, running.idx)
-            if rollout.policy.device_timeout and rollout.state != ABORTING:
-                self._time_out_stuck(rollout, running.idx, now, rollout.policy.device_timeout)
-            if rollout.policy.retries and rollout.state in (RUNNING, PAUSED):
-                self._schedule_retries(rollout, running.idx, now)
-            if rollout.state != ABORTING and self._unreleased(rollout, running.idx):
-                # A paced wave, or one with retries due: it goes on until every device got
-                # its command (a pause holds the rest back; an abort leaves them
-                # uncommanded).
-                if rollout.state == RUNNING:
-                    self._release_next(rollout, running.idx, now)
+            rollout, goes_on = self._step_wave(rollout, running, waves, now)
+            if goes_on:
                 return rollout
-            if self.store.open_count(rollout.id, running.idx) == 0 or now >= (
-                running.deadline or now
-            ):
-                late = self.store.time_out(
-                    rollout.id,
-                    running.idx,
-                    f"did not finish within the wave timeout of {rollout.wave_timeout:g}s",
-                )
-                if late:
-                    log.warning(
-                        "wave_timed_out", rollout_id=rollout.id, wave=running.idx, devices=late
-                    )
-                self.store.end_wave(rollout.id, running.idx)
-                self._dirty = True
-                log.info("wave_done", rollout_id=rollout.id, wave=running.idx)
-                reason = self._abort_reason(rollout, running.idx)
-                if rollout.state != ABORTING and reason is not None:
-                    self.store.request_abort(rollout.id, reason, rollout.auto_rollback)
-                    log.warning("rollout_aborting", rollout_id=rollout.id, reason=reason)
-                elif self._needs_approval(rollout, waves) and self.store.transition(
-                    rollout.id, RUNNING, WAITING_APPROVAL
-                ):
-                    log.info("wave_awaits_approval", rollout_id=rollout.id, wave=running.idx)
-                rollout = self.store.get(rollout.id) or rollout
-            else:
-                return rollout  # the wave goes on
+        return self._between_waves(rollout, waves, now)
 
+    def _step_wave(
+        self, rollout: Rollout, running: Wave, waves: list[Wave], now: float
+    ) -> tuple[Rollout, bool]:
+        """Drive the running wave; (rollout, True) while it goes on."""
+        if rollout.state == ABORTING and running.idx not in self._canceled_waves:
+            self._cancel_in_flight(rollout, running.idx)
+            self._give_up_on_silent(rollout, running.idx)
+        if rollout.policy.device_timeout and rollout.state != ABORTING:
+            self._time_out_stuck(rollout, running.idx, now, rollout.policy.device_timeout)
+        if rollout.policy.retries and rollout.state in (RUNNING, PAUSED):
+            self._schedule_retries(rollout, running.idx, now)
+        if rollout.state != ABORTING and self._unreleased(rollout, running.idx):
+            # A paced wave, or one with retries due: it goes on until every device got
+            # its command (a pause holds the rest back; an abort leaves them
+            # uncommanded).
+            if rollout.state == RUNNING:
+                self._release_next(rollout, running.idx, now)
+            return rollout, True
+        if self.store.open_count(rollout.id, running.idx) > 0 and now < (running.deadline or now):
+            return rollout, True  # the wave goes on
+        self._end_wave(rollout, running, waves)
+        return self.store.get(rollout.id) or rollout, False
+
+    def _end_wave(self, rollout: Rollout, running: Wave, waves: list[Wave]) -> None:
+        late = self.store.time_out(
+            rollout.id,
+            running.idx,
+            f"did not finish within the wave timeout of {rollout.wave_timeout:g}s",
+        )
+        if late:
+            log.warning("wave_timed_out", rollout_id=rollout.id, wave=running.idx, devices=late)
+        self.store.end_wave(rollout.id, running.idx)
+        self._dirty = True
+        log.info("wave_done", rollout_id=rollout.id, wave=running.idx)
+        reason = self._abort_reason(rollout, running.idx)
+        if rollout.state != ABORTING and reason is not None:
+            self.store.request_abort(rollout.id, reason, rollout.auto_rollback)
+            log.warning("rollout_aborting", rollout_id=rollout.id, reason=reason)
+        elif self._needs_approval(rollout, waves) and self.store.transition(
+            rollout.id, RUNNING, WAITING_APPROVAL
+        ):
+            log.info("wave_awaits_approval", rollout_id=rollout.id, wave=running.idx)
+
+    def _between_waves(self, rollout: Rollout, waves: list[Wave], now: float) -> Rollout:
+        """No wave running: roll back an abort, bake the last wave, or start the next."""
         if rollout.state == ABORTING:
             return self._begin_rollback(rollout)
+        # The bake goes on while paused or awaiting approval: the next wave waits for both.
+        if rollout.policy.slos and not self._baked(rollout, now):
+            return self.store.get(rollout.id) or rollout
         if rollout.state in (PAUSED, WAITING_APPROVAL):
             return rollout
         pending = [w for w in waves if w.state == "pending"]
@@ -534,6 +555,85 @@ class RolloutDriver:
             return self.store.get(rollout.id) or rollout
         self._start_wave(rollout, pending[0].idx)
         return self.store.get(rollout.id) or rollout
+
+    # -- SLO bake ------------------------------------------------------------------------
+    def _baked(self, rollout: Rollout, now: float) -> bool:
+        """Whether the last finished wave has baked and its SLOs hold (or the operator let
+        inconclusive ones through). A violated SLO requests the abort."""
+        done = [w for w in self.store.waves(rollout.id) if w.state == "done"]
+        if not done or rollout.kind != "deploy":
+            return True
+        wave = done[-1]
+        bake = self.store.bake(rollout.id, wave.idx)
+        if bake is None:
+            self.store.start_bake(rollout.id, wave.idx, now)
+            self._dirty = True
+            log.info("wave_baking", rollout_id=rollout.id, wave=wave.idx)
+            return False
+        if bake.state != BAKING:
+            return bake.state in (BAKE_PASSED, BAKE_INCONCLUSIVE)
+        assert rollout.policy.bake is not None
+        if now < bake.started_at + rollout.policy.bake or now < self._next_judgement:
+            return False
+        # Judged again at most every tenth of the bake while data is short.
+        self._next_judgement = now + max(0.2, rollout.policy.bake / 10)
+        verdicts = self._judge_bake(rollout, wave, bake.started_at, now)
+        self.store.record_verdicts(rollout.id, wave.idx, [v.to_dict() for v in verdicts], now)
+        self._dirty = True
+        return self._settle_bake(rollout, wave.idx, bake.started_at, verdicts, now)
+
+    def _judge_bake(self, rollout: Rollout, wave: Wave, since: float, now: float) -> list[Verdict]:
+        """The devices of the waves so far on the new version, against the target's devices
+        still on the old one over the same window; each device also against its own
+        window of the same length before its wave started (controller/slo.py)."""
+        if self.slo_source is None:
+            raise RolloutError(f"rollout {rollout.id} has SLOs but the driver has no metrics")
+        assignments = self.store.assignments(rollout.id)
+        switched = [
+            a for a in assignments if a.wave <= wave.idx and a.state == JobState.SUCCEEDED.value
+        ]
+        old = [a for a in assignments if a.wave > wave.idx and a.command_id is None]
+        span = now - since
+        starts = {w.idx: w.started_at or since for w in self.store.waves(rollout.id)}
+        this = starts[wave.idx]
+        windows = BakeWindows(
+            canary=[Window(a.device_id, rollout.version, since, now) for a in switched],
+            canary_before=[
+                Window(a.device_id, a.prev_version or "", starts[a.wave] - span, starts[a.wave])
+                for a in switched
+            ],
+            baseline=[Window(a.device_id, a.prev_version or "", since, now) for a in old],
+            baseline_before=[
+                Window(a.device_id, a.prev_version or "", this - span, this) for a in old
+            ],
+        )
+        return judge_wave(self.slo_source, rollout.policy.slos, rollout.model, windows)
+
+    def _settle_bake(
+        self, rollout: Rollout, idx: int, started: float, verdicts: list[Verdict], now: float
+    ) -> bool:
+        failed = [v for v in verdicts if v.verdict == SLO_FAIL]
+        short = [v for v in verdicts if v.verdict == NOT_ENOUGH_DATA]
+        policy = rollout.policy
+        assert policy.bake_max is not None
+        if failed:
+            reason = f"wave {idx + 1} baked: " + "; ".join(v.summary() for v in failed)
+        elif short and now < started + policy.bake_max:
+            return False  # the bake goes on for more data
+        elif short and policy.slo_inconclusive == "abort":
+            reason = (
+                f"wave {idx + 1} baked {now - started:.0f}s (--bake-max) without enough data: "
+                + "; ".join(v.summary() for v in short)
+            )
+        else:
+            state = BAKE_INCONCLUSIVE if short else BAKE_PASSED
+            self.store.end_bake(rollout.id, idx, state, now)
+            log.info("wave_baked", rollout_id=rollout.id, wave=idx, result=state)
+            return True
+        self.store.end_bake(rollout.id, idx, BAKE_FAILED if failed else BAKE_INCONCLUSIVE, now)
+        if self.store.request_abort(rollout.id, reason, rollout.auto_rollback):
+            log.warning("rollout_aborting", rollout_id=rollout.id, reason=reason)
+        return False
 
     def _abort_reason(self, rollout: Rollout, idx: int) -> str | None:
         """Whether the rollout's abort criteria, judged on every device so far, say stop."""

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from controller.slo import SloError, parse_duration, parse_slo
 from protocol.errors import CodedError
 
 # The failure types an operator can put a threshold on (an assignment's terminal state).
@@ -54,6 +55,10 @@ class RolloutPolicy:
     retries: int = 0  # new commands for a device whose job ended in one of `retry_on`
     retry_on: tuple[str, ...] = ()
     retry_backoff: float = 10.0  # seconds before the first retry, doubling after
+    slos: tuple[str, ...] = ()  # SLO expressions judged after each wave's bake (slo.py)
+    bake: float | None = None  # seconds a wave bakes before its SLOs are judged
+    bake_max: float | None = None  # NOT_ENOUGH_DATA extends the bake up to this
+    slo_inconclusive: str = "abort"  # still not enough data at bake_max: abort | continue
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -79,6 +84,10 @@ class RolloutPolicy:
             retries=int(d.get("retries") or 0),
             retry_on=tuple(d.get("retry_on") or ()),
             retry_backoff=float(d.get("retry_backoff") or 10.0),
+            slos=tuple(d.get("slos") or ()),
+            bake=d.get("bake"),
+            bake_max=d.get("bake_max"),
+            slo_inconclusive=d.get("slo_inconclusive") or "abort",
         )
 
     def backoff(self, attempt: int) -> float:
@@ -110,6 +119,11 @@ class RolloutPolicy:
             parts.append(f"a device stuck {self.device_timeout:g}s in one state times out")
         if self.approve_waves:
             parts.append("each wave waits for `rollout promote`")
+        if self.slos:
+            parts.append(
+                f"after each wave bake {self.bake:g}s (up to {self.bake_max:g}s for data), then "
+                f"judge {' and '.join(self.slos)}; not enough data: {self.slo_inconclusive}"
+            )
         return "; ".join(parts)
 
 
@@ -177,6 +191,10 @@ def make_policy(
     retries: int = 0,
     retry_on: str = "FAILED,TIMED_OUT",
     retry_backoff: float = 10.0,
+    slos: tuple[str, ...] = (),
+    bake: str | None = None,
+    bake_max: str | None = None,
+    slo_inconclusive: str = "abort",
     now: float,
 ) -> RolloutPolicy:
     if min_finished < 0:
@@ -199,7 +217,32 @@ def make_policy(
         retries=retries,
         retry_on=parse_retry_on(retry_on) if retries else (),
         retry_backoff=retry_backoff,
+        **_slo_policy(slos, bake, bake_max, slo_inconclusive),
     )
+
+
+def _slo_policy(
+    slos: tuple[str, ...], bake: str | None, bake_max: str | None, inconclusive: str
+) -> dict[str, Any]:
+    """--slo/--bake/--bake-max/--slo-inconclusive, checked; the bake defaults to ending
+    at 3× its length when data is short."""
+    if not slos:
+        if bake or bake_max:
+            raise PolicyError("--bake needs at least one --slo to judge")
+        return {}
+    if inconclusive not in ("abort", "continue"):
+        raise PolicyError(f"--slo-inconclusive {inconclusive!r}: expected abort or continue")
+    if bake is None:
+        raise PolicyError("--slo needs --bake DURATION (how long each wave runs before judging)")
+    try:
+        exprs = tuple(parse_slo(e).expr for e in slos)
+        seconds = parse_duration(bake, "--bake")
+        most = parse_duration(bake_max, "--bake-max") if bake_max else 3 * seconds
+    except SloError as e:
+        raise PolicyError(str(e)) from None
+    if most < seconds:
+        raise PolicyError(f"--bake-max {bake_max} is shorter than --bake {bake}")
+    return {"slos": exprs, "bake": seconds, "bake_max": most, "slo_inconclusive": inconclusive}
 
 
 def parse_retry_on(spec: str) -> tuple[str, ...]:

@@ -192,6 +192,28 @@ CREATE TABLE IF NOT EXISTS rollout_events (
 );
 """
 
+# SLO bakes (controller/slo.py): a migration step of its own, after the added columns.
+_SLO_SCHEMA = """
+CREATE TABLE IF NOT EXISTS slo_bakes (
+    rollout_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,           -- the wave whose devices bake
+    started_at REAL NOT NULL,        -- the window the SLOs are judged over starts here
+    state TEXT NOT NULL,             -- baking | passed | failed | inconclusive
+    ended_at REAL,
+    PRIMARY KEY (rollout_id, wave)
+);
+CREATE TABLE IF NOT EXISTS slo_verdicts (
+    rollout_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    slo TEXT NOT NULL,               -- the expression, normalized
+    at REAL NOT NULL,                -- the latest judgement (a short bake is judged again)
+    verdict TEXT NOT NULL,           -- PASS | FAIL | NOT_ENOUGH_DATA
+    reason TEXT NOT NULL,
+    figures TEXT NOT NULL,           -- JSON: cohorts, means, change, interval, threshold
+    PRIMARY KEY (rollout_id, wave, slo)
+);
+"""
+
 
 @dataclass
 class Rollout:
@@ -241,6 +263,21 @@ class Wave:
     state: str
     started_at: float | None
     deadline: float | None
+    ended_at: float | None
+
+
+# A wave's SLO bake (slo_bakes.state).
+BAKING = "baking"
+BAKE_PASSED = "passed"
+BAKE_FAILED = "failed"
+BAKE_INCONCLUSIVE = "inconclusive"  # not enough data by --bake-max
+
+
+@dataclass(frozen=True)
+class Bake:
+    wave: int
+    started_at: float
+    state: str  # baking | passed | failed | inconclusive
     ended_at: float | None
 
 
@@ -324,9 +361,11 @@ class RolloutSummary:
     rollbacks: dict[str, int]
     offline_pending: list[str] = field(default_factory=list)
     not_judged: list[dict[str, Any]] = field(default_factory=list)
+    slo_verdicts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "slo_verdicts": self.slo_verdicts,
             "offline_pending": self.offline_pending,
             "not_judged": self.not_judged,
             "rollout": self.rollout.to_dict(),
@@ -337,6 +376,40 @@ class RolloutSummary:
             "failures": self.failures,
             "rollbacks": self.rollbacks,
         }
+
+
+def slo_verdict_rows(
+    conn: Database, *, rollout_id: str | None = None, since: float = 0.0
+) -> list[dict[str, Any]]:
+    """SLO verdicts with their figures and their bake's state, of one rollout or of every
+    rollout judged since `since` (the Prometheus view reads these on a read-only
+    connection; a database from before SLO bakes has none)."""
+    if not conn.columns("slo_verdicts"):
+        return []
+    where = "v.at >= ?"
+    params: list[Any] = [since]
+    if rollout_id is not None:
+        where += " AND v.rollout_id = ?"
+        params.append(rollout_id)
+    rows = conn.execute(
+        "SELECT v.rollout_id, v.wave, v.slo, v.at, v.verdict, v.reason, v.figures, b.state "
+        "FROM slo_verdicts v LEFT JOIN slo_bakes b ON b.rollout_id = v.rollout_id "
+        f"AND b.wave = v.wave WHERE {where} ORDER BY v.rollout_id, v.wave, v.slo",
+        params,
+    ).fetchall()
+    return [
+        {
+            "rollout_id": rid,
+            "wave": w,
+            "slo": slo,
+            "at": at,
+            "verdict": verdict,
+            "reason": reason,
+            "bake": bake,
+            **json.loads(figures),
+        }
+        for rid, w, slo, at, verdict, reason, figures, bake in rows
+    ]
 
 
 def advances(current: str, new: str) -> bool:
@@ -362,7 +435,11 @@ class RolloutStore:
     )
     # Schema steps, oldest first (controller/db/migrations.py): the version of a database
     # is how many it has. A new table goes in a step of its own, appended here.
-    MIGRATIONS: tuple[Step, ...] = (_SCHEMA, *(AddColumn(*c) for c in _ADDED_COLUMNS))
+    MIGRATIONS: tuple[Step, ...] = (
+        _SCHEMA,
+        *(AddColumn(*c) for c in _ADDED_COLUMNS),
+        _SLO_SCHEMA,
+    )
 
     def __init__(
         self,
@@ -614,6 +691,7 @@ class RolloutStore:
                 for a in failed
             ],
             rollbacks=rollbacks,
+            slo_verdicts=self.slo_verdicts(rollout_id),
             offline_pending=[
                 a.device_id for a in assignments if a.state == PENDING and a.device_id in offline
             ],
@@ -704,6 +782,56 @@ class RolloutStore:
                 "WHERE rollout_id=? AND idx=? AND state='pending'",
                 (time.time(), deadline, rollout_id, idx),
             )
+
+    # -- SLO bakes (controller/slo.py judges, the driver records) ---------------------------
+    def bake(self, rollout_id: str, wave: int) -> Bake | None:
+        row = self.conn.execute(
+            "SELECT wave, started_at, state, ended_at FROM slo_bakes WHERE rollout_id=? AND wave=?",
+            (rollout_id, wave),
+        ).fetchone()
+        return Bake(*row) if row else None
+
+    def start_bake(self, rollout_id: str, wave: int, at: float) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO slo_bakes (rollout_id, wave, started_at, state) "
+                "VALUES (?, ?, ?, 'baking') ON CONFLICT(rollout_id, wave) DO NOTHING",
+                (rollout_id, wave, at),
+            )
+
+    def end_bake(self, rollout_id: str, wave: int, state: str, at: float) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE slo_bakes SET state=?, ended_at=? WHERE rollout_id=? AND wave=?",
+                (state, at, rollout_id, wave),
+            )
+
+    def record_verdicts(
+        self, rollout_id: str, wave: int, verdicts: list[dict[str, Any]], at: float
+    ) -> None:
+        """The latest judgement of each SLO of a wave, with its figures."""
+        with self.transaction() as c:
+            for v in verdicts:
+                figures = {k: x for k, x in v.items() if k not in ("slo", "verdict", "reason")}
+                c.execute(
+                    "INSERT INTO slo_verdicts (rollout_id, wave, slo, at, verdict, reason, "
+                    "figures) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(rollout_id, wave, slo) "
+                    "DO UPDATE SET at=excluded.at, verdict=excluded.verdict, "
+                    "reason=excluded.reason, figures=excluded.figures",
+                    (
+                        rollout_id,
+                        wave,
+                        v["slo"],
+                        at,
+                        v["verdict"],
+                        v["reason"],
+                        json.dumps(figures),
+                    ),
+                )
+
+    def slo_verdicts(self, rollout_id: str) -> list[dict[str, Any]]:
+        """Every wave's SLO verdicts, with the bake's state: wave order, then SLO order."""
+        return slo_verdict_rows(self.conn, rollout_id=rollout_id)
 
     def end_wave(self, rollout_id: str, idx: int, state: str = "done") -> None:
         with self.transaction() as c:

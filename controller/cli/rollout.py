@@ -74,6 +74,8 @@ from controller.rollout_store import (
     disk_nearly_full,
 )
 from controller.settings import ControllerSettings
+from controller.slo_bake import TelemetrySource
+from controller.telemetry_store import default_telemetry_db
 from protocol.bundle import bundle_filename, verify_bundle
 from protocol.errors import ProtocolError, VerificationError
 from protocol.fsio import atomic_file, sha256_file
@@ -261,6 +263,7 @@ def render(summary: RolloutSummary) -> Group:
         parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
     if r.policy.describe():
         parts.append(Text(f"policy: {r.policy.describe()}"))
+    parts.extend(slo_lines(summary.slo_verdicts))
     if r.state == "waiting_approval":
         parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
     if r.state == "scheduled" and r.policy.start_at is not None:
@@ -268,6 +271,21 @@ def render(summary: RolloutSummary) -> Group:
     if r.abort_reason:
         parts.append(Text(f"abort: {r.abort_reason}", style="bold red"))
     return Group(*parts)
+
+
+_VERDICT_STYLE = {"PASS": "green", "FAIL": "bold red", "NOT_ENOUGH_DATA": "yellow"}
+
+
+def slo_lines(verdicts: list[dict[str, Any]]) -> list[Text]:
+    """One line per SLO verdict: wave, bake, the SLO, the verdict and its figures."""
+    return [
+        Text.assemble(
+            f"SLO wave {v['wave'] + 1} ({v['bake'] or '-'}): {v['slo']} ",
+            (v["verdict"], _VERDICT_STYLE.get(v["verdict"], "white")),
+            f" {v['reason']}",
+        )
+        for v in verdicts
+    ]
 
 
 def _finish(store: RolloutStore, rollout_id: str, output: Output) -> None:
@@ -313,6 +331,7 @@ def drive(
         rollout_id,
         topics=Topics(s.prefix),
         on_progress=progress,
+        slo_source=TelemetrySource(default_telemetry_db(s.db)),
     )
     try:
         if output is Output.human and console.is_terminal:
@@ -597,6 +616,21 @@ def start(
     retry_backoff: float = typer.Option(
         10.0, "--retry-backoff", help="seconds before the first retry (doubles after each)"
     ),
+    slo: list[str] = typer.Option(
+        [],
+        "--slo",
+        help="judged after each wave's bake, new version against old: METRIC OP VALUE[%], "
+        "e.g. 'latency_p99 <= +10%', 'gpu_temp_c < 85' (repeatable; docs/operations.md)",
+    ),
+    bake: str | None = typer.Option(
+        None, "--bake", help="how long each wave runs before its SLOs are judged (90s, 10m)"
+    ),
+    bake_max: str | None = typer.Option(
+        None, "--bake-max", help="a bake short of data goes on up to this [default: 3x --bake]"
+    ),
+    slo_inconclusive: str = typer.Option(
+        "abort", "--slo-inconclusive", help="still not enough data at --bake-max: abort|continue"
+    ),
     allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
@@ -615,6 +649,10 @@ def start(
             retries=retries,
             retry_on=retry_on,
             retry_backoff=retry_backoff,
+            slos=tuple(slo),
+            bake=bake,
+            bake_max=bake_max,
+            slo_inconclusive=slo_inconclusive,
             now=time.time(),
         )
     except PolicyError as e:
