@@ -21,6 +21,15 @@ ALL = "ALL"
 MAX_PER_MINUTE = 1000
 MAX_RETRIES = 10
 RETRY_TYPES = ("FAILED", "TIMED_OUT")
+# --offline: what a wave does with a robot that is offline (docs/operations.md). `wait`
+# by default: a robot back before the wave's timeout runs the deploy with its wave, as
+# always; one still away then is left to converge through the release (the rollout sets
+# it when it completes) instead of counting as TIMED_OUT, so fleets that are never all
+# online can roll out. The wave lasts no longer than before.
+OFFLINE_MODES = ("wait", "skip", "fail")
+DEFAULT_OFFLINE = "wait"
+# The code of a device the wave left to its release (state CANCELED: not a failure).
+OFFLINE_CODE = "offline"
 
 
 class PolicyError(ValueError):
@@ -50,6 +59,7 @@ class RolloutPolicy:
     retries: int = 0  # new commands for a device whose job ended in one of `retry_on`
     retry_on: tuple[str, ...] = ()
     retry_backoff: float = 10.0  # seconds before the first retry, doubling after
+    offline: str = DEFAULT_OFFLINE  # one of OFFLINE_MODES
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -75,6 +85,7 @@ class RolloutPolicy:
             retries=int(d.get("retries") or 0),
             retry_on=tuple(d.get("retry_on") or ()),
             retry_backoff=float(d.get("retry_backoff") or 10.0),
+            offline=str(d.get("offline") or DEFAULT_OFFLINE),
         )
 
     def backoff(self, attempt: int) -> float:
@@ -107,6 +118,14 @@ class RolloutPolicy:
         if self.approve_waves:
             parts.append("each wave waits for `rollout promote`")
         return "; ".join(parts)
+
+    @property
+    def offline_text(self) -> str:
+        return {
+            "wait": "wait (waited for up to the wave timeout, then left to the release)",
+            "skip": "skip (no command; left to converge through the release)",
+            "fail": "fail (TIMED_OUT at the wave timeout, a failure)",
+        }[self.offline]
 
 
 def parse_abort_on(spec: str) -> tuple[AbortCriterion, ...]:
@@ -173,6 +192,7 @@ def make_policy(
     retries: int = 0,
     retry_on: str = "FAILED,TIMED_OUT",
     retry_backoff: float = 10.0,
+    offline: str = DEFAULT_OFFLINE,
     now: float,
 ) -> RolloutPolicy:
     if min_finished < 0:
@@ -185,6 +205,8 @@ def make_policy(
         raise PolicyError("--retry-backoff must be 0 or more")
     if max_per_minute is not None and not 1 <= max_per_minute <= MAX_PER_MINUTE:
         raise PolicyError(f"--max-per-minute {max_per_minute} is not within 1..{MAX_PER_MINUTE}")
+    if offline not in OFFLINE_MODES:
+        raise PolicyError(f"--offline {offline!r}: use one of {', '.join(OFFLINE_MODES)}")
     return RolloutPolicy(
         abort_on=parse_abort_on(abort_on),
         min_finished=min_finished,
@@ -195,6 +217,7 @@ def make_policy(
         retries=retries,
         retry_on=parse_retry_on(retry_on) if retries else (),
         retry_backoff=retry_backoff,
+        offline=offline,
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.rollout_policy import RolloutPolicy
+from controller.rollout_policy import OFFLINE_CODE, RolloutPolicy
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
 # Assignment states besides the agent's job states (docs/protocol.md).
@@ -305,11 +305,14 @@ class RolloutSummary:
     rollbacks: dict[str, int]
     offline_pending: list[str] = field(default_factory=list)
     not_judged: list[dict[str, Any]] = field(default_factory=list)
+    # --offline wait|skip: offline devices the waves left to converge through the release.
+    left_to_release: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "offline_pending": self.offline_pending,
             "not_judged": self.not_judged,
+            "left_to_release": self.left_to_release,
             "rollout": self.rollout.to_dict(),
             "waves": [w.__dict__ for w in self.waves],
             "assigned": self.assigned,
@@ -619,6 +622,7 @@ class RolloutStore:
                 for a in assigned
                 if a.not_judged
             ],
+            left_to_release=[a.device_id for a in assignments if a.code == OFFLINE_CODE],
         )
 
     # -- writes ------------------------------------------------------------------------
@@ -888,6 +892,19 @@ class RolloutStore:
                 ],
             )
         return ids
+
+    def leave_to_release(self, rollout_id: str, device_ids: list[str], reason: str) -> None:
+        """--offline wait|skip: offline devices end CANCELED (not a failure), code
+        `offline`: they converge through the release the rollout sets when it completes."""
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=?",
+                [
+                    (JobState.CANCELED.value, reason, OFFLINE_CODE, time.time(), rollout_id, d)
+                    for d in device_ids
+                ],
+            )
 
     def time_out_stuck(
         self, rollout_id: str, wave: int, before: float, limit_s: float

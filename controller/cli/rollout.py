@@ -60,7 +60,13 @@ from controller.rollout import (
     promote,
     resume_state,
 )
-from controller.rollout_policy import PolicyError, RolloutPolicy, format_time, make_policy
+from controller.rollout_policy import (
+    DEFAULT_OFFLINE,
+    PolicyError,
+    RolloutPolicy,
+    format_time,
+    make_policy,
+)
 from controller.rollout_store import (
     ABORTED,
     FINISHED,
@@ -261,6 +267,14 @@ def render(summary: RolloutSummary) -> Group:
         parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
     if r.policy.describe():
         parts.append(Text(f"policy: {r.policy.describe()}"))
+    parts.append(Text(f"offline robots: {r.policy.offline_text}"))
+    if summary.left_to_release:
+        parts.append(
+            Text(
+                "offline, left to converge through the release: " + _names(summary.left_to_release),
+                style="yellow",
+            )
+        )
     if r.state == "waiting_approval":
         parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
     if r.state == "scheduled" and r.policy.start_at is not None:
@@ -597,6 +611,12 @@ def start(
     retry_backoff: float = typer.Option(
         10.0, "--retry-backoff", help="seconds before the first retry (doubles after each)"
     ),
+    offline: str = typer.Option(
+        DEFAULT_OFFLINE,
+        "--offline",
+        help="a robot offline when its wave starts: wait (up to the wave timeout, then left "
+        "to the release), skip (no command; left to the release), fail (TIMED_OUT)",
+    ),
     allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
@@ -615,6 +635,7 @@ def start(
             retries=retries,
             retry_on=retry_on,
             retry_backoff=retry_backoff,
+            offline=offline,
             now=time.time(),
         )
     except PolicyError as e:
