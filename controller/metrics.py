@@ -3,7 +3,8 @@
 Per device (labels `device`, `group`): online, last seen, CPU, memory, disk, GPU load,
 temperatures (`sensor`), power rails (`rail`); per model (`device`, `group`, `model`,
 `version`): live inference latency quantiles; the ingester's own counters; and, when the
-controller database has a `rollouts` table, rollouts by state (read-only).
+controller database has a `rollouts` table, rollouts by state (read-only); and drifted
+devices per group and model against the releases this controller signed.
 
 A custom collector rather than registered Gauges: it reads the newest sample of each
 device from SQLite at scrape time (shared by every `jetfleet serve` on that database),
@@ -21,6 +22,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from controller.drift import DeviceView, device_drift, released, rollouts_in_flight, summarize
 from controller.ingest import DROP_REASONS, IngestStats
 from controller.telemetry_store import TelemetryStore
 from protocol.errors import ProtocolError
@@ -58,6 +60,7 @@ class FleetCollector(Collector):
         yield from self._fleet()
         yield from self._ingest()
         yield from self._rollouts()
+        yield from self._drift()
 
     def _fleet(self) -> Iterator[Metric]:
         dl = ["device", "group"]
@@ -219,6 +222,56 @@ class FleetCollector(Collector):
             log.warning("metrics_rollouts_unreadable", reason=str(e))
         finally:
             conn.close()
+
+    def _drift(self) -> Iterator[Metric]:
+        """Drifted devices per group and model (controller/drift.py): the devices' last
+        statuses against the releases and pins this controller signed; 0 for a released
+        model no device drifts on, so an alert can tell none from unknown."""
+        db = self.controller_db
+        if db is None or not db.is_file():
+            return
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0)
+        except sqlite3.Error as e:
+            log.warning("metrics_controller_db_unreadable", reason=str(e))
+            return
+        try:
+            groups, pins = released(conn)
+            held = rollouts_in_flight(conn)
+        except sqlite3.Error as e:
+            log.warning("metrics_releases_unreadable", reason=str(e))
+            return
+        finally:
+            conn.close()
+        drifts = []
+        for status in self.status().values():
+            mine = {m: rid for (dev, m), rid in held.items() if dev == status.device_id}
+            view = status_view(status)
+            drifts += device_drift(view, groups, pins.get(status.device_id, {}), mine)
+        counts = {(g, m): 0 for g, models in groups.items() for m in models}
+        counts.update(summarize(drifts))
+        g = GaugeMetricFamily(
+            "jetfleet_drifted_devices",
+            "devices not on their desired version of a model, per group",
+            labels=["group", "model"],
+        )
+        for (group, model), n in sorted(counts.items()):
+            g.add_metric([group, model], float(n))
+        yield g
+
+
+def status_view(status: DeviceStatus) -> DeviceView:
+    job = status.job
+    return DeviceView(
+        id=status.device_id,
+        groups=list(status.groups),
+        online=status.online,
+        last_seen=status.at.timestamp(),
+        active={n: slot.active for n, slot in status.models.items() if slot.active},
+        job_model=job.model if job else None,
+        job_state=job.state.value if job else None,
+        desired=status.desired,
+    )
 
 
 def make_registry(collector: FleetCollector) -> CollectorRegistry:

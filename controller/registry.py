@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS devices (
     job TEXT,
     last_seq INTEGER,
     status_at TEXT,
-    trust_version INTEGER
+    trust_version INTEGER,
+    desired TEXT  -- the DesiredSummary of its last status (JSON)
 );
 """
 
@@ -78,6 +79,7 @@ class DeviceRecord:
     last_seq: int | None = None
     trust_version: int | None = None  # the trust root version its status reports
     status_at: float | None = None  # when the device says it wrote its status (its clock)
+    desired: dict[str, Any] | None = None  # its DesiredSummary, once it accepted a document
 
     def active_version(self, model: str) -> str | None:
         return (self.models.get(model) or {}).get("active")
@@ -113,6 +115,7 @@ class DeviceRecord:
             last_seq=row["last_seq"],
             trust_version=row["trust_version"],
             status_at=_epoch(row["status_at"]),
+            desired=json.loads(row["desired"]) if row["desired"] else None,
         )
 
 
@@ -134,9 +137,12 @@ class Registry:
             conn.executescript(_SCHEMA)
             # A database from before trust_version was reported.
             cols = {r[1] for r in conn.execute("PRAGMA table_info(devices)")}
-            if "trust_version" not in cols:
+            # A database from before trust_version, or the desired state, was reported.
+            for col, kind in (("trust_version", "INTEGER"), ("desired", "TEXT")):
+                if col in cols:
+                    continue
                 try:
-                    conn.execute("ALTER TABLE devices ADD COLUMN trust_version INTEGER")
+                    conn.execute(f"ALTER TABLE devices ADD COLUMN {col} {kind}")
                 except sqlite3.OperationalError as e:
                     if "duplicate column" not in str(e):  # another process just added it
                         raise
@@ -158,8 +164,8 @@ class Registry:
         with self._lock:
             self.conn.execute(
                 """INSERT INTO devices (id, groups, online, last_seen, agent_version, hardware,
-                       models, job, last_seq, status_at, trust_version)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       models, job, last_seq, status_at, trust_version, desired)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET groups=excluded.groups, online=excluded.online,
                        last_seen=CASE WHEN excluded.online THEN excluded.last_seen
                            ELSE MAX(COALESCE(devices.last_seen, 0), excluded.last_seen) END,
@@ -172,7 +178,9 @@ class Registry:
                        last_seq=MAX(COALESCE(devices.last_seq, -1),
                                     COALESCE(excluded.last_seq, -1)),
                        status_at=excluded.status_at,
-                       trust_version=COALESCE(excluded.trust_version, devices.trust_version)""",
+                       trust_version=COALESCE(excluded.trust_version, devices.trust_version),
+                       desired=CASE WHEN excluded.online THEN excluded.desired
+                           ELSE COALESCE(excluded.desired, devices.desired) END""",
                 (
                     status.device_id,
                     json.dumps(status.groups),
@@ -185,6 +193,7 @@ class Registry:
                     status.last_seq,
                     status.at.isoformat(),
                     status.trust_version,
+                    status.desired.model_dump_json() if status.desired else None,
                 ),
             )
 

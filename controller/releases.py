@@ -113,7 +113,9 @@ def history_db(conn: sqlite3.Connection) -> sqlite3.Connection:
     return conn
 
 
-def _record(conn: sqlite3.Connection, scope: str, doc: Release | Pins, envelope: bytes) -> None:
+def record_document(
+    conn: sqlite3.Connection, scope: str, doc: Release | Pins, envelope: bytes
+) -> None:
     with history_db(conn):
         conn.execute(
             "INSERT OR REPLACE INTO release_history VALUES (?, ?, ?, ?, ?)",
@@ -149,7 +151,7 @@ def publish_document(
     doc = build(version, datetime.now(timezone.utc))
     envelope = sign_release(doc, site.operator_keys).encode()
     publish_retained(site.options, topic, envelope)
-    _record(site.conn, scope, doc, envelope)
+    record_document(site.conn, scope, doc, envelope)
     return doc
 
 
