@@ -78,7 +78,7 @@ class Device(threading.Thread):
     def _converge(self) -> None:
         got: list[bytes] = []
         c = mqtt_client(self.id)
-        c.on_message = lambda _c, _u, msg: got.append(msg.payload)
+        c.on_message = lambda _c, _u, msg: got.append(bytes(msg.payload))
         self.go.wait()
         start = time.monotonic()
         c.connect(self.broker.host, self.broker.port, keepalive=60)
@@ -205,16 +205,17 @@ def main() -> int:
         time.sleep(11)  # $SYS counters update every 10 s
         after = sys_counters(broker)
         server.stop()
-    done = [d for d in devices if d.took is not None]
-    over = [d.took - d.build_s for d in done]
-    late = [d.id for d in done if d.took > d.build_s + 60]
+    took = {d.id: (d.took, d.build_s) for d in devices if d.took is not None}
+    done = [t for t, _ in took.values()]
+    over = [t - b for t, b in took.values()]
+    late = [i for i, (t, b) in took.items() if t > b + 60]
     result = {
         "devices": args.devices,
         "converged": len(done),
         "errors": sorted({d.error for d in devices if d.error})[:5],
         "wall_s": round(wall, 1),
-        "converge_s_median": round(statistics.median(d.took for d in done), 1) if done else None,
-        "converge_s_max": round(max(d.took for d in done), 1) if done else None,
+        "converge_s_median": round(statistics.median(done), 1) if done else None,
+        "converge_s_max": round(max(done), 1) if done else None,
         "beyond_build_s_median": round(statistics.median(over), 1) if over else None,
         "beyond_build_s_max": round(max(over), 1) if over else None,
         "over_goal (build + 60 s)": len(late),
