@@ -11,9 +11,9 @@ the capped server: back off as told by Retry-After, then again), checks its sha2
 status with the new active version.
 
 Reported: time to converge per device against its goal (its build time + 60 s), the peak
-number of download connections the server held at once against its cap (sampled from the
-server's own sockets, not counted by the clients), and the broker's message counters
-($SYS, before and after).
+number of download connections the server held at once against its cap (the server's
+handler threads, one per held connection, not counted by the clients), and the broker's
+message counters ($SYS, before and after).
 
     .venv/bin/python bench/converge.py [--devices 1000] [--cap 32] [--jitter-s 30]
 """
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -136,14 +135,12 @@ def sys_counters(broker: LocalMosquitto) -> dict[str, int]:
     return got
 
 
-def peak_sampler(port: int, stop: threading.Event, out: list[int]) -> None:
-    """Connections the server's process holds on its port (ESTABLISHED, server side)."""
-    me = psutil.Process(os.getpid())
+def peak_sampler(stop: threading.Event, out: list[int]) -> None:
+    """Connections the bundle server holds at once: its handler threads (one per accepted
+    connection, each holding one of its `max_connections` slots; a refused one gets its
+    503 without a thread)."""
     while not stop.is_set():
-        conns = me.net_connections("tcp")
-        up = psutil.CONN_ESTABLISHED
-        n = sum(1 for k in conns if k.laddr and k.laddr.port == port and k.status == up)
-        out.append(n)
+        out.append(sum(1 for t in threading.enumerate() if "process_request" in t.name))
         time.sleep(0.01)
 
 
@@ -193,7 +190,7 @@ def main() -> int:
         for d in devices:
             d.start()
         stop, samples = threading.Event(), [0]
-        sampler = threading.Thread(target=peak_sampler, args=(port, stop, samples), daemon=True)
+        sampler = threading.Thread(target=peak_sampler, args=(stop, samples), daemon=True)
         sampler.start()
         started = time.monotonic()
         go.set()  # the power comes back
