@@ -85,6 +85,7 @@ class Want:
     model: DesiredModel
     origin: str  # "release" | "pin"
     source: str  # for people: "group lab release 3", "pins 2"
+    accepted_at: float = 0.0  # when this device accepted that document (time.time())
 
 
 class DesiredState:
@@ -215,7 +216,12 @@ class DesiredState:
                     "already accepted (a document's version only goes up)",
                 )
                 return False
-        record = {"version": doc.version, "digest": digest, "doc": doc.to_dict()}
+        record = {
+            "version": doc.version,
+            "digest": digest,
+            "doc": doc.to_dict(),
+            "accepted_at": time.time(),
+        }
         with self.store.tx() as db:
             self.store.put_kv(db, key, json.dumps(record))
             if isinstance(doc, Release) and doc.retry:
@@ -282,6 +288,7 @@ class DesiredState:
         wants: dict[str, Want] = {}
         conflicts: dict[str, str] = {}
         for g, rel in sorted(self.releases().items()):
+            at = self._accepted_at(KV_RELEASE + g)
             for name, m in rel.models.items():
                 other = wants.get(name)
                 if other is not None and other.model != m:
@@ -289,14 +296,29 @@ class DesiredState:
                         f"{other.source} says {name} {other.model.version}, group {g} release "
                         f"{rel.version} says {m.version}"
                     )
-                wants.setdefault(name, Want(m, "release", f"group {g} release {rel.version}"))
+                wants.setdefault(name, Want(m, "release", f"group {g} release {rel.version}", at))
         for name in conflicts:
             wants.pop(name, None)
         pins = self.pins()
+        at = self._accepted_at(KV_PINS)
         for name, m in (pins.models if pins else {}).items():
-            wants[name] = Want(m, "pin", f"pins {pins.version if pins else 0}")
+            wants[name] = Want(m, "pin", f"pins {pins.version if pins else 0}", at)
             conflicts.pop(name, None)  # the pin decides for this device
         return wants, conflicts
+
+    def _accepted_at(self, key: str) -> float:
+        rec = self._load(key)
+        return float(rec.get("accepted_at") or 0.0) if rec else 0.0
+
+    def following(self, name: str, want: Want) -> str | None:
+        """The rollout this model follows rather than its desired state: one whose command
+        arrived after the document that names the model was accepted. A rollout drives
+        its robots wave by wave; the release catches up when it completes (the controller
+        then publishes it), and a newer document takes over again."""
+        job = self.store.latest_rollout_job(name)
+        if job is None or job.created_at <= want.accepted_at:
+            return None
+        return job.rollout_id
 
     def _held_records(self) -> dict[str, dict[str, Any]]:
         raw = self.store.get(KV_HELD)
@@ -329,6 +351,9 @@ class DesiredState:
                 and self.models.slot(n).active != h.version  # an operator deploy got it there
             },
             conflicts=conflicts,
+            rollouts={
+                n: rid for n, w in wants.items() if (rid := self.following(n, w)) is not None
+            },
         )
 
     # ---- convergence --------------------------------------------------------------------
@@ -345,6 +370,8 @@ class DesiredState:
         for name, want in sorted(wants.items()):
             m = want.model
             if self.models.slot(name).active == m.version or name in busy:
+                continue
+            if self.following(name, want) is not None:
                 continue
             h = held.get(name)
             if h is not None and (h.version, h.sha256) == (m.version, m.sha256):

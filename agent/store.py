@@ -385,6 +385,20 @@ class Store:
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def latest_rollout_job(self, model: str, scan: int = 200) -> JobRecord | None:
+        """The last deploy or rollback of `model` a rollout commanded (among the last
+        `scan` rollout jobs: older ones are history)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE rollout_id IS NOT NULL AND kind IN ('deploy', "
+                "'rollback') ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (scan,),
+            ).fetchall()
+        for job in map(_job, rows):
+            if (job.model or (job.data.get("body") or {}).get("name")) == model:
+                return job
+        return None
+
     def recent_jobs(self, limit: int = 20) -> list[JobRecord]:
         with self._lock:
             rows = self._db.execute(

@@ -50,6 +50,11 @@ class CommandSigner:
         self._keys = list(operator_keys)
         self.ttl = ttl
 
+    @property
+    def operator_keys(self) -> list[SigningKey]:
+        """The keys it signs with (releases are signed by the same operator role)."""
+        return list(self._keys)
+
     def sign(self, command: Command) -> SignedCommand:
         envelope = sign_command(command, self._keys).encode()
         return SignedCommand(

@@ -6,7 +6,9 @@ operator's real commands, each printed before it runs:
 
     jetfleet keys init                      root, release, operator keys + trust.json
     jetfleet bundle build  (v1.0.0)         a small ONNX model made here, signed
-    jetfleet rollout start --waves 1,100%   the canary first, then everyone
+    jetfleet rollout start --waves 1,100%   the canary first, then everyone; robot-03 is
+                                            off (charging): left to the release it sets
+    robot-03 comes back                     it converges to the group's release by itself
     jetfleet bundle build  (v1.1.0)         same outputs, about 3x the compute
     jetfleet rollout start --waves 1,100%   the canary's gate measures the regression, the
                                             canary rolls back by itself, the rollout aborts
@@ -53,6 +55,8 @@ from protocol.topics import Topics
 from protocol.transport import paho_client
 
 MODEL = "detector"
+OFF_ROBOT = "robot-03"  # off during the first rollout; catches up through the release
+JITTER_S = 1.0  # the agents' convergence jitter: short, for a demo
 GROUP = "warehouse-a"
 AGENTS = (("robot-01", (GROUP, "canary")), ("robot-02", (GROUP,)), ("robot-03", (GROUP,)))
 V1, V2 = "1.0.0", "1.1.0"
@@ -76,6 +80,7 @@ class DemoError(CodedError, RuntimeError):
 class DemoOutcome:
     first_rollout: dict[str, Any] = field(default_factory=dict)
     second_rollout: dict[str, Any] = field(default_factory=dict)
+    caught_up: dict[str, Any] = field(default_factory=dict)
     fleet: dict[str, str | None] = field(default_factory=dict)
     telemetry: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -85,6 +90,7 @@ class DemoOutcome:
     def ok(self) -> bool:
         return (
             self.first_rollout.get("state") == "succeeded"
+            and self.caught_up.get("version") == V1
             and self.second_rollout.get("state") == "aborted"
             and bool(self.second_rollout.get("rolled_back"))
             and len(self.fleet) == len(AGENTS)
@@ -183,6 +189,8 @@ class Agent:
             f"url = {json.dumps(broker_url)}",
             "protocol = 5",
             "reconnect_max_s = 2.0",
+            "[desired]",
+            f"jitter_s = {JITTER_S}",
             "[telemetry]",
             f"interval_s = {TELEMETRY_INTERVAL_S}",
         ]
@@ -300,18 +308,28 @@ class Demo:
         models = self.workdir / "models"
         models.mkdir(exist_ok=True)
         v1 = self.build_bundle(make_model(models / "detector-v1.onnx"), V1)
-        self.step(f"4. roll {V1} out: the canary (robot-01) first, then the whole group")
-        outcome.first_rollout = self.rollout(v1)
+        self.step(f"4. {OFF_ROBOT} goes off to charge")
+        self.switch_off(OFF_ROBOT)
+        self.step(
+            f"5. roll {V1} out: the canary (robot-01) first, then the whole group; "
+            f"{OFF_ROBOT} is left to the group's release, which the rollout sets"
+        )
+        outcome.first_rollout = self.rollout(v1, "--offline", "skip")
         if outcome.first_rollout.get("state") != "succeeded":
             raise DemoError(f"the {V1} rollout did not succeed: {outcome.first_rollout}")
-        self.step(f"5. bundle {MODEL} {V2}: same outputs, about 3x the compute")
+        self.jetfleet("release", "show")
+        self.jetfleet("devices", "--drift")
+        self.step(f"6. {OFF_ROBOT} comes back: it converges to the release by itself")
+        outcome.caught_up = self.catch_up(OFF_ROBOT)
+        self.step(f"7. bundle {MODEL} {V2}: same outputs, about 3x the compute")
         v2 = self.build_bundle(make_model(models / "detector-v1.1.onnx", extra_work=EXTRA_WORK), V2)
-        self.step(f"6. roll {V2} out: the canary's gate catches the slowdown")
+        self.step(f"8. roll {V2} out: the canary's gate catches the slowdown")
         outcome.second_rollout = self.rollout(v2)
-        self.step("7. the fleet: every robot still runs the first version")
+        self.step("9. the fleet: every robot still runs the first version, the release too")
         outcome.fleet = self.fleet_versions()
         self.jetfleet("devices")
-        self.step("8. telemetry: one sample per robot")
+        self.jetfleet("release", "show")
+        self.step("10. telemetry: one sample per robot")
         outcome.telemetry = self.telemetry()
         outcome.seconds = round(time.monotonic() - started, 1)
         return outcome
@@ -333,7 +351,7 @@ class Demo:
 
     def _check_agents(self) -> None:
         for a in self.agents:
-            if not a.alive():
+            if a.proc is not None and not a.alive():  # not one switched off on purpose
                 tail = a.log.read_text(errors="replace")[-1500:] if a.log.exists() else ""
                 raise DemoError(f"agent {a.device_id} exited; its log ends:\n{tail}")
 
@@ -388,7 +406,37 @@ class Demo:
         )
         return out
 
-    def rollout(self, bundle: Path) -> dict[str, Any]:
+    def agent(self, device_id: str) -> Agent:
+        return next(a for a in self.agents if a.device_id == device_id)
+
+    def switch_off(self, device_id: str) -> None:
+        self.agent(device_id).stop()
+        self.console.print(f"stopped jetfleet-agent {device_id}")
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if any(d["id"] == device_id and not d.get("online") for d in self.devices_json()):
+                return
+            time.sleep(0.5)
+        raise DemoError(f"{device_id} still shows online {STEP_TIMEOUT_S:g} s after it stopped")
+
+    def catch_up(self, device_id: str) -> dict[str, Any]:
+        """Start the robot again and wait until it runs the release (no controller runs:
+        every `jetfleet` command has exited)."""
+        started = time.monotonic()
+        self.agent(device_id).start(self.env)
+        self.console.print(f"started jetfleet-agent {device_id} again")
+        while time.monotonic() - started < STEP_TIMEOUT_S:
+            self._check_agents()
+            version = self.fleet_versions().get(device_id)
+            if version == V1:
+                took = round(time.monotonic() - started, 1)
+                self.console.print(f"{device_id} runs {MODEL} {version} after {took:g} s")
+                self.jetfleet("devices", "--drift")
+                return {"device": device_id, "version": version, "seconds": took}
+            time.sleep(0.5)
+        raise DemoError(f"{device_id} did not converge to {V1} within {STEP_TIMEOUT_S:g} s")
+
+    def rollout(self, bundle: Path, *extra: str) -> dict[str, Any]:
         self._check_agents()
         out = self.jetfleet(
             "rollout",
@@ -400,6 +448,7 @@ class Demo:
             "1,100%",
             "--wave-timeout",
             f"{STEP_TIMEOUT_S:g}",
+            *extra,
             "--wait",
             "--output",
             "json",
@@ -408,7 +457,7 @@ class Demo:
         )
         self.console.print(
             f"[bold]$ jetfleet rollout start {bundle.name} --target group:{GROUP} "
-            "--waves 1,100% --wait[/]"
+            f"--waves 1,100% {' '.join(extra)} --wait[/]".replace("  ", " ")
         )
         try:
             summary = json.loads(out)
@@ -553,8 +602,10 @@ def demo_command(
         on_v1 = sum(v == V1 for v in outcome.fleet.values())
         rolled_back = ", ".join(outcome.second_rollout.get("rolled_back") or []) or "no robot"
         console.print(
-            f"{V1} reached every robot; {V2} was caught on the canary ({rolled_back} rolled "
-            f"back by itself) and the rollout {outcome.second_rollout.get('state')}; "
+            f"{V1} reached every robot ({OFF_ROBOT}, off during the rollout, through the "
+            f"release in {outcome.caught_up.get('seconds')} s); {V2} was caught on the "
+            f"canary ({rolled_back} rolled back by itself) and the rollout "
+            f"{outcome.second_rollout.get('state')}; "
             f"{on_v1} of {len(AGENTS)} robots run {MODEL} {V1} ({outcome.seconds:.0f} s)."
         )
     raise typer.Exit(0 if outcome.ok else 1)

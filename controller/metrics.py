@@ -4,7 +4,8 @@ Per device (labels `device`, `group`): online, last seen, CPU, memory, disk, GPU
 temperatures (`sensor`), power rails (`rail`); per model (`device`, `group`, `model`,
 `version`): live inference latency quantiles; the ingester's own counters; and, when the
 controller database has a `rollouts` table, rollouts by state and the SLO verdicts of
-the last day's bakes (read-only).
+the last day's bakes (read-only); and drifted devices per group and model against the
+releases this controller signed.
 
 A custom collector rather than registered Gauges: it reads the newest sample of each
 device from SQLite at scrape time (shared by every `jetfleet serve` on that database),
@@ -23,8 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from controller.db import DB_ERRORS, DatabaseError, is_url, open_database
+from controller.drift import DeviceView, device_drift, released, summarize
 from controller.ingest import DROP_REASONS, IngestStats
-from controller.rollout_store import rollout_state_counts, slo_verdict_rows
+from controller.rollout_store import rollout_state_counts, rollouts_in_flight, slo_verdict_rows
 from controller.slo import VERDICTS
 from controller.telemetry_store import LatestSample, TelemetryStore
 from protocol.errors import ProtocolError
@@ -142,6 +144,7 @@ class FleetCollector(Collector):
         yield from self._fleet()
         yield from self._ingest()
         yield from self._rollouts()
+        yield from self._drift()
 
     def _fleet(self) -> Iterator[Metric]:
         f = _FleetFamilies()
@@ -233,6 +236,56 @@ class FleetCollector(Collector):
             log.warning("metrics_rollouts_unreadable", reason=str(e))
         finally:
             conn.close()
+
+    def _drift(self) -> Iterator[Metric]:
+        """Drifted devices per group and model (controller/drift.py): the devices' last
+        statuses against the releases and pins this controller signed; 0 for a released
+        model no device drifts on, so an alert can tell none from unknown."""
+        db = self.controller_db
+        if db is None or (not is_url(db) and not Path(db).is_file()):
+            return
+        try:
+            conn = open_database(db, readonly=True, timeout=2.0)
+        except DatabaseError as e:
+            log.warning("metrics_controller_db_unreadable", reason=e.reason)
+            return
+        try:
+            groups, pins = released(conn)
+            held = rollouts_in_flight(conn)
+        except DB_ERRORS as e:
+            log.warning("metrics_releases_unreadable", reason=str(e))
+            return
+        finally:
+            conn.close()
+        drifts = []
+        for status in self.status().values():
+            mine = {m: rid for (dev, m), rid in held.items() if dev == status.device_id}
+            view = status_view(status)
+            drifts += device_drift(view, groups, pins.get(status.device_id, {}), mine)
+        counts = {(g, m): 0 for g, models in groups.items() for m in models}
+        counts.update(summarize(drifts))
+        g = GaugeMetricFamily(
+            "jetfleet_drifted_devices",
+            "devices not on their desired version of a model, per group",
+            labels=["group", "model"],
+        )
+        for (group, model), n in sorted(counts.items()):
+            g.add_metric([group, model], float(n))
+        yield g
+
+
+def status_view(status: DeviceStatus) -> DeviceView:
+    job = status.job
+    return DeviceView(
+        id=status.device_id,
+        groups=list(status.groups),
+        online=status.online,
+        last_seen=status.at.timestamp(),
+        active={n: slot.active for n, slot in status.models.items() if slot.active},
+        job_model=job.model if job else None,
+        job_state=job.state.value if job else None,
+        desired=status.desired,
+    )
 
 
 # SLO verdicts stay visible this long after their last judgement (a day of rollouts).

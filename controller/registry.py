@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS devices (
     job TEXT,
     last_seq INTEGER,
     status_at TEXT,
-    trust_version INTEGER
+    trust_version INTEGER,
+    desired TEXT  -- the DesiredSummary of its last status (JSON)
 );
 """
 
@@ -74,6 +75,7 @@ class DeviceRecord:
     last_seq: int | None = None
     trust_version: int | None = None  # the trust root version its status reports
     status_at: float | None = None  # when the device says it wrote its status (its clock)
+    desired: dict[str, Any] | None = None  # its DesiredSummary, once it accepted a document
 
     def active_version(self, model: str) -> str | None:
         return (self.models.get(model) or {}).get("active")
@@ -109,6 +111,7 @@ class DeviceRecord:
             last_seq=row["last_seq"],
             trust_version=row["trust_version"],
             status_at=_epoch(row["status_at"]),
+            desired=json.loads(row["desired"]) if row["desired"] else None,
         )
 
 
@@ -126,6 +129,7 @@ class Registry:
     MIGRATIONS: tuple[Step, ...] = (
         _SCHEMA,
         AddColumn("devices", "trust_version", "INTEGER"),
+        AddColumn("devices", "desired", "TEXT"),
     )
 
     def __init__(self, conn: Database | sqlite3.Connection, topics: Topics | None = None) -> None:
@@ -152,8 +156,8 @@ class Registry:
         with self._lock:
             self.conn.execute(
                 """INSERT INTO devices (id, groups, online, last_seen, agent_version, hardware,
-                       models, job, last_seq, status_at, trust_version)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       models, job, last_seq, status_at, trust_version, desired)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET groups=excluded.groups, online=excluded.online,
                        last_seen=CASE WHEN excluded.online = 1
                            OR excluded.last_seen > COALESCE(devices.last_seen, 0)
@@ -168,7 +172,9 @@ class Registry:
                            > COALESCE(devices.last_seq, -1) THEN COALESCE(excluded.last_seq, -1)
                            ELSE COALESCE(devices.last_seq, -1) END,
                        status_at=excluded.status_at,
-                       trust_version=COALESCE(excluded.trust_version, devices.trust_version)""",
+                       trust_version=COALESCE(excluded.trust_version, devices.trust_version),
+                       desired=CASE WHEN excluded.online THEN excluded.desired
+                           ELSE COALESCE(excluded.desired, devices.desired) END""",
                 (
                     status.device_id,
                     json.dumps(status.groups),
@@ -181,6 +187,7 @@ class Registry:
                     status.last_seq,
                     status.at.isoformat(),
                     status.trust_version,
+                    status.desired.model_dump_json() if status.desired else None,
                 ),
             )
 

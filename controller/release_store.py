@@ -25,6 +25,18 @@ CREATE TABLE IF NOT EXISTS release_history (
 """
 
 
+def latest_documents(conn: Database) -> dict[str, dict[str, Any]]:
+    """scope -> models of the newest document of each scope; readable on a read-only
+    connection (none before the first release was set here)."""
+    if not conn.columns("release_history"):
+        return {}
+    rows = conn.execute(
+        "SELECT h.scope, h.models FROM release_history h JOIN (SELECT scope, MAX(version) "
+        "v FROM release_history GROUP BY scope) m ON h.scope = m.scope AND h.version = m.v"
+    ).fetchall()
+    return {str(scope): json.loads(models) for scope, models in rows}
+
+
 class ReleaseStore:
     # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
     MIGRATIONS: tuple[Step, ...] = (_SCHEMA,)

@@ -34,6 +34,8 @@ from controller.commands import CommandSigner
 from controller.db import DB_ERRORS
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import Registry
+from controller.release_store import ReleaseStore
+from controller.releases import ReleaseSite, release_after_rollout
 from controller.rollout_policy import RolloutPolicy, Tally, abort_reason, exponential_sizes
 from controller.rollout_policy import crosses as crosses  # re-exported: the planning tests
 from controller.rollout_store import (
@@ -279,6 +281,7 @@ class RolloutDriver:
                     self.on_progress(self.store, self.rollout_id)
                     self._dirty = False
                 if rollout.state in FINISHED:
+                    self._set_release(rollout)
                     break
             return rollout
         except DB_ERRORS as e:
@@ -301,6 +304,14 @@ class RolloutDriver:
                 self._end_session()
             else:
                 self.mqtt.close()
+
+    def _set_release(self, rollout: Rollout) -> None:
+        """A completed deploy rollout becomes its groups' release (controller/releases.py)."""
+        opts = MqttOptions(**{**self.options.__dict__, "client_id": "", "persistent": False})
+        site = ReleaseSite(
+            opts, self.topics, ReleaseStore(self.registry.conn), self.signer.operator_keys
+        )
+        release_after_rollout(site, rollout)
 
     def _end_session(self) -> None:
         """A finished rollout needs its broker session no more: reconnect clean to drop it."""
@@ -519,6 +530,7 @@ class RolloutDriver:
         return self.store.get(rollout.id) or rollout, False
 
     def _end_wave(self, rollout: Rollout, running: Wave, waves: list[Wave]) -> None:
+        self._leave_offline_to_release(rollout, running.idx)
         late = self.store.time_out(
             rollout.id,
             running.idx,
@@ -723,6 +735,7 @@ class RolloutDriver:
         (all of them, unless a crash interrupted this very step before), or for the next
         `limit` of them; a retry only once its back-off ended. Returns how many."""
         to_publish: list[tuple[str, str, bytes]] = []
+        skipped: list[str] = []
         now = self.clock() if now is None else now
         with self.store.transaction():
             for a in self.store.assignments(rollout.id, idx):
@@ -734,14 +747,50 @@ class RolloutDriver:
                     continue
                 if a.retry_at is not None and a.retry_at > now:
                     continue
+                if rollout.policy.offline == "skip" and self._offline(a.device_id):
+                    skipped.append(a.device_id)
+                    continue
                 command_id, envelope = self._sign(rollout, a.device_id)
                 if self.store.record_command(
                     rollout.id, a.device_id, command_id, envelope, at=self.clock()
                 ):
                     to_publish.append((a.device_id, command_id, envelope))
+            self.store.leave_to_release(
+                rollout.id,
+                skipped,
+                "offline when its wave started (--offline skip): left to "
+                "converge through the release",
+            )
         self._publish(to_publish, rollback=False)
         self._dirty = True
         return len(to_publish)
+
+    def _offline(self, device_id: str) -> bool:
+        """Offline as its last status or will says (one never seen is not: its command
+        waits in the broker, as --allow-unseen asks)."""
+        rec = self.registry.get(device_id)
+        return rec is not None and not rec.online
+
+    def _leave_offline_to_release(self, rollout: Rollout, idx: int) -> None:
+        """--offline wait: at the wave's end, devices that never answered their command
+        and are offline are left to the release (CANCELED, code offline) rather than
+        TIMED_OUT; their deploy, queued in the broker, gets a cancel behind it."""
+        if rollout.policy.offline != "wait":
+            return
+        away = [
+            a.device_id
+            for a in self.store.assignments(rollout.id, idx)
+            if a.state == PENDING and self._offline(a.device_id)
+        ]
+        if not away:
+            return
+        self.store.leave_to_release(
+            rollout.id,
+            away,
+            "offline through its wave (--offline wait): left to converge through the release",
+        )
+        self._cancel_timed_out(rollout, only=set(away), state=JobState.CANCELED.value)
+        log.info("left_to_release", rollout_id=rollout.id, wave=idx, devices=away)
 
     def _sign(self, rollout: Rollout, device_id: str) -> tuple[str, bytes]:
         if rollout.kind == "deploy":
@@ -899,7 +948,9 @@ class RolloutDriver:
         if silent:
             log.warning("abort_gave_up_on_silent", rollout_id=rollout.id, devices=silent)
 
-    def _cancel_timed_out(self, rollout: Rollout, only: set[str] | None = None) -> None:
+    def _cancel_timed_out(
+        self, rollout: Rollout, only: set[str] | None = None, state: str = JobState.TIMED_OUT.value
+    ) -> None:
         """Devices the rollout counted as TIMED_OUT never said they stopped: an offline
         one still finds the deploy queued in its broker session when it returns. A signed
         cancel, queued behind it, stops that job before it activates (a job already past
@@ -909,7 +960,7 @@ class RolloutDriver:
             reported = self.store.terminal_events(rollout.id)
             for a in self.store.assignments(rollout.id):
                 if (
-                    a.state != JobState.TIMED_OUT.value
+                    a.state != state
                     or (only is not None and a.device_id not in only)
                     or a.command_id is None
                     or a.cx_command_id is not None

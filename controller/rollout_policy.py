@@ -24,6 +24,15 @@ ALL = "ALL"
 MAX_PER_MINUTE = 1000
 MAX_RETRIES = 10
 RETRY_TYPES = ("FAILED", "TIMED_OUT")
+# --offline: what a wave does with a robot that is offline (docs/operations.md). `wait`
+# by default: a robot back before the wave's timeout runs the deploy with its wave, as
+# always; one still away then is left to converge through the release (the rollout sets
+# it when it completes) instead of counting as TIMED_OUT, so fleets that are never all
+# online can roll out. The wave lasts no longer than before.
+OFFLINE_MODES = ("wait", "skip", "fail")
+DEFAULT_OFFLINE = "wait"
+# The code of a device the wave left to its release (state CANCELED: not a failure).
+OFFLINE_CODE = "offline"
 
 
 class PolicyError(CodedError, ValueError):
@@ -59,6 +68,7 @@ class RolloutPolicy:
     bake: float | None = None  # seconds a wave bakes before its SLOs are judged
     bake_max: float | None = None  # NOT_ENOUGH_DATA extends the bake up to this
     slo_inconclusive: str = "abort"  # still not enough data at bake_max: abort | continue
+    offline: str = DEFAULT_OFFLINE  # one of OFFLINE_MODES
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -88,6 +98,7 @@ class RolloutPolicy:
             bake=d.get("bake"),
             bake_max=d.get("bake_max"),
             slo_inconclusive=d.get("slo_inconclusive") or "abort",
+            offline=str(d.get("offline") or DEFAULT_OFFLINE),
         )
 
     def backoff(self, attempt: int) -> float:
@@ -125,6 +136,14 @@ class RolloutPolicy:
                 f"judge {' and '.join(self.slos)}; not enough data: {self.slo_inconclusive}"
             )
         return "; ".join(parts)
+
+    @property
+    def offline_text(self) -> str:
+        return {
+            "wait": "wait (waited for up to the wave timeout, then left to the release)",
+            "skip": "skip (no command; left to converge through the release)",
+            "fail": "fail (TIMED_OUT at the wave timeout, a failure)",
+        }[self.offline]
 
 
 def parse_abort_on(spec: str) -> tuple[AbortCriterion, ...]:
@@ -195,6 +214,7 @@ def make_policy(
     bake: str | None = None,
     bake_max: str | None = None,
     slo_inconclusive: str = "abort",
+    offline: str = DEFAULT_OFFLINE,
     now: float,
 ) -> RolloutPolicy:
     if min_finished < 0:
@@ -207,6 +227,8 @@ def make_policy(
         raise PolicyError("--retry-backoff must be 0 or more")
     if max_per_minute is not None and not 1 <= max_per_minute <= MAX_PER_MINUTE:
         raise PolicyError(f"--max-per-minute {max_per_minute} is not within 1..{MAX_PER_MINUTE}")
+    if offline not in OFFLINE_MODES:
+        raise PolicyError(f"--offline {offline!r}: use one of {', '.join(OFFLINE_MODES)}")
     return RolloutPolicy(
         abort_on=parse_abort_on(abort_on),
         min_finished=min_finished,
@@ -218,6 +240,7 @@ def make_policy(
         retry_on=parse_retry_on(retry_on) if retries else (),
         retry_backoff=retry_backoff,
         **_slo_policy(slos, bake, bake_max, slo_inconclusive),
+        offline=offline,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from controller.db import Database
 from controller.db import is_disk_full as is_disk_full  # re-exported: the CLI's checks
 from controller.db.migrations import AddColumn, Step, migrate
-from controller.rollout_policy import RolloutPolicy
+from controller.rollout_policy import OFFLINE_CODE, RolloutPolicy
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
 # Assignment states besides the agent's job states (docs/protocol.md).
@@ -84,6 +84,19 @@ def disk_nearly_full(db: Path) -> int | None:
     except OSError:
         return None
     return free if free < NEARLY_FULL_BYTES else None
+
+
+def rollouts_in_flight(conn: Database) -> dict[tuple[str, str], str]:
+    """(device, model) -> id of an unfinished deploy or rollback rollout that holds it
+    (a read-only connection; none before the first rollout)."""
+    if not conn.columns("assignments"):
+        return {}
+    rows = conn.execute(
+        "SELECT a.device_id, r.model, r.id FROM assignments a JOIN rollouts r ON "
+        "a.rollout_id = r.id WHERE r.state NOT IN ('succeeded', 'aborted') "
+        "AND r.kind IN ('deploy', 'rollback')"
+    ).fetchall()
+    return {(d, m): rid for d, m, rid in rows}
 
 
 def rollout_state_counts(
@@ -362,12 +375,15 @@ class RolloutSummary:
     offline_pending: list[str] = field(default_factory=list)
     not_judged: list[dict[str, Any]] = field(default_factory=list)
     slo_verdicts: list[dict[str, Any]] = field(default_factory=list)
+    # --offline wait|skip: offline devices the waves left to converge through the release.
+    left_to_release: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "slo_verdicts": self.slo_verdicts,
             "offline_pending": self.offline_pending,
             "not_judged": self.not_judged,
+            "left_to_release": self.left_to_release,
             "rollout": self.rollout.to_dict(),
             "waves": [w.__dict__ for w in self.waves],
             "assigned": self.assigned,
@@ -700,6 +716,7 @@ class RolloutStore:
                 for a in assigned
                 if a.not_judged
             ],
+            left_to_release=[a.device_id for a in assignments if a.code == OFFLINE_CODE],
         )
 
     # -- writes ------------------------------------------------------------------------
@@ -1042,6 +1059,19 @@ class RolloutStore:
                 ],
             )
         return ids
+
+    def leave_to_release(self, rollout_id: str, device_ids: list[str], reason: str) -> None:
+        """--offline wait|skip: offline devices end CANCELED (not a failure), code
+        `offline`: they converge through the release the rollout sets when it completes."""
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=?",
+                [
+                    (JobState.CANCELED.value, reason, OFFLINE_CODE, time.time(), rollout_id, d)
+                    for d in device_ids
+                ],
+            )
 
     def time_out_stuck(
         self, rollout_id: str, wave: int, before: float, limit_s: float

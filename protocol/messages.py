@@ -454,6 +454,11 @@ class DesiredSummary(BaseModel):
         default_factory=dict,
         description="model -> why the groups' releases disagree (nothing is changed for it)",
     )
+    rollouts: dict[str, str] = Field(
+        default_factory=dict,
+        description="model -> the rollout whose command it follows over its desired state "
+        "(until a newer release or pins document arrives)",
+    )
 
 
 class DeviceFault(BaseModel):

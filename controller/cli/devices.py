@@ -1,4 +1,8 @@
-"""`jetfleet devices [--group G] [--output json]`: the fleet, from retained status.
+"""`jetfleet devices [--group G] [--drift] [--output json]`: the fleet, from retained status.
+
+`--drift` lists the robots not on their desired versions and why (controller/drift.py):
+the desired state is read from the releases and pins the broker holds now (or, with the
+broker unreachable, the ones this controller last signed).
 
 A device whose clock is off by more than a minute is flagged: every signed command it
 gets then fails (expired, or issued in the future). The skew is measured from its newest
@@ -20,12 +24,17 @@ from rich.table import Table
 
 from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
 from controller.db import DB_ERRORS
+from controller.drift import DeviceView, Drift, device_drift, released
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.registry import DeviceRecord, Registry, sync_from_broker
+from controller.releases import ReleaseError, decode, read_retained
+from controller.rollout_store import rollouts_in_flight
 from controller.settings import ControllerSettings
 from controller.telemetry_store import TelemetryStore, TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
+from protocol.messages import DesiredSummary
+from protocol.release import Pins, Release
 from protocol.topics import Topics
 from protocol.transport import TransportConfigError
 
@@ -190,9 +199,74 @@ def devices_table(
     return table
 
 
+def desired_documents(
+    s: ControllerSettings, registry: Registry, stale: bool
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """group -> model -> version of the releases, device -> its pins: retained on the
+    broker, or what this controller last signed when the broker cannot be read."""
+    if not stale:
+        try:
+            groups: dict[str, dict[str, str]] = {}
+            pins: dict[str, dict[str, str]] = {}
+            options, topics = mqtt_options(s), Topics(s.prefix)
+            for filt in (f"{s.prefix}/groups/+/release", f"{s.prefix}/devices/+/pins"):
+                for payload in read_retained(options, topics, filt).values():
+                    doc = decode(Release, payload) or decode(Pins, payload)
+                    versions = {n: m.version for n, m in (doc.models if doc else {}).items()}
+                    if isinstance(doc, Release):
+                        groups[doc.group] = versions
+                    elif isinstance(doc, Pins):
+                        pins[doc.device] = versions
+            return groups, pins
+        except ReleaseError as e:
+            typer.echo(f"jetfleet: {e.reason}; drift against the releases signed here", err=True)
+    g, p = released(registry.conn)
+    return g, {k: dict(v) for k, v in p.items()}
+
+
+def _view(d: DeviceRecord) -> DeviceView:
+    job = d.job or {}
+    return DeviceView(
+        id=d.id,
+        groups=d.groups,
+        online=d.online,
+        last_seen=d.last_seen,
+        active={n: str(slot["active"]) for n, slot in d.models.items() if slot.get("active")},
+        job_model=job.get("model"),
+        job_state=job.get("state"),
+        desired=DesiredSummary.model_validate(d.desired) if d.desired else None,
+    )
+
+
+def fleet_drift(
+    s: ControllerSettings, registry: Registry, records: list[DeviceRecord], stale: bool
+) -> list[Drift]:
+    groups, pins = desired_documents(s, registry, stale)
+    held = rollouts_in_flight(registry.conn)
+    out: list[Drift] = []
+    for d in records:
+        mine = {m: rid for (dev, m), rid in held.items() if dev == d.id}
+        out += device_drift(_view(d), groups, pins.get(d.id, {}), mine)
+    return out
+
+
+def drift_table(drifts: list[Drift]) -> Table:
+    table = Table(title=f"{len(drifts)} drifted (device, model)", title_justify="left")
+    for col in ("device", "groups", "model", "runs", "desired", "why", "detail"):
+        table.add_column(col)
+    for x in drifts:
+        detail = x.detail + (f" (since {ago(x.since)})" if x.since is not None else "")
+        table.add_row(x.device, ",".join(x.groups) or "-", x.model, x.active or "-",
+                      x.want or "-", x.reason, detail)  # fmt: skip
+    return table
+
+
 def devices(
     ctx: typer.Context,
     group: str | None = typer.Option(None, "--group", help="only devices in this group"),
+    drift: bool = typer.Option(
+        False, "--drift", help="only robots not on their desired versions, and why"
+    ),
     timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the broker"),
     output: Output = OutputOption,
 ) -> None:
@@ -212,6 +286,13 @@ def devices(
         stale = "broker unreachable"
         typer.echo(f"jetfleet: {e}; showing the last known state", err=True)
     records = registry.devices(group)
+    if drift:
+        drifts = fleet_drift(s, registry, records, stale is not None)
+        if output is Output.json:
+            print_json([x.to_dict() for x in drifts])
+        else:
+            Console().print(drift_table(drifts))
+        raise typer.Exit(EXIT_FAILED if stale else 0)
     skews = clock_skews(s, records, time.time())
     if output is Output.json:
         print_json(

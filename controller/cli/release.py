@@ -9,15 +9,12 @@ broker's retained copy and this controller's history, plus one.
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import typer
 
+from controller import releases
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_VERIFY,
@@ -29,14 +26,15 @@ from controller.cli.common import (
 )
 from controller.cli.devices import configure_cli_logging, mqtt_options, open_registry
 from controller.cli.rollout import BundleConflictError, choose_bundle_url, keyset, publish_bundle
-from controller.mqtt import ControllerMqtt, MqttError
+from controller.mqtt import ControllerMqtt
 from controller.release_store import ReleaseStore
+from controller.releases import Build, ReleaseError, ReleaseSite, decode
 from controller.settings import ControllerSettings
 from protocol.bundle import bundle_filename, verify_bundle
-from protocol.dsse import Envelope
 from protocol.errors import ProtocolError, VerificationError
+from protocol.fsio import sha256_file
 from protocol.ids import validate_id, validate_semver
-from protocol.release import DesiredModel, Pins, Release, sign_release
+from protocol.release import DesiredModel, Pins, Release
 from protocol.topics import Topics
 from protocol.transport import TransportConfigError
 
@@ -48,76 +46,28 @@ UrlOption = typer.Option(None, "--bundle-url", help="where devices fetch it")
 
 
 # -- broker ----------------------------------------------------------------------------
-def _client(s: ControllerSettings) -> ControllerMqtt:
+def site(s: ControllerSettings) -> ReleaseSite:
+    """The broker, history and operator key(s) the release commands work with."""
     try:
-        return ControllerMqtt(mqtt_options(s))
+        ControllerMqtt(mqtt_options(s))  # TLS settings are checked on construction
     except TransportConfigError as e:
         fail(f"TLS settings: {e.reason}")
+    return ReleaseSite(mqtt_options(s), Topics(s.prefix), _history(s), [keyset(s).operator])
 
 
-def read_retained(s: ControllerSettings, topic: str, timeout: float = 10.0) -> dict[str, bytes]:
-    """The retained messages on `topic` (a filter may hold +): topic -> payload. A marker
-    published after the subscription arrives after them (see sync_from_broker)."""
-    marker = f"{Topics(s.prefix).prefix}/controller/sync/{uuid.uuid4().hex}"
-    got: dict[str, bytes] = {}
-    done = threading.Event()
-
-    def on_message(t: str, payload: bytes, retained: bool) -> None:
-        if t == marker:
-            done.set()
-        elif payload:
-            got[t] = payload
-
-    try:
-        with _client(s).connect(timeout=timeout) as m:
-            m.set_handler(on_message)
-            m.subscribe([marker, topic], timeout=timeout)
-            m.publish(marker, b"sync", qos=1)
-            done.wait(timeout)
-    except MqttError as e:
-        fail(f"broker {s.broker}: {e}", EXIT_FAILED)
-    return got
-
-
-def publish_retained(s: ControllerSettings, topic: str, payload: bytes) -> None:
-    try:
-        with _client(s).connect() as m:
-            m.publish(topic, payload, qos=1, retain=True)
-    except MqttError as e:
-        fail(f"broker {s.broker}: {e}", EXIT_FAILED)
-
-
-def _decode(cls: type[Release] | type[Pins], payload: bytes) -> Release | Pins | None:
-    """A retained document, read without verifying it (the devices verify)."""
-    try:
-        return cls.decode(Envelope.decode(payload).payload_bytes())
-    except ProtocolError:
-        return None
-
-
-# -- history ---------------------------------------------------------------------------
 def _history(s: ControllerSettings) -> ReleaseStore:
     return ReleaseStore(open_registry(s).conn)
 
 
-def _record(s: ControllerSettings, scope: str, doc: Release | Pins, envelope: bytes) -> None:
-    models = {n: m.model_dump() for n, m in doc.models.items()}
-    _history(s).record(scope, doc.version, doc.issued_at.isoformat(), models, envelope)
-
-
-def _last_version(s: ControllerSettings, scope: str) -> int:
-    return _history(s).last_version(scope)
+def read_retained(s: ControllerSettings, topic: str, timeout: float = 10.0) -> dict[str, bytes]:
+    """The retained messages on `topic` (a filter may hold +): topic -> payload."""
+    try:
+        return releases.read_retained(mqtt_options(s), Topics(s.prefix), topic, timeout)
+    except ReleaseError as e:
+        fail(e.reason, EXIT_FAILED)
 
 
 # -- documents -------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def publish(s: ControllerSettings, bundle: Path, model: str, version: str) -> None:
     """Verify BUNDLE is MODEL VERSION, signed by the release role, and publish it."""
     try:
@@ -154,22 +104,18 @@ def published_model(
     if not path.is_file():
         fail(f"{model} {version} is not published: no {path} (pass --bundle FILE)")
     url, _why = choose_bundle_url(s, path, bundle_url)
-    return DesiredModel(version=version, sha256=_sha256(path), url=url, size=path.stat().st_size)
+    return DesiredModel(
+        version=version, sha256=sha256_file(path), url=url, size=path.stat().st_size
+    )
 
 
 def _publish(
-    s: ControllerSettings,
-    scope: str,
-    topic: str,
-    current: Release | Pins | None,
-    build: Any,
+    s: ControllerSettings, scope: str, topic: str, current: Release | Pins | None, build: Build
 ) -> Release | Pins:
-    version = max(current.version if current else 0, _last_version(s, scope)) + 1
-    doc = build(version, datetime.now(timezone.utc))
-    envelope = sign_release(doc, [keyset(s).operator]).encode()
-    publish_retained(s, topic, envelope)
-    _record(s, scope, doc, envelope)
-    return doc
+    try:
+        return releases.publish_document(site(s), scope, topic, current, build)
+    except ReleaseError as e:
+        fail(e.reason, EXIT_FAILED)
 
 
 def _show(doc: Release | Pins, scope: str, output: Output) -> None:
@@ -200,16 +146,11 @@ def release_set(
     except ProtocolError as e:
         fail(e.reason)
     want = published_model(s, model, version, bundle_url, bundle)
-    topic = Topics(s.prefix).group_release(group)
-    current = _decode(Release, read_retained(s, topic).get(topic, b""))
-    models = {**(current.models if current else {}), model: want}
-    doc = _publish(
-        s,
-        f"group:{group}",
-        topic,
-        current,
-        lambda v, at: Release.new(group=group, version=v, issued_at=at, models=models),
-    )
+    try:
+        doc = releases.set_group_release(site(s), group, model, want)
+    except ReleaseError as e:
+        fail(e.reason, EXIT_FAILED)
+    assert doc is not None
     _show(doc, f"group {group}", output)
 
 
@@ -224,7 +165,7 @@ def release_retry(
     configure_cli_logging()
     s = settings(ctx)
     topic = Topics(s.prefix).group_release(group)
-    current = _decode(Release, read_retained(s, topic).get(topic, b""))
+    current = decode(Release, read_retained(s, topic).get(topic, b""))
     if not isinstance(current, Release):
         fail(f"group {group} has no release on the broker (see `jetfleet release set`)")
     doc = _publish(
@@ -251,7 +192,7 @@ def release_show(
     topics = Topics(s.prefix)
     topic = topics.group_release(group) if group else f"{s.prefix}/groups/+/release"
     found = read_retained(s, topic)
-    docs = [d for d in (_decode(Release, p) for p in found.values()) if isinstance(d, Release)]
+    docs = [d for d in (decode(Release, p) for p in found.values()) if isinstance(d, Release)]
     if output is Output.json:
         print_json([d.to_dict() for d in sorted(docs, key=lambda d: d.group)])
         return
@@ -285,7 +226,7 @@ def _pins(s: ControllerSettings, device: str) -> tuple[str, Pins | None]:
     except ProtocolError as e:
         fail(e.reason)
     topic = Topics(s.prefix).device_pins(device)
-    current = _decode(Pins, read_retained(s, topic).get(topic, b""))
+    current = decode(Pins, read_retained(s, topic).get(topic, b""))
     return topic, current if isinstance(current, Pins) else None
 
 

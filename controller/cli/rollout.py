@@ -60,7 +60,13 @@ from controller.rollout import (
     promote,
     resume_state,
 )
-from controller.rollout_policy import PolicyError, RolloutPolicy, format_time, make_policy
+from controller.rollout_policy import (
+    DEFAULT_OFFLINE,
+    PolicyError,
+    RolloutPolicy,
+    format_time,
+    make_policy,
+)
 from controller.rollout_store import (
     ABORTED,
     FINISHED,
@@ -264,6 +270,14 @@ def render(summary: RolloutSummary) -> Group:
     if r.policy.describe():
         parts.append(Text(f"policy: {r.policy.describe()}"))
     parts.extend(slo_lines(summary.slo_verdicts))
+    parts.append(Text(f"offline robots: {r.policy.offline_text}"))
+    if summary.left_to_release:
+        parts.append(
+            Text(
+                "offline, left to converge through the release: " + _names(summary.left_to_release),
+                style="yellow",
+            )
+        )
     if r.state == "waiting_approval":
         parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
     if r.state == "scheduled" and r.policy.start_at is not None:
@@ -631,6 +645,12 @@ def start(
     slo_inconclusive: str = typer.Option(
         "abort", "--slo-inconclusive", help="still not enough data at --bake-max: abort|continue"
     ),
+    offline: str = typer.Option(
+        DEFAULT_OFFLINE,
+        "--offline",
+        help="a robot offline when its wave starts: wait (up to the wave timeout, then left "
+        "to the release), skip (no command; left to the release), fail (TIMED_OUT)",
+    ),
     allow_unseen: bool = AllowUnseenOption,
     output: Output = OutputOption,
 ) -> None:
@@ -653,6 +673,7 @@ def start(
             bake=bake,
             bake_max=bake_max,
             slo_inconclusive=slo_inconclusive,
+            offline=offline,
             now=time.time(),
         )
     except PolicyError as e:

@@ -427,6 +427,8 @@ def test_offline_targets_are_named_at_start_and_time_out_with_their_wave(
             "2",
             "--max-failure-rate",
             "0.5",
+            "--offline",
+            "fail",
             "--wait",
             "--output",
             "json",
@@ -435,6 +437,42 @@ def test_offline_targets_are_named_at_start_and_time_out_with_their_wave(
         assert out.returncode == 0, out.stderr
         states = {d["device_id"]: d["state"] for d in json.loads(out.stdout)["devices"]}
         assert states == {"robot-0000": "SUCCEEDED", "robot-0001": "TIMED_OUT"}
+
+
+@pytest.mark.parametrize("mode", ["wait", "skip"])
+def test_an_offline_robot_is_left_to_the_release_not_failed_unless_offline_fail(
+    mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], bundle: Path, mode: str
+) -> None:
+    with SimFleet(mosquitto.url, keys.trust, make_devices(2)) as fleet:
+        fleet.disconnect_device("robot-0001")
+
+        def offline_seen() -> bool:
+            out = run_cli(env, "devices", "--output", "json")
+            return [d["online"] for d in json.loads(out.stdout)] == [True, False]
+
+        wait_until(offline_seen, timeout=15, what="the will message")
+        # --max-failure-rate 0: one failure would abort the rollout.
+        args = ["--waves", "100%", "--wave-timeout", "2", "--max-failure-rate", "0"]
+        if mode != "wait":  # wait is the default
+            args += ["--offline", mode]
+        out = run_cli(env, "rollout", "start", str(bundle), "--target", "all", *args,
+                      "--wait", "--output", "json")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        devices = {d["device_id"]: d for d in data["devices"]}
+        assert devices["robot-0000"]["state"] == "SUCCEEDED"
+        assert (devices["robot-0001"]["state"], devices["robot-0001"]["code"]) == (
+            "CANCELED",
+            "offline",
+        )
+        assert f"--offline {mode}" in devices["robot-0001"]["reason"]
+        # skip sends it nothing; wait sent the deploy and a cancel behind it.
+        assert (devices["robot-0001"]["command_id"] is None) == (mode == "skip")
+        assert data["left_to_release"] == ["robot-0001"]
+        assert data["rollout"]["policy"]["offline"] == mode
+        shown = run_cli(env, "rollout", "status").stdout
+        assert f"offline robots: {mode}" in shown
+        assert "left to converge through the release: robot-0001" in shown
 
 
 def test_a_second_rollout_on_devices_a_paused_one_still_drives_is_refused_unless_forced(

@@ -1,0 +1,120 @@
+"""A rollout and the fleet's desired state (issue 13), as an operator runs them: `jetfleet`
+subprocesses, a real Mosquitto, real agents. While a rollout drives a robot the robot
+follows it, not its group's older release; a rollout that completes becomes the group's
+release, so a robot that was off through it catches up when it starts, with no
+controller process running; an aborted one leaves the release where it was."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.keystore import init_keys
+from protocol.messages import DeviceStatus
+from tests.agent.harness import AgentProcess, EventCollector, build_bundle, write_agent_config
+from tests.controller.fleet import cli_env, run_cli, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    out = run_cli(env, *args)
+    assert out.returncode == 0, out.stderr
+    return str(out.stdout)
+
+
+def on(version: str):  # type: ignore[no-untyped-def]
+    def ok(s: DeviceStatus) -> bool:
+        slot = s.models.get("detector")
+        return s.online and slot is not None and slot.active == version and s.job is None
+
+    return ok
+
+
+def rollout(env: dict[str, str], rid: str) -> dict[str, Any]:
+    return dict(json.loads(cli(env, "rollout", "status", rid, "--output", "json")))
+
+
+def back_to_1(events: EventCollector) -> list[Any]:
+    return [e for e in events.events if e.origin == "release" and e.version == "1.0.0"]
+
+
+def drift(env: dict[str, str]) -> dict[str, tuple[str, str, str]]:
+    """device -> (why, runs, desired) from `jetfleet devices --drift`."""
+    rows = json.loads(cli(env, "devices", "--drift", "--output", "json"))
+    return {r["device"]: (r["reason"], r["active"], r["want"]) for r in rows}
+
+
+def group_release(env: dict[str, str]) -> tuple[int, str]:
+    (doc,) = json.loads(cli(env, "release", "show", "--group", "lab", "--output", "json"))
+    return doc["version"], doc["models"]["detector"]["version"]
+
+
+def test_a_robot_off_during_a_rollout_catches_up_through_the_release_it_sets(
+    tmp_path: Path, mosquitto
+) -> None:
+    keys = init_keys(tmp_path / "keys")
+    env = cli_env(tmp_path, mosquitto.url, tmp_path / "keys")
+    b = {v: build_bundle(tmp_path / "build", keys.release, version=v) for v in ("1.0.0", "2.0.0")}
+    trust = tmp_path / "trust.json"
+    trust.write_bytes(keys.trust_envelope)
+    cfg = {
+        d: write_agent_config(
+            tmp_path / d / "agent.toml",
+            device_id=d,
+            groups=["lab"],
+            broker_url=mosquitto.url,
+            data_dir=tmp_path / d / "data",
+            trust_root=trust,
+            health="true",
+            extra={"desired": {"jitter_s": 0.3}},
+        )
+        for d in ("robot-1", "robot-2")
+    }
+    cli(env, "release", "set", "detector", "1.0.0", "--group", "lab", "--bundle", str(b["1.0.0"]))
+    with (
+        EventCollector(mosquitto.url, "robot-1") as ev1,
+        EventCollector(mosquitto.url, "robot-2") as ev2,
+        AgentProcess(cfg["robot-1"]) as robot1,
+    ):
+        with AgentProcess(cfg["robot-2"]):
+            ev1.wait_status(on("1.0.0"), timeout=90)
+            ev2.wait_status(on("1.0.0"), timeout=90)
+        ev2.wait_status(lambda s: not s.online, timeout=30)  # robot-2 is off from here on
+        converged_before = len(back_to_1(ev1))
+        out = cli(env, "rollout", "start", str(b["2.0.0"]), "--target", "group:lab",
+                  "--canary", "robot-1", "--waves", "1,100%", "--approve-waves",
+                  "--wave-timeout", "120", "--offline", "skip", "--output", "json")  # fmt: skip
+        rid = json.loads(out)["rollout"]["id"]
+        wait_until(lambda: rollout(env, rid)["rollout"]["state"] == "waiting_approval", 90,
+                   "the canary wave")  # fmt: skip
+        # The canary runs the rollout's version; its group's release still says 1.0.0.
+        s = ev1.wait_status(on("2.0.0"), timeout=30)
+        time.sleep(2.0)  # past the convergence jitter and a settle round
+        s = ev1.wait_status(lambda s: s.online and s.desired is not None, timeout=10)
+        assert s.models["detector"].active == "2.0.0", robot1.log()[-2000:]
+        assert s.desired is not None and s.desired.rollouts == {"detector": rid}
+        assert len(back_to_1(ev1)) == converged_before  # no convergence back to 1.0.0
+        assert group_release(env) == (1, "1.0.0")
+        assert drift(env) == {"robot-1": ("in_rollout", "2.0.0", "1.0.0")}
+        cli(env, "rollout", "promote", rid)
+        wait_until(lambda: rollout(env, rid)["rollout"]["state"] == "succeeded", 60,
+                   "the rollout's end")  # fmt: skip
+        done = rollout(env, rid)
+        assert done["left_to_release"] == ["robot-2"]
+        assert group_release(env) == (2, "2.0.0")
+        assert drift(env) == {"robot-2": ("offline", "1.0.0", "2.0.0")}
+        # No controller process runs now; robot-2 comes back and converges on its own.
+        with AgentProcess(cfg["robot-2"]) as robot2:
+            s2 = ev2.wait_status(on("2.0.0"), timeout=90)
+            assert s2.desired is not None and s2.desired.releases == {"lab": 2}, robot2.log()[
+                -2000:
+            ]
+            assert drift(env) == {}
+            assert [e.state.value for e in ev2.events
+                    if e.origin == "release" and e.version == "2.0.0" and e.state.terminal
+                    ] == ["SUCCEEDED"]  # fmt: skip
