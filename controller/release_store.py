@@ -12,6 +12,7 @@ from typing import Any
 
 from controller.db import Database
 from controller.db.migrations import Step, migrate
+from protocol.release import Pins, Release
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS release_history (
@@ -45,15 +46,14 @@ class ReleaseStore:
         self.conn = Database.wrap(conn)
         migrate(self.conn, "releases", self.MIGRATIONS)
 
-    def record(
-        self, scope: str, version: int, issued_at: str, models: dict[str, Any], envelope: bytes
-    ) -> None:
+    def record(self, scope: str, doc: Release | Pins, envelope: bytes) -> None:
         """Store a signed document; the same scope and version again replaces it."""
+        models = {n: m.model_dump() for n, m in doc.models.items()}
         self.conn.execute(
             "INSERT INTO release_history (scope, version, issued_at, models, envelope) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, version) DO UPDATE SET "
             "issued_at=excluded.issued_at, models=excluded.models, envelope=excluded.envelope",
-            (scope, version, issued_at, json.dumps(models), envelope),
+            (scope, doc.version, doc.issued_at.isoformat(), json.dumps(models), envelope),
         )
 
     def last_version(self, scope: str) -> int:

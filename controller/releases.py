@@ -108,8 +108,7 @@ def publish_document(
     doc = build(version, datetime.now(timezone.utc))
     envelope = sign_release(doc, site.operator_keys).encode()
     publish_retained(site.options, topic, envelope)
-    models = {n: m.model_dump() for n, m in doc.models.items()}
-    site.history.record(scope, doc.version, doc.issued_at.isoformat(), models, envelope)
+    site.history.record(scope, doc, envelope)
     return doc
 
 

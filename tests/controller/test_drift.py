@@ -3,16 +3,16 @@ and the Prometheus gauge of them per group and model (controller/metrics.py)."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.db import open_database
 from controller.drift import DeviceView, device_drift, wanted
 from controller.metrics import FleetCollector, make_registry
-from controller.releases import record_document
+from controller.release_store import ReleaseStore
 from protocol.messages import DesiredSummary, DeviceStatus, HeldBack, ModelSlot
 from protocol.release import DesiredModel, Pins, Release
 
@@ -62,15 +62,16 @@ def test_groups_that_disagree_are_a_conflict_unless_a_pin_decides() -> None:
 
 def test_the_gauge_counts_drifted_robots_per_group_and_model(tmp_path: Path) -> None:
     ctl = tmp_path / "controller.db"
-    conn = sqlite3.connect(ctl)
+    conn = open_database(ctl)
+    history = ReleaseStore(conn)
     now = datetime.now(timezone.utc)
     m = {v: DesiredModel(version=v, sha256="b" * 64, url="http://x/b.jfb", size=1)
          for v in ("1.0.0", "2.0.0")}  # fmt: skip
     for v, version in ((1, "1.0.0"), (2, "2.0.0")):
         doc = Release.new(group="lab", version=v, issued_at=now, models={"detector": m[version]})
-        record_document(conn, "group:lab", doc, b"-")
+        history.record("group:lab", doc, b"-")
     pin = Pins.new(device="robot-3", version=1, issued_at=now, models={"detector": m["1.0.0"]})
-    record_document(conn, "device:robot-3", pin, b"-")
+    history.record("device:robot-3", pin, b"-")
     conn.close()
 
     def status(device: str, version: str, online: bool = True) -> DeviceStatus:

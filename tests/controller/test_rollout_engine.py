@@ -13,6 +13,7 @@ from rich.console import Console
 from controller.cli.rollout import render
 from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
+from controller.rollout_policy import RolloutPolicy
 from controller.rollout_store import ABORTED, PENDING, SUCCEEDED, DevicesHeldError
 from protocol.messages import JobState
 
@@ -436,7 +437,14 @@ def test_abort_cancels_timed_out_devices_so_one_that_returns_never_installs_the_
             lambda: harness.sync() >= 0 and not harness.registry.get("robot-0001").online,  # type: ignore[union-attr]
             what="the will message",
         )
-        rid = harness.create(sorted(fleet.devices), waves_spec="100%", wave_timeout=3.0)
+        # --offline fail: the absent robot counts as TIMED_OUT (the default leaves it to
+        # the release; either way its queued deploy gets a cancel behind it).
+        rid = harness.create(
+            sorted(fleet.devices),
+            waves_spec="100%",
+            wave_timeout=3.0,
+            policy=RolloutPolicy(offline="fail"),
+        )
         result = harness.drive(rid)
         assert result.state == ABORTED
         a = {x.device_id: x for x in harness.store.assignments(rid)}

@@ -59,7 +59,7 @@ def test_scheduled_paced_rollout_keeps_its_policy_when_resumed_after_kill_9_of_i
         out = run_cli(
             env, "rollout", "start", str(bundle), "--target", "all", "--waves", "exp:1x2",
             "--abort-on", "ROLLED_BACK>30%,FAILED+REJECTED>10%", "--min-finished", "2",
-            "--max-per-minute", "60", "--start-at", "+5s", "--output", "json",
+            "--max-per-minute", "60", "--start-at", "+12s", "--output", "json",
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         started = json.loads(out.stdout)
@@ -73,7 +73,7 @@ def test_scheduled_paced_rollout_keeps_its_policy_when_resumed_after_kill_9_of_i
         assert "policy: abort on ROLLED_BACK>30%,FAILED+REJECTED>10%; no abort before 2 " in shown
         assert "at most 60 commands/min" in shown
 
-        wait_until(lambda: len(counter.arrivals) == 1, timeout=15, what="the first command")
+        wait_until(lambda: len(counter.arrivals) == 1, timeout=30, what="the first command")
         os.kill(driver, signal.SIGKILL)
         out = run_cli(env, "rollout", "resume", rid, "--wait", "--output", "json")
         assert out.returncode == 0, out.stdout + out.stderr
