@@ -64,7 +64,7 @@ def serve(
         MAX_CONNECTIONS,
         "--max-connections",
         min=1,
-        help="HTTP connections served at once (one thread each); more get 503",
+        help="HTTP connections open at once; more get 503 + Retry-After",
     ),
 ) -> None:
     """Run telemetry ingestion, bundle hosting over HTTP and the Prometheus endpoint."""
