@@ -37,6 +37,9 @@ from controller.ingest import IngestPool
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
+
+    from controller.settings import ControllerSettings
+from protocol.errors import CodedError
 from protocol.fsio import write_atomic
 
 log = structlog.get_logger(__name__)
@@ -265,6 +268,27 @@ class ServeConfig:
     ingest_workers: int = 1
     idle_timeout_s: float = IDLE_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
+    # The web console on the HTTP port (docs/console.md): beyond loopback only with a token.
+    console: bool = True
+    token: str | None = None
+    actions: ControllerSettings | None = None  # settings holding the operator key
+    console_poll_s: float = 1.0
+
+
+class ConsoleTokenError(CodedError):
+    code = "console_token"
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_console_exposure(cfg: ServeConfig) -> None:
+    """The console shows the whole fleet: listening beyond loopback needs a token."""
+    if cfg.console and cfg.token is None and cfg.host not in LOOPBACK:
+        raise ConsoleTokenError(
+            f"listening on {cfg.host or '*'} serves the console to the network: give it a "
+            "token (--token or JETFLEET_CONSOLE_TOKEN), listen on 127.0.0.1, or --no-console"
+        )
 
 
 class JetfleetServer:
@@ -283,19 +307,11 @@ class JetfleetServer:
 
         cfg = self.cfg
         cfg.bundle_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.ingest:
-            self.ingester = IngestPool(
-                cfg.ingest_workers,
-                cfg.telemetry_db,
-                cfg.broker,
-                protocol=cfg.protocol,
-                share_group=cfg.share_group,
-                prefix=cfg.prefix,
-                ca=cfg.ca,
-                cert=cfg.cert,
-                key=cfg.key,
-            )
-            self.ingester.start()
+        ingester = self._make_ingester()  # checks its options first: a usage error
+        check_console_exposure(cfg)
+        if ingester is not None:
+            self.ingester = ingester
+            ingester.start()
         ing = self.ingester
         collector = FleetCollector(
             cfg.telemetry_db,
@@ -305,7 +321,7 @@ class JetfleetServer:
         )
         registry = make_registry(collector)
         try:
-            self.http = self._http_server(cfg.http_port, cfg.bundle_dir, registry)
+            self.http = self._http_server(cfg.http_port, cfg.bundle_dir, registry, console=True)
             self.http.start()
             metrics_port = self.http.port
             if cfg.metrics_port is not None and cfg.metrics_port != cfg.http_port:
@@ -333,17 +349,51 @@ class JetfleetServer:
         )
         return self.state
 
-    def _http_server(
-        self, port: int, bundle_dir: Path | None, registry: CollectorRegistry
-    ) -> JetfleetHTTPServer:
-        server = JetfleetHTTPServer(
-            (self.cfg.host, port),
-            bundle_dir=bundle_dir,
-            registry=registry,
-            idle_timeout_s=self.cfg.idle_timeout_s,
-            max_connections=self.cfg.max_connections,
+    def _make_ingester(self) -> IngestPool | None:
+        cfg = self.cfg
+        if not cfg.ingest:
+            return None
+        return IngestPool(
+            cfg.ingest_workers,
+            cfg.telemetry_db,
+            cfg.broker,
+            protocol=cfg.protocol,
+            share_group=cfg.share_group,
+            prefix=cfg.prefix,
+            ca=cfg.ca,
+            cert=cfg.cert,
+            key=cfg.key,
         )
-        return server
+
+    def _http_server(
+        self,
+        port: int,
+        bundle_dir: Path | None,
+        registry: CollectorRegistry,
+        *,
+        console: bool = False,
+    ) -> JetfleetHTTPServer:
+        from controller.console.app import ConsoleConfig, make_app
+
+        cfg = self.cfg
+        console_cfg = None
+        if console and cfg.console:
+            console_cfg = ConsoleConfig(
+                controller_db=cfg.controller_db,
+                telemetry_db=cfg.telemetry_db,
+                token=cfg.token,
+                actions=cfg.actions,
+                poll_s=cfg.console_poll_s,
+            )
+        bundles = Path(bundle_dir).resolve() if bundle_dir is not None else None
+        return JetfleetHTTPServer(
+            (cfg.host, port),
+            bundle_dir=bundles,
+            registry=registry,
+            idle_timeout_s=cfg.idle_timeout_s,
+            max_connections=cfg.max_connections,
+            app=make_app(bundle_dir=bundles, registry=registry, console=console_cfg),
+        )
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,28 @@ from controller.console.hosting import BundleHost, MetricsEndpoint, not_found
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
+    from controller.settings import ControllerSettings
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    controller_db: Path | None
+    telemetry_db: Path | None
+    token: str | None = None
+    actions: ControllerSettings | None = None  # settings holding the operator key
+    poll_s: float = 1.0
+
+
+def console_routes(cfg: ConsoleConfig) -> list[BaseRoute]:
+    from controller.console.api import Api, Guard
+    from controller.console.data import ConsoleData
+    from controller.console.live import Hub
+    from controller.console.pages import Pages
+
+    data = ConsoleData(cfg.controller_db, cfg.telemetry_db)
+    guard = Guard(cfg.token, cfg.actions)
+    return [*Api(data, Hub(data, cfg.poll_s), guard).routes(), *Pages(guard).routes()]
+
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     return not_found()
@@ -24,7 +47,7 @@ def make_app(
     *,
     bundle_dir: Path | None,
     registry: CollectorRegistry | None,
-    extra_routes: list[BaseRoute] | None = None,
+    console: ConsoleConfig | None = None,
 ) -> Starlette:
     routes: list[BaseRoute] = []
     if bundle_dir is not None:
@@ -33,5 +56,6 @@ def make_app(
         )
     if registry is not None:
         routes.append(Route("/metrics", MetricsEndpoint(registry).handle, methods=["GET"]))
-    routes.extend(extra_routes or [])
+    if console is not None:
+        routes.extend(console_routes(console))
     return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
