@@ -8,15 +8,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from controller.registry import Registry
 from controller.serve import JetfleetServer, ServeConfig
+from controller.telemetry_store import TelemetryStore, row_from_sample
 from protocol.messages import DeviceStatus, HardwareProfile, ModelSlot
+from protocol.telemetry import TelemetrySample
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -140,3 +145,44 @@ def test_a_token_guards_the_api(tmp_path: Path) -> None:
         assert act.status_code == 403 and "operator key" in act.json()["error"]
     finally:
         server.stop()
+
+
+def telemetry_rows(device: str, n: int) -> list[tuple[Any, ...]]:
+    """n samples, 5 s apart, ending now: load, temperature, power, memory, latency."""
+    now = time.time()
+    rows = []
+    for i in range(n):
+        sample = TelemetrySample.new(
+            device_id=device,
+            at=datetime.fromtimestamp(now - (n - i) * 5, timezone.utc),
+            uptime_s=100.0 + i * 5,
+            cpu={"percent": [20.0 + i % 7, 30.0], "load1": 1.5},
+            mem={"total": 8 << 30, "used": (3 << 30) + i * (1 << 20), "available": 4 << 30},
+            temps={"cpu": 45.0 + i % 5},
+            gpu={"source": "tegrastats", "load_pct": 40.0 + i % 11, "temp_c": 50.0,
+                 "power_mw": {"VDD_IN": 9000.0 + 50 * i}},
+            models={"detector": {"version": "1.0.0", "p50_ms": 8.0 + i % 3, "p99_ms": 14.0,
+                                 "count": 100}},
+        )  # fmt: skip
+        rows.append(row_from_sample(sample, sample.encode().decode()))
+    return rows
+
+
+def test_robot_page_draws_charts_from_stored_telemetry(served, page, tmp_path: Path) -> None:
+    base, _ = served
+    store = TelemetryStore(tmp_path / "telemetry.db")
+    store.insert_batch(telemetry_rows("robot-01", 60))
+    page.goto(base + "/robots/robot-01")
+    page.wait_for_selector("body[data-ready='1']")
+    for title in ("CPU / GPU load (%)", "Power (W)", "Inference latency (ms)"):
+        page.wait_for_selector(f"div[data-chart='{title}'] canvas", timeout=10_000)
+    assert (
+        "detector@1.0.0 p50_ms"
+        in page.locator("div[data-chart='Inference latency (ms)']").inner_text()
+    )
+    # A new sample arrives: the chart takes it without a reload.
+    store.insert_batch(telemetry_rows("robot-01", 1))
+    page.wait_for_timeout(1500)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "robot.png"), full_page=True)
+    store.close()
