@@ -3,6 +3,10 @@ import { api, live, el, ago, stateClass } from "./common.js";
 
 const state = { q: "", group: "", online: "", drift: "", sort: "id", order: "asc",
   offset: 0, limit: 200 };
+// The first view can come from the address: /?group=site-1&limit=1000
+for (const [k, v] of new URLSearchParams(location.search)) {
+  if (k in state) state[k] = ["offset", "limit"].includes(k) ? Number(v) : v;
+}
 const rows = new Map();  // robot id -> <tr> on this page
 const tbody = document.querySelector("#robots tbody");
 const stats = document.querySelector("#stats");
