@@ -38,6 +38,30 @@ def latest_documents(conn: Database) -> dict[str, dict[str, Any]]:
     return {str(scope): json.loads(models) for scope, models in rows}
 
 
+def read_history(conn: Database, scope: str | None = None) -> list[dict[str, Any]]:
+    """Newest first: {scope, version, issued_at, models}; readable on a read-only
+    connection (none before the first release was set here)."""
+    if not conn.columns("release_history"):
+        return []
+    sql = "SELECT scope, version, issued_at, models FROM release_history"
+    args: tuple[str, ...] = ()
+    if scope is not None:
+        sql, args = sql + " WHERE scope=?", (scope,)
+    rows = conn.execute(sql + " ORDER BY issued_at DESC, version DESC", args).fetchall()
+    return [
+        {"scope": r[0], "version": r[1], "issued_at": r[2], "models": json.loads(r[3])}
+        for r in rows
+    ]
+
+
+def current_documents(conn: Database) -> dict[str, dict[str, Any]]:
+    """scope (group:NAME or device:ID) -> its newest document, as `read_history` gives."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in read_history(conn):
+        out.setdefault(e["scope"], e)
+    return out
+
+
 class ReleaseStore:
     # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
     MIGRATIONS: tuple[Step, ...] = (_SCHEMA,)
@@ -64,12 +88,4 @@ class ReleaseStore:
 
     def history(self, scope: str | None = None) -> list[dict[str, Any]]:
         """Newest first: {scope, version, issued_at, models}."""
-        sql = "SELECT scope, version, issued_at, models FROM release_history"
-        args: tuple[str, ...] = ()
-        if scope is not None:
-            sql, args = sql + " WHERE scope=?", (scope,)
-        rows = self.conn.execute(sql + " ORDER BY issued_at DESC, version DESC", args).fetchall()
-        return [
-            {"scope": r[0], "version": r[1], "issued_at": r[2], "models": json.loads(r[3])}
-            for r in rows
-        ]
+        return read_history(self.conn, scope)

@@ -4,11 +4,12 @@ Bundles: `GET|HEAD /bundles/<file>` from `settings.bundle_dir`, with single-rang
 requests (`Range: bytes=a-b`, `a-`, `-n`; 206/416) so agents resume downloads. Names are
 one plain path segment ([A-Za-z0-9._-], no leading dot); no directory listing, no
 traversal, no symlinks, nothing but regular files (opened without blocking, so a FIFO
-planted there cannot hang a thread). Metrics: `GET /metrics` (text format).
+planted there cannot hang a worker). Metrics: `GET /metrics` (text format).
 
-Each connection has a thread; a client that sends nothing (or half a request) for
-`idle_timeout_s` is disconnected, and past `max_connections` open at once a new one gets
-503 at once, so idle or half-sent connections cannot take every thread or exhaust memory.
+One ASGI application (controller/console/) under uvicorn on one event loop: a client
+that sends nothing (or half a request) for `idle_timeout_s` is disconnected, and past
+`max_connections` open at once a new one gets 503 + Retry-After at once, so idle or
+half-sent connections cannot exhaust memory. The console and its API: docs/console.md.
 
 State file `data_dir/serve.json` = {"bundle_url_base", "metrics_url", "pid"}, written
 atomically at start and removed at exit, tells `rollout start` where bundles are served.
@@ -16,22 +17,19 @@ atomically at start and removed at exit, tells `rollout start` where bundles are
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
 import socket
-import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import formatdate
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -39,14 +37,15 @@ from controller.ingest import IngestPool
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
+
+    from controller.settings import ControllerSettings
+from protocol.errors import CodedError
 from protocol.fsio import write_atomic
 
 log = structlog.get_logger(__name__)
 
 SERVE_STATE = "serve.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_CHUNK = 1 << 20
 IDLE_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 64
 _BUSY = (
@@ -110,6 +109,58 @@ def remove_serve_state(data_dir: Path, pid: int | None = None) -> None:
 # -- HTTP -----------------------------------------------------------------------------
 
 
+def _guarded_protocol(idle_timeout_s: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with the two guards http.server's threads had.
+
+    A connection that has not sent a whole request head within `idle_timeout_s` (idle,
+    or half a request) is closed; past `max_connections` open at once a new one is
+    answered 503 + Retry-After at once and closed, before it sends anything.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("http_busy", client=self.client[0] if self.client else "")
+                transport.write(_BUSY)
+                transport.close()
+                return
+            self._await_head()
+
+        def _await_head(self) -> None:
+            self._cancel_head()
+            self._head_timer = self.loop.call_later(idle_timeout_s, self._head_timeout)
+
+        def _cancel_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # a whole request head arrived
+                self._cancel_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head()
+            super().connection_lost(exc)
+
+    return GuardedH11
+
+
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """One `bytes=` range -> (start, end inclusive); None when unsatisfiable.
 
@@ -131,124 +182,10 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: JetfleetHTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = "jetfleet-serve"
-
-    def setup(self) -> None:
-        super().setup()
-        # Every read and write on the socket gives up after this long: an idle or
-        # half-sent request, or a reader that stopped reading, frees its thread.
-        self.connection.settimeout(self.server.idle_timeout_s)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http", client=self.client_address[0], line=format % args)
-
-    def _plain(self, code: HTTPStatus, text: str, headers: dict[str, str] | None = None) -> None:
-        body = (text + "\n").encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/metrics" and self.server.registry is not None:
-            self._metrics()
-        elif path.startswith("/bundles/") and self.server.bundle_dir is not None:
-            self._bundle(path[len("/bundles/") :])
-        else:
-            self._plain(HTTPStatus.NOT_FOUND, "not found")
-
-    def _metrics(self) -> None:
-        # prometheus_client is the controller extra's: imported where it is used, so the
-        # rest of this module (the serve state the CLI reads) works on the base install.
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
-        assert self.server.registry is not None
-        body = generate_latest(self.server.registry)
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _bundle(self, raw_name: str) -> None:
-        name = unquote(raw_name)
-        # One plain segment: no "/", "..", "\\", NUL, hidden or temporary files.
-        if not _NAME_RE.match(name):
-            self._plain(HTTPStatus.NOT_FOUND, "not found")
-            return
-        assert self.server.bundle_dir is not None
-        path = self.server.bundle_dir / name
-        try:
-            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:  # missing, or a symlink (ELOOP)
-            self._plain(HTTPStatus.NOT_FOUND, "not found")
-            return
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, a device
-            os.close(fd)
-            self._plain(HTTPStatus.NOT_FOUND, "not found")
-            return
-        with os.fdopen(fd, "rb") as f:
-            self._send_file(f, st, name)
-
-    def _send_file(self, f: Any, st: os.stat_result, name: str) -> None:
-        size = st.st_size
-        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
-        start, end, code = 0, size - 1, HTTPStatus.OK
-        rng = self.headers.get("Range")
-        if_range = self.headers.get("If-Range")
-        if rng and (if_range is None or if_range == etag):
-            try:
-                r = parse_range(rng, size)
-            except ValueError:
-                r = (0, size - 1)  # not a range we serve: the whole file
-            else:
-                if r is None:
-                    self._plain(
-                        HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,
-                        f"range not satisfiable for {size} bytes",
-                        {"Content-Range": f"bytes */{size}"},
-                    )
-                    return
-                code = HTTPStatus.PARTIAL_CONTENT
-            start, end = r
-        length = max(end - start + 1, 0)
-        self.send_response(code)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(length))
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
-        self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
-        if code == HTTPStatus.PARTIAL_CONTENT:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.end_headers()
-        if self.command == "HEAD" or length == 0:
-            return
-        log.info(
-            "bundle_served", file=name, start=start, bytes=length, client=self.client_address[0]
-        )
-        try:
-            self.connection.sendfile(f, offset=start, count=length)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            log.info("bundle_client_gone", file=name)
-
-
-class JetfleetHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class JetfleetHTTPServer:
+    """One uvicorn server on its own thread and event loop, serving `app` (by default
+    bundles and /metrics). The socket is bound in the constructor, so a taken port
+    fails there (OSError) and port 0 is known at once."""
 
     def __init__(
         self,
@@ -258,47 +195,53 @@ class JetfleetHTTPServer(ThreadingHTTPServer):
         registry: CollectorRegistry | None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        app: Any = None,
     ) -> None:
+        import uvicorn
+
+        from controller.console.app import make_app
+
         self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir is not None else None
         self.registry = registry
-        self.idle_timeout_s = idle_timeout_s
-        self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(addr, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request, client_address)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()  # no thread started to release it
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def _refuse(self, request: socket.socket, client_address: Any) -> None:
-        """Answer 503 without a thread: a fresh socket's send buffer takes it at once."""
-        log.warning("http_busy", client=client_address[0])
-        try:
-            request.setblocking(False)
-            request.send(_BUSY)
-        except OSError:
-            pass
-        self.shutdown_request(request)
+        self.app = app or make_app(bundle_dir=self.bundle_dir, registry=registry)
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self._sock = socket.create_server(addr, family=family, backlog=max(128, max_connections))
+        config = uvicorn.Config(
+            self.app,
+            http=_guarded_protocol(idle_timeout_s, max_connections),
+            loop="asyncio",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_keep_alive=max(1, int(idle_timeout_s)),
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return int(self.server_address[1])
+        return int(self._sock.getsockname()[1])
 
     def start(self) -> threading.Thread:
-        t = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+        t = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="http", daemon=True
+        )
         t.start()
+        self._thread = t
+        while not self._server.started and t.is_alive():
+            time.sleep(0.01)
+        if not self._server.started:
+            raise OSError(f"the HTTP server on port {self.port} did not start")
         return t
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def server_close(self) -> None:
+        self._sock.close()
 
 
 # -- the whole service -----------------------------------------------------------------
@@ -325,6 +268,27 @@ class ServeConfig:
     ingest_workers: int = 1
     idle_timeout_s: float = IDLE_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
+    # The web console on the HTTP port (docs/console.md): beyond loopback only with a token.
+    console: bool = True
+    token: str | None = None
+    actions: ControllerSettings | None = None  # settings holding the operator key
+    console_poll_s: float = 1.0
+
+
+class ConsoleTokenError(CodedError):
+    code = "console_token"
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_console_exposure(cfg: ServeConfig) -> None:
+    """The console shows the whole fleet: listening beyond loopback needs a token."""
+    if cfg.console and cfg.token is None and cfg.host not in LOOPBACK:
+        raise ConsoleTokenError(
+            f"listening on {cfg.host or '*'} serves the console to the network: give it a "
+            "token (--token or JETFLEET_CONSOLE_TOKEN), listen on 127.0.0.1, or --no-console"
+        )
 
 
 class JetfleetServer:
@@ -343,19 +307,11 @@ class JetfleetServer:
 
         cfg = self.cfg
         cfg.bundle_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.ingest:
-            self.ingester = IngestPool(
-                cfg.ingest_workers,
-                cfg.telemetry_db,
-                cfg.broker,
-                protocol=cfg.protocol,
-                share_group=cfg.share_group,
-                prefix=cfg.prefix,
-                ca=cfg.ca,
-                cert=cfg.cert,
-                key=cfg.key,
-            )
-            self.ingester.start()
+        ingester = self._make_ingester()  # checks its options first: a usage error
+        check_console_exposure(cfg)
+        if ingester is not None:
+            self.ingester = ingester
+            ingester.start()
         ing = self.ingester
         collector = FleetCollector(
             cfg.telemetry_db,
@@ -365,7 +321,7 @@ class JetfleetServer:
         )
         registry = make_registry(collector)
         try:
-            self.http = self._http_server(cfg.http_port, cfg.bundle_dir, registry)
+            self.http = self._http_server(cfg.http_port, cfg.bundle_dir, registry, console=True)
             self.http.start()
             metrics_port = self.http.port
             if cfg.metrics_port is not None and cfg.metrics_port != cfg.http_port:
@@ -393,17 +349,51 @@ class JetfleetServer:
         )
         return self.state
 
-    def _http_server(
-        self, port: int, bundle_dir: Path | None, registry: CollectorRegistry
-    ) -> JetfleetHTTPServer:
-        server = JetfleetHTTPServer(
-            (self.cfg.host, port),
-            bundle_dir=bundle_dir,
-            registry=registry,
-            idle_timeout_s=self.cfg.idle_timeout_s,
-            max_connections=self.cfg.max_connections,
+    def _make_ingester(self) -> IngestPool | None:
+        cfg = self.cfg
+        if not cfg.ingest:
+            return None
+        return IngestPool(
+            cfg.ingest_workers,
+            cfg.telemetry_db,
+            cfg.broker,
+            protocol=cfg.protocol,
+            share_group=cfg.share_group,
+            prefix=cfg.prefix,
+            ca=cfg.ca,
+            cert=cfg.cert,
+            key=cfg.key,
         )
-        return server
+
+    def _http_server(
+        self,
+        port: int,
+        bundle_dir: Path | None,
+        registry: CollectorRegistry,
+        *,
+        console: bool = False,
+    ) -> JetfleetHTTPServer:
+        from controller.console.app import ConsoleConfig, make_app
+
+        cfg = self.cfg
+        console_cfg = None
+        if console and cfg.console:
+            console_cfg = ConsoleConfig(
+                controller_db=cfg.controller_db,
+                telemetry_db=cfg.telemetry_db,
+                token=cfg.token,
+                actions=cfg.actions,
+                poll_s=cfg.console_poll_s,
+            )
+        bundles = Path(bundle_dir).resolve() if bundle_dir is not None else None
+        return JetfleetHTTPServer(
+            (cfg.host, port),
+            bundle_dir=bundles,
+            registry=registry,
+            idle_timeout_s=cfg.idle_timeout_s,
+            max_connections=cfg.max_connections,
+            app=make_app(bundle_dir=bundles, registry=registry, console=console_cfg),
+        )
 
     def stop(self) -> None:
         if self._stopped.is_set():

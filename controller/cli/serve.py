@@ -11,13 +11,16 @@ import structlog
 import typer
 
 from controller.cli.common import EXIT_FAILED, fail, require_extra, settings
+from controller.keystore import KeystoreError, load_keys
 from controller.serve import (
     IDLE_TIMEOUT_S,
     MAX_CONNECTIONS,
+    ConsoleTokenError,
     JetfleetServer,
     ServeConfig,
     ServeState,
 )
+from controller.settings import ControllerSettings
 from controller.telemetry_store import TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
@@ -29,6 +32,18 @@ def _daemon_logging() -> None:
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
+
+
+def _operator(s: ControllerSettings) -> ControllerSettings | None:
+    """The settings, when they hold a loadable operator key: the console's actions then
+    sign through the same driver as `jetfleet rollout` (without it they are off)."""
+    if s.keys is None:
+        return None
+    try:
+        load_keys(s.keys)
+    except KeystoreError:
+        return None
+    return s
 
 
 def serve(
@@ -64,7 +79,16 @@ def serve(
         MAX_CONNECTIONS,
         "--max-connections",
         min=1,
-        help="HTTP connections served at once (one thread each); more get 503",
+        help="HTTP connections open at once; more get 503 + Retry-After",
+    ),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="JETFLEET_CONSOLE_TOKEN",
+        help="the console's token (needed to listen beyond loopback, and for actions)",
+    ),
+    no_console: bool = typer.Option(
+        False, "--no-console", help="no web console: bundles and /metrics only"
     ),
 ) -> None:
     """Run telemetry ingestion, bundle hosting over HTTP and the Prometheus endpoint."""
@@ -95,14 +119,20 @@ def serve(
         ingest_workers=ingest_workers,
         idle_timeout_s=idle_timeout,
         max_connections=max_connections,
+        console=not no_console,
+        token=token or None,
+        actions=_operator(s),
     )
 
     def ready(state: ServeState) -> None:
         typer.echo(f"bundles: {state.bundle_url_base}/  metrics: {state.metrics_url}", err=True)
+        if cfg.console:
+            console = state.bundle_url_base.removesuffix("/bundles") + "/"
+            typer.echo(f"console: {console}", err=True)
 
     try:
         JetfleetServer(cfg).run_forever(ready)
-    except ProtocolError as e:  # TLS files, broker URL
+    except (ProtocolError, ConsoleTokenError) as e:  # TLS files, broker URL, no token
         fail(e.reason)
     except TelemetryStoreError as e:
         fail(str(e), EXIT_FAILED)

@@ -1,0 +1,87 @@
+"""The console's JSON API over a real server and a real controller database: the fleet
+filtered, sorted and paged on the server, drift from a signed release, clear refusals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from controller.registry import Registry
+from controller.serve import JetfleetServer, ServeConfig
+from protocol.messages import DeviceStatus, ModelSlot
+
+
+def status(device: str, group: str, version: str, online: bool = True) -> DeviceStatus:
+    return DeviceStatus.new(
+        device_id=device, online=online, groups=[group],
+        models={"detector": ModelSlot(active=version)},
+    )  # fmt: skip
+
+
+WANT = {"detector": {"version": "1.1.0"}}
+G2_ONLINE = {"group": "g2", "online": "true", "sort": "id", "order": "desc", "limit": "3"}
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[str]:
+    db = tmp_path / "controller.db"
+    registry = Registry.open(db)
+    for i in range(30):
+        registry.apply_status(status(f"r-{i:02d}", f"g{i % 3}", "1.0.0", online=i % 5 != 0))
+    # What `jetfleet release set` records: group g1 should run detector 1.1.0.
+    registry.conn.execute(
+        "CREATE TABLE release_history (scope TEXT, version INTEGER, issued_at TEXT, "
+        "models TEXT, envelope BLOB, PRIMARY KEY (scope, version))"
+    )
+    registry.conn.execute(
+        "INSERT INTO release_history VALUES (?, ?, ?, ?, ?)",
+        ("group:g1", 1, "2026-12-05T00:00:00+00:00", json.dumps(WANT), b""),
+    )
+    cfg = ServeConfig(
+        broker="mqtt://127.0.0.1:1", telemetry_db=tmp_path / "t.db", bundle_dir=tmp_path / "b",
+        data_dir=tmp_path, controller_db=db, host="127.0.0.1", http_port=0, ingest=False,
+    )  # fmt: skip
+    server = JetfleetServer(cfg)
+    server.start()
+    assert server.http is not None
+    yield f"http://127.0.0.1:{server.http.port}"
+    server.stop()
+
+
+def test_fleet_is_filtered_sorted_and_paged_by_the_server(api: str) -> None:
+    page = httpx.get(api + "/api/fleet", params=G2_ONLINE).json()
+    assert page["total"] == 30 and page["online"] == 24
+    assert page["matched"] == 8  # g2: ids 2, 5, 8, ..., 29; 5, 20 offline
+    assert [r["id"] for r in page["robots"]] == ["r-29", "r-26", "r-23"]
+    nxt = httpx.get(api + "/api/fleet", params={**G2_ONLINE, "offset": "3"}).json()
+    assert [r["id"] for r in nxt["robots"]] == ["r-17", "r-14", "r-11"]
+
+
+def test_a_robot_drifts_from_its_groups_release(api: str) -> None:
+    drifting = httpx.get(api + "/api/fleet", params={"drift": "true", "limit": 1000}).json()
+    assert drifting["matched"] == 10 and all("g1" in r["groups"] for r in drifting["robots"])
+    assert drifting["robots"][0]["drift"] == {"detector": {"want": "1.1.0", "have": "1.0.0"}}
+    robot = httpx.get(api + "/api/robots/r-01").json()
+    assert robot["drift"]["detector"]["want"] == "1.1.0" and robot["jobs"] == []
+    releases = httpx.get(api + "/api/releases").json()
+    assert releases["current"]["group:g1"]["models"]["detector"]["version"] == "1.1.0"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "reason"),
+    [
+        ("/api/fleet?sort=color", 400, "unknown sort 'color'"),
+        ("/api/fleet?limit=0", 400, "limit within 1..1000"),
+        ("/api/fleet?online=maybe", 400, "expected true or false"),
+        ("/api/robots/nobody", 404, "not found"),
+        ("/api/robots/r-01/telemetry?window=-5", 400, "window must be within"),
+        ("/api/events", 400, "name the topics"),
+    ],
+)
+def test_bad_queries_get_a_one_line_reason(api: str, path: str, status: int, reason: str) -> None:
+    r = httpx.get(api + path)
+    assert r.status_code == status and reason in r.json()["error"]
