@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from controller import polygraphy_files
 from controller.accuracy_checks import gate_with_checks
@@ -111,6 +110,8 @@ def describe_model(path: Path) -> ModelIO:
         io = resolve_model_file(path)
     except ModelError as e:
         raise BuildInputError(f"{path}: {e.reason}") from e
+    import onnx  # here, not at the top: every `jetfleet` command imports this module
+
     try:
         # By path: the checker then also reads the external data files.
         onnx.checker.check_model(str(path))
@@ -124,6 +125,8 @@ def describe_model(path: Path) -> ModelIO:
 def _refuse_shape_tensors(path: Path) -> None:
     """Refused for every fleet, not only TensorRT ones: a bundle does not know which
     backend its devices run, and TensorRT devices refuse shape-tensor inputs."""
+    import onnx
+
     found = shape_tensor_inputs(onnx.load(str(path), load_external_data=False))
     if found:
         name, use = next(iter(found.items()))
@@ -159,6 +162,8 @@ def _bundle_model(src: Path, io: ModelIO, tmp: Path) -> dict[str, Path]:
     if not io.data_files:
         return {MODEL_MEMBER: src}
     renamed = {loc: f"weights-{sha256_file(src.parent / loc)}.bin" for loc in io.data_files}
+    import onnx
+
     model = onnx.load(str(src), load_external_data=False)
     for t in model.graph.initializer:
         for entry in t.external_data:
@@ -425,6 +430,8 @@ def _max_errors(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndar
 
 
 def _to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+
     model = onnx.load(str(src))
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16

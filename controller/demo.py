@@ -40,10 +40,8 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
-import onnx
 import paho.mqtt.client as paho
 import typer
-from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -109,6 +107,10 @@ def make_model(path: Path, *, extra_work: float = 0.0, seed: int = 7) -> Path:
     times the MLP's multiply-adds whose result is exactly zero (tanh(t) - tanh(t)) and is
     added to the output: same outputs, genuinely more compute (ORT has no rewrite for
     Sub(t, t), so it runs every time)."""
+    # onnx here, not at the top: every `jetfleet` command imports this module.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     rng = np.random.default_rng(seed)
     dims = [IN_DIM, HIDDEN, HIDDEN, OUT_DIM]
     nodes, inits = [], []

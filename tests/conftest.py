@@ -83,3 +83,20 @@ def _fresh_structlog() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "serial: load-sensitive (a speed verdict, a wall-clock bound): scripts/test runs it "
+        "alone, after the parallel pass",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The RabbitMQ node is per session, so per xdist worker, and takes ~10 s to start: the
+    tests that use it share one worker, and so one node."""
+    for item in items:
+        if item.get_closest_marker("rabbitmq"):
+            item.add_marker(pytest.mark.xdist_group("rabbitmq"))

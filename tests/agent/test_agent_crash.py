@@ -34,6 +34,10 @@ DEV = "robot-9"
 PAUSE = "JETFLEET_AGENT_TEST_PAUSE_AT"
 
 
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_agent_crash")
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, trust_material):
     """A data dir with detector 1.0.0 active, made by an offline `jetfleet-agent install`,

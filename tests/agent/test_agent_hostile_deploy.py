@@ -109,6 +109,7 @@ def trickle(tmp_path: Path, trust_material: Any) -> Iterator[tuple[TricklingServ
 # ---- a trickling download server --------------------------------------------------------
 
 
+@pytest.mark.serial  # asserts a wall-clock bound
 @pytest.mark.slow
 def test_a_trickling_download_ends_at_the_job_deadline(
     tmp_path: Path, mosquitto: Any, trust_material: Any, trickle: tuple[TricklingServer, Path]
@@ -125,6 +126,7 @@ def test_a_trickling_download_ends_at_the_job_deadline(
         assert took < 6, took
 
 
+@pytest.mark.serial  # asserts a wall-clock bound
 @pytest.mark.slow
 def test_a_cancel_stops_a_trickling_download_within_seconds_and_the_next_job_runs(
     tmp_path: Path, mosquitto: Any, trust_material: Any, trickle: tuple[TricklingServer, Path]

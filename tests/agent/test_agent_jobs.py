@@ -392,6 +392,7 @@ class RobotService:
         assert self.error is None, self.error
 
 
+@pytest.mark.serial  # asserts live p99 ratios
 def test_probation_judges_against_previous_versions_live_p99_on_a_loaded_robot(
     tmp_path: Path, trust_material
 ) -> None:
@@ -424,6 +425,7 @@ def test_probation_judges_against_previous_versions_live_p99_on_a_loaded_robot(
     assert device.slot() == ("1.1.0", "1.0.0")
 
 
+@pytest.mark.serial  # asserts live p99 ratios
 def test_probation_without_previous_live_samples_judges_against_the_gate(
     tmp_path: Path, trust_material
 ) -> None:

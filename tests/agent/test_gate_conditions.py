@@ -60,6 +60,10 @@ def throttled(tmp: Path, name: str = "throttled") -> Path:
     return board(tmp, name, {f"{GPU}/cur_freq": "918000000"})
 
 
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_gate_conditions")
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("cond")

@@ -22,6 +22,10 @@ DIMS = {"in_dim": 256, "hidden": 512, "out_dim": 64, "layers": 3}
 QUICK = SpeedSettings(time_budget_s=3.0, warmup_s=0.1)
 
 
+# Speed verdicts: timed on an idle machine, in the serial pass (scripts/test).
+pytestmark = pytest.mark.serial
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("speed")

@@ -31,6 +31,10 @@ NOW = datetime.now(timezone.utc)
 Cli = Callable[..., Result]
 
 
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_modelzoo")
+
+
 @pytest.fixture(scope="module")
 def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("keys") / "keys"

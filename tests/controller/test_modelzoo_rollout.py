@@ -22,7 +22,8 @@ from controller.cli.main import app
 from controller.keystore import init_keys
 from controller.localbroker import LocalMosquitto
 
-pytestmark = pytest.mark.slow
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_modelzoo_rollout")]
 DEVICE = "robot-zoo"
 
 

@@ -26,7 +26,8 @@ from fleet import CommandCounter, build_bundle, cli_env, jetfleet_cmd, run_cli, 
 from controller.keystore import KeySet, init_keys
 from controller.localbroker import LocalMosquitto
 
-pytestmark = pytest.mark.slow
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_rollout_agents")]
 
 DIMS = {"in_dim": 256, "hidden": 512, "out_dim": 64, "layers": 3}
 SLOW = 3.0  # extra_work of the slow build: about 4x the multiply-adds

@@ -359,6 +359,7 @@ def test_resume_after_the_wave_deadline_counts_results_queued_while_the_controll
         assert {a.state for a in harness.store.assignments(rid)} == {"SUCCEEDED"}
 
 
+@pytest.mark.serial  # asserts a wall-clock bound
 def test_operator_abort_cancels_in_flight_jobs_instead_of_waiting_for_the_wave(
     mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
 ) -> None:

@@ -79,6 +79,7 @@ def serve(tmp_path: Path) -> Iterator[Served]:
     s.proc.communicate(timeout=30)
 
 
+@pytest.mark.serial  # asserts a wall-clock bound
 def test_a_fifo_in_the_bundle_directory_is_refused_without_hanging(serve: Served) -> None:
     os.mkfifo(serve.bundles / "planted.jfb")
     started = time.monotonic()
@@ -88,6 +89,7 @@ def test_a_fifo_in_the_bundle_directory_is_refused_without_hanging(serve: Served
     assert serve.get("/bundles/detector-1.0.0.jfb") == (200, BUNDLE)
 
 
+@pytest.mark.serial  # asserts a wall-clock bound
 @pytest.mark.parametrize("sent", [b"", b"GET /bundles/detector-1.0.0.jfb HTTP/1.1\r\nHost: x"])
 def test_an_idle_or_half_sent_connection_is_closed_after_the_idle_timeout(
     serve: Served, sent: bytes

@@ -27,6 +27,7 @@ def processes_using(workdir: Path, but: int | None = None) -> list[str]:
     return found
 
 
+@pytest.mark.serial  # asserts the demo's wall-clock time and a speed verdict
 @pytest.mark.slow
 def test_the_demo_rolls_back_the_slower_version_and_the_fleet_stays_on_the_first(
     tmp_path: Path,

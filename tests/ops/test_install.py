@@ -28,6 +28,10 @@ else:  # a non-root run owns what it installs
     GROUP = grp.getgrgid(os.getegid()).gr_name
 
 
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_install")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A jetfleet wheel built from a copy of this checkout (so no build/ lands in the tree)."""

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 HOOK = REPO / "systemd" / "jetfleet-restart-unit"
 
@@ -81,6 +83,7 @@ def test_a_service_that_fails_after_the_restart_fails_the_hook(tmp_path: Path) -
     assert "robot-ai.service failed after the restart" in done.stderr
 
 
+@pytest.mark.serial  # asserts a wall-clock bound
 def test_without_the_path_unit_the_hook_times_out_and_says_what_to_enable(
     tmp_path: Path,
 ) -> None:

@@ -70,6 +70,10 @@ def _tiny_onnx(path: Path) -> Path:
     return path
 
 
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_bundle")
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("src")

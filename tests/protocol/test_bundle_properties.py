@@ -25,6 +25,10 @@ FAST = settings(
 )
 
 
+# The tests share a module-scoped fixture: under xdist one worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_bundle_properties")
+
+
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory: pytest.TempPathFactory) -> Signed:
     d = tmp_path_factory.mktemp("prop")
