@@ -63,7 +63,7 @@ from controller.rollout_store import (
 from controller.slo import FAIL as SLO_FAIL
 from controller.slo import NOT_ENOUGH_DATA, Verdict
 from controller.slo_bake import BakeWindows, SampleSource, Window, judge_wave
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.ids import validate_id
 from protocol.messages import DeviceStatus, JobEvent, JobState, ReasonCode
 from protocol.topics import Topics
@@ -71,17 +71,23 @@ from protocol.topics import Topics
 log = structlog.get_logger("jetfleet.controller.rollout")
 
 
-class WaveSpecError(ValueError):
+class WaveSpecError(CodedError, ValueError):
     """A `--waves` value the engine cannot plan with."""
 
+    code = "wave_spec"
 
-class RolloutError(RuntimeError):
+
+class RolloutError(CodedError, RuntimeError):
     """A rollout that cannot be driven (unknown id, already driven by a live process…)."""
+
+    code = "rollout"
 
 
 class DatabaseFullError(RolloutError):
     """The controller database's disk filled up: the driver stopped; every step it took
     before is saved, so `rollout resume` continues once there is space again."""
+
+    code = "database_full"
 
     def __init__(self, rollout_id: str) -> None:
         super().__init__(f"the controller database's disk is full; rollout {rollout_id} stopped")

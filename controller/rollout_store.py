@@ -24,6 +24,7 @@ from controller.db import Database
 from controller.db import is_disk_full as is_disk_full  # re-exported: the CLI's checks
 from controller.db.migrations import AddColumn, Step, migrate
 from controller.rollout_policy import OFFLINE_CODE, RolloutPolicy
+from protocol.errors import CodedError
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
 # Assignment states besides the agent's job states (docs/protocol.md).
@@ -56,9 +57,11 @@ FINISHED = frozenset({SUCCEEDED, ABORTED})
 UNFINISHED = frozenset({SCHEDULED, RUNNING, PAUSED, WAITING_APPROVAL, ABORTING})
 
 
-class DevicesHeldError(RuntimeError):
+class DevicesHeldError(CodedError, RuntimeError):
     """Target devices that another unfinished rollout still drives: two rollouts sending
     one device commands at once would race each other's versions."""
+
+    code = "devices_held"
 
     def __init__(self, holders: dict[str, str]) -> None:
         self.holders = dict(sorted(holders.items()))

@@ -83,7 +83,7 @@ from controller.settings import ControllerSettings
 from controller.slo_bake import TelemetrySource
 from controller.telemetry_store import default_telemetry_db
 from protocol.bundle import bundle_filename, verify_bundle
-from protocol.errors import ProtocolError, VerificationError
+from protocol.errors import CodedError, ProtocolError, VerificationError
 from protocol.fsio import atomic_file, sha256_file
 from protocol.topics import Topics
 from protocol.transport import TransportConfigError
@@ -176,8 +176,10 @@ def choose_bundle_url(
     return url, why
 
 
-class BundleConflictError(ValueError):
+class BundleConflictError(CodedError, ValueError):
     """A different bundle is already published under the same name and version."""
+
+    code = "bundle_conflict"
 
 
 def publish_bundle(bundle: Path, s: ControllerSettings, name: str, version: str) -> Path:

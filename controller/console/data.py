@@ -15,14 +15,17 @@ from controller.registry import DeviceRecord, Registry
 from controller.release_store import current_documents, read_history
 from controller.rollout_store import RolloutStore
 from controller.telemetry_store import METRICS, TelemetryStore, TelemetryStoreError
+from protocol.errors import CodedError
 
 SORT_KEYS = ("id", "last_seen", "online", "groups", "job")
 MAX_PAGE = 1000
 MAX_WINDOW_S = 30 * 24 * 3600
 
 
-class QueryError(ValueError):
+class QueryError(CodedError, ValueError):
     """A console query the API refuses (a bad filter, sort or window): 400."""
+
+    code = "console_query"
 
 
 @dataclass(frozen=True)
