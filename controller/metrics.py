@@ -23,7 +23,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from controller.db import DB_ERRORS, DatabaseError, is_url, open_database
+from controller.db import DB_ERRORS, Database, DatabaseError, is_url, open_database
 from controller.drift import DeviceView, device_drift, released, summarize
 from controller.ingest import DROP_REASONS, IngestStats
 from controller.rollout_store import rollout_state_counts, rollouts_in_flight, slo_verdict_rows
@@ -200,14 +200,20 @@ class FleetCollector(Collector):
             dropped.add_metric([reason], float(s.dropped.get(reason, 0)))
         yield from (received, stored, dropped)
 
-    def _rollouts(self) -> Iterator[Metric]:
+    def _controller_conn(self) -> Database | None:
+        """The controller database, read-only; None when there is none (yet)."""
         db = self.controller_db
         if db is None or (not is_url(db) and not Path(db).is_file()):
-            return
+            return None
         try:
-            conn = open_database(db, readonly=True, timeout=2.0)
+            return open_database(db, readonly=True, timeout=2.0)
         except DatabaseError as e:
             log.warning("metrics_controller_db_unreadable", reason=e.reason)
+            return None
+
+    def _rollouts(self) -> Iterator[Metric]:
+        conn = self._controller_conn()
+        if conn is None:
             return
         try:
             counts = rollout_state_counts(conn)
@@ -241,13 +247,8 @@ class FleetCollector(Collector):
         """Drifted devices per group and model (controller/drift.py): the devices' last
         statuses against the releases and pins this controller signed; 0 for a released
         model no device drifts on, so an alert can tell none from unknown."""
-        db = self.controller_db
-        if db is None or (not is_url(db) and not Path(db).is_file()):
-            return
-        try:
-            conn = open_database(db, readonly=True, timeout=2.0)
-        except DatabaseError as e:
-            log.warning("metrics_controller_db_unreadable", reason=e.reason)
+        conn = self._controller_conn()
+        if conn is None:
             return
         try:
             groups, pins = released(conn)
