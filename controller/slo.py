@@ -409,15 +409,17 @@ def _judge_changes(
         f"{high * 100:+.2f}%) on {len(c)} devices/{figures['canary_samples']} samples, each "
         f"against its own window before the switch, {against}"
     )
-    if failed:
-        side = "above" if above else "below"
-        return Verdict(
-            slo.expr,
-            FAIL,
-            f"{words}: the whole interval is {side} {slo.threshold * 100:+g}%",
-            **figures,
-        )
-    return Verdict(slo.expr, PASS, words, **figures)
+    return _interval_verdict(slo, failed=failed, above=above, words=words, figures=figures)
+
+
+def _interval_verdict(
+    slo: Slo, *, failed: bool, above: bool, words: str, figures: dict[str, Any]
+) -> Verdict:
+    if not failed:
+        return Verdict(slo.expr, PASS, words, **figures)
+    side = "above" if above else "below"
+    reason = f"{words}: the whole interval is {side} {slo.threshold * 100:+g}%"
+    return Verdict(slo.expr, FAIL, reason, **figures)
 
 
 def _pooled_mean(values: Mapping[str, Sequence[float]]) -> float | None:
@@ -490,15 +492,7 @@ def _judge_relative(
         f"{high * 100:+.2f}%), canary mean {c.mean:.4g} on {c.devices} devices/"
         f"{c.samples} samples, baseline {b.mean:.4g} on {b.devices}/{b.samples}"
     )
-    if failed:
-        side = "above" if above else "below"
-        return Verdict(
-            slo.expr,
-            FAIL,
-            f"{words}: the whole interval is {side} {slo.threshold * 100:+g}%",
-            **figures,
-        )
-    return Verdict(slo.expr, PASS, words, **figures)
+    return _interval_verdict(slo, failed=failed, above=above, words=words, figures=figures)
 
 
 def _too_few(c: Cohort, b: Cohort, paired: bool, min_samples: int) -> str | None:
