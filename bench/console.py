@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from controller.localbroker import free_port  # noqa: E402
 from controller.registry import Registry  # noqa: E402
-from controller.serve import read_serve_state  # noqa: E402
+from controller.serve_state import read_serve_state  # noqa: E402
 from protocol.messages import DeviceStatus, HardwareProfile, ModelSlot  # noqa: E402
 
 

@@ -137,6 +137,16 @@ def parse_waves(spec: str, total: int = 1) -> list[WaveStep]:
     return steps
 
 
+def check_plan(waves_spec: str, max_failure_rate: float, wave_timeout: float) -> None:
+    """The rollout options every start checks, before anything is resolved or stored
+    (WaveSpecError): the wave sizes, the failure threshold and the wave timeout."""
+    parse_waves(waves_spec)
+    if not 0 <= max_failure_rate <= 1:
+        raise WaveSpecError(f"--max-failure-rate {max_failure_rate:g} must be within 0..1")
+    if wave_timeout <= 0:
+        raise WaveSpecError("--wave-timeout must be positive")
+
+
 def _exponential_steps(spec: str, total: int) -> list[WaveStep]:
     base, sep, factor = spec.strip()[4:].partition("x")
     try:
@@ -1069,10 +1079,7 @@ def create_rollout(
         raise ValueError(f"rollout kind {kind!r}")
     if (kind == "trust_update") != (payload is not None):
         raise ValueError("a trust_update rollout, and only one, carries a payload")
-    if not 0 <= max_failure_rate <= 1:
-        raise WaveSpecError(f"--max-failure-rate {max_failure_rate:g} is not within 0..1")
-    if wave_timeout <= 0:
-        raise WaveSpecError("--wave-timeout must be positive")
+    check_plan(waves_spec, max_failure_rate, wave_timeout)
     if not device_ids:
         raise WaveSpecError("the target has no devices")
     for d in device_ids:

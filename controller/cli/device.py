@@ -8,15 +8,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
-from controller.cli.devices import (
+from controller.cli.common import (
+    EXIT_FAILED,
+    Output,
+    OutputOption,
     ago,
     configure_cli_logging,
-    mqtt_options,
-    open_registry,
+    fail,
+    gate_text,
+    print_json,
     refresh_registry,
+    settings,
 )
-from controller.cli.rollout import gate_text
+from controller.fleet_access import mqtt_options, open_registry
 from controller.mqtt import ControllerMqtt, MqttError
 from controller.registry import DeviceRecord, Registry
 from controller.rollout_store import RolloutStore

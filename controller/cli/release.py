@@ -20,13 +20,15 @@ from controller.cli.common import (
     EXIT_VERIFY,
     Output,
     OutputOption,
+    configure_cli_logging,
     fail,
+    keyset,
     print_json,
     settings,
 )
-from controller.cli.devices import configure_cli_logging, mqtt_options, open_registry
-from controller.cli.rollout import BundleConflictError, choose_bundle_url, keyset, publish_bundle
+from controller.fleet_access import mqtt_options, open_registry
 from controller.mqtt import ControllerMqtt
+from controller.publish import BundleConflictError, choose_bundle_url, publish_bundle
 from controller.release_store import ReleaseStore
 from controller.releases import Build, ReleaseError, ReleaseSite, decode
 from controller.settings import ControllerSettings

@@ -30,12 +30,13 @@ from controller.cli.common import (
     EXIT_FAILED,
     Output,
     OutputOption,
+    configure_cli_logging,
     fail,
     print_json,
     require_extra,
     settings,
 )
-from controller.cli.devices import configure_cli_logging, mqtt_options
+from controller.fleet_access import mqtt_options
 from controller.mqtt import ControllerMqtt, MqttError
 from controller.plotdata import (
     LATENCY,

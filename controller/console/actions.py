@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.cli.rollout import open_store, spawn_driver
+from controller.fleet_access import open_store
 from controller.rollout import driver_alive, pause, promote, resume_state
+from controller.rollout_launch import spawn_driver
 from controller.rollout_store import FINISHED, PAUSED
 from controller.settings import ControllerSettings
 from protocol.errors import CodedError

@@ -16,7 +16,7 @@ from fleet import SimFleet, cli_env, jetfleet_cmd, make_devices, run_cli, wait_u
 
 from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto, free_port
-from controller.serve import read_serve_state
+from controller.serve_state import read_serve_state
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics

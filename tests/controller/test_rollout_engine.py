@@ -10,7 +10,7 @@ import pytest
 from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_devices, wait_until
 from rich.console import Console
 
-from controller.cli.rollout import render
+from controller.cli.common import render
 from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
 from controller.rollout_policy import RolloutPolicy

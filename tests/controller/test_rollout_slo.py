@@ -17,7 +17,7 @@ from fleet import CommandCounter, ControllerHarness, SimFleet, make_devices
 from prometheus_client import generate_latest
 from rich.console import Console
 
-from controller.cli.rollout import render
+from controller.cli.common import render
 from controller.keystore import KeySet
 from controller.localbroker import LocalMosquitto
 from controller.metrics import FleetCollector, make_registry

@@ -20,8 +20,10 @@ from controller.serve import (
     JetfleetHTTPServer,
     JetfleetServer,
     ServeConfig,
-    ServeState,
     parse_range,
+)
+from controller.serve_state import (
+    ServeState,
     read_serve_state,
     remove_serve_state,
     write_serve_state,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from controller.localbroker import free_port
-from controller.serve import read_serve_state
+from controller.serve_state import read_serve_state
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = b"signed bundle bytes" * 100
