@@ -22,19 +22,18 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from controller import fleet_access
-from controller.fleet_access import open_store
-from controller.keystore import KeySet, KeystoreError, load_keys
+from controller.fleet import access as fleet_access
+from controller.fleet.access import open_store
+from controller.fleet.registry import Registry, TargetError
 from controller.mqtt import MqttError
-from controller.registry import Registry, TargetError
-from controller.rollout import (
+from controller.rollouts.driver import (
     DatabaseFullError,
     RolloutError,
     WaveSpecError,
     check_plan,
     driver_alive,
 )
-from controller.rollout_launch import (
+from controller.rollouts.launch import (
     PlannedRollout,
     RollbackModelError,
     RolloutRequest,
@@ -44,8 +43,8 @@ from controller.rollout_launch import (
     plan_rollout,
     spawn_driver,
 )
-from controller.rollout_policy import RolloutPolicy, format_time
-from controller.rollout_store import (
+from controller.rollouts.policy import RolloutPolicy, format_time
+from controller.rollouts.store import (
     ABORTED,
     FINISHED,
     SUCCEEDED,
@@ -54,6 +53,7 @@ from controller.rollout_store import (
     RolloutStore,
     RolloutSummary,
 )
+from controller.security.keystore import KeySet, KeystoreError, load_keys
 from controller.settings import ControllerSettings
 from protocol.errors import ProtocolError
 from protocol.transport import TransportConfigError
@@ -425,7 +425,7 @@ def start_rollout(
     allow_unseen: bool = False,
 ) -> str:
     """Resolve the target against a fresh view of the fleet and store the planned rollout
-    (rollout_launch.plan_rollout); `keys` were loaded by the caller, who signs with them.
+    (rollouts/launch.py, plan_rollout); `keys` were loaded by the caller, who signs with them.
 
     Exits 2, storing nothing, for a never-seen device (unless `allow_unseen`), a rollback
     of a model a target device does not have, or a device another unfinished rollout

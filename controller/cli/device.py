@@ -20,12 +20,12 @@ from controller.cli.common import (
     refresh_registry,
     settings,
 )
-from controller.fleet_access import mqtt_options, open_registry
+from controller.fleet.access import mqtt_options, open_registry
+from controller.fleet.registry import DeviceRecord, Registry
 from controller.mqtt import ControllerMqtt, MqttError
-from controller.registry import DeviceRecord, Registry
-from controller.rollout_store import RolloutStore
+from controller.rollouts.store import RolloutStore
 from controller.settings import ControllerSettings
-from controller.telemetry_store import TelemetryStore, TelemetryStoreError, default_telemetry_db
+from controller.telemetry.store import TelemetryStore, TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.telemetry import TelemetrySample

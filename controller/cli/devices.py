@@ -1,6 +1,6 @@
 """`jetfleet devices [--group G] [--drift] [--output json]`: the fleet, from retained status.
 
-`--drift` lists the robots not on their desired versions and why (controller/drift.py):
+`--drift` lists the robots not on their desired versions and why (controller/desired/drift.py):
 the desired state is read from the releases and pins the broker holds now (or, with the
 broker unreachable, the ones this controller last signed).
 
@@ -29,14 +29,14 @@ from controller.cli.common import (
     settings,
 )
 from controller.db import DB_ERRORS
-from controller.drift import DeviceView, Drift, device_drift, released
-from controller.fleet_access import mqtt_options, open_registry
+from controller.desired.drift import DeviceView, Drift, device_drift, released
+from controller.desired.releases import ReleaseError, decode, read_retained
+from controller.fleet.access import mqtt_options, open_registry
+from controller.fleet.registry import DeviceRecord, Registry
 from controller.mqtt import MqttError
-from controller.registry import DeviceRecord, Registry
-from controller.releases import ReleaseError, decode, read_retained
-from controller.rollout_store import rollouts_in_flight
+from controller.rollouts.store import rollouts_in_flight
 from controller.settings import ControllerSettings
-from controller.telemetry_store import TelemetryStore, TelemetryStoreError, default_telemetry_db
+from controller.telemetry.store import TelemetryStore, TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.messages import DesiredSummary

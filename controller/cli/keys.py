@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from controller import keystore
 from controller.cli.common import (
     EXIT_VERIFY,
     AllowUnseenOption,
@@ -21,8 +20,9 @@ from controller.cli.common import (
     settings,
     start_rollout,
 )
-from controller.fleet_access import open_store
-from controller.rollout import TRUST_ROOT_MODEL, trust_update_payload
+from controller.fleet.access import open_store
+from controller.rollouts.driver import TRUST_ROOT_MODEL, trust_update_payload
+from controller.security import keystore
 from protocol.trust import ROLES, RoleName
 
 app = typer.Typer(

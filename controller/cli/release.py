@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from controller import releases
+from controller.bundles.publish import BundleConflictError, choose_bundle_url, publish_bundle
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_VERIFY,
@@ -26,11 +26,11 @@ from controller.cli.common import (
     print_json,
     settings,
 )
-from controller.fleet_access import mqtt_options, open_registry
+from controller.desired import releases
+from controller.desired.releases import Build, ReleaseError, ReleaseSite, decode
+from controller.desired.store import ReleaseStore
+from controller.fleet.access import mqtt_options, open_registry
 from controller.mqtt import ControllerMqtt
-from controller.publish import BundleConflictError, choose_bundle_url, publish_bundle
-from controller.release_store import ReleaseStore
-from controller.releases import Build, ReleaseError, ReleaseSite, decode
 from controller.settings import ControllerSettings
 from protocol.bundle import bundle_filename, verify_bundle
 from protocol.errors import ProtocolError, VerificationError

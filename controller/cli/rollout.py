@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.bundles.publish import BundleConflictError, choose_bundle_url, publish_bundle
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_VERIFY,
@@ -40,10 +41,8 @@ from controller.cli.common import (
     settings,
     start_rollout,
 )
-from controller.fleet_access import open_store
-from controller.keystore import retired_signer_reason
-from controller.publish import BundleConflictError, choose_bundle_url, publish_bundle
-from controller.rollout import (
+from controller.fleet.access import open_store
+from controller.rollouts.driver import (
     RolloutError,
     driver_alive,
     failed_devices,
@@ -51,12 +50,12 @@ from controller.rollout import (
     promote,
     resume_state,
 )
-from controller.rollout_policy import (
+from controller.rollouts.policy import (
     DEFAULT_OFFLINE,
     PolicyError,
     make_policy,
 )
-from controller.rollout_store import (
+from controller.rollouts.store import (
     FINISHED,
     PAUSED,
     Assignment,
@@ -64,6 +63,7 @@ from controller.rollout_store import (
     RolloutStore,
     disk_nearly_full,
 )
+from controller.security.keystore import retired_signer_reason
 from controller.settings import ControllerSettings
 from protocol.bundle import verify_bundle
 from protocol.errors import VerificationError

@@ -36,9 +36,9 @@ from controller.cli.common import (
     require_extra,
     settings,
 )
-from controller.fleet_access import mqtt_options
+from controller.fleet.access import mqtt_options
 from controller.mqtt import ControllerMqtt, MqttError
-from controller.plotdata import (
+from controller.telemetry.plotdata import (
     LATENCY,
     VersionChange,
     byte_scale,
@@ -46,7 +46,7 @@ from controller.plotdata import (
     split_at_gaps,
     version_changes,
 )
-from controller.telemetry_store import (
+from controller.telemetry.store import (
     METRIC_HELP,
     METRICS,
     TelemetryStore,

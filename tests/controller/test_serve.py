@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import structlog
 
-from controller.localbroker import LocalMosquitto, free_port
-from controller.serve import (
+from controller.sandbox.localbroker import LocalMosquitto, free_port
+from controller.server.serve import (
     JetfleetHTTPServer,
     JetfleetServer,
     ServeConfig,
     parse_range,
 )
-from controller.serve_state import (
+from controller.server.state import (
     ServeState,
     read_serve_state,
     remove_serve_state,

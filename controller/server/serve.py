@@ -11,7 +11,7 @@ that sends nothing (or half a request) for `idle_timeout_s` is disconnected, and
 `max_connections` open at once a new one gets 503 + Retry-After at once, so idle or
 half-sent connections cannot exhaust memory. The console and its API: docs/console.md.
 
-State file `data_dir/serve.json` (controller/serve_state.py), written atomically at start
+State file `data_dir/serve.json` (controller/server/state.py), written atomically at start
 and removed at exit, tells `rollout start` where bundles are served.
 """
 
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from controller.ingest import IngestPool
-from controller.serve_state import ServeState, remove_serve_state, write_serve_state
+from controller.server.state import ServeState, remove_serve_state, write_serve_state
+from controller.telemetry.ingest import IngestPool
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -250,7 +250,10 @@ class JetfleetServer:
         self._stopped = threading.Event()
 
     def start(self) -> ServeState:
-        from controller.metrics import FleetCollector, make_registry  # the controller extra
+        from controller.telemetry.metrics import (  # the controller extra
+            FleetCollector,
+            make_registry,
+        )
 
         cfg = self.cfg
         cfg.bundle_dir.mkdir(parents=True, exist_ok=True)

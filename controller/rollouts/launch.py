@@ -13,16 +13,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controller.commands import CommandSigner
-from controller.fleet_access import mqtt_options
-from controller.keystore import KeySet, trust_update_signers
-from controller.registry import Registry
-from controller.rollout import RolloutDriver, create_rollout
-from controller.rollout_policy import RolloutPolicy
-from controller.rollout_store import Rollout, RolloutStore
+from controller.fleet.access import mqtt_options
+from controller.fleet.registry import Registry
+from controller.rollouts.commands import CommandSigner
+from controller.rollouts.driver import RolloutDriver, create_rollout
+from controller.rollouts.policy import RolloutPolicy
+from controller.rollouts.slo_bake import TelemetrySource
+from controller.rollouts.store import Rollout, RolloutStore
+from controller.security.keystore import KeySet, trust_update_signers
 from controller.settings import ControllerSettings
-from controller.slo_bake import TelemetrySource
-from controller.telemetry_store import default_telemetry_db
+from controller.telemetry.store import default_telemetry_db
 from protocol.errors import CodedError
 from protocol.topics import Topics
 

@@ -1,14 +1,14 @@
 """Publishing a bundle: the immutable copy devices download, and the URL they fetch it at.
 
 A published name-version is immutable (commands already out carry its sha256); the URL
-is the running `jetfleet serve`'s (controller/serve_state.py), else a `file://` one."""
+is the running `jetfleet serve`'s (controller/server/state.py), else a `file://` one."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from controller.serve_state import find_serve_state
+from controller.server.state import find_serve_state
 from controller.settings import ControllerSettings
 from protocol.bundle import bundle_filename
 from protocol.errors import CodedError

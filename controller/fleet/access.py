@@ -3,9 +3,9 @@ of the settings' database, the broker options, and a refresh from retained statu
 
 from __future__ import annotations
 
+from controller.fleet.registry import Registry, sync_from_broker
 from controller.mqtt import ControllerMqtt, MqttOptions
-from controller.registry import Registry, sync_from_broker
-from controller.rollout_store import RolloutStore
+from controller.rollouts.store import RolloutStore
 from controller.settings import ControllerSettings
 from protocol.ids import validate_id
 from protocol.topics import Topics
