@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controller.localbroker import LocalMosquitto  # noqa: E402
+from controller.sandbox.localbroker import LocalMosquitto  # noqa: E402
 from protocol.keys import SigningKey  # noqa: E402
 from protocol.messages import JobEvent  # noqa: E402
 from protocol.topics import Topics  # noqa: E402

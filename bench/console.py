@@ -28,9 +28,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controller.localbroker import free_port  # noqa: E402
-from controller.registry import Registry  # noqa: E402
-from controller.serve import read_serve_state  # noqa: E402
+from controller.fleet.registry import Registry  # noqa: E402
+from controller.sandbox.localbroker import free_port  # noqa: E402
+from controller.server.state import read_serve_state  # noqa: E402
 from protocol.messages import DeviceStatus, HardwareProfile, ModelSlot  # noqa: E402
 
 

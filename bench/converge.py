@@ -1,7 +1,7 @@
 """1,000 robots come back at once (a power cut) and converge to their group's release.
 
-Real parts: a Mosquitto broker (controller.localbroker), the bundle server
-(controller.serve.JetfleetServer with its connection cap), an operator-signed release
+Real parts: a Mosquitto broker (controller.sandbox.localbroker), the bundle server
+(controller.server.serve.JetfleetServer with its connection cap), an operator-signed release
 (protocol.release, Ed25519) published retained. Each simulated device is a thread with
 its own MQTT connection speaking the agent's protocol: it receives the retained release,
 verifies it (verify_release: role, group, signature), waits the agent's jitter (uniform
@@ -41,9 +41,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller.keystore import init_keys
-from controller.localbroker import LocalMosquitto
-from controller.serve import JetfleetServer, ServeConfig
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import init_keys
+from controller.server.serve import JetfleetServer, ServeConfig
 from protocol.dsse import Envelope
 from protocol.messages import DeviceStatus, ModelSlot
 from protocol.release import DesiredModel, Release, sign_release, verify_release

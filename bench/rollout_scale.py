@@ -8,7 +8,7 @@ and a retained status; only download/build/gate are a fixed delay (`--work-s`).
 Side by side in the same run, against the same devices and broker:
   baseline  a bare protocol loop: sign one command per device, publish a wave, wait until
             every device of the wave reported a terminal event; no SQLite, no registry
-  jetfleet  controller.rollout.RolloutDriver: registry, rollout store (every command
+  jetfleet  controller.rollouts.driver.RolloutDriver: registry, rollout store (every command
             stored before it is published), failure accounting, persistent session
 Reported: wall time of each, the controller's added time per device (jetfleet minus
 baseline, over the number of devices; medians of the repetitions), messages handled per
@@ -38,18 +38,18 @@ import paho.mqtt.client as mqtt  # noqa: E402
 import structlog  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from controller.commands import CommandSigner  # noqa: E402
-from controller.keystore import init_keys  # noqa: E402
-from controller.localbroker import LocalMosquitto  # noqa: E402
+from controller.fleet.registry import Registry  # noqa: E402
 from controller.mqtt import MqttOptions  # noqa: E402
-from controller.registry import Registry  # noqa: E402
-from controller.rollout import (  # noqa: E402
+from controller.rollouts.commands import CommandSigner  # noqa: E402
+from controller.rollouts.driver import (  # noqa: E402
     RolloutDriver,
     create_rollout,
     parse_waves,
     plan_waves,
 )
-from controller.rollout_store import RolloutStore  # noqa: E402
+from controller.rollouts.store import RolloutStore  # noqa: E402
+from controller.sandbox.localbroker import LocalMosquitto  # noqa: E402
+from controller.security.keystore import init_keys  # noqa: E402
 from protocol.messages import JobEvent  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 
@@ -149,8 +149,8 @@ def run_jetfleet(
     registry = Registry.open(tmp / f"controller-{version}.db")
     store = RolloutStore(registry.conn, offline=registry.offline_ids)
     opts = MqttOptions(broker=broker.url)
+    from controller.fleet.registry import sync_from_broker
     from controller.mqtt import ControllerMqtt
-    from controller.registry import sync_from_broker
 
     with ControllerMqtt(opts) as m:
         synced = sync_from_broker(registry, m, timeout=30)

@@ -8,7 +8,7 @@ the new version: unchanged (level × 1.0) or degraded (× 0.9 for confidence, ×
 latency). Baselines: the rest of the fleet over the same window (waves of 1 and 3
 devices), or for the last wave the same devices' window before their switch (`paired`).
 Every device also has a window of the same length before the switch (what a bake reads).
-controller/slo.py judges each trial exactly as a bake does; a FAIL is an abort.
+controller/rollouts/slo.py judges each trial exactly as a bake does; a FAIL is an abort.
 `--levels-only` judges the bake window alone, to show what the windows before buy.
 
     .venv/bin/python bench/slo_verdicts.py [--trials 2000] [--fleet 10] [--seed 1]
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.slo import FAIL, NOT_ENOUGH_DATA, Slo, judge, parse_slo
+from controller.rollouts.slo import FAIL, NOT_ENOUGH_DATA, Slo, judge, parse_slo
 
 CASES = (
     # (SLO, level, degraded factor, sample sd): confidence drops 10%, latency grows 10%.

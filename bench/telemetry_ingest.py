@@ -1,7 +1,7 @@
 """Telemetry ingestion throughput: samples/s stored in SQLite vs what mosquitto_sub drains.
 
 One private Mosquitto. Two consumers subscribe to the same stream at the same time: the
-ingester (`controller.ingest.TelemetryIngester`, in this process, writing SQLite) and
+ingester (`controller.telemetry.ingest.TelemetryIngester`, in this process, writing SQLite) and
 `mosquitto_sub` (C, prints and forgets: the broker's own delivery rate, the baseline).
 A publisher process floods real TelemetrySample payloads of N devices, QoS 0, as fast as
 it can. Each consumer's rate is messages / (last arrival - first arrival); for the
@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 import structlog
 
-from controller.ingest import IngestPool
-from controller.localbroker import LocalMosquitto
-from controller.telemetry_store import TelemetryStore
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.telemetry.ingest import IngestPool
+from controller.telemetry.store import TelemetryStore
 from protocol.telemetry import TelemetrySample
 
 TOPIC = "jetfleet/v1/devices/{}/telemetry"
@@ -138,8 +138,8 @@ def as_shipped() -> Iterator[None]:
     process only: spawned workers would not see these patches): paho's own
     loop_forever(), paho decoding every MQTT 5 PUBLISH with its stock Properties, and
     SQLite rows written with executemany()."""
-    import controller.ingest as ingest
-    from controller import paho_speedups
+    import controller.telemetry.ingest as ingest
+    from controller.telemetry import paho_speedups
 
     def executemany(self, table, columns, rows, suffix=""):
         one = "(" + ", ".join("?" * len(columns)) + ")"

@@ -32,8 +32,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controller import brokerconfig, pki  # noqa: E402
-from controller.localbroker import LocalMosquitto, find_mosquitto, free_port, wait_for_port  # noqa: E402
+from controller.sandbox.localbroker import LocalMosquitto, find_mosquitto, free_port, wait_for_port  # noqa: E402
+from controller.security import brokerconfig, pki  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from protocol.transport import client_tls_context  # noqa: E402
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
 from protocol.keys import SigningKey
 from protocol.trust import TrustRoot, build_trust_root, load_trust_root
 
@@ -52,10 +52,10 @@ def trust_material() -> TrustMaterial:
 def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A private RabbitMQ node with the MQTT plugin (MQTT 3.1.1 on Debian bookworm's 3.10):
     `.url` (plain) and `.tls_url` (mutual TLS with the fleet PKI in `.pki_dir`, made by
-    controller.pki; issue client certificates from it). One node per session (it takes
+    controller.security.pki; issue client certificates from it). One node per session (it takes
     ~10 s to start): use unique device ids per test. Skips where RabbitMQ is not installed."""
-    from controller import pki
-    from controller.localbroker import free_port
+    from controller.sandbox.localbroker import free_port
+    from controller.security import pki
     from tests.transport.rabbit import LocalRabbitMQ, TlsListener, rabbitmq_missing
 
     why = rabbitmq_missing()

@@ -1,6 +1,6 @@
 import subprocess
 
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
 
 
 def test_mosquitto_fixture_delivers_a_retained_message_and_survives_restart(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from controller import brokerconfig, pki
 from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json
-from controller.localbroker import BrokerError, LocalMosquitto
+from controller.sandbox.localbroker import BrokerError, LocalMosquitto
+from controller.security import brokerconfig, pki
 from controller.settings import default_data_dir
 from protocol.topics import DEFAULT_PREFIX
 

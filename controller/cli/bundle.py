@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from controller import accuracy_checks, bundler, keystore
+from controller.bundles import accuracy_checks, bundler
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_VERIFY,
@@ -24,6 +24,7 @@ from controller.cli.common import (
     print_json,
     settings,
 )
+from controller.security import keystore
 from protocol.bundle import extract_bundle, read_envelope, verify_bundle, write_bundle
 from protocol.errors import ProtocolError, VerificationError
 from protocol.manifest import GateSpec, Manifest, OutputCheck, Precision, Targets

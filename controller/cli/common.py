@@ -1,16 +1,62 @@
-"""What every `jetfleet` command shares: exit codes (docs/protocol.md), errors, output format."""
+"""What every `jetfleet` command shares: exit codes (docs/protocol.md), errors, output
+format, logging, and the hand-off of a stored rollout to its driver (start, follow, render).
+
+The one module CLI modules import helpers from (besides the controller's own modules)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
 import sys
+import time
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, NoReturn
 
+import structlog
 import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
+from controller.fleet import access as fleet_access
+from controller.fleet.access import open_store
+from controller.fleet.registry import Registry, TargetError
+from controller.mqtt import MqttError
+from controller.rollouts.driver import (
+    DatabaseFullError,
+    RolloutError,
+    WaveSpecError,
+    check_plan,
+    driver_alive,
+)
+from controller.rollouts.launch import (
+    PlannedRollout,
+    RollbackModelError,
+    RolloutRequest,
+    UnseenDevicesError,
+    id_list,
+    make_driver,
+    plan_rollout,
+    spawn_driver,
+)
+from controller.rollouts.policy import RolloutPolicy, format_time
+from controller.rollouts.store import (
+    ABORTED,
+    FINISHED,
+    SUCCEEDED,
+    DevicesHeldError,
+    Rollout,
+    RolloutStore,
+    RolloutSummary,
+)
+from controller.security.keystore import KeySet, KeystoreError, load_keys
 from controller.settings import ControllerSettings
+from protocol.errors import ProtocolError
+from protocol.transport import TransportConfigError
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the operation ran and failed (e.g. rollout aborted)
@@ -60,3 +106,389 @@ def settings(ctx: typer.Context) -> ControllerSettings:
     if not isinstance(obj, ControllerSettings):  # a sub-app invoked on its own in tests
         obj = ControllerSettings.load()
     return obj
+
+
+def configure_cli_logging() -> None:
+    """Logs go to stderr (stdout is for data, e.g. --output json); warnings and up unless
+    JETFLEET_LOG_LEVEL says otherwise (the background rollout driver logs at info)."""
+    level = os.environ.get("JETFLEET_LOG_LEVEL", "warning").upper()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level, logging.WARNING)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def refresh_registry(
+    s: ControllerSettings, registry: Registry, timeout: float = 10.0, *, target: str | None = None
+) -> int:
+    """fleet_access.refresh_registry, exiting 2 with one line for unusable TLS settings or
+    an invalid device id in `target` (MqttError, a broker down, is the caller's)."""
+    try:
+        return fleet_access.refresh_registry(s, registry, timeout, target=target)
+    except TransportConfigError as e:
+        fail(f"TLS settings: {e.reason}")
+    except ProtocolError as e:
+        fail(e.reason)
+
+
+def ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    s = max(0.0, time.time() - ts)
+    if s < 60:
+        return f"{s:.0f}s ago"
+    if s < 3600:
+        return f"{s / 60:.0f}m ago"
+    if s < 86400:
+        return f"{s / 3600:.1f}h ago"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+# -- rollouts: options, start, the driver, progress ------------------------------------
+WavesOption = typer.Option("1,10%,100%", "--waves", help="cumulative wave sizes: counts or %")
+MaxFailOption = typer.Option(
+    0.05, "--max-failure-rate", help="abort when failed/assigned exceeds this (0..1)"
+)
+WaveTimeoutOption = typer.Option(900.0, "--wave-timeout", help="seconds a wave may take")
+WaitOption = typer.Option(False, "--wait", help="show live progress; exit 1 if it aborts")
+CanaryOption = typer.Option(None, "--canary", help="device id to deploy to first")
+TargetOption = typer.Option(..., "--target", help="group:NAME, ID[,ID...] or all")
+ForceOption = typer.Option(
+    False,
+    "--force",
+    help="DANGEROUS: start even though another running or paused rollout still drives some "
+    "target devices; both then send them commands and race each other's versions",
+)
+
+
+def keyset(s: ControllerSettings) -> KeySet:
+    if s.keys is None:
+        fail("no key directory: pass --keys DIR or set JETFLEET_KEYS (see `jetfleet keys init`)")
+    try:
+        return load_keys(s.keys)
+    except KeystoreError as e:
+        fail(str(e), EXIT_VERIFY)
+
+
+STATE_STYLE = {
+    "SUCCEEDED": "green",
+    "ROLLED_BACK": "yellow",
+    "FAILED": "red",
+    "REJECTED": "red",
+    "TIMED_OUT": "red",
+    "CANCELED": "yellow",
+}
+
+
+def render(summary: RolloutSummary) -> Group:
+    r = summary.rollout
+    head = Text.assemble(
+        (f"rollout {r.id}", "bold"),
+        f"  {r.kind} {r.model} {r.version}  ",
+        (r.state.upper(), {"succeeded": "green", "aborted": "red"}.get(r.state, "cyan")),
+        f"  failure rate {summary.failure_rate:.0%} ({summary.failed}/{summary.assigned}, "
+        f"max {r.max_failure_rate:.0%})",
+    )
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("wave")
+    table.add_column("devices", justify="right")
+    table.add_column("state")
+    table.add_column("per state")
+    now = time.time()
+    for w in summary.waves:
+        counts = ", ".join(
+            f"[{STATE_STYLE.get(k, 'white')}]{k} {v}[/]" for k, v in sorted(w.counts.items())
+        )
+        state = w.state
+        if w.state == "running" and w.deadline:
+            state += f" ({max(0, w.deadline - now):.0f}s left)"
+        label = "rollback" if w.state in ("rollback", "rolled_back") else str(w.idx + 1)
+        table.add_row(label, str(w.size), state, counts or "-")
+    parts: list[Any] = [head, table]
+    if summary.rollbacks:
+        parts.append(
+            Text(
+                "rollback commands: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(summary.rollbacks.items()))
+            )
+        )
+    if summary.offline_pending:
+        names = ", ".join(summary.offline_pending[:10])
+        more = (
+            f" and {len(summary.offline_pending) - 10} more"
+            if len(summary.offline_pending) > 10
+            else ""
+        )
+        parts.append(
+            Text(f"pending, offline (command waits in the broker): {names}{more}", style="yellow")
+        )
+    if summary.not_judged:
+        names = ", ".join(d["device_id"] for d in summary.not_judged[:10])
+        more = f" and {len(summary.not_judged) - 10} more" if len(summary.not_judged) > 10 else ""
+        parts.append(
+            Text(
+                f"not judged (device conditions moved, no verdict on the model; not counted "
+                f"as failures, deploy again): {names}{more}",
+                style="yellow",
+            )
+        )
+    for f in summary.failures[:20]:
+        parts.append(
+            Text(f"  {f['device_id']}: {f['state']} [{f['code']}] {f['reason']}", style="red")
+        )
+    if len(summary.failures) > 20:
+        parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
+    if r.policy.describe():
+        parts.append(Text(f"policy: {r.policy.describe()}"))
+    parts.extend(slo_lines(summary.slo_verdicts))
+    parts.append(Text(f"offline robots: {r.policy.offline_text}"))
+    if summary.left_to_release:
+        parts.append(
+            Text(
+                "offline, left to converge through the release: "
+                + id_list(summary.left_to_release),
+                style="yellow",
+            )
+        )
+    if r.state == "waiting_approval":
+        parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
+    if r.state == "scheduled" and r.policy.start_at is not None:
+        parts.append(Text(f"scheduled: starts at {format_time(r.policy.start_at)}", style="cyan"))
+    if r.abort_reason:
+        parts.append(Text(f"abort: {r.abort_reason}", style="bold red"))
+    return Group(*parts)
+
+
+_VERDICT_STYLE = {"PASS": "green", "FAIL": "bold red", "NOT_ENOUGH_DATA": "yellow"}
+
+
+def slo_lines(verdicts: list[dict[str, Any]]) -> list[Text]:
+    """One line per SLO verdict: wave, bake, the SLO, the verdict and its figures."""
+    return [
+        Text.assemble(
+            f"SLO wave {v['wave'] + 1} ({v['bake'] or '-'}): {v['slo']} ",
+            (v["verdict"], _VERDICT_STYLE.get(v["verdict"], "white")),
+            f" {v['reason']}",
+        )
+        for v in verdicts
+    ]
+
+
+def gate_text(gate: dict[str, Any] | None) -> str:
+    """The gate figures an operator compares at a glance (the JSON has them all)."""
+    if not gate:
+        return "-"
+    parts = []
+    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("live_p99_ms", "live p99")):
+        if isinstance(gate.get(key), int | float):
+            parts.append(f"{label} {gate[key]:.2f} ms")
+    comparison = (gate.get("speed") or {}).get("comparison") or {}
+    if isinstance(comparison.get("median_change_pct"), int | float):
+        parts.append(f"{comparison['median_change_pct']:+.1f}% vs active")
+    return ", ".join(parts) or "-"
+
+
+def finish(store: RolloutStore, rollout_id: str, output: Output) -> NoReturn:
+    """Exit with the rollout's outcome: 0 succeeded, 1 aborted (its summary with --output
+    json)."""
+    summary = store.summary(rollout_id)
+    if output is Output.json:
+        data = summary.to_dict()
+        data["devices"] = [a.to_dict() for a in store.assignments(rollout_id)]
+        print_json(data)
+    state = summary.rollout.state
+    raise typer.Exit(EXIT_OK if state == SUCCEEDED else EXIT_FAILED if state == ABORTED else 0)
+
+
+def drive(
+    s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output
+) -> None:  # never returns: exits with the rollout's outcome
+    store, registry = open_store(s)
+    console = Console(stderr=output is Output.json)
+    live: Live | None = None
+    last = [0.0]
+
+    def progress(st: RolloutStore, rid: str) -> None:
+        if live is None or time.monotonic() - last[0] < 0.25:
+            return
+        last[0] = time.monotonic()
+        live.update(render(st.summary(rid)))
+
+    try:
+        driver = make_driver(s, keys, (store, registry), rollout_id, progress)
+    except KeystoreError as e:
+        fail(str(e), EXIT_VERIFY)
+    try:
+        if output is Output.human and console.is_terminal:
+            with Live(
+                render(store.summary(rollout_id)), console=console, refresh_per_second=4
+            ) as lv:
+                live = lv
+                driver.run()
+                lv.update(render(store.summary(rollout_id)))
+        else:
+            driver.run()
+            if output is Output.human:
+                console.print(render(store.summary(rollout_id)))
+    except DatabaseFullError:
+        fail(
+            f"the disk holding {s.db} is full: rollout {rollout_id} stopped at its last saved "
+            f"step; free space, then `jetfleet rollout resume {rollout_id}`",
+            EXIT_FAILED,
+        )
+    except RolloutError as e:
+        fail(str(e))
+    except (MqttError, TransportConfigError) as e:
+        fail(
+            f"{e}; the rollout is saved: `jetfleet rollout resume {rollout_id}` continues it",
+            EXIT_FAILED,
+        )
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; continue with `jetfleet rollout resume {rollout_id}`", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    finish(store, rollout_id, output)
+
+
+def watch(s: ControllerSettings, rollout_id: str, output: Output) -> None:
+    """Follow a rollout another process drives (read-only) until it finishes."""
+    store, _ = open_store(s)
+    console = Console(stderr=output is Output.json)
+    with Live(
+        render(store.summary(rollout_id)),
+        console=console,
+        refresh_per_second=2,
+        transient=output is Output.json,
+    ) as lv:
+        while True:
+            summary = store.summary(rollout_id)
+            lv.update(render(summary))
+            if summary.rollout.state in FINISHED:
+                break
+            if not driver_alive(summary.rollout):
+                fail(
+                    f"the process driving rollout {rollout_id} is gone; "
+                    f"run `jetfleet rollout resume {rollout_id}`",
+                    EXIT_FAILED,
+                )
+            time.sleep(0.5)
+    finish(store, rollout_id, output)
+
+
+def launch(
+    s: ControllerSettings, keys: KeySet, rollout_id: str, wait: bool, output: Output
+) -> None:
+    if wait:
+        drive(s, keys, rollout_id, output)
+    pid = spawn_driver(s, rollout_id)
+    store, _ = open_store(s)
+    if output is Output.json:
+        print_json({**store.summary(rollout_id).to_dict(), "driver_pid": pid})
+    else:
+        typer.echo(
+            f"rollout {rollout_id} started (driver pid {pid}); "
+            f"follow it with `jetfleet rollout status {rollout_id}`"
+        )
+
+
+def hand_to_driver(
+    s: ControllerSettings, r: Rollout, wait: bool, output: Output, message: str
+) -> None:
+    """After a change to a stored rollout: its live driver acts on it (follow it with
+    --wait, else say `message`); with none alive, start one."""
+    if driver_alive(r):
+        if wait:
+            watch(s, r.id, output)
+        typer.echo(message)
+        return
+    launch(s, keyset(s), r.id, wait, output)
+
+
+def start_rollout(
+    s: ControllerSettings,
+    *,
+    kind: str,
+    keys: KeySet,
+    model: str,
+    version: str,
+    target: str,
+    waves: str,
+    max_failure_rate: float,
+    wave_timeout: float,
+    auto_rollback: bool,
+    canary: str | None,
+    bundle: tuple[str, str, int] | None = None,
+    payload: str | None = None,
+    force: bool = False,
+    policy: RolloutPolicy | None = None,
+    allow_unseen: bool = False,
+) -> str:
+    """Resolve the target against a fresh view of the fleet and store the planned rollout
+    (rollouts/launch.py, plan_rollout); `keys` were loaded by the caller, who signs with them.
+
+    Exits 2, storing nothing, for a never-seen device (unless `allow_unseen`), a rollback
+    of a model a target device does not have, or a device another unfinished rollout
+    still drives (unless `force`)."""
+    del keys  # the driver signs; the caller has checked they load
+    store, registry = open_store(s)
+    try:
+        refresh_registry(s, registry, target=target)
+    except MqttError as e:
+        fail(f"{e}; the rollout was not started", EXIT_FAILED)
+    request = RolloutRequest(
+        kind=kind,
+        model=model,
+        version=version,
+        target=target,
+        waves=waves,
+        max_failure_rate=max_failure_rate,
+        wave_timeout=wave_timeout,
+        auto_rollback=auto_rollback,
+        canary=canary,
+        bundle=bundle,
+        payload=payload,
+        force=force,
+        policy=policy,
+        allow_unseen=allow_unseen,
+    )
+    try:
+        planned = plan_rollout(store, registry, request)
+    except (
+        DevicesHeldError,
+        TargetError,
+        WaveSpecError,
+        UnseenDevicesError,
+        RollbackModelError,
+    ) as e:
+        fail(str(e))
+    except ProtocolError as e:
+        fail(e.reason)
+    _warn_unreachable(planned, wave_timeout)
+    return planned.rollout.id
+
+
+def _warn_unreachable(planned: PlannedRollout, wave_timeout: float) -> None:
+    if planned.offline:
+        shown = ", ".join(planned.offline[:10]) + (" …" if len(planned.offline) > 10 else "")
+        typer.echo(
+            f"jetfleet: warning: {len(planned.offline)} target device(s) offline ({shown}): "
+            "their commands wait in the broker; they count as TIMED_OUT if they do not "
+            f"finish within --wave-timeout {wave_timeout:g}s",
+            err=True,
+        )
+    if planned.unseen:
+        typer.echo(
+            f"jetfleet: warning: never seen {', '.join(planned.unseen)}: their commands wait "
+            "in the broker until they connect or the wave times out",
+            err=True,
+        )
+
+
+def check_plan_options(waves: str, max_failure_rate: float, wave_timeout: float) -> None:
+    """rollout.check_plan, exiting 2 with its one line: before keys are loaded or the
+    broker is asked anything."""
+    try:
+        check_plan(waves, max_failure_rate, wave_timeout)
+    except WaveSpecError as e:
+        fail(str(e))

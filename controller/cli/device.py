@@ -8,20 +8,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
-from controller.cli.devices import (
+from controller.cli.common import (
+    EXIT_FAILED,
+    Output,
+    OutputOption,
     ago,
     configure_cli_logging,
-    mqtt_options,
-    open_registry,
+    fail,
+    gate_text,
+    print_json,
     refresh_registry,
+    settings,
 )
-from controller.cli.rollout import gate_text
+from controller.fleet.access import mqtt_options, open_registry
+from controller.fleet.registry import DeviceRecord, Registry
 from controller.mqtt import ControllerMqtt, MqttError
-from controller.registry import DeviceRecord, Registry
-from controller.rollout_store import RolloutStore
+from controller.rollouts.store import RolloutStore
 from controller.settings import ControllerSettings
-from controller.telemetry_store import TelemetryStore, TelemetryStoreError, default_telemetry_db
+from controller.telemetry.store import TelemetryStore, TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.telemetry import TelemetrySample

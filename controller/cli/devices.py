@@ -1,6 +1,6 @@
 """`jetfleet devices [--group G] [--drift] [--output json]`: the fleet, from retained status.
 
-`--drift` lists the robots not on their desired versions and why (controller/drift.py):
+`--drift` lists the robots not on their desired versions and why (controller/desired/drift.py):
 the desired state is read from the releases and pins the broker holds now (or, with the
 broker unreachable, the ones this controller last signed).
 
@@ -11,84 +11,37 @@ without telemetry, from a status written in the future."""
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 import time
-from datetime import datetime, timezone
 
-import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli.common import EXIT_FAILED, Output, OutputOption, fail, print_json, settings
+from controller.cli.common import (
+    EXIT_FAILED,
+    Output,
+    OutputOption,
+    ago,
+    configure_cli_logging,
+    fail,
+    print_json,
+    refresh_registry,
+    settings,
+)
 from controller.db import DB_ERRORS
-from controller.drift import DeviceView, Drift, device_drift, released
-from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
-from controller.registry import DeviceRecord, Registry, sync_from_broker
-from controller.releases import ReleaseError, decode, read_retained
-from controller.rollout_store import rollouts_in_flight
+from controller.desired.drift import DeviceView, Drift, device_drift, released
+from controller.desired.releases import ReleaseError, decode, read_retained
+from controller.fleet.access import mqtt_options, open_registry
+from controller.fleet.registry import DeviceRecord, Registry
+from controller.mqtt import MqttError
+from controller.rollouts.store import rollouts_in_flight
 from controller.settings import ControllerSettings
-from controller.telemetry_store import TelemetryStore, TelemetryStoreError, default_telemetry_db
+from controller.telemetry.store import TelemetryStore, TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.messages import DesiredSummary
 from protocol.release import Pins, Release
 from protocol.topics import Topics
-from protocol.transport import TransportConfigError
-
-
-def configure_cli_logging() -> None:
-    """Logs go to stderr (stdout is for data, e.g. --output json); warnings and up unless
-    JETFLEET_LOG_LEVEL says otherwise (the background rollout driver logs at info)."""
-    level = os.environ.get("JETFLEET_LOG_LEVEL", "warning").upper()
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level, logging.WARNING)
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-
-
-def mqtt_options(s: ControllerSettings, *, client_id: str = "") -> MqttOptions:
-    return MqttOptions(
-        broker=s.broker, protocol=s.protocol, ca=s.ca, cert=s.cert, key=s.key, client_id=client_id
-    )
-
-
-def open_registry(s: ControllerSettings) -> Registry:
-    return Registry.open(s.db_target(), Topics(s.prefix))
-
-
-def named_devices(target: str | None) -> list[str]:
-    """The device ids a `--target ID[,ID...]` names (none for `all` or `group:G`)."""
-    if not target or target.strip() == "all" or target.strip().startswith("group:"):
-        return []
-    ids = [p.strip() for p in target.split(",") if p.strip()]
-    try:
-        return [validate_id(i) for i in ids]
-    except ProtocolError as e:
-        fail(e.reason)
-
-
-def refresh_registry(
-    s: ControllerSettings,
-    registry: Registry,
-    timeout: float = 10.0,
-    *,
-    target: str | None = None,
-) -> int:
-    """Pull every retained status from the broker into the registry (MqttError if down):
-    the wildcard, then by name the known devices and those `target` names that it missed
-    (brokers such as RabbitMQ never send retained messages to wildcards)."""
-    try:
-        client = ControllerMqtt(mqtt_options(s))
-    except TransportConfigError as e:
-        fail(f"TLS settings: {e.reason}")
-    with client.connect(timeout=timeout) as m:
-        return sync_from_broker(registry, m, timeout=timeout, device_ids=named_devices(target))
-
 
 CLOCK_SKEW_WARN_S = 60.0
 TELEMETRY_FRESH_S = 600.0  # an older sample says nothing about the clock now
@@ -135,19 +88,6 @@ def _span(seconds: float) -> str:
 
 def skew_text(skew: float) -> str:
     return f"{_span(skew)} {'ahead' if skew > 0 else 'behind'}"
-
-
-def ago(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    s = max(0.0, time.time() - ts)
-    if s < 60:
-        return f"{s:.0f}s ago"
-    if s < 3600:
-        return f"{s / 60:.0f}m ago"
-    if s < 86400:
-        return f"{s / 3600:.1f}h ago"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 def _models(d: DeviceRecord) -> str:

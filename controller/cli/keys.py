@@ -6,16 +6,23 @@ from pathlib import Path
 
 import typer
 
-from controller import keystore
 from controller.cli.common import (
     EXIT_VERIFY,
     AllowUnseenOption,
     Output,
     OutputOption,
+    check_plan_options,
+    configure_cli_logging,
     fail,
+    keyset,
+    launch,
     print_json,
     settings,
+    start_rollout,
 )
+from controller.fleet.access import open_store
+from controller.rollouts.driver import TRUST_ROOT_MODEL, trust_update_payload
+from controller.security import keystore
 from protocol.trust import ROLES, RoleName
 
 app = typer.Typer(
@@ -141,15 +148,9 @@ def push(
     reason (e.g. a trust root not signed by the root keys it trusts); --wait exits 1 if
     any device did not take it.
     """
-    # Imported here: `keys init/rotate/show` need none of the rollout machinery.
-    from controller.cli.devices import configure_cli_logging
-    from controller.cli.rollout import keyset, launch, open_store, start_rollout
-    from controller.rollout import TRUST_ROOT_MODEL, trust_update_payload
-
     configure_cli_logging()
     s = settings(ctx)
-    if wave_timeout <= 0:
-        fail("--wave-timeout must be positive")
+    check_plan_options("100%", 0.0, wave_timeout)
     keys = keyset(s)
     assert s.keys is not None  # keyset() fails without a key directory
     try:

@@ -139,7 +139,7 @@ app.add_typer(_bundle.app, name="bundle")
 from controller.cli import release as _release  # noqa: E402
 
 app.add_typer(_release.app, name="release")
-from controller.demo import demo_command  # noqa: E402
+from controller.sandbox.demo import demo_command  # noqa: E402
 
 app.command("demo")(demo_command)
 from controller.cli import telemetry as _telemetry  # noqa: E402

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from cryptography.x509.oid import NameOID
 
-from controller import pki
 from controller.cli.common import EXIT_VERIFY, Output, OutputOption, fail, print_json
+from controller.security import pki
 
 app = typer.Typer(
     help="Fleet TLS PKI: a CA and mutual-TLS certificates for devices, controllers, brokers.",

@@ -14,21 +14,23 @@ from pathlib import Path
 
 import typer
 
-from controller import releases
+from controller.bundles.publish import BundleConflictError, choose_bundle_url, publish_bundle
 from controller.cli.common import (
     EXIT_FAILED,
     EXIT_VERIFY,
     Output,
     OutputOption,
+    configure_cli_logging,
     fail,
+    keyset,
     print_json,
     settings,
 )
-from controller.cli.devices import configure_cli_logging, mqtt_options, open_registry
-from controller.cli.rollout import BundleConflictError, choose_bundle_url, keyset, publish_bundle
+from controller.desired import releases
+from controller.desired.releases import Build, ReleaseError, ReleaseSite, decode
+from controller.desired.store import ReleaseStore
+from controller.fleet.access import mqtt_options, open_registry
 from controller.mqtt import ControllerMqtt
-from controller.release_store import ReleaseStore
-from controller.releases import Build, ReleaseError, ReleaseSite, decode
 from controller.settings import ControllerSettings
 from protocol.bundle import bundle_filename, verify_bundle
 from protocol.errors import ProtocolError, VerificationError

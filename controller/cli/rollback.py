@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli.common import AllowUnseenOption, Output, OutputOption, fail, settings
-from controller.cli.devices import configure_cli_logging
-from controller.cli.rollout import (
+from controller.cli.common import (
+    AllowUnseenOption,
     CanaryOption,
     ForceOption,
     MaxFailOption,
+    Output,
+    OutputOption,
     TargetOption,
     WaitOption,
     WaveTimeoutOption,
     check_plan_options,
+    configure_cli_logging,
+    fail,
     keyset,
     launch,
+    settings,
     start_rollout,
 )
 from protocol.errors import ProtocolError

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -14,116 +9,72 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 
-import psutil
 import typer
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from controller.bundles.publish import BundleConflictError, choose_bundle_url, publish_bundle
 from controller.cli.common import (
     EXIT_FAILED,
-    EXIT_OK,
     EXIT_VERIFY,
+    STATE_STYLE,
     AllowUnseenOption,
+    CanaryOption,
+    ForceOption,
+    MaxFailOption,
     Output,
     OutputOption,
-    fail,
-    print_json,
-    settings,
-)
-from controller.cli.devices import (
+    TargetOption,
+    WaitOption,
+    WavesOption,
+    WaveTimeoutOption,
+    check_plan_options,
     configure_cli_logging,
-    mqtt_options,
-    open_registry,
-    refresh_registry,
+    fail,
+    finish,
+    gate_text,
+    hand_to_driver,
+    keyset,
+    launch,
+    print_json,
+    render,
+    settings,
+    start_rollout,
 )
-from controller.commands import CommandSigner
-from controller.keystore import (
-    KeySet,
-    KeystoreError,
-    load_keys,
-    retired_signer_reason,
-    trust_update_signers,
-)
-from controller.mqtt import MqttError
-from controller.registry import Registry, TargetError
-from controller.rollout import (
-    DatabaseFullError,
-    RolloutDriver,
+from controller.fleet.access import open_store
+from controller.rollouts.driver import (
     RolloutError,
-    WaveSpecError,
-    create_rollout,
     driver_alive,
     failed_devices,
     pause,
     promote,
     resume_state,
 )
-from controller.rollout_policy import (
+from controller.rollouts.policy import (
     DEFAULT_OFFLINE,
     PolicyError,
-    RolloutPolicy,
-    format_time,
     make_policy,
 )
-from controller.rollout_store import (
-    ABORTED,
+from controller.rollouts.store import (
     FINISHED,
     PAUSED,
-    SUCCEEDED,
     Assignment,
-    DevicesHeldError,
     Rollout,
     RolloutStore,
-    RolloutSummary,
     disk_nearly_full,
 )
+from controller.security.keystore import retired_signer_reason
 from controller.settings import ControllerSettings
-from controller.slo_bake import TelemetrySource
-from controller.telemetry_store import default_telemetry_db
-from protocol.bundle import bundle_filename, verify_bundle
-from protocol.errors import CodedError, ProtocolError, VerificationError
-from protocol.fsio import atomic_file, sha256_file
-from protocol.topics import Topics
-from protocol.transport import TransportConfigError
+from protocol.bundle import verify_bundle
+from protocol.errors import VerificationError
+from protocol.fsio import sha256_file
 
 app = typer.Typer(
     help="Roll a bundle out to the fleet in waves, and steer rollouts.", no_args_is_help=True
 )
 
-SERVE_STATE = "serve.json"
-
-# Options shared with `jetfleet rollback`.
-WavesOption = typer.Option("1,10%,100%", "--waves", help="cumulative wave sizes: counts or %")
-MaxFailOption = typer.Option(
-    0.05, "--max-failure-rate", help="abort when failed/assigned exceeds this (0..1)"
-)
-WaveTimeoutOption = typer.Option(900.0, "--wave-timeout", help="seconds a wave may take")
-WaitOption = typer.Option(False, "--wait", help="show live progress; exit 1 if it aborts")
-CanaryOption = typer.Option(None, "--canary", help="device id to deploy to first")
-TargetOption = typer.Option(..., "--target", help="group:NAME, ID[,ID...] or all")
-ForceOption = typer.Option(
-    False,
-    "--force",
-    help="DANGEROUS: start even though another running or paused rollout still drives some "
-    "target devices; both then send them commands and race each other's versions",
-)
-
 
 # -- shared plumbing -------------------------------------------------------------------
-def keyset(s: ControllerSettings) -> KeySet:
-    if s.keys is None:
-        fail("no key directory: pass --keys DIR or set JETFLEET_KEYS (see `jetfleet keys init`)")
-    try:
-        return load_keys(s.keys)
-    except KeystoreError as e:
-        fail(str(e), EXIT_VERIFY)
-
-
-def open_store(s: ControllerSettings) -> tuple[RolloutStore, Registry]:
-    registry = open_registry(s)
-    return RolloutStore(registry.conn, offline=registry.offline_ids), registry
 
 
 def latest_rollout(store: RolloutStore) -> Rollout:
@@ -140,448 +91,7 @@ def find_rollout(store: RolloutStore, rollout_id: str) -> Rollout:
     return r
 
 
-def serve_base_url(s: ControllerSettings) -> tuple[str | None, str]:
-    """The bundle server of a running `jetfleet serve`, from its state file, and why it
-    was or was not found (the file sits next to serve's --db, so another --db misses it)."""
-    data_dir = Path(getattr(s, "data_dir", None) or s.db.parent)
-    path = data_dir / SERVE_STATE
-    try:
-        state = json.loads(path.read_text())
-        pid, base = int(state["pid"]), str(state["bundle_url_base"])
-    except FileNotFoundError:
-        return None, f"no `jetfleet serve` state file at {path} (serve writes it next to its --db)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"unreadable `jetfleet serve` state file {path} ({e})"
-    if not psutil.pid_exists(pid):
-        return None, f"{path} names process {pid}, which is no longer running"
-    return base.rstrip("/"), f"from the running `jetfleet serve` (pid {pid}, {path})"
-
-
-def choose_bundle_url(
-    s: ControllerSettings, published: Path, override: str | None
-) -> tuple[str, str]:
-    """Where devices fetch the bundle, and why that URL (for the operator)."""
-    if override:
-        url, why = override, "from --bundle-url"
-    else:
-        base, why = serve_base_url(s)
-        if base:
-            url = f"{base}/{published.name}"
-        else:
-            url = published.resolve().as_uri()
-            why += (
-                "; only devices that can read this path can fetch it: run `jetfleet serve` "
-                "with the same --db, or pass --bundle-url"
-            )
-    return url, why
-
-
-class BundleConflictError(CodedError, ValueError):
-    """A different bundle is already published under the same name and version."""
-
-    code = "bundle_conflict"
-
-
-def publish_bundle(bundle: Path, s: ControllerSettings, name: str, version: str) -> Path:
-    """Copy the bundle into the bundle directory (temp + fsync + rename): what devices
-    download must not change if the operator rebuilds their working copy. A published
-    name-version is immutable: commands already out carry its sha256."""
-    s.bundle_dir.mkdir(parents=True, exist_ok=True)
-    dest = s.bundle_dir / bundle_filename(name, version)
-    if dest.exists():
-        if sha256_file(dest) == sha256_file(bundle):
-            return dest
-        raise BundleConflictError(
-            f"{dest} is already published with different content; a version is immutable "
-            "once rolled out: build this one with a new version"
-        )
-    with atomic_file(dest, 0o644) as out, bundle.open("rb") as src:
-        shutil.copyfileobj(src, out, 1 << 20)
-    return dest
-
-
 # -- progress --------------------------------------------------------------------------
-_STATE_STYLE = {
-    "SUCCEEDED": "green",
-    "ROLLED_BACK": "yellow",
-    "FAILED": "red",
-    "REJECTED": "red",
-    "TIMED_OUT": "red",
-    "CANCELED": "yellow",
-}
-
-
-def render(summary: RolloutSummary) -> Group:
-    r = summary.rollout
-    head = Text.assemble(
-        (f"rollout {r.id}", "bold"),
-        f"  {r.kind} {r.model} {r.version}  ",
-        (r.state.upper(), {"succeeded": "green", "aborted": "red"}.get(r.state, "cyan")),
-        f"  failure rate {summary.failure_rate:.0%} ({summary.failed}/{summary.assigned}, "
-        f"max {r.max_failure_rate:.0%})",
-    )
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("wave")
-    table.add_column("devices", justify="right")
-    table.add_column("state")
-    table.add_column("per state")
-    now = time.time()
-    for w in summary.waves:
-        counts = ", ".join(
-            f"[{_STATE_STYLE.get(k, 'white')}]{k} {v}[/]" for k, v in sorted(w.counts.items())
-        )
-        state = w.state
-        if w.state == "running" and w.deadline:
-            state += f" ({max(0, w.deadline - now):.0f}s left)"
-        label = "rollback" if w.state in ("rollback", "rolled_back") else str(w.idx + 1)
-        table.add_row(label, str(w.size), state, counts or "-")
-    parts: list[Any] = [head, table]
-    if summary.rollbacks:
-        parts.append(
-            Text(
-                "rollback commands: "
-                + ", ".join(f"{k} {v}" for k, v in sorted(summary.rollbacks.items()))
-            )
-        )
-    if summary.offline_pending:
-        names = ", ".join(summary.offline_pending[:10])
-        more = (
-            f" and {len(summary.offline_pending) - 10} more"
-            if len(summary.offline_pending) > 10
-            else ""
-        )
-        parts.append(
-            Text(f"pending, offline (command waits in the broker): {names}{more}", style="yellow")
-        )
-    if summary.not_judged:
-        names = ", ".join(d["device_id"] for d in summary.not_judged[:10])
-        more = f" and {len(summary.not_judged) - 10} more" if len(summary.not_judged) > 10 else ""
-        parts.append(
-            Text(
-                f"not judged (device conditions moved, no verdict on the model; not counted "
-                f"as failures, deploy again): {names}{more}",
-                style="yellow",
-            )
-        )
-    for f in summary.failures[:20]:
-        parts.append(
-            Text(f"  {f['device_id']}: {f['state']} [{f['code']}] {f['reason']}", style="red")
-        )
-    if len(summary.failures) > 20:
-        parts.append(Text(f"  … and {len(summary.failures) - 20} more"))
-    if r.policy.describe():
-        parts.append(Text(f"policy: {r.policy.describe()}"))
-    parts.extend(slo_lines(summary.slo_verdicts))
-    parts.append(Text(f"offline robots: {r.policy.offline_text}"))
-    if summary.left_to_release:
-        parts.append(
-            Text(
-                "offline, left to converge through the release: " + _names(summary.left_to_release),
-                style="yellow",
-            )
-        )
-    if r.state == "waiting_approval":
-        parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
-    if r.state == "scheduled" and r.policy.start_at is not None:
-        parts.append(Text(f"scheduled: starts at {format_time(r.policy.start_at)}", style="cyan"))
-    if r.abort_reason:
-        parts.append(Text(f"abort: {r.abort_reason}", style="bold red"))
-    return Group(*parts)
-
-
-_VERDICT_STYLE = {"PASS": "green", "FAIL": "bold red", "NOT_ENOUGH_DATA": "yellow"}
-
-
-def slo_lines(verdicts: list[dict[str, Any]]) -> list[Text]:
-    """One line per SLO verdict: wave, bake, the SLO, the verdict and its figures."""
-    return [
-        Text.assemble(
-            f"SLO wave {v['wave'] + 1} ({v['bake'] or '-'}): {v['slo']} ",
-            (v["verdict"], _VERDICT_STYLE.get(v["verdict"], "white")),
-            f" {v['reason']}",
-        )
-        for v in verdicts
-    ]
-
-
-def _finish(store: RolloutStore, rollout_id: str, output: Output) -> None:
-    summary = store.summary(rollout_id)
-    if output is Output.json:
-        data = summary.to_dict()
-        data["devices"] = [a.to_dict() for a in store.assignments(rollout_id)]
-        print_json(data)
-    state = summary.rollout.state
-    raise typer.Exit(EXIT_OK if state == SUCCEEDED else EXIT_FAILED if state == ABORTED else 0)
-
-
-def command_signer(s: ControllerSettings, keys: KeySet, rollout: Rollout | None) -> CommandSigner:
-    """The current operator key; for a trust update also the retired ones, since devices
-    still on the old trust root know only those (see keystore.trust_update_signers)."""
-    if rollout is not None and rollout.kind == "trust_update" and s.keys is not None:
-        try:
-            return CommandSigner(trust_update_signers(s.keys, keys))
-        except KeystoreError as e:
-            fail(str(e), EXIT_VERIFY)
-    return CommandSigner([keys.operator])
-
-
-def drive(
-    s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output
-) -> None:  # never returns: exits with the rollout's outcome
-    store, registry = open_store(s)
-    console = Console(stderr=output is Output.json)
-    live: Live | None = None
-    last = [0.0]
-
-    def progress(st: RolloutStore, rid: str) -> None:
-        if live is None or time.monotonic() - last[0] < 0.25:
-            return
-        last[0] = time.monotonic()
-        live.update(render(st.summary(rid)))
-
-    driver = RolloutDriver(
-        store,
-        registry,
-        command_signer(s, keys, store.get(rollout_id)),
-        mqtt_options(s),
-        rollout_id,
-        topics=Topics(s.prefix),
-        on_progress=progress,
-        slo_source=TelemetrySource(default_telemetry_db(s.db)),
-    )
-    try:
-        if output is Output.human and console.is_terminal:
-            with Live(
-                render(store.summary(rollout_id)), console=console, refresh_per_second=4
-            ) as lv:
-                live = lv
-                driver.run()
-                lv.update(render(store.summary(rollout_id)))
-        else:
-            driver.run()
-            if output is Output.human:
-                console.print(render(store.summary(rollout_id)))
-    except DatabaseFullError:
-        fail(
-            f"the disk holding {s.db} is full: rollout {rollout_id} stopped at its last saved "
-            f"step; free space, then `jetfleet rollout resume {rollout_id}`",
-            EXIT_FAILED,
-        )
-    except RolloutError as e:
-        fail(str(e))
-    except (MqttError, TransportConfigError) as e:
-        fail(
-            f"{e}; the rollout is saved: `jetfleet rollout resume {rollout_id}` continues it",
-            EXIT_FAILED,
-        )
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; continue with `jetfleet rollout resume {rollout_id}`", err=True)
-        raise typer.Exit(EXIT_FAILED) from None
-    _finish(store, rollout_id, output)
-
-
-def watch(s: ControllerSettings, rollout_id: str, output: Output) -> None:
-    """Follow a rollout another process drives (read-only) until it finishes."""
-    store, _ = open_store(s)
-    console = Console(stderr=output is Output.json)
-    with Live(
-        render(store.summary(rollout_id)),
-        console=console,
-        refresh_per_second=2,
-        transient=output is Output.json,
-    ) as lv:
-        while True:
-            summary = store.summary(rollout_id)
-            lv.update(render(summary))
-            if summary.rollout.state in FINISHED:
-                break
-            if not driver_alive(summary.rollout):
-                fail(
-                    f"the process driving rollout {rollout_id} is gone; "
-                    f"run `jetfleet rollout resume {rollout_id}`",
-                    EXIT_FAILED,
-                )
-            time.sleep(0.5)
-    _finish(store, rollout_id, output)
-
-
-def spawn_driver(s: ControllerSettings, rollout_id: str) -> int:
-    """Continue the rollout in a detached process (it outlives this command)."""
-    args = [
-        sys.executable,
-        "-c",
-        "from controller.cli.main import app; app()",
-        "--broker",
-        s.broker,
-        "--db",
-        str(s.db_target()),
-    ]
-    if s.keys:
-        args += ["--keys", str(s.keys)]
-    if s.context:  # its protocol and prefix too, whatever the current context is then
-        args += ["--context", s.context]
-    for opt, val in (("--ca", s.ca), ("--cert", s.cert), ("--key", s.key)):
-        if val:
-            args += [opt, val]
-    args += ["rollout", "resume", rollout_id, "--wait", "--output", "json"]
-    log_dir = s.db.parent / "rollouts"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "JETFLEET_LOG_LEVEL": os.environ.get("JETFLEET_LOG_LEVEL", "info")}
-    with (log_dir / f"{rollout_id}.log").open("ab") as log:
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    return proc.pid
-
-
-def launch(
-    s: ControllerSettings, keys: KeySet, rollout_id: str, wait: bool, output: Output
-) -> None:
-    if wait:
-        drive(s, keys, rollout_id, output)
-    pid = spawn_driver(s, rollout_id)
-    store, _ = open_store(s)
-    if output is Output.json:
-        print_json({**store.summary(rollout_id).to_dict(), "driver_pid": pid})
-    else:
-        typer.echo(
-            f"rollout {rollout_id} started (driver pid {pid}); "
-            f"follow it with `jetfleet rollout status {rollout_id}`"
-        )
-
-
-def hand_to_driver(
-    s: ControllerSettings, r: Rollout, wait: bool, output: Output, message: str
-) -> None:
-    """After a change to a stored rollout: its live driver acts on it (follow it with
-    --wait, else say `message`); with none alive, start one."""
-    if driver_alive(r):
-        if wait:
-            watch(s, r.id, output)
-        typer.echo(message)
-        return
-    launch(s, keyset(s), r.id, wait, output)
-
-
-def start_rollout(
-    s: ControllerSettings,
-    *,
-    kind: str,
-    keys: KeySet,
-    model: str,
-    version: str,
-    target: str,
-    waves: str,
-    max_failure_rate: float,
-    wave_timeout: float,
-    auto_rollback: bool,
-    canary: str | None,
-    bundle: tuple[str, str, int] | None = None,
-    payload: str | None = None,
-    force: bool = False,
-    policy: RolloutPolicy | None = None,
-    allow_unseen: bool = False,
-) -> str:
-    """Resolve the target against a fresh view of the fleet and store the planned rollout.
-
-    Exits 2, storing nothing, for a never-seen device (unless `allow_unseen`), a rollback
-    of a model a target device does not have, or a device another unfinished rollout
-    still drives (unless `force`)."""
-    store, registry = open_store(s)
-    try:
-        refresh_registry(s, registry, target=target)
-    except MqttError as e:
-        fail(f"{e}; the rollout was not started", EXIT_FAILED)
-    try:
-        ids = registry.resolve_target(target)
-        unknown = registry.unknown(ids)
-        if unknown and not allow_unseen:
-            fail(never_seen_message(unknown, registry))
-        if kind == "rollback":
-            check_rollback_model(registry, ids, model)
-        offline = [d.id for d in registry.devices() if d.id in set(ids) and not d.online]
-        if offline:
-            shown = ", ".join(offline[:10]) + (" …" if len(offline) > 10 else "")
-            typer.echo(
-                f"jetfleet: warning: {len(offline)} target device(s) offline ({shown}): "
-                "their commands wait in the broker; they count as TIMED_OUT if they do not "
-                f"finish within --wave-timeout {wave_timeout:g}s",
-                err=True,
-            )
-        if unknown:
-            typer.echo(
-                f"jetfleet: warning: never seen {', '.join(unknown)}: their commands wait in "
-                "the broker until they connect or the wave times out",
-                err=True,
-            )
-        r = create_rollout(
-            store,
-            registry,
-            kind=kind,
-            model=model,
-            version=version,
-            device_ids=ids,
-            waves_spec=waves,
-            max_failure_rate=max_failure_rate,
-            wave_timeout=wave_timeout,
-            auto_rollback=auto_rollback,
-            canary=canary,
-            target=target,
-            bundle_url=bundle[0] if bundle else None,
-            bundle_sha256=bundle[1] if bundle else None,
-            bundle_size=bundle[2] if bundle else None,
-            payload=payload,
-            force=force,
-            policy=policy,
-        )
-    except DevicesHeldError as e:
-        fail(str(e))
-    except (TargetError, WaveSpecError) as e:
-        fail(str(e))
-    except ProtocolError as e:
-        fail(e.reason)
-    return r.id
-
-
-def _names(ids: list[str], shown: int = 10) -> str:
-    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
-    return ", ".join(ids[:shown]) + more
-
-
-def never_seen_message(unknown: list[str], registry: Registry) -> str:
-    known = [d.id for d in registry.devices()]
-    return (
-        f"--target names {len(unknown)} device(s) this controller has never seen: "
-        f"{_names(unknown)} (known: {_names(known) or 'none'}); check the spelling "
-        "(`jetfleet devices`), or pass --allow-unseen to command a device not yet connected"
-    )
-
-
-def check_rollback_model(registry: Registry, ids: list[str], model: str) -> None:
-    """A rollback of a model a device does not hold is refused by that device anyway:
-    refuse it here, before anything is signed, naming the models the fleet has."""
-    records = {d.id: d for d in registry.devices()}
-    lacking = [i for i in ids if i in records and model not in records[i].models]
-    if not lacking:
-        return
-    fleet_models = sorted({m for i in ids if i in records for m in records[i].models})
-    fail(
-        f"rollback --model {model}: {len(lacking)} target device(s) have no model {model!r}: "
-        f"{_names(lacking)} (their models: {', '.join(fleet_models) or 'none'})"
-    )
-
-
-def check_plan_options(waves: str, max_failure_rate: float, wave_timeout: float) -> None:
-    from controller.rollout import parse_waves
-
-    try:
-        parse_waves(waves)
-    except WaveSpecError as e:
-        fail(str(e))
-    if not 0 <= max_failure_rate <= 1:
-        fail(f"--max-failure-rate {max_failure_rate:g} must be within 0..1")
-    if wave_timeout <= 0:
-        fail("--wave-timeout must be positive")
 
 
 # -- commands --------------------------------------------------------------------------
@@ -718,20 +228,6 @@ def start(
     launch(s, keys, rid, wait, output)
 
 
-def gate_text(gate: dict[str, Any] | None) -> str:
-    """The gate figures an operator compares at a glance (the JSON has them all)."""
-    if not gate:
-        return "-"
-    parts = []
-    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("live_p99_ms", "live p99")):
-        if isinstance(gate.get(key), int | float):
-            parts.append(f"{label} {gate[key]:.2f} ms")
-    comparison = (gate.get("speed") or {}).get("comparison") or {}
-    if isinstance(comparison.get("median_change_pct"), int | float):
-        parts.append(f"{comparison['median_change_pct']:+.1f}% vs active")
-    return ", ".join(parts) or "-"
-
-
 def assignments_table(assignments: list[Assignment]) -> Table:
     """One row per device: where its job stands, the gate's figures and its reason."""
     table = Table(title="devices", title_justify="left", show_header=True, header_style="bold")
@@ -742,7 +238,7 @@ def assignments_table(assignments: list[Assignment]) -> Table:
         table.add_row(
             a.device_id,
             str(a.wave + 1),
-            f"[{_STATE_STYLE.get(a.state, 'white')}]{a.state}[/]",
+            f"[{STATE_STYLE.get(a.state, 'white')}]{a.state}[/]",
             a.prev_version or "-",
             gate_text(a.gate),
             rollback,
@@ -870,8 +366,8 @@ def already_ended(store: RolloutStore, r: Rollout, output: Output) -> NoReturn:
     line, the summary with --output json, and the rollout's own outcome as exit code
     (0 succeeded, 1 aborted), as `--wait` would have."""
     typer.echo(f"jetfleet: rollout {r.id} already ended: {r.state}", err=True)
-    _finish(store, r.id, output)
-    raise AssertionError("unreachable")  # _finish always exits
+    finish(store, r.id, output)
+    raise AssertionError("unreachable")  # finish always exits
 
 
 @app.command("pause")

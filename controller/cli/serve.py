@@ -11,17 +11,17 @@ import structlog
 import typer
 
 from controller.cli.common import EXIT_FAILED, fail, require_extra, settings
-from controller.keystore import KeystoreError, load_keys
-from controller.serve import (
+from controller.security.keystore import KeystoreError, load_keys
+from controller.server.serve import (
     IDLE_TIMEOUT_S,
     MAX_CONNECTIONS,
     ConsoleTokenError,
     JetfleetServer,
     ServeConfig,
-    ServeState,
 )
+from controller.server.state import ServeState
 from controller.settings import ControllerSettings
-from controller.telemetry_store import TelemetryStoreError, default_telemetry_db
+from controller.telemetry.store import TelemetryStoreError, default_telemetry_db
 from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 

@@ -30,14 +30,15 @@ from controller.cli.common import (
     EXIT_FAILED,
     Output,
     OutputOption,
+    configure_cli_logging,
     fail,
     print_json,
     require_extra,
     settings,
 )
-from controller.cli.devices import configure_cli_logging, mqtt_options
+from controller.fleet.access import mqtt_options
 from controller.mqtt import ControllerMqtt, MqttError
-from controller.plotdata import (
+from controller.telemetry.plotdata import (
     LATENCY,
     VersionChange,
     byte_scale,
@@ -45,7 +46,7 @@ from controller.plotdata import (
     split_at_gaps,
     version_changes,
 )
-from controller.telemetry_store import (
+from controller.telemetry.store import (
     METRIC_HELP,
     METRICS,
     TelemetryStore,

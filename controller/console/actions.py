@@ -1,14 +1,15 @@
 """Operator actions from the console: the same store transitions and driver hand-off as
-`jetfleet rollout pause|resume|abort|promote` (controller/rollout.py, the CLI's driver),
+`jetfleet rollout pause|resume|abort|promote` (controller/rollouts/driver.py, the CLI's driver),
 so every command a device receives is signed by the one driver path."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from controller.cli.rollout import open_store, spawn_driver
-from controller.rollout import driver_alive, pause, promote, resume_state
-from controller.rollout_store import FINISHED, PAUSED
+from controller.fleet.access import open_store
+from controller.rollouts.driver import driver_alive, pause, promote, resume_state
+from controller.rollouts.launch import spawn_driver
+from controller.rollouts.store import FINISHED, PAUSED
 from controller.settings import ControllerSettings
 from protocol.errors import CodedError
 

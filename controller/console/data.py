@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.drift import released, wanted
-from controller.registry import DeviceRecord, Registry
-from controller.release_store import current_documents, read_history
-from controller.rollout_store import RolloutStore
-from controller.telemetry_store import METRICS, TelemetryStore, TelemetryStoreError
+from controller.desired.drift import released, wanted
+from controller.desired.store import current_documents, read_history
+from controller.fleet.registry import DeviceRecord, Registry
+from controller.rollouts.store import RolloutStore
+from controller.telemetry.store import METRICS, TelemetryStore, TelemetryStoreError
 from protocol.errors import CodedError
 
 SORT_KEYS = ("id", "last_seen", "online", "groups", "job")

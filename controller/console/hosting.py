@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from controller.serve import parse_range
+from controller.server.serve import parse_range
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry

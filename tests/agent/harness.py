@@ -430,7 +430,8 @@ def build_bundle(
 
 
 def _externalize_weights(model_path: Path) -> dict[str, Path]:
-    """Move the model's weights into one data file named by its SHA-256 (controller.bundler)."""
+    """Move the model's weights into one data file named by its SHA-256
+    (controller.bundles.bundler)."""
     import hashlib
 
     import onnx

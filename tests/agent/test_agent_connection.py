@@ -147,7 +147,7 @@ def _tls_material(d: Path) -> dict[str, Path]:
 
 
 def test_agent_connects_over_mutual_tls(tmp_path: Path, trust_material) -> None:
-    from controller.localbroker import LocalMosquitto
+    from controller.sandbox.localbroker import LocalMosquitto
     from protocol.transport import client_tls_context
     from tests.agent.harness import Publisher
 
@@ -228,7 +228,7 @@ def test_missing_client_key_is_a_config_error_naming_the_file(
 def test_an_unreachable_broker_is_logged_at_once_with_its_cause(
     tmp_path: Path, trust_material
 ) -> None:
-    from controller.localbroker import free_port
+    from controller.sandbox.localbroker import free_port
 
     cfg = write_agent_config(
         tmp_path / "agent.toml",

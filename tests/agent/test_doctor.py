@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import doctor
 from agent.doctor import FAIL, PASS, WARN, CheckResult, run_checks
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
 from protocol.keys import SigningKey
 from protocol.trust import build_trust_root
 

@@ -11,8 +11,8 @@ import pytest
 
 from agent import doctor
 from agent.doctor import FAIL, PASS
-from controller import pki
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security import pki
 
 
 @pytest.fixture

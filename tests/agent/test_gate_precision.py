@@ -13,7 +13,7 @@ import pytest
 from agent.engines import select_backend
 from agent.engines.cache import EngineCache
 from agent.gate import SpeedSettings, run_gate
-from controller import bundler
+from controller.bundles import bundler
 from protocol.bundle import extract_bundle
 from protocol.manifest import GateSpec, Manifest, OutputCheck
 from protocol.messages import JobState

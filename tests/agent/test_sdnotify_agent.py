@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
 from tests.agent.harness import REPO, write_agent_config
 
 
@@ -89,7 +89,7 @@ def test_an_agent_that_boots_without_a_broker_still_becomes_ready_and_says_why(
 ) -> None:
     """Under Type=notify, an agent that never sent READY is killed at TimeoutStartSec and
     restarted in a loop: a robot booting out of network reach must not do that."""
-    from controller.localbroker import free_port
+    from controller.sandbox.localbroker import free_port
 
     unreachable = f"mqtt://127.0.0.1:{free_port()}"
     config = write_agent_config(

@@ -26,7 +26,7 @@ from agent.metrics import (
     encode_metrics,
 )
 from agent.runtime import ModelRuntime
-from controller.ingest import TelemetryIngester
+from controller.telemetry.ingest import TelemetryIngester
 from protocol.telemetry import ModelStats, TelemetrySample
 from tests.agent.harness import AgentProcess, TelemetryTap, write_agent_config
 from tests.agent.test_runtime import FEEDS, Device
@@ -171,7 +171,7 @@ def test_the_worst_a_service_can_report_still_fits_the_ingesters_sample_limit(
     tmp_path: Path,
 ) -> None:
     """Every bound filled with the longest names and widest numbers: the sample must stay
-    under the controller's 64 KiB (controller/ingest.py MAX_SAMPLE_BYTES)."""
+    under the controller's 64 KiB (controller/telemetry/ingest.py MAX_SAMPLE_BYTES)."""
     with LiveStats(tmp_path / "live.sock") as live:
         for m in range(20):
             model = f"{m:02d}".ljust(64, "m")

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller.registry import Registry
-from controller.serve import JetfleetServer, ServeConfig
+from controller.fleet.registry import Registry
+from controller.server.serve import JetfleetServer, ServeConfig
 from protocol.messages import DeviceStatus, ModelSlot
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.registry import Registry
-from controller.serve import JetfleetServer, ServeConfig
-from controller.telemetry_store import TelemetryStore, row_from_sample
+from controller.fleet.registry import Registry
+from controller.server.serve import JetfleetServer, ServeConfig
+from controller.telemetry.store import TelemetryStore, row_from_sample
 from protocol.messages import DeviceStatus, HardwareProfile, ModelSlot
 from protocol.telemetry import TelemetrySample
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fleet import CommandCounter, build_bundle, cli_env
 
-from controller.keystore import KeySet, init_keys
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet, init_keys
 
 
 @pytest.fixture

@@ -497,10 +497,10 @@ class ControllerHarness:
     def __init__(
         self, db: Path, broker_url: str, operator: SigningKey, protocol: str = "5"
     ) -> None:
-        from controller.commands import CommandSigner
+        from controller.fleet.registry import Registry
         from controller.mqtt import MqttOptions
-        from controller.registry import Registry
-        from controller.rollout_store import RolloutStore
+        from controller.rollouts.commands import CommandSigner
+        from controller.rollouts.store import RolloutStore
 
         self.registry = Registry.open(db)
         self.store = RolloutStore(self.registry.conn, offline=self.registry.offline_ids)
@@ -508,14 +508,14 @@ class ControllerHarness:
         self.options = MqttOptions(broker=broker_url, protocol=protocol)
 
     def sync(self) -> int:
+        from controller.fleet.registry import sync_from_broker
         from controller.mqtt import ControllerMqtt
-        from controller.registry import sync_from_broker
 
         with ControllerMqtt(self.options).connect() as m:
             return sync_from_broker(self.registry, m)
 
     def create(self, device_ids: list[str], **kw: Any) -> str:
-        from controller.rollout import create_rollout
+        from controller.rollouts.driver import create_rollout
 
         defaults: dict[str, Any] = {
             "kind": "deploy",
@@ -533,7 +533,7 @@ class ControllerHarness:
         return create_rollout(self.store, self.registry, device_ids=device_ids, **defaults).id
 
     def driver(self, rollout_id: str, **kw: Any) -> Any:
-        from controller.rollout import RolloutDriver
+        from controller.rollouts.driver import RolloutDriver
 
         return RolloutDriver(self.store, self.registry, self.signer, self.options, rollout_id, **kw)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from controller import bundler
+from controller.bundles import bundler
 from controller.cli.main import app
 from protocol.bundle import extract_bundle
 from protocol.manifest import Manifest

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fleet import cli_env, jetfleet_cmd, run_cli
 
-from controller.localbroker import free_port, wait_for_port
+from controller.sandbox.localbroker import free_port, wait_for_port
 
 
 def test_broker_run_serves_the_cli_until_stopped(tmp_path: Path) -> None:

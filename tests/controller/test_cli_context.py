@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli, wait_until
 
-from controller.keystore import init_keys
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import init_keys
 from protocol.topics import Topics
 
 

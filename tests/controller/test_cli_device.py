@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli, wait_until
 
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
-from controller.telemetry_store import TelemetryStore, row_from_sample
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
+from controller.telemetry.store import TelemetryStore, row_from_sample
 from protocol.telemetry import TelemetrySample
 
 

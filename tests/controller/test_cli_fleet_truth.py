@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fleet import Behaviour, SimFleet, build_bundle, make_devices, run_cli, wait_until
 
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
 from protocol.messages import REASON_MAX_CHARS, JobState
 
 

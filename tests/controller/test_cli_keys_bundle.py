@@ -16,9 +16,9 @@ import pytest
 from models import make_convnet, make_golden, make_mlp, mlp_inputs, write_golden
 from typer.testing import CliRunner, Result
 
-from controller import bundler
+from controller.bundles import bundler
 from controller.cli.main import app
-from controller.keystore import KeystoreError, init_keys, load_keys, rotate_keys
+from controller.security.keystore import KeystoreError, init_keys, load_keys, rotate_keys
 from protocol.bundle import VerifiedBundle, extract_bundle, verify_bundle
 from protocol.dsse import Envelope
 from protocol.errors import RollbackAttackError

@@ -22,8 +22,8 @@ from models import make_mlp
 from typer.testing import CliRunner
 
 from controller.cli.main import app
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
 
 
 def rollouts(env: dict[str, str]) -> list[str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli
 
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
 
 
 @pytest.fixture

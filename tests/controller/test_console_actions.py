@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fleet import SimFleet, make_devices, run_cli
 
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
-from controller.serve import JetfleetServer, ServeConfig
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
+from controller.server.serve import JetfleetServer, ServeConfig
 from controller.settings import ControllerSettings
 
 TOKEN = "t0ken-for-tests"

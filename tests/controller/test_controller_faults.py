@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, cli_env, jetfleet_cmd, make_devices, run_cli, wait_until
 
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto, free_port
-from controller.serve import read_serve_state
+from controller.sandbox.localbroker import LocalMosquitto, free_port
+from controller.security.keystore import KeySet
+from controller.server.state import read_serve_state
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics

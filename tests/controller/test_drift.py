@@ -1,5 +1,5 @@
-"""Drift: which robots are not on their desired versions, and why (controller/drift.py),
-and the Prometheus gauge of them per group and model (controller/metrics.py)."""
+"""Drift: which robots are not on their desired versions, and why (controller/desired/drift.py),
+and the Prometheus gauge of them per group and model (controller/telemetry/metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.db import open_database
-from controller.drift import DeviceView, device_drift, wanted
-from controller.metrics import FleetCollector, make_registry
-from controller.release_store import ReleaseStore
+from controller.desired.drift import DeviceView, device_drift, wanted
+from controller.desired.store import ReleaseStore
+from controller.telemetry.metrics import FleetCollector, make_registry
 from protocol.messages import DesiredSummary, DeviceStatus, HeldBack, ModelSlot
 from protocol.release import DesiredModel, Pins, Release
 

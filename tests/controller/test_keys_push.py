@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from fleet import cli_env, run_cli, wait_until
 
-from controller import keystore
-from controller.commands import CommandSigner
-from controller.keystore import init_keys, rotate_keys, trust_update_signers
-from controller.localbroker import LocalMosquitto
+from controller.rollouts.commands import CommandSigner
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security import keystore
+from controller.security.keystore import init_keys, rotate_keys, trust_update_signers
 from protocol.errors import VerificationError
 from protocol.messages import CommandKind
 from protocol.topics import Topics
@@ -70,8 +70,8 @@ def test_push_signature_is_accepted_under_every_earlier_trust_root_and_by_no_oth
 
 
 def test_a_database_from_before_trust_pushes_opens_and_keeps_its_rollouts(tmp_path: Path) -> None:
-    from controller.registry import open_db
-    from controller.rollout_store import _SCHEMA, RolloutStore
+    from controller.fleet.registry import open_db
+    from controller.rollouts.store import _SCHEMA, RolloutStore
 
     conn = open_db(tmp_path / "old.db")
     conn.executescript(re.sub(r",\s*payload TEXT[^\n]*", "", _SCHEMA))  # the first release's

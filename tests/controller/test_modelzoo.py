@@ -20,9 +20,9 @@ from modelzoo import CORPUS, DEPLOYABLE, ZooModel, external_data
 from typer.testing import CliRunner, Result
 
 from agent.enginejob import EngineJob, EngineJobError, EngineRequest
-from controller import bundler
+from controller.bundles import bundler
 from controller.cli.main import app
-from controller.keystore import init_keys
+from controller.security.keystore import init_keys
 from protocol.bundle import VerifiedBundle, extract_bundle, make_manifest, write_bundle
 from protocol.modelio import ModelError, resolve_model_file
 from protocol.trust import load_trust_root
@@ -119,7 +119,7 @@ def test_a_custom_domain_op_is_refused_at_bundle_build_in_one_line_naming_op_and
 
 def _hand_made_bundle(model: Path, keys_dir: Path, out: Path) -> Path:
     """A signed bundle made without `bundle build` (another tool, an older jetfleet)."""
-    from controller.keystore import load_keys
+    from controller.security.keystore import load_keys
 
     golden = bundler.write_npz(
         out.parent / "golden.npz",

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from agent.runtime import ModelRuntime
 from controller.cli.main import app
-from controller.keystore import init_keys
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import init_keys
 
 # The tests share a module-scoped fixture: under xdist one worker runs them all.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_modelzoo_rollout")]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, make_devices, wait_until
 
-from controller.keystore import init_keys
-from controller.localbroker import LocalMosquitto
+from controller.fleet.registry import Registry, TargetError, open_db, sync_from_broker
 from controller.mqtt import ControllerMqtt, MqttOptions
-from controller.registry import Registry, TargetError, open_db, sync_from_broker
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import init_keys
 from protocol.errors import MessageError
 from protocol.messages import DeviceStatus, JobEvent, JobState
 

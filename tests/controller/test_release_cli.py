@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.keystore import init_keys
+from controller.security.keystore import init_keys
 from protocol.messages import DeviceStatus
 from tests.agent.harness import AgentProcess, EventCollector, build_bundle, write_agent_config
 from tests.controller.fleet import cli_env, run_cli

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from controller.keystore import init_keys
+from controller.security.keystore import init_keys
 from protocol.messages import DeviceStatus
 from tests.agent.harness import AgentProcess, EventCollector, build_bundle, write_agent_config
 from tests.controller.fleet import cli_env, run_cli, wait_until

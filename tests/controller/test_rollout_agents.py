@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from fleet import CommandCounter, build_bundle, cli_env, jetfleet_cmd, run_cli, wait_until
 
-from controller.keystore import KeySet, init_keys
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet, init_keys
 
 # The tests share a module-scoped fixture: under xdist one worker runs them all.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_rollout_agents")]

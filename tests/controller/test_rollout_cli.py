@@ -24,8 +24,8 @@ from fleet import (
     wait_until,
 )
 
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
 from protocol.messages import JobState
 
 

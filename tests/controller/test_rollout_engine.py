@@ -10,11 +10,11 @@ import pytest
 from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_devices, wait_until
 from rich.console import Console
 
-from controller.cli.rollout import render
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
-from controller.rollout_policy import RolloutPolicy
-from controller.rollout_store import ABORTED, PENDING, SUCCEEDED, DevicesHeldError
+from controller.cli.common import render
+from controller.rollouts.policy import RolloutPolicy
+from controller.rollouts.store import ABORTED, PENDING, SUCCEEDED, DevicesHeldError
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
 from protocol.messages import JobState
 
 
@@ -228,7 +228,7 @@ def test_paused_rollout_starts_no_wave_until_resumed(
     import threading
     import time
 
-    from controller.rollout import pause, resume_state
+    from controller.rollouts.driver import pause, resume_state
 
     with fleet_of(mosquitto, keys, 2) as fleet:
         harness.sync()

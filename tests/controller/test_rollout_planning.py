@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.rollout import WaveSpecError, crosses, parse_waves, plan_waves
+from controller.rollouts.driver import WaveSpecError, crosses, parse_waves, plan_waves
 
 
 def ids(n: int) -> list[str]:

@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 from fleet import Behaviour, CommandCounter, ControllerHarness, SimFleet, make_devices, wait_until
 
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
-from controller.rollout import WaveSpecError, parse_waves, plan_waves
-from controller.rollout_policy import (
+from controller.rollouts.driver import WaveSpecError, parse_waves, plan_waves
+from controller.rollouts.policy import (
     PolicyError,
     RolloutPolicy,
     Tally,
@@ -25,7 +23,9 @@ from controller.rollout_policy import (
     make_policy,
     parse_abort_on,
 )
-from controller.rollout_store import ABORTED, SCHEDULED, SUCCEEDED, RolloutStore
+from controller.rollouts.store import ABORTED, SCHEDULED, SUCCEEDED, RolloutStore
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
 from protocol.messages import JobState
 
 
@@ -168,7 +168,7 @@ def test_max_per_minute_never_releases_commands_faster_than_the_rate_across_wave
 def test_pause_holds_back_a_paced_waves_remaining_commands(
     mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
 ) -> None:
-    from controller.rollout import pause, resume_state
+    from controller.rollouts.driver import pause, resume_state
 
     with fleet_of(mosquitto, keys, 3) as fleet:
         harness.sync()
@@ -275,8 +275,8 @@ def test_a_scheduled_rollout_aborted_before_its_start_sends_nothing(
 def test_approve_waves_waits_after_each_wave_until_promoted(
     mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness, counter: CommandCounter
 ) -> None:
-    from controller.rollout import promote
-    from controller.rollout_store import WAITING_APPROVAL
+    from controller.rollouts.driver import promote
+    from controller.rollouts.store import WAITING_APPROVAL
 
     with fleet_of(mosquitto, keys, 3) as fleet:
         harness.sync()

@@ -22,8 +22,8 @@ import pytest
 from fleet import build_bundle, cli_env, jetfleet_cmd, run_cli
 from paho.mqtt.enums import CallbackAPIVersion
 
-from controller.keystore import KeySet, init_keys
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet, init_keys
 from protocol.dsse import sign
 from protocol.messages import COMMAND_PAYLOAD_TYPE, JobState
 from protocol.topics import Topics

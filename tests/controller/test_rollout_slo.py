@@ -17,14 +17,14 @@ from fleet import CommandCounter, ControllerHarness, SimFleet, make_devices
 from prometheus_client import generate_latest
 from rich.console import Console
 
-from controller.cli.rollout import render
-from controller.keystore import KeySet
-from controller.localbroker import LocalMosquitto
-from controller.metrics import FleetCollector, make_registry
-from controller.rollout_policy import make_policy
-from controller.rollout_store import ABORTED, SUCCEEDED
-from controller.slo_bake import TelemetrySource
-from controller.telemetry_store import TelemetryStore, row_from_sample
+from controller.cli.common import render
+from controller.rollouts.policy import make_policy
+from controller.rollouts.slo_bake import TelemetrySource
+from controller.rollouts.store import ABORTED, SUCCEEDED
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet
+from controller.telemetry.metrics import FleetCollector, make_registry
+from controller.telemetry.store import TelemetryStore, row_from_sample
 from protocol.telemetry import MetricStats, ModelStats, TelemetrySample, VersionMetrics
 
 SLO = "confidence_mean >= -2%"

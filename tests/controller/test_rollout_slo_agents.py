@@ -26,9 +26,9 @@ import pytest
 from fleet import cli_env, run_cli, wait_until
 from onnx import numpy_helper
 
-from controller.ingest import TelemetryIngester
-from controller.keystore import KeySet, init_keys
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.security.keystore import KeySet, init_keys
+from controller.telemetry.ingest import TelemetryIngester
 from protocol.keys import SigningKey
 
 pytestmark = pytest.mark.slow

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import structlog
 
-from controller.localbroker import LocalMosquitto, free_port
-from controller.serve import (
+from controller.sandbox.localbroker import LocalMosquitto, free_port
+from controller.server.serve import (
     JetfleetHTTPServer,
     JetfleetServer,
     ServeConfig,
-    ServeState,
     parse_range,
+)
+from controller.server.state import (
+    ServeState,
     read_serve_state,
     remove_serve_state,
     write_serve_state,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.localbroker import free_port
-from controller.serve import read_serve_state
+from controller.sandbox.localbroker import free_port
+from controller.server.state import read_serve_state
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = b"signed bundle bytes" * 100

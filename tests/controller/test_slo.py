@@ -1,4 +1,4 @@
-"""SLO expressions and verdicts (controller/slo.py): pure, no I/O."""
+"""SLO expressions and verdicts (controller/rollouts/slo.py): pure, no I/O."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from controller.slo import (
+from controller.rollouts.slo import (
     FAIL,
     NOT_ENOUGH_DATA,
     PASS,
@@ -224,7 +224,7 @@ def test_without_history_the_levels_decide() -> None:
 
 
 def test_the_rollout_policy_keeps_the_slos_for_resume() -> None:
-    from controller.rollout_policy import RolloutPolicy, make_policy
+    from controller.rollouts.policy import RolloutPolicy, make_policy
 
     p = make_policy(slos=("latency_p99<=+10%", "gpu_temp_c < 85"), bake="2m", now=0)
     assert p.slos == ("latency_p99 <= +10%", "gpu_temp_c < 85")
@@ -244,7 +244,7 @@ def test_the_rollout_policy_keeps_the_slos_for_resume() -> None:
     ],
 )
 def test_slo_options_that_cannot_run_are_refused_in_one_line(kw: dict, message: str) -> None:  # type: ignore[type-arg]
-    from controller.rollout_policy import PolicyError, make_policy
+    from controller.rollouts.policy import PolicyError, make_policy
 
     with pytest.raises(PolicyError, match=message):
         make_policy(now=0, **kw)

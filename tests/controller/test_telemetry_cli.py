@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from controller.cli.main import app
 from controller.cli.telemetry import parse_time
-from controller.localbroker import LocalMosquitto
-from controller.telemetry_store import METRICS, TelemetryStore, row_from_sample
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.telemetry.store import METRICS, TelemetryStore, row_from_sample
 from protocol.messages import DeviceStatus, ModelSlot
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics

@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 
 from agent.telemetry.loop import TelemetryLoop
 from agent.telemetry.sampler import TelemetrySampler
-from controller.ingest import IngestPool, TelemetryIngester
-from controller.localbroker import LocalMosquitto
-from controller.telemetry_store import TelemetryStore, row_from_sample
+from controller.sandbox.localbroker import LocalMosquitto
+from controller.telemetry.ingest import IngestPool, TelemetryIngester
+from controller.telemetry.store import TelemetryStore, row_from_sample
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics

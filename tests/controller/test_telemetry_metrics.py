@@ -14,9 +14,9 @@ import structlog
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.ingest import IngestStats
-from controller.metrics import FleetCollector, make_registry
-from controller.telemetry_store import TelemetryStore, row_from_sample
+from controller.telemetry.ingest import IngestStats
+from controller.telemetry.metrics import FleetCollector, make_registry
+from controller.telemetry.store import TelemetryStore, row_from_sample
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 

@@ -1,4 +1,4 @@
-"""Test helpers for transport security: a fleet PKI made by controller.pki, a real
+"""Test helpers for transport security: a fleet PKI made by controller.security.pki, a real
 Mosquitto started with the configuration `jetfleet broker config` generates (on a free
 loopback port), and a paho probe client that records real deliveries."""
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from controller import brokerconfig, pki
-from controller.localbroker import find_mosquitto, free_port, wait_for_port
+from controller.sandbox.localbroker import find_mosquitto, free_port, wait_for_port
+from controller.security import brokerconfig, pki
 from protocol.transport import client_tls_context, parse_broker_url
 from tests.agent.harness import EventCollector
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from controller import pki
+from controller.security import pki
 from protocol.topics import Topics
 from protocol.transport import client_tls_context
 from tests.transport.brokers import FleetPki, Probe, TlsBroker

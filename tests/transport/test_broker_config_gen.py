@@ -14,8 +14,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from typer.testing import CliRunner
 
-from controller import brokerconfig, pki
 from controller.cli.broker import app as broker_app
+from controller.security import brokerconfig, pki
 from protocol.topics import Topics
 from tests.transport.brokers import FleetPki, Probe, start_tls_broker
 
@@ -135,7 +135,7 @@ def test_cli_writes_config_acl_and_certs_with_a_private_key(
 def test_pinned_client_ids_stop_a_device_taking_over_another_devices_session(
     tmp_path: Path, fleet_pki: FleetPki
 ) -> None:
-    from controller.localbroker import free_port
+    from controller.sandbox.localbroker import free_port
 
     ctl_port = free_port()
     broker = start_tls_broker(tmp_path / "b", fleet_pki, controller_port=ctl_port,
@@ -176,7 +176,7 @@ def test_pinned_ids_are_no_default_controllers_must_move_and_devices_must_not_re
     the network. (1) Controllers left on the devices' port all become "controller" and
     kick each other off; (2) a device that can reach the controllers' port takes over
     another device's session there, since client ids are broker-wide."""
-    from controller.localbroker import free_port
+    from controller.sandbox.localbroker import free_port
 
     ctl_port = free_port()
     broker = start_tls_broker(tmp_path / "b", fleet_pki, controller_port=ctl_port,

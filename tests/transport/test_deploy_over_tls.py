@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from controller import pki
+from controller.security import pki
 from protocol.topics import Topics
 from tests.agent.harness import (
     AgentProcess,

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
-from controller import pki
 from controller.cli.pki import app as pki_app
+from controller.security import pki
 
 runner = CliRunner()
 

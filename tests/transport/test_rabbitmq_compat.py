@@ -10,7 +10,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from controller import pki
+from controller.security import pki
 from protocol.topics import Topics
 from protocol.transport import client_tls_context, parse_broker_url
 from tests.agent.harness import (

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from controller.keystore import init_keys
+from controller.security.keystore import init_keys
 from tests.agent.harness import AgentProcess, write_agent_config
 from tests.controller.fleet import cli_env, run_cli
 from tests.transport.brokers import Collector311

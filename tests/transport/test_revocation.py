@@ -15,8 +15,8 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from agent import doctor
-from controller import pki
 from controller.cli.pki import app as pki_app
+from controller.security import pki
 from protocol.transport import BrokerAddress, diagnose_tls
 from tests.agent.harness import AgentProcess, write_agent_config
 from tests.transport.brokers import GROUPS, Probe, make_fleet_pki, start_tls_broker

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from controller import pki
 from controller.mqtt import MqttOptions
-from controller.rollout_store import SUCCEEDED
+from controller.rollouts.store import SUCCEEDED
+from controller.security import pki
 from protocol.transport import client_tls_context
 from tests.agent.harness import AgentProcess, EventCollector, build_bundle, write_agent_config
 from tests.controller.fleet import ControllerHarness

@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from controller.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto
 from protocol.errors import CodedError
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from controller.db import Database
-from controller.release_store import latest_documents
+from controller.desired.store import latest_documents
 from protocol.messages import DesiredSummary
 
 Versions = Mapping[str, str]  # model -> version
@@ -134,7 +134,7 @@ def _why(
 # -- the controller's own record of what it released ------------------------------------
 def released(conn: Database) -> tuple[dict[str, dict[str, str]], dict[str, Versions]]:
     """The newest release per group and pins per device this controller signed
-    (controller/release_store.py): group -> model -> version, device -> pins."""
+    (controller/desired/store.py): group -> model -> version, device -> pins."""
     groups: dict[str, dict[str, str]] = {}
     devices: dict[str, Versions] = {}
     for scope, models in latest_documents(conn).items():

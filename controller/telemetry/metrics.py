@@ -24,11 +24,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from controller.db import DB_ERRORS, Database, DatabaseError, is_url, open_database
-from controller.drift import DeviceView, device_drift, released, summarize
-from controller.ingest import DROP_REASONS, IngestStats
-from controller.rollout_store import rollout_state_counts, rollouts_in_flight, slo_verdict_rows
-from controller.slo import VERDICTS
-from controller.telemetry_store import LatestSample, TelemetryStore
+from controller.desired.drift import DeviceView, device_drift, released, summarize
+from controller.rollouts.slo import VERDICTS
+from controller.rollouts.store import rollout_state_counts, rollouts_in_flight, slo_verdict_rows
+from controller.telemetry.ingest import DROP_REASONS, IngestStats
+from controller.telemetry.store import LatestSample, TelemetryStore
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceStatus
 from protocol.telemetry import GpuStats, TelemetrySample
@@ -244,7 +244,7 @@ class FleetCollector(Collector):
             conn.close()
 
     def _drift(self) -> Iterator[Metric]:
-        """Drifted devices per group and model (controller/drift.py): the devices' last
+        """Drifted devices per group and model (controller/desired/drift.py): the devices' last
         statuses against the releases and pins this controller signed; 0 for a released
         model no device drifts on, so an alert can tell none from unknown."""
         conn = self._controller_conn()

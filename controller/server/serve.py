@@ -11,14 +11,13 @@ that sends nothing (or half a request) for `idle_timeout_s` is disconnected, and
 `max_connections` open at once a new one gets 503 + Retry-After at once, so idle or
 half-sent connections cannot exhaust memory. The console and its API: docs/console.md.
 
-State file `data_dir/serve.json` = {"bundle_url_base", "metrics_url", "pid"}, written
-atomically at start and removed at exit, tells `rollout start` where bundles are served.
+State file `data_dir/serve.json` (controller/server/state.py), written atomically at start
+and removed at exit, tells `rollout start` where bundles are served.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -33,18 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from controller.ingest import IngestPool
+from controller.server.state import ServeState, remove_serve_state, write_serve_state
+from controller.telemetry.ingest import IngestPool
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from controller.settings import ControllerSettings
 from protocol.errors import CodedError
-from protocol.fsio import write_atomic
 
 log = structlog.get_logger(__name__)
 
-SERVE_STATE = "serve.json"
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 IDLE_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 64
@@ -53,57 +51,6 @@ _BUSY = (
     b"Content-Length: 34\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
     b"too many connections; retry later\n"
 )
-
-
-# -- the state file -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServeState:
-    bundle_url_base: str  # e.g. http://host:8380/bundles ; a bundle is base + "/" + file
-    metrics_url: str
-    pid: int
-
-    def bundle_url(self, filename: str) -> str:
-        return f"{self.bundle_url_base}/{filename}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def write_serve_state(data_dir: Path, state: ServeState) -> Path:
-    """tmp + fsync + rename: a reader sees the old file or the new one, never half."""
-    path = data_dir / SERVE_STATE
-    write_atomic(path, json.dumps(state.__dict__).encode())
-    return path
-
-
-def read_serve_state(data_dir: Path) -> ServeState | None:
-    """The running server's state, or None when there is none or its process is gone."""
-    try:
-        data = json.loads((Path(data_dir) / SERVE_STATE).read_text())
-        state = ServeState(str(data["bundle_url_base"]), str(data["metrics_url"]), int(data["pid"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return state if _pid_alive(state.pid) else None
-
-
-def remove_serve_state(data_dir: Path, pid: int | None = None) -> None:
-    """Remove the state file if it is ours (a newer server may have replaced it)."""
-    path = Path(data_dir) / SERVE_STATE
-    try:
-        if pid is not None and json.loads(path.read_text()).get("pid") != pid:
-            return
-        path.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 # -- HTTP -----------------------------------------------------------------------------
@@ -303,7 +250,10 @@ class JetfleetServer:
         self._stopped = threading.Event()
 
     def start(self) -> ServeState:
-        from controller.metrics import FleetCollector, make_registry  # the controller extra
+        from controller.telemetry.metrics import (  # the controller extra
+            FleetCollector,
+            make_registry,
+        )
 
         cfg = self.cfg
         cfg.bundle_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from controller.slo import SloError, parse_duration, parse_slo
+from controller.rollouts.slo import SloError, parse_duration, parse_slo
 from protocol.errors import CodedError
 
 # The failure types an operator can put a threshold on (an assignment's terminal state).

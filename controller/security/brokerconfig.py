@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from controller import pki
+from controller.security import pki
 from protocol.errors import CodedError, InvalidIdError
 from protocol.ids import validate_id
 from protocol.topics import DEFAULT_PREFIX

@@ -28,8 +28,8 @@ import paho.mqtt.client as mqtt
 import structlog
 from pydantic import ValidationError
 
-from controller import paho_speedups
-from controller.telemetry_store import Row, TelemetryStore, row_from_sample
+from controller.telemetry import paho_speedups
+from controller.telemetry.store import Row, TelemetryStore, row_from_sample
 from protocol.errors import ProtocolError, SchemaError
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample

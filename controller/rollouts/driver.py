@@ -30,15 +30,18 @@ from typing import Any
 import psutil
 import structlog
 
-from controller.commands import CommandSigner
 from controller.db import DB_ERRORS
+from controller.desired.releases import ReleaseSite, release_after_rollout
+from controller.desired.store import ReleaseStore
+from controller.fleet.registry import Registry
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
-from controller.registry import Registry
-from controller.release_store import ReleaseStore
-from controller.releases import ReleaseSite, release_after_rollout
-from controller.rollout_policy import RolloutPolicy, Tally, abort_reason, exponential_sizes
-from controller.rollout_policy import crosses as crosses  # re-exported: the planning tests
-from controller.rollout_store import (
+from controller.rollouts.commands import CommandSigner
+from controller.rollouts.policy import RolloutPolicy, Tally, abort_reason, exponential_sizes
+from controller.rollouts.policy import crosses as crosses  # re-exported: the planning tests
+from controller.rollouts.slo import FAIL as SLO_FAIL
+from controller.rollouts.slo import NOT_ENOUGH_DATA, Verdict
+from controller.rollouts.slo_bake import BakeWindows, SampleSource, Window, judge_wave
+from controller.rollouts.store import (
     ABORTED,
     ABORTING,
     BAKE_FAILED,
@@ -60,9 +63,6 @@ from controller.rollout_store import (
     Wave,
     is_disk_full,
 )
-from controller.slo import FAIL as SLO_FAIL
-from controller.slo import NOT_ENOUGH_DATA, Verdict
-from controller.slo_bake import BakeWindows, SampleSource, Window, judge_wave
 from protocol.errors import CodedError, ProtocolError
 from protocol.ids import validate_id
 from protocol.messages import DeviceStatus, JobEvent, JobState, ReasonCode
@@ -135,6 +135,16 @@ def parse_waves(spec: str, total: int = 1) -> list[WaveStep]:
                 raise
             raise WaveSpecError(f"--waves {spec!r}: {p!r} is neither a count nor a %") from e
     return steps
+
+
+def check_plan(waves_spec: str, max_failure_rate: float, wave_timeout: float) -> None:
+    """The rollout options every start checks, before anything is resolved or stored
+    (WaveSpecError): the wave sizes, the failure threshold and the wave timeout."""
+    parse_waves(waves_spec)
+    if not 0 <= max_failure_rate <= 1:
+        raise WaveSpecError(f"--max-failure-rate {max_failure_rate:g} must be within 0..1")
+    if wave_timeout <= 0:
+        raise WaveSpecError("--wave-timeout must be positive")
 
 
 def _exponential_steps(spec: str, total: int) -> list[WaveStep]:
@@ -312,7 +322,8 @@ class RolloutDriver:
                 self.mqtt.close()
 
     def _set_release(self, rollout: Rollout) -> None:
-        """A completed deploy rollout becomes its groups' release (controller/releases.py)."""
+        """A completed deploy rollout becomes its groups' release
+        (controller/desired/releases.py)."""
         opts = MqttOptions(**{**self.options.__dict__, "client_id": "", "persistent": False})
         site = ReleaseSite(
             opts, self.topics, ReleaseStore(self.registry.conn), self.signer.operator_keys
@@ -603,7 +614,7 @@ class RolloutDriver:
     def _judge_bake(self, rollout: Rollout, wave: Wave, since: float, now: float) -> list[Verdict]:
         """The devices of the waves so far on the new version, against the target's devices
         still on the old one over the same window; each device also against its own
-        window of the same length before its wave started (controller/slo.py)."""
+        window of the same length before its wave started (controller/rollouts/slo.py)."""
         if self.slo_source is None:
             raise RolloutError(f"rollout {rollout.id} has SLOs but the driver has no metrics")
         assignments = self.store.assignments(rollout.id)
@@ -1069,10 +1080,7 @@ def create_rollout(
         raise ValueError(f"rollout kind {kind!r}")
     if (kind == "trust_update") != (payload is not None):
         raise ValueError("a trust_update rollout, and only one, carries a payload")
-    if not 0 <= max_failure_rate <= 1:
-        raise WaveSpecError(f"--max-failure-rate {max_failure_rate:g} is not within 0..1")
-    if wave_timeout <= 0:
-        raise WaveSpecError("--wave-timeout must be positive")
+    check_plan(waves_spec, max_failure_rate, wave_timeout)
     if not device_ids:
         raise WaveSpecError("the target has no devices")
     for d in device_ids:

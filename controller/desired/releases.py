@@ -3,7 +3,7 @@ device pins (issue 13). `jetfleet release ...` and a rollout that completes both
 `set_group_release` / `publish_document`, so a release has one way onto the broker.
 
 Each document's version only goes up: the next one is the higher of the broker's retained
-copy and this controller's history (controller/release_store.py), plus one. The broker
+copy and this controller's history (controller/desired/store.py), plus one. The broker
 is untrusted; the devices verify what they get (agent/desired.py).
 """
 
@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 
 import structlog
 
+from controller.desired.store import ReleaseStore
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
-from controller.release_store import ReleaseStore
-from controller.rollout_store import SUCCEEDED, Rollout
+from controller.rollouts.store import SUCCEEDED, Rollout
 from protocol.dsse import Envelope
 from protocol.errors import CodedError, ProtocolError
 from protocol.keys import SigningKey

@@ -23,7 +23,7 @@ from typing import Any
 from controller.db import Database
 from controller.db import is_disk_full as is_disk_full  # re-exported: the CLI's checks
 from controller.db.migrations import AddColumn, Step, migrate
-from controller.rollout_policy import OFFLINE_CODE, RolloutPolicy
+from controller.rollouts.policy import OFFLINE_CODE, RolloutPolicy
 from protocol.errors import CodedError
 from protocol.messages import FAILURE_STATES, PIPELINE, JobState, ReasonCode
 
@@ -208,7 +208,7 @@ CREATE TABLE IF NOT EXISTS rollout_events (
 );
 """
 
-# SLO bakes (controller/slo.py): a migration step of its own, after the added columns.
+# SLO bakes (controller/rollouts/slo.py): a migration step of its own, after the added columns.
 _SLO_SCHEMA = """
 CREATE TABLE IF NOT EXISTS slo_bakes (
     rollout_id TEXT NOT NULL,
@@ -803,7 +803,7 @@ class RolloutStore:
                 (time.time(), deadline, rollout_id, idx),
             )
 
-    # -- SLO bakes (controller/slo.py judges, the driver records) ---------------------------
+    # -- SLO bakes (controller/rollouts/slo.py judges, the driver records) -------------------------
     def bake(self, rollout_id: str, wave: int) -> Bake | None:
         row = self.conn.execute(
             "SELECT wave, started_at, state, ended_at FROM slo_bakes WHERE rollout_id=? AND wave=?",

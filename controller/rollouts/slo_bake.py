@@ -3,7 +3,7 @@
 `TelemetrySource` reads the controller's telemetry database (`jetfleet serve` ingests
 the devices' telemetry into it); anything with the same `samples` method can stand in
 (another store, another metrics system). `judge_wave` turns the samples of each cohort's
-windows into per-device values of each SLO and asks controller/slo.py for the verdicts.
+windows into per-device values of each SLO and asks controller/rollouts/slo.py for the verdicts.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Protocol
 
 import structlog
 
-from controller.slo import Slo, Verdict, judge, parse_slo
-from controller.telemetry_store import TelemetryStore, TelemetryStoreError
+from controller.rollouts.slo import Slo, Verdict, judge, parse_slo
+from controller.telemetry.store import TelemetryStore, TelemetryStoreError
 from protocol.errors import ProtocolError
 from protocol.telemetry import TelemetrySample
 

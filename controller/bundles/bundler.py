@@ -11,8 +11,8 @@ model would be rejected by every device's accuracy gate.
 Golden outputs are always those of the fp32 model, also for fp16 and int8 bundles: the gate
 measures how far the device's engine is from the reference, not from another approximation.
 Golden files may also come from Polygraphy (`polygraphy run --onnxrt --save-inputs/
---save-outputs`, controller.polygraphy_files). Each output's accuracy check follows the
-precision unless the operator names one (`--accuracy`, controller.accuracy_checks).
+--save-outputs`, controller.bundles.polygraphy_files). Each output's accuracy check follows the
+precision unless the operator names one (`--accuracy`, controller.bundles.accuracy_checks).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from controller import polygraphy_files
-from controller.accuracy_checks import gate_with_checks
+from controller.bundles import polygraphy_files
+from controller.bundles.accuracy_checks import gate_with_checks
 from protocol.bundle import (
     GOLDEN_INPUT_PREFIX,
     GOLDEN_OUTPUT_PREFIX,

@@ -1,0 +1,2 @@
+"""Fleet telemetry: MQTT ingestion, its SQLite store, plot data and the
+Prometheus view."""
