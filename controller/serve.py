@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -38,7 +39,9 @@ from controller.ingest import IngestPool
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
+    from controller.registry import Registry
     from controller.settings import ControllerSettings
+    from protocol.messages import DeviceStatus
 from protocol.errors import CodedError
 from protocol.fsio import write_atomic
 
@@ -287,8 +290,49 @@ def check_console_exposure(cfg: ServeConfig) -> None:
     if cfg.console and cfg.token is None and cfg.host not in LOOPBACK:
         raise ConsoleTokenError(
             f"listening on {cfg.host or '*'} serves the console to the network: give it a "
-            "token (--token or JETFLEET_CONSOLE_TOKEN), listen on 127.0.0.1, or --no-console"
+            "token (--token, JETFLEET_CONSOLE_TOKEN or console_token in the config file), "
+            "listen on 127.0.0.1, or --no-console"
         )
+
+
+class StatusRecorder:
+    """Each device status the ingester hears goes into the controller database, so the
+    console's fleet and the drift gauges follow the robots while no CLI runs. paho's
+    thread only enqueues; one thread opens the database and writes."""
+
+    def __init__(self, controller_db: str | Path) -> None:
+        self.controller_db = controller_db
+        self.recorded = 0
+        self._queue: queue.SimpleQueue[tuple[DeviceStatus, float] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def offer(self, status: DeviceStatus) -> None:
+        self._queue.put((status, time.time()))
+
+    def start(self) -> None:
+        from controller.registry import Registry
+
+        registry = Registry.open(self.controller_db)  # a bad database fails `start`
+        self._thread = threading.Thread(
+            target=self._run, args=(registry,), name="status-recorder", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self, registry: Registry) -> None:
+        while (item := self._queue.get()) is not None:
+            status, received_at = item
+            try:
+                registry.apply_status(status, received_at)
+                self.recorded += 1
+            except Exception as e:  # a locked database: the next status brings it up to date
+                log.warning("status_record_failed", device=status.device_id, reason=str(e))
+        registry.conn.close()
 
 
 class JetfleetServer:
@@ -299,6 +343,7 @@ class JetfleetServer:
         self.ingester: IngestPool | None = None
         self.http: JetfleetHTTPServer | None = None
         self.metrics_http: JetfleetHTTPServer | None = None
+        self.recorder: StatusRecorder | None = None
         self.state: ServeState | None = None
         self._stopped = threading.Event()
 
@@ -310,8 +355,15 @@ class JetfleetServer:
         ingester = self._make_ingester()  # checks its options first: a usage error
         check_console_exposure(cfg)
         if ingester is not None:
+            if self.recorder is not None:
+                self.recorder.start()
             self.ingester = ingester
-            ingester.start()
+            try:
+                ingester.start()
+            except BaseException:
+                if self.recorder is not None:
+                    self.recorder.stop()
+                raise
         ing = self.ingester
         collector = FleetCollector(
             cfg.telemetry_db,
@@ -353,6 +405,8 @@ class JetfleetServer:
         cfg = self.cfg
         if not cfg.ingest:
             return None
+        if cfg.controller_db is not None:
+            self.recorder = StatusRecorder(cfg.controller_db)
         return IngestPool(
             cfg.ingest_workers,
             cfg.telemetry_db,
@@ -363,6 +417,7 @@ class JetfleetServer:
             ca=cfg.ca,
             cert=cfg.cert,
             key=cfg.key,
+            on_status=self.recorder.offer if self.recorder is not None else None,
         )
 
     def _http_server(
@@ -406,6 +461,8 @@ class JetfleetServer:
                 srv.server_close()
         if self.ingester is not None:
             self.ingester.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         log.info("serve_stopped")
 
     def run_forever(self, ready: Callable[[ServeState], None] | None = None) -> None:

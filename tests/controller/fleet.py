@@ -18,7 +18,8 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -539,6 +540,33 @@ class ControllerHarness:
 
     def drive(self, rollout_id: str) -> Any:
         return self.driver(rollout_id).run()
+
+
+@contextmanager
+def console_server(db: Path, data_dir: Path, **kw: Any) -> Iterator[tuple[str, Any]]:
+    """A real `serve` (Starlette under uvicorn) on a free loopback port over the controller
+    database `db`, its telemetry database beside it; yields its base URL and the server.
+    Ingestion is off (no broker) unless `broker=` and `ingest=True` are given."""
+    from controller.serve import JetfleetServer, ServeConfig
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    options: dict[str, Any] = {
+        "broker": "mqtt://127.0.0.1:1",
+        "telemetry_db": db.parent / "telemetry.db",
+        "bundle_dir": data_dir / "bundles",
+        "host": "127.0.0.1",
+        "http_port": 0,
+        "ingest": False,
+        "console_poll_s": 0.2,
+        **kw,
+    }
+    server = JetfleetServer(ServeConfig(data_dir=data_dir, controller_db=db, **options))
+    server.start()
+    try:
+        assert server.http is not None
+        yield f"http://127.0.0.1:{server.http.port}", server
+    finally:
+        server.stop()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

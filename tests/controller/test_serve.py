@@ -12,10 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.publish as publish
 import pytest
 import structlog
 
 from controller.localbroker import LocalMosquitto, free_port
+from controller.registry import Registry
 from controller.serve import (
     JetfleetHTTPServer,
     JetfleetServer,
@@ -26,6 +28,8 @@ from controller.serve import (
     remove_serve_state,
     write_serve_state,
 )
+from protocol.messages import DeviceStatus
+from protocol.topics import Topics
 
 
 @pytest.fixture(autouse=True)
@@ -181,6 +185,7 @@ def test_server_runs_ingestion_bundles_and_metrics_then_cleans_up(
         http_port=0,
         metrics_port=free_port(),
         advertise_host="controller.local",
+        controller_db=tmp_path / "data" / "controller.db",
     )
     server = JetfleetServer(cfg)
     state = server.start()
@@ -196,6 +201,18 @@ def test_server_runs_ingestion_bundles_and_metrics_then_cleans_up(
         assert b"jetfleet_telemetry_samples_total" in body
         assert get(server.metrics_http, "/bundles/m-1.0.0.jfb")[0] == 404  # metrics only
         assert server.ingester is not None and server.ingester.wait_connected(5)
+        # A robot's retained status reaches the controller database with no CLI running.
+        status = DeviceStatus.new(device_id="robot-7", online=True, groups=["dock"])
+        publish.single(
+            Topics().status("robot-7"), status.encode(), qos=1, retain=True,
+            hostname="127.0.0.1", port=mosquitto.port,
+        )  # fmt: skip
+        registry = Registry.open(cfg.controller_db)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while registry.get("robot-7") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen = registry.get("robot-7")
+        assert seen is not None and seen.online and seen.groups == ["dock"]
     finally:
         server.stop()
     assert not (cfg.data_dir / "serve.json").exists()
@@ -204,14 +221,18 @@ def test_server_runs_ingestion_bundles_and_metrics_then_cleans_up(
 def test_jetfleet_serve_command_runs_until_sigterm_and_removes_its_state_file(
     mosquitto: LocalMosquitto, tmp_path: Path
 ) -> None:
+    """Also: the console's token comes from the config file when no option or env gives it."""
     data = tmp_path / "data"
     port = free_port()
+    config = tmp_path / "controller.toml"
+    config.write_text('console_token = "from-the-file"\n')
     env = {
         **os.environ,
         "JETFLEET_BROKER": mosquitto.url,
         "JETFLEET_DB": str(data / "controller.db"),
-        "JETFLEET_CONFIG": str(tmp_path / "none.toml"),
+        "JETFLEET_CONFIG": str(config),
     }
+    env.pop("JETFLEET_CONSOLE_TOKEN", None)
     cli = [sys.executable, "-c", "from controller.cli.main import app; app()", "serve"]
     proc = subprocess.Popen(
         [*cli, "--host", "127.0.0.1", "--http-port", str(port), "--advertise-host", "127.0.0.1"],
@@ -229,8 +250,15 @@ def test_jetfleet_serve_command_runs_until_sigterm_and_removes_its_state_file(
         assert state is not None and state.pid == proc.pid
         assert state.bundle_url_base == f"http://127.0.0.1:{port}/bundles"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/metrics")
-        assert conn.getresponse().status == 200
+        conn.request("GET", "/metrics")  # open to Prometheus: no token
+        metrics = conn.getresponse()
+        metrics.read()
+        assert metrics.status == 200
+        for headers, status in (({}, 401), ({"Authorization": "Bearer from-the-file"}, 200)):
+            conn.request("GET", "/api/fleet", headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == status
         conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -287,3 +315,20 @@ def test_several_ingest_workers_on_mqtt311_is_a_usage_error(tmp_path: Path) -> N
         ],
     )
     assert r.exit_code == 2 and "MQTT 5 shared subscription" in r.stderr
+
+
+def test_the_console_token_option_beats_the_environment_which_beats_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controller.settings import ControllerSettings
+
+    config = tmp_path / "config.toml"
+    config.write_text('console_token = "file"\n[contexts.site]\nconsole_token = "site"\n')
+    monkeypatch.delenv("JETFLEET_CONSOLE_TOKEN", raising=False)
+    monkeypatch.delenv("JETFLEET_CONTEXT", raising=False)
+    assert ControllerSettings.load(config=config).console_token == "file"
+    assert ControllerSettings.load(config=config, context="site").console_token == "site"
+    monkeypatch.setenv("JETFLEET_CONSOLE_TOKEN", "env")
+    assert ControllerSettings.load(config=config, context="site").console_token == "env"
+    given = ControllerSettings.load({"console_token": "option"}, config=config)
+    assert given.console_token == "option"

@@ -33,13 +33,20 @@ function row(r) {
   return el("tr", { "data-robot": r.id }, cells(r));
 }
 
-function render(page) {
-  rows.clear();
-  tbody.replaceChildren(...page.robots.map((r) => { const tr = row(r); rows.set(r.id, tr); return tr; }));
+function renderStats(page) {
   stats.replaceChildren(
     el("span", {}, `${page.total} robots`), el("span", { class: "on" }, `${page.online} online`),
     el("span", { class: "warn" }, `${page.drifting} drifting`),
-    el("span", {}, `showing ${page.robots.length ? page.offset + 1 : 0}–${page.offset + page.robots.length} of ${page.matched}`));
+    el("span", {}, `showing ${rows.size ? page.offset + 1 : 0}–${page.offset + rows.size} of ${page.matched}`));
+}
+
+let total = null;  // robots in the fleet as the page last heard: a change means a new page
+
+function render(page) {
+  rows.clear();
+  tbody.replaceChildren(...page.robots.map((r) => { const tr = row(r); rows.set(r.id, tr); return tr; }));
+  total = page.total;
+  renderStats(page);
   const groups = document.querySelector("#group");
   if (groups.options.length - 1 !== page.groups.length) {
     groups.replaceChildren(el("option", { value: "" }, "all groups"),
@@ -77,12 +84,26 @@ function bind() {
 
 bind();
 load();
+// The counts cover the whole fleet, not this page, so they come from the server: after a
+// change, ask again, at most every two seconds whatever the fleet's churn. A robot that
+// joined or left changes the total: then the page itself is fetched again.
+let statsDue = null;
+function refreshStats() {
+  if (statsDue) return;
+  statsDue = setTimeout(async () => {
+    statsDue = null;
+    const params = new URLSearchParams(Object.entries({ ...state, limit: 1 }).filter(([, v]) => v !== ""));
+    try {
+      const page = await api(`/api/fleet?${params}`);
+      if (page.total !== total) load(); else renderStats(page);
+    } catch { /* the next change asks again */ }
+  }, 2000);
+}
+
 live(["fleet"], {
   robots: ({ changed }) => {
-    for (const r of changed) {
-      const tr = rows.get(r.id);
-      if (tr) tr.replaceChildren(...cells(r));
-    }
+    for (const r of changed) rows.get(r.id)?.replaceChildren(...cells(r));
+    refreshStats();
   },
 });
 // "last seen" is relative: keep it true without asking the server.
