@@ -112,7 +112,15 @@ def remove_serve_state(data_dir: Path, pid: int | None = None) -> None:
 # -- HTTP -----------------------------------------------------------------------------
 
 
-def _guarded_protocol(idle_timeout_s: float, max_connections: int) -> type:
+@dataclass
+class ConnectionStats:
+    """Counted on the server's event loop as connections come: exact, not sampled."""
+
+    peak: int = 0  # the most connections held at once (a refused one never counts)
+    refused: int = 0  # answered 503 past the cap
+
+
+def _guarded_protocol(idle_timeout_s: float, max_connections: int, stats: ConnectionStats) -> type:
     """uvicorn's h11 protocol with the two guards http.server's threads had.
 
     A connection that has not sent a whole request head within `idle_timeout_s` (idle,
@@ -128,10 +136,12 @@ def _guarded_protocol(idle_timeout_s: float, max_connections: int) -> type:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
+                stats.refused += 1
                 log.warning("http_busy", client=self.client[0] if self.client else "")
                 transport.write(_BUSY)
                 transport.close()
                 return
+            stats.peak = max(stats.peak, len(self.connections))
             self._await_head()
 
         def _await_head(self) -> None:
@@ -207,11 +217,12 @@ class JetfleetHTTPServer:
         self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir is not None else None
         self.registry = registry
         self.app = app or make_app(bundle_dir=self.bundle_dir, registry=registry)
+        self.connections = ConnectionStats()
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self._sock = socket.create_server(addr, family=family, backlog=max(128, max_connections))
         config = uvicorn.Config(
             self.app,
-            http=_guarded_protocol(idle_timeout_s, max_connections),
+            http=_guarded_protocol(idle_timeout_s, max_connections, self.connections),
             loop="asyncio",
             lifespan="off",
             log_config=None,

@@ -12,7 +12,8 @@ from typing import Any
 
 from controller.drift import released, wanted
 from controller.registry import DeviceRecord, Registry
-from controller.release_store import current_documents, read_history
+from controller.release_store import current_documents, read_history, read_rollout_releases
+from controller.releases import rollout_release
 from controller.rollout_store import RolloutStore
 from controller.telemetry_store import METRICS, TelemetryStore, TelemetryStoreError
 from protocol.errors import CodedError
@@ -328,6 +329,7 @@ class ConsoleData:
             ]
             slo = getattr(store, "slo_verdicts", None)  # SLO verdicts, where the store has them
             out["slo"] = slo(r.id) if callable(slo) else None
+            out["release"] = rollout_release(r, read_rollout_releases(store.conn, r.id))
         return out
 
     def releases(self) -> dict[str, Any]:

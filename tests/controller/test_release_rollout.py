@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from controller.keystore import init_keys
-from protocol.messages import DeviceStatus
+from controller.keystore import KeySet, init_keys
+from controller.localbroker import LocalMosquitto
+from protocol.messages import DeviceStatus, JobState
 from tests.agent.harness import AgentProcess, EventCollector, build_bundle, write_agent_config
-from tests.controller.fleet import cli_env, run_cli, wait_until
+from tests.controller.fleet import Behaviour, SimFleet, cli_env, make_devices, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +107,10 @@ def test_a_robot_off_during_a_rollout_catches_up_through_the_release_it_sets(
                    "the rollout's end")  # fmt: skip
         done = rollout(env, rid)
         assert done["left_to_release"] == ["robot-2"]
+        assert done["release"] == {
+            "groups": [{"group": "lab", "outcome": "set", "version": 2, "reason": None}],
+            "none": None,
+        }
         assert group_release(env) == (2, "2.0.0")
         assert drift(env) == {"robot-2": ("offline", "1.0.0", "2.0.0")}
         # No controller process runs now; robot-2 comes back and converges on its own.
@@ -118,3 +123,38 @@ def test_a_robot_off_during_a_rollout_catches_up_through_the_release_it_sets(
             assert [e.state.value for e in ev2.events
                     if e.origin == "release" and e.version == "2.0.0" and e.state.terminal
                     ] == ["SUCCEEDED"]  # fmt: skip
+
+
+def test_an_aborted_rollout_leaves_the_release_where_it_was_and_status_says_what_each_set(
+    tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str]
+) -> None:
+    b = {v: build_bundle(tmp_path / "build", keys.release, version=v) for v in ("1.0.0", "2.0.0")}
+    cli(env, "release", "set", "detector", "1.0.0", "--group", "lab", "--bundle", str(b["1.0.0"]))
+    devices = make_devices(3, groups=["lab"])
+    devices[2].behaviour = Behaviour(outcome=JobState.FAILED)  # its gate fails: abort
+    start = ("rollout", "start", str(b["2.0.0"]), "--waves", "100%", "--max-failure-rate", "0",
+             "--wait", "--output", "json")  # fmt: skip
+    with SimFleet(mosquitto.url, keys.trust, devices):
+        out = run_cli(env, *start, "--target", "group:lab")
+        assert out.returncode == 1, out.stderr
+        aborted = json.loads(out.stdout)
+        assert aborted["rollout"]["state"] == "aborted"
+        assert group_release(env) == (1, "1.0.0")  # where it was
+        none = "aborted: the group's release stays where it was"
+        assert aborted["release"] == {"groups": [], "none": none}
+        assert rollout(env, aborted["rollout"]["id"])["release"] == aborted["release"]
+        text = cli(env, "rollout", "status", aborted["rollout"]["id"])
+        assert f"release: none set: {none}" in text
+        # To ids, it sets none either; to the group, once every robot passes, it does.
+        devices[2].behaviour = Behaviour()
+        to_ids = json.loads(cli(env, *start, "--target", "robot-0000"))
+        assert to_ids["release"]["none"].startswith("it targets devices, not a group")
+        done = json.loads(cli(env, *start, "--target", "group:lab"))
+    assert done["rollout"]["state"] == "succeeded"
+    assert group_release(env) == (2, "2.0.0")
+    assert done["release"] == {
+        "groups": [{"group": "lab", "outcome": "set", "version": 2, "reason": None}],
+        "none": None,
+    }
+    text = cli(env, "rollout", "status", done["rollout"]["id"])
+    assert "release: group lab v2 (detector 2.0.0)" in text

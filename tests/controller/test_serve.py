@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,6 +142,24 @@ def test_symlinks_and_directories_in_the_bundle_dir_are_not_served(
     (bundles / "adir.jfb").mkdir()
     assert get(srv, "/bundles/link.jfb")[0] == 404
     assert get(srv, "/bundles/adir.jfb")[0] == 404
+
+
+def test_the_server_counts_the_connections_it_held_and_refused(tmp_path: Path) -> None:
+    srv = JetfleetHTTPServer(
+        ("127.0.0.1", 0), bundle_dir=tmp_path, registry=None, max_connections=2
+    )
+    srv.start()
+    held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(5)]
+    try:
+        deadline = time.monotonic() + 5
+        while srv.connections.refused < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (srv.connections.peak, srv.connections.refused) == (2, 3)
+    finally:
+        for s in held:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_parse_range_edge_cases() -> None:
