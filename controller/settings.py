@@ -121,7 +121,8 @@ class ControllerSettings:
     protocol: str = "5"
     prefix: str = "jetfleet/v1"
     bundle_dir: Path = Path()  # unset: bundles/ beside the database (state per database)
-    console_token: str = ""  # `serve`'s console token (JETFLEET_CONSOLE_TOKEN, --token win)
+    # `serve`'s console token (JETFLEET_CONSOLE_TOKEN and --token win); a secret: no repr.
+    console_token: str = field(default="", repr=False)
     context: str | None = None  # the named context in use
     # --db as a server URL (postgresql://…): the database; `db` then only places the
     # local files (bundles/, rollouts/ logs) in the data directory.
