@@ -19,11 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
-from chromium import BROWSER_MARKS, chromium_page
-from fleet import build_bundle, cli_env, console_server, run_cli, wait_until
+from console_harness import BROWSER_MARKS, chromium_page, console_server
+from fleet import agent_lab, build_bundle, run_cli, start_agents, wait_until
 
-from controller.keystore import KeySet, init_keys
-from controller.localbroker import LocalMosquitto
+from controller.keystore import KeySet
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.slow, pytest.mark.xdist_group("console_agents")]
 
@@ -45,36 +44,19 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    from tests.agent.harness import AgentProcess, write_agent_config
-
     root = tmp_path_factory.mktemp("console-agents")
-    keys = init_keys(root / "keys")
-    broker = LocalMosquitto(root / "broker")
-    broker.start()
-    env = cli_env(root, broker.url, root / "keys")
-    db = Path(env["JETFLEET_DB"])
-    agents: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        stack.callback(broker.stop)
+    with agent_lab(root) as (keys, broker, env), contextlib.ExitStack() as stack:
+        db = Path(env["JETFLEET_DB"])
         # The serve's state file beside the database: `rollout start` publishes the
         # bundle through it and the agents download it over HTTP.
         serve = console_server(
             db, db.parent, broker=broker.url, ingest=True, advertise_host="127.0.0.1"
         )
         base, _ = stack.enter_context(serve)
-        for d in DEVICES:
-            cfg = write_agent_config(
-                root / d / "agent.toml",
-                device_id=d,
-                groups=["lab"],
-                broker_url=broker.url,
-                data_dir=root / d / "data",
-                trust_root=root / "keys" / "trust.json",
-                telemetry_interval_s=1,
-            )
-            agents[d] = AgentProcess(cfg, env={"OMP_NUM_THREADS": "1"}).start()
-            stack.callback(lambda a=agents[d]: a.stop())
-        lab = Lab(base, env, keys, root, agents)
+        agents = start_agents(root, broker.url, DEVICES, groups=["lab"], telemetry_interval_s=1)
+        for a in agents:
+            stack.callback(a.stop)
+        lab = Lab(base, env, keys, root, dict(zip(DEVICES, agents, strict=True)))
         wait_until(lambda: lab.get("/api/fleet")["online"] == 2, timeout=60, what="two agents")
         yield lab
 
@@ -117,7 +99,9 @@ def test_a_robot_page_job_list_follows_a_rollout_through_its_states_live(lab: La
             "--output", "json",
         )  # fmt: skip
         assert out.returncode == 0, out.stdout + out.stderr
-        rid = json.loads(out.stdout)["rollout"]["id"]
+        rollout = json.loads(out.stdout)["rollout"]
+        rid = rollout["id"]
+        assert rollout["bundle_url"].startswith(lab.base + "/bundles/")  # served by this serve
         row = page.locator(f"#robot tr:has(a[href='/rollouts/{rid}'])")
         state = row.locator("td").nth(2)
         state.locator("text=PROBATION").wait_for(timeout=60_000)
