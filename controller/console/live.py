@@ -128,7 +128,13 @@ class Hub:
         self._seen.robots = now
         if not changed and not gone:
             return []
-        return [("fleet", "robots", {"changed": changed, "gone": gone})]
+        # The whole fleet's counts ride along: no page asks the server for them again.
+        counts = {
+            "total": len(rows),
+            "online": sum(1 for r in rows if r["online"]),
+            "drifting": sum(1 for r in rows if r["drift"]),
+        }
+        return [("fleet", "robots", {"changed": changed, "gone": gone, "counts": counts})]
 
     def _rollouts(self, topics: set[str]) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []

@@ -41,12 +41,15 @@ function renderStats(page) {
 }
 
 let total = null;  // robots in the fleet as the page last heard: a change means a new page
+let lastPage = {};  // the counts the stats line shows
 
 function render(page) {
   rows.clear();
   tbody.replaceChildren(...page.robots.map((r) => { const tr = row(r); rows.set(r.id, tr); return tr; }));
   total = page.total;
-  renderStats(page);
+  lastPage = { total: page.total, online: page.online, drifting: page.drifting,
+    offset: page.offset, matched: page.matched };
+  renderStats(lastPage);
   const groups = document.querySelector("#group");
   if (groups.options.length - 1 !== page.groups.length) {
     groups.replaceChildren(el("option", { value: "" }, "all groups"),
@@ -84,26 +87,27 @@ function bind() {
 
 bind();
 load();
-// The counts cover the whole fleet, not this page, so they come from the server: after a
-// change, ask again, at most every two seconds whatever the fleet's churn. A robot that
-// joined or left changes the total: then the page itself is fetched again.
-let statsDue = null;
-function refreshStats() {
-  if (statsDue) return;
-  statsDue = setTimeout(async () => {
-    statsDue = null;
+// Each change brings the whole fleet's counts. A robot that joined or left changes the
+// total: the page itself is fetched again. Under a filter, how many robots match can
+// change too: ask the server, at most every two seconds whatever the fleet's churn.
+let matchDue = null;
+function refreshMatched() {
+  if (matchDue) return;
+  matchDue = setTimeout(async () => {
+    matchDue = null;
     const params = new URLSearchParams(Object.entries({ ...state, limit: 1 }).filter(([, v]) => v !== ""));
-    try {
-      const page = await api(`/api/fleet?${params}`);
-      if (page.total !== total) load(); else renderStats(page);
-    } catch { /* the next change asks again */ }
+    try { lastPage.matched = (await api(`/api/fleet?${params}`)).matched; renderStats(lastPage); }
+    catch { /* the next change asks again */ }
   }, 2000);
 }
 
 live(["fleet"], {
-  robots: ({ changed }) => {
+  robots: ({ changed, counts }) => {
+    if (counts.total !== total) { load(); return; }
     for (const r of changed) rows.get(r.id)?.replaceChildren(...cells(r));
-    refreshStats();
+    Object.assign(lastPage, counts);
+    renderStats(lastPage);
+    if (state.q || state.group || state.online || state.drift) refreshMatched();
   },
 });
 // "last seen" is relative: keep it true without asking the server.
