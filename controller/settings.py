@@ -48,7 +48,18 @@ class SettingsError(CodedError, ValueError):
 
 
 CURRENT_CONTEXT_FILE = "current-context"
-_CONTEXT_KEYS = ("broker", "keys", "db", "ca", "cert", "key", "protocol", "prefix", "bundle_dir")
+_CONTEXT_KEYS = (
+    "broker",
+    "keys",
+    "db",
+    "ca",
+    "cert",
+    "key",
+    "protocol",
+    "prefix",
+    "bundle_dir",
+    "console_token",
+)
 
 
 def config_path(config: Path | None = None) -> Path:
@@ -110,6 +121,8 @@ class ControllerSettings:
     protocol: str = "5"
     prefix: str = "jetfleet/v1"
     bundle_dir: Path = Path()  # unset: bundles/ beside the database (state per database)
+    # `serve`'s console token (JETFLEET_CONSOLE_TOKEN and --token win); a secret: no repr.
+    console_token: str = field(default="", repr=False)
     context: str | None = None  # the named context in use
     # --db as a server URL (postgresql://…): the database; `db` then only places the
     # local files (bundles/, rollouts/ logs) in the data directory.
@@ -146,6 +159,7 @@ class ControllerSettings:
             ("broker", "JETFLEET_BROKER"),
             ("keys", "JETFLEET_KEYS"),
             ("db", "JETFLEET_DB"),
+            ("console_token", "JETFLEET_CONSOLE_TOKEN"),
         ):
             if os.environ.get(env):
                 values[name_] = os.environ[env]

@@ -22,6 +22,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from controller.desired.releases import rollout_release
+from controller.desired.store import read_rollout_releases
 from controller.fleet import access as fleet_access
 from controller.fleet.access import open_store
 from controller.fleet.registry import Registry, TargetError
@@ -182,7 +184,27 @@ STATE_STYLE = {
 }
 
 
-def render(summary: RolloutSummary) -> Group:
+def release_view(store: RolloutStore, r: Rollout) -> dict[str, Any]:
+    """What the rollout did to its groups' releases (controller/desired/releases.py)."""
+    return rollout_release(r, read_rollout_releases(store.conn, r.id))
+
+
+def release_lines(r: Rollout, view: dict[str, Any]) -> list[Text]:
+    if view["none"] is not None:
+        return [Text(f"release: none set: {view['none']}")]
+    lines = []
+    for g in view["groups"]:
+        what = f"{r.model} {r.version}"
+        if g["outcome"] == "set":
+            lines.append(Text(f"release: group {g['group']} v{g['version']} ({what})", "green"))
+        elif g["outcome"] == "unchanged":
+            lines.append(Text(f"release: group {g['group']} v{g['version']} had {what} already"))
+        else:
+            lines.append(Text(f"release: group {g['group']} not set: {g['reason']}", "red"))
+    return lines
+
+
+def render(summary: RolloutSummary, release: dict[str, Any] | None = None) -> Group:
     r = summary.rollout
     head = Text.assemble(
         (f"rollout {r.id}", "bold"),
@@ -258,6 +280,8 @@ def render(summary: RolloutSummary) -> Group:
         parts.append(Text(f"scheduled: starts at {format_time(r.policy.start_at)}", style="cyan"))
     if r.abort_reason:
         parts.append(Text(f"abort: {r.abort_reason}", style="bold red"))
+    if release is not None:
+        parts.extend(release_lines(r, release))
     return Group(*parts)
 
 
@@ -297,6 +321,7 @@ def finish(store: RolloutStore, rollout_id: str, output: Output) -> NoReturn:
     if output is Output.json:
         data = summary.to_dict()
         data["devices"] = [a.to_dict() for a in store.assignments(rollout_id)]
+        data["release"] = release_view(store, summary.rollout)
         print_json(data)
     state = summary.rollout.state
     raise typer.Exit(EXIT_OK if state == SUCCEEDED else EXIT_FAILED if state == ABORTED else 0)
@@ -326,12 +351,12 @@ def drive(
                 render(store.summary(rollout_id)), console=console, refresh_per_second=4
             ) as lv:
                 live = lv
-                driver.run()
-                lv.update(render(store.summary(rollout_id)))
+                final = driver.run()
+                lv.update(render(store.summary(rollout_id), release_view(store, final)))
         else:
-            driver.run()
+            final = driver.run()
             if output is Output.human:
-                console.print(render(store.summary(rollout_id)))
+                console.print(render(store.summary(rollout_id), release_view(store, final)))
     except DatabaseFullError:
         fail(
             f"the disk holding {s.db} is full: rollout {rollout_id} stopped at its last saved "

@@ -152,7 +152,6 @@ def release_set(
         doc = releases.set_group_release(site(s), group, model, want)
     except ReleaseError as e:
         fail(e.reason, EXIT_FAILED)
-    assert doc is not None
     _show(doc, f"group {group}", output)
 
 

@@ -37,6 +37,7 @@ from controller.cli.common import (
     keyset,
     launch,
     print_json,
+    release_view,
     render,
     settings,
     start_rollout,
@@ -263,14 +264,16 @@ def status(
     r = find_rollout(store, rollout_id) if rollout_id else latest_rollout(store)
     summary = store.summary(r.id)
     driven = driver_alive(r)
+    release = release_view(store, r)
     if output is Output.json:
         data = summary.to_dict()
         data["driver_alive"] = driven
         data["devices"] = [a.to_dict() for a in store.assignments(r.id)]
+        data["release"] = release
         print_json(data)
         return
     console = Console()
-    console.print(render(summary))
+    console.print(render(summary, release))
     console.print(assignments_table(store.assignments(r.id)))
     if r.state not in FINISHED and not driven:
         typer.echo(f"no controller process is driving it{_why_undriven(s)}: "

@@ -84,8 +84,8 @@ def serve(
     token: str | None = typer.Option(
         None,
         "--token",
-        envvar="JETFLEET_CONSOLE_TOKEN",
-        help="the console's token (needed to listen beyond loopback, and for actions)",
+        help="the console's token (needed to listen beyond loopback, and for actions) "
+        "[JETFLEET_CONSOLE_TOKEN, else console_token in the config file]",
     ),
     no_console: bool = typer.Option(
         False, "--no-console", help="no web console: bundles and /metrics only"
@@ -120,7 +120,7 @@ def serve(
         idle_timeout_s=idle_timeout,
         max_connections=max_connections,
         console=not no_console,
-        token=token or None,
+        token=token or s.console_token or None,
         actions=_operator(s),
     )
 

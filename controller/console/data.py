@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.desired.drift import released, wanted
-from controller.desired.store import current_documents, read_history
+from controller.desired.releases import rollout_release
+from controller.desired.store import current_documents, read_history, read_rollout_releases
 from controller.fleet.registry import DeviceRecord, Registry
 from controller.rollouts.store import RolloutStore
 from controller.telemetry.store import METRICS, TelemetryStore, TelemetryStoreError
@@ -328,6 +329,7 @@ class ConsoleData:
             ]
             slo = getattr(store, "slo_verdicts", None)  # SLO verdicts, where the store has them
             out["slo"] = slo(r.id) if callable(slo) else None
+            out["release"] = rollout_release(r, read_rollout_releases(store.conn, r.id))
         return out
 
     def releases(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Twenty browsers on the fleet page cost one read of the fleet per interval, not twenty:
 the poller runs while anyone listens, computes each view once, and pushes only what
-changed to the subscribers of its topic (`fleet`, `rollouts`, `rollout:ID`, `robot:ID`).
+changed to the subscribers of its topic (`fleet`, `rollouts`, `rollout:ID`, `robot:ID`:
+the robot with its jobs, and its telemetry).
 A subscriber whose queue is full (a stalled browser) loses its oldest events: its page
 resyncs from the API on reconnect, and the server's memory stays bounded.
 """
@@ -48,6 +49,7 @@ class Snapshot:
     robots: dict[str, str] = field(default_factory=dict)
     rollouts: dict[str, str] = field(default_factory=dict)
     rollout: dict[str, str] = field(default_factory=dict)
+    robot: dict[str, str] = field(default_factory=dict)
     telemetry: dict[str, float] = field(default_factory=dict)
 
 
@@ -107,6 +109,7 @@ class Hub:
             out += self._rollouts(topics)
         robots = [t.split(":", 1)[1] for t in topics if t.startswith("robot:")]
         if robots:
+            out += [e for device in sorted(robots) for e in self._one_robot(device)]
             out += self._telemetry(robots)
         if out:
             from anyio import from_thread
@@ -125,7 +128,13 @@ class Hub:
         self._seen.robots = now
         if not changed and not gone:
             return []
-        return [("fleet", "robots", {"changed": changed, "gone": gone})]
+        # The whole fleet's counts ride along: no page asks the server for them again.
+        counts = {
+            "total": len(rows),
+            "online": sum(1 for r in rows if r["online"]),
+            "drifting": sum(1 for r in rows if r["drift"]),
+        }
+        return [("fleet", "robots", {"changed": changed, "gone": gone, "counts": counts})]
 
     def _rollouts(self, topics: set[str]) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
@@ -147,6 +156,15 @@ class Hub:
             return []
         self._seen.rollout[topic] = text
         return [(topic, "rollout", detail)]
+
+    def _one_robot(self, device: str) -> list[tuple[str, str, Any]]:
+        """The robot page's top half (models, jobs and their states), when it changed."""
+        detail = self.data.robot(device)
+        text = json.dumps(detail, sort_keys=True)
+        if detail is None or self._seen.robot.get(device) == text:
+            return []
+        self._seen.robot[device] = text
+        return [(f"robot:{device}", "robot", detail)]
 
     def _telemetry(self, robots: list[str]) -> list[tuple[str, str, Any]]:
         latest = self.data.latest_telemetry()

@@ -1,6 +1,6 @@
 """The fleet's desired state on the controller side: sign and publish group releases and
 device pins (issue 13). `jetfleet release ...` and a rollout that completes both go through
-`set_group_release` / `publish_document`, so a release has one way onto the broker.
+`publish_group_release` / `publish_document`, so a release has one way onto the broker.
 
 Each document's version only goes up: the next one is the higher of the broker's retained
 copy and this controller's history (controller/desired/store.py), plus one. The broker
@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import structlog
 
 from controller.desired.store import ReleaseStore
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
-from controller.rollouts.store import SUCCEEDED, Rollout
+from controller.rollouts.store import ABORTED, SUCCEEDED, Rollout
 from protocol.dsse import Envelope
 from protocol.errors import CodedError, ProtocolError
 from protocol.keys import SigningKey
@@ -112,15 +113,16 @@ def publish_document(
     return doc
 
 
-def set_group_release(
-    site: ReleaseSite, group: str, model: str, want: DesiredModel, *, only_if_changed: bool = False
-) -> Release | None:
+def set_group_release(site: ReleaseSite, group: str, model: str, want: DesiredModel) -> Release:
     """Make `want` the group's desired version of `model` (its other models unchanged):
-    a new signed release. With `only_if_changed`, nothing is published when the retained
-    release already says exactly that (returns None)."""
-    current = current_release(site, group)
-    if only_if_changed and current is not None and current.models.get(model) == want:
-        return None
+    a new signed release."""
+    return publish_group_release(site, group, current_release(site, group), model, want)
+
+
+def publish_group_release(
+    site: ReleaseSite, group: str, current: Release | None, model: str, want: DesiredModel
+) -> Release:
+    """The release after `current` (the broker's, as read) with `want` for `model`."""
     models = {**(current.models if current else {}), model: want}
     doc = publish_document(
         site,
@@ -142,9 +144,11 @@ def target_groups(target: str) -> list[str]:
 def release_after_rollout(site: ReleaseSite, rollout: Rollout) -> list[str]:
     """A deploy rollout that completed makes its version the release of the groups it
     targeted, so robots that missed it (offline, skipped, added later) converge to it. An
-    aborted one, or one that targets ids or `all`, leaves releases as they are. Returns
-    the groups whose release it set; a broker that fails is logged, not raised (the
-    rollout succeeded either way; `jetfleet release set` repairs it)."""
+    aborted one, or one that targets ids or `all`, leaves releases as they are. Each
+    group's outcome is recorded for `rollout status` (set; unchanged: the release said so
+    already; failed). Returns the groups whose release now says so; a broker that fails
+    is logged, not raised (the rollout succeeded either way; `jetfleet release set`
+    repairs it)."""
     if rollout.state != SUCCEEDED or rollout.kind != "deploy":
         return []
     assert rollout.bundle_url and rollout.bundle_sha256 and rollout.bundle_size
@@ -157,11 +161,37 @@ def release_after_rollout(site: ReleaseSite, rollout: Rollout) -> list[str]:
     done = []
     for group in target_groups(rollout.target):
         try:
-            doc = set_group_release(site, group, rollout.model, want, only_if_changed=True)
+            current = current_release(site, group)
+            if current is not None and current.models.get(rollout.model) == want:
+                site.history.record_rollout(rollout.id, group, "unchanged", current.version)
+            else:
+                doc = publish_group_release(site, group, current, rollout.model, want)
+                site.history.record_rollout(rollout.id, group, "set", doc.version)
+                log.info("release_set", rollout_id=rollout.id, group=group, version=doc.version)
         except ReleaseError as e:
             log.error("release_not_set", rollout_id=rollout.id, group=group, reason=e.reason)
+            site.history.record_rollout(rollout.id, group, "failed", reason=e.reason)
             continue
-        if doc is not None:
-            log.info("release_set", rollout_id=rollout.id, group=group, version=doc.version)
         done.append(group)
     return done
+
+
+def rollout_release(rollout: Rollout, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a rollout did to releases, as `rollout status` shows it: `groups` (the
+    recorded outcome per group) and, when it set none, `none` saying why."""
+    set_any = any(o["outcome"] in ("set", "unchanged") for o in outcomes)
+    return {"groups": outcomes, "none": None if set_any else _why_no_release(rollout, outcomes)}
+
+
+def _why_no_release(rollout: Rollout, outcomes: list[dict[str, Any]]) -> str:
+    if rollout.kind != "deploy":
+        return f"a {rollout.kind} rollout sets no release"
+    if not target_groups(rollout.target):
+        return "it targets devices, not a group (a rollout to group:NAME sets its release)"
+    if rollout.state == ABORTED:
+        return "aborted: the group's release stays where it was"
+    if rollout.state != SUCCEEDED:
+        return "not yet: the group's release is set when the rollout succeeds"
+    if outcomes:
+        return f"not published ({outcomes[0]['reason']}): `jetfleet release set` sets it"
+    return "none recorded for this rollout"

@@ -26,6 +26,32 @@ CREATE TABLE IF NOT EXISTS release_history (
 """
 
 
+# What each rollout did to the release of each group it targeted (`rollout status`).
+_ROLLOUT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollout_releases (
+    rollout_id TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    outcome TEXT NOT NULL,        -- set | unchanged | failed
+    version INTEGER,              -- the group's release version it set or found
+    reason TEXT,                  -- why it failed
+    PRIMARY KEY (rollout_id, group_name)
+)
+"""
+
+
+def read_rollout_releases(conn: Database, rollout_id: str) -> list[dict[str, Any]]:
+    """{group, outcome, version, reason} per group the rollout targeted, by group; readable
+    on a read-only connection (none before the first rollout set a release here)."""
+    if not conn.columns("rollout_releases"):
+        return []
+    rows = conn.execute(
+        "SELECT group_name, outcome, version, reason FROM rollout_releases "
+        "WHERE rollout_id=? ORDER BY group_name",
+        (rollout_id,),
+    ).fetchall()
+    return [{"group": r[0], "outcome": r[1], "version": r[2], "reason": r[3]} for r in rows]
+
+
 def latest_documents(conn: Database) -> dict[str, dict[str, Any]]:
     """scope -> models of the newest document of each scope; readable on a read-only
     connection (none before the first release was set here)."""
@@ -64,7 +90,7 @@ def current_documents(conn: Database) -> dict[str, dict[str, Any]]:
 
 class ReleaseStore:
     # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
-    MIGRATIONS: tuple[Step, ...] = (_SCHEMA,)
+    MIGRATIONS: tuple[Step, ...] = (_SCHEMA, _ROLLOUT_SCHEMA)
 
     def __init__(self, conn: Database | sqlite3.Connection) -> None:
         self.conn = Database.wrap(conn)
@@ -89,3 +115,22 @@ class ReleaseStore:
     def history(self, scope: str | None = None) -> list[dict[str, Any]]:
         """Newest first: {scope, version, issued_at, models}."""
         return read_history(self.conn, scope)
+
+    def record_rollout(
+        self,
+        rollout_id: str,
+        group: str,
+        outcome: str,
+        version: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """What rollout `rollout_id` did to `group`'s release (set, unchanged, failed)."""
+        self.conn.execute(
+            "INSERT INTO rollout_releases (rollout_id, group_name, outcome, version, reason) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (rollout_id, group_name) DO UPDATE SET "
+            "outcome=excluded.outcome, version=excluded.version, reason=excluded.reason",
+            (rollout_id, group, outcome, version, reason),
+        )
+
+    def rollout_releases(self, rollout_id: str) -> list[dict[str, Any]]:
+        return read_rollout_releases(self.conn, rollout_id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
 import signal
 import socket
@@ -38,7 +39,9 @@ from controller.telemetry.ingest import IngestPool
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
+    from controller.fleet.registry import Registry
     from controller.settings import ControllerSettings
+    from protocol.messages import DeviceStatus
 from protocol.errors import CodedError
 
 log = structlog.get_logger(__name__)
@@ -56,7 +59,15 @@ _BUSY = (
 # -- HTTP -----------------------------------------------------------------------------
 
 
-def _guarded_protocol(idle_timeout_s: float, max_connections: int) -> type:
+@dataclass
+class ConnectionStats:
+    """Counted on the server's event loop as connections come: exact, not sampled."""
+
+    peak: int = 0  # the most connections held at once (a refused one never counts)
+    refused: int = 0  # answered 503 past the cap
+
+
+def _guarded_protocol(idle_timeout_s: float, max_connections: int, stats: ConnectionStats) -> type:
     """uvicorn's h11 protocol with the two guards http.server's threads had.
 
     A connection that has not sent a whole request head within `idle_timeout_s` (idle,
@@ -72,10 +83,12 @@ def _guarded_protocol(idle_timeout_s: float, max_connections: int) -> type:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
+                stats.refused += 1
                 log.warning("http_busy", client=self.client[0] if self.client else "")
                 transport.write(_BUSY)
                 transport.close()
                 return
+            stats.peak = max(stats.peak, len(self.connections))
             self._await_head()
 
         def _await_head(self) -> None:
@@ -151,11 +164,12 @@ class JetfleetHTTPServer:
         self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir is not None else None
         self.registry = registry
         self.app = app or make_app(bundle_dir=self.bundle_dir, registry=registry)
+        self.connections = ConnectionStats()
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self._sock = socket.create_server(addr, family=family, backlog=max(128, max_connections))
         config = uvicorn.Config(
             self.app,
-            http=_guarded_protocol(idle_timeout_s, max_connections),
+            http=_guarded_protocol(idle_timeout_s, max_connections, self.connections),
             loop="asyncio",
             lifespan="off",
             log_config=None,
@@ -234,8 +248,49 @@ def check_console_exposure(cfg: ServeConfig) -> None:
     if cfg.console and cfg.token is None and cfg.host not in LOOPBACK:
         raise ConsoleTokenError(
             f"listening on {cfg.host or '*'} serves the console to the network: give it a "
-            "token (--token or JETFLEET_CONSOLE_TOKEN), listen on 127.0.0.1, or --no-console"
+            "token (--token, JETFLEET_CONSOLE_TOKEN or console_token in the config file), "
+            "listen on 127.0.0.1, or --no-console"
         )
+
+
+class StatusRecorder:
+    """Each device status the ingester hears goes into the controller database, so the
+    console's fleet and the drift gauges follow the robots while no CLI runs. paho's
+    thread only enqueues; one thread opens the database and writes."""
+
+    def __init__(self, controller_db: str | Path) -> None:
+        self.controller_db = controller_db
+        self.recorded = 0
+        self._queue: queue.SimpleQueue[tuple[DeviceStatus, float] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def offer(self, status: DeviceStatus) -> None:
+        self._queue.put((status, time.time()))
+
+    def start(self) -> None:
+        from controller.fleet.registry import Registry
+
+        registry = Registry.open(self.controller_db)  # a bad database fails `start`
+        self._thread = threading.Thread(
+            target=self._run, args=(registry,), name="status-recorder", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self, registry: Registry) -> None:
+        while (item := self._queue.get()) is not None:
+            status, received_at = item
+            try:
+                registry.apply_status(status, received_at)
+                self.recorded += 1
+            except Exception as e:  # a locked database: the next status brings it up to date
+                log.warning("status_record_failed", device=status.device_id, reason=str(e))
+        registry.conn.close()
 
 
 class JetfleetServer:
@@ -246,6 +301,7 @@ class JetfleetServer:
         self.ingester: IngestPool | None = None
         self.http: JetfleetHTTPServer | None = None
         self.metrics_http: JetfleetHTTPServer | None = None
+        self.recorder: StatusRecorder | None = None
         self.state: ServeState | None = None
         self._stopped = threading.Event()
 
@@ -260,8 +316,15 @@ class JetfleetServer:
         ingester = self._make_ingester()  # checks its options first: a usage error
         check_console_exposure(cfg)
         if ingester is not None:
+            if self.recorder is not None:
+                self.recorder.start()
             self.ingester = ingester
-            ingester.start()
+            try:
+                ingester.start()
+            except BaseException:
+                if self.recorder is not None:
+                    self.recorder.stop()
+                raise
         ing = self.ingester
         collector = FleetCollector(
             cfg.telemetry_db,
@@ -303,6 +366,8 @@ class JetfleetServer:
         cfg = self.cfg
         if not cfg.ingest:
             return None
+        if cfg.controller_db is not None:
+            self.recorder = StatusRecorder(cfg.controller_db)
         return IngestPool(
             cfg.ingest_workers,
             cfg.telemetry_db,
@@ -313,6 +378,7 @@ class JetfleetServer:
             ca=cfg.ca,
             cert=cfg.cert,
             key=cfg.key,
+            on_status=self.recorder.offer if self.recorder is not None else None,
         )
 
     def _http_server(
@@ -356,6 +422,8 @@ class JetfleetServer:
                 srv.server_close()
         if self.ingester is not None:
             self.ingester.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         log.info("serve_stopped")
 
     def run_forever(self, ready: Callable[[ServeState], None] | None = None) -> None:

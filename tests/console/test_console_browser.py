@@ -16,22 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+from console_harness import BROWSER_MARKS, chromium_page, console_server, screenshot
 
 from controller.fleet.registry import Registry
-from controller.server.serve import JetfleetServer, ServeConfig
 from controller.telemetry.store import TelemetryStore, row_from_sample
 from protocol.messages import DeviceStatus, HardwareProfile, ModelSlot
 from protocol.telemetry import TelemetrySample
 
-CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt install chromium)"
-    ),
-]
+pytestmark = BROWSER_MARKS
 
 
 def status(device: str, online: bool, version: str) -> DeviceStatus:
@@ -47,36 +39,17 @@ def status(device: str, online: bool, version: str) -> DeviceStatus:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
-    cfg = ServeConfig(
-        broker="mqtt://127.0.0.1:1",
-        telemetry_db=tmp_path / "telemetry.db",
-        bundle_dir=tmp_path / "bundles",
-        data_dir=tmp_path,
-        controller_db=tmp_path / "controller.db",
-        host="127.0.0.1",
-        http_port=0,
-        ingest=False,
-        console_poll_s=0.2,
-    )
-    registry = Registry.open(cfg.controller_db)  # type: ignore[arg-type]
+    registry = Registry.open(tmp_path / "controller.db")
     for i in range(12):
         registry.apply_status(status(f"robot-{i:02d}", i % 4 != 3, "1.0.0"))
-    server = JetfleetServer(cfg)
-    server.start()
-    assert server.http is not None
-    yield f"http://127.0.0.1:{server.http.port}", registry
-    server.stop()
+    with console_server(tmp_path / "controller.db", tmp_path) as (base, _):
+        yield base, registry
 
 
 @pytest.fixture
-def page() -> Iterator:  # type: ignore[type-arg]
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        pg = browser.new_page(viewport={"width": 1280, "height": 800})
+def page() -> Iterator[Any]:
+    with chromium_page() as pg:
         yield pg
-        browser.close()
 
 
 def test_fleet_page_lists_the_robots_and_follows_them_live(served, page) -> None:
@@ -94,8 +67,7 @@ def test_fleet_page_lists_the_robots_and_follows_them_live(served, page) -> None
     row.locator("text=detector 1.1.0").wait_for(timeout=10_000)
     assert "offline" in row.inner_text()
     assert page.evaluate("window.__same") is True  # the same document: no reload
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / "fleet.png"), full_page=True)
+    screenshot(page, "fleet.png")
 
 
 def test_an_action_without_authentication_is_refused(served, page) -> None:
@@ -125,16 +97,7 @@ def test_serve_beyond_loopback_without_a_token_refuses_to_start(tmp_path: Path) 
 
 
 def test_a_token_guards_the_api(tmp_path: Path) -> None:
-    cfg = ServeConfig(
-        broker="mqtt://127.0.0.1:1", telemetry_db=tmp_path / "t.db", bundle_dir=tmp_path / "b",
-        data_dir=tmp_path, controller_db=tmp_path / "c.db", host="127.0.0.1", http_port=0,
-        ingest=False, token="s3cret",
-    )  # fmt: skip
-    server = JetfleetServer(cfg)
-    server.start()
-    try:
-        assert server.http is not None
-        base = f"http://127.0.0.1:{server.http.port}"
+    with console_server(tmp_path / "c.db", tmp_path, token="s3cret") as (base, _):
         assert httpx.get(base + "/api/fleet").status_code == 401
         ok = httpx.get(base + "/api/fleet", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["total"] == 0
@@ -143,8 +106,6 @@ def test_a_token_guards_the_api(tmp_path: Path) -> None:
             headers={"Authorization": "Bearer s3cret", "X-Jetfleet-Action": "1"},
         )
         assert act.status_code == 403 and "operator key" in act.json()["error"]
-    finally:
-        server.stop()
 
 
 def telemetry_rows(device: str, n: int) -> list[tuple[Any, ...]]:
@@ -181,8 +142,13 @@ def test_robot_page_draws_charts_from_stored_telemetry(served, page, tmp_path: P
         in page.locator("div[data-chart='Inference latency (ms)']").inner_text()
     )
     # A new sample arrives: the chart takes it without a reload.
+    power = page.locator("div[data-chart='Power (W)']")
+    before = int(power.get_attribute("data-points") or 0)
     store.insert_batch(telemetry_rows("robot-01", 1))
-    page.wait_for_timeout(1500)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / "robot.png"), full_page=True)
+    page.wait_for_function(
+        "(n) => Number(document.querySelector(\"div[data-chart='Power (W)']\").dataset.points) > n",
+        arg=before,
+        timeout=10_000,
+    )
+    screenshot(page, "robot.png")
     store.close()

@@ -18,7 +18,8 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -548,6 +549,90 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def rollout_start(bundle: Path, target: str, waves: str, *options: str) -> list[str]:
+    """The arguments of `jetfleet rollout start BUNDLE --target T --waves W OPTIONS…`."""
+    return ["rollout", "start", str(bundle), "--target", target, "--waves", waves, *options]
+
+
+def cli_ok(env: dict[str, str], *args: str, timeout: float = 60) -> str:
+    """The output of a `jetfleet` command that must succeed."""
+    out = run_cli(env, *args, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return str(out.stdout)
+
+
+def runs(version: str, model: str = "detector") -> Callable[[Any], bool]:
+    """A predicate on a robot's `DeviceStatus`: online, `model` active at `version`, and
+    no job in flight."""
+
+    def ok(s: Any) -> bool:
+        slot = s.models.get(model)
+        return bool(s.online and slot is not None and slot.active == version and s.job is None)
+
+    return ok
+
+
+def agent_config(root: Path, device: str, broker_url: str, **kw: Any) -> Path:
+    """root/DEVICE/agent.toml for a real agent (tests/agent/harness.py): its data under
+    root/DEVICE/data, the trust root of the keys at root/keys, group `fleet` unless
+    `groups=` says otherwise; `kw` goes to `write_agent_config`."""
+    from tests.agent.harness import write_agent_config
+
+    options: dict[str, Any] = {
+        "groups": ["fleet"],
+        "data_dir": root / device / "data",
+        "trust_root": root / "keys" / "trust.json",
+        **kw,
+    }
+    return write_agent_config(
+        root / device / "agent.toml", device_id=device, broker_url=broker_url, **options
+    )
+
+
+@contextmanager
+def agent_lab(root: Path) -> Iterator[tuple[Any, Any, dict[str, str]]]:
+    """What a module of real-agent tests shares: operator keys under root/keys (their
+    trust root is the agents'), a real Mosquitto, and the CLI's environment on both."""
+    from controller.sandbox.localbroker import LocalMosquitto
+    from controller.security.keystore import init_keys
+
+    keys = init_keys(root / "keys")
+    with LocalMosquitto(root / "broker") as broker:
+        yield keys, broker, cli_env(root, broker.url, root / "keys")
+
+
+def start_agents(root: Path, broker_url: str, devices: Iterable[str], **kw: Any) -> list[Any]:
+    """A real agent subprocess per device (`agent_config(root, device, broker_url, **kw)`),
+    each on one ONNX Runtime thread; the caller stops them."""
+    from tests.agent.harness import AgentProcess
+
+    return [
+        AgentProcess(agent_config(root, d, broker_url, **kw), env={"OMP_NUM_THREADS": "1"}).start()
+        for d in devices
+    ]
+
+
+@dataclass
+class AgentFleet:
+    """Real agents on a real broker, as the operator sees them: through `jetfleet`."""
+
+    env: dict[str, str]
+    keys: Any  # controller.security.keystore.KeySet
+    root: Path
+
+    def jetfleet(self, *args: str, timeout: float = 240) -> Any:
+        return run_cli(self.env, *args, timeout=timeout)
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        out = self.jetfleet("devices", "--output", "json")
+        assert out.returncode == 0, out.stderr
+        return {d["id"]: d for d in json.loads(out.stdout)}
+
+    def actives(self, model: str = "detector") -> dict[str, str | None]:
+        """device -> the version of `model` it runs."""
+        return {i: d["models"].get(model, {}).get("active") for i, d in self.devices().items()}
 
 
 def cli_env(tmp: Path, broker_url: str, keys_dir: Path) -> dict[str, str]:

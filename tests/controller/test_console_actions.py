@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from console_harness import console_server
 from fleet import SimFleet, make_devices, run_cli
 
 from controller.sandbox.localbroker import LocalMosquitto
 from controller.security.keystore import KeySet
-from controller.server.serve import JetfleetServer, ServeConfig
 from controller.settings import ControllerSettings
 
 TOKEN = "t0ken-for-tests"
@@ -27,17 +27,8 @@ def console(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
         {"broker": env["JETFLEET_BROKER"], "keys": Path(env["JETFLEET_KEYS"]), "db": db},
         config=tmp_path / "none.toml",
     )
-    cfg = ServeConfig(
-        broker="mqtt://127.0.0.1:1", telemetry_db=db.parent / "telemetry.db",
-        bundle_dir=tmp_path / "served", data_dir=tmp_path / "state", controller_db=db,
-        host="127.0.0.1", http_port=0, ingest=False, token=TOKEN, actions=operator,
-    )  # fmt: skip
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    server = JetfleetServer(cfg)
-    server.start()
-    assert server.http is not None
-    yield f"http://127.0.0.1:{server.http.port}"
-    server.stop()
+    with console_server(db, tmp_path / "state", token=TOKEN, actions=operator) as (base, _):
+        yield base
 
 
 def test_only_an_authenticated_same_site_action_reaches_the_rollout(

@@ -21,10 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fleet import CommandCounter, build_bundle, cli_env, jetfleet_cmd, run_cli, wait_until
+from fleet import (
+    AgentFleet,
+    CommandCounter,
+    agent_lab,
+    build_bundle,
+    jetfleet_cmd,
+    rollout_start,
+    start_agents,
+    wait_until,
+)
 
 from controller.sandbox.localbroker import LocalMosquitto
-from controller.security.keystore import KeySet, init_keys
 
 # The tests share a module-scoped fixture: under xdist one worker runs them all.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_rollout_agents")]
@@ -37,10 +45,7 @@ DEVICES = ("robot-a", "robot-b", "robot-c")
 
 
 @dataclass
-class Fleet:
-    env: dict[str, str]
-    keys: KeySet
-    root: Path
+class Fleet(AgentFleet):
     broker: LocalMosquitto
 
     def bundle(self, version: str, extra_work: float = SLOW) -> Path:
@@ -53,66 +58,35 @@ class Fleet:
             **DIMS,
         )
 
-    def jetfleet(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        return run_cli(self.env, *args, timeout=timeout)  # type: ignore[no-any-return]
-
-    def devices(self) -> dict[str, dict]:  # type: ignore[type-arg]
-        out = self.jetfleet("devices", "--output", "json")
-        assert out.returncode == 0, out.stderr
-        return {d["id"]: d for d in json.loads(out.stdout)}
-
     def active(self, device: str) -> str | None:
-        return self.devices()[device]["models"].get("detector", {}).get("active")
+        return self.actives()[device]
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    from tests.agent.harness import AgentProcess, write_agent_config
-
     root = tmp_path_factory.mktemp("agents")
-    keys = init_keys(root / "keys")
-    broker = LocalMosquitto(root / "broker")
-    broker.start()
-    agents = []
-    try:
-        for d in DEVICES:
-            cfg = write_agent_config(
-                root / d / "agent.toml",
-                device_id=d,
-                groups=["fleet"],
-                broker_url=broker.url,
-                data_dir=root / d / "data",
-                trust_root=root / "keys" / "trust.json",
-                telemetry_interval_s=60,
+    with agent_lab(root) as (keys, broker, env):
+        agents = []
+        try:
+            agents = start_agents(root, broker.url, DEVICES, telemetry_interval_s=60)
+            f = Fleet(env, keys, root, broker)
+            wait_until(
+                lambda: sum(d["online"] for d in f.devices().values()) == 3,
+                timeout=60,
+                what="three agents online",
             )
-            agents.append(AgentProcess(cfg, env={"OMP_NUM_THREADS": "1"}).start())
-        f = Fleet(cli_env(root, broker.url, root / "keys"), keys, root, broker)
-        wait_until(
-            lambda: sum(d["online"] for d in f.devices().values()) == 3,
-            timeout=60,
-            what="three agents online",
-        )
-        # Provision: the fast build on robot-c, the slow one on robot-a and robot-b.
-        for version, extra, target in (
-            ("1.0.0", 0.0, "robot-c"),
-            ("1.0.1", SLOW, "robot-a,robot-b"),
-        ):
-            out = f.jetfleet(
-                "rollout",
-                "start",
-                str(f.bundle(version, extra)),
-                "--target",
-                target,
-                "--waves",
-                "100%",
-                "--wait",
-            )
-            assert out.returncode == 0, out.stdout + out.stderr + agents[0].log()[-2000:]
-        yield f
-    finally:
-        for a in agents:
-            a.stop()
-        broker.stop()
+            # Provision: the fast build on robot-c, the slow one on robot-a and robot-b.
+            for version, extra, target in (
+                ("1.0.0", 0.0, "robot-c"),
+                ("1.0.1", SLOW, "robot-a,robot-b"),
+            ):
+                bundle = f.bundle(version, extra)
+                out = f.jetfleet(*rollout_start(bundle, target, "100%", "--wait"))
+                assert out.returncode == 0, out.stdout + out.stderr + agents[0].log()[-2000:]
+            yield f
+        finally:
+            for a in agents:
+                a.stop()
 
 
 def test_gate_failure_on_the_canary_aborts_before_the_others_get_a_command_and_a_tolerant_threshold_completes_with_one_rolled_back(  # noqa: E501
@@ -122,13 +96,7 @@ def test_gate_failure_on_the_canary_aborts_before_the_others_get_a_command_and_a
     try:
         bundle = fleet.bundle("2.0.0")
         out = fleet.jetfleet(
-            "rollout",
-            "start",
-            str(bundle),
-            "--target",
-            "all",
-            "--waves",
-            "1,100%",
+            *rollout_start(bundle, "all", "1,100%"),
             "--canary",
             "robot-c",
             "--wait",
@@ -147,13 +115,7 @@ def test_gate_failure_on_the_canary_aborts_before_the_others_get_a_command_and_a
 
         # Same bundle, robot-a as canary, a threshold that tolerates one failure in three.
         out = fleet.jetfleet(
-            "rollout",
-            "start",
-            str(bundle),
-            "--target",
-            "all",
-            "--waves",
-            "1,100%",
+            *rollout_start(bundle, "all", "1,100%"),
             "--max-failure-rate",
             "0.34",
             "--wait",
@@ -176,13 +138,7 @@ def test_abort_in_the_second_wave_rolls_the_first_wave_back_to_the_old_version(
     before = {d: fleet.active(d) for d in DEVICES}
     bundle = fleet.bundle("3.0.0")
     out = fleet.jetfleet(
-        "rollout",
-        "start",
-        str(bundle),
-        "--target",
-        "all",
-        "--waves",
-        "2,100%",
+        *rollout_start(bundle, "all", "2,100%"),
         "--max-failure-rate",
         "0.2",
         "--wait",
@@ -213,13 +169,7 @@ def test_controller_killed_during_a_wave_resumes_with_no_duplicate_command(
         bundle = fleet.bundle("4.0.0")
         proc = subprocess.Popen(
             jetfleet_cmd(
-                "rollout",
-                "start",
-                str(bundle),
-                "--target",
-                "robot-a,robot-b",
-                "--waves",
-                "1,100%",
+                *rollout_start(bundle, "robot-a,robot-b", "1,100%"),
                 "--wait",
                 "--output",
                 "json",
@@ -298,13 +248,7 @@ def test_operator_abort_cancels_a_real_agents_job_in_flight(fleet: Fleet) -> Non
     server = SlowBundleServer(bundle)
     try:
         out = fleet.jetfleet(
-            "rollout",
-            "start",
-            str(bundle),
-            "--target",
-            "robot-a",
-            "--waves",
-            "100%",
+            *rollout_start(bundle, "robot-a", "100%"),
             "--bundle-url",
             server.url,
             "--output",

@@ -17,17 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from fleet import cli_env, run_cli, wait_until
+from fleet import AgentFleet, agent_lab, rollout_start, start_agents, wait_until
 from onnx import numpy_helper
 
-from controller.sandbox.localbroker import LocalMosquitto
-from controller.security.keystore import KeySet, init_keys
 from controller.telemetry.ingest import TelemetryIngester
 from protocol.keys import SigningKey
 
@@ -68,45 +65,13 @@ def mlp_bundle(out: Path, release: SigningKey, version: str, logit_scale: float)
     return write_bundle(out / bundle_filename("detector", version), manifest, files, [release])
 
 
-@dataclass
-class Fleet:
-    env: dict[str, str]
-    keys: KeySet
-    root: Path
-
-    def jetfleet(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        return run_cli(self.env, *args, timeout=timeout)  # type: ignore[no-any-return]
-
-    def active(self) -> dict[str, str | None]:
-        out = self.jetfleet("devices", "--output", "json")
-        assert out.returncode == 0, out.stderr
-        return {
-            d["id"]: d["models"].get("detector", {}).get("active") for d in json.loads(out.stdout)
-        }
-
+class Fleet(AgentFleet):
     def rollout(self, version: str, logit_scale: float) -> dict:  # type: ignore[type-arg]
         bundle = mlp_bundle(self.root / "build", self.keys.release, version, logit_scale)
         out = self.jetfleet(
-            "rollout",
-            "start",
-            str(bundle),
-            "--target",
-            "all",
-            "--waves",
-            "1,100%",
-            "--canary",
-            "robot-a",
-            "--slo",
-            SLO,
-            "--slo",
-            "inference_errors == 0",
-            "--bake",
-            "3s",
-            "--bake-max",
-            "8s",
-            "--wait",
-            "--output",
-            "json",
+            *rollout_start(bundle, "all", "1,100%", "--canary", "robot-a"),
+            *("--slo", SLO, "--slo", "inference_errors == 0", "--bake", "3s", "--bake-max", "8s"),
+            *("--wait", "--output", "json"),
         )
         assert out.returncode in (0, 1), out.stdout + out.stderr
         return json.loads(out.stdout)  # type: ignore[no-any-return]
@@ -114,52 +79,34 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    from tests.agent.harness import AgentProcess, write_agent_config
-
     root = tmp_path_factory.mktemp("slo")
-    keys = init_keys(root / "keys")
-    broker = LocalMosquitto(root / "broker")
-    broker.start()
-    env = cli_env(root, broker.url, root / "keys")
-    ingester = TelemetryIngester(root / "data" / "telemetry.db", broker.url, idle_wait_s=0.01)
-    ingester.start()
-    agents, services = [], []
-    try:
-        for d in DEVICES:
-            cfg = write_agent_config(
-                root / d / "agent.toml",
-                device_id=d,
-                groups=["fleet"],
-                broker_url=broker.url,
-                data_dir=root / d / "data",
-                trust_root=root / "keys" / "trust.json",
-                telemetry_interval_s=0.25,
-            )
-            agents.append(AgentProcess(cfg, env={"OMP_NUM_THREADS": "1"}).start())
-        f = Fleet(env, keys, root)
-        wait_until(lambda: len(f.active()) == 3, timeout=60, what="three agents online")
-        v1 = mlp_bundle(root / "build", keys.release, "1.0.0", 1.0)
-        out = f.jetfleet(
-            "rollout", "start", str(v1), "--target", "all", "--waves", "100%", "--wait"
-        )
-        assert out.returncode == 0, out.stdout + out.stderr + agents[0].log()[-2000:]
-        for i, d in enumerate(DEVICES):
-            services.append(
-                subprocess.Popen(
-                    [sys.executable, str(SERVICE), str(root / d / "data"), str(i)],
-                    env={**env, "OMP_NUM_THREADS": "1"},
+    with agent_lab(root) as (keys, broker, env):
+        ingester = TelemetryIngester(root / "data" / "telemetry.db", broker.url, idle_wait_s=0.01)
+        ingester.start()
+        agents, services = [], []
+        try:
+            agents = start_agents(root, broker.url, DEVICES, telemetry_interval_s=0.25)
+            f = Fleet(env, keys, root)
+            wait_until(lambda: len(f.actives()) == 3, timeout=60, what="three agents online")
+            v1 = mlp_bundle(root / "build", keys.release, "1.0.0", 1.0)
+            out = f.jetfleet(*rollout_start(v1, "all", "100%", "--wait"))
+            assert out.returncode == 0, out.stdout + out.stderr + agents[0].log()[-2000:]
+            for i, d in enumerate(DEVICES):
+                services.append(
+                    subprocess.Popen(
+                        [sys.executable, str(SERVICE), str(root / d / "data"), str(i)],
+                        env={**env, "OMP_NUM_THREADS": "1"},
+                    )
                 )
-            )
-        time.sleep(4)  # history on the old version: each robot's own past
-        yield f
-    finally:
-        for s in services:
-            s.terminate()
-            s.wait(timeout=10)
-        for a in agents:
-            a.stop()
-        ingester.stop()
-        broker.stop()
+            time.sleep(4)  # history on the old version: each robot's own past
+            yield f
+        finally:
+            for s in services:
+                s.terminate()
+                s.wait(timeout=10)
+            for a in agents:
+                a.stop()
+            ingester.stop()
 
 
 def test_a_version_less_confident_on_live_frames_is_caught_in_the_bake_and_rolled_back(
@@ -178,7 +125,7 @@ def test_a_version_less_confident_on_live_frames_is_caught_in_the_bake_and_rolle
     assert conf["verdict"] == "FAIL" and conf["high"] < -0.02
     assert (conf["canary_devices"], conf["baseline_devices"]) == (1, 2)
     assert verdicts["inference_errors == 0"]["verdict"] == "PASS"
-    assert fleet.active() == dict.fromkeys(DEVICES, "1.0.0")
+    assert fleet.actives() == dict.fromkeys(DEVICES, "1.0.0")
 
 
 def test_the_same_rollout_of_an_unchanged_version_completes(fleet: Fleet) -> None:
@@ -191,6 +138,6 @@ def test_the_same_rollout_of_an_unchanged_version_completes(fleet: Fleet) -> Non
         (1, SLO): ("PASS", "passed"),
         (1, "inference_errors == 0"): ("PASS", "passed"),
     }
-    assert fleet.active() == dict.fromkeys(DEVICES, "2.0.1")
+    assert fleet.actives() == dict.fromkeys(DEVICES, "2.0.1")
     status = fleet.jetfleet("rollout", "status")
     assert f"SLO wave 2 (passed): {SLO} PASS" in status.stdout, status.stdout

@@ -6,15 +6,18 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.publish as publish
 import pytest
 import structlog
 
+from controller.fleet.registry import Registry
 from controller.sandbox.localbroker import LocalMosquitto, free_port
 from controller.server.serve import (
     JetfleetHTTPServer,
@@ -28,6 +31,8 @@ from controller.server.state import (
     remove_serve_state,
     write_serve_state,
 )
+from protocol.messages import DeviceStatus
+from protocol.topics import Topics
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +146,24 @@ def test_symlinks_and_directories_in_the_bundle_dir_are_not_served(
     assert get(srv, "/bundles/adir.jfb")[0] == 404
 
 
+def test_the_server_counts_the_connections_it_held_and_refused(tmp_path: Path) -> None:
+    srv = JetfleetHTTPServer(
+        ("127.0.0.1", 0), bundle_dir=tmp_path, registry=None, max_connections=2
+    )
+    srv.start()
+    held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(5)]
+    try:
+        deadline = time.monotonic() + 5
+        while srv.connections.refused < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (srv.connections.peak, srv.connections.refused) == (2, 3)
+    finally:
+        for s in held:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_parse_range_edge_cases() -> None:
     assert parse_range("bytes=0-0", 10) == (0, 0)
     assert parse_range("bytes=5-100", 10) == (5, 9)
@@ -183,6 +206,7 @@ def test_server_runs_ingestion_bundles_and_metrics_then_cleans_up(
         http_port=0,
         metrics_port=free_port(),
         advertise_host="controller.local",
+        controller_db=tmp_path / "data" / "controller.db",
     )
     server = JetfleetServer(cfg)
     state = server.start()
@@ -198,6 +222,18 @@ def test_server_runs_ingestion_bundles_and_metrics_then_cleans_up(
         assert b"jetfleet_telemetry_samples_total" in body
         assert get(server.metrics_http, "/bundles/m-1.0.0.jfb")[0] == 404  # metrics only
         assert server.ingester is not None and server.ingester.wait_connected(5)
+        # A robot's retained status reaches the controller database with no CLI running.
+        status = DeviceStatus.new(device_id="robot-7", online=True, groups=["dock"])
+        publish.single(
+            Topics().status("robot-7"), status.encode(), qos=1, retain=True,
+            hostname="127.0.0.1", port=mosquitto.port,
+        )  # fmt: skip
+        registry = Registry.open(cfg.controller_db)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while registry.get("robot-7") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen = registry.get("robot-7")
+        assert seen is not None and seen.online and seen.groups == ["dock"]
     finally:
         server.stop()
     assert not (cfg.data_dir / "serve.json").exists()
@@ -206,14 +242,18 @@ def test_server_runs_ingestion_bundles_and_metrics_then_cleans_up(
 def test_jetfleet_serve_command_runs_until_sigterm_and_removes_its_state_file(
     mosquitto: LocalMosquitto, tmp_path: Path
 ) -> None:
+    """Also: the console's token comes from the config file when no option or env gives it."""
     data = tmp_path / "data"
     port = free_port()
+    config = tmp_path / "controller.toml"
+    config.write_text('console_token = "from-the-file"\n')
     env = {
         **os.environ,
         "JETFLEET_BROKER": mosquitto.url,
         "JETFLEET_DB": str(data / "controller.db"),
-        "JETFLEET_CONFIG": str(tmp_path / "none.toml"),
+        "JETFLEET_CONFIG": str(config),
     }
+    env.pop("JETFLEET_CONSOLE_TOKEN", None)
     cli = [sys.executable, "-c", "from controller.cli.main import app; app()", "serve"]
     proc = subprocess.Popen(
         [*cli, "--host", "127.0.0.1", "--http-port", str(port), "--advertise-host", "127.0.0.1"],
@@ -231,8 +271,15 @@ def test_jetfleet_serve_command_runs_until_sigterm_and_removes_its_state_file(
         assert state is not None and state.pid == proc.pid
         assert state.bundle_url_base == f"http://127.0.0.1:{port}/bundles"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/metrics")
-        assert conn.getresponse().status == 200
+        conn.request("GET", "/metrics")  # open to Prometheus: no token
+        metrics = conn.getresponse()
+        metrics.read()
+        assert metrics.status == 200
+        for headers, status in (({}, 401), ({"Authorization": "Bearer from-the-file"}, 200)):
+            conn.request("GET", "/api/fleet", headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == status
         conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -289,3 +336,20 @@ def test_several_ingest_workers_on_mqtt311_is_a_usage_error(tmp_path: Path) -> N
         ],
     )
     assert r.exit_code == 2 and "MQTT 5 shared subscription" in r.stderr
+
+
+def test_the_console_token_option_beats_the_environment_which_beats_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controller.settings import ControllerSettings
+
+    config = tmp_path / "config.toml"
+    config.write_text('console_token = "file"\n[contexts.site]\nconsole_token = "site"\n')
+    monkeypatch.delenv("JETFLEET_CONSOLE_TOKEN", raising=False)
+    monkeypatch.delenv("JETFLEET_CONTEXT", raising=False)
+    assert ControllerSettings.load(config=config).console_token == "file"
+    assert ControllerSettings.load(config=config, context="site").console_token == "site"
+    monkeypatch.setenv("JETFLEET_CONSOLE_TOKEN", "env")
+    assert ControllerSettings.load(config=config, context="site").console_token == "env"
+    given = ControllerSettings.load({"console_token": "option"}, config=config)
+    assert given.console_token == "option"

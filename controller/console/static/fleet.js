@@ -33,13 +33,23 @@ function row(r) {
   return el("tr", { "data-robot": r.id }, cells(r));
 }
 
-function render(page) {
-  rows.clear();
-  tbody.replaceChildren(...page.robots.map((r) => { const tr = row(r); rows.set(r.id, tr); return tr; }));
+function renderStats(page) {
   stats.replaceChildren(
     el("span", {}, `${page.total} robots`), el("span", { class: "on" }, `${page.online} online`),
     el("span", { class: "warn" }, `${page.drifting} drifting`),
-    el("span", {}, `showing ${page.robots.length ? page.offset + 1 : 0}–${page.offset + page.robots.length} of ${page.matched}`));
+    el("span", {}, `showing ${rows.size ? page.offset + 1 : 0}–${page.offset + rows.size} of ${page.matched}`));
+}
+
+let total = null;  // robots in the fleet as the page last heard: a change means a new page
+let lastPage = {};  // the counts the stats line shows
+
+function render(page) {
+  rows.clear();
+  tbody.replaceChildren(...page.robots.map((r) => { const tr = row(r); rows.set(r.id, tr); return tr; }));
+  total = page.total;
+  lastPage = { total: page.total, online: page.online, drifting: page.drifting,
+    offset: page.offset, matched: page.matched };
+  renderStats(lastPage);
   const groups = document.querySelector("#group");
   if (groups.options.length - 1 !== page.groups.length) {
     groups.replaceChildren(el("option", { value: "" }, "all groups"),
@@ -77,12 +87,27 @@ function bind() {
 
 bind();
 load();
+// Each change brings the whole fleet's counts. A robot that joined or left changes the
+// total: the page itself is fetched again. Under a filter, how many robots match can
+// change too: ask the server, at most every two seconds whatever the fleet's churn.
+let matchDue = null;
+function refreshMatched() {
+  if (matchDue) return;
+  matchDue = setTimeout(async () => {
+    matchDue = null;
+    const params = new URLSearchParams(Object.entries({ ...state, limit: 1 }).filter(([, v]) => v !== ""));
+    try { lastPage.matched = (await api(`/api/fleet?${params}`)).matched; renderStats(lastPage); }
+    catch { /* the next change asks again */ }
+  }, 2000);
+}
+
 live(["fleet"], {
-  robots: ({ changed }) => {
-    for (const r of changed) {
-      const tr = rows.get(r.id);
-      if (tr) tr.replaceChildren(...cells(r));
-    }
+  robots: ({ changed, counts }) => {
+    if (counts.total !== total) { load(); return; }
+    for (const r of changed) rows.get(r.id)?.replaceChildren(...cells(r));
+    Object.assign(lastPage, counts);
+    renderStats(lastPage);
+    if (state.q || state.group || state.online || state.drift) refreshMatched();
   },
 });
 // "last seen" is relative: keep it true without asking the server.

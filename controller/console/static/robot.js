@@ -58,19 +58,22 @@ function draw(title, series) {
   const names = Object.keys(series).filter((n) => series[n].length);
   if (!names.length) return;
   let c = charts.get(title);
+  const data = aligned(series, names);
   if (c && names.join() === c.names.join()) {
     c.series = series;
-    c.plot.setData(aligned(series, names));
+    c.plot.setData(data);
+    c.box.dataset.points = String(data[0].length);  // the points drawn: tests read it
     return;
   }
   if (c) c.box.remove();
-  const box = el("div", { class: "chart", "data-chart": title }, el("h3", {}, title));
+  const box = el("div", { class: "chart", "data-chart": title, "data-points": String(data[0].length) },
+    el("h3", {}, title));
   document.querySelector("#charts").append(box);
   const plot = new uPlot({
     width: 470, height: 200,
     series: [{}, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true }))],
     axes: [{}, { size: 50 }],
-  }, aligned(series, names), box);
+  }, data, box);
   charts.set(title, { plot, names, series, box });
 }
 
@@ -123,6 +126,7 @@ api(`/api/robots/${encodeURIComponent(id)}`).then(renderRobot)
   .catch((e) => document.querySelector("#robot").replaceChildren(el("p", { class: "error" }, e.message)));
 loadTelemetry().catch((e) => document.querySelector("#no-telemetry").textContent = e.message);
 live([`robot:${id}`], {
+  robot: renderRobot,
   telemetry: (t) => {
     if (!telemetry) return;
     merge(telemetry.metrics, t.metrics); merge(telemetry.models, t.models); trim(telemetry);

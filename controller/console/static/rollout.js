@@ -42,6 +42,10 @@ function render(s) {
     el("td", {}, el("a", { href: `/robots/${encodeURIComponent(f.device_id)}` }, f.device_id)),
     el("td", {}, f.wave), el("td", { class: "bad" }, f.state), el("td", {}, f.code ?? ""),
     el("td", {}, f.reason ?? "")));
+  const release = s.release.none ? el("p", { class: "muted", id: "release" }, `none set: ${s.release.none}`)
+    : el("p", { id: "release" }, s.release.groups.map((g) => el("span", { class: `pill ${g.outcome === "failed" ? "bad" : "on"}` },
+      g.outcome === "failed" ? `group ${g.group}: not set (${g.reason})`
+        : `group ${g.group} v${g.version}${g.outcome === "unchanged" ? " (already so)" : ""}`)));
   const slo = s.slo ? el("pre", {}, JSON.stringify(s.slo, null, 1)) : el("p", { class: "muted" }, "no SLO verdicts");
   const devices = s.devices.map((d) => el("tr", {},
     el("td", {}, el("a", { href: `/robots/${encodeURIComponent(d.device_id)}` }, d.device_id)),
@@ -59,6 +63,7 @@ function render(s) {
     el("table", { id: "waves" }, el("thead", {}, el("tr", {}, ["wave", "size", "state", "jobs"].map((h) => el("th", {}, h)))), el("tbody", {}, waves)),
     el("h2", {}, "Failures"),
     failures.length ? el("table", {}, el("tbody", {}, failures)) : el("p", { class: "muted" }, "none"),
+    el("h2", {}, "Release"), release,
     el("h2", {}, "SLO verdicts"), slo,
     el("h2", {}, "Devices"),
     el("table", { id: "devices" }, el("thead", {}, el("tr", {}, ["robot", "wave", "state", "reason", "gate"].map((h) => el("th", {}, h)))), el("tbody", {}, devices)));
