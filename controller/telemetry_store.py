@@ -185,6 +185,13 @@ class TelemetryStore:
                 f"no telemetry database at {self.path} (has `jetfleet serve` run?)"
             )
         self.conn = connect(self.path, readonly=readonly)
+        if readonly and not self.conn.columns("telemetry_raw"):
+            # A PostgreSQL controller database before its first sample: no data yet,
+            # as a SQLite telemetry file that does not exist yet.
+            self.conn.close()
+            raise TelemetryStoreError(
+                f"no telemetry in {describe(self.path)} yet (has `jetfleet serve` run?)"
+            )
         self._max_vars = self.conn.max_params
         # A minute's start from a sample time (times are positive: truncation is floor).
         self._minute = (

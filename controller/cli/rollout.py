@@ -347,7 +347,7 @@ def drive(
         rollout_id,
         topics=Topics(s.prefix),
         on_progress=progress,
-        slo_source=TelemetrySource(default_telemetry_db(s.db)),
+        slo_source=TelemetrySource(default_telemetry_db(s.db_target())),
     )
     try:
         if output is Output.human and console.is_terminal:

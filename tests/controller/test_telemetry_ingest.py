@@ -22,7 +22,7 @@ from agent.telemetry.loop import TelemetryLoop
 from agent.telemetry.sampler import TelemetrySampler
 from controller.ingest import IngestPool, TelemetryIngester
 from controller.localbroker import LocalMosquitto
-from controller.telemetry_store import TelemetryStore, row_from_sample
+from controller.telemetry_store import TelemetryStore, default_telemetry_db, row_from_sample
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
@@ -269,10 +269,8 @@ def test_retained_status_is_tracked(mosquitto: LocalMosquitto, ingester: Telemet
     assert ingester.status["robot-a"].groups == ["canary"]
 
 
-def test_retention_folds_old_samples_into_minute_means_then_deletes_them(
-    tmp_path: Path,
-) -> None:
-    store = TelemetryStore(tmp_path / "t.db")
+def test_retention_folds_old_samples_into_minute_means_then_deletes_them(db: str) -> None:
+    store = TelemetryStore(default_telemetry_db(db))
     now = 1_800_000_000.0  # a minute boundary
     day = 86400
     rows = []
