@@ -39,6 +39,7 @@ from controller.cli.devices import (
     refresh_registry,
 )
 from controller.commands import CommandSigner
+from controller.driver_lease import LeaseHeldError, LeaseLostError, current_driver
 from controller.keystore import (
     KeySet,
     KeystoreError,
@@ -54,7 +55,6 @@ from controller.rollout import (
     RolloutError,
     WaveSpecError,
     create_rollout,
-    driver_alive,
     failed_devices,
     pause,
     promote,
@@ -326,8 +326,10 @@ def command_signer(s: ControllerSettings, keys: KeySet, rollout: Rollout | None)
 
 
 def drive(
-    s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output
+    s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output, *, standby: bool = False
 ) -> None:  # never returns: exits with the rollout's outcome
+    """Drive the rollout here to its end. `standby`: another live process drives it;
+    follow it, and take over if that process dies (its lease expires)."""
     store, registry = open_store(s)
     console = Console(stderr=output is Output.json)
     live: Live | None = None
@@ -348,6 +350,7 @@ def drive(
         topics=Topics(s.prefix),
         on_progress=progress,
         slo_source=TelemetrySource(default_telemetry_db(s.db_target())),
+        standby=standby,
     )
     try:
         if output is Output.human and console.is_terminal:
@@ -369,6 +372,8 @@ def drive(
         )
     except RolloutError as e:
         fail(str(e))
+    except (LeaseHeldError, LeaseLostError) as e:
+        fail(e.reason, EXIT_FAILED)
     except (MqttError, TransportConfigError) as e:
         fail(
             f"{e}; the rollout is saved: `jetfleet rollout resume {rollout_id}` continues it",
@@ -377,31 +382,6 @@ def drive(
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; continue with `jetfleet rollout resume {rollout_id}`", err=True)
         raise typer.Exit(EXIT_FAILED) from None
-    _finish(store, rollout_id, output)
-
-
-def watch(s: ControllerSettings, rollout_id: str, output: Output) -> None:
-    """Follow a rollout another process drives (read-only) until it finishes."""
-    store, _ = open_store(s)
-    console = Console(stderr=output is Output.json)
-    with Live(
-        render(store.summary(rollout_id)),
-        console=console,
-        refresh_per_second=2,
-        transient=output is Output.json,
-    ) as lv:
-        while True:
-            summary = store.summary(rollout_id)
-            lv.update(render(summary))
-            if summary.rollout.state in FINISHED:
-                break
-            if not driver_alive(summary.rollout):
-                fail(
-                    f"the process driving rollout {rollout_id} is gone; "
-                    f"run `jetfleet rollout resume {rollout_id}`",
-                    EXIT_FAILED,
-                )
-            time.sleep(0.5)
     _finish(store, rollout_id, output)
 
 
@@ -453,14 +433,17 @@ def launch(
 def hand_to_driver(
     s: ControllerSettings, r: Rollout, wait: bool, output: Output, message: str
 ) -> None:
-    """After a change to a stored rollout: its live driver acts on it (follow it with
-    --wait, else say `message`); with none alive, start one."""
-    if driver_alive(r):
-        if wait:
-            watch(s, r.id, output)
-        typer.echo(message)
+    """After a change to a stored rollout: its live driver, on whichever host, acts on it
+    (say `message`, its `{driver}` filled in; with --wait, follow it and take the rollout
+    over should that driver die); with none alive, start one here."""
+    store, _ = open_store(s)
+    lease = current_driver(store, r.id)
+    if lease is None:
+        launch(s, keyset(s), r.id, wait, output)
         return
-    launch(s, keyset(s), r.id, wait, output)
+    if wait:
+        drive(s, keyset(s), r.id, output, standby=True)
+    typer.echo(message.format(driver=lease.describe()))
 
 
 def start_rollout(
@@ -766,10 +749,12 @@ def status(
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id) if rollout_id else latest_rollout(store)
     summary = store.summary(r.id)
-    driven = driver_alive(r)
+    lease = current_driver(store, r.id)
+    driven = lease is not None
     if output is Output.json:
         data = summary.to_dict()
         data["driver_alive"] = driven
+        data["driver"] = lease.describe() if lease is not None else None
         data["devices"] = [a.to_dict() for a in store.assignments(r.id)]
         print_json(data)
         return
@@ -912,7 +897,7 @@ def resume(
         already_ended(store, r, output)
     if r.state == PAUSED:
         resume_state(store, r.id)
-    hand_to_driver(s, r, wait, output, f"rollout {r.id} resumed; driven by process {r.driver_pid}")
+    hand_to_driver(s, r, wait, output, f"rollout {r.id} resumed; driven by {{driver}}")
 
 
 @app.command("abort")
@@ -935,9 +920,7 @@ def abort(
     rollback = r.auto_rollback and not no_rollback
     if not store.request_abort(r.id, "aborted by the operator", rollback):
         already_ended(store, store.get(r.id) or r, output)
-    hand_to_driver(
-        s, r, wait, output, f"rollout {r.id} aborting; process {r.driver_pid} is finishing it"
-    )
+    hand_to_driver(s, r, wait, output, f"rollout {r.id} aborting; {{driver}} is finishing it")
 
 
 @app.command("promote")
@@ -954,9 +937,7 @@ def promote_cmd(
     r = find_rollout(store, rollout_id)
     if not promote(store, r.id):
         fail(f"rollout {r.id} is {r.state}; only one waiting for approval can be promoted")
-    hand_to_driver(
-        s, r, wait, output, f"rollout {r.id} promoted; process {r.driver_pid} starts the next wave"
-    )
+    hand_to_driver(s, r, wait, output, f"rollout {r.id} promoted; {{driver}} starts the next wave")
 
 
 @app.command("retry")
@@ -976,6 +957,8 @@ def retry_cmd(
         old, failed = failed_devices(store, find_rollout(store, rollout_id).id)
     except RolloutError as e:
         fail(str(e))
+    except (LeaseHeldError, LeaseLostError) as e:
+        fail(e.reason, EXIT_FAILED)
     keys = keyset(s)
     bundle = None
     if old.bundle_url and old.bundle_sha256 and old.bundle_size:
