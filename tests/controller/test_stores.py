@@ -6,6 +6,7 @@ holder per device, one command per assignment), each process on its own connecti
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -26,9 +27,18 @@ from controller.rollout_store import (
     rollouts_in_flight,
 )
 from controller.slo_bake import TelemetrySource
-from controller.telemetry_store import TelemetryStore, TelemetryStoreError, default_telemetry_db
+from controller.telemetry_store import (
+    METRICS,
+    MIGRATIONS,
+    TelemetryStore,
+    TelemetryStoreError,
+    default_telemetry_db,
+    raw_partitions,
+    row_from_sample,
+)
 from protocol.messages import JobState
 from protocol.release import DesiredModel, Pins, Release
+from protocol.telemetry import TelemetrySample
 
 
 def create(store: RolloutStore, rid: str, waves: list[list[str]], **kw: Any) -> None:
@@ -306,3 +316,56 @@ def test_telemetry_readers_before_any_sample_see_no_data_not_an_error(db: str) -
     assert source.samples("robot-1", 0.0, 2e9) == []
     TelemetryStore(target).close()  # serve's ingester creates the tables
     assert TelemetryStore(target, readonly=True).count_raw() == 0
+
+
+def test_raw_telemetry_lives_in_day_partitions_that_retention_drops_after_folding(
+    db: str,
+) -> None:
+    """On PostgreSQL, raw samples go to the partition of their UTC day (the default one
+    when none was made for it), a database from before partitions is converted with its
+    rows, and retention drops whole days once folded into minutes; SQLite answers the
+    same queries the same."""
+    target = default_telemetry_db(db)
+    conn = open_database(target)
+    migrate(conn, "telemetry", MIGRATIONS[:1])  # a database from before partitions
+    day = int(time.time() // 86400) * 86400
+    old = TelemetrySample.new(
+        device_id="robot-1", at=datetime.fromtimestamp(day - 3 * 86400 + 5, timezone.utc),
+        uptime_s=1, cpu={"percent": [10.0]},
+    )  # fmt: skip
+    conn.execute(
+        f"INSERT INTO telemetry_raw VALUES ({', '.join('?' * (len(METRICS) + 3))})",
+        row_from_sample(old, old.encode().decode()),
+    )
+    store = TelemetryStore(target)  # the upgrade
+    new = TelemetrySample.new(
+        device_id="robot-1", at=datetime.fromtimestamp(day + 65, timezone.utc),
+        uptime_s=2, cpu={"percent": [30.0]},
+    )  # fmt: skip
+    store.insert_batch([row_from_sample(new, new.encode().decode())])
+    assert store.series("robot-1", "cpu_pct", 0, 2e9) == [(day - 3 * 86400 + 5, 10.0),
+                                                          (day + 65, 30.0)]  # fmt: skip
+    if store.conn.postgres:
+        parts = raw_partitions(store.conn)
+        today = next(n for n, d in parts.items() if d == day)
+        assert set(parts.values()) >= {day, day + 86400, day + 2 * 86400}
+        assert store.conn.execute(f"SELECT COUNT(*) FROM {today}").fetchone()[0] == 1
+        counted = store.conn.execute("SELECT COUNT(*) FROM telemetry_raw_default").fetchone()
+        assert counted[0] == 1  # three days ago: no partition was made for it
+    later = day + 3 * 86400 + 3600
+    counts = store.maintain(later)
+    assert store.count_raw() == 0
+    assert [(m["ts"], m["n"], m["cpu_pct"]) for m in store.minute_rows("robot-1", 0)] == [
+        (day - 3 * 86400, 1, 10.0),
+        (day + 60, 1, 30.0),
+    ]
+    if store.conn.postgres:
+        assert counts["partitions_dropped"] == 3 and counts["raw_deleted"] == 1
+        # Yesterday (and before) of `later` are gone; the day of the cut stays, and the
+        # days ahead of `later` are made.
+        assert sorted(raw_partitions(store.conn).values()) == [day + k * 86400 for k in range(2, 6)]
+    else:
+        assert counts["raw_deleted"] == 2
+    reader = TelemetryStore(target, readonly=True)
+    assert reader.series("robot-1", "cpu_pct", 0, 2e9) == [(day - 3 * 86400, 10.0),
+                                                           (day + 60, 30.0)]  # fmt: skip
