@@ -373,3 +373,30 @@ def test_ingestion_resumes_after_the_broker_restarts(
         assert ingester.wait_stored(2, 10)
     finally:
         pub.close()
+
+
+def test_two_ingesters_write_one_database_every_sample_once(
+    mosquitto: LocalMosquitto, db: str
+) -> None:
+    """Two `serve` ingesters on the MQTT 5 shared subscription, one database (a SQLite
+    file, or PostgreSQL's partitioned table): every sample stored once."""
+    target = default_telemetry_db(db)
+    ingesters = [TelemetryIngester(target, mosquitto.url, idle_wait_s=0.01) for _ in range(2)]
+    for ing in ingesters:
+        ing.start()
+    pub = Publisher(mosquitto, "robot-a")
+    base = float(int(time.time()) - 60)
+    try:
+        time.sleep(0.3)
+        for i in range(60):
+            pub.publish(sample("robot-a", i, at=base + i).encode())
+        assert wait_for(lambda: sum(ing.stats.stored for ing in ingesters) == 60)
+    finally:
+        pub.close()
+        for ing in ingesters:
+            ing.stop()
+    assert all(ing.stats.stored > 0 for ing in ingesters)
+    store = TelemetryStore(target, readonly=True)
+    assert store.count_raw("robot-a") == 60
+    assert [p[0] for p in store.series("robot-a", "load1", 0, 2e9)] == [base + i for i in range(60)]
+    assert store.latest()[0].ts == base + 59
