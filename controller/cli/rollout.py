@@ -888,7 +888,8 @@ def resume(
     output: Output = OutputOption,
 ) -> None:
     """Continue a paused rollout, or one whose controller died (no device gets a second
-    command for the same job)."""
+    command for the same job). With --wait while a live process on any host drives it:
+    follow it, and take it over once that process's lease expires (docs/scale-out.md)."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
