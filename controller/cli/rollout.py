@@ -761,7 +761,9 @@ def status(
     console = Console()
     console.print(render(summary))
     console.print(assignments_table(store.assignments(r.id)))
-    if r.state not in FINISHED and not driven:
+    if r.state not in FINISHED and lease is not None:
+        typer.echo(f"driven by {lease.describe()}")
+    elif r.state not in FINISHED:
         typer.echo(f"no controller process is driving it{_why_undriven(s)}: "
                    f"`jetfleet rollout resume {r.id}`")  # fmt: skip
 
