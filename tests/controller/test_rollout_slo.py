@@ -119,7 +119,8 @@ def test_a_version_worse_on_live_data_is_caught_by_the_bake_and_the_wave_rolled_
         result = _drive(harness, rid, telemetry)
     assert result.state == ABORTED  # type: ignore[attr-defined]
     reason = result.abort_reason or ""  # type: ignore[attr-defined]
-    assert reason.startswith(f"wave 1 baked: SLO {SLO} FAIL: change -10.")
+    # About -10% (the figure's own check is below): how many samples the bake saw varies.
+    assert reason.startswith(f"wave 1 baked: SLO {SLO} FAIL: change -")
     summary = harness.store.summary(rid)
     assert [w.state for w in summary.waves] == ["done", "skipped", "rolled_back"]
     assert fleet.devices["robot-0000"].models["detector"]["active"] == "1.0.0"
