@@ -74,6 +74,39 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     node.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A private PostgreSQL server (tests/postgres.py), one per session, so one per xdist
+    worker: ~2 s to initdb and start, less than queueing every PostgreSQL test on one
+    worker would cost. Skips where the server binaries or psycopg are missing."""
+    from tests.postgres import LocalPostgres, postgres_missing
+
+    why = postgres_missing()
+    if why:
+        pytest.skip(why)
+    server = LocalPostgres()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> Iterator[str]:
+    """The URL of a new, empty database on the session's server, dropped afterwards."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The controller database, once per backend: a fresh SQLite file, then a fresh
+    PostgreSQL database (a `--db`/JETFLEET_DB value either way)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "data" / "controller.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_structlog() -> Iterator[None]:
     """CLI commands configure structlog to write to the stderr of the moment; a later test's
@@ -90,6 +123,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "serial: load-sensitive (a speed verdict, a wall-clock bound): scripts/test runs it "
         "alone, after the parallel pass",
+    )
+    config.addinivalue_line(
+        "markers",
+        "postgresql: runs on a private PostgreSQL server (the `db` fixture's second backend; "
+        "skips without the server binaries)",
     )
 
 

@@ -33,7 +33,6 @@ from controller.rollouts.driver import (
     RolloutError,
     WaveSpecError,
     check_plan,
-    driver_alive,
 )
 from controller.rollouts.launch import (
     PlannedRollout,
@@ -45,10 +44,10 @@ from controller.rollouts.launch import (
     plan_rollout,
     spawn_driver,
 )
+from controller.rollouts.lease import LeaseHeldError, LeaseLostError, current_driver
 from controller.rollouts.policy import RolloutPolicy, format_time
 from controller.rollouts.store import (
     ABORTED,
-    FINISHED,
     SUCCEEDED,
     DevicesHeldError,
     Rollout,
@@ -328,8 +327,10 @@ def finish(store: RolloutStore, rollout_id: str, output: Output) -> NoReturn:
 
 
 def drive(
-    s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output
+    s: ControllerSettings, keys: KeySet, rollout_id: str, output: Output, *, standby: bool = False
 ) -> None:  # never returns: exits with the rollout's outcome
+    """Drive the rollout here to its end. `standby`: another live process drives it;
+    follow it, and take over if that process dies (its lease expires)."""
     store, registry = open_store(s)
     console = Console(stderr=output is Output.json)
     live: Live | None = None
@@ -342,7 +343,7 @@ def drive(
         live.update(render(st.summary(rid)))
 
     try:
-        driver = make_driver(s, keys, (store, registry), rollout_id, progress)
+        driver = make_driver(s, keys, (store, registry), rollout_id, progress, standby=standby)
     except KeystoreError as e:
         fail(str(e), EXIT_VERIFY)
     try:
@@ -365,6 +366,8 @@ def drive(
         )
     except RolloutError as e:
         fail(str(e))
+    except (LeaseHeldError, LeaseLostError) as e:
+        fail(e.reason, EXIT_FAILED)
     except (MqttError, TransportConfigError) as e:
         fail(
             f"{e}; the rollout is saved: `jetfleet rollout resume {rollout_id}` continues it",
@@ -373,31 +376,6 @@ def drive(
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; continue with `jetfleet rollout resume {rollout_id}`", err=True)
         raise typer.Exit(EXIT_FAILED) from None
-    finish(store, rollout_id, output)
-
-
-def watch(s: ControllerSettings, rollout_id: str, output: Output) -> None:
-    """Follow a rollout another process drives (read-only) until it finishes."""
-    store, _ = open_store(s)
-    console = Console(stderr=output is Output.json)
-    with Live(
-        render(store.summary(rollout_id)),
-        console=console,
-        refresh_per_second=2,
-        transient=output is Output.json,
-    ) as lv:
-        while True:
-            summary = store.summary(rollout_id)
-            lv.update(render(summary))
-            if summary.rollout.state in FINISHED:
-                break
-            if not driver_alive(summary.rollout):
-                fail(
-                    f"the process driving rollout {rollout_id} is gone; "
-                    f"run `jetfleet rollout resume {rollout_id}`",
-                    EXIT_FAILED,
-                )
-            time.sleep(0.5)
     finish(store, rollout_id, output)
 
 
@@ -420,14 +398,17 @@ def launch(
 def hand_to_driver(
     s: ControllerSettings, r: Rollout, wait: bool, output: Output, message: str
 ) -> None:
-    """After a change to a stored rollout: its live driver acts on it (follow it with
-    --wait, else say `message`); with none alive, start one."""
-    if driver_alive(r):
-        if wait:
-            watch(s, r.id, output)
-        typer.echo(message)
+    """After a change to a stored rollout: its live driver, on whichever host, acts on it
+    (say `message`, its `{driver}` filled in; with --wait, follow it and take the rollout
+    over should that driver die); with none alive, start one here."""
+    store, _ = open_store(s)
+    lease = current_driver(store, r.id)
+    if lease is None:
+        launch(s, keyset(s), r.id, wait, output)
         return
-    launch(s, keyset(s), r.id, wait, output)
+    if wait:
+        drive(s, keyset(s), r.id, output, standby=True)
+    typer.echo(message.format(driver=lease.describe()))
 
 
 def start_rollout(

@@ -45,12 +45,12 @@ from controller.cli.common import (
 from controller.fleet.access import open_store
 from controller.rollouts.driver import (
     RolloutError,
-    driver_alive,
     failed_devices,
     pause,
     promote,
     resume_state,
 )
+from controller.rollouts.lease import LeaseHeldError, LeaseLostError, current_driver
 from controller.rollouts.policy import (
     DEFAULT_OFFLINE,
     PolicyError,
@@ -263,11 +263,13 @@ def status(
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id) if rollout_id else latest_rollout(store)
     summary = store.summary(r.id)
-    driven = driver_alive(r)
+    lease = current_driver(store, r.id)
+    driven = lease is not None
     release = release_view(store, r)
     if output is Output.json:
         data = summary.to_dict()
         data["driver_alive"] = driven
+        data["driver"] = lease.describe() if lease is not None else None
         data["devices"] = [a.to_dict() for a in store.assignments(r.id)]
         data["release"] = release
         print_json(data)
@@ -275,7 +277,9 @@ def status(
     console = Console()
     console.print(render(summary, release))
     console.print(assignments_table(store.assignments(r.id)))
-    if r.state not in FINISHED and not driven:
+    if r.state not in FINISHED and lease is not None:
+        typer.echo(f"driven by {lease.describe()}")
+    elif r.state not in FINISHED:
         typer.echo(f"no controller process is driving it{_why_undriven(s)}: "
                    f"`jetfleet rollout resume {r.id}`")  # fmt: skip
 
@@ -402,7 +406,8 @@ def resume(
     output: Output = OutputOption,
 ) -> None:
     """Continue a paused rollout, or one whose controller died (no device gets a second
-    command for the same job)."""
+    command for the same job). With --wait while a live process on any host drives it:
+    follow it, and take it over once that process's lease expires (docs/scale-out.md)."""
     configure_cli_logging()
     s = settings(ctx)
     store, _ = open_store(s)
@@ -411,7 +416,7 @@ def resume(
         already_ended(store, r, output)
     if r.state == PAUSED:
         resume_state(store, r.id)
-    hand_to_driver(s, r, wait, output, f"rollout {r.id} resumed; driven by process {r.driver_pid}")
+    hand_to_driver(s, r, wait, output, f"rollout {r.id} resumed; driven by {{driver}}")
 
 
 @app.command("abort")
@@ -434,9 +439,7 @@ def abort(
     rollback = r.auto_rollback and not no_rollback
     if not store.request_abort(r.id, "aborted by the operator", rollback):
         already_ended(store, store.get(r.id) or r, output)
-    hand_to_driver(
-        s, r, wait, output, f"rollout {r.id} aborting; process {r.driver_pid} is finishing it"
-    )
+    hand_to_driver(s, r, wait, output, f"rollout {r.id} aborting; {{driver}} is finishing it")
 
 
 @app.command("promote")
@@ -453,9 +456,7 @@ def promote_cmd(
     r = find_rollout(store, rollout_id)
     if not promote(store, r.id):
         fail(f"rollout {r.id} is {r.state}; only one waiting for approval can be promoted")
-    hand_to_driver(
-        s, r, wait, output, f"rollout {r.id} promoted; process {r.driver_pid} starts the next wave"
-    )
+    hand_to_driver(s, r, wait, output, f"rollout {r.id} promoted; {{driver}} starts the next wave")
 
 
 @app.command("retry")
@@ -475,6 +476,8 @@ def retry_cmd(
         old, failed = failed_devices(store, find_rollout(store, rollout_id).id)
     except RolloutError as e:
         fail(str(e))
+    except (LeaseHeldError, LeaseLostError) as e:
+        fail(e.reason, EXIT_FAILED)
     keys = keyset(s)
     bundle = None
     if old.bundle_url and old.bundle_sha256 and old.bundle_size:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import structlog
 import typer
@@ -59,8 +58,11 @@ def serve(
     share_group: str = typer.Option(
         "jetfleet", "--share-group", help="MQTT 5 shared-subscription group of the ingesters"
     ),
-    telemetry_db: Path | None = typer.Option(
-        None, "--telemetry-db", help="telemetry database [default: telemetry.db next to --db]"
+    telemetry_db: str | None = typer.Option(
+        None,
+        "--telemetry-db",
+        help="telemetry database: a file or postgresql://… [default: telemetry.db next to a "
+        "SQLite --db; PostgreSQL: the --db database]",
     ),
     no_ingest: bool = typer.Option(False, "--no-ingest", help="host bundles and metrics only"),
     ingest_workers: int = typer.Option(

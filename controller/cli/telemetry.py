@@ -101,7 +101,7 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _telemetry_db(ctx: typer.Context, override: Path | None) -> str | Path:
+def _telemetry_db(ctx: typer.Context, override: str | None) -> str | Path:
     return override or default_telemetry_db(settings(ctx).db_target())
 
 
@@ -113,7 +113,10 @@ def _open_store(path: str | Path) -> TelemetryStore:
 
 
 TelemetryDbOption = typer.Option(
-    None, "--telemetry-db", help="telemetry database [default: telemetry.db next to --db]"
+    None,
+    "--telemetry-db",
+    help="telemetry database: a file or postgresql://… [default: telemetry.db next to a "
+    "SQLite --db; PostgreSQL: the --db database]",
 )
 
 
@@ -306,7 +309,7 @@ def export(
         Resolution.raw, "--resolution", help="raw samples (24 h kept) or 1-minute means (30 d)"
     ),
     out: Path | None = typer.Option(None, "--out", help="file to write [stdout]"),
-    telemetry_db: Path | None = TelemetryDbOption,
+    telemetry_db: str | None = TelemetryDbOption,
 ) -> None:
     """Samples of one device as CSV (one row per sample) or JSON Lines (the samples)."""
     try:
@@ -347,7 +350,7 @@ def plot(
     out: Path = typer.Option(..., "--out", help="PNG file to write"),
     since: str = typer.Option("1h", "--since", help="30m, 1h, 2d ... or an ISO 8601 time"),
     until: str | None = typer.Option(None, "--until", help="same forms as --since [now]"),
-    telemetry_db: Path | None = TelemetryDbOption,
+    telemetry_db: str | None = TelemetryDbOption,
 ) -> None:
     """One metric of one device over time, to a PNG: the line breaks where the robot was
     offline, dotted lines mark version changes, bytes are in MiB or GiB."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from controller.fleet.access import open_store
-from controller.rollouts.driver import driver_alive, pause, promote, resume_state
+from controller.rollouts.driver import pause, promote, resume_state
 from controller.rollouts.launch import spawn_driver
+from controller.rollouts.lease import current_driver
 from controller.rollouts.store import FINISHED, PAUSED
 from controller.settings import ControllerSettings
 from protocol.errors import CodedError
@@ -44,7 +45,7 @@ def run_action(s: ControllerSettings, action: str, rollout_id: str) -> dict[str,
     if not _change(store, r, action):
         raise ActionError(409, f"rollout {r.id} is {r.state}; it cannot {action} now")
     driver = r.driver_pid
-    if action != "pause" and not driver_alive(r):
+    if action != "pause" and current_driver(store, r.id) is None:
         driver = spawn_driver(s, r.id)  # it signs and sends what the change needs
     return {"rollout": r.id, "action": action, "driver_pid": driver,
             "state": (store.get(r.id) or r).state}  # fmt: skip

@@ -138,6 +138,15 @@ class Database:
     def __str__(self) -> str:
         return describe(self.target)
 
+    @property
+    def now_sql(self) -> str:
+        """SQL for the database's clock in Unix seconds: what leases expire by, so that
+        controller hosts whose clocks disagree still agree on expiry (one host for a
+        SQLite file)."""
+        if self.dialect == SQLITE:
+            return "((julianday('now') - 2440587.5) * 86400.0)"
+        return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
     # -- statements ------------------------------------------------------------------
     def _translate(self, sql: str) -> str:
         out = self._sql.get(sql)

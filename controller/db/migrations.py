@@ -2,8 +2,9 @@
 
 Each store names its component and lists its steps, oldest first; the component's
 version is the number of steps applied, kept in `schema_version`. A step is DDL (in
-SQLite's words, see `Database.ddl`) or an `AddColumn`, which is idempotent so databases
-from before this table (they have some of the columns already) upgrade too. Adding a
+SQLite's words, see `Database.ddl`), an `AddColumn`, which is idempotent so databases
+from before this table (they have some of the columns already) upgrade too, or a
+`PostgresStep` that only PostgreSQL runs. Adding a
 table or a column is appending a step to its store's list; never edit or reorder one
 that shipped.
 
@@ -12,7 +13,7 @@ write rows a newer one reads differently)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from controller.db import Database, DatabaseError
@@ -25,7 +26,16 @@ class AddColumn:
     type: str  # SQLite's words: TEXT, REAL, INTEGER NOT NULL DEFAULT 0…
 
 
-Step = str | AddColumn
+@dataclass(frozen=True)
+class PostgresStep:
+    """A step only PostgreSQL needs (e.g. partitioning): `apply(db)` runs there, inside
+    the migration's transaction; on SQLite the step is counted and does nothing."""
+
+    name: str
+    apply: Callable[[Database], None]
+
+
+Step = str | AddColumn | PostgresStep
 
 _VERSIONS = """CREATE TABLE IF NOT EXISTS schema_version (
     component TEXT PRIMARY KEY,
@@ -80,6 +90,10 @@ def _refuse_newer(db: Database, component: str, current: int, target: int) -> No
 
 
 def _apply(db: Database, step: Step) -> None:
+    if isinstance(step, PostgresStep):
+        if db.postgres:
+            step.apply(db)
+        return
     if isinstance(step, AddColumn):
         if step.column not in db.columns(step.table):
             db.execute(db.ddl(f"ALTER TABLE {step.table} ADD COLUMN {step.column} {step.type}"))

@@ -173,7 +173,7 @@ class Registry:
                            ELSE COALESCE(devices.last_seq, -1) END,
                        status_at=excluded.status_at,
                        trust_version=COALESCE(excluded.trust_version, devices.trust_version),
-                       desired=CASE WHEN excluded.online THEN excluded.desired
+                       desired=CASE WHEN excluded.online = 1 THEN excluded.desired
                            ELSE COALESCE(excluded.desired, devices.desired) END""",
                 (
                     status.device_id,

@@ -10,7 +10,9 @@ Resume after a crash relies on three things: (1) every command is stored, signed
 it is published, and an assignment with a command never gets a second one; (2) the
 driver's MQTT session is persistent (client id = rollout id), so the broker queued the
 devices' events while it was dead; (3) each device's retained status names its last job
-and its state, which settles devices whose events were lost anyway.
+and its state, which settles devices whose events were lost anyway. One driver at a time,
+on any host sharing the database: the holder of the rollout's lease
+(controller/rollouts/lease.py), checked where commands are recorded.
 """
 
 from __future__ import annotations
@@ -18,16 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import structlog
 
 from controller.db import DB_ERRORS
@@ -36,6 +37,7 @@ from controller.desired.store import ReleaseStore
 from controller.fleet.registry import Registry
 from controller.mqtt import ControllerMqtt, MqttError, MqttOptions
 from controller.rollouts.commands import CommandSigner
+from controller.rollouts.lease import DriverLease, LeaseHeldError
 from controller.rollouts.policy import RolloutPolicy, Tally, abort_reason, exponential_sizes
 from controller.rollouts.policy import crosses as crosses  # re-exported: the planning tests
 from controller.rollouts.slo import FAIL as SLO_FAIL
@@ -191,28 +193,6 @@ def plan_waves(
     return waves
 
 
-# -- driver lock -------------------------------------------------------------------------
-def driver_alive(rollout: Rollout) -> bool:
-    """Whether the process recorded as this rollout's driver is still running (a pid
-    alone could have been reused, so its start time must match too; a killed driver nobody
-    reaped yet is a zombie, not a driver)."""
-    if not rollout.driver_pid:
-        return False
-    if rollout.driver_pid == os.getpid():
-        return False
-    try:
-        proc = psutil.Process(rollout.driver_pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return abs(proc.create_time() - (rollout.driver_started or 0)) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _this_process_started() -> float:
-    return psutil.Process(os.getpid()).create_time()
-
-
 # -- driving -------------------------------------------------------------------------
 ProgressCallback = Callable[[RolloutStore, str], None]
 
@@ -233,8 +213,15 @@ class RolloutDriver:
         tick_s: float = 0.05,
         clock: Callable[[], float] = time.time,
         slo_source: SampleSource | None = None,
+        lease: DriverLease | None = None,
+        standby: bool = False,
     ) -> None:
+        """`lease`: this process's hold on the rollout (controller/rollouts/lease.py; one is
+        made). `standby`: when another live process drives the rollout, wait (following
+        its progress) and take over if its lease expires, instead of refusing."""
         self.store = store
+        self.lease = lease or DriverLease(store, rollout_id)
+        self.standby = standby
         self.registry = registry
         self.signer = signer
         self.topics = topics or registry.topics
@@ -275,15 +262,8 @@ class RolloutDriver:
             raise RolloutError(f"no rollout {self.rollout_id!r}")
         if rollout.state in FINISHED:
             return rollout
-        if driver_alive(rollout):
-            raise RolloutError(
-                f"rollout {rollout.id} is being driven by process {rollout.driver_pid}; "
-                "use pause/resume/abort to steer it"
-            )
-        if not self.store.claim_driver(
-            rollout.id, os.getpid(), _this_process_started(), replacing=rollout.driver_pid
-        ):
-            raise RolloutError(f"another process just took over rollout {rollout.id}")
+        if not self._take_lease():
+            return self.store.get(self.rollout_id) or rollout
         self.mqtt = ControllerMqtt(self.options, self._enqueue)
         try:
             self.mqtt.connect()
@@ -291,6 +271,7 @@ class RolloutDriver:
             self._catch_up()
             self._recover()
             while not self.stop.is_set():
+                self.lease.renew_if_due()
                 self._drain()
                 rollout = self._step()
                 if self.on_progress and self._dirty:
@@ -307,13 +288,33 @@ class RolloutDriver:
         finally:
             self._release()
 
+    def _take_lease(self) -> bool:
+        """Become the rollout's one driver (LeaseHeldError if another live process is).
+        A standby waits for the lease instead, following the rollout, until it gets the
+        lease (True) or the rollout ends or `stop` is set (False)."""
+        while True:
+            in_the_way = self.lease.try_acquire()
+            if in_the_way is None:
+                log.info("driver_lease_taken", rollout_id=self.rollout_id,
+                         holder=self.lease.holder.id, ttl_s=self.lease.ttl_s)  # fmt: skip
+                return True
+            if not self.standby:
+                raise LeaseHeldError(self.rollout_id, in_the_way)
+            rollout = self.store.get(self.rollout_id)
+            if rollout is None or rollout.state in FINISHED:
+                return False
+            if self.on_progress:
+                self.on_progress(self.store, self.rollout_id)
+            if self.stop.wait(self.lease.wait_poll_s(in_the_way)):
+                return False
+
     def _release(self) -> None:
-        """Give up the rollout and the broker session. On a full disk the driver mark
-        stays (it names a dead process, so `status` says nobody drives the rollout)."""
+        """Give up the lease and the broker session. On a full disk the lease stays: it
+        expires (and names a dead process here), so `status` says nobody drives it."""
         try:
-            self.store.set_driver(self.rollout_id, None, None)
+            self.lease.release()
         except DB_ERRORS as e:
-            log.warning("driver_mark_kept", rollout_id=self.rollout_id, error=str(e))
+            log.warning("driver_lease_kept", rollout_id=self.rollout_id, error=str(e))
         final = self.store.get(self.rollout_id)
         if self.mqtt is not None:
             if final is not None and final.state in FINISHED:
@@ -339,6 +340,14 @@ class RolloutDriver:
             ControllerMqtt(opts).connect(timeout=5).close()
         except MqttError as e:
             log.warning("session_cleanup_failed", rollout_id=self.rollout_id, reason=str(e))
+
+    @contextmanager
+    def _fenced(self) -> Iterator[None]:
+        """A write transaction that records commands, only while this driver still holds
+        the lease (checked inside it: a takeover cannot slip in before the commit)."""
+        with self.store.transaction():
+            self.lease.check()
+            yield
 
     # -- inbox ---------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -371,6 +380,7 @@ class RolloutDriver:
         self.mqtt.publish(self._marker, b"sync")
         deadline = time.monotonic() + timeout
         while not self._caught_up and time.monotonic() < deadline:
+            self.lease.renew_if_due()
             self._drain()
 
     def _apply(self, topic: str, payload: bytes) -> None:
@@ -754,7 +764,7 @@ class RolloutDriver:
         to_publish: list[tuple[str, str, bytes]] = []
         skipped: list[str] = []
         now = self.clock() if now is None else now
-        with self.store.transaction():
+        with self._fenced():
             for a in self.store.assignments(rollout.id, idx):
                 if limit is not None and len(to_publish) >= limit:
                     break
@@ -903,7 +913,7 @@ class RolloutDriver:
             rollout.id, len(succeeded), self.clock() + rollout.wave_timeout
         )
         to_publish: list[tuple[str, str, bytes]] = []
-        with self.store.transaction():
+        with self._fenced():
             for a in succeeded:
                 device = self.registry.get(a.device_id)
                 to_version = a.prev_version or (
@@ -935,7 +945,7 @@ class RolloutDriver:
         finishes; if it succeeds, the rollback phase returns it to its old version)."""
         self._canceled_waves.add(idx)
         to_publish: list[tuple[str, str, bytes]] = []
-        with self.store.transaction():
+        with self._fenced():
             for a in self.store.assignments(rollout.id, idx):
                 if a.command_id is None or a.terminal or a.cx_command_id is not None:
                     continue
@@ -973,7 +983,7 @@ class RolloutDriver:
         cancel, queued behind it, stops that job before it activates (a job already past
         ACTIVATING refuses it; it never counted as succeeded, so nothing rolls it back)."""
         to_publish: list[tuple[str, str, bytes]] = []
-        with self.store.transaction():
+        with self._fenced():
             reported = self.store.terminal_events(rollout.id)
             for a in self.store.assignments(rollout.id):
                 if (

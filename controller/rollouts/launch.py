@@ -176,9 +176,12 @@ def make_driver(
     opened: tuple[RolloutStore, Registry],
     rollout_id: str,
     on_progress: Callable[[RolloutStore, str], None] | None = None,
+    *,
+    standby: bool = False,
 ) -> RolloutDriver:
     """The driver of a stored rollout on the settings' broker and telemetry, with the
-    store and registry `open_store(s)` gave (the caller renders progress from them)."""
+    store and registry `open_store(s)` gave (the caller renders progress from them).
+    `standby`: another live process drives it; follow, and take over at its lease's end."""
     store, registry = opened
     return RolloutDriver(
         store,
@@ -188,5 +191,6 @@ def make_driver(
         rollout_id,
         topics=Topics(s.prefix),
         on_progress=on_progress,
-        slo_source=TelemetrySource(default_telemetry_db(s.db)),
+        slo_source=TelemetrySource(default_telemetry_db(s.db_target())),
+        standby=standby,
     )

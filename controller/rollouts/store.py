@@ -230,6 +230,40 @@ CREATE TABLE IF NOT EXISTS slo_verdicts (
 );
 """
 
+# Driver leases (controller/rollouts/lease.py): one row per driven rollout. Times are the
+# database's clock (Database.now_sql).
+_LEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS driver_leases (
+    rollout_id TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,            -- HOST/PID/TOKEN: one driver run
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_started REAL,                -- the process's start time (a reused pid is another)
+    acquired_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A rollout's driver lease as stored, with `expires_in` seconds on the database's
+    clock (negative: expired)."""
+
+    rollout_id: str
+    holder: str
+    host: str
+    pid: int
+    pid_started: float | None
+    expires_in: float
+
+    @property
+    def live(self) -> bool:
+        return self.expires_in > 0
+
+    def describe(self) -> str:
+        return f"process {self.pid} on {self.host}"
+
 
 @dataclass
 class Rollout:
@@ -458,6 +492,7 @@ class RolloutStore:
         _SCHEMA,
         *(AddColumn(*c) for c in _ADDED_COLUMNS),
         _SLO_SCHEMA,
+        _LEASE_SCHEMA,
     )
 
     def __init__(
@@ -754,25 +789,90 @@ class RolloutStore:
             )
             return cur.rowcount == 1
 
-    def claim_driver(
-        self, rollout_id: str, pid: int, started: float, *, replacing: int | None
-    ) -> bool:
-        """Become the rollout's driver, atomically: only if the driver is still the one we
-        saw (None, or a dead process), so two `resume`s cannot both drive it."""
-        with self.transaction() as c:
-            cur = c.execute(
-                "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=? AND "
-                + ("driver_pid IS NULL" if replacing is None else "driver_pid=?"),
-                (pid, started, rollout_id, *(() if replacing is None else (replacing,))),
-            )
-            return cur.rowcount == 1
+    # -- driver leases (controller/rollouts/lease.py decides, this stores) -------------------
+    def lease(self, rollout_id: str) -> Lease | None:
+        with self._lock:
+            row = self.conn.execute(
+                f"SELECT rollout_id, holder, host, pid, pid_started, "
+                f"expires_at - {self.conn.now_sql} FROM driver_leases WHERE rollout_id=?",
+                (rollout_id,),
+            ).fetchone()
+        return Lease(*row) if row else None
 
-    def set_driver(self, rollout_id: str, pid: int | None, started: float | None) -> None:
+    def take_lease(
+        self,
+        rollout_id: str,
+        holder: tuple[str, str, int, float],
+        ttl_s: float,
+        *,
+        replacing: str | None = None,
+    ) -> Lease:
+        """Take the rollout's lease for `holder` (id, host, pid, pid start) if nobody
+        holds it, it expired, it is already ours, or its holder is `replacing` (one the
+        caller saw die). Returns the lease as it is then: ours, or the live one in the
+        way. One write transaction: two takers cannot both win."""
+        holder_id, host, pid, started = holder
+        now = self.conn.now_sql
         with self.transaction() as c:
+            current = self.lease(rollout_id)
+            if (
+                current is not None
+                and current.live
+                and current.holder
+                not in (
+                    holder_id,
+                    replacing,
+                )
+            ):
+                return current
+            c.execute(
+                f"INSERT INTO driver_leases (rollout_id, holder, host, pid, pid_started, "
+                f"acquired_at, expires_at) VALUES (?, ?, ?, ?, ?, {now}, {now} + ?) "
+                "ON CONFLICT (rollout_id) DO UPDATE SET holder=excluded.holder, "
+                "host=excluded.host, pid=excluded.pid, pid_started=excluded.pid_started, "
+                "acquired_at=excluded.acquired_at, expires_at=excluded.expires_at",
+                (rollout_id, holder_id, host, pid, started, ttl_s),
+            )
             c.execute(
                 "UPDATE rollouts SET driver_pid=?, driver_started=? WHERE id=?",
                 (pid, started, rollout_id),
             )
+            taken = self.lease(rollout_id)
+        assert taken is not None
+        return taken
+
+    def renew_lease(self, rollout_id: str, holder_id: str, ttl_s: float) -> bool:
+        """Push the expiry of our lease on; False when another holder has taken it (an
+        expired lease nobody took is still ours)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                f"UPDATE driver_leases SET expires_at = {self.conn.now_sql} + ? "
+                "WHERE rollout_id=? AND holder=?",
+                (ttl_s, rollout_id, holder_id),
+            )
+            return cur.rowcount == 1
+
+    def holds_lease(self, rollout_id: str, holder_id: str) -> bool:
+        """Inside the write transaction that records a command: whether `holder_id` still
+        holds the lease (every taker writes in such a transaction, so this cannot go stale
+        before the commit)."""
+        row = self.conn.execute(
+            "SELECT holder FROM driver_leases WHERE rollout_id=?", (rollout_id,)
+        ).fetchone()
+        return row is not None and row[0] == holder_id
+
+    def drop_lease(self, rollout_id: str, holder_id: str) -> None:
+        """Give the lease up (only ours: a lease someone took over stays theirs)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "DELETE FROM driver_leases WHERE rollout_id=? AND holder=?",
+                (rollout_id, holder_id),
+            )
+            if cur.rowcount:
+                c.execute(
+                    "UPDATE rollouts SET driver_pid=NULL, driver_started=NULL WHERE id=?",
+                    (rollout_id,),
+                )
 
     def add_rollback_wave(self, rollout_id: str, size: int, deadline: float) -> int:
         """The rollback phase as a pseudo-wave after the last one; returns its index."""

@@ -1,7 +1,9 @@
-"""The telemetry database (SQLite, WAL): raw samples, 1-minute means, latest per device.
+"""The telemetry database: raw samples, 1-minute means, latest per device.
 
-Kept apart from the controller's registry database (`telemetry.db` next to it): the
-ingester writes thousands of rows a second and must not hold the registry's write lock.
+On SQLite (WAL) kept apart from the controller's registry database (`telemetry.db` next
+to it): the ingester writes thousands of rows a second and must not hold the registry's
+write lock. On PostgreSQL, tables of the controller's database, with telemetry_raw
+range-partitioned by day (see PARTITION_S); appends take no write lock there.
 
     telemetry_raw     one row per sample: indexed numeric columns for queries and plots,
                       plus the sample's JSON as received (export jsonl hands it back)
@@ -10,21 +12,27 @@ ingester writes thousands of rows a second and must not hold the registry's writ
 
 Retention (`maintain`): raw rows older than `raw_retention_s` (24 h) are folded into
 minute means first, then deleted; minute rows older than `minute_retention_s` (30 d) are
-deleted. Times are the device's `at`, in Unix seconds.
+deleted (on PostgreSQL, whole days of raw rows by dropping their partitions). Times are
+the device's `at`, in Unix seconds.
 """
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from controller.db import DB_ERRORS, Database, DatabaseError, describe, open_database, sqlite_path
-from controller.db.migrations import Step, migrate
+from controller.db.migrations import PostgresStep, Step, migrate
 from protocol.errors import CodedError
 from protocol.telemetry import TelemetrySample
+
+log = structlog.get_logger("jetfleet.controller.telemetry")
 
 RAW_RETENTION_S = 24 * 3600
 MINUTE_RETENTION_S = 30 * 24 * 3600
@@ -64,13 +72,18 @@ METRIC_HELP = {
 
 Row = tuple[Any, ...]  # (device_id, ts, *METRICS, payload)
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS telemetry_raw (
+_RAW_TABLE = f"""telemetry_raw (
     device_id TEXT NOT NULL,
     ts REAL NOT NULL,
     {", ".join(f"{m} REAL" for m in METRICS)},
     payload TEXT NOT NULL
-);
+)"""
+_RAW_INDEXES = """
+CREATE INDEX IF NOT EXISTS telemetry_raw_device_ts ON telemetry_raw(device_id, ts);
+CREATE INDEX IF NOT EXISTS telemetry_raw_ts ON telemetry_raw(ts);
+"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {_RAW_TABLE};
 CREATE INDEX IF NOT EXISTS telemetry_raw_device_ts ON telemetry_raw(device_id, ts);
 CREATE INDEX IF NOT EXISTS telemetry_raw_ts ON telemetry_raw(ts);
 CREATE TABLE IF NOT EXISTS telemetry_minute (
@@ -170,8 +183,75 @@ def connect(path: str | Path, *, readonly: bool = False, timeout: float = 10.0) 
     return db
 
 
+# PostgreSQL keeps raw samples in one range partition per UTC day of `ts` (plus a default
+# partition for samples outside them: a device whose clock is far off, a gap in
+# maintenance): retention drops whole past days instead of deleting their rows, and a
+# query for a time range reads only its days. Partitions are made ahead, by the writer
+# and by each maintenance run, for today and the next PARTITIONS_AHEAD days; never for a
+# past day (its samples went to the default partition, which a new partition over them
+# would have to move).
+PARTITION_S = 86400
+PARTITIONS_AHEAD = 2
+_PARTITION_PREFIX = "telemetry_raw_day_"
+
+
+def _partition_raw(db: Database) -> None:
+    """Migration step (PostgreSQL): telemetry_raw becomes partitioned by day, rows kept."""
+    kind = db.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = 'telemetry_raw' AND n.nspname = current_schema()"
+    ).fetchone()
+    if kind is not None and kind[0] == "p":
+        return
+    db.execute("ALTER TABLE telemetry_raw RENAME TO telemetry_raw_unpartitioned")
+    db.execute("DROP INDEX IF EXISTS telemetry_raw_device_ts")
+    db.execute("DROP INDEX IF EXISTS telemetry_raw_ts")
+    db.execute(db.ddl(f"CREATE TABLE {_RAW_TABLE} PARTITION BY RANGE (ts)"))
+    db.execute("CREATE TABLE telemetry_raw_default PARTITION OF telemetry_raw DEFAULT")
+    db.executescript(_RAW_INDEXES)
+    first = db.execute("SELECT MIN(ts) FROM telemetry_raw_unpartitioned").fetchone()[0]
+    now = time.time()
+    since = now if first is None else max(float(first), now - RAW_RETENTION_S)
+    for day in _days(since, now + PARTITIONS_AHEAD * PARTITION_S):
+        _create_partition(db, day)
+    db.execute("INSERT INTO telemetry_raw SELECT * FROM telemetry_raw_unpartitioned")
+    db.execute("DROP TABLE telemetry_raw_unpartitioned")
+
+
+def _days(since: float, until: float) -> list[int]:
+    """Start times of the UTC days from the one holding `since` to the one holding `until`."""
+    first = int(since // PARTITION_S) * PARTITION_S
+    return list(range(first, int(until) + 1, PARTITION_S))
+
+
+def _partition_name(day: int) -> str:
+    return _PARTITION_PREFIX + time.strftime("%Y%m%d", time.gmtime(day))
+
+
+def _create_partition(db: Database, day: int) -> None:
+    db.execute(
+        f"CREATE TABLE IF NOT EXISTS {_partition_name(day)} PARTITION OF telemetry_raw "
+        f"FOR VALUES FROM ({day}) TO ({day + PARTITION_S})"
+    )
+
+
+def raw_partitions(db: Database) -> dict[str, int]:
+    """PostgreSQL: the day partitions of telemetry_raw, name -> the day's start."""
+    rows = db.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "WHERE p.relname = 'telemetry_raw' AND n.nspname = current_schema()"
+    ).fetchall()
+    out = {}
+    for (name,) in rows:
+        if name.startswith(_PARTITION_PREFIX):
+            day = time.strptime(name[len(_PARTITION_PREFIX) :] + "+0000", "%Y%m%d%z")
+            out[name] = int(calendar.timegm(day))
+    return out
+
+
 # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
-MIGRATIONS: tuple[Step, ...] = (_SCHEMA,)
+MIGRATIONS: tuple[Step, ...] = (_SCHEMA, PostgresStep("partition telemetry_raw", _partition_raw))
 
 
 class TelemetryStore:
@@ -185,7 +265,16 @@ class TelemetryStore:
                 f"no telemetry database at {self.path} (has `jetfleet serve` run?)"
             )
         self.conn = connect(self.path, readonly=readonly)
+        if readonly and not self.conn.columns("telemetry_raw"):
+            # A PostgreSQL controller database before its first sample: no data yet,
+            # as a SQLite telemetry file that does not exist yet.
+            self.conn.close()
+            raise TelemetryStoreError(
+                f"no telemetry in {describe(self.path)} yet (has `jetfleet serve` run?)"
+            )
         self._max_vars = self.conn.max_params
+        if not readonly:
+            self._partitions_ahead(time.time())
         # A minute's start from a sample time (times are positive: truncation is floor).
         self._minute = (
             "CAST(FLOOR(ts / 60) AS BIGINT) * 60"
@@ -195,6 +284,18 @@ class TelemetryStore:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _partitions_ahead(self, now: float) -> None:
+        """PostgreSQL: today's partition and the next days', before their samples come.
+        One that cannot be made (today's samples already sit in the default partition)
+        is left out: its samples stay in the default partition, read and retained alike."""
+        if not self.conn.postgres:
+            return
+        for day in _days(now, now + PARTITIONS_AHEAD * PARTITION_S):
+            try:
+                _create_partition(self.conn, day)
+            except DB_ERRORS as e:
+                log.warning("telemetry_partition_not_made", day=_partition_name(day), error=str(e))
 
     # -- writing ---------------------------------------------------------------------
 
@@ -263,13 +364,31 @@ class TelemetryStore:
             # Never drop a raw row that has not been folded into its minute yet.
             # Cut on a minute boundary, so raw rows always start with a whole minute.
             raw_cut = min((int(now - raw_retention_s) // 60) * 60, end)
+            dropped = self._drop_partitions_before(raw_cut)
             raw_deleted = self.conn.execute(
                 "DELETE FROM telemetry_raw WHERE ts < ?", (raw_cut,)
             ).rowcount
             minute_deleted = self.conn.execute(
                 "DELETE FROM telemetry_minute WHERE minute < ?", (now - minute_retention_s,)
             ).rowcount
-        return {"minutes": folded, "raw_deleted": raw_deleted, "minute_deleted": minute_deleted}
+        self._partitions_ahead(now)
+        return {
+            "minutes": folded,
+            "raw_deleted": raw_deleted,
+            "minute_deleted": minute_deleted,
+            "partitions_dropped": dropped,
+        }
+
+    def _drop_partitions_before(self, cut: float) -> int:
+        """PostgreSQL: drop the day partitions wholly before `cut` (their minutes are
+        folded: `cut` is never past the folded range); rows before `cut` elsewhere (the
+        default partition, the day `cut` falls in) are deleted row by row."""
+        if not self.conn.postgres:
+            return 0
+        old = [n for n, day in raw_partitions(self.conn).items() if day + PARTITION_S <= cut]
+        for name in old:
+            self.conn.execute(f"DROP TABLE {name}")
+        return len(old)
 
     def _meta_float(self, key: str) -> float | None:
         row = self.conn.execute("SELECT value FROM telemetry_meta WHERE key = ?", (key,)).fetchone()

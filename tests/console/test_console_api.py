@@ -4,7 +4,9 @@ filtered, sorted and paged on the server, drift from a signed release, clear ref
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,9 @@ import pytest
 
 from controller.fleet.registry import Registry
 from controller.server.serve import JetfleetServer, ServeConfig
+from controller.telemetry.store import TelemetryStore, default_telemetry_db, row_from_sample
 from protocol.messages import DeviceStatus, ModelSlot
+from protocol.telemetry import TelemetrySample
 
 
 def status(device: str, group: str, version: str, online: bool = True) -> DeviceStatus:
@@ -26,14 +30,13 @@ WANT = {"detector": {"version": "1.1.0"}}
 G2_ONLINE = {"group": "g2", "online": "true", "sort": "id", "order": "desc", "limit": "3"}
 
 
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[str]:
-    db = tmp_path / "controller.db"
+def serve_console(db: str | Path, tmp_path: Path, telemetry_db: str | Path) -> JetfleetServer:
+    """A console over the controller database `db` with 30 robots, g1 released 1.1.0."""
     registry = Registry.open(db)
     for i in range(30):
         registry.apply_status(status(f"r-{i:02d}", f"g{i % 3}", "1.0.0", online=i % 5 != 0))
     # What `jetfleet release set` records: group g1 should run detector 1.1.0.
-    registry.conn.execute(
+    registry.conn.executescript(
         "CREATE TABLE release_history (scope TEXT, version INTEGER, issued_at TEXT, "
         "models TEXT, envelope BLOB, PRIMARY KEY (scope, version))"
     )
@@ -41,15 +44,49 @@ def api(tmp_path: Path) -> Iterator[str]:
         "INSERT INTO release_history VALUES (?, ?, ?, ?, ?)",
         ("group:g1", 1, "2026-12-05T00:00:00+00:00", json.dumps(WANT), b""),
     )
+    registry.conn.close()
     cfg = ServeConfig(
-        broker="mqtt://127.0.0.1:1", telemetry_db=tmp_path / "t.db", bundle_dir=tmp_path / "b",
+        broker="mqtt://127.0.0.1:1", telemetry_db=telemetry_db, bundle_dir=tmp_path / "b",
         data_dir=tmp_path, controller_db=db, host="127.0.0.1", http_port=0, ingest=False,
     )  # fmt: skip
     server = JetfleetServer(cfg)
     server.start()
     assert server.http is not None
+    return server
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[str]:
+    server = serve_console(tmp_path / "controller.db", tmp_path, tmp_path / "t.db")
+    assert server.http is not None
     yield f"http://127.0.0.1:{server.http.port}"
     server.stop()
+
+
+def test_the_console_reads_fleet_drift_and_telemetry_from_either_engine(
+    db: str, tmp_path: Path
+) -> None:
+    telemetry = TelemetryStore(default_telemetry_db(db))
+    now = time.time()
+    samples = [
+        TelemetrySample.new(device_id="r-01", at=datetime.fromtimestamp(now - 30 + i, timezone.utc),
+                            uptime_s=i, cpu={"percent": [10.0 * i]})
+        for i in range(3)
+    ]  # fmt: skip
+    telemetry.insert_batch([row_from_sample(x, x.encode().decode()) for x in samples])
+    telemetry.close()
+    server = serve_console(db, tmp_path, default_telemetry_db(db))
+    assert server.http is not None
+    api = f"http://127.0.0.1:{server.http.port}"
+    try:
+        page = httpx.get(api + "/api/fleet", params=G2_ONLINE).json()
+        assert (page["total"], page["online"], page["matched"]) == (30, 24, 8)
+        robot = httpx.get(api + "/api/robots/r-01").json()
+        assert robot["drift"]["detector"]["want"] == "1.1.0"
+        tele = httpx.get(api + "/api/robots/r-01/telemetry", params={"window": 300}).json()
+        assert [p[1] for p in tele["metrics"]["cpu_pct"]] == [0.0, 10.0, 20.0]
+    finally:
+        server.stop()
 
 
 def test_fleet_is_filtered_sorted_and_paged_by_the_server(api: str) -> None:

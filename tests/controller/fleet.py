@@ -496,7 +496,7 @@ class ControllerHarness:
     """The controller's parts wired on one database, as the CLI wires them."""
 
     def __init__(
-        self, db: Path, broker_url: str, operator: SigningKey, protocol: str = "5"
+        self, db: str | Path, broker_url: str, operator: SigningKey, protocol: str = "5"
     ) -> None:
         from controller.fleet.registry import Registry
         from controller.mqtt import MqttOptions

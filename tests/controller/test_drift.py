@@ -4,7 +4,6 @@ and the Prometheus gauge of them per group and model (controller/telemetry/metri
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +12,7 @@ from controller.db import open_database
 from controller.desired.drift import DeviceView, device_drift, wanted
 from controller.desired.store import ReleaseStore
 from controller.telemetry.metrics import FleetCollector, make_registry
+from controller.telemetry.store import default_telemetry_db
 from protocol.messages import DesiredSummary, DeviceStatus, HeldBack, ModelSlot
 from protocol.release import DesiredModel, Pins, Release
 
@@ -60,8 +60,8 @@ def test_groups_that_disagree_are_a_conflict_unless_a_pin_decides() -> None:
     assert wanted(["lab"], LAB, {"detector": "1.0.0"})[0]["detector"] == "1.0.0"
 
 
-def test_the_gauge_counts_drifted_robots_per_group_and_model(tmp_path: Path) -> None:
-    ctl = tmp_path / "controller.db"
+def test_the_gauge_counts_drifted_robots_per_group_and_model(db: str) -> None:
+    ctl = db  # SQLite, then PostgreSQL
     conn = open_database(ctl)
     history = ReleaseStore(conn)
     now = datetime.now(timezone.utc)
@@ -84,7 +84,7 @@ def test_the_gauge_counts_drifted_robots_per_group_and_model(tmp_path: Path) -> 
         "robot-3": status("robot-3", "1.0.0"),  # pinned: not behind
         "robot-4": status("robot-4", "1.0.0"),  # behind
     }
-    collector = FleetCollector(tmp_path / "telemetry.db", status=lambda: statuses,
+    collector = FleetCollector(default_telemetry_db(ctl), status=lambda: statuses,
                                controller_db=ctl)  # fmt: skip
     text = generate_latest(make_registry(collector)).decode()
     (fam,) = [

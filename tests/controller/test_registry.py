@@ -1,4 +1,5 @@
-"""The fleet registry: SQLite fed from retained status and events."""
+"""The fleet registry, fed from retained status and events (on SQLite and PostgreSQL:
+the `db` fixture)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def event(device: str, seq: int, state: str, cid: str = "c1") -> bytes:
 T = "jetfleet/v1/devices/{}/{}"
 
 
-def test_status_creates_the_device_with_groups_hardware_and_models(tmp_path: Path) -> None:
-    reg = Registry.open(tmp_path / "c.db")
+def test_status_creates_the_device_with_groups_hardware_and_models(db: str) -> None:
+    reg = Registry.open(db)
     reg.handle(
         T.format("robot-1", "status"),
         status(
@@ -48,12 +49,12 @@ def test_status_creates_the_device_with_groups_hardware_and_models(tmp_path: Pat
     assert d.active_version("detector") == "2.0.0"
     assert d.previous_version("detector") == "1.0.0"
     # The registry persists: a new process sees the same fleet.
-    again = Registry.open(tmp_path / "c.db").get("robot-1")
+    again = Registry.open(db).get("robot-1")
     assert again is not None and again.to_dict() == d.to_dict()
 
 
-def test_events_advance_the_job_in_flight_and_stale_ones_are_ignored(tmp_path: Path) -> None:
-    reg = Registry.open(tmp_path / "c.db")
+def test_events_advance_the_job_in_flight_and_stale_ones_are_ignored(db: str) -> None:
+    reg = Registry.open(db)
     reg.handle(T.format("robot-1", "status"), status("robot-1", last_seq=3))
     reg.handle(T.format("robot-1", "events"), event("robot-1", 4, "BUILDING"))
     reg.handle(T.format("robot-1", "events"), event("robot-1", 2, "RECEIVED"))  # late duplicate
@@ -62,8 +63,8 @@ def test_events_advance_the_job_in_flight_and_stale_ones_are_ignored(tmp_path: P
     assert d.job["state"] == JobState.BUILDING.value and d.last_seq == 4
 
 
-def test_a_device_cannot_speak_for_another_device(tmp_path: Path) -> None:
-    reg = Registry.open(tmp_path / "c.db")
+def test_a_device_cannot_speak_for_another_device(db: str) -> None:
+    reg = Registry.open(db)
     with pytest.raises(MessageError, match="claims device 'robot-2'"):
         reg.handle(T.format("robot-1", "status"), status("robot-2"))
     with pytest.raises(MessageError, match="claims device 'robot-2'"):
@@ -86,15 +87,15 @@ def test_malformed_status_is_rejected_with_a_reason(tmp_path: Path, payload: byt
         reg.handle(T.format("robot-1", "status"), payload)
 
 
-def test_cleared_retained_status_forgets_the_device(tmp_path: Path) -> None:
-    reg = Registry.open(tmp_path / "c.db")
+def test_cleared_retained_status_forgets_the_device(db: str) -> None:
+    reg = Registry.open(db)
     reg.handle(T.format("robot-1", "status"), status("robot-1"))
     reg.handle(T.format("robot-1", "status"), b"")
     assert reg.get("robot-1") is None
 
 
-def test_targets_resolve_to_sorted_ids(tmp_path: Path) -> None:
-    reg = Registry.open(tmp_path / "c.db")
+def test_targets_resolve_to_sorted_ids(db: str) -> None:
+    reg = Registry.open(db)
     for d, groups in (("robot-2", ["a"]), ("robot-1", ["a", "b"]), ("robot-3", ["b"])):
         reg.handle(T.format(d, "status"), status(d, groups=groups))
     assert reg.resolve_target("all") == ["robot-1", "robot-2", "robot-3"]

@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fleet import (
@@ -24,20 +24,22 @@ from fleet import (
     wait_until,
 )
 
+from controller.db import DB_ERRORS, DatabaseError, open_database
 from controller.sandbox.localbroker import LocalMosquitto
 from controller.security.keystore import KeySet
 from protocol.messages import JobState
 
 
-def db_rows(env: dict[str, str], sql: str, *args: object) -> list[sqlite3.Row]:
-    """Read the controller's database as a second process would (empty before it exists)."""
-    if not Path(env["JETFLEET_DB"]).exists():
-        return []
-    conn = sqlite3.connect(env["JETFLEET_DB"])
-    conn.row_factory = sqlite3.Row
+def db_rows(env: dict[str, str], sql: str, *args: object) -> list[Any]:
+    """Read the controller's database (SQLite or PostgreSQL) as a second process would
+    (empty before it or its tables exist)."""
     try:
-        return conn.execute(sql, args).fetchall()
-    except sqlite3.OperationalError:  # tables not created yet
+        conn = open_database(env["JETFLEET_DB"], readonly=True)
+    except DatabaseError:  # no file yet
+        return []
+    try:
+        return list(conn.execute(sql, args).fetchall())
+    except DB_ERRORS:  # tables not created yet
         return []
     finally:
         conn.close()
@@ -187,7 +189,9 @@ def test_controller_killed_mid_wave_resumes_without_a_second_command_to_any_devi
     env: dict[str, str],
     bundle: Path,
     counter: CommandCounter,
+    db: str,
 ) -> None:
+    env = {**env, "JETFLEET_DB": db}  # SQLite, then PostgreSQL
     # Slow jobs (9 events x 0.25 s) so the kill lands while wave 2 is in flight.
     with SimFleet(mosquitto.url, keys.trust, make_devices(4, step_s=0.25)) as fleet:
         proc = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""`jetfleet telemetry export|plot|watch` against a real telemetry database and broker."""
+"""`jetfleet telemetry export|plot|watch` against a real telemetry database (SQLite and
+PostgreSQL) and broker."""
 
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ from typer.testing import CliRunner
 from controller.cli.main import app
 from controller.cli.telemetry import parse_time
 from controller.sandbox.localbroker import LocalMosquitto
-from controller.telemetry.store import METRICS, TelemetryStore, row_from_sample
+from controller.telemetry.store import (
+    METRICS,
+    TelemetryStore,
+    default_telemetry_db,
+    row_from_sample,
+)
 from protocol.messages import DeviceStatus, ModelSlot
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
@@ -47,8 +53,10 @@ def make_sample(device: str, ts: float, cpu: float) -> TelemetrySample:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    path = tmp_path / "telemetry.db"
+def db(db: str) -> str:
+    """The telemetry database of the controller database `db` (SQLite and PostgreSQL),
+    with half an hour of one device's samples and one of another's."""
+    path = default_telemetry_db(db)
     store = TelemetryStore(path)
     now = time.time()
     rows = []
@@ -59,7 +67,7 @@ def db(tmp_path: Path) -> Path:
     rows.append(row_from_sample(s, s.encode().decode()))
     store.insert_batch(rows)
     store.close()
-    return path
+    return str(path)
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -67,7 +75,7 @@ def invoke(*args: str) -> tuple[int, str, str]:
     return r.exit_code, r.stdout, r.stderr
 
 
-def test_export_csv_has_one_row_per_sample_with_named_columns(db: Path) -> None:
+def test_export_csv_has_one_row_per_sample_with_named_columns(db: str) -> None:
     code, out, _ = invoke(
         "telemetry", "export", "--device", "robot-a", "--since", "1h", "--telemetry-db", str(db)
     )
@@ -80,7 +88,7 @@ def test_export_csv_has_one_row_per_sample_with_named_columns(db: Path) -> None:
     assert rows[5]["power_w"] == "70.0"
 
 
-def test_export_jsonl_hands_back_the_samples_as_sent(db: Path, tmp_path: Path) -> None:
+def test_export_jsonl_hands_back_the_samples_as_sent(db: str, tmp_path: Path) -> None:
     out_file = tmp_path / "a.jsonl"
     code, _, _ = invoke(
         "telemetry",
@@ -104,7 +112,7 @@ def test_export_jsonl_hands_back_the_samples_as_sent(db: Path, tmp_path: Path) -
     assert samples == sorted(samples, key=lambda s: s.at)
 
 
-def test_export_minute_resolution_after_maintenance(db: Path) -> None:
+def test_export_minute_resolution_after_maintenance(db: str) -> None:
     store = TelemetryStore(db)
     store.maintain()
     store.close()
@@ -136,7 +144,7 @@ def test_export_minute_resolution_after_maintenance(db: Path) -> None:
     ],
 )
 def test_export_bad_input_is_exit_2_with_a_reason(
-    db: Path, args: tuple[str, ...], message: str
+    db: str, args: tuple[str, ...], message: str
 ) -> None:
     base = {"--device": "robot-a", "--since": "1h"}
     base.update(dict(zip(args[::2], args[1::2], strict=False)))
@@ -152,7 +160,7 @@ def test_export_without_database_says_where_it_looked(tmp_path: Path) -> None:
     assert code == 1 and "no telemetry database" in err and "jetfleet serve" in err
 
 
-def test_plot_writes_a_png(db: Path, tmp_path: Path) -> None:
+def test_plot_writes_a_png(db: str, tmp_path: Path) -> None:
     png = tmp_path / "cpu.png"
     code, _, err = invoke(
         "telemetry",
@@ -173,7 +181,7 @@ def test_plot_writes_a_png(db: Path, tmp_path: Path) -> None:
     assert "30 points" in err
 
 
-def test_plot_unknown_metric_lists_the_known_ones(db: Path, tmp_path: Path) -> None:
+def test_plot_unknown_metric_lists_the_known_ones(db: str, tmp_path: Path) -> None:
     code, _, err = invoke(
         "telemetry",
         "plot",
@@ -259,7 +267,7 @@ def test_watch_once_shows_status_and_live_samples(
     assert r["age_s"] is not None and r["age_s"] < 5
 
 
-def test_export_of_a_device_that_never_sent_telemetry_is_an_error(db: Path, tmp_path: Path) -> None:
+def test_export_of_a_device_that_never_sent_telemetry_is_an_error(db: str, tmp_path: Path) -> None:
     out = tmp_path / "robot-z.csv"
     code, stdout, err = invoke(
         "telemetry", "export", "--device", "robot-z", "--out", str(out),

@@ -22,7 +22,7 @@ from agent.telemetry.loop import TelemetryLoop
 from agent.telemetry.sampler import TelemetrySampler
 from controller.sandbox.localbroker import LocalMosquitto
 from controller.telemetry.ingest import IngestPool, TelemetryIngester
-from controller.telemetry.store import TelemetryStore, row_from_sample
+from controller.telemetry.store import TelemetryStore, default_telemetry_db, row_from_sample
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
@@ -269,10 +269,8 @@ def test_retained_status_is_tracked(mosquitto: LocalMosquitto, ingester: Telemet
     assert ingester.status["robot-a"].groups == ["canary"]
 
 
-def test_retention_folds_old_samples_into_minute_means_then_deletes_them(
-    tmp_path: Path,
-) -> None:
-    store = TelemetryStore(tmp_path / "t.db")
+def test_retention_folds_old_samples_into_minute_means_then_deletes_them(db: str) -> None:
+    store = TelemetryStore(default_telemetry_db(db))
     now = 1_800_000_000.0  # a minute boundary
     day = 86400
     rows = []
@@ -290,7 +288,13 @@ def test_retention_folds_old_samples_into_minute_means_then_deletes_them(
         rows.append(row_from_sample(s, s.encode().decode()))
     store.insert_batch(rows)
     counts = store.maintain(now)
-    assert counts["raw_deleted"] == 5 and counts["minute_deleted"] == 1
+    assert counts["minute_deleted"] == 1
+    if store.conn.postgres:
+        # Those of the 5 in a day partition (made around today's date) went with it, not
+        # row by row: what is left is checked below.
+        assert counts["raw_deleted"] <= 5
+    else:
+        assert counts["raw_deleted"] == 5
     assert store.count_raw("robot-a") == 2  # the last hour stays raw
     minutes = list(store.minute_rows("robot-a", 0))
     assert [(m["ts"], m["n"], m["cpu_pct"]) for m in minutes] == [
@@ -369,3 +373,30 @@ def test_ingestion_resumes_after_the_broker_restarts(
         assert ingester.wait_stored(2, 10)
     finally:
         pub.close()
+
+
+def test_two_ingesters_write_one_database_every_sample_once(
+    mosquitto: LocalMosquitto, db: str
+) -> None:
+    """Two `serve` ingesters on the MQTT 5 shared subscription, one database (a SQLite
+    file, or PostgreSQL's partitioned table): every sample stored once."""
+    target = default_telemetry_db(db)
+    ingesters = [TelemetryIngester(target, mosquitto.url, idle_wait_s=0.01) for _ in range(2)]
+    for ing in ingesters:
+        ing.start()
+    pub = Publisher(mosquitto, "robot-a")
+    base = float(int(time.time()) - 60)
+    try:
+        time.sleep(0.3)
+        for i in range(60):
+            pub.publish(sample("robot-a", i, at=base + i).encode())
+        assert wait_for(lambda: sum(ing.stats.stored for ing in ingesters) == 60)
+    finally:
+        pub.close()
+        for ing in ingesters:
+            ing.stop()
+    assert all(ing.stats.stored > 0 for ing in ingesters)
+    store = TelemetryStore(target, readonly=True)
+    assert store.count_raw("robot-a") == 60
+    assert [p[0] for p in store.series("robot-a", "load1", 0, 2e9)] == [base + i for i in range(60)]
+    assert store.latest()[0].ts == base + 59

@@ -3,7 +3,6 @@ prometheus_client's own parser reads back, labelled per device, model, sensor, r
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -14,9 +13,10 @@ import structlog
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.db import open_database
 from controller.telemetry.ingest import IngestStats
 from controller.telemetry.metrics import FleetCollector, make_registry
-from controller.telemetry.store import TelemetryStore, row_from_sample
+from controller.telemetry.store import TelemetryStore, default_telemetry_db, row_from_sample
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 
@@ -33,7 +33,7 @@ def _fresh_structlog() -> Iterator[None]:
 NOW = 1_800_000_000.0
 
 
-def store_samples(db: Path) -> None:
+def store_samples(db: str | Path) -> None:
     store = TelemetryStore(db)
     rows = []
     for device, gpu in (
@@ -75,8 +75,8 @@ def samples_of(fams: dict, name: str) -> list:
     return list(fams[name].samples)
 
 
-def test_metrics_text_parses_and_carries_per_device_labels(tmp_path: Path) -> None:
-    db = tmp_path / "telemetry.db"
+def test_metrics_text_parses_and_carries_per_device_labels(db: str) -> None:
+    db = default_telemetry_db(db)  # SQLite, then PostgreSQL
     store_samples(db)
     stats = IngestStats(received=12, stored=10)
     stats.dropped["malformed"] = 2
@@ -131,11 +131,12 @@ def test_a_silent_device_without_status_goes_offline(tmp_path: Path) -> None:
     assert {s.value for s in samples_of(fams, "jetfleet_device_online")} == {0.0}
 
 
-def test_rollouts_are_counted_by_state_from_the_controller_db(tmp_path: Path) -> None:
-    db = tmp_path / "telemetry.db"
+def test_rollouts_are_counted_by_state_from_the_controller_db(db: str) -> None:
+    ctl = db  # SQLite, then PostgreSQL
+    db = default_telemetry_db(ctl)
     store_samples(db)
-    ctl = tmp_path / "controller.db"
-    conn = sqlite3.connect(ctl)
+    conn = open_database(ctl)
+    # The tables of a release from before versioned schemas: the gauges read those too.
     conn.execute("CREATE TABLE rollouts (id TEXT PRIMARY KEY, kind TEXT, state TEXT)")
     conn.executemany(
         "INSERT INTO rollouts VALUES (?, 'deploy', ?)",
@@ -146,7 +147,6 @@ def test_rollouts_are_counted_by_state_from_the_controller_db(tmp_path: Path) ->
         "INSERT INTO assignments VALUES ('r3', ?, ?)",
         [("robot-a", "SUCCEEDED"), ("robot-b", "DOWNLOADING")],
     )
-    conn.commit()
     conn.close()
     fams = families(FleetCollector(db, controller_db=ctl, clock=lambda: NOW))
     by_state = {s.labels["state"]: s.value for s in samples_of(fams, "jetfleet_rollouts")}
@@ -154,7 +154,8 @@ def test_rollouts_are_counted_by_state_from_the_controller_db(tmp_path: Path) ->
     jobs = {s.labels["state"]: s.value for s in samples_of(fams, "jetfleet_rollout_devices")}
     assert jobs == {"SUCCEEDED": 1.0, "DOWNLOADING": 1.0}
     # Read-only: the collector never created or changed anything there.
-    assert sqlite3.connect(ctl).execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] == 3
+    again = open_database(ctl)
+    assert again.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] == 3
 
 
 def test_a_scrape_without_database_still_answers(tmp_path: Path) -> None:

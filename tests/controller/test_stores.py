@@ -1,0 +1,371 @@
+"""The controller's database layer and its stores, on SQLite and on a real PostgreSQL
+(the `db` fixture runs each test on both): the SQL both engines must read the same,
+versioned migrations, and the rules the rollout store keeps across processes (one
+holder per device, one command per assignment), each process on its own connection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from controller.db import Database, DatabaseError, open_database
+from controller.db.migrations import AddColumn, SchemaTooNewError, migrate, schema_version
+from controller.desired.store import ReleaseStore, current_documents, latest_documents
+from controller.fleet.registry import Registry
+from controller.rollouts.slo_bake import TelemetrySource
+from controller.rollouts.store import (
+    PENDING,
+    RUNNING,
+    WAITING,
+    DevicesHeldError,
+    RolloutStore,
+    rollout_state_counts,
+    rollouts_in_flight,
+)
+from controller.telemetry.store import (
+    METRICS,
+    MIGRATIONS,
+    TelemetryStore,
+    TelemetryStoreError,
+    default_telemetry_db,
+    raw_partitions,
+    row_from_sample,
+)
+from protocol.messages import JobState
+from protocol.release import DesiredModel, Pins, Release
+from protocol.telemetry import TelemetrySample
+
+
+def create(store: RolloutStore, rid: str, waves: list[list[str]], **kw: Any) -> None:
+    store.create(
+        rollout_id=rid,
+        kind="deploy",
+        model="detector",
+        version="2.0.0",
+        target="all",
+        waves_spec="1,100%",
+        waves=waves,
+        max_failure_rate=0.5,
+        wave_timeout=30.0,
+        auto_rollback=True,
+        **kw,
+    )
+
+
+def at_once(n: int, work: Callable[[int], Any]) -> list[Any]:
+    """`work(i)` on n threads released together; each result or the exception raised."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_statements_read_the_same_on_both_engines(db: str) -> None:
+    conn = open_database(db)
+    conn.executescript(
+        "CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER, x REAL, b BLOB, flag INTEGER);"
+    )
+    blob = bytes(range(256))
+    conn.execute("INSERT INTO t VALUES (?, ?, ?, ?, ?)", ("50%-off", 2**40, 0.5, blob, True))
+    conn.executemany("INSERT INTO t (k, flag) VALUES (?, ?)", [("a", False), ("b", None)])
+    # A literal % next to ? parameters: PostgreSQL's driver must not read it as one.
+    row = conn.execute("SELECT * FROM t WHERE k LIKE '50%' AND n > ?", (1,)).fetchone()
+    assert row["k"] == row[0] == "50%-off"
+    assert dict(row) == {"k": "50%-off", "n": 2**40, "x": 0.5, "b": blob, "flag": 1}
+    assert bytes(row["b"]) == blob
+    assert [tuple(r) for r in conn.execute("SELECT k, flag FROM t ORDER BY k")] == [
+        ("50%-off", 1),
+        ("a", 0),
+        ("b", None),
+    ]
+    assert conn.columns("t") == {"k", "n", "x", "b", "flag"}
+    assert conn.columns("no_such_table") == set()
+    cur = conn.execute("UPDATE t SET n = 1 WHERE k IN (?, ?)", ("a", "b"))
+    assert cur.rowcount == 2
+
+
+def test_a_failed_transaction_leaves_nothing_and_nested_ones_join_the_outer(db: str) -> None:
+    conn = open_database(db)
+    conn.executescript("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    with pytest.raises(RuntimeError), conn.transaction():
+        conn.execute("INSERT INTO t VALUES (?)", ("lost",))
+        with conn.transaction():
+            conn.execute("INSERT INTO t VALUES (?)", ("inner",))
+        raise RuntimeError("midway")
+    assert not conn.in_transaction
+    with conn.transaction():
+        conn.execute("INSERT INTO t VALUES (?)", ("kept",))
+    # A constraint error inside a transaction rolls it back whole; the connection goes on.
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"), conn.transaction():
+        conn.execute("INSERT INTO t VALUES (?)", ("second",))
+        conn.execute("INSERT INTO t VALUES (?)", ("kept",))
+    other = open_database(db)  # what another process sees
+    assert [r[0] for r in other.execute("SELECT k FROM t ORDER BY k")] == ["kept"]
+
+
+def test_migrations_apply_once_upgrade_an_older_schema_and_refuse_a_newer_one(db: str) -> None:
+    steps = (
+        "CREATE TABLE widgets (id TEXT PRIMARY KEY, size REAL)",
+        AddColumn("widgets", "colour", "TEXT NOT NULL DEFAULT 'red'"),
+        "CREATE TABLE gadgets (id INTEGER PRIMARY KEY, blob BLOB)",
+    )
+    old = open_database(db)
+    assert migrate(old, "widgets", steps[:1]) == 1
+    old.execute("INSERT INTO widgets (id, size) VALUES (?, ?)", ("w1", 1.5))
+    # A database from before versions already had the column: the step is a no-op there.
+    old.execute(old.ddl("ALTER TABLE widgets ADD COLUMN colour TEXT NOT NULL DEFAULT 'blue'"))
+
+    # Several controllers start on the upgrade at once: each finds it done or does it.
+    results = at_once(4, lambda i: migrate(open_database(db), "widgets", steps))
+    assert results == [3, 3, 3, 3]
+    conn = open_database(db)
+    assert schema_version(conn, "widgets") == 3
+    assert conn.columns("gadgets") == {"id", "blob"}
+    assert tuple(conn.execute("SELECT id, size, colour FROM widgets").fetchone()) == (
+        "w1",
+        1.5,
+        "blue",
+    )
+    with pytest.raises(SchemaTooNewError) as err:
+        migrate(conn, "widgets", steps[:2])
+    assert err.value.code == "schema_too_new"
+    assert "widgets schema version 3, newer than this controller's 2" in str(err.value)
+
+
+def test_every_store_opens_a_fresh_database_and_a_second_process_finds_it_current(
+    db: str,
+) -> None:
+    first = open_database(db)
+    Registry(first)
+    RolloutStore(first)
+    ReleaseStore(first)
+    versions = {c: schema_version(first, c) for c in ("registry", "rollouts", "releases")}
+    assert versions == {
+        "registry": len(Registry.MIGRATIONS),
+        "rollouts": len(RolloutStore.MIGRATIONS),
+        "releases": len(ReleaseStore.MIGRATIONS),
+    }
+    second = open_database(db)
+    RolloutStore(second)
+    Registry(second)
+    assert schema_version(second, "rollouts") == versions["rollouts"]
+    readonly = open_database(db, readonly=True)
+    assert rollout_state_counts(readonly) == ({}, {})
+    assert rollouts_in_flight(readonly) == {}
+
+
+def test_two_processes_starting_rollouts_on_one_device_at_once_hold_it_once(db: str) -> None:
+    stores = [RolloutStore(open_database(db)) for _ in range(4)]
+    results = at_once(4, lambda i: create(stores[i], f"r-{i}", [["robot-1"], [f"robot-x{i}"]]))
+    won = [i for i, r in enumerate(results) if r is None]
+    assert len(won) == 1, results
+    assert all(isinstance(r, DevicesHeldError) for i, r in enumerate(results) if i not in won)
+    assert stores[0].holders(["robot-1", "robot-x0"]) == {
+        "robot-1": f"r-{won[0]}",
+        **({"robot-x0": "r-0"} if won == [0] else {}),
+    }
+    # Nothing of a refused rollout was stored.
+    assert [r.id for r in stores[1].recent()] == [f"r-{won[0]}"]
+
+
+def test_an_assignment_gets_one_command_whichever_process_records_first(db: str) -> None:
+    stores = [RolloutStore(open_database(db)) for _ in range(3)]
+    create(stores[0], "r-1", [["robot-1"]])
+    results = at_once(
+        3, lambda i: stores[i].record_command("r-1", "robot-1", f"cmd-{i}", f"env-{i}".encode())
+    )
+    assert results.count(True) == 1, results
+    winner = results.index(True)
+    for s in stores:
+        a = s.assignment("r-1", "robot-1")
+        assert a is not None and (a.command_id, a.envelope, a.state) == (
+            f"cmd-{winner}",
+            f"env-{winner}".encode(),
+            PENDING,
+        )
+        assert s.sent_envelope(f"cmd-{winner}") == f"env-{winner}".encode()
+
+
+def test_a_rollout_goes_through_the_store_the_same_on_both_engines(db: str) -> None:
+    conn = open_database(db)
+    store = RolloutStore(conn)
+    create(store, "r-abc", [["robot-1"], ["robot-2", "robot-3"]], already_done={"robot-3": "on it"})
+    assert store.find("r-a") is not None and store.find("r-x") is None
+    assert store.get("r-abc").state == RUNNING  # type: ignore[union-attr]
+    store.start_wave("r-abc", 0, deadline=2e9)
+    assert store.record_command("r-abc", "robot-1", "c1", b"\x00signed")
+    store.mark_published(["c1"])
+    assert store.apply_job_state("c1", "RECEIVED", seq=1, device_id="robot-1")
+    assert not store.apply_job_state("c1", "RECEIVED", seq=1, device_id="robot-1")
+    assert not store.apply_job_state("c1", "ACTIVE", seq=2, device_id="robot-9")  # not its own
+    for _ in range(2):  # the broker may deliver an event twice
+        store.record_event(
+            "r-abc", "robot-1", "c1", 2, "FAILED", "slow", "latency_regression", None
+        )
+    assert store.apply_job_state(
+        "c1", "FAILED", seq=2, code="latency_regression", gate={"p99_ms": 9.5}
+    )
+    store.end_wave("r-abc", 0)
+    store.start_wave("r-abc", 1, deadline=2e9)
+    assert store.record_command("r-abc", "robot-2", "c2", b"two")
+    assert store.time_out("r-abc", 1, "no answer") == ["robot-2"]
+    summary = store.summary("r-abc")
+    assert (summary.assigned, summary.failed, summary.failure_rate) == (2, 2, 1.0)
+    assert [w.counts for w in summary.waves] == [
+        {"FAILED": 1},
+        {"TIMED_OUT": 1, "SUCCEEDED": 1},
+    ]
+    assert store.assignment("r-abc", "robot-1").gate == {"p99_ms": 9.5}  # type: ignore[union-attr]
+    assert len(store.events("r-abc")) == 1
+    assert store.terminal_events("r-abc") == {("robot-1", "c1")}
+    assert store.open_count("r-abc", 1) == 0
+    assert store.record_rollback("r-abc", "robot-1", "rb1", b"rb", "1.0.0")
+    assert store.assignment_by_command("rb1")[1] is True  # type: ignore[index]
+    store.start_bake("r-abc", 0, 100.0)
+    store.record_verdicts(
+        "r-abc", 0, [{"slo": "p99 < 5", "verdict": "FAIL", "reason": "9.5", "mean": 9.5}], 101.0
+    )
+    store.end_bake("r-abc", 0, "failed", 102.0)
+    assert store.slo_verdicts("r-abc")[0]["mean"] == 9.5
+    assert store.slo_verdicts("r-abc")[0]["bake"] == "failed"
+    assert store.request_abort("r-abc", "operator", rollback=True)
+    assert rollouts_in_flight(open_database(db, readonly=True))[("robot-1", "detector")] == "r-abc"
+    store.set_state("r-abc", "aborted")
+    assert not store.request_abort("r-abc", "again", rollback=True)
+    assert store.get("r-abc").finished_at is not None  # type: ignore[union-attr]
+    assert [a.state for a in store.assignments("r-abc")] == [
+        JobState.FAILED.value,
+        JobState.TIMED_OUT.value,
+        JobState.SUCCEEDED.value,
+    ]
+    assert WAITING not in {a.state for a in store.assignments("r-abc")}
+    history = store.device_history("robot-1")
+    assert [(r.id, a.command_id) for r, a in history] == [("r-abc", "c1")]
+
+
+def test_release_history_keeps_versions_per_scope(db: str) -> None:
+    conn = open_database(db)
+    store = ReleaseStore(conn)
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    model = DesiredModel(version="2.0.0", sha256="b" * 64, url="http://x/b.jfb", size=1)
+    for v in (1, 2):
+        doc = Release.new(group="lab", version=v, issued_at=now, models={"detector": model})
+        store.record("group:lab", doc, b"\x00env%d" % v)
+    store.record("group:lab", Release.new(group="lab", version=2, issued_at=now, models={}), b"x")
+    pin = Pins.new(device="robot-3", version=1, issued_at=now, models={"detector": model})
+    store.record("device:robot-3", pin, b"-")
+    assert store.last_version("group:lab") == 2 and store.last_version("group:none") == 0
+    assert [(h["scope"], h["version"]) for h in store.history("group:lab")] == [
+        ("group:lab", 2),
+        ("group:lab", 1),
+    ]
+    readonly = open_database(db, readonly=True)
+    assert latest_documents(readonly) == {
+        "group:lab": {},
+        "device:robot-3": {"detector": model.model_dump()},
+    }
+    assert set(current_documents(readonly)) == {"group:lab", "device:robot-3"}
+
+
+def test_a_readonly_connection_cannot_write(db: str) -> None:
+    RolloutStore(open_database(db))
+    ro = open_database(db, readonly=True)
+    with pytest.raises(Exception, match=r"(?i)read-only|readonly"):
+        ro.execute("DELETE FROM rollouts")
+
+
+def test_a_bad_target_is_one_coded_line() -> None:
+    with pytest.raises(DatabaseError, match="use a file path, sqlite:///PATH or postgresql://"):
+        open_database("mysql://x/y")
+    with pytest.raises(DatabaseError) as err:
+        open_database("postgresql://someone:secret@127.0.0.1:1/nowhere", timeout=1)
+    assert err.value.code == "database" and "secret" not in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_wrap_takes_a_database_as_is(db: str) -> None:
+    conn = open_database(db)
+    assert Database.wrap(conn) is conn
+
+
+def test_telemetry_readers_before_any_sample_see_no_data_not_an_error(db: str) -> None:
+    """The SLO gates, export and the console read telemetry before `serve` ever stored a
+    sample: on PostgreSQL the controller's database exists then, its telemetry tables not."""
+    RolloutStore(open_database(db))
+    target = default_telemetry_db(db)
+    with pytest.raises(TelemetryStoreError, match="has `jetfleet serve` run"):
+        TelemetryStore(target, readonly=True)
+    source = TelemetrySource(target)
+    assert source.samples("robot-1", 0.0, 2e9) == []
+    TelemetryStore(target).close()  # serve's ingester creates the tables
+    assert TelemetryStore(target, readonly=True).count_raw() == 0
+
+
+def test_raw_telemetry_lives_in_day_partitions_that_retention_drops_after_folding(
+    db: str,
+) -> None:
+    """On PostgreSQL, raw samples go to the partition of their UTC day (the default one
+    when none was made for it), a database from before partitions is converted with its
+    rows, and retention drops whole days once folded into minutes; SQLite answers the
+    same queries the same."""
+    target = default_telemetry_db(db)
+    conn = open_database(target)
+    migrate(conn, "telemetry", MIGRATIONS[:1])  # a database from before partitions
+    day = int(time.time() // 86400) * 86400
+    old = TelemetrySample.new(
+        device_id="robot-1", at=datetime.fromtimestamp(day - 3 * 86400 + 5, timezone.utc),
+        uptime_s=1, cpu={"percent": [10.0]},
+    )  # fmt: skip
+    conn.execute(
+        f"INSERT INTO telemetry_raw VALUES ({', '.join('?' * (len(METRICS) + 3))})",
+        row_from_sample(old, old.encode().decode()),
+    )
+    store = TelemetryStore(target)  # the upgrade
+    new = TelemetrySample.new(
+        device_id="robot-1", at=datetime.fromtimestamp(day + 65, timezone.utc),
+        uptime_s=2, cpu={"percent": [30.0]},
+    )  # fmt: skip
+    store.insert_batch([row_from_sample(new, new.encode().decode())])
+    assert store.series("robot-1", "cpu_pct", 0, 2e9) == [(day - 3 * 86400 + 5, 10.0),
+                                                          (day + 65, 30.0)]  # fmt: skip
+    if store.conn.postgres:
+        parts = raw_partitions(store.conn)
+        today = next(n for n, d in parts.items() if d == day)
+        assert set(parts.values()) >= {day, day + 86400, day + 2 * 86400}
+        assert store.conn.execute(f"SELECT COUNT(*) FROM {today}").fetchone()[0] == 1
+        counted = store.conn.execute("SELECT COUNT(*) FROM telemetry_raw_default").fetchone()
+        assert counted[0] == 1  # three days ago: no partition was made for it
+    later = day + 3 * 86400 + 3600
+    counts = store.maintain(later)
+    assert store.count_raw() == 0
+    assert [(m["ts"], m["n"], m["cpu_pct"]) for m in store.minute_rows("robot-1", 0)] == [
+        (day - 3 * 86400, 1, 10.0),
+        (day + 60, 1, 30.0),
+    ]
+    if store.conn.postgres:
+        assert counts["partitions_dropped"] == 3 and counts["raw_deleted"] == 1
+        # Yesterday (and before) of `later` are gone; the day of the cut stays, and the
+        # days ahead of `later` are made.
+        assert sorted(raw_partitions(store.conn).values()) == [day + k * 86400 for k in range(2, 6)]
+    else:
+        assert counts["raw_deleted"] == 2
+    reader = TelemetryStore(target, readonly=True)
+    assert reader.series("robot-1", "cpu_pct", 0, 2e9) == [(day - 3 * 86400, 10.0),
+                                                           (day + 60, 30.0)]  # fmt: skip
