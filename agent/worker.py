@@ -10,6 +10,12 @@ restart `recover()` knows what may have happened:
   bundles and the engine cache was touched; temporary files are removed and the job is
   resumed (the download continues with Range, the engine cache makes a rebuild free),
   at most MAX_RESUMES times, then it ends FAILED (code interrupted).
+- ON_HOLD: gated, waiting for a maintenance window or the busy lock (agent/hold.py);
+  nothing outside data_dir/downloads, bundles and the engine cache was touched. The job
+  goes on waiting: the bundle is verified again from its download and the gated engine
+  checked against its sidecar, without building or gating again (when either is gone,
+  the job starts over at DOWNLOADING). Waiting is harmless, so it is not counted against
+  MAX_RESUMES, and the job's time limit does not apply to it.
 - ACTIVATING/PROBATION: the switch may be half done, or the new engine may be what
   crashed us: the slot recorded before the switch is restored, the hook runs again,
   and the job ends ROLLED_BACK (code interrupted). A device that had an engine active
@@ -34,6 +40,7 @@ import structlog
 
 from agent import container
 from agent.activation import AckChannel, ActivationError, ModelStore, check_health, run_hook
+from agent.busy import BusyLock
 from agent.commands import reason_code
 from agent.config import AgentConfig
 from agent.download import (
@@ -54,13 +61,16 @@ from agent.enginejob import (
     check_engine_space,
     is_no_space,
 )
+from agent.hold import ActivationHold, Clock, Verdict, wall_clock
 from agent.journal import Journal
 from agent.store import JobRecord, Store
 from agent.telemetry.conditions import describe
 from agent.truststore import TrustStore
+from agent.windows import Windows
 from protocol.errors import CodedError, ProtocolError
 from protocol.ids import SemVer
 from protocol.messages import (
+    HOLD_STATES,
     PRE_ACTIVATION_STATES,
     CommandKind,
     DeployBody,
@@ -83,6 +93,7 @@ MIN_BASELINE_SAMPLES = 50  # the old version's live p99 is a probation baseline 
 STALL_GRACE_S = 5.0
 BUILD_PROGRESS_EVERY_S = 5.0  # BUILDING progress events: a phase's start and end, and
 # at most one per this interval in between (a build on an Orin reports for minutes)
+HOLD_POLL_S = 0.5  # how often a held job looks at the clock and the busy lock again
 _CODES = {c.value for c in ReasonCode}
 
 
@@ -110,8 +121,17 @@ class Worker:
         on_change: Callable[[], None] = lambda: None,
         on_hardware: Callable[[dict[str, Any], str, str], None] = lambda hw, name, version: None,
         intake_idle: Callable[[], bool] = lambda: True,
+        clock: Clock = wall_clock,
     ) -> None:
         self.config = config
+        a = config.activation
+        self.hold = ActivationHold(
+            Windows(a.windows, a.timezone),
+            BusyLock(config.busy_lock),
+            busy_timeout_s=a.busy_timeout_s,
+            busy_timeout_action=a.busy_timeout_action,
+            clock=clock,
+        )
         self._intake_idle = intake_idle
         self.store = store
         self.journal = journal
@@ -187,7 +207,7 @@ class Worker:
             # RECEIVED belongs to the command processor until it queues the job (it settles
             # those left by a crash at start), so the worker never races it.
             if job.state is JobState.QUEUED or (
-                job.state in PRE_ACTIVATION_STATES and job.data.get("resume")
+                job.state in PRE_ACTIVATION_STATES | HOLD_STATES and job.data.get("resume")
             ):
                 return job
         return None
@@ -277,6 +297,9 @@ class Worker:
             raise Canceled()
 
     def _timed_out(self, job: JobRecord) -> bool:
+        """Past the job's time limit (which ends at ON_HOLD: the wait has its own bounds)."""
+        if job.state in HOLD_STATES:
+            return False
         return time.time() > job.created_at + self.config.limits.job_timeout_s
 
     def _canceled(self, job: JobRecord) -> bool:
@@ -297,14 +320,23 @@ class Worker:
 
     # ---- deploy ---------------------------------------------------------------------
     def _deploy(self, job: JobRecord) -> None:
-        """DOWNLOADING, VERIFYING, BUILDING, VALIDATING, ACTIVATING, PROBATION, SUCCEEDED:
-        each step persists its state first and ends the job itself when it must."""
+        """DOWNLOADING, VERIFYING, BUILDING, VALIDATING, (ON_HOLD,) ACTIVATING, PROBATION,
+        SUCCEEDED: each step persists its state first and ends the job itself when it must."""
         body = self._body(job)
         assert isinstance(body, DeployBody)
-        path = self._download(job, body)
-        bundle = self._verify_step(job, body, path)
-        engine, figures = self._build_and_gate(job, bundle)
-        self._activate(job, bundle, engine, figures)
+        held = self._resume_held(job, body) if job.state in HOLD_STATES else None
+        if held is None:
+            job.data.pop("busy_since", None)  # a hold that starts over waits afresh
+            path = self._download(job, body)
+            bundle = self._verify_step(job, body, path)
+            engine, figures = self._build_and_gate(job, bundle)
+        else:
+            bundle, engine, figures = held
+        try:
+            self._hold_step(job, figures)
+            self._activate(job, bundle, engine, figures)
+        finally:
+            self.hold.release()  # the robot may be busy again once the new engine is up
         self._probation_step(job, bundle.manifest, figures)
         self._succeed(job, figures)
 
@@ -352,7 +384,7 @@ class Worker:
             self._fail(job, JobState.REJECTED if refused else JobState.FAILED, e.code, e.reason)
 
     def _verify_step(self, job: JobRecord, body: DeployBody, path: Path) -> VerifiedBundle:
-        self._step(job, JobState.VERIFYING)
+        self._step(job, JobState.VERIFYING, download=str(path))  # read again by a resumed hold
         limits = self._limits()
         try:
             # Extraction needs the bundle's size again (the engine later comes on top).
@@ -412,6 +444,63 @@ class Worker:
         finally:
             engine_job.close()
         return built.engine, self._judge(job, bundle.manifest.name, result)
+
+    def _hold_step(self, job: JobRecord, figures: dict[str, Any]) -> None:
+        """ON_HOLD while outside the maintenance windows or while the robot is busy; returns
+        with the busy lock held (kept through the switch and health check). A new ON_HOLD
+        event each time the reason changes (window, busy, who holds it)."""
+        shown: tuple[str | None, str] | None = None
+        while True:
+            self._check(job)
+            self.heartbeat = time.monotonic()
+            # An offline install: the person at the robot chose the moment, not its window.
+            verdict = self.hold.check(
+                job.data.get("busy_since"), windows=not job.data.get("offline")
+            )
+            if verdict.give_up:
+                self._fail(job, JobState.DEFERRED, verdict.code or ReasonCode.BUSY,
+                           verdict.reason, gate=figures)  # fmt: skip
+            if verdict.go and not verdict.forced:
+                return
+            key = (verdict.code, verdict.reason if verdict.forced else verdict.subject)
+            if key != shown:
+                shown = key
+                self._hold_event(job, verdict, figures)
+            if verdict.go:
+                return
+            self._stop.wait(HOLD_POLL_S)
+
+    def _hold_event(self, job: JobRecord, verdict: Verdict, figures: dict[str, Any]) -> None:
+        job.data.update(busy_since=verdict.busy_since, gate=figures)
+        job.data.pop("resume", None)
+        self.journal.transition(job, JobState.ON_HOLD, code=verdict.code,
+                                reason=verdict.reason, data=job.data, gate=figures)  # fmt: skip
+
+    def _resume_held(
+        self, job: JobRecord, body: DeployBody
+    ) -> tuple[VerifiedBundle, Path, dict[str, Any]] | None:
+        """A job restarted ON_HOLD: its bundle verified again from the download and its
+        gated engine checked, without building or gating anew; None: start over."""
+        from agent.engines.sidecar import verify_engine_file
+
+        path = Path(str(job.data.get("download") or ""))  # file:// is read in place
+        engine = Path(str(job.data.get("engine") or ""))
+        figures = job.data.get("gate")
+        if not (path.is_file() and engine.is_file() and isinstance(figures, dict)):
+            return None
+        try:
+            bundle = self._verify(path, body.sha256, min(body.size, self._limits().max_bytes))
+        except ProtocolError as e:  # e.g. the trust root rotated away from its signer
+            self._fail(job, JobState.REJECTED, reason_code(e), f"bundle refused: {e.reason}")
+        if bundle.sha256 != body.sha256:
+            log.warning("held_bundle_changed", command_id=job.command_id, path=str(path))
+            return None
+        try:
+            verify_engine_file(engine)
+        except (CodedError, OSError, ValueError) as e:
+            log.warning("held_engine_unusable", command_id=job.command_id, reason=str(e))
+            return None
+        return bundle, engine, figures
 
     def _judge(self, job: JobRecord, name: str, result: dict[str, Any]) -> dict[str, Any]:
         """The gate's verdict: its figures when it passed, else the job ends."""
@@ -931,8 +1020,8 @@ class Worker:
                     ReasonCode.INTERRUPTED.value,
                     f"the agent stopped during {job.state.value}",
                 )
-            elif job.state in PRE_ACTIVATION_STATES:
-                if job.attempts >= MAX_RESUMES:
+            elif job.state in PRE_ACTIVATION_STATES | HOLD_STATES:
+                if job.attempts >= MAX_RESUMES and job.state not in HOLD_STATES:
                     self._cleanup(job)
                     self._end(
                         job,
@@ -942,11 +1031,10 @@ class Worker:
                         "giving up (the previous engine stays active)",
                     )
                     continue
+                tries = job.attempts + (0 if job.state in HOLD_STATES else 1)
                 with self.store.tx() as db:
                     job.data["resume"] = True
-                    self.store.update_job(
-                        db, job.command_id, data=job.data, attempts=job.attempts + 1
-                    )
+                    self.store.update_job(db, job.command_id, data=job.data, attempts=tries)
                 sha = (job.data.get("body") or {}).get("sha256")
                 if isinstance(sha, str):
                     resumable.add(sha)

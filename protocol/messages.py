@@ -169,6 +169,9 @@ class JobState(str, Enum):
     VERIFYING = "VERIFYING"
     BUILDING = "BUILDING"
     VALIDATING = "VALIDATING"
+    # Gated and ready, waiting for the robot's moment: a maintenance window (code window)
+    # or the busy lock (code busy); the old engine keeps serving.
+    ON_HOLD = "ON_HOLD"
     ACTIVATING = "ACTIVATING"
     PROBATION = "PROBATION"
     SUCCEEDED = "SUCCEEDED"
@@ -177,6 +180,9 @@ class JobState(str, Enum):
     ROLLED_BACK = "ROLLED_BACK"
     CANCELED = "CANCELED"
     TIMED_OUT = "TIMED_OUT"
+    # The busy lock was still held at [activation] busy_timeout_s: the job ends without
+    # activating (not a failure of the model; the old engine stays).
+    DEFERRED = "DEFERRED"
 
     @property
     def terminal(self) -> bool:
@@ -200,6 +206,7 @@ TERMINAL_STATES = frozenset(
         JobState.ROLLED_BACK,
         JobState.CANCELED,
         JobState.TIMED_OUT,
+        JobState.DEFERRED,
     }
 )
 FAILURE_STATES = frozenset(
@@ -213,6 +220,7 @@ PIPELINE = (
     JobState.VERIFYING,
     JobState.BUILDING,
     JobState.VALIDATING,
+    JobState.ON_HOLD,  # only while a window or the busy lock holds the switch back
     JobState.ACTIVATING,
     JobState.PROBATION,
     JobState.SUCCEEDED,
@@ -222,15 +230,24 @@ PIPELINE = (
 PRE_ACTIVATION_STATES = frozenset(
     {JobState.DOWNLOADING, JobState.VERIFYING, JobState.BUILDING, JobState.VALIDATING}
 )
-CANCELABLE_STATES = frozenset({JobState.RECEIVED, JobState.QUEUED} | PRE_ACTIVATION_STATES)
+# ON_HOLD: gated, waiting for a window or the busy lock. Cancelable and resumable (a
+# restart goes on waiting without building again), but outside the job's time limit: the
+# wait has its own bounds (the windows, [activation] busy_timeout_s).
+HOLD_STATES = frozenset({JobState.ON_HOLD})
+CANCELABLE_STATES = frozenset(
+    {JobState.RECEIVED, JobState.QUEUED} | PRE_ACTIVATION_STATES | HOLD_STATES
+)
 # Every move the agent makes, state by state. A state may repeat: the RECEIVED event is
 # written right after the job's row, and a speed run the gate declines to judge adds
 # another VALIDATING event. A pre-activation job resumed after a restart starts its steps
 # again (a deploy at DOWNLOADING, a rollback at BUILDING), and a rollback skips the steps
 # a held version does not need (QUEUED -> BUILDING or ACTIVATING; ACTIVATING ->
 # SUCCEEDED without PROBATION). Past ACTIVATING the only way out but success is
-# ROLLED_BACK: the previous engine is restored. Terminal states go nowhere.
-_FROM_PRE_ACTIVATION = PRE_ACTIVATION_STATES | {JobState.ACTIVATING} | TERMINAL_STATES
+# ROLLED_BACK: the previous engine is restored. Terminal states go nowhere. ON_HOLD
+# repeats when its reason changes (window, then busy); DEFERRED ends only a hold.
+_FROM_PRE_ACTIVATION = (
+    PRE_ACTIVATION_STATES | {JobState.ON_HOLD, JobState.ACTIVATING} | TERMINAL_STATES
+) - {JobState.DEFERRED}
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # Queued for the worker, or settled at intake: ping, cancel and trust_update commands
     # end here, and so do a deploy a cancel got to first and an intake that crashed.
@@ -240,12 +257,17 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.QUEUED: frozenset(
         {JobState.DOWNLOADING, JobState.BUILDING, JobState.ACTIVATING}
-        | (TERMINAL_STATES - {JobState.ROLLED_BACK})
+        | (TERMINAL_STATES - {JobState.ROLLED_BACK, JobState.DEFERRED})
     ),
     JobState.DOWNLOADING: _FROM_PRE_ACTIVATION,
     JobState.VERIFYING: _FROM_PRE_ACTIVATION,
     JobState.BUILDING: _FROM_PRE_ACTIVATION,
     JobState.VALIDATING: _FROM_PRE_ACTIVATION,
+    # A restart that finds the gated files gone starts again at DOWNLOADING.
+    JobState.ON_HOLD: frozenset(
+        {JobState.ON_HOLD, JobState.ACTIVATING, JobState.DOWNLOADING}
+        | {JobState.DEFERRED, JobState.CANCELED, JobState.FAILED, JobState.REJECTED}
+    ),
     JobState.ACTIVATING: frozenset({JobState.PROBATION, JobState.SUCCEEDED, JobState.ROLLED_BACK}),
     JobState.PROBATION: frozenset({JobState.SUCCEEDED, JobState.ROLLED_BACK}),
     **{state: frozenset() for state in TERMINAL_STATES},
@@ -292,6 +314,10 @@ class ReasonCode(str, Enum):
     NOT_ACKNOWLEDGED = "not_acknowledged"
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
+    # ON_HOLD and DEFERRED (issue 14): outside the device's maintenance windows; the
+    # robot's busy lock is held.
+    WINDOW = "window"
+    BUSY = "busy"
     INTERRUPTED = "interrupted"
     # The device's state.db was corrupt and started fresh: on its own event, and on every
     # command issued before that (the device can no longer tell it from a replay).
