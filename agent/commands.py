@@ -39,6 +39,7 @@ from protocol.errors import (
 from protocol.messages import (
     BODY_BY_KIND,
     CANCELABLE_STATES,
+    ActivateBody,
     CancelBody,
     Command,
     CommandKind,
@@ -443,6 +444,8 @@ class CommandProcessor:
                 self.journal.record(db, job, JobState.QUEUED)
         elif isinstance(body, CancelBody):
             self._cancel(db, job, body.command_id)
+        elif isinstance(body, ActivateBody):
+            self._activate(db, job, body.command_id)
         elif isinstance(body, PingBody):
             # Nothing to act on: RECEIVED and SUCCEEDED commit together (one fsync).
             self.journal.record(db, job, JobState.SUCCEEDED)
@@ -453,7 +456,7 @@ class CommandProcessor:
         self.journal.maybe_pause_named(JobState.RECEIVED.value)
         if isinstance(body, CancelBody) and job.state is JobState.SUCCEEDED:
             self._on_cancel(body.command_id)
-        if job.state is JobState.QUEUED or isinstance(body, CancelBody):
+        if job.state is JobState.QUEUED or isinstance(body, (CancelBody, ActivateBody)):
             self._wake_worker()
 
     def _cancel(self, db: sqlite3.Connection, job: JobRecord, target_id: str) -> None:
@@ -480,6 +483,19 @@ class CommandProcessor:
             return
         self.store.request_cancel(db, target_id)
         self.journal.record(db, job, JobState.SUCCEEDED, reason=f"cancel of {target_id} requested")
+
+    def _activate(self, db: sqlite3.Connection, job: JobRecord, target_id: str) -> None:
+        """Switch a STAGED deploy: marked here, the worker takes it up (docs/protocol.md)."""
+        target = self.store.job(target_id)
+        if target is None or target.state is not JobState.STAGED:
+            where = f"is {target.state.value}" if target else "is not on this device"
+            self.journal.record(db, job, JobState.REJECTED, code=ReasonCode.NOT_STAGED.value,
+                                reason=f"job {target_id} {where}: only a STAGED deploy "
+                                "can be activated")  # fmt: skip
+            return
+        self.store.request_activate(db, target_id, job.command_id)
+        reason = f"activation of {target_id} requested"
+        self.journal.record(db, job, JobState.SUCCEEDED, reason=reason)
 
     def _rotate(self, body: TrustUpdateBody) -> tuple[JobState, dict[str, Any]]:
         try:

@@ -111,6 +111,9 @@ class ActivationConfig(_Section):
     # DEFERRED (the old engine stays) or `activate` switches anyway.
     busy_timeout_s: float = Field(default=3600.0, gt=0)
     busy_timeout_action: Literal["defer", "activate"] = "defer"
+    # A staged version (deploy with `stage`) never activated is canceled after this long
+    # (code stage_expired) and its bundle removed.
+    stage_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
 
     @model_validator(mode="after")
     def _windows(self) -> ActivationConfig:

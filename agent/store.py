@@ -409,6 +409,13 @@ class Store:
     def request_cancel(self, db: sqlite3.Connection, command_id: str) -> None:
         db.execute("UPDATE jobs SET cancel_requested=1 WHERE command_id=?", (command_id,))
 
+    def request_activate(self, db: sqlite3.Connection, command_id: str, by: str) -> None:
+        """A STAGED deploy may switch now (`activate` command `by`); read by the worker."""
+        db.execute(
+            "UPDATE jobs SET data=json_set(data, '$.activate', ?) WHERE command_id=?",
+            (by, command_id),
+        )
+
     def canceled_by(self, db: sqlite3.Connection, command_id: str) -> str | None:
         """The id of a cancel command this device accepted for `command_id`, if any (a
         cancel may arrive before the command it names)."""

@@ -16,6 +16,10 @@ restart `recover()` knows what may have happened:
   checked against its sidecar, without building or gating again (when either is gone,
   the job starts over at DOWNLOADING). Waiting is harmless, so it is not counted against
   MAX_RESUMES, and the job's time limit does not apply to it.
+- STAGED: a deploy with `stage`, gated, parked until an `activate` command marks it (or
+  [activation] stage_ttl_s passes: CANCELED stage_expired). It does not hold the worker:
+  later jobs run meanwhile. Activated, it resumes like ON_HOLD (checked, not rebuilt),
+  then waits for its window and the busy lock like any deploy.
 - ACTIVATING/PROBATION: the switch may be half done, or the new engine may be what
   crashed us: the slot recorded before the switch is restored, the hook runs again,
   and the job ends ROLLED_BACK (code interrupted). A device that had an engine active
@@ -103,6 +107,10 @@ class Stopping(Exception):
 
 class JobEnded(Exception):
     """A step decided the job's terminal state (already persisted)."""
+
+
+class Parked(Exception):
+    """The job waits STAGED for its activate command; the worker takes the next one."""
 
 
 def _now() -> datetime:
@@ -204,6 +212,10 @@ class Worker:
             # behind its deploy (both held up, e.g. by a full disk) wins over it.
             return None
         for job in self.store.active_jobs():
+            if job.state is JobState.STAGED:  # parked until activated or expired
+                if job.data.get("activate") or self._stage_expired(job):
+                    return job
+                continue
             # RECEIVED belongs to the command processor until it queues the job (it settles
             # those left by a crash at start), so the worker never races it.
             if job.state is JobState.QUEUED or (
@@ -225,7 +237,7 @@ class Worker:
                 self._rollback(job)
             else:  # ping/cancel/trust_update are finished by the command processor
                 self._end(job, JobState.FAILED, ReasonCode.INTERNAL, f"no worker for {job.kind}")
-        except (JobEnded, Stopping):
+        except (JobEnded, Stopping, Parked):
             pass
         except Canceled:
             self._cleanup(job)
@@ -324,6 +336,11 @@ class Worker:
         SUCCEEDED: each step persists its state first and ends the job itself when it must."""
         body = self._body(job)
         assert isinstance(body, DeployBody)
+        if job.state is JobState.STAGED and not job.data.get("activate"):
+            ttl = self.config.activation.stage_ttl_s
+            self._fail(job, JobState.CANCELED, ReasonCode.STAGE_EXPIRED,
+                       f"staged and never activated within {ttl:g}s ([activation] stage_ttl_s); "
+                       "its files are removed")  # fmt: skip
         held = self._resume_held(job, body) if job.state in HOLD_STATES else None
         if held is None:
             job.data.pop("busy_since", None)  # a hold that starts over waits afresh
@@ -332,6 +349,8 @@ class Worker:
             engine, figures = self._build_and_gate(job, bundle)
         else:
             bundle, engine, figures = held
+        if body.stage and not job.data.get("activate"):
+            self._stage(job, bundle.manifest, figures)
         try:
             self._hold_step(job, figures)
             self._activate(job, bundle, engine, figures)
@@ -470,6 +489,22 @@ class Worker:
                 return
             self._stop.wait(HOLD_POLL_S)
 
+    def _stage(self, job: JobRecord, manifest: Manifest, figures: dict[str, Any]) -> NoReturn:
+        """STAGED: gated, its engine and bundle kept, the old engine serving; the worker
+        goes on to other jobs until an activate command marks this one."""
+        self._check(job)
+        job.data.update(gate=figures, staged_at=time.time())
+        job.data.pop("resume", None)
+        active = self.models.slot(manifest.name).active or "no engine"
+        self.journal.transition(job, JobState.STAGED, data=job.data, gate=figures,
+                                reason=f"{manifest.name} {manifest.version} staged; {active} "
+                                "serves until an activate command")  # fmt: skip
+        raise Parked()
+
+    def _stage_expired(self, job: JobRecord) -> bool:
+        staged = float(job.data.get("staged_at") or job.created_at)
+        return time.time() > staged + self.config.activation.stage_ttl_s
+
     def _hold_event(self, job: JobRecord, verdict: Verdict, figures: dict[str, Any]) -> None:
         job.data.update(busy_since=verdict.busy_since, gate=figures)
         job.data.pop("resume", None)
@@ -500,6 +535,9 @@ class Worker:
         except (CodedError, OSError, ValueError) as e:
             log.warning("held_engine_unusable", command_id=job.command_id, reason=str(e))
             return None
+        active = self.models.slot(bundle.manifest.name).active
+        if active is not None:  # a STAGED job waited while other jobs ran
+            self._check_against_active(job, bundle.manifest, active, body.sha256)
         return bundle, engine, figures
 
     def _judge(self, job: JobRecord, name: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -865,10 +903,18 @@ class Worker:
         """Remove extracted bundles no installed version refers to any more."""
         if not self.bundles.is_dir():
             return
-        keep = self.models.bundle_refs()
+        keep = self.models.bundle_refs() | self._held_shas()
         for p in self.bundles.iterdir():
             if not p.name.startswith(".") and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _held_shas(self) -> set[str]:
+        """Bundles of STAGED and ON_HOLD jobs: kept while another job cleans up."""
+        return {
+            str((j.data.get("body") or {}).get("sha256"))
+            for j in self.store.active_jobs()
+            if j.state in HOLD_STATES
+        }
 
     def _ensure_engine(
         self, job: JobRecord, name: str, version: str, *, restoring: bool = False

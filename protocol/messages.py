@@ -53,6 +53,7 @@ class CommandKind(str, Enum):
     CANCEL = "cancel"
     PING = "ping"
     TRUST_UPDATE = "trust_update"
+    ACTIVATE = "activate"  # switch a STAGED deploy (rollout activate)
 
 
 class DeployBody(_Body):
@@ -62,6 +63,12 @@ class DeployBody(_Body):
     rollout_id: str | None = None
     name: str | None = Field(default=None, description="model name, informative")
     version: str | None = Field(default=None, description="model version, informative")
+    stage: bool = Field(
+        default=False,
+        description="download, build and gate, then wait STAGED (the old engine serving) for "
+        "an `activate` command naming this command id; agents before staging ignore it and "
+        "activate at once",
+    )
 
     _r = field_validator("rollout_id")(_optional_id("rollout id"))
     _n = field_validator("name")(_optional_id("model name"))
@@ -84,6 +91,12 @@ class CancelBody(_Body):
     _c = field_validator("command_id")(lambda cls, v: _uuid(v, "command_id"))
 
 
+class ActivateBody(_Body):
+    command_id: str = Field(description="the STAGED deploy to switch to")
+
+    _c = field_validator("command_id")(lambda cls, v: _uuid(v, "command_id"))
+
+
 class PingBody(_Body):
     pass
 
@@ -98,13 +111,14 @@ class TrustUpdateBody(_Body):
     )
 
 
-CommandBody = Union[DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody]
+CommandBody = Union[DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody, ActivateBody]
 BODY_BY_KIND: dict[CommandKind, type[_Body]] = {
     CommandKind.DEPLOY: DeployBody,
     CommandKind.ROLLBACK: RollbackBody,
     CommandKind.CANCEL: CancelBody,
     CommandKind.PING: PingBody,
     CommandKind.TRUST_UPDATE: TrustUpdateBody,
+    CommandKind.ACTIVATE: ActivateBody,
 }
 
 
@@ -169,6 +183,9 @@ class JobState(str, Enum):
     VERIFYING = "VERIFYING"
     BUILDING = "BUILDING"
     VALIDATING = "VALIDATING"
+    # A deploy with `stage`: gated, its engine kept, the old one serving, until an
+    # `activate` command (or [activation] stage_ttl_s, then CANCELED stage_expired).
+    STAGED = "STAGED"
     # Gated and ready, waiting for the robot's moment: a maintenance window (code window)
     # or the busy lock (code busy); the old engine keeps serving.
     ON_HOLD = "ON_HOLD"
@@ -220,6 +237,7 @@ PIPELINE = (
     JobState.VERIFYING,
     JobState.BUILDING,
     JobState.VALIDATING,
+    JobState.STAGED,  # only for a deploy with `stage`, until its activate command
     JobState.ON_HOLD,  # only while a window or the busy lock holds the switch back
     JobState.ACTIVATING,
     JobState.PROBATION,
@@ -233,7 +251,7 @@ PRE_ACTIVATION_STATES = frozenset(
 # ON_HOLD: gated, waiting for a window or the busy lock. Cancelable and resumable (a
 # restart goes on waiting without building again), but outside the job's time limit: the
 # wait has its own bounds (the windows, [activation] busy_timeout_s).
-HOLD_STATES = frozenset({JobState.ON_HOLD})
+HOLD_STATES = frozenset({JobState.STAGED, JobState.ON_HOLD})
 CANCELABLE_STATES = frozenset(
     {JobState.RECEIVED, JobState.QUEUED} | PRE_ACTIVATION_STATES | HOLD_STATES
 )
@@ -246,8 +264,16 @@ CANCELABLE_STATES = frozenset(
 # ROLLED_BACK: the previous engine is restored. Terminal states go nowhere. ON_HOLD
 # repeats when its reason changes (window, then busy); DEFERRED ends only a hold.
 _FROM_PRE_ACTIVATION = (
-    PRE_ACTIVATION_STATES | {JobState.ON_HOLD, JobState.ACTIVATING} | TERMINAL_STATES
+    PRE_ACTIVATION_STATES | HOLD_STATES | {JobState.ACTIVATING} | TERMINAL_STATES
 ) - {JobState.DEFERRED}
+# A held job goes on (ACTIVATING, or ON_HOLD after STAGED), starts over at DOWNLOADING
+# when a restart finds its gated files gone, or ends without switching (SUCCEEDED: the
+# version became active meanwhile; REJECTED: a downgrade by now, or a bundle the trust
+# root no longer accepts).
+_FROM_HOLD = frozenset(
+    {JobState.ON_HOLD, JobState.ACTIVATING, JobState.DOWNLOADING, JobState.SUCCEEDED}
+    | {JobState.CANCELED, JobState.FAILED, JobState.REJECTED}
+)
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # Queued for the worker, or settled at intake: ping, cancel and trust_update commands
     # end here, and so do a deploy a cancel got to first and an intake that crashed.
@@ -263,11 +289,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.VERIFYING: _FROM_PRE_ACTIVATION,
     JobState.BUILDING: _FROM_PRE_ACTIVATION,
     JobState.VALIDATING: _FROM_PRE_ACTIVATION,
-    # A restart that finds the gated files gone starts again at DOWNLOADING.
-    JobState.ON_HOLD: frozenset(
-        {JobState.ON_HOLD, JobState.ACTIVATING, JobState.DOWNLOADING}
-        | {JobState.DEFERRED, JobState.CANCELED, JobState.FAILED, JobState.REJECTED}
-    ),
+    JobState.STAGED: _FROM_HOLD,
+    JobState.ON_HOLD: _FROM_HOLD | {JobState.DEFERRED},
     JobState.ACTIVATING: frozenset({JobState.PROBATION, JobState.SUCCEEDED, JobState.ROLLED_BACK}),
     JobState.PROBATION: frozenset({JobState.SUCCEEDED, JobState.ROLLED_BACK}),
     **{state: frozenset() for state in TERMINAL_STATES},
@@ -318,6 +341,10 @@ class ReasonCode(str, Enum):
     # robot's busy lock is held.
     WINDOW = "window"
     BUSY = "busy"
+    # Staged activation: an activate naming a job that is not STAGED; a staged version
+    # never activated within [activation] stage_ttl_s (CANCELED, its files removed).
+    NOT_STAGED = "not_staged"
+    STAGE_EXPIRED = "stage_expired"
     INTERRUPTED = "interrupted"
     # The device's state.db was corrupt and started fresh: on its own event, and on every
     # command issued before that (the device can no longer tell it from a replay).

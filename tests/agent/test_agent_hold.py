@@ -202,3 +202,70 @@ def test_a_window_holds_activation_across_kill9_until_the_clock_enters_it(
         finally:
             agent.stop()
     assert engine_link_state(data, "detector") == ("1.1.0", "1.0.0")
+
+
+def test_a_staged_version_waits_with_the_old_engine_serving_across_kill9_then_switches(
+    baseline, tmp_path: Path, mosquitto, trust_material
+) -> None:
+    cfg, data = _setup(baseline, tmp_path, mosquitto)
+    op = trust_material.operator
+    with EventCollector(mosquitto.url, DEV) as events:
+        agent = AgentProcess(cfg).start()
+        try:
+            events.wait_online()
+            t0 = time.monotonic()
+            cmd = make_command(DEV, "deploy", deploy_body(baseline[2]["1.1.0"], stage=True))
+            publish(mosquitto.url, Topics().device_cmd(DEV), sign_command(cmd, op))
+            staged = events.wait_state(cmd.command_id, "STAGED", timeout=60)
+            stage_s = time.monotonic() - t0
+            assert staged.gate and "p99_ms" in staged.gate and "1.0.0 serves" in staged.reason
+            assert engine_link_state(data, "detector") == ("1.0.0", None)
+            # Only a STAGED job can be activated: the activate of a ping is refused.
+            ping = make_command(DEV, "ping")
+            publish(mosquitto.url, Topics().device_cmd(DEV), sign_command(ping, op))
+            events.wait_state(ping.command_id, "SUCCEEDED")
+            bad = make_command(DEV, "activate", {"command_id": ping.command_id})
+            publish(mosquitto.url, Topics().device_cmd(DEV), sign_command(bad, op))
+            refused = events.wait_terminal(bad.command_id)
+            assert (refused.state.value, refused.code) == ("REJECTED", "not_staged")
+
+            agent.kill9()  # a staged engine survives a restart
+            agent = AgentProcess(cfg).start()
+            events.wait_status(lambda s: s.online and s.job is None)
+            time.sleep(1.0)
+            assert events.states(cmd.command_id)[-1] == "STAGED"
+            assert engine_link_state(data, "detector") == ("1.0.0", None)
+
+            t1 = time.monotonic()
+            go = make_command(DEV, "activate", {"command_id": cmd.command_id})
+            publish(mosquitto.url, Topics().device_cmd(DEV), sign_command(go, op))
+            final = events.wait_terminal(cmd.command_id, timeout=60)
+            switch_s = time.monotonic() - t1
+            assert final.state.value == "SUCCEEDED", (final, agent.log()[-2000:])
+            assert events.wait_terminal(go.command_id).state.value == "SUCCEEDED"
+            after = events.states(cmd.command_id)
+            assert after[after.index("STAGED") :] == ["STAGED", "ACTIVATING", "PROBATION",
+                                                      "SUCCEEDED"]  # fmt: skip
+            print(f"stage (download, build, gate) {stage_s:.2f}s; activate to SUCCEEDED "
+                  f"{switch_s:.2f}s")  # fmt: skip
+        finally:
+            agent.stop()
+    assert engine_link_state(data, "detector") == ("1.1.0", "1.0.0")
+
+
+def test_a_staged_version_never_activated_is_cleaned_up_after_its_ttl(
+    baseline, tmp_path: Path, mosquitto, trust_material
+) -> None:
+    cfg, data = _setup(baseline, tmp_path, mosquitto, stage_ttl_s=2)
+    bundle = baseline[2]["1.1.0"]
+    with EventCollector(mosquitto.url, DEV) as events, AgentProcess(cfg) as agent:
+        events.wait_online()
+        cmd = make_command(DEV, "deploy", deploy_body(bundle, stage=True))
+        publish(mosquitto.url, Topics().device_cmd(DEV), sign_command(cmd, trust_material.operator))
+        events.wait_state(cmd.command_id, "STAGED", timeout=60)
+        sha = deploy_body(bundle)["sha256"]
+        assert (data / "bundles" / sha).is_dir()
+        final = events.wait_terminal(cmd.command_id, timeout=30)
+        assert (final.state.value, final.code) == ("CANCELED", "stage_expired"), agent.log()[-2000:]
+    assert not (data / "bundles" / sha).exists()
+    assert engine_link_state(data, "detector") == ("1.0.0", None)

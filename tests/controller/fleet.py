@@ -46,8 +46,9 @@ from protocol.topics import Topics
 from protocol.transport import parse_broker_url
 from protocol.trust import TrustRoot, verify_command
 
-# Every step of a deploy before SUCCEEDED (ON_HOLD only for a device told to hold).
-DEPLOY_STEPS = tuple(s for s in PIPELINE[:-1] if s is not JobState.ON_HOLD)
+# Every step of a deploy before SUCCEEDED (ON_HOLD only for a device told to hold; STAGED
+# only for a staged deploy, which the simulation does not do).
+DEPLOY_STEPS = tuple(s for s in PIPELINE[:-1] if s not in (JobState.STAGED, JobState.ON_HOLD))
 
 
 def write_keys_dir(
