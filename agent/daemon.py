@@ -196,6 +196,7 @@ class Agent:
             groups=config.groups,
             wake_worker=self.worker.wake,
             on_cancel=self.worker.cancel,
+            on_windows=self.worker.reload_windows,
         )
         self.desired = DesiredState(
             self.store,

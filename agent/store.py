@@ -213,6 +213,9 @@ class Store:
         """`put` inside the caller's transaction."""
         db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
 
+    def delete_kv(self, db: sqlite3.Connection, key: str) -> None:
+        db.execute("DELETE FROM kv WHERE key=?", (key,))
+
     # ---- reset after corruption ---------------------------------------------------------
     def record_reset(self, at: float, reason: str, seq_floor: int) -> None:
         """Remember when this database replaced a corrupt one (commands issued before that

@@ -45,7 +45,7 @@ import structlog
 from agent import container
 from agent.activation import AckChannel, ActivationError, ModelStore, check_health, run_hook
 from agent.busy import BusyLock
-from agent.commands import reason_code
+from agent.commands import KV_WINDOWS, reason_code
 from agent.config import AgentConfig
 from agent.download import (
     Canceled,
@@ -81,6 +81,7 @@ from protocol.messages import (
     JobState,
     ReasonCode,
     RollbackBody,
+    WindowsBody,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class Worker:
         )
         self._intake_idle = intake_idle
         self.store = store
+        self.reload_windows()  # agent.toml's, or the last signed windows command's
         self.journal = journal
         self.trust = trust
         self.live = live
@@ -159,6 +161,20 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.current: JobRecord | None = None
         self.heartbeat = time.monotonic()
+
+    def reload_windows(self) -> None:
+        """The windows in force: the last signed `windows` command's, else agent.toml's."""
+        a = self.config.activation
+        windows = Windows(a.windows, a.timezone)
+        raw = self.store.get(KV_WINDOWS)
+        if raw:
+            try:
+                body = WindowsBody.model_validate_json(raw)
+                windows = Windows(body.windows, body.timezone)
+            except (ValueError, CodedError) as e:  # checked at intake; a zone database change
+                log.error("windows_unusable", reason=str(e))
+        self.hold.windows = windows  # one assignment: the worker reads it whole
+        log.info("windows", windows=windows.describe() if windows.windows else "any time")
 
     # ---- thread ---------------------------------------------------------------------
     def start(self) -> None:

@@ -54,6 +54,7 @@ class CommandKind(str, Enum):
     PING = "ping"
     TRUST_UPDATE = "trust_update"
     ACTIVATE = "activate"  # switch a STAGED deploy (rollout activate)
+    WINDOWS = "windows"  # set the maintenance windows of a device or group
 
 
 class DeployBody(_Body):
@@ -97,6 +98,18 @@ class ActivateBody(_Body):
     _c = field_validator("command_id")(lambda cls, v: _uuid(v, "command_id"))
 
 
+class WindowsBody(_Body):
+    windows: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description='maintenance windows, e.g. "Mon-Fri 22:00-06:00"; empty: any time',
+    )
+    timezone: str = Field(default="", max_length=64, description="IANA zone; empty: the device's")
+    clear: bool = Field(
+        default=False, description="forget windows set by command: agent.toml's apply again"
+    )
+
+
 class PingBody(_Body):
     pass
 
@@ -111,7 +124,9 @@ class TrustUpdateBody(_Body):
     )
 
 
-CommandBody = Union[DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody, ActivateBody]
+CommandBody = Union[
+    DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody, ActivateBody, WindowsBody
+]
 BODY_BY_KIND: dict[CommandKind, type[_Body]] = {
     CommandKind.DEPLOY: DeployBody,
     CommandKind.ROLLBACK: RollbackBody,
@@ -119,6 +134,7 @@ BODY_BY_KIND: dict[CommandKind, type[_Body]] = {
     CommandKind.PING: PingBody,
     CommandKind.TRUST_UPDATE: TrustUpdateBody,
     CommandKind.ACTIVATE: ActivateBody,
+    CommandKind.WINDOWS: WindowsBody,
 }
 
 
@@ -344,6 +360,7 @@ class ReasonCode(str, Enum):
     # Staged activation: an activate naming a job that is not STAGED; a staged version
     # never activated within [activation] stage_ttl_s (CANCELED, its files removed).
     NOT_STAGED = "not_staged"
+    BAD_WINDOWS = "bad_windows"  # a windows command whose windows or time zone do not parse
     STAGE_EXPIRED = "stage_expired"
     INTERRUPTED = "interrupted"
     # The device's state.db was corrupt and started fresh: on its own event, and on every

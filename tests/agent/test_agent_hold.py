@@ -124,6 +124,7 @@ def test_a_busy_robot_switches_only_when_its_mission_lets_go(
         mission.kill()
 
 
+@pytest.mark.slow  # the full suite runs it on 3.10
 def test_a_dead_holder_blocks_nothing_and_one_held_past_the_deadline_defers(
     baseline, tmp_path: Path, mosquitto, trust_material
 ) -> None:
@@ -253,6 +254,7 @@ def test_a_staged_version_waits_with_the_old_engine_serving_across_kill9_then_sw
     assert engine_link_state(data, "detector") == ("1.1.0", "1.0.0")
 
 
+@pytest.mark.slow  # the full suite runs it on 3.10
 def test_a_staged_version_never_activated_is_cleaned_up_after_its_ttl(
     baseline, tmp_path: Path, mosquitto, trust_material
 ) -> None:
