@@ -415,8 +415,9 @@ class Store:
     def request_activate(self, db: sqlite3.Connection, command_id: str, by: str) -> None:
         """A STAGED deploy may switch now (`activate` command `by`); read by the worker."""
         db.execute(
-            "UPDATE jobs SET data=json_set(data, '$.activate', ?) WHERE command_id=?",
-            (by, command_id),
+            "UPDATE jobs SET data=json_set(data, '$.activate', ?, '$.activated_at', ?) "
+            "WHERE command_id=?",
+            (by, time.time(), command_id),
         )
 
     def canceled_by(self, db: sqlite3.Connection, command_id: str) -> str | None:

@@ -325,10 +325,12 @@ class Worker:
             raise Canceled()
 
     def _timed_out(self, job: JobRecord) -> bool:
-        """Past the job's time limit (which ends at ON_HOLD: the wait has its own bounds)."""
+        """Past the job's time limit (which ends at ON_HOLD: the wait has its own bounds;
+        a STAGED job that must build again once activated counts from its activation)."""
         if job.state in HOLD_STATES:
             return False
-        return time.time() > job.created_at + self.config.limits.job_timeout_s
+        start = max(job.created_at, float(job.data.get("activated_at") or 0))
+        return time.time() > start + self.config.limits.job_timeout_s
 
     def _canceled(self, job: JobRecord) -> bool:
         """A cancel command or the job's time limit: both stop it before activation."""

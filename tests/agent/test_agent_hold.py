@@ -128,7 +128,7 @@ def test_a_busy_robot_switches_only_when_its_mission_lets_go(
 def test_a_dead_holder_blocks_nothing_and_one_held_past_the_deadline_defers(
     baseline, tmp_path: Path, mosquitto, trust_material
 ) -> None:
-    cfg, data = _setup(baseline, tmp_path, mosquitto, busy_timeout_s=6)
+    cfg, data = _setup(baseline, tmp_path, mosquitto, busy_timeout_s=8)
     lock = data / "run" / "busy.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
 
