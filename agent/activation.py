@@ -35,7 +35,7 @@ import structlog
 
 from agent.livestats import Ack
 from protocol.errors import CodedError
-from protocol.fsio import fsync_dir
+from protocol.fsio import fsync_dir, fsync_file
 from protocol.ids import SemVer
 from protocol.messages import ModelSlot
 
@@ -57,17 +57,12 @@ class ActivationError(CodedError):
     code = "hook_failed"
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-        _fsync_file(dst)
+        fsync_file(dst)
 
 
 @dataclass(frozen=True)
@@ -216,13 +211,13 @@ class ModelStore:
             if meta.is_file():
                 _link_or_copy(meta, tmp / ENGINE_META)
             (tmp / MANIFEST).write_bytes(manifest_json)
-            _fsync_file(tmp / MANIFEST)
+            fsync_file(tmp / MANIFEST)
             (tmp / VERSION_FILE).write_text(version + "\n")
-            _fsync_file(tmp / VERSION_FILE)
+            fsync_file(tmp / VERSION_FILE)
             _link_or_copy(golden, tmp / GOLDEN)
             if bundle_sha256:
                 (tmp / BUNDLE_REF).write_text(bundle_sha256 + "\n")
-                _fsync_file(tmp / BUNDLE_REF)
+                fsync_file(tmp / BUNDLE_REF)
             fsync_dir(tmp)
             if final.exists():
                 # A version re-installed (e.g. rebuilt engine): move the old one aside first;

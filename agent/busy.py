@@ -5,13 +5,14 @@ A holder takes a shared flock(2) on one lock file (default data_dir/run/busy.loc
 
     with rt.busy("mission 42"):            # agent.runtime.ModelRuntime.busy
         ...
+    hold = rt.busy("mission 43").acquire() # or across callbacks: ... hold.release()
 
 or from any program or shell, with no jetfleet code at all:
 
     flock --shared /var/lib/jetfleet/run/busy.lock  run-mission.sh
 
 Before it switches engines the agent takes the same lock exclusively, without blocking:
-while anyone holds it shared, activation waits (job state WAITING, code `busy`). The
+while anyone holds it shared, activation waits (job state ON_HOLD, code `busy`). The
 kernel drops a flock when its holder's last descriptor closes, so a holder that died
 (even by kill -9) blocks nothing. The agent keeps its exclusive lock through the switch,
 hook, acknowledgement and health check: a mission that starts then waits those seconds.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 # Lock and reason files are written by the robot's services, which may run as other users.
@@ -44,23 +44,53 @@ def _why_dir(path: Path) -> Path:
     return path.with_name(path.name + ".why")
 
 
-@contextlib.contextmanager
-def busy(path: Path | str, reason: str = "") -> Iterator[None]:
-    """Hold the busy lock (shared with other holders) for the block's duration."""
-    path = Path(path)
-    fd = _open(path)
-    why = _why_dir(path) / str(os.getpid())
-    try:
+class BusyHold:
+    """One holder's share of the busy lock: a context manager, or acquire()/release()
+    for a mission that does not fit one block."""
+
+    def __init__(self, path: Path | str, reason: str = "") -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self._fd: int | None = None
+        self._why: Path | None = None
+
+    def acquire(self) -> BusyHold:
+        if self._fd is not None:
+            return self
+        fd = _open(self.path)
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while the agent is mid-switch (seconds)
-        if reason:
+        self._fd = fd
+        if self.reason:
+            why = _why_dir(self.path) / str(os.getpid())
             with contextlib.suppress(OSError):
                 why.parent.mkdir(exist_ok=True)
-                why.write_text(reason[:200])
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            why.unlink(missing_ok=True)
-        os.close(fd)  # drops the lock
+                why.write_text(self.reason[:200])
+                self._why = why
+        return self
+
+    def release(self) -> None:
+        if self._why is not None:
+            with contextlib.suppress(OSError):
+                self._why.unlink(missing_ok=True)
+            self._why = None
+        if self._fd is not None:
+            os.close(self._fd)  # drops the lock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> BusyHold:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def busy(path: Path | str, reason: str = "") -> BusyHold:
+    """Hold the busy lock (shared with other holders) for a `with` block's duration."""
+    return BusyHold(path, reason)
 
 
 class BusyLock:

@@ -39,6 +39,7 @@ from protocol.errors import (
 from protocol.messages import (
     BODY_BY_KIND,
     CANCELABLE_STATES,
+    ActivateBody,
     CancelBody,
     Command,
     CommandKind,
@@ -49,6 +50,7 @@ from protocol.messages import (
     ReasonCode,
     RollbackBody,
     TrustUpdateBody,
+    WindowsBody,
 )
 from protocol.trust import verify_command
 
@@ -61,6 +63,9 @@ STORE_BACKOFF_MAX_S = 5.0
 REFUSAL_BURST = 20
 REFUSAL_EVERY_S = 3.0
 MAX_OUTBOX_FOR_REFUSALS = 200
+
+
+KV_WINDOWS = "windows"  # the WindowsBody of the last windows command (agent/hold.py)
 
 
 def reason_code(err: BaseException) -> str:
@@ -120,6 +125,7 @@ class CommandProcessor:
         groups: list[str],
         wake_worker: Callable[[], None],
         on_cancel: Callable[[str], None] = lambda cid: None,
+        on_windows: Callable[[], None] = lambda: None,
         now: Callable[[], datetime] = _now,
     ) -> None:
         self.store = store
@@ -129,6 +135,7 @@ class CommandProcessor:
         self.groups = list(groups)
         self._wake_worker = wake_worker
         self._on_cancel = on_cancel
+        self._on_windows = on_windows
         self._now = now
         self._queue: queue.Queue[tuple[str, bytes, Callable[[], None], bool] | None] = queue.Queue()
         self._stop = threading.Event()
@@ -443,6 +450,10 @@ class CommandProcessor:
                 self.journal.record(db, job, JobState.QUEUED)
         elif isinstance(body, CancelBody):
             self._cancel(db, job, body.command_id)
+        elif isinstance(body, ActivateBody):
+            self._activate(db, job, body.command_id)
+        elif isinstance(body, WindowsBody):
+            self._set_windows(db, job, body)
         elif isinstance(body, PingBody):
             # Nothing to act on: RECEIVED and SUCCEEDED commit together (one fsync).
             self.journal.record(db, job, JobState.SUCCEEDED)
@@ -453,7 +464,9 @@ class CommandProcessor:
         self.journal.maybe_pause_named(JobState.RECEIVED.value)
         if isinstance(body, CancelBody) and job.state is JobState.SUCCEEDED:
             self._on_cancel(body.command_id)
-        if job.state is JobState.QUEUED or isinstance(body, CancelBody):
+        if isinstance(body, WindowsBody) and job.state is JobState.SUCCEEDED:
+            self._on_windows()
+        if job.state is JobState.QUEUED or isinstance(body, (CancelBody, ActivateBody)):
             self._wake_worker()
 
     def _cancel(self, db: sqlite3.Connection, job: JobRecord, target_id: str) -> None:
@@ -480,6 +493,37 @@ class CommandProcessor:
             return
         self.store.request_cancel(db, target_id)
         self.journal.record(db, job, JobState.SUCCEEDED, reason=f"cancel of {target_id} requested")
+
+    def _activate(self, db: sqlite3.Connection, job: JobRecord, target_id: str) -> None:
+        """Switch a STAGED deploy: marked here, the worker takes it up (docs/protocol.md)."""
+        target = self.store.job(target_id)
+        if target is None or target.state is not JobState.STAGED:
+            where = f"is {target.state.value}" if target else "is not on this device"
+            self.journal.record(db, job, JobState.REJECTED, code=ReasonCode.NOT_STAGED.value,
+                                reason=f"job {target_id} {where}: only a STAGED deploy "
+                                "can be activated")  # fmt: skip
+            return
+        self.store.request_activate(db, target_id, job.command_id)
+        reason = f"activation of {target_id} requested"
+        self.journal.record(db, job, JobState.SUCCEEDED, reason=reason)
+
+    def _set_windows(self, db: sqlite3.Connection, job: JobRecord, body: WindowsBody) -> None:
+        """Maintenance windows by signed command (device or group): they replace
+        agent.toml's until a `clear`; the last one received wins."""
+        from agent.windows import WindowError, Windows
+
+        if body.clear:
+            self.store.delete_kv(db, KV_WINDOWS)
+            self.journal.record(db, job, JobState.SUCCEEDED, reason="windows of agent.toml apply")
+            return
+        try:
+            shown = Windows(body.windows, body.timezone).describe()
+        except WindowError as e:
+            self.journal.record(db, job, JobState.REJECTED, code=ReasonCode.BAD_WINDOWS.value,
+                                reason=e.reason)  # fmt: skip
+            return
+        self.store.put_kv(db, KV_WINDOWS, body.model_dump_json())
+        self.journal.record(db, job, JobState.SUCCEEDED, reason=f"windows set: {shown}")
 
     def _rotate(self, body: TrustUpdateBody) -> tuple[JobState, dict[str, Any]]:
         try:

@@ -101,6 +101,29 @@ class ActivationConfig(_Section):
     ack_models: list[str] = Field(default_factory=list)
     # Where consumers write <model>.json (empty: data_dir/ack); bind-mount it read-write.
     ack_dir: str = ""
+    # Robot-aware activation (agent/windows.py, agent/busy.py): a gated job switches only
+    # inside a window ("Mon-Fri 22:00-06:00"; none: always) in `timezone` (empty: the
+    # device's), and only while no one holds the busy lock (empty: data_dir/run/busy.lock).
+    windows: list[str] = Field(default_factory=list)
+    timezone: str = ""
+    busy_lock: str = ""
+    # How long a job waits for the busy lock inside an open window; then `defer` ends it
+    # DEFERRED (the old engine stays) or `activate` switches anyway.
+    busy_timeout_s: float = Field(default=3600.0, gt=0)
+    busy_timeout_action: Literal["defer", "activate"] = "defer"
+    # A staged version (deploy with `stage`) never activated is canceled after this long
+    # (code stage_expired) and its bundle removed.
+    stage_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _windows(self) -> ActivationConfig:
+        from agent.windows import WindowError, Windows
+
+        try:
+            Windows(self.windows, self.timezone)
+        except WindowError as e:
+            raise ValueError(e.reason) from e
+        return self
 
 
 class TelemetryConfig(_Section):
@@ -236,6 +259,10 @@ class AgentConfig(BaseSettings):
     def wants_ack(self, model: str) -> bool:
         a = self.activation
         return a.ack_timeout_s > 0 and (not a.ack_models or model in a.ack_models)
+
+    @property
+    def busy_lock(self) -> Path:
+        return Path(self.activation.busy_lock or Path(self.data_dir) / "run" / "busy.lock")
 
     @property
     def max_bundle_bytes(self) -> int:

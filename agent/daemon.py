@@ -32,6 +32,7 @@ from agent.activation import ModelStore
 from agent.commands import CommandProcessor
 from agent.config import AgentConfig
 from agent.desired import DesiredState, document_topics
+from agent.hold import clock_from_env
 from agent.journal import Journal
 from agent.mqtt import AgentMqtt
 from agent.outbox import Outbox
@@ -185,6 +186,7 @@ class Agent:
             on_change=self._dirty.set,
             on_hardware=self._on_hardware,
             intake_idle=lambda: self.commands.idle(),
+            clock=clock_from_env(),
         )
         self.commands = CommandProcessor(
             self.store,
@@ -194,6 +196,7 @@ class Agent:
             groups=config.groups,
             wake_worker=self.worker.wake,
             on_cancel=self.worker.cancel,
+            on_windows=self.worker.reload_windows,
         )
         self.desired = DesiredState(
             self.store,

@@ -460,6 +460,8 @@ class DesiredState:
         # Cut short by a restart (kill -9, power cut): tried again, a bounded number of
         # times (a version whose activation kills the agent must not loop).
         entry["retry"] = 0 < tries < MAX_INTERRUPTED and job.code == ReasonCode.INTERRUPTED.value
+        # DEFERRED: the robot was busy, nothing is wrong with the version; it tries again.
+        entry["retry"] = entry["retry"] or job.state is JobState.DEFERRED
         if not entry["retry"]:
             log.warning("converge_held_back", model=name, version=job.version, code=job.code)
         held[name] = entry

@@ -21,6 +21,12 @@ version now serving, and the agent reports them in telemetry (agent/metrics.py):
     rt.gauge("mean_confidence", conf)       # gauge: last/mean/min/max over the interval
 
 Inferences that raise are counted as the version's `errors`.
+
+While the robot must not have its model swapped (a mission), it holds the busy lock; the
+agent then waits to switch (job state ON_HOLD, code busy; agent/busy.py):
+
+    with rt.busy("mission 42"):
+        run_mission()
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
+from agent.busy import BusyHold
 from agent.engines import Engine, EngineError, EngineLoadError, load_engine
 from agent.engines.api import ENGINE_FILENAME
 from agent.livestats import MAX_SAMPLES_PER_DATAGRAM, encode_ack, encode_report
@@ -336,11 +343,14 @@ class ModelRuntime:
         max_metric_names: int = 64,
         engine_options: dict[str, Any] | None = None,
         engine_loader: Callable[..., Engine] = load_engine,
+        busy_lock: Path | str | None = None,
     ) -> None:
         self.name = name
         self.data_dir = Path(data_dir)
         self.current = self.data_dir / "models" / name / "current"
         self.check_interval_s = check_interval_s
+        # The agent's [activation] busy_lock; data_dir/run/busy.lock unless configured.
+        self.busy_lock = Path(busy_lock) if busy_lock else self.data_dir / "run" / "busy.lock"
         self.engine_options = dict(engine_options or {})
         # How an engine file becomes an Engine: by its sidecar's backend unless a service
         # brings its own loader (e.g. a backend jetfleet does not ship).
@@ -388,6 +398,11 @@ class ModelRuntime:
         if self._reporter is not None:
             self._reporter.add(slot.version, ms)
         return out
+
+    def busy(self, reason: str = "") -> BusyHold:
+        """The busy lock: no engine switch while it is held (`with rt.busy("mission"):`,
+        or `.acquire()` ... `.release()`). The kernel drops it if this process dies."""
+        return BusyHold(self.busy_lock, reason)
 
     def refresh(self, wait: bool = True) -> bool:
         """Check `current` now. wait=True loads a new engine in this thread and returns

@@ -18,6 +18,7 @@ from protocol.messages import (
     DeviceFault,
     DeviceStatus,
     HardwareProfile,
+    JobState,
     JobSummary,
 )
 
@@ -67,8 +68,9 @@ class StatusBuilder:
     def build(self, *, online: bool = True) -> DeviceStatus:
         job = self._current_job()
         if job is None:
-            # A job waiting in the queue (or settled by recovery) is still "in flight".
-            active = self.store.active_jobs()
+            # A job waiting in the queue (or settled by recovery) is still "in flight"; a
+            # STAGED one is parked (it may wait days for its activate), not in flight.
+            active = [j for j in self.store.active_jobs() if j.state is not JobState.STAGED]
             job = active[0] if active else None
         return DeviceStatus.new(
             device_id=self.device_id,

@@ -213,6 +213,9 @@ class Store:
         """`put` inside the caller's transaction."""
         db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
 
+    def delete_kv(self, db: sqlite3.Connection, key: str) -> None:
+        db.execute("DELETE FROM kv WHERE key=?", (key,))
+
     # ---- reset after corruption ---------------------------------------------------------
     def record_reset(self, at: float, reason: str, seq_floor: int) -> None:
         """Remember when this database replaced a corrupt one (commands issued before that
@@ -408,6 +411,14 @@ class Store:
 
     def request_cancel(self, db: sqlite3.Connection, command_id: str) -> None:
         db.execute("UPDATE jobs SET cancel_requested=1 WHERE command_id=?", (command_id,))
+
+    def request_activate(self, db: sqlite3.Connection, command_id: str, by: str) -> None:
+        """A STAGED deploy may switch now (`activate` command `by`); read by the worker."""
+        db.execute(
+            "UPDATE jobs SET data=json_set(data, '$.activate', ?, '$.activated_at', ?) "
+            "WHERE command_id=?",
+            (by, time.time(), command_id),
+        )
 
     def canceled_by(self, db: sqlite3.Connection, command_id: str) -> str | None:
         """The id of a cancel command this device accepted for `command_id`, if any (a

@@ -10,6 +10,16 @@ restart `recover()` knows what may have happened:
   bundles and the engine cache was touched; temporary files are removed and the job is
   resumed (the download continues with Range, the engine cache makes a rebuild free),
   at most MAX_RESUMES times, then it ends FAILED (code interrupted).
+- ON_HOLD: gated, waiting for a maintenance window or the busy lock (agent/hold.py);
+  nothing outside data_dir/downloads, bundles and the engine cache was touched. The job
+  goes on waiting: the bundle is verified again from its download and the gated engine
+  checked against its sidecar, without building or gating again (when either is gone,
+  the job starts over at DOWNLOADING). Waiting is harmless, so it is not counted against
+  MAX_RESUMES, and the job's time limit does not apply to it.
+- STAGED: a deploy with `stage`, gated, parked until an `activate` command marks it (or
+  [activation] stage_ttl_s passes: CANCELED stage_expired). It does not hold the worker:
+  later jobs run meanwhile. Activated, it resumes like ON_HOLD (checked, not rebuilt),
+  then waits for its window and the busy lock like any deploy.
 - ACTIVATING/PROBATION: the switch may be half done, or the new engine may be what
   crashed us: the slot recorded before the switch is restored, the hook runs again,
   and the job ends ROLLED_BACK (code interrupted). A device that had an engine active
@@ -34,7 +44,8 @@ import structlog
 
 from agent import container
 from agent.activation import AckChannel, ActivationError, ModelStore, check_health, run_hook
-from agent.commands import reason_code
+from agent.busy import BusyLock
+from agent.commands import KV_WINDOWS, reason_code
 from agent.config import AgentConfig
 from agent.download import (
     Canceled,
@@ -54,19 +65,23 @@ from agent.enginejob import (
     check_engine_space,
     is_no_space,
 )
+from agent.hold import ActivationHold, Clock, Verdict, wall_clock
 from agent.journal import Journal
 from agent.store import JobRecord, Store
 from agent.telemetry.conditions import describe
 from agent.truststore import TrustStore
+from agent.windows import Windows
 from protocol.errors import CodedError, ProtocolError
 from protocol.ids import SemVer
 from protocol.messages import (
+    HOLD_STATES,
     PRE_ACTIVATION_STATES,
     CommandKind,
     DeployBody,
     JobState,
     ReasonCode,
     RollbackBody,
+    WindowsBody,
 )
 
 if TYPE_CHECKING:
@@ -83,6 +98,7 @@ MIN_BASELINE_SAMPLES = 50  # the old version's live p99 is a probation baseline 
 STALL_GRACE_S = 5.0
 BUILD_PROGRESS_EVERY_S = 5.0  # BUILDING progress events: a phase's start and end, and
 # at most one per this interval in between (a build on an Orin reports for minutes)
+HOLD_POLL_S = 0.5  # how often a held job looks at the clock and the busy lock again
 _CODES = {c.value for c in ReasonCode}
 
 
@@ -92,6 +108,10 @@ class Stopping(Exception):
 
 class JobEnded(Exception):
     """A step decided the job's terminal state (already persisted)."""
+
+
+class Parked(Exception):
+    """The job waits STAGED for its activate command; the worker takes the next one."""
 
 
 def _now() -> datetime:
@@ -110,10 +130,20 @@ class Worker:
         on_change: Callable[[], None] = lambda: None,
         on_hardware: Callable[[dict[str, Any], str, str], None] = lambda hw, name, version: None,
         intake_idle: Callable[[], bool] = lambda: True,
+        clock: Clock = wall_clock,
     ) -> None:
         self.config = config
+        a = config.activation
+        self.hold = ActivationHold(
+            Windows(a.windows, a.timezone),
+            BusyLock(config.busy_lock),
+            busy_timeout_s=a.busy_timeout_s,
+            busy_timeout_action=a.busy_timeout_action,
+            clock=clock,
+        )
         self._intake_idle = intake_idle
         self.store = store
+        self.reload_windows()  # agent.toml's, or the last signed windows command's
         self.journal = journal
         self.trust = trust
         self.live = live
@@ -131,6 +161,20 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.current: JobRecord | None = None
         self.heartbeat = time.monotonic()
+
+    def reload_windows(self) -> None:
+        """The windows in force: the last signed `windows` command's, else agent.toml's."""
+        a = self.config.activation
+        windows = Windows(a.windows, a.timezone)
+        raw = self.store.get(KV_WINDOWS)
+        if raw:
+            try:
+                body = WindowsBody.model_validate_json(raw)
+                windows = Windows(body.windows, body.timezone)
+            except (ValueError, CodedError) as e:  # checked at intake; a zone database change
+                log.error("windows_unusable", reason=str(e))
+        self.hold.windows = windows  # one assignment: the worker reads it whole
+        log.info("windows", windows=windows.describe() if windows.windows else "any time")
 
     # ---- thread ---------------------------------------------------------------------
     def start(self) -> None:
@@ -184,10 +228,14 @@ class Worker:
             # behind its deploy (both held up, e.g. by a full disk) wins over it.
             return None
         for job in self.store.active_jobs():
+            if job.state is JobState.STAGED:  # parked until activated or expired
+                if job.data.get("activate") or self._stage_expired(job):
+                    return job
+                continue
             # RECEIVED belongs to the command processor until it queues the job (it settles
             # those left by a crash at start), so the worker never races it.
             if job.state is JobState.QUEUED or (
-                job.state in PRE_ACTIVATION_STATES and job.data.get("resume")
+                job.state in PRE_ACTIVATION_STATES | HOLD_STATES and job.data.get("resume")
             ):
                 return job
         return None
@@ -205,7 +253,7 @@ class Worker:
                 self._rollback(job)
             else:  # ping/cancel/trust_update are finished by the command processor
                 self._end(job, JobState.FAILED, ReasonCode.INTERNAL, f"no worker for {job.kind}")
-        except (JobEnded, Stopping):
+        except (JobEnded, Stopping, Parked):
             pass
         except Canceled:
             self._cleanup(job)
@@ -277,7 +325,12 @@ class Worker:
             raise Canceled()
 
     def _timed_out(self, job: JobRecord) -> bool:
-        return time.time() > job.created_at + self.config.limits.job_timeout_s
+        """Past the job's time limit (which ends at ON_HOLD: the wait has its own bounds;
+        a STAGED job that must build again once activated counts from its activation)."""
+        if job.state in HOLD_STATES:
+            return False
+        start = max(job.created_at, float(job.data.get("activated_at") or 0))
+        return time.time() > start + self.config.limits.job_timeout_s
 
     def _canceled(self, job: JobRecord) -> bool:
         """A cancel command or the job's time limit: both stop it before activation."""
@@ -297,14 +350,30 @@ class Worker:
 
     # ---- deploy ---------------------------------------------------------------------
     def _deploy(self, job: JobRecord) -> None:
-        """DOWNLOADING, VERIFYING, BUILDING, VALIDATING, ACTIVATING, PROBATION, SUCCEEDED:
-        each step persists its state first and ends the job itself when it must."""
+        """DOWNLOADING, VERIFYING, BUILDING, VALIDATING, (ON_HOLD,) ACTIVATING, PROBATION,
+        SUCCEEDED: each step persists its state first and ends the job itself when it must."""
         body = self._body(job)
         assert isinstance(body, DeployBody)
-        path = self._download(job, body)
-        bundle = self._verify_step(job, body, path)
-        engine, figures = self._build_and_gate(job, bundle)
-        self._activate(job, bundle, engine, figures)
+        if job.state is JobState.STAGED and not job.data.get("activate"):
+            ttl = self.config.activation.stage_ttl_s
+            self._fail(job, JobState.CANCELED, ReasonCode.STAGE_EXPIRED,
+                       f"staged and never activated within {ttl:g}s ([activation] stage_ttl_s); "
+                       "its files are removed")  # fmt: skip
+        held = self._resume_held(job, body) if job.state in HOLD_STATES else None
+        if held is None:
+            job.data.pop("busy_since", None)  # a hold that starts over waits afresh
+            path = self._download(job, body)
+            bundle = self._verify_step(job, body, path)
+            engine, figures = self._build_and_gate(job, bundle)
+        else:
+            bundle, engine, figures = held
+        if body.stage and not job.data.get("activate"):
+            self._stage(job, bundle.manifest, figures)
+        try:
+            self._hold_step(job, figures)
+            self._activate(job, bundle, engine, figures)
+        finally:
+            self.hold.release()  # the robot may be busy again once the new engine is up
         self._probation_step(job, bundle.manifest, figures)
         self._succeed(job, figures)
 
@@ -352,7 +421,7 @@ class Worker:
             self._fail(job, JobState.REJECTED if refused else JobState.FAILED, e.code, e.reason)
 
     def _verify_step(self, job: JobRecord, body: DeployBody, path: Path) -> VerifiedBundle:
-        self._step(job, JobState.VERIFYING)
+        self._step(job, JobState.VERIFYING, download=str(path))  # read again by a resumed hold
         limits = self._limits()
         try:
             # Extraction needs the bundle's size again (the engine later comes on top).
@@ -412,6 +481,82 @@ class Worker:
         finally:
             engine_job.close()
         return built.engine, self._judge(job, bundle.manifest.name, result)
+
+    def _hold_step(self, job: JobRecord, figures: dict[str, Any]) -> None:
+        """ON_HOLD while outside the maintenance windows or while the robot is busy; returns
+        with the busy lock held (kept through the switch and health check). A new ON_HOLD
+        event each time the reason changes (window, busy, who holds it)."""
+        shown: tuple[str | None, str] | None = None
+        while True:
+            self._check(job)
+            self.heartbeat = time.monotonic()
+            # An offline install: the person at the robot chose the moment, not its window.
+            verdict = self.hold.check(
+                job.data.get("busy_since"), windows=not job.data.get("offline")
+            )
+            if verdict.give_up:
+                self._fail(job, JobState.DEFERRED, verdict.code or ReasonCode.BUSY,
+                           verdict.reason, gate=figures)  # fmt: skip
+            if verdict.go and not verdict.forced:
+                return
+            key = (verdict.code, verdict.reason if verdict.forced else verdict.subject)
+            if key != shown:
+                shown = key
+                self._hold_event(job, verdict, figures)
+            if verdict.go:
+                return
+            self._stop.wait(HOLD_POLL_S)
+
+    def _stage(self, job: JobRecord, manifest: Manifest, figures: dict[str, Any]) -> NoReturn:
+        """STAGED: gated, its engine and bundle kept, the old engine serving; the worker
+        goes on to other jobs until an activate command marks this one."""
+        self._check(job)
+        job.data.update(gate=figures, staged_at=time.time())
+        job.data.pop("resume", None)
+        active = self.models.slot(manifest.name).active or "no engine"
+        self.journal.transition(job, JobState.STAGED, data=job.data, gate=figures,
+                                reason=f"{manifest.name} {manifest.version} staged; {active} "
+                                "serves until an activate command")  # fmt: skip
+        raise Parked()
+
+    def _stage_expired(self, job: JobRecord) -> bool:
+        staged = float(job.data.get("staged_at") or job.created_at)
+        return time.time() > staged + self.config.activation.stage_ttl_s
+
+    def _hold_event(self, job: JobRecord, verdict: Verdict, figures: dict[str, Any]) -> None:
+        job.data.update(busy_since=verdict.busy_since, gate=figures)
+        job.data.pop("resume", None)
+        self.journal.transition(job, JobState.ON_HOLD, code=verdict.code,
+                                reason=verdict.reason, data=job.data, gate=figures)  # fmt: skip
+
+    def _resume_held(
+        self, job: JobRecord, body: DeployBody
+    ) -> tuple[VerifiedBundle, Path, dict[str, Any]] | None:
+        """A job restarted ON_HOLD: its bundle verified again from the download and its
+        gated engine checked, without building or gating anew; None: start over."""
+        from agent.engines.sidecar import verify_engine_file
+
+        path = Path(str(job.data.get("download") or ""))  # file:// is read in place
+        engine = Path(str(job.data.get("engine") or ""))
+        figures = job.data.get("gate")
+        if not (path.is_file() and engine.is_file() and isinstance(figures, dict)):
+            return None
+        try:
+            bundle = self._verify(path, body.sha256, min(body.size, self._limits().max_bytes))
+        except ProtocolError as e:  # e.g. the trust root rotated away from its signer
+            self._fail(job, JobState.REJECTED, reason_code(e), f"bundle refused: {e.reason}")
+        if bundle.sha256 != body.sha256:
+            log.warning("held_bundle_changed", command_id=job.command_id, path=str(path))
+            return None
+        try:
+            verify_engine_file(engine)
+        except (CodedError, OSError, ValueError) as e:
+            log.warning("held_engine_unusable", command_id=job.command_id, reason=str(e))
+            return None
+        active = self.models.slot(bundle.manifest.name).active
+        if active is not None:  # a STAGED job waited while other jobs ran
+            self._check_against_active(job, bundle.manifest, active, body.sha256)
+        return bundle, engine, figures
 
     def _judge(self, job: JobRecord, name: str, result: dict[str, Any]) -> dict[str, Any]:
         """The gate's verdict: its figures when it passed, else the job ends."""
@@ -776,10 +921,18 @@ class Worker:
         """Remove extracted bundles no installed version refers to any more."""
         if not self.bundles.is_dir():
             return
-        keep = self.models.bundle_refs()
+        keep = self.models.bundle_refs() | self._held_shas()
         for p in self.bundles.iterdir():
             if not p.name.startswith(".") and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _held_shas(self) -> set[str]:
+        """Bundles of STAGED and ON_HOLD jobs: kept while another job cleans up."""
+        return {
+            str((j.data.get("body") or {}).get("sha256"))
+            for j in self.store.active_jobs()
+            if j.state in HOLD_STATES
+        }
 
     def _ensure_engine(
         self, job: JobRecord, name: str, version: str, *, restoring: bool = False
@@ -931,8 +1084,8 @@ class Worker:
                     ReasonCode.INTERRUPTED.value,
                     f"the agent stopped during {job.state.value}",
                 )
-            elif job.state in PRE_ACTIVATION_STATES:
-                if job.attempts >= MAX_RESUMES:
+            elif job.state in PRE_ACTIVATION_STATES | HOLD_STATES:
+                if job.attempts >= MAX_RESUMES and job.state not in HOLD_STATES:
                     self._cleanup(job)
                     self._end(
                         job,
@@ -942,11 +1095,10 @@ class Worker:
                         "giving up (the previous engine stays active)",
                     )
                     continue
+                tries = job.attempts + (0 if job.state in HOLD_STATES else 1)
                 with self.store.tx() as db:
                     job.data["resume"] = True
-                    self.store.update_job(
-                        db, job.command_id, data=job.data, attempts=job.attempts + 1
-                    )
+                    self.store.update_job(db, job.command_id, data=job.data, attempts=tries)
                 sha = (job.data.get("body") or {}).get("sha256")
                 if isinstance(sha, str):
                     resumable.add(sha)

@@ -53,6 +53,8 @@ class CommandKind(str, Enum):
     CANCEL = "cancel"
     PING = "ping"
     TRUST_UPDATE = "trust_update"
+    ACTIVATE = "activate"  # switch a STAGED deploy (rollout activate)
+    WINDOWS = "windows"  # set the maintenance windows of a device or group
 
 
 class DeployBody(_Body):
@@ -62,6 +64,12 @@ class DeployBody(_Body):
     rollout_id: str | None = None
     name: str | None = Field(default=None, description="model name, informative")
     version: str | None = Field(default=None, description="model version, informative")
+    stage: bool = Field(
+        default=False,
+        description="download, build and gate, then wait STAGED (the old engine serving) for "
+        "an `activate` command naming this command id; agents before staging ignore it and "
+        "activate at once",
+    )
 
     _r = field_validator("rollout_id")(_optional_id("rollout id"))
     _n = field_validator("name")(_optional_id("model name"))
@@ -84,6 +92,24 @@ class CancelBody(_Body):
     _c = field_validator("command_id")(lambda cls, v: _uuid(v, "command_id"))
 
 
+class ActivateBody(_Body):
+    command_id: str = Field(description="the STAGED deploy to switch to")
+
+    _c = field_validator("command_id")(lambda cls, v: _uuid(v, "command_id"))
+
+
+class WindowsBody(_Body):
+    windows: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description='maintenance windows, e.g. "Mon-Fri 22:00-06:00"; empty: any time',
+    )
+    timezone: str = Field(default="", max_length=64, description="IANA zone; empty: the device's")
+    clear: bool = Field(
+        default=False, description="forget windows set by command: agent.toml's apply again"
+    )
+
+
 class PingBody(_Body):
     pass
 
@@ -98,13 +124,17 @@ class TrustUpdateBody(_Body):
     )
 
 
-CommandBody = Union[DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody]
+CommandBody = Union[
+    DeployBody, RollbackBody, CancelBody, PingBody, TrustUpdateBody, ActivateBody, WindowsBody
+]
 BODY_BY_KIND: dict[CommandKind, type[_Body]] = {
     CommandKind.DEPLOY: DeployBody,
     CommandKind.ROLLBACK: RollbackBody,
     CommandKind.CANCEL: CancelBody,
     CommandKind.PING: PingBody,
     CommandKind.TRUST_UPDATE: TrustUpdateBody,
+    CommandKind.ACTIVATE: ActivateBody,
+    CommandKind.WINDOWS: WindowsBody,
 }
 
 
@@ -169,6 +199,12 @@ class JobState(str, Enum):
     VERIFYING = "VERIFYING"
     BUILDING = "BUILDING"
     VALIDATING = "VALIDATING"
+    # A deploy with `stage`: gated, its engine kept, the old one serving, until an
+    # `activate` command (or [activation] stage_ttl_s, then CANCELED stage_expired).
+    STAGED = "STAGED"
+    # Gated and ready, waiting for the robot's moment: a maintenance window (code window)
+    # or the busy lock (code busy); the old engine keeps serving.
+    ON_HOLD = "ON_HOLD"
     ACTIVATING = "ACTIVATING"
     PROBATION = "PROBATION"
     SUCCEEDED = "SUCCEEDED"
@@ -177,6 +213,9 @@ class JobState(str, Enum):
     ROLLED_BACK = "ROLLED_BACK"
     CANCELED = "CANCELED"
     TIMED_OUT = "TIMED_OUT"
+    # The busy lock was still held at [activation] busy_timeout_s: the job ends without
+    # activating (not a failure of the model; the old engine stays).
+    DEFERRED = "DEFERRED"
 
     @property
     def terminal(self) -> bool:
@@ -200,6 +239,7 @@ TERMINAL_STATES = frozenset(
         JobState.ROLLED_BACK,
         JobState.CANCELED,
         JobState.TIMED_OUT,
+        JobState.DEFERRED,
     }
 )
 FAILURE_STATES = frozenset(
@@ -213,6 +253,8 @@ PIPELINE = (
     JobState.VERIFYING,
     JobState.BUILDING,
     JobState.VALIDATING,
+    JobState.STAGED,  # only for a deploy with `stage`, until its activate command
+    JobState.ON_HOLD,  # only while a window or the busy lock holds the switch back
     JobState.ACTIVATING,
     JobState.PROBATION,
     JobState.SUCCEEDED,
@@ -222,15 +264,32 @@ PIPELINE = (
 PRE_ACTIVATION_STATES = frozenset(
     {JobState.DOWNLOADING, JobState.VERIFYING, JobState.BUILDING, JobState.VALIDATING}
 )
-CANCELABLE_STATES = frozenset({JobState.RECEIVED, JobState.QUEUED} | PRE_ACTIVATION_STATES)
+# ON_HOLD: gated, waiting for a window or the busy lock. Cancelable and resumable (a
+# restart goes on waiting without building again), but outside the job's time limit: the
+# wait has its own bounds (the windows, [activation] busy_timeout_s).
+HOLD_STATES = frozenset({JobState.STAGED, JobState.ON_HOLD})
+CANCELABLE_STATES = frozenset(
+    {JobState.RECEIVED, JobState.QUEUED} | PRE_ACTIVATION_STATES | HOLD_STATES
+)
 # Every move the agent makes, state by state. A state may repeat: the RECEIVED event is
 # written right after the job's row, and a speed run the gate declines to judge adds
 # another VALIDATING event. A pre-activation job resumed after a restart starts its steps
 # again (a deploy at DOWNLOADING, a rollback at BUILDING), and a rollback skips the steps
 # a held version does not need (QUEUED -> BUILDING or ACTIVATING; ACTIVATING ->
 # SUCCEEDED without PROBATION). Past ACTIVATING the only way out but success is
-# ROLLED_BACK: the previous engine is restored. Terminal states go nowhere.
-_FROM_PRE_ACTIVATION = PRE_ACTIVATION_STATES | {JobState.ACTIVATING} | TERMINAL_STATES
+# ROLLED_BACK: the previous engine is restored. Terminal states go nowhere. ON_HOLD
+# repeats when its reason changes (window, then busy); DEFERRED ends only a hold.
+_FROM_PRE_ACTIVATION = (
+    PRE_ACTIVATION_STATES | HOLD_STATES | {JobState.ACTIVATING} | TERMINAL_STATES
+) - {JobState.DEFERRED}
+# A held job goes on (ACTIVATING, or ON_HOLD after STAGED), starts over at DOWNLOADING
+# when a restart finds its gated files gone, or ends without switching (SUCCEEDED: the
+# version became active meanwhile; REJECTED: a downgrade by now, or a bundle the trust
+# root no longer accepts).
+_FROM_HOLD = frozenset(
+    {JobState.ON_HOLD, JobState.ACTIVATING, JobState.DOWNLOADING, JobState.SUCCEEDED}
+    | {JobState.CANCELED, JobState.FAILED, JobState.REJECTED}
+)
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # Queued for the worker, or settled at intake: ping, cancel and trust_update commands
     # end here, and so do a deploy a cancel got to first and an intake that crashed.
@@ -240,12 +299,14 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.QUEUED: frozenset(
         {JobState.DOWNLOADING, JobState.BUILDING, JobState.ACTIVATING}
-        | (TERMINAL_STATES - {JobState.ROLLED_BACK})
+        | (TERMINAL_STATES - {JobState.ROLLED_BACK, JobState.DEFERRED})
     ),
     JobState.DOWNLOADING: _FROM_PRE_ACTIVATION,
     JobState.VERIFYING: _FROM_PRE_ACTIVATION,
     JobState.BUILDING: _FROM_PRE_ACTIVATION,
     JobState.VALIDATING: _FROM_PRE_ACTIVATION,
+    JobState.STAGED: _FROM_HOLD,
+    JobState.ON_HOLD: _FROM_HOLD | {JobState.DEFERRED},
     JobState.ACTIVATING: frozenset({JobState.PROBATION, JobState.SUCCEEDED, JobState.ROLLED_BACK}),
     JobState.PROBATION: frozenset({JobState.SUCCEEDED, JobState.ROLLED_BACK}),
     **{state: frozenset() for state in TERMINAL_STATES},
@@ -292,6 +353,15 @@ class ReasonCode(str, Enum):
     NOT_ACKNOWLEDGED = "not_acknowledged"
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
+    # ON_HOLD and DEFERRED (issue 14): outside the device's maintenance windows; the
+    # robot's busy lock is held.
+    WINDOW = "window"
+    BUSY = "busy"
+    # Staged activation: an activate naming a job that is not STAGED; a staged version
+    # never activated within [activation] stage_ttl_s (CANCELED, its files removed).
+    NOT_STAGED = "not_staged"
+    BAD_WINDOWS = "bad_windows"  # a windows command whose windows or time zone do not parse
+    STAGE_EXPIRED = "stage_expired"
     INTERRUPTED = "interrupted"
     # The device's state.db was corrupt and started fresh: on its own event, and on every
     # command issued before that (the device can no longer tell it from a replay).

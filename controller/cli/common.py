@@ -180,6 +180,8 @@ STATE_STYLE = {
     "REJECTED": "red",
     "TIMED_OUT": "red",
     "CANCELED": "yellow",
+    "ON_HOLD": "cyan",
+    "DEFERRED": "yellow",
 }
 
 

@@ -1,4 +1,5 @@
-"""`jetfleet device show ID` (kubectl describe) and `jetfleet device forget ID`."""
+"""`jetfleet device show ID` (kubectl describe), `jetfleet device forget ID`, and
+`jetfleet device windows TARGET` (maintenance windows by signed command)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from protocol.errors import ProtocolError
 from protocol.ids import validate_id
 from protocol.telemetry import TelemetrySample
 
-app = typer.Typer(help="One device: describe it, or forget a decommissioned one.")
+app = typer.Typer(
+    help="One device: describe it, forget a decommissioned one, set maintenance windows."
+)
 
 DeviceArgument = typer.Argument(..., help="device id")
 HISTORY = 20  # jobs shown
@@ -196,3 +199,43 @@ def forget(ctx: typer.Context, device_id: str = DeviceArgument) -> None:
         fail(f"{e}; {device_id} was not forgotten", EXIT_FAILED)
     registry.forget(device_id)
     typer.echo(f"forgot {device_id} (its retained status is cleared)")
+
+
+@app.command("windows")
+def windows(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., help="a device id or group:NAME"),
+    window: list[str] = typer.Option(
+        [], "--window", help='e.g. "Mon-Fri 22:00-06:00" (repeat; none: any time)'
+    ),
+    timezone: str = typer.Option("", "--timezone", help="IANA zone; empty: the device's"),
+    clear: bool = typer.Option(False, "--clear", help="back to each device's agent.toml"),
+) -> None:
+    """Set when the target's robots may switch engines (they download, build and gate at
+    once; the switch waits ON_HOLD for a window). Replaces agent.toml's windows until
+    --clear; the last windows command a device received wins. Each device answers with a
+    SUCCEEDED event, or REJECTED bad_windows for a spec it cannot parse."""
+    from agent.windows import WindowError, Windows
+    from controller.cli.common import keyset
+    from controller.rollouts.launch import command_signer
+    from protocol.topics import Topics
+
+    configure_cli_logging()
+    s = settings(ctx)
+    try:
+        Windows(window, timezone)  # the same parser the agent uses: fail here, not there
+        signed = command_signer(s, keyset(s), None).windows(
+            target, windows=window, timezone=timezone, clear=clear
+        )
+    except (WindowError, ProtocolError) as e:
+        fail(e.reason)
+    topics = Topics(s.prefix)
+    topic = (
+        topics.group_cmd(target[6:]) if target.startswith("group:") else topics.device_cmd(target)
+    )
+    try:
+        with ControllerMqtt(mqtt_options(s)).connect() as m:
+            m.publish(topic, signed.envelope)
+    except MqttError as e:
+        fail(f"{e}; the windows command was not sent", EXIT_FAILED)
+    typer.echo(f"sent windows command {signed.command_id} to {target}")

@@ -138,7 +138,9 @@ def start(
         0, "--retries", help="new commands for a device whose job failed so (0..10)"
     ),
     retry_on: str = typer.Option(
-        "FAILED,TIMED_OUT", "--retry-on", help="which failures --retries cures: FAILED, TIMED_OUT"
+        "FAILED,TIMED_OUT",
+        "--retry-on",
+        help="which endings --retries cures: FAILED, TIMED_OUT, DEFERRED",
     ),
     retry_backoff: float = typer.Option(
         10.0, "--retry-backoff", help="seconds before the first retry (doubles after each)"

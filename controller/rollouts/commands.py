@@ -21,6 +21,7 @@ from protocol.messages import (
     DeployBody,
     RollbackBody,
     TrustUpdateBody,
+    WindowsBody,
     utcnow,
 )
 from protocol.trust import sign_command
@@ -109,6 +110,20 @@ class CommandSigner:
         """Ask a device to stop the job of `command_id` (before it starts activating)."""
         body = CancelBody(command_id=command_id)
         return self.sign(self._command(device_id, CommandKind.CANCEL, body, now))
+
+    def windows(
+        self,
+        target: str,
+        *,
+        windows: list[str],
+        timezone: str = "",
+        clear: bool = False,
+        now: datetime | None = None,
+    ) -> SignedCommand:
+        """Set the maintenance windows of a device or `group:NAME` (they replace agent.toml's
+        until a `clear`; the device checks the specs and refuses bad ones, bad_windows)."""
+        body = WindowsBody(windows=windows, timezone=timezone, clear=clear)
+        return self.sign(self._command(target, CommandKind.WINDOWS, body, now))
 
     def ping(self, target: str, now: datetime | None = None) -> SignedCommand:
         return self.sign(self._command(target, CommandKind.PING, {}, now))

@@ -553,8 +553,23 @@ class RolloutDriver:
             return rollout, True
         if self.store.open_count(rollout.id, running.idx) > 0 and now < (running.deadline or now):
             return rollout, True  # the wave goes on
+        if self._held_past_deadline(rollout, running):
+            return rollout, True
         self._end_wave(rollout, running, waves)
         return self.store.get(rollout.id) or rollout, False
+
+    def _held_past_deadline(self, rollout: Rollout, running: Wave) -> bool:
+        """Past its deadline the wave goes on while devices of it are ON_HOLD (their wait is
+        bounded on the device: its windows, busy_timeout_s); the others time out now. The
+        deadline moves along with the hold, so a device released from it has the wave
+        timeout to activate and pass probation, not an instant."""
+        if rollout.state == ABORTING or not self.store.held_count(rollout.id, running.idx):
+            return False
+        reason = f"did not finish within the wave timeout of {rollout.wave_timeout:g}s"
+        if self.store.time_out(rollout.id, running.idx, reason):
+            self._dirty = True
+        self.store.extend_deadline(rollout.id, running.idx, time.time() + rollout.wave_timeout)
+        return True
 
     def _end_wave(self, rollout: Rollout, running: Wave, waves: list[Wave]) -> None:
         self._leave_offline_to_release(rollout, running.idx)

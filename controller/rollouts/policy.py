@@ -23,7 +23,8 @@ ALL = "ALL"
 # AWS IoT Jobs' range for maximumPerMinute, and its jobExecutionsRetryConfig.
 MAX_PER_MINUTE = 1000
 MAX_RETRIES = 10
-RETRY_TYPES = ("FAILED", "TIMED_OUT")
+# DEFERRED: the robot stayed busy past its busy_timeout_s; a retry asks it again later.
+RETRY_TYPES = ("FAILED", "TIMED_OUT", "DEFERRED")
 # --offline: what a wave does with a robot that is offline (docs/operations.md). `wait`
 # by default: a robot back before the wave's timeout runs the deploy with its wave, as
 # always; one still away then is left to converge through the release (the rollout sets
@@ -279,7 +280,8 @@ def parse_retry_on(spec: str) -> tuple[str, ...]:
             types.append(t)
         else:
             raise PolicyError(
-                f"--retry-on {spec!r}: {t or '(empty)'} is not one of FAILED, TIMED_OUT, ALL"
+                f"--retry-on {spec!r}: {t or '(empty)'} is not one of "
+                "FAILED, TIMED_OUT, DEFERRED, ALL"
             )
     return tuple(dict.fromkeys(types))
 

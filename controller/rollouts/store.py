@@ -40,6 +40,7 @@ NEARLY_FULL_BYTES = 1 << 20
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
+ON_HOLD = JobState.ON_HOLD.value
 _PIPELINE_ORDER = {s.value: i for i, s in enumerate(PIPELINE[:-1])}  # not SUCCEEDED
 
 # Rollout states.
@@ -1139,18 +1140,30 @@ class RolloutStore:
                 ).fetchone()[0]
             )
 
+    def held_count(self, rollout_id: str, wave: int) -> int:
+        """Devices of the wave ON_HOLD: gated, waiting for their window or busy lock."""
+        with self._lock:
+            return int(
+                self.conn.execute(
+                    "SELECT COUNT(*) FROM assignments WHERE rollout_id=? AND wave=? AND state=?",
+                    (rollout_id, wave, ON_HOLD),
+                ).fetchone()[0]
+            )
+
     def time_out(
         self, rollout_id: str, wave: int, reason: str, *, only_silent: bool = False
     ) -> list[str]:
         """Every unfinished, commanded device of the wave becomes TIMED_OUT (with
-        `only_silent`, only those that never answered their command: still PENDING)."""
+        `only_silent`, only those that never answered their command: still PENDING), but
+        one ON_HOLD: its wait is bounded on the device (its windows, busy_timeout_s)."""
         placeholders = ",".join("?" for _ in TERMINAL)
         silent = " AND state=?" if only_silent else ""
         with self.transaction() as c:
             rows = c.execute(
                 f"SELECT device_id FROM assignments WHERE rollout_id=? AND wave=? "
-                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}){silent}",
-                (rollout_id, wave, *TERMINAL, *((PENDING,) if only_silent else ())),
+                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}) "
+                f"AND state != ?{silent}",
+                (rollout_id, wave, *TERMINAL, ON_HOLD, *((PENDING,) if only_silent else ())),
             ).fetchall()
             ids = [r["device_id"] for r in rows]
             c.executemany(
@@ -1181,15 +1194,16 @@ class RolloutStore:
     ) -> list[str]:
         """--device-timeout: devices of the wave whose job reported a state and has not
         moved since `before` become TIMED_OUT (PENDING is not a job state: a device that
-        has not received its command yet is the wave timeout's to judge)."""
+        has not received its command yet is the wave timeout's to judge; ON_HOLD waits
+        by design, bounded on the device)."""
         placeholders = ",".join("?" for _ in TERMINAL)
         now = time.time()
         with self.transaction() as c:
             rows = c.execute(
                 f"SELECT device_id, state FROM assignments WHERE rollout_id=? AND wave=? "
-                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}) AND state != ? "
-                f"AND updated_at < ?",
-                (rollout_id, wave, *TERMINAL, PENDING, before),
+                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}) "
+                f"AND state NOT IN (?, ?) AND updated_at < ?",
+                (rollout_id, wave, *TERMINAL, PENDING, ON_HOLD, before),
             ).fetchall()
             c.executemany(
                 "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "

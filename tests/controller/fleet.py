@@ -47,7 +47,9 @@ from protocol.topics import Topics
 from protocol.transport import parse_broker_url
 from protocol.trust import TrustRoot, verify_command
 
-DEPLOY_STEPS = PIPELINE[:-1]  # every step of a deploy before SUCCEEDED
+# Every step of a deploy before SUCCEEDED (ON_HOLD only for a device told to hold; STAGED
+# only for a staged deploy, which the simulation does not do).
+DEPLOY_STEPS = tuple(s for s in PIPELINE[:-1] if s not in (JobState.STAGED, JobState.ON_HOLD))
 
 
 def write_keys_dir(
@@ -120,6 +122,7 @@ class Behaviour:
     outcome: JobState = JobState.SUCCEEDED  # SUCCEEDED | ROLLED_BACK | FAILED | REJECTED
     step_s: float = 0.01  # delay between events (the job's "work")
     silent: bool = False  # never answers (a device that hangs): wave timeout territory
+    hold_s: float = 0.0  # ON_HOLD this long after VALIDATING (outside its window, busy)
     code: str = "latency_regression"
     reason: str = "candidate p99 is 42% slower than the active engine (limit 10%)"
 
@@ -346,12 +349,18 @@ class SimFleet:
 
         def step_to(state: JobState) -> None:
             if command.command_id not in d.canceled:
-                self._emit(d, command, state)
+                why = {"code": "window", "reason": "outside the maintenance windows"}
+                self._emit(d, command, state, **(why if state is JobState.ON_HOLD else {}))
 
-        for i, state in enumerate(DEPLOY_STEPS):
-            self._later(i * step, lambda s=state: step_to(s))
-        end = len(DEPLOY_STEPS) * step
-        self._later(end, lambda: self._finish_deploy(d, command, body.name or "", body.version))
+        hold = d.behaviour.hold_s
+        at = 0.0
+        for state in DEPLOY_STEPS:
+            if state is JobState.ACTIVATING and hold:
+                self._later(at, lambda: step_to(JobState.ON_HOLD))
+                at += hold
+            self._later(at, lambda s=state: step_to(s))
+            at += step
+        self._later(at, lambda: self._finish_deploy(d, command, body.name or "", body.version))
 
     def _cancel(self, d: SimDevice, command: Command) -> None:
         """The agent's rule: a job can be canceled until it starts activating."""

@@ -93,3 +93,46 @@ def test_device_show_describes_one_robot_and_forget_removes_a_decommissioned_one
         other = {**env, "JETFLEET_DB": str(tmp_path / "other" / "controller.db")}
         listed = [d["id"] for d in json.loads(run_cli(other, "devices", "-o", "json").stdout)]
         assert listed == ["robot-0000"]
+
+
+@pytest.mark.slow
+def test_device_windows_by_signed_command_holds_a_real_agent_until_cleared(
+    mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], tmp_path: Path
+) -> None:
+    from protocol.topics import Topics
+    from tests.agent.harness import (
+        AgentProcess,
+        EventCollector,
+        deploy_body,
+        make_command,
+        publish,
+        sign_command,
+        write_agent_config,
+    )
+
+    clock = tmp_path / "clock"
+    clock.write_text("2026-12-07T12:00:00+00:00")  # a Monday, noon
+    cfg = write_agent_config(tmp_path / "agent.toml", device_id="robot-w", groups=["night"],
+                             broker_url=mosquitto.url, data_dir=tmp_path / "agent",
+                             trust_root=tmp_path / "keys" / "trust.json")  # fmt: skip
+    bundle = build_bundle(tmp_path / "build", keys.release, version="2.0.0")
+    agent_env = {"JETFLEET_AGENT_TEST_CLOCK_FILE": str(clock)}
+    with EventCollector(mosquitto.url, "robot-w") as events, AgentProcess(cfg, env=agent_env):
+        events.wait_online()
+        bad = run_cli(env, "device", "windows", "group:night", "--window", "weekdays 22-6")
+        assert bad.returncode == 2 and "not 'DAYS HH:MM-HH:MM'" in bad.stderr, bad.stderr
+        sent = run_cli(env, "device", "windows", "group:night", "--window", "Mon 22:00-23:00",
+                       "--timezone", "UTC")  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        wid = sent.stdout.split()[3]
+        assert events.wait_terminal(wid).reason == "windows set: Mon 22:00-23:00 (UTC)"
+
+        cmd = make_command("robot-w", "deploy", deploy_body(bundle))
+        publish(mosquitto.url, Topics().device_cmd("robot-w"), sign_command(cmd, keys.operator))
+        held = events.wait_state(cmd.command_id, "ON_HOLD", timeout=60)
+        assert held.code == "window" and "Mon 22:00-23:00 (UTC)" in (held.reason or "")
+
+        cleared = run_cli(env, "device", "windows", "robot-w", "--clear")
+        assert cleared.returncode == 0, cleared.stderr
+        final = events.wait_terminal(cmd.command_id, timeout=60)  # agent.toml has none
+        assert final.state.value == "SUCCEEDED"

@@ -397,3 +397,23 @@ def test_the_last_retry_failing_counts_as_the_failure(
         a = harness.store.assignment(rid, "robot-0000")
         assert a is not None and a.state == "FAILED" and a.attempts == 2
         wait_until(lambda: len(counter.arrivals) == 3, what="three deploys")
+
+
+def test_a_device_on_hold_outlives_the_wave_and_device_timeouts_and_then_succeeds(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    with fleet_of(mosquitto, keys, 2) as fleet:
+        fleet.devices["robot-0001"].behaviour = Behaviour(hold_s=4.0)  # outside its window
+        harness.sync()
+        rid = harness.create(
+            sorted(fleet.devices),
+            waves_spec="100%",
+            wave_timeout=1.5,
+            max_failure_rate=0.0,
+            policy=policy(device_timeout=1.0),
+        )
+        started = time.monotonic()
+        assert harness.drive(rid).state == SUCCEEDED
+        assert time.monotonic() - started >= 4.0  # it waited for the held device
+        a = {a.device_id: a for a in harness.store.assignments(rid)}
+        assert a["robot-0001"].state == "SUCCEEDED" and a["robot-0000"].state == "SUCCEEDED"

@@ -52,3 +52,24 @@ def test_only_a_job_that_has_not_started_activating_is_cancelable() -> None:
     assert CANCELABLE_STATES.isdisjoint(TERMINAL_STATES | {JobState.ACTIVATING})
     for state in CANCELABLE_STATES:
         assert state.can_move_to(JobState.CANCELED), state.value
+
+
+def test_a_held_job_activates_waits_again_starts_over_or_ends_without_activating() -> None:
+    held = JobState.ON_HOLD
+    assert JobState.VALIDATING.can_move_to(held) and held.can_move_to(held)
+    assert held.can_move_to(JobState.ACTIVATING) and held.can_move_to(JobState.DOWNLOADING)
+    assert held.can_move_to(JobState.DEFERRED) and held in CANCELABLE_STATES
+    assert not held.can_move_to(JobState.ROLLED_BACK)  # nothing was switched yet
+    # DEFERRED ends only a hold; it is terminal and not a failure of the model.
+    assert [s for s in JobState if s.can_move_to(JobState.DEFERRED)] == [held]
+    assert JobState.DEFERRED.terminal and not JobState.DEFERRED.failed
+
+
+def test_a_staged_job_is_parked_between_the_gate_and_its_activate_command() -> None:
+    staged = JobState.STAGED
+    assert JobState.VALIDATING.can_move_to(staged) and staged in CANCELABLE_STATES
+    assert staged.can_move_to(JobState.ON_HOLD) and staged.can_move_to(JobState.ACTIVATING)
+    assert not staged.can_move_to(JobState.DEFERRED) and not staged.terminal
+    assert [s for s in JobState if s.can_move_to(staged)] == [
+        JobState.DOWNLOADING, JobState.VERIFYING, JobState.BUILDING, JobState.VALIDATING,
+    ]  # fmt: skip
