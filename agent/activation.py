@@ -29,11 +29,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
-from agent.livestats import Ack
+from agent.livestats import Ack, LiveStats
 from protocol.errors import CodedError
 from protocol.fsio import fsync_dir, fsync_file
 from protocol.ids import SemVer
@@ -397,7 +396,7 @@ class AckChannel:
     """Where consumers say which version they loaded: an ack file per model in
     `ack_dir`, or an acknowledgement (or latency report) on the LiveStats socket."""
 
-    def __init__(self, ack_dir: Path, live: Any | None = None) -> None:
+    def __init__(self, ack_dir: Path, live: LiveStats | None = None) -> None:
         self.ack_dir = Path(ack_dir)
         self.live = live
         self.problem: str | None = None  # why the ack file was unreadable, last check

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from agent.store import JobRecord, Store
+from agent.store import JobData, JobRecord, Store
 from protocol.errors import IllegalTransitionError
 from protocol.messages import JobEvent, JobState, bound_reason
 from protocol.topics import Topics
@@ -88,7 +88,7 @@ class Journal:
         code: str | None = None,
         reason: str | None = None,
         gate: dict[str, Any] | None = None,
-        data: dict[str, Any] | None = None,
+        data: JobData | None = None,
     ) -> JobEvent:
         """Persist `state` for the job and queue its event, atomically; then publish."""
         with self.store.tx() as db:
@@ -109,7 +109,7 @@ class Journal:
         code: str | None = None,
         reason: str | None = None,
         gate: dict[str, Any] | None = None,
-        data: dict[str, Any] | None = None,
+        data: JobData | None = None,
         event_only: bool = False,
     ) -> JobEvent:
         """`transition` inside the caller's transaction (several steps that must commit

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from protocol.errors import CodedError
 from protocol.fsio import fsync_dir
@@ -71,6 +71,25 @@ ACTIVE_STATES = tuple(s.value for s in JobState if not s.terminal)
 SEEN_MARGIN_S = 24 * 3600.0
 
 
+class JobData(TypedDict, total=False):
+    """What a job carries between its steps (the `data` column, JSON): written as the job
+    goes, read again when it resumes after a restart."""
+
+    body: dict[str, Any]  # the command's body, as signed (a DeployBody or RollbackBody)
+    origin: str  # a converge job: "release" | "pin" (agent/desired.py)
+    offline: bool  # `jetfleet-agent install`: no windows, no broker
+    resume: bool  # interrupted mid-step: the next start takes it up again
+    download: str  # the verified bundle (file:// is read in place)
+    bundle: str  # its extracted root
+    engine: str  # the engine built and gated for this device
+    gate: dict[str, Any] | None  # the gate's figures, reported with STAGED and PROBATION
+    staged_at: float  # when it reached STAGED (stage_ttl_s counts from here)
+    activate: str  # a STAGED job's `activate` command id: it may switch now
+    activated_at: float
+    busy_since: float | None  # when the busy lock first held its switch back
+    prev: dict[str, str | None]  # the slot before the switch: what a rollback restores
+
+
 @dataclass
 class JobRecord:
     command_id: str
@@ -80,7 +99,7 @@ class JobRecord:
     model: str | None
     version: str | None
     envelope: bytes | None
-    data: dict[str, Any] = field(default_factory=dict)
+    data: JobData = field(default_factory=JobData)
     code: str | None = None
     reason: str | None = None
     cancel_requested: bool = False
@@ -348,7 +367,7 @@ class Store:
         command_id: str,
         *,
         state: JobState | None = None,
-        data: dict[str, Any] | None = None,
+        data: JobData | None = None,
         model: str | None = None,
         version: str | None = None,
         code: str | None = None,
@@ -501,7 +520,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         model=row["model"],
         version=row["version"],
         envelope=bytes(row["envelope"]) if row["envelope"] is not None else None,
-        data=json.loads(row["data"] or "{}"),
+        data=cast(JobData, json.loads(row["data"] or "{}")),
         code=row["code"],
         reason=row["reason"],
         cancel_requested=bool(row["cancel_requested"]),

@@ -67,7 +67,7 @@ from agent.enginejob import (
 )
 from agent.hold import ActivationHold, Clock, Verdict, wall_clock
 from agent.journal import Journal
-from agent.store import JobRecord, Store
+from agent.store import JobData, JobRecord, Store
 from agent.telemetry.conditions import describe
 from agent.truststore import TrustStore
 from agent.windows import Windows
@@ -85,7 +85,9 @@ from protocol.messages import (
 )
 
 if TYPE_CHECKING:
-    from agent.livestats import LiveWindow
+    from typing_extensions import Unpack  # pydantic's dependency; typing has it from 3.11
+
+    from agent.livestats import LiveStats, LiveWindow
     from protocol.bundle import VerifiedBundle
     from protocol.manifest import Manifest
 
@@ -126,7 +128,7 @@ class Worker:
         journal: Journal,
         trust: TrustStore,
         *,
-        live: Any | None = None,
+        live: LiveStats | None = None,
         on_change: Callable[[], None] = lambda: None,
         on_hardware: Callable[[dict[str, Any], str, str], None] = lambda hw, name, version: None,
         intake_idle: Callable[[], bool] = lambda: True,
@@ -303,7 +305,7 @@ class Worker:
         code_s = code.value if isinstance(code, ReasonCode) else code
         self.journal.transition(job, state, code=code_s, reason=reason, gate=gate)
 
-    def _step(self, job: JobRecord, state: JobState, **data: Any) -> None:
+    def _step(self, job: JobRecord, state: JobState, **data: Unpack[JobData]) -> None:
         if state is JobState.PROBATION:
             # Past the switch a cancel or timeout no longer applies; stopping leaves the
             # job in ACTIVATING, which the next start rolls back.
@@ -511,7 +513,7 @@ class Worker:
         """STAGED: gated, its engine and bundle kept, the old engine serving; the worker
         goes on to other jobs until an activate command marks this one."""
         self._check(job)
-        job.data.update(gate=figures, staged_at=time.time())
+        job.data["gate"], job.data["staged_at"] = figures, time.time()
         job.data.pop("resume", None)
         active = self.models.slot(manifest.name).active or "no engine"
         self.journal.transition(job, JobState.STAGED, data=job.data, gate=figures,
@@ -524,7 +526,7 @@ class Worker:
         return time.time() > staged + self.config.activation.stage_ttl_s
 
     def _hold_event(self, job: JobRecord, verdict: Verdict, figures: dict[str, Any]) -> None:
-        job.data.update(busy_since=verdict.busy_since, gate=figures)
+        job.data["busy_since"], job.data["gate"] = verdict.busy_since, figures
         job.data.pop("resume", None)
         self.journal.transition(job, JobState.ON_HOLD, code=verdict.code,
                                 reason=verdict.reason, data=job.data, gate=figures)  # fmt: skip

@@ -170,6 +170,17 @@ class Database:
         cur.executemany(self._translate(sql), list(rows))
         return cur
 
+    def copy_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """Append rows with PostgreSQL's COPY FROM STDIN: one stream per batch, nothing to
+        plan or bind per row (PostgreSQL's documented bulk-loading path; a partitioned
+        table routes each row to its partition). SQLite has no COPY: multi-row INSERTs."""
+        if not self.postgres:
+            raise DatabaseError(f"COPY into {table}: {self} is SQLite, which appends by INSERT")
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        with self.conn.cursor() as cur, cur.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+
     def executescript(self, ddl: str) -> None:
         """Statements without parameters (DDL written in SQLite's words), one at a time:
         sqlite3's own executescript would commit the transaction it runs in."""

@@ -60,6 +60,7 @@ from controller.rollouts.store import (
     TERMINAL,
     WAITING,
     WAITING_APPROVAL,
+    Assignment,
     Rollout,
     RolloutStore,
     Wave,
@@ -959,22 +960,33 @@ class RolloutDriver:
         the running wave gets a signed cancel (a device already activating refuses it and
         finishes; if it succeeds, the rollback phase returns it to its old version)."""
         self._canceled_waves.add(idx)
-        to_publish: list[tuple[str, str, bytes]] = []
         with self._fenced():
-            for a in self.store.assignments(rollout.id, idx):
-                if a.command_id is None or a.terminal or a.cx_command_id is not None:
-                    continue
-                signed = self.signer.cancel(a.device_id, command_id=a.command_id)
-                if self.store.record_cancel(
-                    rollout.id, a.device_id, signed.command_id, signed.envelope
-                ):
-                    to_publish.append((a.device_id, signed.command_id, signed.envelope))
+            to_publish = self._record_cancels(
+                rollout, [a for a in self.store.assignments(rollout.id, idx) if not a.terminal]
+            )
         if to_publish:
             log.warning(
                 "canceling_in_flight", rollout_id=rollout.id, wave=idx, devices=len(to_publish)
             )
         self._publish(to_publish, rollback=False, cancel=True)
         self._dirty = True
+
+    def _record_cancels(
+        self, rollout: Rollout, candidates: list[Assignment]
+    ) -> list[tuple[str, str, bytes]]:
+        """Sign and store a cancel of each candidate's deploy (inside the caller's fenced
+        transaction; one per device: one already canceled, or never commanded, is
+        skipped); (device, command id, envelope) of each to publish."""
+        to_publish: list[tuple[str, str, bytes]] = []
+        for a in candidates:
+            if a.command_id is None or a.cx_command_id is not None:
+                continue
+            signed = self.signer.cancel(a.device_id, command_id=a.command_id)
+            if self.store.record_cancel(
+                rollout.id, a.device_id, signed.command_id, signed.envelope
+            ):
+                to_publish.append((a.device_id, signed.command_id, signed.envelope))
+        return to_publish
 
     def _give_up_on_silent(self, rollout: Rollout, idx: int) -> None:
         """An abort does not wait out the wave timeout for devices that never answered
@@ -997,23 +1009,18 @@ class RolloutDriver:
         one still finds the deploy queued in its broker session when it returns. A signed
         cancel, queued behind it, stops that job before it activates (a job already past
         ACTIVATING refuses it; it never counted as succeeded, so nothing rolls it back)."""
-        to_publish: list[tuple[str, str, bytes]] = []
         with self._fenced():
             reported = self.store.terminal_events(rollout.id)
-            for a in self.store.assignments(rollout.id):
-                if (
-                    a.state != state
-                    or (only is not None and a.device_id not in only)
-                    or a.command_id is None
-                    or a.cx_command_id is not None
-                    or (a.device_id, a.command_id) in reported
-                ):
-                    continue
-                signed = self.signer.cancel(a.device_id, command_id=a.command_id)
-                if self.store.record_cancel(
-                    rollout.id, a.device_id, signed.command_id, signed.envelope
-                ):
-                    to_publish.append((a.device_id, signed.command_id, signed.envelope))
+            to_publish = self._record_cancels(
+                rollout,
+                [
+                    a
+                    for a in self.store.assignments(rollout.id)
+                    if a.state == state
+                    and (only is None or a.device_id in only)
+                    and (a.device_id, a.command_id) not in reported
+                ],
+            )
         if to_publish:
             log.warning(
                 "canceling_timed_out",

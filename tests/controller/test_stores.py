@@ -369,3 +369,23 @@ def test_raw_telemetry_lives_in_day_partitions_that_retention_drops_after_foldin
     reader = TelemetryStore(target, readonly=True)
     assert reader.series("robot-1", "cpu_pct", 0, 2e9) == [(day - 3 * 86400, 10.0),
                                                            (day + 60, 30.0)]  # fmt: skip
+
+
+def test_a_telemetry_batch_comes_back_as_written_whichever_way_it_went_in(db: str) -> None:
+    """SQLite appends by multi-row INSERT, PostgreSQL by COPY: the text COPY stream must
+    keep what it escapes (tabs, newlines, backslashes, non-ASCII) and NULL metrics."""
+    store = TelemetryStore(default_telemetry_db(db))
+    at = datetime.fromtimestamp(int(time.time()), timezone.utc)
+    samples = [
+        TelemetrySample.new(device_id="robot-1", at=at, uptime_s=1, cpu={"percent": [12.5]}),
+        TelemetrySample.new(device_id="robot-1", at=at.replace(second=(at.second + 1) % 60),
+                            uptime_s=2),  # fmt: skip  (no cpu: a NULL metric)
+    ]
+    payloads = ['{"note": "tab\there\nnew line \\ back"}', '{"note": "Ωμέγα ✓ \\N"}']
+    assert "\t" in payloads[0] and "\\N" in payloads[1]  # raw tab; COPY's NULL marker
+    rows = [row_from_sample(s, p) for s, p in zip(samples, payloads, strict=True)]
+    store.insert_batch(rows)
+    back = list(store.raw_rows("robot-1", 0))
+    assert [r["payload"] for r in back] == [r[-1] for r in sorted(rows, key=lambda r: r[1])]
+    assert sorted((r["cpu_pct"] for r in back), key=lambda v: v is None) == [12.5, None]
+    assert store.count_raw("robot-1") == 2
