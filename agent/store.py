@@ -87,6 +87,7 @@ class JobData(TypedDict, total=False):
     activate: str  # a STAGED job's `activate` command id: it may switch now
     activated_at: float
     busy_since: float | None  # when the busy lock first held its switch back
+    hold_key: str  # what its last ON_HOLD event said (a change is news)
     prev: dict[str, str | None]  # the slot before the switch: what a rollback restores
 
 

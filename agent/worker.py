@@ -11,11 +11,13 @@ restart `recover()` knows what may have happened:
   resumed (the download continues with Range, the engine cache makes a rebuild free),
   at most MAX_RESUMES times, then it ends FAILED (code interrupted).
 - ON_HOLD: gated, waiting for a maintenance window or the busy lock (agent/hold.py);
-  nothing outside data_dir/downloads, bundles and the engine cache was touched. The job
-  goes on waiting: the bundle is verified again from its download and the gated engine
-  checked against its sidecar, without building or gating again (when either is gone,
-  the job starts over at DOWNLOADING). Waiting is harmless, so it is not counted against
-  MAX_RESUMES, and the job's time limit does not apply to it.
+  nothing outside data_dir/downloads, bundles and the engine cache was touched. Like
+  STAGED, it is parked: later jobs run meanwhile, and it is taken up when its hold lifts
+  or a cancel comes. After a restart the job goes on waiting: the bundle is verified
+  again from its download and the gated engine checked against its sidecar, without
+  building or gating again (when either is gone, the job starts over at DOWNLOADING).
+  Waiting is harmless, so it is not counted against MAX_RESUMES, and the job's time
+  limit does not apply to it.
 - STAGED: a deploy with `stage`, gated, parked until an `activate` command marks it (or
   [activation] stage_ttl_s passes: CANCELED stage_expired). It does not hold the worker:
   later jobs run meanwhile. Activated, it resumes like ON_HOLD (checked, not rebuilt),
@@ -113,11 +115,17 @@ class JobEnded(Exception):
 
 
 class Parked(Exception):
-    """The job waits STAGED for its activate command; the worker takes the next one."""
+    """The job waits, STAGED for its activate command or ON_HOLD for its window or the busy
+    lock; the worker takes the next one."""
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _hold_key(verdict: Verdict) -> str:
+    """What an ON_HOLD event says, to tell news from a repeat: why, and about what."""
+    return f"{verdict.code}|{verdict.reason if verdict.forced else verdict.subject}"
 
 
 class Worker:
@@ -149,6 +157,7 @@ class Worker:
         self.journal = journal
         self.trust = trust
         self.live = live
+        self._holding = False  # a job waits ON_HOLD (polled more often)
         self.models = ModelStore(config.data_dir)
         self.acks = AckChannel(config.ack_dir, live)
         if config.activation.ack_timeout_s > 0:
@@ -219,7 +228,8 @@ class Worker:
             self.heartbeat = time.monotonic()
             job = self._next_job()
             if job is None:
-                self._wake.wait(1.0)
+                # A job ON_HOLD looks at the clock and the busy lock more often.
+                self._wake.wait(HOLD_POLL_S if self._holding else 1.0)
                 self._wake.clear()
                 continue
             self.run_job(job)
@@ -229,9 +239,11 @@ class Worker:
             # Commands already delivered are taken in first: a cancel that sits right
             # behind its deploy (both held up, e.g. by a full disk) wins over it.
             return None
-        for job in self.store.active_jobs():
-            if job.state is JobState.STAGED:  # parked until activated or expired
-                if job.data.get("activate") or self._stage_expired(job):
+        jobs = self.store.active_jobs()
+        self._holding = any(j.state is JobState.ON_HOLD for j in jobs)
+        for job in jobs:
+            if job.state in HOLD_STATES:  # parked: STAGED or ON_HOLD
+                if self._parked_job_due(job):
                     return job
                 continue
             # RECEIVED belongs to the command processor until it queues the job (it settles
@@ -241,6 +253,24 @@ class Worker:
             ):
                 return job
         return None
+
+    def _parked_job_due(self, job: JobRecord) -> bool:
+        """Whether a parked job has something to do now: a cancel; for a STAGED one, its
+        activate command or its expiry; for an ON_HOLD one, its hold lifted (the busy lock
+        is then ours) or given up. A change in why it waits is reported from here, without
+        taking the job up (that would verify its bundle again each time)."""
+        if self._canceled(job):
+            return True
+        if job.state is JobState.STAGED:
+            return bool(job.data.get("activate")) or self._stage_expired(job)
+        if job.data.get("resume"):  # after a restart: checked at once (rebuilt if gone)
+            return True
+        verdict = self._hold_verdict(job)
+        if verdict.go or verdict.give_up:
+            return True
+        if _hold_key(verdict) != job.data.get("hold_key"):
+            self._hold_event(job, verdict, job.data.get("gate") or {})
+        return False
 
     # ---- jobs -----------------------------------------------------------------------
     def run_job(self, job: JobRecord) -> None:
@@ -281,6 +311,7 @@ class Worker:
                 self._cleanup(job)
                 self._end(job, JobState.FAILED, code, reason)
         finally:
+            self.hold.release()  # held past its job only by a bug: missions must not wait
             self.current = None
             self._cancels.discard(job.command_id)
             self._on_change()
@@ -363,6 +394,7 @@ class Worker:
                        "its files are removed")  # fmt: skip
         held = self._resume_held(job, body) if job.state in HOLD_STATES else None
         if held is None:
+            self.hold.release()  # taken when its hold lifted: not for a rebuild's minutes
             job.data.pop("busy_since", None)  # a hold that starts over waits afresh
             path = self._download(job, body)
             bundle = self._verify_step(job, body, path)
@@ -485,29 +517,26 @@ class Worker:
         return built.engine, self._judge(job, bundle.manifest.name, result)
 
     def _hold_step(self, job: JobRecord, figures: dict[str, Any]) -> None:
-        """ON_HOLD while outside the maintenance windows or while the robot is busy; returns
-        with the busy lock held (kept through the switch and health check). A new ON_HOLD
-        event each time the reason changes (window, busy, who holds it)."""
-        shown: tuple[str | None, str] | None = None
-        while True:
-            self._check(job)
-            self.heartbeat = time.monotonic()
-            # An offline install: the person at the robot chose the moment, not its window.
-            verdict = self.hold.check(
-                job.data.get("busy_since"), windows=not job.data.get("offline")
-            )
-            if verdict.give_up:
-                self._fail(job, JobState.DEFERRED, verdict.code or ReasonCode.BUSY,
-                           verdict.reason, gate=figures)  # fmt: skip
-            if verdict.go and not verdict.forced:
-                return
-            key = (verdict.code, verdict.reason if verdict.forced else verdict.subject)
-            if key != shown:
-                shown = key
-                self._hold_event(job, verdict, figures)
-            if verdict.go:
-                return
-            self._stop.wait(HOLD_POLL_S)
+        """ON_HOLD while outside the maintenance windows or while the robot is busy: the job
+        is parked (the worker goes on with later jobs) and taken up again once its hold
+        lifts (`_parked_job_due`). Returns with the busy lock held (kept through the switch
+        and health check). A new ON_HOLD event each time the reason changes (window,
+        busy, who holds it)."""
+        self._check(job)
+        verdict = self._hold_verdict(job)
+        if verdict.give_up:
+            self._fail(job, JobState.DEFERRED, verdict.code or ReasonCode.BUSY,
+                       verdict.reason, gate=figures)  # fmt: skip
+        if verdict.go and not verdict.forced:
+            return
+        if _hold_key(verdict) != job.data.get("hold_key") or verdict.forced:
+            self._hold_event(job, verdict, figures)
+        if not verdict.go:
+            raise Parked()
+
+    def _hold_verdict(self, job: JobRecord) -> Verdict:
+        # An offline install: the person at the robot chose the moment, not its window.
+        return self.hold.check(job.data.get("busy_since"), windows=not job.data.get("offline"))
 
     def _stage(self, job: JobRecord, manifest: Manifest, figures: dict[str, Any]) -> NoReturn:
         """STAGED: gated, its engine and bundle kept, the old engine serving; the worker
@@ -527,6 +556,7 @@ class Worker:
 
     def _hold_event(self, job: JobRecord, verdict: Verdict, figures: dict[str, Any]) -> None:
         job.data["busy_since"], job.data["gate"] = verdict.busy_since, figures
+        job.data["hold_key"] = _hold_key(verdict)
         job.data.pop("resume", None)
         self.journal.transition(job, JobState.ON_HOLD, code=verdict.code,
                                 reason=verdict.reason, data=job.data, gate=figures)  # fmt: skip
@@ -1100,6 +1130,7 @@ class Worker:
                 tries = job.attempts + (0 if job.state in HOLD_STATES else 1)
                 with self.store.tx() as db:
                     job.data["resume"] = True
+                    job.data.pop("hold_key", None)  # a held job says it still waits
                     self.store.update_job(db, job.command_id, data=job.data, attempts=tries)
                 sha = (job.data.get("body") or {}).get("sha256")
                 if isinstance(sha, str):

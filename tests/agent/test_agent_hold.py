@@ -205,6 +205,39 @@ def test_a_window_holds_activation_across_kill9_until_the_clock_enters_it(
     assert engine_link_state(data, "detector") == ("1.1.0", "1.0.0")
 
 
+def test_a_held_job_does_not_hold_the_worker_and_a_staged_one_can_be_canceled(
+    baseline, tmp_path: Path, mosquitto, trust_material
+) -> None:
+    """While 1.1.0 waits ON_HOLD for its window, a later deploy builds and gates (here up
+    to STAGED) instead of queueing behind it; a cancel ends the STAGED job at once."""
+    cfg, data = _setup(baseline, tmp_path, mosquitto, windows=["Mon 22:00-23:00"],
+                       timezone="UTC")  # fmt: skip
+    clock = tmp_path / "clock"
+    _set_clock(clock, datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc))  # Monday noon
+    op = trust_material.operator
+    env = {"JETFLEET_AGENT_TEST_CLOCK_FILE": str(clock)}
+    with EventCollector(mosquitto.url, DEV) as events, AgentProcess(cfg, env=env) as agent:
+        events.wait_online()
+        held = _deploy(mosquitto, trust_material, baseline[2]["1.1.0"])
+        _held(events, held, "window")
+        later = make_command(DEV, "deploy", deploy_body(baseline[2]["1.2.0"], stage=True))
+        publish(mosquitto.url, Topics().device_cmd(DEV), sign_command(later, op))
+        events.wait_state(later.command_id, "STAGED", timeout=60)
+        assert events.states(held)[-1] == "ON_HOLD"
+        # The status names the held job once the worker is idle again.
+        events.wait_status(lambda s: s.job is not None and s.job.command_id == held)
+        cancel = make_command(DEV, "cancel", {"command_id": later.command_id})
+        publish(mosquitto.url, Topics().device_cmd(DEV), sign_command(cancel, op))
+        ended = events.wait_terminal(later.command_id, timeout=30)
+        assert (ended.state.value, ended.code) == ("CANCELED", "canceled"), agent.log()[-2000:]
+        _set_clock(clock, datetime(2026, 12, 7, 22, 0, 5, tzinfo=timezone.utc))
+        final = events.wait_terminal(held, timeout=60)
+        assert final.state.value == "SUCCEEDED", (final, agent.log()[-2000:])
+        holds = [e for e in events.for_command(held) if e.state.value == "ON_HOLD"]
+        assert len(holds) == 1  # parked and polled, reported once: nothing new to say
+    assert engine_link_state(data, "detector") == ("1.1.0", "1.0.0")
+
+
 def test_a_staged_version_waits_with_the_old_engine_serving_across_kill9_then_switches(
     baseline, tmp_path: Path, mosquitto, trust_material
 ) -> None:
