@@ -378,8 +378,9 @@ def test_a_telemetry_batch_comes_back_as_written_whichever_way_it_went_in(db: st
     at = datetime.fromtimestamp(int(time.time()), timezone.utc)
     samples = [
         TelemetrySample.new(device_id="robot-1", at=at, uptime_s=1, cpu={"percent": [12.5]}),
-        TelemetrySample.new(device_id="robot-1", at=at.replace(second=(at.second + 1) % 60),
-                            uptime_s=2),  # fmt: skip  (no cpu: a NULL metric)
+        TelemetrySample.new(
+            device_id="robot-1", at=at.replace(second=(at.second + 1) % 60), uptime_s=2
+        ),  # fmt: skip  (no cpu: a NULL metric)
     ]
     payloads = ['{"note": "tab\there\nnew line \\ back"}', '{"note": "Ωμέγα ✓ \\N"}']
     assert "\t" in payloads[0] and "\\N" in payloads[1]  # raw tab; COPY's NULL marker
