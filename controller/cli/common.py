@@ -205,6 +205,21 @@ def release_lines(r: Rollout, view: dict[str, Any]) -> list[Text]:
     return lines
 
 
+def _stage_lines(summary: RolloutSummary) -> list[Text]:
+    """--stage: who waits STAGED (the old engine serving), and whose staged job was gone
+    when its `activate` came (not counted as failures)."""
+    r = summary.rollout
+    out = []
+    if summary.staged:
+        then = f"; `jetfleet rollout activate {r.id}` switches them" if r.state == "staged" else ""
+        out.append(Text(f"STAGED, the old engine serving: {id_list(summary.staged)}{then}",
+                        style="cyan"))  # fmt: skip
+    for d in summary.not_staged:
+        out.append(Text(f"  {d['device_id']}: nothing staged to activate: {d['reason']}",
+                        style="yellow"))  # fmt: skip
+    return out
+
+
 def render(summary: RolloutSummary, release: dict[str, Any] | None = None) -> Group:
     r = summary.rollout
     head = Text.assemble(
@@ -275,6 +290,7 @@ def render(summary: RolloutSummary, release: dict[str, Any] | None = None) -> Gr
                 style="yellow",
             )
         )
+    parts.extend(_stage_lines(summary))
     if r.state == "waiting_approval":
         parts.append(Text(f"waiting for approval: `jetfleet rollout promote {r.id}`", style="cyan"))
     if r.state == "scheduled" and r.policy.start_at is not None:
@@ -431,6 +447,7 @@ def start_rollout(
     force: bool = False,
     policy: RolloutPolicy | None = None,
     allow_unseen: bool = False,
+    stage: bool = False,
 ) -> str:
     """Resolve the target against a fresh view of the fleet and store the planned rollout
     (rollouts/launch.py, plan_rollout); `keys` were loaded by the caller, who signs with them.
@@ -459,6 +476,7 @@ def start_rollout(
         force=force,
         policy=policy,
         allow_unseen=allow_unseen,
+        stage=stage,
     )
     try:
         planned = plan_rollout(store, registry, request)

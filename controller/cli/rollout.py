@@ -43,8 +43,10 @@ from controller.cli.common import (
     start_rollout,
 )
 from controller.fleet.access import open_store
+from controller.rollouts.activation import ActivationError, activate_staged, activation_policy
 from controller.rollouts.driver import (
     RolloutError,
+    WaveSpecError,
     failed_devices,
     pause,
     promote,
@@ -59,6 +61,7 @@ from controller.rollouts.policy import (
 from controller.rollouts.store import (
     FINISHED,
     PAUSED,
+    STAGED,
     Assignment,
     Rollout,
     RolloutStore,
@@ -167,12 +170,20 @@ def start(
         "to the release), skip (no command; left to the release), fail (TIMED_OUT)",
     ),
     allow_unseen: bool = AllowUnseenOption,
+    stage: bool = typer.Option(
+        False,
+        "--stage",
+        help="robots download, build and gate, then wait STAGED with the old engine "
+        "serving; `jetfleet rollout activate ID` switches them",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Verify BUNDLE, publish it, and deploy it to the target in waves."""
     configure_cli_logging()
     s = settings(ctx)
     check_plan_options(waves, max_failure_rate, wave_timeout)
+    if stage and slo:
+        fail("--slo judges a running version: give it to `rollout activate`, not --stage")
     try:
         policy = make_policy(
             abort_on=abort_on,
@@ -224,6 +235,7 @@ def start(
         force=force,
         policy=policy,
         allow_unseen=allow_unseen,
+        stage=stage,
     )
     typer.echo(f"jetfleet: bundle URL {url}: {why}", err=True)
     if output is Output.human:
@@ -416,6 +428,9 @@ def resume(
     r = find_rollout(store, rollout_id)
     if r.state in FINISHED:
         already_ended(store, r, output)
+    if r.state == STAGED:
+        fail(f"rollout {r.id} is staged: `jetfleet rollout activate {r.id}` switches its "
+             "robots; `jetfleet rollout abort` cancels the staged jobs")  # fmt: skip
     if r.state == PAUSED:
         resume_state(store, r.id)
     hand_to_driver(s, r, wait, output, f"rollout {r.id} resumed; driven by {{driver}}")
@@ -459,6 +474,71 @@ def promote_cmd(
     if not promote(store, r.id):
         fail(f"rollout {r.id} is {r.state}; only one waiting for approval can be promoted")
     hand_to_driver(s, r, wait, output, f"rollout {r.id} promoted; {{driver}} starts the next wave")
+
+
+@app.command("activate")
+def activate_cmd(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(..., help="a rollout started with --stage, now staged"),
+    waves: str | None = typer.Option(
+        None, "--waves", help="cumulative wave sizes over the STAGED robots [default: the stage's]"
+    ),
+    max_failure_rate: float | None = typer.Option(
+        None, "--max-failure-rate", help="abort above this (0..1) [default: the stage's]"
+    ),
+    wave_timeout: float | None = typer.Option(
+        None, "--wave-timeout", help="seconds a wave may take [default: the stage's]"
+    ),
+    canary: str | None = CanaryOption,
+    abort_on: str | None = typer.Option(None, "--abort-on", help="as for `rollout start`"),
+    min_finished: int | None = typer.Option(None, "--min-finished", help="as for start"),
+    max_per_minute: int | None = typer.Option(None, "--max-per-minute", help="as for start"),
+    approve_waves: bool | None = typer.Option(
+        None, "--approve-waves/--no-approve-waves", help="as for start [default: the stage's]"
+    ),
+    device_timeout: float | None = typer.Option(None, "--device-timeout", help="as for start"),
+    no_auto_rollback: bool = typer.Option(
+        False, "--no-auto-rollback", help="on abort, leave switched robots on the new version"
+    ),
+    wait: bool = WaitOption,
+    output: Output = OutputOption,
+) -> None:
+    """Switch the STAGED robots of a rollout started with --stage, in waves, with the
+    usual failure threshold, abort and automatic rollback (seconds each: nothing is built).
+    Options left out keep the stage's."""
+    configure_cli_logging()
+    s = settings(ctx)
+    store, _ = open_store(s)
+    r = find_rollout(store, rollout_id)
+    try:
+        policy = activation_policy(
+            r.policy,
+            abort_on=abort_on,
+            min_finished=min_finished,
+            max_per_minute=max_per_minute,
+            approve_waves=approve_waves,
+            device_timeout=device_timeout,
+            now=time.time(),
+        )
+        plan = activate_staged(
+            store,
+            r.id,
+            waves_spec=waves,
+            max_failure_rate=max_failure_rate,
+            wave_timeout=wave_timeout,
+            auto_rollback=False if no_auto_rollback else None,
+            policy=policy,
+            canary=canary,
+            now=time.time(),
+        )
+    except (PolicyError, WaveSpecError, ActivationError) as e:
+        fail(str(e))
+    if output is Output.human:
+        typer.echo(f"rollout {r.id}: activating {len(plan.devices)} STAGED robot(s)", err=True)
+        for a in plan.left_out:
+            typer.echo(f"  left out: {a.device_id} {a.state} {a.reason or ''}".rstrip(), err=True)
+    hand_to_driver(s, plan.rollout, wait, output,
+                   f"rollout {r.id} activating; {{driver}} drives it")  # fmt: skip
 
 
 @app.command("retry")

@@ -15,6 +15,7 @@ from typing import Any
 
 from protocol.keys import SigningKey
 from protocol.messages import (
+    ActivateBody,
     CancelBody,
     Command,
     CommandKind,
@@ -85,12 +86,27 @@ class CommandSigner:
         rollout_id: str,
         name: str,
         version: str,
+        stage: bool = False,
         now: datetime | None = None,
     ) -> SignedCommand:
+        """`stage`: the device stops STAGED after its gate, until an `activate`."""
         body = DeployBody(
-            url=url, sha256=sha256, size=size, rollout_id=rollout_id, name=name, version=version
+            url=url,
+            sha256=sha256,
+            size=size,
+            rollout_id=rollout_id,
+            name=name,
+            version=version,
+            stage=stage,
         )
         return self.sign(self._command(device_id, CommandKind.DEPLOY, body, now))
+
+    def activate(
+        self, device_id: str, *, command_id: str, now: datetime | None = None
+    ) -> SignedCommand:
+        """Switch the device's STAGED deploy `command_id` (it then reports under that id)."""
+        body = ActivateBody(command_id=command_id)
+        return self.sign(self._command(device_id, CommandKind.ACTIVATE, body, now))
 
     def rollback(
         self,

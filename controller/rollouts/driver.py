@@ -46,16 +46,21 @@ from controller.rollouts.slo_bake import BakeWindows, SampleSource, Window, judg
 from controller.rollouts.store import (
     ABORTED,
     ABORTING,
+    ACTIVATE,
+    AT_REST,
     BAKE_FAILED,
     BAKE_INCONCLUSIVE,
     BAKE_PASSED,
     BAKING,
     FINISHED,
+    JOB_STAGED,
     PAUSED,
     PENDING,
     REFUSED,
     RUNNING,
     SCHEDULED,
+    STAGE,
+    STAGED,
     SUCCEEDED,
     TERMINAL,
     WAITING,
@@ -261,7 +266,7 @@ class RolloutDriver:
         rollout = self.store.get(self.rollout_id)
         if rollout is None:
             raise RolloutError(f"no rollout {self.rollout_id!r}")
-        if rollout.state in FINISHED:
+        if rollout.state in AT_REST:
             return rollout
         if not self._take_lease():
             return self.store.get(self.rollout_id) or rollout
@@ -278,8 +283,9 @@ class RolloutDriver:
                 if self.on_progress and self._dirty:
                     self.on_progress(self.store, self.rollout_id)
                     self._dirty = False
-                if rollout.state in FINISHED:
-                    self._set_release(rollout)
+                if rollout.state in AT_REST:
+                    if rollout.state in FINISHED:
+                        self._set_release(rollout)
                     break
             return rollout
         except DB_ERRORS as e:
@@ -302,7 +308,7 @@ class RolloutDriver:
             if not self.standby:
                 raise LeaseHeldError(self.rollout_id, in_the_way)
             rollout = self.store.get(self.rollout_id)
-            if rollout is None or rollout.state in FINISHED:
+            if rollout is None or rollout.state in AT_REST:
                 return False
             if self.on_progress:
                 self.on_progress(self.store, self.rollout_id)
@@ -318,7 +324,9 @@ class RolloutDriver:
             log.warning("driver_lease_kept", rollout_id=self.rollout_id, error=str(e))
         final = self.store.get(self.rollout_id)
         if self.mqtt is not None:
-            if final is not None and final.state in FINISHED:
+            # Staged too: the activation needs none of what the devices say meanwhile (an
+            # `activate` finds out which staged jobs are gone).
+            if final is not None and final.state in AT_REST:
                 self._end_session()
             else:
                 self.mqtt.close()
@@ -406,7 +414,10 @@ class RolloutDriver:
 
     def _apply_event(self, event: JobEvent) -> None:
         owner = self.store.command_owner(event.command_id)
-        if owner is None or owner[1] != event.device_id:
+        if owner is None:
+            self._apply_activate_event(event)
+            return
+        if owner[1] != event.device_id:
             return  # another rollout's, a manual command's, or a device lying about others
         if event.is_refusal:
             self._apply_refusal(event, owner[0])
@@ -479,6 +490,32 @@ class RolloutDriver:
             event.at.isoformat(),
         )
 
+    def _apply_activate_event(self, event: JobEvent) -> None:
+        """The answer to one of our `activate` commands. Its SUCCEEDED only says the switch
+        was requested: the deploy's own events tell how it goes. A refusal of it (code
+        not_staged: the staged job expired or is gone; or the bytes we sent) ends the
+        device's assignment, still STAGED, so: reported, not waited for."""
+        owner = self.store.activate_owner(event.command_id)
+        if owner is None or owner[1] != event.device_id:
+            return
+        if event.is_refusal:  # as for a deploy: only the refusal of the bytes we sent
+            sent = self.store.activate_envelope(event.command_id)
+            refused = (
+                sent is not None
+                and event.refused_sha256 == hashlib.sha256(sent).hexdigest()
+                and event.code != ReasonCode.REPLAY.value
+            )
+        else:
+            refused = event.state.terminal and event.state is not JobState.SUCCEEDED
+        state = REFUSED if event.is_refusal and not refused else event.state.value
+        if refused and self.store.settle_activate(
+            event.command_id, event.state.value, code=event.code, reason=event.reason
+        ):
+            log.warning("activate_refused", rollout_id=owner[0], device_id=event.device_id,
+                        code=event.code, reason=event.reason)  # fmt: skip
+        self.store.record_event(owner[0], event.device_id, event.command_id, event.seq, state,
+                                event.reason, event.code, event.at.isoformat())  # fmt: skip
+
     def _apply_status(self, status: DeviceStatus) -> None:
         """Settle outcomes whose events were lost (published while this controller was
         dead and beyond its session): the retained status names the device's job in
@@ -543,7 +580,11 @@ class RolloutDriver:
             self._give_up_on_silent(rollout, running.idx)
         if rollout.policy.device_timeout and rollout.state != ABORTING:
             self._time_out_stuck(rollout, running.idx, now, rollout.policy.device_timeout)
-        if rollout.policy.retries and rollout.state in (RUNNING, PAUSED):
+        if (
+            rollout.policy.retries
+            and rollout.state in (RUNNING, PAUSED)
+            and rollout.phase != ACTIVATE
+        ):
             self._schedule_retries(rollout, running.idx, now)
         if rollout.state != ABORTING and self._unreleased(rollout, running.idx):
             # A paced wave, or one with retries due: it goes on until every device got
@@ -552,7 +593,10 @@ class RolloutDriver:
             if rollout.state == RUNNING:
                 self._release_next(rollout, running.idx, now)
             return rollout, True
-        if self.store.open_count(rollout.id, running.idx) > 0 and now < (running.deadline or now):
+        settled = rollout.settled_states
+        if self.store.open_count(rollout.id, running.idx, settled) > 0 and now < (
+            running.deadline or now
+        ):
             return rollout, True  # the wave goes on
         if self._held_past_deadline(rollout, running):
             return rollout, True
@@ -567,7 +611,7 @@ class RolloutDriver:
         if rollout.state == ABORTING or not self.store.held_count(rollout.id, running.idx):
             return False
         reason = f"did not finish within the wave timeout of {rollout.wave_timeout:g}s"
-        if self.store.time_out(rollout.id, running.idx, reason):
+        if self.store.time_out(rollout.id, running.idx, reason, settled=rollout.settled_states):
             self._dirty = True
         self.store.extend_deadline(rollout.id, running.idx, time.time() + rollout.wave_timeout)
         return True
@@ -578,6 +622,7 @@ class RolloutDriver:
             rollout.id,
             running.idx,
             f"did not finish within the wave timeout of {rollout.wave_timeout:g}s",
+            settled=rollout.settled_states,
         )
         if late:
             log.warning("wave_timed_out", rollout_id=rollout.id, wave=running.idx, devices=late)
@@ -603,6 +648,11 @@ class RolloutDriver:
         if rollout.state in (PAUSED, WAITING_APPROVAL):
             return rollout
         pending = [w for w in waves if w.state == "pending"]
+        if not pending and rollout.phase == STAGE:
+            self.store.set_state(rollout.id, STAGED)
+            self._dirty = True
+            log.info("rollout_staged", rollout_id=rollout.id)
+            return self.store.get(rollout.id) or rollout
         if not pending:
             self.store.set_state(rollout.id, SUCCEEDED)
             self._dirty = True
@@ -616,7 +666,7 @@ class RolloutDriver:
         """Whether the last finished wave has baked and its SLOs hold (or the operator let
         inconclusive ones through). A violated SLO requests the abort."""
         done = [w for w in self.store.waves(rollout.id) if w.state == "done"]
-        if not done or rollout.kind != "deploy":
+        if not done or rollout.kind != "deploy" or rollout.phase == STAGE:
             return True
         wave = done[-1]
         bake = self.store.bake(rollout.id, wave.idx)
@@ -695,11 +745,11 @@ class RolloutDriver:
         tally = Tally()
         assignments = self.store.assignments(rollout.id)
         for a in assignments:
-            if a.terminal:
+            if a.terminal or a.state in rollout.settled_states:
                 tally.finished += 1
             if a.command_id is not None:
                 tally.commanded += 1
-                if not a.not_judged:  # no verdict on the model: not a failure of it
+                if not a.excused:  # no verdict on the model: not a failure of it
                     tally.states[a.state] = tally.states.get(a.state, 0) + 1
         return abort_reason(rollout.policy, rollout.max_failure_rate, tally, len(assignments), idx)
 
@@ -729,7 +779,13 @@ class RolloutDriver:
             self._command_wave(rollout, idx)
 
     def _unreleased(self, rollout: Rollout, idx: int) -> bool:
-        """Devices of the wave still waiting for their command."""
+        """Devices of the wave still waiting for their command (their `activate`, once
+        the rollout activates)."""
+        if rollout.phase == ACTIVATE:
+            return any(
+                a.ac_command_id is None and a.state == JOB_STAGED
+                for a in self.store.assignments(rollout.id, idx)
+            )
         return any(
             a.command_id is None and a.state == WAITING
             for a in self.store.assignments(rollout.id, idx)
@@ -777,6 +833,8 @@ class RolloutDriver:
         """Sign, record, then publish a command for every device of the wave that has none
         (all of them, unless a crash interrupted this very step before), or for the next
         `limit` of them; a retry only once its back-off ended. Returns how many."""
+        if rollout.phase == ACTIVATE:
+            return self._activate_wave(rollout, idx, limit)
         to_publish: list[tuple[str, str, bytes]] = []
         skipped: list[str] = []
         now = self.clock() if now is None else now
@@ -805,6 +863,26 @@ class RolloutDriver:
                 "converge through the release",
             )
         self._publish(to_publish, rollback=False)
+        self._dirty = True
+        return len(to_publish)
+
+    def _activate_wave(self, rollout: Rollout, idx: int, limit: int | None) -> int:
+        """Sign, record, then publish an `activate` naming the staged deploy of every
+        STAGED device of the wave that has none (or of the next `limit`). A device whose
+        job is no longer STAGED as far as we know gets none: its state says why."""
+        to_publish: list[tuple[str, str, bytes]] = []
+        with self._fenced():
+            for a in self.store.assignments(rollout.id, idx):
+                if limit is not None and len(to_publish) >= limit:
+                    break
+                if a.ac_command_id is not None or a.state != JOB_STAGED or a.command_id is None:
+                    continue
+                signed = self.signer.activate(a.device_id, command_id=a.command_id)
+                if self.store.record_activate(
+                    rollout.id, a.device_id, signed.command_id, signed.envelope, at=self.clock()
+                ):
+                    to_publish.append((a.device_id, signed.command_id, signed.envelope))
+        self._publish(to_publish, rollback=False, activate=True)
         self._dirty = True
         return len(to_publish)
 
@@ -846,6 +924,7 @@ class RolloutDriver:
                 rollout_id=rollout.id,
                 name=rollout.model,
                 version=rollout.version,
+                stage=rollout.phase == STAGE,
             )
         elif rollout.kind == "trust_update":
             assert rollout.payload
@@ -858,7 +937,12 @@ class RolloutDriver:
         return signed.command_id, signed.envelope
 
     def _publish(
-        self, commands: list[tuple[str, str, bytes]], *, rollback: bool, cancel: bool = False
+        self,
+        commands: list[tuple[str, str, bytes]],
+        *,
+        rollback: bool,
+        cancel: bool = False,
+        activate: bool = False,
     ) -> None:
         assert self.mqtt is not None
         infos = []
@@ -872,7 +956,7 @@ class RolloutDriver:
         acked = [
             cid for (_, cid, _), info in zip(commands, infos, strict=True) if info.is_published()
         ]
-        self.store.mark_published(acked, rollback=rollback, cancel=cancel)
+        self.store.mark_published(acked, rollback=rollback, cancel=cancel, activate=activate)
 
     def _recover(self) -> None:
         """After a crash: commands stored but never acknowledged go out again, unchanged;
@@ -886,8 +970,10 @@ class RolloutDriver:
                 self._command_wave(rollout, w.idx)
 
     def _republish_unacknowledged(self) -> None:
-        deploy, rollback, cancel = [], [], []
+        deploy, rollback, cancel, activate = [], [], [], []
         for a in self.store.assignments(self.rollout_id):
+            if a.ac_command_id and a.ac_envelope and a.ac_published_at is None:
+                activate.append((a.device_id, a.ac_command_id, a.ac_envelope))
             if a.command_id and a.envelope and a.published_at is None:
                 deploy.append((a.device_id, a.command_id, a.envelope))
             if a.rb_command_id and a.rb_envelope and a.rb_published_at is None:
@@ -905,12 +991,15 @@ class RolloutDriver:
             )
         if deploy:
             self._publish(deploy, rollback=False)
+        if activate:  # after the deploys: an activate names a job its device must hold
+            self._publish(activate, rollback=False, activate=True)
         if rollback:
             self._publish(rollback, rollback=True)
 
     # -- abort and rollback --------------------------------------------------------------
     def _begin_rollback(self, rollout: Rollout) -> Rollout:
         self._cancel_timed_out(rollout)
+        self._cancel_timed_out(rollout, state=JOB_STAGED)  # staged jobs never to activate
         succeeded = [
             a
             for a in self.store.assignments(rollout.id)
@@ -991,13 +1080,17 @@ class RolloutDriver:
     def _give_up_on_silent(self, rollout: Rollout, idx: int) -> None:
         """An abort does not wait out the wave timeout for devices that never answered
         (offline, or an id that was never a device): their cancel waits in the broker
-        behind the deploy, so they count as TIMED_OUT now."""
+        behind the deploy, so they count as TIMED_OUT now. Not so in an activation: a
+        STAGED device may be switching on its activate while it says nothing yet, and a
+        cancel then comes too late; the wave timeout judges it."""
+        if rollout.phase == ACTIVATE:
+            return
         silent = self.store.time_out(
             rollout.id,
             idx,
             "never answered its command; the abort did not wait (a cancel waits for it "
             "in the broker)",
-            only_silent=True,
+            only_silent=PENDING,
         )
         if silent:
             log.warning("abort_gave_up_on_silent", rollout_id=rollout.id, devices=silent)
@@ -1099,9 +1192,12 @@ def create_rollout(
     payload: str | None = None,
     force: bool = False,
     policy: RolloutPolicy | None = None,
+    stage: bool = False,
 ) -> Rollout:
     """Plan the waves and store the rollout (nothing is signed or sent yet); `policy`
-    (abort criteria, pace, scheduled start) is stored with it.
+    (abort criteria, pace, scheduled start) is stored with it. `stage` (a deploy): its
+    devices stop STAGED and the rollout ends `staged`, for `rollout activate`
+    (controller/rollouts/activation.py).
 
     kind `trust_update`: `payload` is `trust_update_payload(...)` (JSON text), sent
     to every device as is; `model`/`version` only label it (TRUST_ROOT_MODEL, its version).
@@ -1110,6 +1206,8 @@ def create_rollout(
     unless `force` (dangerous: both rollouts then command that device)."""
     if kind not in ROLLOUT_KINDS:
         raise ValueError(f"rollout kind {kind!r}")
+    if stage and kind != "deploy":
+        raise WaveSpecError("--stage stages a deploy: a rollback or trust update has no build")
     if (kind == "trust_update") != (payload is not None):
         raise ValueError("a trust_update rollout, and only one, carries a payload")
     check_plan(waves_spec, max_failure_rate, wave_timeout)
@@ -1151,6 +1249,7 @@ def create_rollout(
         exclusive=not force,
         already_done=done,
         policy=policy,
+        phase=STAGE if stage else None,
     )
 
 

@@ -57,6 +57,7 @@ class RolloutRequest:
     force: bool = False
     policy: RolloutPolicy | None = None
     allow_unseen: bool = False
+    stage: bool = False  # deploy, build and gate, then wait STAGED for `rollout activate`
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def plan_rollout(store: RolloutStore, registry: Registry, req: RolloutRequest) -
         payload=req.payload,
         force=req.force,
         policy=req.policy,
+        stage=req.stage,
     )
     return PlannedRollout(r, offline, unknown)
 

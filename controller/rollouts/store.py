@@ -41,6 +41,14 @@ NEARLY_FULL_BYTES = 1 << 20
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 FAILED = frozenset(s.value for s in FAILURE_STATES)
 ON_HOLD = JobState.ON_HOLD.value
+# A staged deploy (`rollout start --stage`): gated and parked, the old engine serving. In
+# the stage phase it is where a device's wave ends; in the activation phase it is where a
+# device waits for its `activate` command.
+JOB_STAGED = JobState.STAGED.value
+# Rollout phases (rollouts.phase; NULL: a plain rollout). `stage`: deploys with stage:true,
+# the rollout ends `staged`; `activate`: `rollout activate` switches the staged devices.
+STAGE = "stage"
+ACTIVATE = "activate"
 _PIPELINE_ORDER = {s.value: i for i, s in enumerate(PIPELINE[:-1])}  # not SUCCEEDED
 
 # Rollout states.
@@ -52,10 +60,15 @@ WAITING_APPROVAL = "waiting_approval"
 ABORTING = "aborting"  # threshold crossed or operator abort: waits for the wave, rolls back
 SUCCEEDED = "succeeded"
 ABORTED = "aborted"
+# --stage: every wave ended with its devices STAGED (or finished otherwise); nothing is
+# driven until `rollout activate` (or `abort`, which cancels the staged jobs).
+STAGED = "staged"
 FINISHED = frozenset({SUCCEEDED, ABORTED})
+# Where a driver stops: the rollout finished, or waits staged for the operator.
+AT_REST = FINISHED | {STAGED}
 # Rollouts that may still send a device a command (an aborting one sends cancels and
-# rollbacks).
-UNFINISHED = frozenset({SCHEDULED, RUNNING, PAUSED, WAITING_APPROVAL, ABORTING})
+# rollbacks; a staged one holds its devices for the activation).
+UNFINISHED = frozenset({SCHEDULED, RUNNING, PAUSED, WAITING_APPROVAL, ABORTING, STAGED})
 
 
 class DevicesHeldError(CodedError, RuntimeError):
@@ -231,6 +244,20 @@ CREATE TABLE IF NOT EXISTS slo_verdicts (
 );
 """
 
+# Staged activation (`rollout start --stage`, `rollout activate`): the phase, when the
+# activation began, and each device's signed `activate` command (stored before it is
+# published, like the deploy). A migration step of its own after the leases.
+_STAGE_COLUMNS = (
+    ("rollouts", "phase", "TEXT"),
+    ("rollouts", "activated_at", "REAL"),
+    ("assignments", "ac_command_id", "TEXT"),
+    ("assignments", "ac_envelope", "BLOB"),
+    ("assignments", "ac_published_at", "REAL"),
+)
+_STAGE_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS assignments_activate ON assignments(ac_command_id);"
+)
+
 # Driver leases (controller/rollouts/lease.py): one row per driven rollout. Times are the
 # database's clock (Database.now_sql).
 _LEASE_SCHEMA = """
@@ -291,6 +318,14 @@ class Rollout:
     driver_started: float | None
     payload: str | None = None
     policy: RolloutPolicy = field(default_factory=RolloutPolicy)
+    phase: str | None = None  # None (plain), STAGE or ACTIVATE
+    activated_at: float | None = None  # when `rollout activate` started the activation
+
+    @property
+    def settled_states(self) -> frozenset[str]:
+        """Non-terminal job states where a device's part in its wave is done: STAGED
+        while the rollout stages."""
+        return frozenset({JOB_STAGED}) if self.phase == STAGE else frozenset()
 
     @classmethod
     def from_row(cls, row: Any) -> Rollout:
@@ -361,6 +396,9 @@ class Assignment:
     commanded_at: float | None = None
     attempts: int = 0
     retry_at: float | None = None
+    ac_command_id: str | None = None  # the `activate` sent for its staged deploy
+    ac_envelope: bytes | None = None
+    ac_published_at: float | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Assignment:
@@ -374,8 +412,20 @@ class Assignment:
 
     @property
     def failed(self) -> bool:
-        """A failure of the model on this device; one with no verdict is not (not_judged)."""
-        return self.state in FAILED and not self.not_judged
+        """A failure of the model on this device; one with no verdict is not (not_judged),
+        nor a staged job the device no longer had when activated (not_staged)."""
+        return self.state in FAILED and not self.excused
+
+    @property
+    def excused(self) -> bool:
+        """Ended without a verdict on the model: the failure rate leaves it out."""
+        return self.not_judged or self.not_staged
+
+    @property
+    def not_staged(self) -> bool:
+        """Its `activate` found no STAGED job (it expired, stage_ttl_s, or the device lost
+        it): it never switched, through no fault of the model."""
+        return self.state == JobState.REJECTED.value and self.code == ReasonCode.NOT_STAGED.value
 
     @property
     def not_judged(self) -> bool:
@@ -387,7 +437,7 @@ class Assignment:
         d = {
             k: v
             for k, v in self.__dict__.items()
-            if k not in ("envelope", "rb_envelope", "cx_envelope")
+            if k not in ("envelope", "rb_envelope", "cx_envelope", "ac_envelope")
         }
         return d
 
@@ -415,9 +465,15 @@ class RolloutSummary:
     slo_verdicts: list[dict[str, Any]] = field(default_factory=list)
     # --offline wait|skip: offline devices the waves left to converge through the release.
     left_to_release: list[str] = field(default_factory=list)
+    # --stage: devices STAGED now (the old engine serving), and those whose `activate`
+    # found no staged job (not counted as failures).
+    staged: list[str] = field(default_factory=list)
+    not_staged: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "staged": self.staged,
+            "not_staged": self.not_staged,
             "slo_verdicts": self.slo_verdicts,
             "offline_pending": self.offline_pending,
             "not_judged": self.not_judged,
@@ -494,6 +550,8 @@ class RolloutStore:
         *(AddColumn(*c) for c in _ADDED_COLUMNS),
         _SLO_SCHEMA,
         _LEASE_SCHEMA,
+        *(AddColumn(*c) for c in _STAGE_COLUMNS),
+        _STAGE_INDEX,
     )
 
     def __init__(
@@ -538,6 +596,7 @@ class RolloutStore:
         exclusive: bool = True,
         already_done: dict[str, str] | None = None,
         policy: RolloutPolicy | None = None,
+        phase: str | None = None,
     ) -> Rollout:
         """Store a planned rollout. `exclusive`: refuse (DevicesHeldError, nothing stored)
         when another unfinished rollout still drives one of its devices; checked in the
@@ -558,8 +617,8 @@ class RolloutStore:
             c.execute(
                 """INSERT INTO rollouts (id, kind, state, created_at, updated_at, model, version,
                    bundle_url, bundle_sha256, bundle_size, target, waves_spec, max_failure_rate,
-                   wave_timeout, auto_rollback, canary, payload, policy)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   wave_timeout, auto_rollback, canary, payload, policy, phase)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     rollout_id,
                     kind,
@@ -579,6 +638,7 @@ class RolloutStore:
                     canary,
                     payload,
                     policy.to_json(),
+                    phase,
                 ),
             )
             position = 0
@@ -756,6 +816,12 @@ class RolloutStore:
                 if a.not_judged
             ],
             left_to_release=[a.device_id for a in assignments if a.code == OFFLINE_CODE],
+            staged=[a.device_id for a in assignments if a.state == JOB_STAGED],
+            not_staged=[
+                {"device_id": a.device_id, "wave": a.wave, "reason": a.reason}
+                for a in assignments
+                if a.not_staged
+            ],
         )
 
     # -- writes ------------------------------------------------------------------------
@@ -1016,6 +1082,96 @@ class RolloutStore:
                 (deadline, deadline, rollout_id, idx),
             )
 
+    # -- staged activation -------------------------------------------------------------
+    def start_activation(
+        self,
+        rollout_id: str,
+        waves: list[list[str]],
+        *,
+        waves_spec: str,
+        max_failure_rate: float,
+        wave_timeout: float,
+        auto_rollback: bool,
+        policy: RolloutPolicy,
+        at: float,
+    ) -> bool:
+        """A staged rollout becomes the activation of its STAGED devices: its stage waves
+        are kept (state `staged`), the activation's waves follow them and the devices move
+        into those; the plan and policy given replace the stage's. Only from `staged`
+        (False otherwise: an abort or another activate won); one transaction."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE rollouts SET state=?, phase=?, activated_at=?, waves_spec=?, "
+                "max_failure_rate=?, wave_timeout=?, auto_rollback=?, policy=?, updated_at=? "
+                "WHERE id=? AND state=?",
+                (RUNNING, ACTIVATE, at, waves_spec, max_failure_rate, wave_timeout,
+                 int(auto_rollback), policy.to_json(), time.time(), rollout_id, STAGED),
+            )  # fmt: skip
+            if cur.rowcount != 1:
+                return False
+            c.execute(
+                "UPDATE waves SET state=? WHERE rollout_id=? AND state='done'",
+                (STAGED, rollout_id),
+            )
+            row = c.execute(
+                "SELECT COUNT(*) FROM waves WHERE rollout_id=?", (rollout_id,)
+            ).fetchone()
+            first = int(row[0])
+            for k, devices in enumerate(waves):
+                c.execute(
+                    "INSERT INTO waves (rollout_id, idx, size, state) VALUES (?, ?, ?, 'pending')",
+                    (rollout_id, first + k, len(devices)),
+                )
+                c.executemany(
+                    "UPDATE assignments SET wave=? WHERE rollout_id=? AND device_id=?",
+                    [(first + k, rollout_id, d) for d in devices],
+                )
+        return True
+
+    def record_activate(
+        self, rollout_id: str, device_id: str, command_id: str, envelope: bytes, *, at: float
+    ) -> bool:
+        """Attach the signed `activate` to a STAGED device's assignment, once (False and
+        nothing changes otherwise). `at`: its release time (--max-per-minute)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET ac_command_id=?, ac_envelope=?, commanded_at=?, "
+                "updated_at=? WHERE rollout_id=? AND device_id=? AND ac_command_id IS NULL "
+                "AND state=?",
+                (command_id, envelope, at, time.time(), rollout_id, device_id, JOB_STAGED),
+            )
+            return cur.rowcount == 1
+
+    def activate_owner(self, command_id: str) -> tuple[str, str] | None:
+        """(rollout id, device id) of an `activate` command we sent."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT rollout_id, device_id FROM assignments WHERE ac_command_id=?",
+                (command_id,),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def activate_envelope(self, command_id: str) -> bytes | None:
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT ac_envelope FROM assignments WHERE ac_command_id=?", (command_id,)
+            ).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def settle_activate(
+        self, command_id: str, state: str, *, code: str | None, reason: str | None
+    ) -> bool:
+        """The device refused our `activate` (code not_staged: no staged job any more;
+        or the command itself): its assignment, still STAGED, ends so. A device whose
+        job already moved on reports for itself."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET state=?, code=?, reason=?, updated_at=? "
+                "WHERE ac_command_id=? AND state=?",
+                (state, code, reason, time.time(), command_id, JOB_STAGED),
+            )
+            return cur.rowcount == 1
+
     def record_rollback(
         self, rollout_id: str, device_id: str, command_id: str, envelope: bytes, to_version: str
     ) -> bool:
@@ -1047,13 +1203,20 @@ class RolloutStore:
             )
 
     def mark_published(
-        self, command_ids: list[str], *, rollback: bool = False, cancel: bool = False
+        self,
+        command_ids: list[str],
+        *,
+        rollback: bool = False,
+        cancel: bool = False,
+        activate: bool = False,
     ) -> None:
         column, key = ("published_at", "command_id")
         if rollback:
             column, key = "rb_published_at", "rb_command_id"
         if cancel:
             column, key = "cx_published_at", "cx_command_id"
+        if activate:
+            column, key = "ac_published_at", "ac_command_id"
         now = time.time()
         with self.transaction() as c:
             c.executemany(
@@ -1127,16 +1290,18 @@ class RolloutStore:
             ).fetchone()
         return (row[0], row[1]) if row else None
 
-    def open_count(self, rollout_id: str, wave: int) -> int:
-        """Commanded devices of the wave not yet in a terminal state (a paced wave's
-        devices still waiting for their command are the driver's to count)."""
-        placeholders = ",".join("?" for _ in TERMINAL)
+    def open_count(self, rollout_id: str, wave: int, settled: frozenset[str] = frozenset()) -> int:
+        """Commanded devices of the wave not yet in a terminal state, nor in one of
+        `settled` (a paced wave's devices still waiting for their command are the
+        driver's to count)."""
+        done = sorted(TERMINAL | settled)
+        placeholders = ",".join("?" for _ in done)
         with self._lock:
             return int(
                 self.conn.execute(
                     f"SELECT COUNT(*) FROM assignments WHERE rollout_id=? AND wave=? "
                     f"AND command_id IS NOT NULL AND state NOT IN ({placeholders})",
-                    (rollout_id, wave, *TERMINAL),
+                    (rollout_id, wave, *done),
                 ).fetchone()[0]
             )
 
@@ -1151,19 +1316,26 @@ class RolloutStore:
             )
 
     def time_out(
-        self, rollout_id: str, wave: int, reason: str, *, only_silent: bool = False
+        self,
+        rollout_id: str,
+        wave: int,
+        reason: str,
+        *,
+        only_silent: str | None = None,
+        settled: frozenset[str] = frozenset(),
     ) -> list[str]:
         """Every unfinished, commanded device of the wave becomes TIMED_OUT (with
-        `only_silent`, only those that never answered their command: still PENDING), but
-        one ON_HOLD: its wait is bounded on the device (its windows, busy_timeout_s)."""
-        placeholders = ",".join("?" for _ in TERMINAL)
+        `only_silent`, only those still in that state: they never answered their
+        command), but one ON_HOLD (its wait is bounded on the device: its windows,
+        busy_timeout_s) or in one of `settled` (done with its wave: STAGED)."""
+        spared = sorted(TERMINAL | settled | {ON_HOLD})
+        placeholders = ",".join("?" for _ in spared)
         silent = " AND state=?" if only_silent else ""
         with self.transaction() as c:
             rows = c.execute(
                 f"SELECT device_id FROM assignments WHERE rollout_id=? AND wave=? "
-                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}) "
-                f"AND state != ?{silent}",
-                (rollout_id, wave, *TERMINAL, ON_HOLD, *((PENDING,) if only_silent else ())),
+                f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}){silent}",
+                (rollout_id, wave, *spared, *((only_silent,) if only_silent else ())),
             ).fetchall()
             ids = [r["device_id"] for r in rows]
             c.executemany(
@@ -1194,16 +1366,17 @@ class RolloutStore:
     ) -> list[str]:
         """--device-timeout: devices of the wave whose job reported a state and has not
         moved since `before` become TIMED_OUT (PENDING is not a job state: a device that
-        has not received its command yet is the wave timeout's to judge; ON_HOLD waits
-        by design, bounded on the device)."""
+        has not received its command yet is the wave timeout's to judge, and so is STAGED:
+        parked by design, or not yet moved by its activate; ON_HOLD waits by design,
+        bounded on the device)."""
         placeholders = ",".join("?" for _ in TERMINAL)
         now = time.time()
         with self.transaction() as c:
             rows = c.execute(
                 f"SELECT device_id, state FROM assignments WHERE rollout_id=? AND wave=? "
                 f"AND command_id IS NOT NULL AND state NOT IN ({placeholders}) "
-                f"AND state NOT IN (?, ?) AND updated_at < ?",
-                (rollout_id, wave, *TERMINAL, PENDING, ON_HOLD, before),
+                f"AND state NOT IN (?, ?, ?) AND updated_at < ?",
+                (rollout_id, wave, *TERMINAL, PENDING, ON_HOLD, JOB_STAGED, before),
             ).fetchall()
             c.executemany(
                 "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "

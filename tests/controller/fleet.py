@@ -34,6 +34,7 @@ from protocol.errors import ProtocolError
 from protocol.keys import SigningKey
 from protocol.messages import (
     PIPELINE,
+    ActivateBody,
     CancelBody,
     Command,
     CommandKind,
@@ -48,7 +49,7 @@ from protocol.transport import parse_broker_url
 from protocol.trust import TrustRoot, verify_command
 
 # Every step of a deploy before SUCCEEDED (ON_HOLD only for a device told to hold; STAGED
-# only for a staged deploy, which the simulation does not do).
+# only for a staged deploy: it stops there until an `activate`).
 DEPLOY_STEPS = tuple(s for s in PIPELINE[:-1] if s not in (JobState.STAGED, JobState.ON_HOLD))
 
 
@@ -337,6 +338,8 @@ class SimFleet:
                 self._later(0, lambda: self._cancel(d, command))
             elif isinstance(command.body, RollbackBody):
                 self._schedule_rollback(d, command)
+            elif isinstance(command.body, ActivateBody):
+                self._later(0, lambda: self._activate(d, command))
 
     def _later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._heap, (time.monotonic() + delay, next(self._tie), fn))
@@ -355,12 +358,35 @@ class SimFleet:
         hold = d.behaviour.hold_s
         at = 0.0
         for state in DEPLOY_STEPS:
+            if state is JobState.ACTIVATING and body.stage:
+                # The agent's STAGED: gated, parked until an `activate` names this job.
+                self._later(at, lambda: step_to(JobState.STAGED))
+                return
             if state is JobState.ACTIVATING and hold:
                 self._later(at, lambda: step_to(JobState.ON_HOLD))
                 at += hold
             self._later(at, lambda s=state: step_to(s))
             at += step
         self._later(at, lambda: self._finish_deploy(d, command, body.name or "", body.version))
+
+    def _activate(self, d: SimDevice, command: Command) -> None:
+        """The agent's rule: only a STAGED deploy can be activated; it then goes on under
+        its own command id (ACTIVATING, PROBATION, its outcome)."""
+        assert isinstance(command.body, ActivateBody)
+        target = command.body.command_id
+        self._emit(d, command, JobState.RECEIVED)
+        if d.progress.get(target) is not JobState.STAGED or target in d.canceled:
+            self._emit(d, command, JobState.REJECTED, code="not_staged",
+                       reason=f"job {target} is not STAGED on this device")  # fmt: skip
+            return
+        self._emit(d, command, JobState.SUCCEEDED, progress=1.0)
+        deploy = d.commands[target]
+        body = deploy.body
+        assert isinstance(body, DeployBody)
+        step = d.behaviour.step_s
+        self._later(step, lambda: self._emit(d, deploy, JobState.ACTIVATING))
+        self._later(2 * step, lambda: self._emit(d, deploy, JobState.PROBATION))
+        self._later(3 * step, lambda: self._finish_deploy(d, deploy, body.name or "", body.version))
 
     def _cancel(self, d: SimDevice, command: Command) -> None:
         """The agent's rule: a job can be canceled until it starts activating."""

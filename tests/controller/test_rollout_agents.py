@@ -16,6 +16,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,3 +446,36 @@ def test_retries_turn_a_mirror_outage_on_a_real_agent_into_a_success(fleet: Flee
         assert fleet.active("robot-a") == "10.0.0"
     finally:
         mirror.shutdown()
+
+
+def test_staged_robots_serve_the_old_engine_until_activate_switches_them_in_seconds(
+    fleet: Fleet,
+) -> None:
+    robots = ("robot-a", "robot-b")
+    before = {d: fleet.active(d) for d in robots}
+    t0 = time.monotonic()
+    out = fleet.jetfleet(
+        *rollout_start(fleet.bundle("11.0.0"), ",".join(robots), "100%"),
+        "--stage", "--wait", "--output", "json",
+    )  # fmt: skip
+    stage_s = time.monotonic() - t0
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads(out.stdout)
+    rid = data["rollout"]["id"]
+    assert data["rollout"]["state"] == "staged" and data["staged"] == list(robots)
+    assert {d["device_id"]: d["state"] for d in data["devices"]} == dict.fromkeys(robots, "STAGED")
+    assert all(d["gate"] for d in data["devices"])  # gated before they wait
+    assert {d: fleet.active(d) for d in robots} == before  # the old engines serve
+
+    t1 = time.monotonic()
+    out = fleet.jetfleet("rollout", "activate", rid, "--waves", "1,100%", "--wait",
+                         "--output", "json")  # fmt: skip
+    activate_s = time.monotonic() - t1
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads(out.stdout)
+    assert data["rollout"]["state"] == "succeeded"
+    assert [d["state"] for d in data["devices"]] == ["SUCCEEDED", "SUCCEEDED"]
+    wait_until(lambda: all(fleet.active(d) == "11.0.0" for d in robots), timeout=30,
+               what="both robots on 11.0.0")  # fmt: skip
+    print(f"stage (download, build, gate) {stage_s:.1f}s; activate to all SUCCEEDED "
+          f"{activate_s:.1f}s (two waves)")  # fmt: skip
