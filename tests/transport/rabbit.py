@@ -235,7 +235,7 @@ class RabbitCluster:
     for new clusters only), replicated on every node, so a session and its queued
     messages outlive the node a client was connected to, as long as a majority of the
     nodes runs: three nodes survive one stopped, two nodes survive none (see
-    docs/brokers.md §7)."""
+    docs/brokers.md §6)."""
 
     workdir: Path
     size: int = 3

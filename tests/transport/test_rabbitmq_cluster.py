@@ -9,7 +9,7 @@ Three nodes, not two: RabbitMQ's quorum queues (and its MQTT client-id tracking 
 need a majority of the nodes, so a two-node cluster cannot lose either node. With
 classic queues a two-node cluster keeps running, but a client whose session queue lived
 on the stopped node cannot subscribe on the other one until that node returns (both
-checked by hand on 3.10.8, docs/brokers.md §7)."""
+checked by hand on 3.10.8, docs/brokers.md §6)."""
 
 from __future__ import annotations
 
