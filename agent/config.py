@@ -52,7 +52,7 @@ class _Section(BaseModel):
 
 
 class BrokerConfig(_Section):
-    # One URL, or a cluster's nodes comma-separated, tried in order (docs/brokers.md §7).
+    # One URL, or a cluster's nodes comma-separated, tried in order (docs/brokers.md §6).
     url: str = "mqtt://127.0.0.1:1883"
     protocol: str = "5"
     ca: str = ""
