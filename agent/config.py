@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from protocol.errors import CodedError, ProtocolError
 from protocol.ids import validate_id
 from protocol.topics import DEFAULT_PREFIX
-from protocol.transport import TransportConfigError, parse_broker_url
+from protocol.transport import TransportConfigError, parse_broker_urls
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,6 +52,7 @@ class _Section(BaseModel):
 
 
 class BrokerConfig(_Section):
+    # One URL, or a cluster's nodes comma-separated, tried in order (docs/brokers.md §6).
     url: str = "mqtt://127.0.0.1:1883"
     protocol: str = "5"
     ca: str = ""
@@ -82,7 +83,7 @@ class BrokerConfig(_Section):
     @classmethod
     def _url(cls, v: str) -> str:
         try:
-            parse_broker_url(v)
+            parse_broker_urls(v)
         except TransportConfigError as e:
             raise ValueError(e.reason) from e
         return v

@@ -40,7 +40,7 @@ from protocol.transport import (
     TransportConfigError,
     diagnose_tls,
     paho_client,
-    parse_broker_url,
+    parse_broker_urls,
 )
 from protocol.trust import TrustRoot
 
@@ -424,7 +424,7 @@ def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
     """A real MQTT CONNECT with the configured TLS files and credentials."""
     b = config.broker
     try:
-        parse_broker_url(b.url)
+        parse_broker_urls(b.url)
     except TransportConfigError as e:
         return _result("broker", FAIL, e.reason, "fix [broker] url in the config")
     try:

@@ -30,7 +30,13 @@ from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig
 from protocol.topics import Topics
-from protocol.transport import diagnose_tls, paho_client
+from protocol.transport import (
+    BrokerAddress,
+    BrokerList,
+    diagnose_tls,
+    paho_client,
+    parse_broker_urls,
+)
 
 log = structlog.get_logger("jetfleet.agent.mqtt")
 
@@ -74,7 +80,7 @@ class AgentMqtt:
         self.ever_connected = threading.Event()
         self._v5 = config.broker.protocol == "5"
         b = config.broker
-        self.client, self._addr = paho_client(
+        self.client, _ = paho_client(
             b.url,
             client_id=config.device_id,
             protocol=b.protocol,
@@ -108,6 +114,10 @@ class AgentMqtt:
         self._unreachable: str | None = None  # the cause last logged; None once connected
         self._connected_at = 0.0
         self._short_sessions = 0
+        # A cluster's nodes (broker.url lists several): a stopped node sends the agent on
+        # to the next one (see _next_broker).
+        self._brokers = BrokerList(parse_broker_urls(b.url))
+        self._stopping = False
         self.client.on_message = self._handle_message
         self.client.on_publish = self._handle_publish
         self.client.on_socket_open = self._handle_socket_open
@@ -125,23 +135,32 @@ class AgentMqtt:
         first = random.uniform(self._min_delay, self._min_delay * 2)
         self.client.reconnect_delay_set(first, self._max_delay)  # type: ignore[arg-type]
 
+    @property
+    def _addr(self) -> BrokerAddress:
+        """The broker node of the current (or last) connect attempt."""
+        return self._brokers.current
+
     # ---- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        self._connect_async(self._addr)
+        self.client.loop_start()
+
+    def _connect_async(self, addr: BrokerAddress) -> None:
         props: Properties | None = None
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.config.broker.session_expiry_s
         self.client.connect_async(
-            self._addr.host,
-            self._addr.port,
+            addr.host,
+            addr.port,
             keepalive=self.config.broker.keepalive_s,
             clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
-        self.client.loop_start()
 
     def stop(self, final_status: bytes | None = None) -> None:
         """Publish the last status (online false) then disconnect cleanly."""
+        self._stopping = True  # our own disconnect: no next node
         try:
             if final_status is not None and self.client.is_connected():
                 info = self.client.publish(
@@ -177,6 +196,7 @@ class AgentMqtt:
             return
         with self._gen_lock:
             self.generation += 1
+        self._brokers.established()
         self.connected.set()
         self.ever_connected.set()
         self._connected_at = time.monotonic()
@@ -205,6 +225,16 @@ class AgentMqtt:
     def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         self._explain_unreachable()
         self._explain_connect_failure()
+        self._next_broker()
+
+    def _next_broker(self) -> None:
+        """After a lost connection or a failed attempt, point paho's next attempt at the
+        node the broker list names (BrokerList says why this is the place)."""
+        before = self._addr
+        if self._stopping or self._brokers.failed() == before:
+            return
+        log.warning("mqtt_next_broker", broker=self._addr.url, previous=before.url)
+        self._connect_async(self._addr)
 
     def _explain_unreachable(self) -> None:
         """paho retries a failed connect silently: say at once why the broker cannot be
@@ -257,6 +287,7 @@ class AgentMqtt:
             self._explain_connect_failure()
         if not self._explain_takeover(reason):
             log.warning("mqtt_disconnected", reason=str(reason), **self._known_problem(established))
+        self._next_broker()
         if self._on_disconnected:
             self._on_disconnected()
 

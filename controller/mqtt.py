@@ -26,7 +26,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from protocol.errors import CodedError
-from protocol.transport import BrokerAddress, diagnose_tls, paho_client
+from protocol.transport import (
+    BrokerAddress,
+    BrokerList,
+    diagnose_tls,
+    paho_client,
+    parse_broker_urls,
+)
 
 log = structlog.get_logger("jetfleet.controller.mqtt")
 
@@ -68,8 +74,7 @@ class ControllerMqtt:
         self._started = False
         if options.persistent and not options.client_id:
             raise ValueError("a persistent MQTT session needs a fixed client id")
-        self.address: BrokerAddress
-        self.client, self.address = paho_client(
+        self.client, _ = paho_client(
             options.broker,
             client_id=options.client_id,
             protocol=options.protocol,
@@ -82,6 +87,11 @@ class ControllerMqtt:
         self.client.max_inflight_messages_set(200)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 10)
+        # `broker` may list a cluster's nodes: a lost connection or a failed attempt moves
+        # paho's next attempt on to the node the list names (see _next_broker).
+        self._brokers = BrokerList(parse_broker_urls(options.broker))
+        self._closing = False
+        self.client.on_connect_fail = lambda client, userdata: self._next_broker()
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
@@ -91,26 +101,15 @@ class ControllerMqtt:
         """Where incoming messages go from now on (called on paho's network thread)."""
         self._on_message = handler
 
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker node of the current (or last) connect attempt."""
+        return self._brokers.current
+
     # -- lifecycle ---------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> ControllerMqtt:
-        props = None
-        clean_start: Any = mqtt.MQTT_CLEAN_START_FIRST_ONLY
-        if self._v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S if self.options.persistent else 0
-            clean_start = not self.options.persistent
-        try:
-            self.client.connect(
-                self.address.host,
-                self.address.port,
-                keepalive=self.options.keepalive,
-                clean_start=clean_start,
-                properties=props,
-            )
-        except (OSError, ValueError) as e:
-            raise MqttError(
-                self._tls_diagnosis() or f"cannot connect to broker {self.address.url}: {e}"
-            ) from e
+        self._closing = False
+        self._first_connect()
         self.client.loop_start()
         self._started = True
         if not self._connected.wait(timeout):
@@ -126,6 +125,32 @@ class ControllerMqtt:
             )
         return self
 
+    def _connect_args(self) -> dict[str, Any]:
+        props = None
+        clean_start: Any = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S if self.options.persistent else 0
+            clean_start = not self.options.persistent
+        keepalive = self.options.keepalive
+        return {"keepalive": keepalive, "clean_start": clean_start, "properties": props}
+
+    def _connect_async(self, addr: BrokerAddress) -> None:
+        self.client.connect_async(addr.host, addr.port, **self._connect_args())
+
+    def _first_connect(self) -> None:
+        """Open the socket to the first node that takes it, in the list's order."""
+        for _ in self._brokers.addresses:
+            try:
+                self.client.connect(self.address.host, self.address.port, **self._connect_args())
+                return
+            except (OSError, ValueError) as e:
+                error = e
+                self._brokers.failed()
+        raise MqttError(
+            self._tls_diagnosis() or f"cannot connect to broker {self.options.broker}: {error}"
+        ) from error
+
     def _tls_diagnosis(self) -> str | None:
         """After a failed connect over TLS: why the broker will not have us, naming the file
         to fix (a TLS 1.3 broker refuses a client certificate only after the handshake,
@@ -135,7 +160,17 @@ class ControllerMqtt:
         o = self.options
         return diagnose_tls(self.address, o.ca, o.cert, o.key, timeout=5.0)
 
+    def _next_broker(self) -> None:
+        """After a lost connection or a failed attempt, point paho's next attempt at the
+        node the broker list names (BrokerList says why this is the place)."""
+        before = self.address
+        if self._closing or self._brokers.failed() == before:
+            return
+        log.warning("mqtt_next_broker", broker=self.address.url, previous=before.url)
+        self._connect_async(self.address)
+
     def close(self) -> None:
+        self._closing = True
         self._started = False
         try:
             self.client.disconnect()
@@ -166,6 +201,7 @@ class ControllerMqtt:
             self._connected.set()
             return
         self._connect_error = None
+        self._brokers.established()
         log.info("mqtt_connected", broker=self.address.url, session_present=flags.session_present)
         # Resubscribe after a reconnect: a clean session has lost them, a persistent one
         # keeps them and re-subscribing is harmless.
@@ -186,6 +222,7 @@ class ControllerMqtt:
         self._connected.clear()
         if getattr(reason_code, "value", 0) != 0:
             log.warning("mqtt_disconnected", broker=self.address.url, reason=str(reason_code))
+        self._next_broker()
 
     def _handle_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         if self._on_message is None:

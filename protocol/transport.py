@@ -49,6 +49,59 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port, tls)
 
 
+def parse_broker_urls(text: str) -> list[BrokerAddress]:
+    """One broker URL, or the nodes of one broker cluster as a comma-separated list
+    (`mqtts://node1:8883,mqtts://node2:8883`), in the order a client tries them. One TLS
+    setting covers them all, so the schemes must agree."""
+    addrs = [parse_broker_url(u.strip()) for u in text.split(",") if u.strip()]
+    if not addrs:
+        raise TransportConfigError("broker url is empty")
+    if len({a.tls for a in addrs}) > 1:
+        raise TransportConfigError(
+            f"broker urls {text!r} mix mqtt:// and mqtts://: list nodes of one kind"
+        )
+    return addrs
+
+
+class BrokerList:
+    """Which node of a broker cluster a client connects to next (pure state, no I/O).
+
+    The first node at start and again after an established connection is lost (it may be
+    back); after each failed attempt the next node, round the list. Every node must
+    accept every client and share its sessions, which is what a cluster does and a
+    second, independent broker does not.
+
+    paho reconnects on its own thread to the host it was last given, so the clients
+    (agent/mqtt.py, controller/mqtt.py) call `failed()` from their disconnect and
+    connect-failure callbacks and, when the node changes, `connect_async` to it: paho's
+    next attempt then goes there (tests/transport/test_broker_failover.py holds paho 2.x
+    to that)."""
+
+    def __init__(self, addresses: list[BrokerAddress]) -> None:
+        if not addresses:
+            raise ValueError("a broker list needs at least one address")
+        self.addresses = tuple(addresses)
+        self._index = 0
+        self._established = False
+
+    @property
+    def current(self) -> BrokerAddress:
+        return self.addresses[self._index]
+
+    def established(self) -> None:
+        """The attempt on the current node got its CONNACK."""
+        self._established = True
+
+    def failed(self) -> BrokerAddress:
+        """The connection or the attempt ended: the node to try next."""
+        if self._established:
+            self._index = 0
+        else:
+            self._index = (self._index + 1) % len(self.addresses)
+        self._established = False
+        return self.current
+
+
 def _read(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -107,8 +160,9 @@ def paho_client(
     The one TLS rule: TLS exactly when the URL says mqtts:// (or ssl://), verified
     against `ca` with `cert`/`key` for mutual TLS; with a plain URL the TLS files are not
     used (a config may keep them while a broker moves). `persistent` keeps an MQTT 3.1.1
-    session (MQTT 5 sets it at connect time)."""
-    addr = parse_broker_url(url)
+    session (MQTT 5 sets it at connect time). A list of URLs (a cluster's nodes) gives
+    the first node's address; `BrokerList` moves between them."""
+    addr = parse_broker_urls(url)[0]
     v5 = protocol == "5"
     client = paho.Client(
         CallbackAPIVersion.VERSION2,

@@ -87,7 +87,7 @@ def config(
     if output is Output.json:
         print_json({**files.as_dict(), "unissued_controllers": unissued})
         return
-    typer.echo(f"wrote {files.config}, {files.acl} and {files.cert.parent}/")
+    typer.echo(f"wrote {files.config}, {files.acl}, {files.rabbitmq} and {files.cert.parent}/")
     typer.echo(f"  {files.devices_with_groups} device(s) with group command topics")
     for c in unissued:
         typer.echo(f"  note: no certificate issued yet for controller {c!r} "

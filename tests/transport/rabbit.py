@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 from controller.sandbox.localbroker import free_port, wait_for_port
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 PLUGIN_GLOB = "/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/rabbitmq_mqtt-*"
 
 
@@ -59,10 +61,17 @@ class LocalRabbitMQ:
     port: int = field(default_factory=free_port)
     tls: TlsListener | None = None
     proc: subprocess.Popen[bytes] | None = None
+    # A cluster's nodes share one port mapper (they find each other through it) and one
+    # Erlang cookie; 0 / "" give this node its own. Only the node that owns the port mapper
+    # ends it on stop(), so stopping one node of a cluster leaves the others reachable.
+    epmd_port: int = 0
+    cookie: str = ""
+    owns_epmd: bool = True
+    extra_config: tuple[str, ...] = ()  # more rabbitmq.conf lines
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
-        self.epmd_port = free_port()
+        self.epmd_port = self.epmd_port or free_port()
         self.dist_port = free_port()
         self.node = f"jetfleet-test-{self.port}@localhost"
 
@@ -92,6 +101,7 @@ class LocalRabbitMQ:
             "log.console = true",
             "log.console.level = warning",
             "log.file = false",
+            *self.extra_config,
         ]
         if self.tls:
             lines += [
@@ -128,6 +138,12 @@ class LocalRabbitMQ:
         if self.proc and self.proc.poll() is None:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.cookie:
+            cookie = self.workdir / ".erlang.cookie"  # in $HOME, owner-only or Erlang refuses it
+            cookie.unlink(missing_ok=True)
+            fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.cookie)
         (self.workdir / "rabbitmq.conf").write_text(self._config())
         (self.workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
         out = self.log_path.open("ab")
@@ -161,6 +177,10 @@ class LocalRabbitMQ:
                         os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait()
             self.proc = None
+        if self.owns_epmd:
+            self.stop_epmd()
+
+    def stop_epmd(self) -> None:
         # The node started its own epmd (a daemon outside our process group) on our port.
         epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), "")
         if epmd:
@@ -182,9 +202,76 @@ class LocalRabbitMQ:
             s.settimeout(0.2)
             return s.connect_ex(("127.0.0.1", self.epmd_port)) == 0
 
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run `rabbitmqctl ARGS` against this node; RuntimeError with its output if it fails."""
+        env = {
+            **self.env(),
+            # The CLI is an Erlang node too: give it a free distribution port of its own
+            # (its default range, 35672-35682, is shared by every RabbitMQ on the host).
+            "RABBITMQ_CTL_DIST_PORT_MIN": str(port := free_port()),
+            "RABBITMQ_CTL_DIST_PORT_MAX": str(port),
+        }
+        r = subprocess.run(
+            [RABBITMQCTL, "-n", self.node, *args],
+            env=env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {r.stdout}{r.stderr}")
+        return r.stdout
+
     def __enter__(self) -> LocalRabbitMQ:
         self.start()
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class RabbitCluster:
+    """`size` private nodes on this machine joined into one RabbitMQ cluster: each its own
+    node name, MQTT and distribution ports and database; one port mapper and one Erlang
+    cookie for all. Durable MQTT sessions are quorum queues (`mqtt.durable_queue_type`,
+    for new clusters only), replicated on every node, so a session and its queued
+    messages outlive the node a client was connected to, as long as a majority of the
+    nodes runs: three nodes survive one stopped, two nodes survive none (see
+    docs/brokers.md §6)."""
+
+    workdir: Path
+    size: int = 3
+    nodes: list[LocalRabbitMQ] = field(default_factory=list)
+
+    def start(self) -> RabbitCluster:
+        epmd, cookie = free_port(), secrets.token_hex(20)
+        conf = ("mqtt.durable_queue_type = quorum",)
+        try:
+            for i in range(self.size):
+                # Ports are picked as each node starts, so that no port picked earlier can
+                # be taken meanwhile by a node already running.
+                n = LocalRabbitMQ(
+                    Path(self.workdir) / f"node{i}", epmd_port=epmd, cookie=cookie,
+                    owns_epmd=False, extra_config=conf,
+                )  # fmt: skip
+                self.nodes.append(n)
+                n.start()
+            for n in self.nodes[1:]:
+                n.ctl("stop_app")
+                n.ctl("join_cluster", self.nodes[0].node)
+                n.ctl("start_app")
+                wait_for_port(n.host, n.port, 60)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        if self.nodes:
+            self.nodes[0].stop_epmd()
+
+    def __enter__(self) -> RabbitCluster:
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
