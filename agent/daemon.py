@@ -158,6 +158,7 @@ class Agent:
             trust_version=lambda: self.trust.root.version,
             fault=lambda: self.commands.fault,
             desired=lambda: self.desired.summary(),
+            windows=lambda: self.worker.windows,
         )
         self.mqtt = AgentMqtt(
             config,
@@ -196,7 +197,7 @@ class Agent:
             groups=config.groups,
             wake_worker=self.worker.wake,
             on_cancel=self.worker.cancel,
-            on_windows=self.worker.reload_windows,
+            on_windows=self._windows_changed,
         )
         self.desired = DesiredState(
             self.store,
@@ -223,6 +224,12 @@ class Agent:
     def _on_connected(self) -> None:
         self._dirty.set()
         self.outbox.wake()
+
+    def _windows_changed(self) -> None:
+        """A signed windows command took effect: the worker holds by them, and the
+        retained status shows them."""
+        self.worker.reload_windows()
+        self._dirty.set()
 
     def _on_hardware(self, hw: dict[str, Any], backend: str, backend_version: str) -> None:
         """What the engine builder learned (GPU, compute capability) joins the status."""

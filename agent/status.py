@@ -20,6 +20,7 @@ from protocol.messages import (
     HardwareProfile,
     JobState,
     JobSummary,
+    WindowsSummary,
 )
 
 
@@ -54,6 +55,7 @@ class StatusBuilder:
         trust_version: Callable[[], int | None] = lambda: None,
         fault: Callable[[], DeviceFault | None] = lambda: None,
         desired: Callable[[], DesiredSummary | None] = lambda: None,
+        windows: Callable[[], WindowsSummary | None] = lambda: None,
     ) -> None:
         self.device_id = device_id
         self.groups = list(groups)
@@ -64,6 +66,7 @@ class StatusBuilder:
         self._trust_version = trust_version
         self._fault = fault
         self._desired = desired
+        self._windows = windows
 
     def build(self, *, online: bool = True) -> DeviceStatus:
         job = self._current_job()
@@ -84,6 +87,7 @@ class StatusBuilder:
             trust_version=self._trust_version(),
             fault=self._fault(),
             desired=self._desired(),
+            windows=self._windows(),
         )
 
     def offline(self) -> DeviceStatus:

@@ -84,6 +84,7 @@ from protocol.messages import (
     ReasonCode,
     RollbackBody,
     WindowsBody,
+    WindowsSummary,
 )
 
 if TYPE_CHECKING:
@@ -177,14 +178,19 @@ class Worker:
         """The windows in force: the last signed `windows` command's, else agent.toml's."""
         a = self.config.activation
         windows = Windows(a.windows, a.timezone)
+        summary = WindowsSummary(windows=a.windows, timezone=a.timezone)
         raw = self.store.get(KV_WINDOWS)
         if raw:
             try:
                 body = WindowsBody.model_validate_json(raw)
                 windows = Windows(body.windows, body.timezone)
+                summary = WindowsSummary(
+                    windows=body.windows, timezone=body.timezone, source="command"
+                )
             except (ValueError, CodedError) as e:  # checked at intake; a zone database change
                 log.error("windows_unusable", reason=str(e))
         self.hold.windows = windows  # one assignment: the worker reads it whole
+        self.windows = summary  # what the retained status shows
         log.info("windows", windows=windows.describe() if windows.windows else "any time")
 
     # ---- thread ---------------------------------------------------------------------

@@ -541,6 +541,18 @@ class DeviceFault(BaseModel):
     since: datetime
 
 
+class WindowsSummary(BaseModel):
+    """The maintenance windows a device switches engines in (issue 14)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    windows: list[str] = Field(default_factory=list, description="empty: any time")
+    timezone: str = Field(default="", description="IANA zone; empty: the device's local time")
+    source: Literal["config", "command"] = Field(
+        default="config", description="agent.toml's, or set by a signed `windows` command"
+    )
+
+
 class DeviceStatus(Document):
     """Retained on the status topic; the MQTT will publishes `online: false`."""
 
@@ -568,6 +580,9 @@ class DeviceStatus(Document):
 
     desired: DesiredSummary | None = Field(
         default=None, description="set once the device accepted a release or pins"
+    )
+    windows: WindowsSummary | None = Field(
+        default=None, description="the maintenance windows in force (null from older agents)"
     )
 
     _id = field_validator("device_id")(lambda cls, v: validate_id(v))

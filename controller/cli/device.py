@@ -105,6 +105,16 @@ def _history_rows(store: RolloutStore, device_id: str) -> list[dict[str, Any]]:
     ]
 
 
+def windows_text(windows: dict[str, Any] | None) -> str:
+    """The maintenance windows its status reports, their zone and who set them."""
+    if windows is None:
+        return "- (its agent does not report them)"
+    specs = ", ".join(windows.get("windows") or []) or "any time"
+    zone = windows.get("timezone") or "the robot's local time"
+    by = "a windows command" if windows.get("source") == "command" else "agent.toml"
+    return f"{specs} ({zone}; set by {by})"
+
+
 def _describe(record: DeviceRecord, stale: bool, sample: TelemetrySample | None) -> Table:
     hw = record.hardware
     facts = Table.grid(padding=(0, 2))
@@ -122,6 +132,7 @@ def _describe(record: DeviceRecord, stale: bool, sample: TelemetrySample | None)
         ("hardware", " / ".join(str(hw[k]) for k in ("device_model", "jetpack") if hw.get(k))),
         ("backend", " ".join(str(hw[k]) for k in ("backend", "backend_version") if hw.get(k))),
         ("trust root", f"version {record.trust_version}" if record.trust_version else "-"),
+        ("windows", windows_text(record.windows)),
         ("telemetry", _telemetry_text(sample) if sample else "none received"),
     ):
         facts.add_row(key, value or "-")

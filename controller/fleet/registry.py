@@ -76,6 +76,7 @@ class DeviceRecord:
     trust_version: int | None = None  # the trust root version its status reports
     status_at: float | None = None  # when the device says it wrote its status (its clock)
     desired: dict[str, Any] | None = None  # its DesiredSummary, once it accepted a document
+    windows: dict[str, Any] | None = None  # its WindowsSummary (None: an older agent)
 
     def active_version(self, model: str) -> str | None:
         return (self.models.get(model) or {}).get("active")
@@ -95,6 +96,7 @@ class DeviceRecord:
             "job": self.job,
             "last_seq": self.last_seq,
             "trust_version": self.trust_version,
+            "windows": self.windows,
         }
 
     @classmethod
@@ -112,6 +114,7 @@ class DeviceRecord:
             trust_version=row["trust_version"],
             status_at=_epoch(row["status_at"]),
             desired=json.loads(row["desired"]) if row["desired"] else None,
+            windows=json.loads(row["windows"]) if row["windows"] else None,
         )
 
 
@@ -130,6 +133,7 @@ class Registry:
         _SCHEMA,
         AddColumn("devices", "trust_version", "INTEGER"),
         AddColumn("devices", "desired", "TEXT"),
+        AddColumn("devices", "windows", "TEXT"),  # the WindowsSummary of its last status
     )
 
     def __init__(self, conn: Database | sqlite3.Connection, topics: Topics | None = None) -> None:
@@ -156,8 +160,8 @@ class Registry:
         with self._lock:
             self.conn.execute(
                 """INSERT INTO devices (id, groups, online, last_seen, agent_version, hardware,
-                       models, job, last_seq, status_at, trust_version, desired)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       models, job, last_seq, status_at, trust_version, desired, windows)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET groups=excluded.groups, online=excluded.online,
                        last_seen=CASE WHEN excluded.online = 1
                            OR excluded.last_seen > COALESCE(devices.last_seen, 0)
@@ -174,7 +178,9 @@ class Registry:
                        status_at=excluded.status_at,
                        trust_version=COALESCE(excluded.trust_version, devices.trust_version),
                        desired=CASE WHEN excluded.online = 1 THEN excluded.desired
-                           ELSE COALESCE(excluded.desired, devices.desired) END""",
+                           ELSE COALESCE(excluded.desired, devices.desired) END,
+                       windows=CASE WHEN excluded.online = 1 THEN excluded.windows
+                           ELSE COALESCE(excluded.windows, devices.windows) END""",
                 (
                     status.device_id,
                     json.dumps(status.groups),
@@ -188,6 +194,7 @@ class Registry:
                     status.at.isoformat(),
                     status.trust_version,
                     status.desired.model_dump_json() if status.desired else None,
+                    status.windows.model_dump_json() if status.windows else None,
                 ),
             )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli, wait_until
@@ -127,6 +128,16 @@ def test_device_windows_by_signed_command_holds_a_real_agent_until_cleared(
         wid = sent.stdout.split()[3]
         assert events.wait_terminal(wid).reason == "windows set: Mon 22:00-23:00 (UTC)"
 
+        def shown() -> dict[str, Any]:
+            out = run_cli(env, "device", "show", "robot-w", "--output", "json")
+            return dict(json.loads(out.stdout)["windows"] or {})
+
+        # Its retained status carries the windows in force, and who set them.
+        want = {"windows": ["Mon 22:00-23:00"], "timezone": "UTC", "source": "command"}
+        wait_until(lambda: shown() == want, timeout=20, what="windows in the status")
+        human = run_cli(env, "device", "show", "robot-w").stdout
+        assert "Mon 22:00-23:00 (UTC; set by a windows command)" in human
+
         cmd = make_command("robot-w", "deploy", deploy_body(bundle))
         publish(mosquitto.url, Topics().device_cmd("robot-w"), sign_command(cmd, keys.operator))
         held = events.wait_state(cmd.command_id, "ON_HOLD", timeout=60)
@@ -136,3 +147,5 @@ def test_device_windows_by_signed_command_holds_a_real_agent_until_cleared(
         assert cleared.returncode == 0, cleared.stderr
         final = events.wait_terminal(cmd.command_id, timeout=60)  # agent.toml has none
         assert final.state.value == "SUCCEEDED"
+        want = {"windows": [], "timezone": "", "source": "config"}
+        wait_until(lambda: shown() == want, timeout=20, what="agent.toml's windows again")
