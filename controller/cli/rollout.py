@@ -1,4 +1,5 @@
-"""`jetfleet rollout start|status|list|pause|resume|abort` (docs/operations.md, Rollouts)."""
+"""`jetfleet rollout start|status|list|pause|resume|abort|promote|retry|activate`
+(docs/operations.md, Rollouts)."""
 
 from __future__ import annotations
 
@@ -293,6 +294,8 @@ def status(
     console.print(assignments_table(store.assignments(r.id)))
     if r.state not in FINISHED and lease is not None:
         typer.echo(f"driven by {lease.describe()}")
+    elif r.state == STAGED:
+        typer.echo(f"staged: `jetfleet rollout activate {r.id}` switches its robots")
     elif r.state not in FINISHED:
         typer.echo(f"no controller process is driving it{_why_undriven(s)}: "
                    f"`jetfleet rollout resume {r.id}`")  # fmt: skip
@@ -510,6 +513,7 @@ def activate_cmd(
     s = settings(ctx)
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id)
+    keyset(s)  # the driver signs: check the keys load before anything is stored
     try:
         policy = activation_policy(
             r.policy,
@@ -581,6 +585,7 @@ def retry_cmd(
         force=force,
         policy=replace(old.policy, start_at=None),
         allow_unseen=True,  # ID already took them; a retry must not drop the unseen ones
+        stage=old.phase is not None,  # a staged rollout's retry stages again
     )
     if output is Output.human:
         typer.echo(f"rollout {rid}: retry of {old.id} on {len(failed)} device(s)", err=True)
