@@ -176,9 +176,15 @@ def main() -> None:
     try:
         db = server.create_database()
         with LocalMosquitto(tmp / "broker") as broker:
-            stop, pstop = ctx.Event(), ctx.Event()
+            pstop = ctx.Event()
+            # An event each: a process killed while waiting on a shared one can leave its
+            # lock held.
+            stops = [ctx.Event() for _ in range(2)]
             readies = [ctx.Event() for _ in range(2)]
-            ings = [ctx.Process(target=ingester, args=(db, broker.url, r, stop)) for r in readies]
+            ings = [
+                ctx.Process(target=ingester, args=(db, broker.url, r, st))
+                for r, st in zip(readies, stops, strict=True)
+            ]
             for p in ings:
                 p.start()
             for r in readies:
@@ -196,7 +202,7 @@ def main() -> None:
                 p.start()
             prober = ctx.Process(
                 target=probe, args=(db, ids[:: len(ids) // args.probes][: args.probes], pstop, pout)
-            )  # noqa: E501
+            )
             prober.start()
             time.sleep(3.0)  # publishers connected
             t0 = time.time()
@@ -213,7 +219,8 @@ def main() -> None:
             pstop.set()
             delays = pout.get(timeout=60)
             total, distinct = count(db)
-            stop.set()
+            for st in stops:
+                st.set()
             for p in [*ings, *pubs, prober]:
                 p.join(30)
     finally:
