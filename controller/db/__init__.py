@@ -15,6 +15,7 @@ transaction-scoped advisory lock every writer takes first.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import threading
@@ -89,13 +90,17 @@ class Row(tuple[Any, ...]):
 
 
 def _row_factory(cursor: Any) -> Any:
-    names = tuple(c.name for c in cursor.description or ())
-    cls = type("Row", (Row,), {"_names": names, "_index": {n: i for i, n in enumerate(names)}})
+    """Called for every statement: the column names straight from the result (no
+    `description` objects) and one Row class per distinct set of names, made once."""
+    res = cursor.pgresult
+    # A COPY result has fields but no names: no rows come back from it either.
+    names = tuple((res.fname(i) or b"").decode() for i in range(res.nfields)) if res else ()
+    return _row_class(names)
 
-    def make(values: Sequence[Any]) -> Row:
-        return cls(values)
 
-    return make
+@functools.lru_cache(maxsize=512)
+def _row_class(names: tuple[str, ...]) -> type[Row]:
+    return type("Row", (Row,), {"_names": names, "_index": {n: i for i, n in enumerate(names)}})
 
 
 _TYPES = [

@@ -208,35 +208,40 @@ class Registry:
             "model": event.model,
             "version": event.version,
         }
+        seen = received_at or time.time()
+        # One statement for a known device (the driver's hot path): the job moves only
+        # for a newer event that is not a refusal's report; last seen moves for any.
+        fresh = 0 if event.is_refusal else 1
         with self._lock:
-            row = self.conn.execute(
-                "SELECT last_seq FROM devices WHERE id=?", (event.device_id,)
-            ).fetchone()
-            if row is None:
+            cur = self.conn.execute(
+                "UPDATE devices SET last_seen=?, "
+                "job=CASE WHEN ?=1 AND (last_seq IS NULL OR last_seq < ?) THEN ? ELSE job END, "
+                "online=CASE WHEN ?=1 AND (last_seq IS NULL OR last_seq < ?) THEN 1 "
+                "ELSE online END, "
+                "last_seq=CASE WHEN ?=1 AND (last_seq IS NULL OR last_seq < ?) THEN ? "
+                "ELSE last_seq END WHERE id=?",
+                (
+                    seen,
+                    fresh,
+                    event.seq,
+                    json.dumps(job),
+                    fresh,
+                    event.seq,
+                    fresh,
+                    event.seq,
+                    event.seq,
+                    event.device_id,
+                ),
+            )
+            if cur.rowcount == 0:
                 # Events before any status (e.g. the controller missed the retained one):
                 # an event proves the device is connected.
                 self.conn.execute(
                     "INSERT INTO devices (id, online, last_seen, job, last_seq) "
                     "VALUES (?, 1, ?, ?, ?)",
-                    (
-                        event.device_id,
-                        received_at or time.time(),
-                        None if event.is_refusal else json.dumps(job),
-                        event.seq,
-                    ),
-                )
-                return
-            if event.is_refusal or (row["last_seq"] is not None and event.seq <= row["last_seq"]):
-                # Old, or a refused message's report: not the device's job in flight.
-                self.conn.execute(
-                    "UPDATE devices SET last_seen=? WHERE id=?",
-                    (received_at or time.time(), event.device_id),
-                )
-                return
-            self.conn.execute(
-                "UPDATE devices SET job=?, last_seq=?, last_seen=?, online=1 WHERE id=?",
-                (json.dumps(job), event.seq, received_at or time.time(), event.device_id),
-            )
+                    (event.device_id, seen, None if event.is_refusal else json.dumps(job),
+                     event.seq),
+                )  # fmt: skip
 
     def handle(self, topic: str, payload: bytes) -> DeviceStatus | JobEvent | None:
         """Apply one MQTT message of ours; returns what it was, None for other channels.

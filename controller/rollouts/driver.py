@@ -62,8 +62,6 @@ from controller.rollouts.store import (
     STAGE,
     STAGED,
     SUCCEEDED,
-    TERMINAL,
-    WAITING,
     WAITING_APPROVAL,
     Assignment,
     Rollout,
@@ -252,7 +250,10 @@ class RolloutDriver:
         self._marker = f"{self.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
         self._caught_up = False
         self._canceled_waves: set[int] = set()
+        self._rollout: Rollout | None = None  # as first read, for its model and version
         self.messages_handled = 0
+        # Event log rows of the batch being applied, written with its commit.
+        self._events: list[tuple[Any, ...]] = []
         self.busy_s = 0.0  # time spent applying messages: messages_handled / busy_s = capacity
         self._dirty = True
         self.slo_source = slo_source
@@ -375,9 +376,13 @@ class RolloutDriver:
         if not batch:
             return
         started = time.perf_counter()
-        with self.store.transaction():
-            for topic, payload in batch:
-                self._apply(topic, payload)
+        try:
+            with self.store.transaction():
+                for topic, payload in batch:
+                    self._apply(topic, payload)
+                self.store.record_events(self._events)
+        finally:
+            self._events.clear()
         self.busy_s += time.perf_counter() - started
         self.messages_handled += len(batch)
         self._dirty = True
@@ -413,34 +418,41 @@ class RolloutDriver:
             log.exception("message_failed", topic=topic)
 
     def _apply_event(self, event: JobEvent) -> None:
-        owner = self.store.command_owner(event.command_id)
-        if owner is None:
-            self._apply_activate_event(event)
-            return
-        if owner[1] != event.device_id:
-            return  # another rollout's, a manual command's, or a device lying about others
-        if event.is_refusal:
-            self._apply_refusal(event, owner[0])
-            return
-        self.store.apply_job_state(
-            event.command_id,
-            event.state.value,
-            seq=event.seq,
-            reason=event.reason,
-            code=event.code,
-            gate=event.gate,
-            device_id=event.device_id,
-        )
-        self.store.record_event(
-            owner[0],
-            event.device_id,
-            event.command_id,
-            event.seq,
-            event.state.value,
-            event.reason,
-            event.code,
-            event.at.isoformat(),
-        )
+        state, seq, reason, code = event.state.value, event.seq, event.reason, event.code
+        # Most events are a deploy's next step: one statement. The rest (a rollback's, a
+        # repeat, another device's or rollout's) are looked up first.
+        moved = None
+        if not event.is_refusal:
+            moved = self.store.advance_job(
+                event.command_id, state, device_id=event.device_id, seq=seq, reason=reason,
+                code=code, gate=event.gate,
+            )  # fmt: skip
+        if moved is not None:
+            rollout_id = moved[0]
+        else:
+            job = self.store.job(event.command_id)
+            if job is None:
+                self._apply_activate_event(event)
+                return
+            if job.device_id != event.device_id:
+                return  # another rollout's, a manual command's, or a device lying about others
+            if event.is_refusal:
+                self._apply_refusal(event, job.rollout_id)
+                return
+            self.store.apply_job_state(
+                event.command_id, state, seq=seq, reason=reason, code=code, gate=event.gate,
+                device_id=event.device_id, known=job,
+            )  # fmt: skip
+            rollout_id = job.rollout_id
+        self._record_event(rollout_id, event, state)
+
+    def _record_event(self, rollout_id: str, event: JobEvent, state: str) -> None:
+        """Into the rollout's event log with the batch's commit (`_drain`): nothing reads
+        the log while a batch is applied."""
+        self._events.append(
+            (rollout_id, event.device_id, event.command_id, event.seq, state, event.reason,
+             event.code, event.at.isoformat())
+        )  # fmt: skip
 
     def _apply_refusal(self, event: JobEvent, rollout_id: str) -> None:
         """A device refused a message naming one of our commands. It is that command's
@@ -479,16 +491,7 @@ class RolloutDriver:
                 code=event.code,
                 reason=event.reason,
             )
-        self.store.record_event(
-            rollout_id,
-            event.device_id,
-            event.command_id,
-            event.seq,
-            event.state.value if settled else REFUSED,
-            event.reason,
-            event.code,
-            event.at.isoformat(),
-        )
+        self._record_event(rollout_id, event, event.state.value if settled else REFUSED)
 
     def _apply_activate_event(self, event: JobEvent) -> None:
         """The answer to one of our `activate` commands. Its SUCCEEDED only says the switch
@@ -513,22 +516,26 @@ class RolloutDriver:
         ):
             log.warning("activate_refused", rollout_id=owner[0], device_id=event.device_id,
                         code=event.code, reason=event.reason)  # fmt: skip
-        self.store.record_event(owner[0], event.device_id, event.command_id, event.seq, state,
-                                event.reason, event.code, event.at.isoformat())  # fmt: skip
+        self._record_event(owner[0], event, state)
 
     def _apply_status(self, status: DeviceStatus) -> None:
         """Settle outcomes whose events were lost (published while this controller was
         dead and beyond its session): the retained status names the device's job in
         flight, and once the device is idle, which version it runs."""
         job = status.job
-        if job is not None and self.store.command_owner(job.command_id) is not None:
-            self.store.apply_job_state(job.command_id, job.state.value, device_id=status.device_id)
+        ours = self.store.job(job.command_id) if job is not None else None
+        if job is not None and ours is not None:
+            self.store.apply_job_state(
+                job.command_id, job.state.value, device_id=status.device_id, known=ours
+            )
             return
         # Idle, or busy with a job that is none of ours (a cancel, a ping): what it runs
         # still tells.
-        rollout = self.store.get(self.rollout_id)
+        # The rollout's model and version never change: read once, not per status.
+        rollout = self._rollout or self.store.get(self.rollout_id)
         if rollout is None:
             return
+        self._rollout = rollout
         a = self.store.assignment(rollout.id, status.device_id)
         if a is None:
             return
@@ -786,10 +793,7 @@ class RolloutDriver:
                 a.ac_command_id is None and a.state == JOB_STAGED
                 for a in self.store.assignments(rollout.id, idx)
             )
-        return any(
-            a.command_id is None and a.state == WAITING
-            for a in self.store.assignments(rollout.id, idx)
-        )
+        return self.store.unreleased(rollout.id, idx)
 
     def _release_next(self, rollout: Rollout, idx: int, now: float) -> None:
         """Commands due now: with --max-per-minute the next one once 60/N seconds passed
@@ -1127,8 +1131,8 @@ class RolloutDriver:
         self.store.skip_pending_waves(rollout.id)
 
     def _step_rollback(self, rollout: Rollout, idx: int, deadline: float) -> Rollout:
-        sent = [a for a in self.store.assignments(rollout.id) if a.rb_command_id is not None]
-        if all((a.rb_state or PENDING) in TERMINAL for a in sent) or self.clock() >= deadline:
+        sent, still_open = self.store.rollbacks_open(rollout.id)
+        if not still_open or self.clock() >= deadline:
             self.store.time_out_rollbacks(
                 rollout.id, f"rollback did not finish within {rollout.wave_timeout:g}s"
             )
@@ -1139,7 +1143,7 @@ class RolloutDriver:
                 "rollout_aborted",
                 rollout_id=rollout.id,
                 reason=rollout.abort_reason,
-                rolled_back=len(sent),
+                rolled_back=sent,
             )
         return self.store.get(rollout.id) or rollout
 

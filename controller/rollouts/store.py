@@ -50,6 +50,12 @@ JOB_STAGED = JobState.STAGED.value
 STAGE = "stage"
 ACTIVATE = "activate"
 _PIPELINE_ORDER = {s.value: i for i, s in enumerate(PIPELINE[:-1])}  # not SUCCEEDED
+# The same order in SQL, over an assignment's state (-1: not a pipeline step, e.g. PENDING).
+_ORDER_SQL = (
+    "(CASE state "
+    + " ".join(f"WHEN '{k}' THEN {v}" for k, v in _PIPELINE_ORDER.items())
+    + " ELSE -1 END)"
+)
 
 # Rollout states.
 SCHEDULED = "scheduled"  # --start-at in the future: stored, holds its devices, sends nothing
@@ -291,6 +297,18 @@ class Lease:
 
     def describe(self) -> str:
         return f"process {self.pid} on {self.host}"
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A command's assignment as an event needs it (`RolloutStore.job`)."""
+
+    rollout_id: str
+    device_id: str
+    command_id: str
+    is_rollback: bool  # the assignment's rollback command, not its deploy
+    state: str
+    rb_state: str | None
 
 
 @dataclass
@@ -1224,6 +1242,50 @@ class RolloutStore:
                 [(now, cid) for cid in command_ids],
             )
 
+    def advance_job(
+        self,
+        command_id: str,
+        state: str,
+        *,
+        device_id: str,
+        seq: int | None = None,
+        reason: str | None = None,
+        code: str | None = None,
+        gate: dict[str, Any] | None = None,
+    ) -> tuple[str, str] | None:
+        """The common case of `apply_job_state` in one statement: the deploy command
+        `command_id` of `device_id` moves to `state` if that is progress. Returns (rollout
+        id, device id) when it moved; None when it did not (not a deploy command of ours,
+        another device's, not progress): the caller then asks `job` and `apply_job_state`,
+        which settle the rest (rollback commands, repeats) exactly as before."""
+        terminal = ",".join("?" for _ in TERMINAL)
+        progress = "" if state in TERMINAL else f" AND {_ORDER_SQL} < ?"
+        order = () if state in TERMINAL else (_PIPELINE_ORDER.get(state, -1),)
+        with self.transaction() as c:
+            row = c.execute(
+                "UPDATE assignments SET state=?, reason=?, code=?, last_seq=?, "
+                "gate=COALESCE(?, gate), updated_at=? WHERE command_id=? AND device_id=? "
+                f"AND state NOT IN ({terminal}){progress} RETURNING rollout_id, device_id",
+                (
+                    state, reason, code, seq, json.dumps(gate) if gate else None, time.time(),
+                    command_id, device_id, *sorted(TERMINAL), *order,
+                ),
+            ).fetchone()  # fmt: skip
+        return (row[0], row[1]) if row else None
+
+    def job(self, command_id: str) -> JobRow | None:
+        """Where a deploy or rollback command we sent stands: one indexed read, what an
+        event needs to find its owner and whether it is progress."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT rollout_id, device_id, command_id, state, rb_state FROM assignments "
+                "WHERE command_id=? OR rb_command_id=?",
+                (command_id, command_id),
+            ).fetchone()
+        if row is None:
+            return None
+        return JobRow(row[0], row[1], command_id, row[2] != command_id, row[3], row[4])
+
     def apply_job_state(
         self,
         command_id: str,
@@ -1235,21 +1297,20 @@ class RolloutStore:
         gate: dict[str, Any] | None = None,
         device_id: str | None = None,
         only_from: str | None = None,
+        known: JobRow | None = None,
     ) -> bool:
         """Move the assignment of `command_id` (deploy or rollback) to `state` if that is
-        progress (and, with `only_from`, only from that state); True when it changed."""
-        with self._lock:
-            row = self.conn.execute(
-                "SELECT device_id, command_id, state, rb_state FROM assignments "
-                "WHERE command_id=? OR rb_command_id=?",
-                (command_id, command_id),
-            ).fetchone()
+        progress (and, with `only_from`, only from that state); True when it changed.
+        `known`: `job(command_id)` as the caller just read it in this transaction (an
+        event's owner check), so it is not read twice."""
+        row = known if known is not None and known.command_id == command_id else None
+        row = row or self.job(command_id)
         if row is None:
             return False
-        if device_id is not None and device_id != row["device_id"]:
+        if device_id is not None and device_id != row.device_id:
             return False  # a device reporting on another device's command: not ours to trust
-        is_rollback = row["command_id"] != command_id
-        current = (row["rb_state"] or PENDING) if is_rollback else row["state"]
+        is_rollback = row.is_rollback
+        current = (row.rb_state or PENDING) if is_rollback else row.state
         if only_from is not None and current != only_from:
             return False
         if not advances(current, state):
@@ -1289,6 +1350,28 @@ class RolloutStore:
                 (command_id, command_id),
             ).fetchone()
         return (row[0], row[1]) if row else None
+
+    def unreleased(self, rollout_id: str, wave: int) -> bool:
+        """Whether devices of the wave still wait for their command (WAITING, none sent)."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT 1 FROM assignments WHERE rollout_id=? AND wave=? "
+                "AND command_id IS NULL AND state=? LIMIT 1",
+                (rollout_id, wave, WAITING),
+            ).fetchone()
+        return row is not None
+
+    def rollbacks_open(self, rollout_id: str) -> tuple[int, int]:
+        """(rollback commands sent, of which not yet in a terminal state)."""
+        placeholders = ",".join("?" for _ in TERMINAL)
+        with self._lock:
+            row = self.conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN COALESCE(rb_state, ?) NOT IN "
+                f"({placeholders}) THEN 1 ELSE 0 END), 0) FROM assignments "
+                f"WHERE rollout_id=? AND rb_command_id IS NOT NULL",
+                (PENDING, *sorted(TERMINAL), rollout_id),
+            ).fetchone()
+        return int(row[0]), int(row[1])
 
     def open_count(self, rollout_id: str, wave: int, settled: frozenset[str] = frozenset()) -> int:
         """Commanded devices of the wave not yet in a terminal state, nor in one of
@@ -1427,6 +1510,20 @@ class RolloutStore:
                 "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT DO NOTHING",
                 (rollout_id, device_id, command_id, seq, state, reason, code, at, time.time()),
+            )
+
+    def record_events(self, rows: list[tuple[Any, ...]]) -> None:
+        """`record_event` for many at once (one round trip on PostgreSQL): rows of
+        (rollout id, device id, command id, seq, state, reason, code, at)."""
+        if not rows:
+            return
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO rollout_events (rollout_id, device_id, command_id, seq, "
+                "state, reason, code, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [(*r, now) for r in rows],
             )
 
     def terminal_events(self, rollout_id: str) -> set[tuple[str, str]]:
