@@ -218,15 +218,21 @@ class SimFleet:
             subs = [(self.topics.device_cmd(d), 1) for d in self.devices]
             for i in range(0, len(subs), 200):
                 self._shared.subscribe(subs[i : i + 200])
-            for d in self.devices.values():
-                self._publish_status(d, online=True)
+            sent = [self._publish_status(d, online=True) for d in self.devices.values()]
+            # Started means every retained status is at the broker: a sync right after
+            # must find them all (on a loaded machine the publishes trail behind).
+            for info in sent:
+                if info is not None:
+                    info.wait_for_publish(10)
         return self
 
     def connect_device(self, device_id: str) -> None:
         d = self.devices[device_id]
         d.client = self._client(f"{self.name}-{device_id}", d)
         d.client.subscribe(self.topics.device_cmd(device_id), 1)
-        self._publish_status(d, online=True)
+        info = self._publish_status(d, online=True)
+        if info is not None:
+            info.wait_for_publish(10)
 
     def disconnect_device(self, device_id: str) -> None:
         """Go offline the way a powered-off robot does: the broker publishes the will."""
@@ -260,7 +266,7 @@ class SimFleet:
     def _pub_client(self, d: SimDevice) -> mqtt.Client | None:
         return d.client if self.per_device else self._shared
 
-    def _publish_status(self, d: SimDevice, *, online: bool = True) -> None:
+    def _publish_status(self, d: SimDevice, *, online: bool = True) -> mqtt.MQTTMessageInfo | None:
         status = DeviceStatus.new(
             device_id=d.device_id,
             online=online,
@@ -272,8 +278,9 @@ class SimFleet:
             last_seq=d.seq,
         )
         c = self._pub_client(d)
-        if c is not None:
-            c.publish(self.topics.status(d.device_id), status.encode(), 1, retain=True)
+        if c is None:
+            return None
+        return c.publish(self.topics.status(d.device_id), status.encode(), 1, retain=True)
 
     def _emit(self, d: SimDevice, command: Command, state: JobState, **extra: Any) -> None:
         body = command.body
