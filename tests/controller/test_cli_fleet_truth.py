@@ -5,6 +5,7 @@ real broker, simulated devices speaking the real protocol."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def test_an_offline_robot_is_last_seen_when_it_was_last_heard_not_when_we_looked
         assert gone["models"] == {"detector": {"active": "1.0.0", "previous": None}}
         table = run_cli({**env, "COLUMNS": "200"}, "devices")
         row = next(line for line in table.stdout.splitlines() if "robot-0001" in line)
-        assert "0s ago" not in row and "detector 1.0.0" in row
+        assert not re.search(r"\b0s ago", row) and "detector 1.0.0" in row  # "10s ago" is fine
 
         # A controller that never saw it reads the retained will: the robot's own
         # timestamp on it (when it connected), not the time of reading.
