@@ -421,16 +421,34 @@ def _ntp_synchronized(root: Path) -> bool | None:
 
 
 def check_broker(config: AgentConfig, timeout: float) -> CheckResult:
-    """A real MQTT CONNECT with the configured TLS files and credentials."""
-    b = config.broker
+    """A real MQTT CONNECT with the configured TLS files and credentials, to each node
+    when the url lists a cluster's nodes."""
     try:
-        parse_broker_urls(b.url)
+        nodes = parse_broker_urls(config.broker.url)
     except TransportConfigError as e:
         return _result("broker", FAIL, e.reason, "fix [broker] url in the config")
+    results = [_check_node(config, node, timeout) for node in nodes]
+    return results[0] if len(results) == 1 else _cluster_verdict(results)
+
+
+def _cluster_verdict(results: list[CheckResult]) -> CheckResult:
+    """All nodes up: pass. Some down: warn, since the agent moves to the next node in the
+    list; it cannot survive losing those too. None up: fail."""
+    bad = [r for r in results if r.status != PASS]
+    if not bad:
+        return _result(
+            "broker", PASS, f"all {len(results)} nodes: " + "; ".join(r.detail for r in results)
+        )
+    detail = f"{len(bad)} of {len(results)} nodes failed: " + "; ".join(r.detail for r in bad)
+    return _result("broker", WARN if len(bad) < len(results) else FAIL, detail, bad[0].fix)
+
+
+def _check_node(config: AgentConfig, node: BrokerAddress, timeout: float) -> CheckResult:
+    b = config.broker
     try:
         # Never the device id: a CONNECT with it would take over the running agent's session.
         client, addr = paho_client(
-            b.url,
+            node.url,
             client_id=f"{config.device_id}-doctor-{os.getpid()}",
             protocol=b.protocol,
             ca=b.ca,

@@ -231,10 +231,10 @@ class AgentMqtt:
         """After a lost connection or a failed attempt, point paho's next attempt at the
         node the broker list names (BrokerList says why this is the place)."""
         before = self._addr
-        if self._stopping or self._brokers.failed() == before:
-            return
-        log.warning("mqtt_next_broker", broker=self._addr.url, previous=before.url)
-        self._connect_async(self._addr)
+        node = None if self._stopping else self._brokers.move_on()
+        if node is not None:
+            log.warning("mqtt_next_broker", broker=node.url, previous=before.url)
+            self._connect_async(node)
 
     def _explain_unreachable(self) -> None:
         """paho retries a failed connect silently: say at once why the broker cannot be

@@ -11,7 +11,8 @@ Measured: samples stored per second; lost and duplicated samples counted in the 
 (expected devices x seconds against distinct and total (device, at) rows); the delay from
 publish to queryable for `--probes` devices (a reader polls the database every 50 ms for
 their new rows: each delay is first-seen minus `at`, so an upper bound by up to 50 ms).
-`--kill-at S`: one ingester is killed with SIGKILL S seconds into the stream.
+`--kill-at S`: one ingester is killed with SIGKILL S seconds into the stream;
+`--stop-at S`: one is stopped (what SIGTERM to `jetfleet serve` does) instead.
 
     .venv/bin/python bench/telemetry_fleet.py --devices 10000 --seconds 60 [--kill-at 30]
 """
@@ -165,6 +166,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=4, help="publisher processes")
     ap.add_argument("--probes", type=int, default=200, help="devices whose delay is measured")
     ap.add_argument("--kill-at", type=float, default=0.0, help="SIGKILL one ingester then")
+    ap.add_argument("--stop-at", type=float, default=0.0, help="stop one ingester then")
     args = ap.parse_args()
     from tests.postgres import LocalPostgres
 
@@ -213,14 +215,22 @@ def main() -> None:
                 killed = ings[1].pid
                 os.kill(killed, signal.SIGKILL)
                 print(f"killed ingester {killed} at {time.time() - t0:.1f}s", flush=True)
+            elif args.stop_at:
+                time.sleep(args.stop_at)
+                stops[1].set()
+                ings[1].join(60)
+                print(f"ingester stopped at {args.stop_at:g}s, gone {time.time() - t0:.1f}s in")
             results = [out.get(timeout=args.seconds * 5 + 120) for _ in pubs]
             last_publish = time.time()
             last_row = settle(db)
             pstop.set()
             delays = pout.get(timeout=60)
             total, distinct = count(db)
-            for st in stops:
-                st.set()
+            for p, st in zip(ings, stops, strict=True):
+                # Not the killed one's: a multiprocessing Event's set() waits for every
+                # process sleeping on it to wake, and a killed process never does.
+                if p.pid != killed:
+                    st.set()
             for p in [*ings, *pubs, prober]:
                 p.join(30)
     finally:
@@ -232,6 +242,7 @@ def main() -> None:
         f"{args.devices} devices x 1 sample/s for {args.seconds} s, {len(pubs)} publisher "
         f"processes, 2 ingesters (MQTT 5 shared subscription) into PostgreSQL"
         + (f"; one ingester SIGKILLed at {args.kill_at:g} s" if killed else "")
+        + (f"; one ingester stopped at {args.stop_at:g} s" if args.stop_at else "")
     )
     print(f"published                 {sent} samples in {max(t for _, t in results):.1f} s")
     print(f"stored                    {total} rows, {distinct} distinct (device, at)")

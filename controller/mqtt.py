@@ -29,6 +29,7 @@ from protocol.errors import CodedError
 from protocol.transport import (
     BrokerAddress,
     BrokerList,
+    connect_first,
     diagnose_tls,
     paho_client,
     parse_broker_urls,
@@ -140,16 +141,12 @@ class ControllerMqtt:
 
     def _first_connect(self) -> None:
         """Open the socket to the first node that takes it, in the list's order."""
-        for _ in self._brokers.addresses:
-            try:
-                self.client.connect(self.address.host, self.address.port, **self._connect_args())
-                return
-            except (OSError, ValueError) as e:
-                error = e
-                self._brokers.failed()
-        raise MqttError(
-            self._tls_diagnosis() or f"cannot connect to broker {self.options.broker}: {error}"
-        ) from error
+        try:
+            connect_first(self.client, self._brokers, **self._connect_args())
+        except (OSError, ValueError) as error:
+            raise MqttError(
+                self._tls_diagnosis() or f"cannot connect to broker {self.options.broker}: {error}"
+            ) from error
 
     def _tls_diagnosis(self) -> str | None:
         """After a failed connect over TLS: why the broker will not have us, naming the file
@@ -164,10 +161,10 @@ class ControllerMqtt:
         """After a lost connection or a failed attempt, point paho's next attempt at the
         node the broker list names (BrokerList says why this is the place)."""
         before = self.address
-        if self._closing or self._brokers.failed() == before:
-            return
-        log.warning("mqtt_next_broker", broker=self.address.url, previous=before.url)
-        self._connect_async(self.address)
+        node = None if self._closing else self._brokers.move_on()
+        if node is not None:
+            log.warning("mqtt_next_broker", broker=node.url, previous=before.url)
+            self._connect_async(node)
 
     def close(self) -> None:
         self._closing = True

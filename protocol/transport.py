@@ -13,6 +13,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -71,11 +72,11 @@ class BrokerList:
     accept every client and share its sessions, which is what a cluster does and a
     second, independent broker does not.
 
-    paho reconnects on its own thread to the host it was last given, so the clients
-    (agent/mqtt.py, controller/mqtt.py) call `failed()` from their disconnect and
-    connect-failure callbacks and, when the node changes, `connect_async` to it: paho's
-    next attempt then goes there (tests/transport/test_broker_failover.py holds paho 2.x
-    to that)."""
+    paho reconnects to the host it was last given, so the clients (agent/mqtt.py,
+    controller/mqtt.py, controller/telemetry/ingest.py) call `move_on()` from their
+    disconnect and connect-failure paths and, when it names a new node, `connect_async` to
+    it: paho's next attempt then goes there (tests/transport/test_broker_failover.py holds
+    paho 2.x to that)."""
 
     def __init__(self, addresses: list[BrokerAddress]) -> None:
         if not addresses:
@@ -100,6 +101,29 @@ class BrokerList:
             self._index = (self._index + 1) % len(self.addresses)
         self._established = False
         return self.current
+
+    def move_on(self) -> BrokerAddress | None:
+        """`failed()`, returning the next node only when it is not the node just tried:
+        the client must then be pointed at it (paho retries the host it was given)."""
+        before = self.current
+        after = self.failed()
+        return None if after == before else after
+
+
+def connect_first(client: paho.Client, brokers: BrokerList, **connect_args: Any) -> None:
+    """Open `client`'s socket to the first node of `brokers` that takes it, in the list's
+    order; the last node's error when none does."""
+    error: OSError | ValueError | None = None
+    for _ in brokers.addresses:
+        node = brokers.current
+        try:
+            client.connect(node.host, node.port, **connect_args)
+            return
+        except (OSError, ValueError) as e:
+            error = e
+            brokers.failed()
+    assert error is not None
+    raise error
 
 
 def _read(path: str, what: str) -> Path:

@@ -34,7 +34,7 @@ from protocol.errors import ProtocolError, SchemaError
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import DEFAULT_PREFIX, Topics
-from protocol.transport import paho_client
+from protocol.transport import BrokerList, connect_first, paho_client, parse_broker_urls
 
 log = structlog.get_logger(__name__)
 
@@ -153,9 +153,11 @@ class TelemetryIngester:
         self._head = self.topics.prefix + "/devices/"
         if protocol == "5":
             paho_speedups.install()
-        self.client, self._host, self._port = make_client(
-            broker_url, protocol=protocol, ca=ca, cert=cert, key=key
-        )
+        self.broker_url = broker_url
+        # A cluster's nodes (a comma-separated list): a lost node sends the next attempt
+        # on to the next one (see _net_loop).
+        self._brokers = BrokerList(parse_broker_urls(broker_url))
+        self.client, _, _ = make_client(broker_url, protocol=protocol, ca=ca, cert=cert, key=key)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -179,27 +181,31 @@ class TelemetryIngester:
         self._writer = threading.Thread(target=self._write_loop, name="telemetry-writer")
         self._writer.start()
         try:
-            if self.protocol == "5":
-                self.client.connect(self._host, self._port, keepalive=30, clean_start=True)
-            else:
-                self.client.connect(self._host, self._port, keepalive=30)
+            connect_first(self.client, self._brokers, **self._connect_args())
         except (OSError, ValueError) as e:
             self._stop.set()
             self._writer.join()
             self._writer = None
             raise ConnectionError(
-                f"telemetry ingester: cannot connect to {self._host}:{self._port}: {e}"
+                f"telemetry ingester: cannot connect to {self.broker_url}: {e}"
             ) from e
         self._net = threading.Thread(target=self._net_loop, name="telemetry-mqtt", daemon=True)
         self._net.start()
         if not self._connected.wait(connect_timeout):
             self.stop()
             raise ConnectionError(
-                f"telemetry ingester: no CONNACK + SUBACK from {self._host}:{self._port} "
+                f"telemetry ingester: no CONNACK + SUBACK from {self.broker_url} "
                 f"within {connect_timeout:.0f}s"
             )
 
-    def stop(self) -> None:
+    def _connect_args(self) -> dict[str, Any]:
+        # A clean session: telemetry is QoS 0, nothing is worth keeping across connects.
+        return {"keepalive": 30, "clean_start": True} if self.protocol == "5" else {"keepalive": 30}
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Leave the subscription, disconnect, and write everything queued: a stopped
+        ingester loses nothing (a killed one loses what was in flight to it)."""
+        self._leave_subscription(drain_timeout)
         self._closing = True
         self._wake.set()
         self.client.disconnect()
@@ -210,6 +216,18 @@ class TelemetryIngester:
         if self._writer is not None:
             self._writer.join()
             self._writer = None
+
+    def _leave_subscription(self, timeout: float) -> None:
+        """Unsubscribe and read on until the UNSUBACK: what the broker sent before it is
+        ahead of it on the socket, and what comes after goes to the shared subscription's
+        other members. A plain disconnect would drop what was still on the way."""
+        if self._net is None or not self._connected.is_set():
+            return
+        left = threading.Event()
+        self.client.on_unsubscribe = lambda *args: left.set()
+        self.client.unsubscribe(self.telemetry_subscription)
+        if not left.wait(timeout):
+            log.warning("ingest_unsubscribe_unanswered", timeout_s=timeout)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -227,8 +245,8 @@ class TelemetryIngester:
     def _net_loop(self) -> None:
         """paho's loop_forever without one select() per message: once loop() has found
         data, loop_read() goes on while packets keep arriving (about a tenth less CPU per
-        sample, measured). Lost connections are retried with backoff, 1 s to 30 s;
-        on_connect subscribes again."""
+        sample, measured). Lost connections are retried with backoff, 1 s to 30 s, on the
+        node the broker list names next; on_connect subscribes again."""
         c, ok = self.client, mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
         delay = 1.0
         while not self._closing:
@@ -243,6 +261,10 @@ class TelemetryIngester:
             if self._closing or self._wake.wait(delay):
                 break
             delay = min(delay * 2, 30.0)
+            node = self._brokers.move_on()
+            if node is not None:
+                log.warning("mqtt_next_broker", broker=node.url)
+                c.connect_async(node.host, node.port, **self._connect_args())
             try:
                 c.reconnect()
             except (OSError, ValueError) as e:
@@ -254,6 +276,7 @@ class TelemetryIngester:
         if reason_code.is_failure:
             log.error("ingest_connect_refused", reason=str(reason_code))
             return
+        self._brokers.established()
         if self.subscribe_status:
             client.subscribe(self.topics.all_status(), qos=1)
         # Telemetry last: "connected" is announced on its SUBACK (see _on_subscribe), so a
@@ -412,8 +435,9 @@ def _worker_main(
     )
     ing.start()
     ready.set()
-    while not stop.wait(0.5):
+    while not stop.value:
         _publish_stats(shared, ing.stats)
+        time.sleep(0.5)
     ing.stop()
     _publish_stats(shared, ing.stats)
 
@@ -442,7 +466,9 @@ class IngestPool:
         own = ("on_status", "subscribe_status", "on_batch", "maintenance_interval_s")
         self._kwargs = {k: v for k, v in kwargs.items() if k not in own}
         self._store_path, self._broker_url = store_path, broker_url
-        self._stop = self._mp.Event()
+        # A flag, not an Event: Event.set() waits for every process asleep on it to wake,
+        # and a worker killed (kill -9, the OOM killer) while asleep never does.
+        self._stop = self._mp.RawValue("b", 0)
         self._procs: list[Any] = []
         self._shared: list[Any] = []
         self._ready: list[Any] = []
@@ -451,6 +477,11 @@ class IngestPool:
     @property
     def status(self) -> dict[str, DeviceStatus]:
         return self.main.status
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The extra processes' pids (the main ingester runs in this process)."""
+        return [p.pid for p in self._procs]
 
     @property
     def stats(self) -> IngestStats:
@@ -496,9 +527,11 @@ class IngestPool:
         log.info("ingest_pool_started", workers=self.workers)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop.value = 1
         for p in self._procs:
             p.join(30)
+            if p.exitcode not in (None, 0):
+                log.error("ingest_worker_died", pid=p.pid, exitcode=p.exitcode)
             if p.is_alive():
                 log.error("ingest_worker_stuck", pid=p.pid)
                 p.terminate()

@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import doctor
 from agent.doctor import FAIL, PASS, WARN, CheckResult, run_checks
-from controller.sandbox.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto, free_port
 from protocol.keys import SigningKey
 from protocol.trust import build_trust_root
 
@@ -326,6 +326,29 @@ def test_a_missing_ca_file_is_named(tmp_path: Path, trust_file: Path) -> None:
     result = doctor.check_broker(config, timeout=1)
     assert result.status == FAIL
     assert result.detail == f"CA certificate file {tmp_path / 'ca.pem'} does not exist"
+
+
+def test_each_node_of_a_cluster_is_checked_and_a_dead_one_is_a_warning(
+    tmp_path: Path, trust_file: Path
+) -> None:
+    dead = free_port()
+    with LocalMosquitto(tmp_path / "a") as a, LocalMosquitto(tmp_path / "b") as b:
+        both = doctor.load_config(write_config(tmp_path, trust_file, f"{a.url},{b.url}"))
+        result = doctor.check_broker(both, timeout=5)
+        assert result.status == PASS
+        assert result.detail.startswith("all 2 nodes: connected to 127.0.0.1:")
+        assert f":{b.port} (MQTT" in result.detail
+        one = doctor.load_config(
+            write_config(tmp_path, trust_file, f"{a.url},mqtt://127.0.0.1:{dead}")
+        )
+        result = doctor.check_broker(one, timeout=5)
+    assert result.status == WARN
+    assert result.detail.startswith(f"1 of 2 nodes failed: cannot reach 127.0.0.1:{dead}")
+    assert f"nc -vz 127.0.0.1 {dead}" in result.fix
+    none = doctor.load_config(
+        write_config(tmp_path, trust_file, f"mqtt://127.0.0.1:{dead},mqtt://127.0.0.1:{dead}")
+    )
+    assert doctor.check_broker(none, timeout=2).status == FAIL
 
 
 def test_the_broker_check_does_not_take_over_the_running_agents_session(

@@ -5,6 +5,9 @@ subscriptions splitting the stream, and retention with 1-minute downsampling."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ from structlog.testing import capture_logs
 
 from agent.telemetry.loop import TelemetryLoop
 from agent.telemetry.sampler import TelemetrySampler
-from controller.sandbox.localbroker import LocalMosquitto
+from controller.sandbox.localbroker import LocalMosquitto, free_port
 from controller.telemetry.ingest import IngestPool, TelemetryIngester
 from controller.telemetry.store import TelemetryStore, default_telemetry_db, row_from_sample
 from protocol.messages import DeviceStatus
@@ -349,6 +352,22 @@ def test_an_ingest_pool_spreads_over_processes_and_sums_its_counters(
     store.close()
 
 
+def test_an_ingest_pool_stops_even_after_one_of_its_workers_was_killed(
+    mosquitto: LocalMosquitto, tmp_path: Path
+) -> None:
+    pool = IngestPool(2, tmp_path / "t.db", mosquitto.url, idle_wait_s=0.01)
+    pool.start()
+    os.kill(pool.worker_pids[0], signal.SIGKILL)  # asleep between stats updates
+    time.sleep(0.5)
+    with capture_logs() as logs:
+        stopper = threading.Thread(target=pool.stop, daemon=True)
+        stopper.start()
+        stopper.join(15)
+    assert not stopper.is_alive(), "stop() hung on the killed worker"
+    died = [e for e in logs if e["event"] == "ingest_worker_died"]
+    assert died and died[0]["exitcode"] == -signal.SIGKILL
+
+
 def test_several_workers_on_mqtt311_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="MQTT 5 shared subscription"):
         IngestPool(2, tmp_path / "t.db", "mqtt://127.0.0.1:1", protocol="3.1.1")
@@ -373,6 +392,67 @@ def test_ingestion_resumes_after_the_broker_restarts(
         assert ingester.wait_stored(2, 10)
     finally:
         pub.close()
+
+
+def test_an_ingester_given_a_clusters_nodes_skips_a_dead_one_and_follows_a_stopped_one(
+    tmp_path: Path,
+) -> None:
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    with LocalMosquitto(tmp_path / "one") as one, LocalMosquitto(tmp_path / "two") as two:
+        ing = TelemetryIngester(tmp_path / "t.db", f"{dead},{one.url},{two.url}", idle_wait_s=0.01)
+        ing.start(connect_timeout=10)
+        try:
+            pub = Publisher(one, "robot-a")
+            pub.publish(sample("robot-a", 0).encode())
+            assert ing.wait_stored(1, 10)
+            pub.close()
+            one.stop()
+            # Node one is gone: after one retry on it (it may be back) the list moves on.
+            assert wait_for(lambda: not ing.wait_connected(0), 10)
+            assert ing.wait_connected(20), "the ingester did not move to node two"
+            pub = Publisher(two, "robot-a")
+            pub.publish(sample("robot-a", 1).encode())
+            assert ing.wait_stored(2, 10)
+            pub.close()
+        finally:
+            ing.stop()
+    with pytest.raises(ConnectionError, match=f"cannot connect to {dead},{dead}"):
+        TelemetryIngester(tmp_path / "t.db", f"{dead},{dead}").start(connect_timeout=2)
+
+
+def test_two_writers_of_one_database_naming_the_same_devices_never_deadlock(db: str) -> None:
+    """Two ingesters' batches hold the same devices in whatever order the shared
+    subscription gave them; their device_latest updates must not lock in opposite orders
+    (PostgreSQL would abort one batch with 'deadlock detected')."""
+    target = default_telemetry_db(db)
+    TelemetryStore(target).close()
+    devices = [f"robot-{i:04d}" for i in range(2500)]
+    base = float(int(time.time()) - 600)
+    rows = [row_from_sample(s := sample(d, at=base), s.encode().decode()) for d in devices]
+    barrier, errors = threading.Barrier(2), []
+
+    def write(batch: list[Any]) -> None:
+        store = TelemetryStore(target)
+        try:
+            for _ in range(4):
+                barrier.wait(10)
+                store.insert_batch(batch)
+        except Exception as e:
+            errors.append(e)
+            barrier.abort()
+        finally:
+            store.close()
+
+    writers = [threading.Thread(target=write, args=(b,)) for b in (rows, rows[::-1])]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(60)
+    assert not errors
+    store = TelemetryStore(target, readonly=True)
+    assert store.count_raw() == 8 * len(devices)
+    assert len(store.latest()) == len(devices)
+    store.close()
 
 
 def test_two_ingesters_write_one_database_every_sample_once(
