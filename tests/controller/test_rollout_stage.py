@@ -264,6 +264,10 @@ def test_a_driver_killed_mid_activation_is_resumed_with_one_activate_per_robot(
         assert final.state == SUCCEEDED, final.abort_reason
         assert {a.state for a in harness.store.assignments(r.id)} == {"SUCCEEDED"}
         assert {d.models["detector"]["active"] for d in fleet.devices.values()} == {"2.0.0"}
+        # One deploy and one activate sent to each robot, each acted on once.
         wait_until(lambda: len(counter.arrivals) == 8, what="eight commands")
         kinds = {d: sorted(m.split(":")[0] for m in ms) for d, ms in counter.per_device().items()}
         assert kinds == {d: ["activate", "deploy"] for d in fleet.devices}
+        acted = {d.device_id: sorted(c.kind.value for c in d.commands.values())
+                 for d in fleet.devices.values()}  # fmt: skip
+        assert acted == {d: ["activate", "deploy"] for d in fleet.devices}
