@@ -226,6 +226,25 @@ def test_a_robot_offline_during_the_abort_ends_timed_out_after_the_wave_timeout_
         assert fleet.devices[away].models["detector"]["active"] == "1.0.0"
 
 
+def test_a_robot_whose_staged_job_already_expired_answers_the_abort_and_is_not_waited_for(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness
+) -> None:
+    with SimFleet(mosquitto.url, keys.trust, make_devices(2)) as fleet:
+        r = staged(harness, fleet)  # wave timeout 30 s
+        gone = harness.store.assignment(r.id, "robot-0001")
+        assert gone is not None and gone.command_id
+        # Its stage_ttl_s ended the job while no driver listened: nothing reported it.
+        fleet.devices["robot-0001"].progress[gone.command_id] = JobState.CANCELED
+        assert harness.store.request_abort(r.id, "aborted by the operator", True)
+        t0 = time.monotonic()
+        assert harness.drive(r.id).state == ABORTED
+        assert time.monotonic() - t0 < 10  # its refused cancel answered: no wave timeout
+        a = harness.store.assignment(r.id, "robot-0001")
+        assert a is not None and (a.state, a.code) == ("CANCELED", "not_cancelable")
+        assert (a.reason or "").startswith("its staged job had already ended on the robot: ")
+        assert harness.store.summary(r.id).cancels_unacknowledged == []
+
+
 def test_a_driver_killed_mid_activation_is_resumed_with_one_activate_per_robot(
     tmp_path: Path,
     mosquitto: LocalMosquitto,
