@@ -92,7 +92,10 @@ def publisher(broker: tuple[str, int], ids: list[str], seconds: int, go: Any, ou
             sent += 1
     c.disconnect()
     c.loop_stop()
-    out.put((sent, time.time() - t0))
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out.put((sent, time.time() - t0, ru.ru_utime + ru.ru_stime))
 
 
 def ingester(db: str, broker_url: str, ready: Any, stop: Any) -> None:
@@ -127,6 +130,27 @@ def probe(db: str, probes: list[str], stop: Any, out: Any) -> None:
                 last = max(last, ts)
         time.sleep(0.05)
     out.put(delays)
+
+
+def cpu_s(pid: int | None, tree: bool = False) -> float:
+    """User + system CPU seconds of a process (and, with `tree`, its live children)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)] if tree else [root]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def count(db: str) -> tuple[int, int]:
@@ -164,6 +188,19 @@ def mark_stored(db: str) -> None:
             "ALTER TABLE telemetry_raw ADD COLUMN stored_at double precision "
             "DEFAULT extract(epoch FROM clock_timestamp())"
         )
+
+
+def raw_bytes(db: str) -> int:
+    """On-disk size of the raw samples: every partition with its indexes and TOAST."""
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
+            "WHERE inhparent = 'telemetry_raw'::regclass"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def stored_delays(db: str, t0: float) -> tuple[list[float], list[tuple[int, float, float]]]:
@@ -240,10 +277,11 @@ def main() -> None:
             time.sleep(3.0)  # publishers connected
             t0 = time.time()
             go.set()
-            killed = None
+            killed, killed_cpu = None, 0.0
             if args.kill_at:
                 time.sleep(args.kill_at)
                 killed = ings[1].pid
+                killed_cpu = cpu_s(killed)
                 os.kill(killed, signal.SIGKILL)
                 print(f"killed ingester {killed} at {time.time() - t0:.1f}s", flush=True)
             elif args.stop_at:
@@ -254,10 +292,16 @@ def main() -> None:
             results = [out.get(timeout=args.seconds * 5 + 120) for _ in pubs]
             last_publish = time.time()
             last_row = settle(db)
+            cpu = {
+                "ingesters": killed_cpu + sum(cpu_s(p.pid) for p in ings if p.pid != killed),
+                "PostgreSQL": cpu_s(server.proc.pid if server.proc else None, tree=True),
+                "Mosquitto": cpu_s(broker.proc.pid if broker.proc else None),
+            }
             pstop.set()
             delays = pout.get(timeout=60)
             total, distinct = count(db)
             whole, per_min = stored_delays(db, t0)
+            size = raw_bytes(db)
             for p, st in zip(ings, stops, strict=True):
                 # Not the killed one's: a multiprocessing Event's set() waits for every
                 # process sleeping on it to wake, and a killed process never does.
@@ -267,7 +311,8 @@ def main() -> None:
                 p.join(30)
     finally:
         server.stop()
-    sent = sum(n for n, _ in results)
+    sent = sum(n for n, _, _ in results)
+    cpu["publishers"] = sum(c for _, _, c in results)
     span = last_row - t0
     print()
     print(
@@ -276,10 +321,11 @@ def main() -> None:
         + (f"; one ingester SIGKILLed at {args.kill_at:g} s" if killed else "")
         + (f"; one ingester stopped at {args.stop_at:g} s" if args.stop_at else "")
     )
-    print(f"published                 {sent} samples in {max(t for _, t in results):.1f} s")
+    print(f"published                 {sent} samples in {max(t for _, t, _ in results):.1f} s")
     print(f"stored                    {total} rows, {distinct} distinct (device, at)")
     print(f"lost                      {sent - distinct} ({(sent - distinct) / sent:.3%})")
     print(f"duplicated                {total - distinct}")
+    print(f"raw table on disk         {size / 2**20:.0f} MiB ({size / max(total, 1):.0f} B/sample)")
     print(
         f"stored per second         {distinct / span:.0f}/s over {span:.1f} s "
         f"(first publish to last row; last publish ended {last_publish - t0:.1f} s in)"
@@ -294,6 +340,13 @@ def main() -> None:
         f"publish -> inserted       p50 {whole[0]:.3f} s, p99 {whole[1]:.3f} s, max "
         f"{whole[2]:.3f} s over all {total} rows (server clock at insert; goal p99 < 2 s)"
     )
+    per = 1e6 * cpu["ingesters"] / max(total, 1)
+    print(
+        f"ingester CPU              {per:.0f} us/sample, {1e6 / per:.0f} samples/s per core "
+        f"(both ingesters' user+system over the rows they stored)"
+    )
+    shares = ", ".join(f"{k} {v:.0f} s ({v / span:.2f} cores)" for k, v in cpu.items())
+    print(f"CPU over the run          {shares}")
     minutes = ", ".join(f"{m}: p99 {p:.1f} max {x:.1f}" for m, p, x in per_min)
     print(f"per minute of `at`        {minutes}")
 
