@@ -467,6 +467,35 @@ def test_minute_means_move_into_day_partitions_with_every_row_and_retention_drop
         assert store.conn.execute(f"SELECT COUNT(*) FROM {today}").fetchone()[0] == 3
 
 
+def scans(store: TelemetryStore) -> dict[str, int]:
+    """Scans so far of each telemetry_minute partition (the backend's counts flushed)."""
+    store.conn.execute("SELECT pg_stat_force_next_flush()")  # flushed once it is idle
+    rows = store.conn.execute(
+        "SELECT relname, COALESCE(seq_scan, 0) + COALESCE(idx_scan, 0) "
+        "FROM pg_stat_user_tables WHERE relname LIKE 'telemetry_minute_%'"
+    ).fetchall()
+    return {name: int(n) for name, n in rows}
+
+
+@pytest.mark.postgresql
+def test_minute_retention_on_postgresql_reads_only_the_days_it_cuts(postgres_url: str) -> None:
+    """The retention DELETE bounds the integer `minute` by an integer, so PostgreSQL
+    prunes the day partitions wholly after the cut: a kept day is not read (a float cut
+    casts the column and scans every day kept, 30 of them by default)."""
+    store = TelemetryStore(postgres_url)
+    day = int(time.time() // 86400) * 86400
+    names = {d: n for n, d in day_partitions(store.conn, MINUTE).items()}
+    before = scans(store)
+    # Keep one day from noon two days ahead (a clock's time: a float): today goes whole,
+    # tomorrow is cut at noon.
+    counts = store.maintain(day + 2 * 86400 + 43200.5, minute_retention_s=86400)
+    after = scans(store)
+    assert counts["minute_partitions_dropped"] == 1 and names[day] not in after
+    for cut in ("telemetry_minute_default", names[day + 86400]):
+        assert after[cut] > before[cut], cut  # read by the DELETE
+    assert after[names[day + 2 * 86400]] == before[names[day + 2 * 86400]]
+
+
 def test_a_telemetry_batch_comes_back_as_written_whichever_way_it_went_in(db: str) -> None:
     """SQLite appends by multi-row INSERT, PostgreSQL by COPY: the text COPY stream must
     keep what it escapes (tabs, newlines, backslashes, non-ASCII) and NULL metrics."""
