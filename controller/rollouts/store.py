@@ -34,6 +34,10 @@ NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier versio
 # In the event log only: a device refused a message naming the command (a repeat, junk
 # carrying its id); not a state of the job.
 REFUSED = "REFUSED"
+# The code of a STAGED device whose abort's cancel was not answered within the wave
+# timeout (state TIMED_OUT): it may still hold the staged engine, so it is listed as
+# such; not a failure of the model (it staged).
+CANCEL_UNACKED = "cancel_unacknowledged"
 
 # Below this much free space on the database's disk a writer is about to fail.
 NEARLY_FULL_BYTES = 1 << 20
@@ -437,7 +441,19 @@ class Assignment:
     @property
     def excused(self) -> bool:
         """Ended without a verdict on the model: the failure rate leaves it out."""
-        return self.not_judged or self.not_staged
+        return self.not_judged or self.not_staged or self.cancel_unacknowledged
+
+    @property
+    def cancel_pending(self) -> bool:
+        """STAGED with a cancel sent (an abort): the robot holds the staged engine until
+        it answers."""
+        return self.state == JOB_STAGED and self.cx_command_id is not None
+
+    @property
+    def cancel_unacknowledged(self) -> bool:
+        """Its staged job's cancel went unanswered within the abort's deadline: the robot
+        may still hold the staged engine (the cancel waits for it in the broker)."""
+        return self.state == JobState.TIMED_OUT.value and self.code == CANCEL_UNACKED
 
     @property
     def not_staged(self) -> bool:
@@ -487,11 +503,17 @@ class RolloutSummary:
     # found no staged job (not counted as failures).
     staged: list[str] = field(default_factory=list)
     not_staged: list[dict[str, Any]] = field(default_factory=list)
+    # An abort of a staged rollout: STAGED devices whose cancel is not answered yet, and
+    # those that did not answer it in time (they may still hold the staged engine).
+    cancels_pending: list[str] = field(default_factory=list)
+    cancels_unacknowledged: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "staged": self.staged,
             "not_staged": self.not_staged,
+            "cancels_pending": self.cancels_pending,
+            "cancels_unacknowledged": self.cancels_unacknowledged,
             "slo_verdicts": self.slo_verdicts,
             "offline_pending": self.offline_pending,
             "not_judged": self.not_judged,
@@ -834,11 +856,19 @@ class RolloutStore:
                 if a.not_judged
             ],
             left_to_release=[a.device_id for a in assignments if a.code == OFFLINE_CODE],
-            staged=[a.device_id for a in assignments if a.state == JOB_STAGED],
+            staged=[
+                a.device_id for a in assignments if a.state == JOB_STAGED and not a.cancel_pending
+            ],
             not_staged=[
                 {"device_id": a.device_id, "wave": a.wave, "reason": a.reason}
                 for a in assignments
                 if a.not_staged
+            ],
+            cancels_pending=[a.device_id for a in assignments if a.cancel_pending],
+            cancels_unacknowledged=[
+                {"device_id": a.device_id, "wave": a.wave, "reason": a.reason}
+                for a in assignments
+                if a.cancel_unacknowledged
             ],
         )
 
@@ -1372,6 +1402,68 @@ class RolloutStore:
                 (PENDING, *sorted(TERMINAL), rollout_id),
             ).fetchone()
         return int(row[0]), int(row[1])
+
+    def staged_cancels_open(self, rollout_id: str) -> int:
+        """STAGED devices whose cancel (an abort's) is not answered yet: one count in SQL,
+        what the abort's last phase waits for on each tick."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT COUNT(*) FROM assignments WHERE rollout_id=? AND state=? "
+                "AND cx_command_id IS NOT NULL",
+                (rollout_id, JOB_STAGED),
+            ).fetchone()
+        return int(row[0])
+
+    def staged_cancels_pending(self, rollout_id: str) -> list[str]:
+        """The ids of the devices `staged_cancels_open` counts."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT device_id FROM assignments WHERE rollout_id=? AND state=? "
+                "AND cx_command_id IS NOT NULL ORDER BY position",
+                (rollout_id, JOB_STAGED),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def time_out_staged_cancels(self, rollout_id: str, reasons: dict[str, str]) -> list[str]:
+        """The abort's deadline passed: each device of `reasons` whose staged job's cancel
+        is still unanswered ends TIMED_OUT, code CANCEL_UNACKED, with its reason (one that
+        answered meanwhile keeps its end). Returns those timed out."""
+        now = time.time()
+        with self.transaction() as c:
+            still = set(self.staged_cancels_pending(rollout_id))
+            late = [d for d in reasons if d in still]
+            c.executemany(
+                "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=? AND state=?",
+                [
+                    (JobState.TIMED_OUT.value, reasons[d], CANCEL_UNACKED, now, rollout_id, d,
+                     JOB_STAGED)
+                    for d in late
+                ],
+            )  # fmt: skip
+        return late
+
+    def cancel_owner(self, command_id: str) -> tuple[str, str] | None:
+        """(rollout id, device id) of a cancel command we sent."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT rollout_id, device_id FROM assignments WHERE cx_command_id=?",
+                (command_id,),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def settle_staged_cancel(self, command_id: str, *, code: str | None, reason: str) -> bool:
+        """The device answered our cancel `command_id` of a job we still know as STAGED
+        and never sent an `activate` (one that was may be switching: it reports for
+        itself): it ends CANCELED, its staged engine gone or never to switch in. True
+        when it changed."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET state=?, code=?, reason=?, updated_at=? "
+                "WHERE cx_command_id=? AND state=? AND ac_command_id IS NULL",
+                (JobState.CANCELED.value, code, reason, time.time(), command_id, JOB_STAGED),
+            )
+            return cur.rowcount == 1
 
     def open_count(self, rollout_id: str, wave: int, settled: frozenset[str] = frozenset()) -> int:
         """Commanded devices of the wave not yet in a terminal state, nor in one of
