@@ -2,8 +2,9 @@
 
 On SQLite (WAL) kept apart from the controller's registry database (`telemetry.db` next
 to it): the ingester writes thousands of rows a second and must not hold the registry's
-write lock. On PostgreSQL, tables of the controller's database, with telemetry_raw
-range-partitioned by day (see PARTITION_S); appends take no write lock there.
+write lock. On PostgreSQL, tables of the controller's database, with telemetry_raw and
+telemetry_minute range-partitioned by day (see PARTITION_S); appends take no write lock
+there.
 
     telemetry_raw     one row per sample: indexed numeric columns for queries and plots,
                       plus the sample's JSON as received (export jsonl hands it back)
@@ -12,13 +13,14 @@ range-partitioned by day (see PARTITION_S); appends take no write lock there.
 
 Retention (`maintain`): raw rows older than `raw_retention_s` (24 h) are folded into
 minute means first, then deleted; minute rows older than `minute_retention_s` (30 d) are
-deleted (on PostgreSQL, whole days of raw rows by dropping their partitions). Times are
+deleted (on PostgreSQL, whole days of either by dropping their partitions). Times are
 the device's `at`, in Unix seconds.
 """
 
 from __future__ import annotations
 
 import calendar
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +43,14 @@ MINUTE_RETENTION_S = 30 * 24 * 3600
 DOWNSAMPLE_LAG_S = 300
 # PostgreSQL advisory lock key of maintain(): one maintainer per database at a time.
 MAINTAIN_LOCK = 0x6A666D74  # "jfmt"
-_MAINTAIN_COUNTS = ("minutes", "raw_deleted", "minute_deleted", "partitions_dropped", "skipped")
+_MAINTAIN_COUNTS = (
+    "minutes",
+    "raw_deleted",
+    "minute_deleted",
+    "raw_partitions_dropped",
+    "minute_partitions_dropped",
+    "skipped",
+)
 
 # The numeric columns, in row order after (device_id, ts). Plot/export metric names.
 METRICS: tuple[str, ...] = (
@@ -75,16 +84,18 @@ METRIC_HELP = {
 
 Row = tuple[Any, ...]  # (device_id, ts, *METRICS, payload)
 
-_RAW_TABLE = f"""telemetry_raw (
+_RAW_BODY = f"""(
     device_id TEXT NOT NULL,
     ts REAL NOT NULL,
     {", ".join(f"{m} REAL" for m in METRICS)},
     payload TEXT NOT NULL
 )"""
+_RAW_TABLE = f"telemetry_raw {_RAW_BODY}"
 _RAW_INDEXES = """
 CREATE INDEX IF NOT EXISTS telemetry_raw_device_ts ON telemetry_raw(device_id, ts);
 CREATE INDEX IF NOT EXISTS telemetry_raw_ts ON telemetry_raw(ts);
 """
+# The first schema step, as it shipped (never edited: see MIGRATIONS).
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {_RAW_TABLE};
 CREATE INDEX IF NOT EXISTS telemetry_raw_device_ts ON telemetry_raw(device_id, ts);
@@ -186,39 +197,108 @@ def connect(path: str | Path, *, readonly: bool = False, timeout: float = 10.0) 
     return db
 
 
-# PostgreSQL keeps raw samples in one range partition per UTC day of `ts` (plus a default
-# partition for samples outside them: a device whose clock is far off, a gap in
-# maintenance): retention drops whole past days instead of deleting their rows, and a
-# query for a time range reads only its days. Partitions are made ahead, by the writer
-# and by each maintenance run, for today and the next PARTITIONS_AHEAD days; never for a
-# past day (its samples went to the default partition, which a new partition over them
-# would have to move).
+# PostgreSQL keeps raw samples and minute means in one range partition per UTC day of
+# their time (`ts`, `minute`), plus a default partition for rows outside them (a device
+# whose clock is far off, a gap in maintenance): retention drops whole past days instead
+# of deleting their rows (no dead rows for VACUUM), and a query for a time range reads
+# only its days. Partitions are made ahead, by the writer and by each maintenance run,
+# for today and the next PARTITIONS_AHEAD days; never for a past day (its rows went to
+# the default partition, which a new partition over them would have to move).
 PARTITION_S = 86400
 PARTITIONS_AHEAD = 2
-_PARTITION_PREFIX = "telemetry_raw_day_"
+
+
+@dataclass(frozen=True)
+class DayPartitioned:
+    """A table that PostgreSQL partitions by day: its columns in SQLite's words (no keys),
+    what is built after its rows are copied in, and how long its rows are kept."""
+
+    name: str
+    key: str  # the time column partitioned on
+    columns: tuple[str, ...]
+    body: str  # "(column TYPE, ...)"
+    keys_and_indexes: str  # statements run once the rows are in
+    keep_s: float
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}_day_"
+
+
+RAW = DayPartitioned("telemetry_raw", "ts", _RAW_COLUMNS, _RAW_BODY, _RAW_INDEXES, RAW_RETENTION_S)
+_MINUTE_COLUMNS = ("device_id", "minute", "n", *METRICS)
+MINUTE = DayPartitioned(
+    "telemetry_minute",
+    "minute",
+    _MINUTE_COLUMNS,
+    f"""(
+    device_id TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    {", ".join(f"{m} REAL" for m in METRICS)}
+)""",
+    "ALTER TABLE telemetry_minute ADD PRIMARY KEY (device_id, minute);"
+    "CREATE INDEX IF NOT EXISTS telemetry_minute_minute ON telemetry_minute(minute);",
+    MINUTE_RETENTION_S,
+)
 
 
 def _partition_raw(db: Database) -> None:
     """Migration step (PostgreSQL): telemetry_raw becomes partitioned by day, rows kept."""
+    _partition_by_day(db, RAW)
+
+
+def _partition_minute(db: Database) -> None:
+    """Migration step (PostgreSQL): telemetry_minute becomes partitioned by day, rows kept."""
+    _partition_by_day(db, MINUTE)
+
+
+def _partition_by_day(db: Database, table: DayPartitioned) -> None:
+    """`table` becomes partitioned by day with every row it had: the days from its first
+    row's (at most `keep_s` back) to PARTITIONS_AHEAD ahead; older rows go to the default
+    partition, where retention deletes them. Keys and indexes are built after the copy
+    (one sort each, not an index insert per row)."""
+    if _is_partitioned(db, table.name):
+        return
+    old = f"{table.name}_unpartitioned"
+    db.execute(f"ALTER TABLE {table.name} RENAME TO {old}")
+    _drop_keys_and_indexes(db, old)  # their names are the new table's
+    db.execute(db.ddl(f"CREATE TABLE {table.name} {table.body} PARTITION BY RANGE ({table.key})"))
+    db.execute(f"CREATE TABLE {table.name}_default PARTITION OF {table.name} DEFAULT")
+    first = db.execute(f"SELECT MIN({table.key}) FROM {old}").fetchone()[0]
+    now = time.time()
+    since = now if first is None else max(float(first), now - table.keep_s)
+    for day in _days(since, now + PARTITIONS_AHEAD * PARTITION_S):
+        _create_partition(db, table, day)
+    columns = ", ".join(table.columns)
+    db.execute(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {old}")
+    db.execute(f"DROP TABLE {old}")
+    db.executescript(table.keys_and_indexes)
+
+
+def _is_partitioned(db: Database, name: str) -> bool:
     kind = db.execute(
         "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relname = 'telemetry_raw' AND n.nspname = current_schema()"
+        "WHERE c.relname = ? AND n.nspname = current_schema()",
+        (name,),
     ).fetchone()
-    if kind is not None and kind[0] == "p":
-        return
-    db.execute("ALTER TABLE telemetry_raw RENAME TO telemetry_raw_unpartitioned")
-    db.execute("DROP INDEX IF EXISTS telemetry_raw_device_ts")
-    db.execute("DROP INDEX IF EXISTS telemetry_raw_ts")
-    db.execute(db.ddl(f"CREATE TABLE {_RAW_TABLE} PARTITION BY RANGE (ts)"))
-    db.execute("CREATE TABLE telemetry_raw_default PARTITION OF telemetry_raw DEFAULT")
-    db.executescript(_RAW_INDEXES)
-    first = db.execute("SELECT MIN(ts) FROM telemetry_raw_unpartitioned").fetchone()[0]
-    now = time.time()
-    since = now if first is None else max(float(first), now - RAW_RETENTION_S)
-    for day in _days(since, now + PARTITIONS_AHEAD * PARTITION_S):
-        _create_partition(db, day)
-    db.execute("INSERT INTO telemetry_raw SELECT * FROM telemetry_raw_unpartitioned")
-    db.execute("DROP TABLE telemetry_raw_unpartitioned")
+    return kind is not None and kind[0] == "p"
+
+
+def _drop_keys_and_indexes(db: Database, name: str) -> None:
+    keys = db.execute(
+        "SELECT conname FROM pg_constraint WHERE conrelid = CAST(? AS regclass) "
+        "AND contype IN ('p', 'u')",
+        (name,),
+    ).fetchall()
+    for (key,) in keys:
+        db.execute(f"ALTER TABLE {name} DROP CONSTRAINT {key}")
+    indexes = db.execute(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = ?",
+        (name,),
+    ).fetchall()
+    for (index,) in indexes:
+        db.execute(f"DROP INDEX {index}")
 
 
 def _days(since: float, until: float) -> list[int]:
@@ -227,34 +307,53 @@ def _days(since: float, until: float) -> list[int]:
     return list(range(first, int(until) + 1, PARTITION_S))
 
 
-def _partition_name(day: int) -> str:
-    return _PARTITION_PREFIX + time.strftime("%Y%m%d", time.gmtime(day))
+def _partition_name(table: DayPartitioned, day: int) -> str:
+    return table.prefix + time.strftime("%Y%m%d", time.gmtime(day))
 
 
-def _create_partition(db: Database, day: int) -> None:
+def _create_partition(db: Database, table: DayPartitioned, day: int) -> None:
     db.execute(
-        f"CREATE TABLE IF NOT EXISTS {_partition_name(day)} PARTITION OF telemetry_raw "
+        f"CREATE TABLE IF NOT EXISTS {_partition_name(table, day)} PARTITION OF {table.name} "
         f"FOR VALUES FROM ({day}) TO ({day + PARTITION_S})"
     )
 
 
-def raw_partitions(db: Database) -> dict[str, int]:
-    """PostgreSQL: the day partitions of telemetry_raw, name -> the day's start."""
+def day_partitions(db: Database, table: DayPartitioned) -> dict[str, int]:
+    """PostgreSQL: the day partitions of `table`, name -> the day's start."""
     rows = db.execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
-        "WHERE p.relname = 'telemetry_raw' AND n.nspname = current_schema()"
+        "WHERE p.relname = ? AND n.nspname = current_schema()",
+        (table.name,),
     ).fetchall()
     out = {}
     for (name,) in rows:
-        if name.startswith(_PARTITION_PREFIX):
-            day = time.strptime(name[len(_PARTITION_PREFIX) :] + "+0000", "%Y%m%d%z")
+        if name.startswith(table.prefix):
+            day = time.strptime(name[len(table.prefix) :] + "+0000", "%Y%m%d%z")
             out[name] = int(calendar.timegm(day))
     return out
 
 
+# A bound past every minute: "no end" as an integer.
+_NO_END = 2**62
+
+
+def _minute_bound(t: float) -> int:
+    """A time bound as the integer `minute` column compares with it: the first whole
+    second at or after `t` (`minute >= t` and `minute < t` keep their rows). A float
+    bound makes PostgreSQL cast the column, which skips its index and the pruning of day
+    partitions: a retention DELETE or a one-hour read then scans every day kept."""
+    if not math.isfinite(t):
+        return _NO_END if t > 0 else -_NO_END
+    return math.ceil(t)
+
+
 # Schema steps, oldest first (controller/db/migrations.py): append, never edit.
-MIGRATIONS: tuple[Step, ...] = (_SCHEMA, PostgresStep("partition telemetry_raw", _partition_raw))
+MIGRATIONS: tuple[Step, ...] = (
+    _SCHEMA,
+    PostgresStep("partition telemetry_raw", _partition_raw),
+    PostgresStep("partition telemetry_minute", _partition_minute),
+)
 
 
 class TelemetryStore:
@@ -289,16 +388,18 @@ class TelemetryStore:
         self.conn.close()
 
     def _partitions_ahead(self, now: float) -> None:
-        """PostgreSQL: today's partition and the next days', before their samples come.
-        One that cannot be made (today's samples already sit in the default partition)
-        is left out: its samples stay in the default partition, read and retained alike."""
+        """PostgreSQL: today's partitions and the next days', before their rows come.
+        One that cannot be made (today's rows already sit in the default partition) is
+        left out: its rows stay in the default partition, read and retained alike."""
         if not self.conn.postgres:
             return
-        for day in _days(now, now + PARTITIONS_AHEAD * PARTITION_S):
-            try:
-                _create_partition(self.conn, day)
-            except DB_ERRORS as e:
-                log.warning("telemetry_partition_not_made", day=_partition_name(day), error=str(e))
+        for table in (RAW, MINUTE):
+            for day in _days(now, now + PARTITIONS_AHEAD * PARTITION_S):
+                try:
+                    _create_partition(self.conn, table, day)
+                except DB_ERRORS as e:
+                    name = _partition_name(table, day)
+                    log.warning("telemetry_partition_not_made", day=name, error=str(e))
 
     # -- writing ---------------------------------------------------------------------
 
@@ -350,8 +451,9 @@ class TelemetryStore:
         raw_retention_s: float = RAW_RETENTION_S,
         minute_retention_s: float = MINUTE_RETENTION_S,
     ) -> dict[str, int]:
-        """Fold finished minutes into means, then apply retention. Returns row counts
-        (`skipped`: 1 when another process was maintaining the database)."""
+        """Fold finished minutes into means, then apply retention. Returns the rows
+        folded and deleted, the day partitions dropped (PostgreSQL), and `skipped`: 1
+        when another process was maintaining the database."""
         now = time.time() if now is None else now
         means = ", ".join(f"AVG({m})" for m in METRICS)
         replace = ", ".join(f"{c} = excluded.{c}" for c in ("n", *METRICS))
@@ -380,29 +482,34 @@ class TelemetryStore:
             # Never drop a raw row that has not been folded into its minute yet.
             # Cut on a minute boundary, so raw rows always start with a whole minute.
             raw_cut = min((int(now - raw_retention_s) // 60) * 60, end)
-            dropped = self._drop_partitions_before(raw_cut)
+            raw_dropped = self._drop_partitions_before(RAW, raw_cut)
             raw_deleted = self.conn.execute(
                 "DELETE FROM telemetry_raw WHERE ts < ?", (raw_cut,)
             ).rowcount
+            minute_cut = _minute_bound(now - minute_retention_s)
+            minute_dropped = self._drop_partitions_before(MINUTE, minute_cut)
             minute_deleted = self.conn.execute(
-                "DELETE FROM telemetry_minute WHERE minute < ?", (now - minute_retention_s,)
+                "DELETE FROM telemetry_minute WHERE minute < ?", (minute_cut,)
             ).rowcount
         self._partitions_ahead(now)
         return {
             "minutes": folded,
             "raw_deleted": raw_deleted,
             "minute_deleted": minute_deleted,
-            "partitions_dropped": dropped,
+            "raw_partitions_dropped": raw_dropped,
+            "minute_partitions_dropped": minute_dropped,
             "skipped": 0,
         }
 
-    def _drop_partitions_before(self, cut: float) -> int:
-        """PostgreSQL: drop the day partitions wholly before `cut` (their minutes are
-        folded: `cut` is never past the folded range); rows before `cut` elsewhere (the
-        default partition, the day `cut` falls in) are deleted row by row."""
+    def _drop_partitions_before(self, table: DayPartitioned, cut: float) -> int:
+        """PostgreSQL: drop the day partitions of `table` wholly before `cut` (raw rows
+        are folded by then: their `cut` is never past the folded range); rows before
+        `cut` elsewhere (the default partition, the day `cut` falls in) are deleted row
+        by row."""
         if not self.conn.postgres:
             return 0
-        old = [n for n, day in raw_partitions(self.conn).items() if day + PARTITION_S <= cut]
+        parts = day_partitions(self.conn, table).items()
+        old = [name for name, day in parts if day + PARTITION_S <= cut]
         for name in old:
             self.conn.execute(f"DROP TABLE {name}")
         return len(old)
@@ -461,7 +568,7 @@ class TelemetryStore:
         cur = self.conn.execute(
             f"SELECT {', '.join(cols)} FROM telemetry_minute WHERE device_id = ? "
             f"AND minute >= ? AND minute < ? ORDER BY minute",
-            (device_id, since, until if until is not None else float("inf")),
+            (device_id, _minute_bound(since), _minute_bound(math.inf if until is None else until)),
         )
         for r in cur:
             d = dict(zip(cols, r, strict=False))
@@ -489,7 +596,7 @@ class TelemetryStore:
                 for t, v in self.conn.execute(
                     f"SELECT minute, {metric} FROM telemetry_minute WHERE device_id = ? "
                     f"AND minute >= ? AND minute < ? AND {metric} IS NOT NULL ORDER BY minute",
-                    (device_id, since, edge),
+                    (device_id, _minute_bound(since), _minute_bound(edge)),
                 )
             ]
         points += [

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,10 +31,12 @@ from controller.rollouts.store import (
 from controller.telemetry.store import (
     METRICS,
     MIGRATIONS,
+    MINUTE,
+    RAW,
     TelemetryStore,
     TelemetryStoreError,
+    day_partitions,
     default_telemetry_db,
-    raw_partitions,
     row_from_sample,
 )
 from protocol.messages import JobState
@@ -346,7 +349,7 @@ def test_raw_telemetry_lives_in_day_partitions_that_retention_drops_after_foldin
     assert store.series("robot-1", "cpu_pct", 0, 2e9) == [(day - 3 * 86400 + 5, 10.0),
                                                           (day + 65, 30.0)]  # fmt: skip
     if store.conn.postgres:
-        parts = raw_partitions(store.conn)
+        parts = day_partitions(store.conn, RAW)
         today = next(n for n, d in parts.items() if d == day)
         assert set(parts.values()) >= {day, day + 86400, day + 2 * 86400}
         assert store.conn.execute(f"SELECT COUNT(*) FROM {today}").fetchone()[0] == 1
@@ -360,15 +363,137 @@ def test_raw_telemetry_lives_in_day_partitions_that_retention_drops_after_foldin
         (day + 60, 1, 30.0),
     ]
     if store.conn.postgres:
-        assert counts["partitions_dropped"] == 3 and counts["raw_deleted"] == 1
+        assert counts["raw_partitions_dropped"] == 3 and counts["raw_deleted"] == 1
         # Yesterday (and before) of `later` are gone; the day of the cut stays, and the
         # days ahead of `later` are made.
-        assert sorted(raw_partitions(store.conn).values()) == [day + k * 86400 for k in range(2, 6)]
+        kept = sorted(day_partitions(store.conn, RAW).values())
+        assert kept == [day + k * 86400 for k in range(2, 6)]
     else:
         assert counts["raw_deleted"] == 2
     reader = TelemetryStore(target, readonly=True)
     assert reader.series("robot-1", "cpu_pct", 0, 2e9) == [(day - 3 * 86400, 10.0),
                                                            (day + 60, 30.0)]  # fmt: skip
+
+
+def minute_row(device: str, minute: int, cpu: float) -> tuple[Any, ...]:
+    """A row of telemetry_minute: (device_id, minute, n, *METRICS)."""
+    means = [cpu if m == "cpu_pct" else float(i) for i, m in enumerate(METRICS)]
+    return (device, minute, 60, *means)
+
+
+def minute_history(target: str | Path, day: int) -> dict[str, Any]:
+    """What export (minute resolution) and plot read of both devices, by a reader as
+    theirs (read-only: it never migrates)."""
+    store = TelemetryStore(target, readonly=True)
+    try:
+        return {
+            d: (list(store.minute_rows(d, day - 50 * 86400)),
+                store.series(d, "cpu_pct", day - 50 * 86400 + 0.5, day + 86400))
+            for d in ("robot-1", "robot-2")
+        }  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_minute_means_move_into_day_partitions_with_every_row_and_retention_drops_old_days(
+    db: str,
+) -> None:
+    """A database from before minute partitions keeps every minute mean through the
+    upgrade (on PostgreSQL: into the partition of its UTC day, or the default one when
+    older than the 30 days kept), export and plot read the same rows as before, and
+    retention drops whole old days of them; SQLite answers the same."""
+    target = default_telemetry_db(db)
+    conn = open_database(target)
+    migrate(conn, "telemetry", MIGRATIONS[:2])  # raw partitioned, minutes not yet
+    day = int(time.time() // 86400) * 86400
+    minutes = {  # minute -> cpu mean
+        day - 40 * 86400 + 120: 5.0,  # older than the 30 days kept
+        day - 10 * 86400 + 600: 10.0,
+        day - 3 * 86400 + 60: 30.0,
+        day - 60: 59.0,  # yesterday's last minute
+        day: 60.0,
+    }
+    devices = ("robot-1", "robot-2")
+    rows = [minute_row(d, m, cpu + i) for m, cpu in minutes.items() for i, d in enumerate(devices)]
+    conn.executemany(
+        f"INSERT INTO telemetry_minute (device_id, minute, n, {', '.join(METRICS)}) "
+        f"VALUES ({', '.join('?' * (len(METRICS) + 3))})",
+        rows,
+    )
+    before = minute_history(target, day)
+    assert len(before["robot-1"][0]) == 5 and len(before["robot-2"][1]) == 5
+
+    store = TelemetryStore(target)  # the upgrade
+    assert minute_history(target, day) == before
+    if store.conn.postgres:
+        parts = day_partitions(store.conn, MINUTE)
+        assert set(parts.values()) >= {day + k * 86400 for k in (-10, -3, -1, 0, 1, 2)}
+        assert min(parts.values()) == day - 30 * 86400
+        for name, count in [
+            ("telemetry_minute_default", 2),  # 40 days ago
+            (next(n for n, d in parts.items() if d == day - 86400), 2),
+            (next(n for n, d in parts.items() if d == day), 2),
+        ]:
+            assert store.conn.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0] == count
+
+    # Keep 5 days: the cut falls at noon 5 days back.
+    counts = store.maintain(day + 43200, minute_retention_s=5 * 86400)
+    assert minute_history(target, day) == {
+        d: (means[2:], [(t, v) for t, v in points if t >= day - 5 * 86400])
+        for d, (means, points) in before.items()
+    }
+    if store.conn.postgres:
+        # Partitions from 30 days back to 6 days back are dropped, with the row of 10
+        # days ago; the 40-day-old rows in the default partition are deleted.
+        assert counts["minute_partitions_dropped"] == 25
+        assert counts["minute_deleted"] == 2
+        kept = sorted(day_partitions(store.conn, MINUTE).values())
+        assert kept == [day + k * 86400 for k in range(-5, 3)]
+    else:
+        assert counts["minute_partitions_dropped"] == 0 and counts["minute_deleted"] == 4
+    # New means still fold into the minute table (today's partition on PostgreSQL):
+    # a sample in the minute before the last run's end, which the next run refolds.
+    sample = TelemetrySample.new(
+        device_id="robot-1", at=datetime.fromtimestamp(day + 43200 - 115, timezone.utc),
+        uptime_s=1, cpu={"percent": [42.0]},
+    )  # fmt: skip
+    store.insert_batch([row_from_sample(sample, sample.encode().decode())])
+    store.maintain(day + 43200, minute_retention_s=5 * 86400)
+    assert (day + 43200 - 120, 42.0) in [
+        (m["ts"], m["cpu_pct"]) for m in store.minute_rows("robot-1", day, day + 86400)
+    ]
+    if store.conn.postgres:
+        today = next(n for n, d in day_partitions(store.conn, MINUTE).items() if d == day)
+        assert store.conn.execute(f"SELECT COUNT(*) FROM {today}").fetchone()[0] == 3
+
+
+def scans(store: TelemetryStore) -> dict[str, int]:
+    """Scans so far of each telemetry_minute partition (the backend's counts flushed)."""
+    store.conn.execute("SELECT pg_stat_force_next_flush()")  # flushed once it is idle
+    rows = store.conn.execute(
+        "SELECT relname, COALESCE(seq_scan, 0) + COALESCE(idx_scan, 0) "
+        "FROM pg_stat_user_tables WHERE relname LIKE 'telemetry_minute_%'"
+    ).fetchall()
+    return {name: int(n) for name, n in rows}
+
+
+@pytest.mark.postgresql
+def test_minute_retention_on_postgresql_reads_only_the_days_it_cuts(postgres_url: str) -> None:
+    """The retention DELETE bounds the integer `minute` by an integer, so PostgreSQL
+    prunes the day partitions wholly after the cut: a kept day is not read (a float cut
+    casts the column and scans every day kept, 30 of them by default)."""
+    store = TelemetryStore(postgres_url)
+    day = int(time.time() // 86400) * 86400
+    names = {d: n for n, d in day_partitions(store.conn, MINUTE).items()}
+    before = scans(store)
+    # Keep one day from noon two days ahead (a clock's time: a float): today goes whole,
+    # tomorrow is cut at noon.
+    counts = store.maintain(day + 2 * 86400 + 43200.5, minute_retention_s=86400)
+    after = scans(store)
+    assert counts["minute_partitions_dropped"] == 1 and names[day] not in after
+    for cut in ("telemetry_minute_default", names[day + 86400]):
+        assert after[cut] > before[cut], cut  # read by the DELETE
+    assert after[names[day + 2 * 86400]] == before[names[day + 2 * 86400]]
 
 
 def test_a_telemetry_batch_comes_back_as_written_whichever_way_it_went_in(db: str) -> None:

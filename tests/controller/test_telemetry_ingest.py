@@ -296,13 +296,12 @@ def test_retention_folds_old_samples_into_minute_means_then_deletes_them(db: str
         rows.append(row_from_sample(s, s.encode().decode()))
     store.insert_batch(rows)
     counts = store.maintain(now)
-    assert counts["minute_deleted"] == 1
     if store.conn.postgres:
-        # Those of the 5 in a day partition (made around today's date) went with it, not
-        # row by row: what is left is checked below.
-        assert counts["raw_deleted"] <= 5
+        # Rows in a day partition (made around today's date: 40 days before `now` may be
+        # one) went with it, not row by row: what is left is checked below.
+        assert counts["raw_deleted"] <= 5 and counts["minute_deleted"] <= 1
     else:
-        assert counts["raw_deleted"] == 5
+        assert counts["raw_deleted"] == 5 and counts["minute_deleted"] == 1
     assert store.count_raw("robot-a") == 2  # the last hour stays raw
     minutes = list(store.minute_rows("robot-a", 0))
     assert [(m["ts"], m["n"], m["cpu_pct"]) for m in minutes] == [
