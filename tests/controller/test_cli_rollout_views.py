@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli
 
+from controller.cli.common import RedrawPacer
 from controller.sandbox.localbroker import LocalMosquitto
 from controller.security.keystore import KeySet
 
@@ -55,3 +56,12 @@ def test_status_list_and_steering_of_an_ended_rollout(
         as_json = run_cli(env, "rollout", verb, rid, "-o", "json")
         assert as_json.returncode == 0, (verb, as_json.stderr)
         assert json.loads(as_json.stdout)["rollout"]["state"] == "succeeded", verb
+
+
+def test_a_live_view_redraws_a_quarter_second_or_twenty_summary_costs_apart() -> None:
+    pacer = RedrawPacer()
+    assert pacer.due(0.0)
+    pacer.drawn(10.0, 10.0078125)  # a cheap summary (8 ms): four redraws a second
+    assert not pacer.due(10.2) and pacer.due(10.25)
+    pacer.drawn(16.0, 16.125)  # a slow database (125 ms): 2.5 s apart, 5 % of the time
+    assert not pacer.due(18.4) and pacer.due(18.5)
