@@ -207,8 +207,9 @@ def release_lines(r: Rollout, view: dict[str, Any]) -> list[Text]:
 
 
 def _stage_lines(summary: RolloutSummary) -> list[Text]:
-    """--stage: who waits STAGED (the old engine serving), and whose staged job was gone
-    when its `activate` came (not counted as failures)."""
+    """--stage: who waits STAGED (the old engine serving), whose staged job was gone
+    when its `activate` came (not counted as failures), and, in an abort, whose cancel is
+    still unanswered or went unanswered (they may hold the staged engine)."""
     r = summary.rollout
     out = []
     if summary.staged:
@@ -218,6 +219,15 @@ def _stage_lines(summary: RolloutSummary) -> list[Text]:
     for d in summary.not_staged:
         out.append(Text(f"  {d['device_id']}: nothing staged to activate: {d['reason']}",
                         style="yellow"))  # fmt: skip
+    if summary.cancels_pending:
+        out.append(Text("cancel pending, the staged engine still on the robot (the abort waits "
+                        f"up to --wave-timeout): {id_list(summary.cancels_pending)}",
+                        style="yellow"))  # fmt: skip
+    for d in summary.cancels_unacknowledged[:20]:
+        out.append(Text(f"  {d['device_id']}: may still hold the staged engine: {d['reason']}",
+                        style="yellow"))  # fmt: skip
+    if len(summary.cancels_unacknowledged) > 20:
+        out.append(Text(f"  … and {len(summary.cancels_unacknowledged) - 20} more"))
     return out
 
 

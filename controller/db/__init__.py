@@ -263,6 +263,15 @@ class Database:
                 if self.in_transaction:
                     self.conn.execute("COMMIT")
 
+    def claim(self, key: int) -> bool:
+        """Inside a transaction: take the named job for this transaction if no other
+        process holds it (PostgreSQL: a transaction-scoped advisory lock, not waited
+        for). On SQLite the write transaction already excludes every other writer."""
+        if self.dialect == SQLITE:
+            return True
+        row = self.conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
+        return bool(row[0])
+
     def close(self) -> None:
         self.conn.close()
 

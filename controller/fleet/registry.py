@@ -125,6 +125,10 @@ def _epoch(iso: str | None) -> float | None:
         return None
 
 
+# Ids per query when reading many devices' presence (within every engine's parameter limit).
+PRESENCE_BATCH = 500
+
+
 class Registry:
     """Device records in the controller database; safe to share between threads."""
 
@@ -311,6 +315,20 @@ class Registry:
         if len(set(ids)) != len(ids):
             raise TargetError(f"--target {target}: a device is named twice")
         return sorted(ids)
+
+    def presence(self, ids: list[str]) -> dict[str, tuple[bool, float | None]]:
+        """Device id -> (online, last seen) of the known ones among `ids` (a few queries,
+        however many ids)."""
+        out: dict[str, tuple[bool, float | None]] = {}
+        for i in range(0, len(ids), PRESENCE_BATCH):
+            chunk = ids[i : i + PRESENCE_BATCH]
+            marks = ",".join("?" for _ in chunk)
+            with self._lock:
+                rows = self.conn.execute(
+                    f"SELECT id, online, last_seen FROM devices WHERE id IN ({marks})", chunk
+                ).fetchall()
+            out.update({r[0]: (bool(r[1]), r[2]) for r in rows})
+        return out
 
     def offline_ids(self) -> set[str]:
         with self._lock:

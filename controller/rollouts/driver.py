@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
@@ -199,6 +200,8 @@ def plan_waves(
 
 # -- driving -------------------------------------------------------------------------
 ProgressCallback = Callable[[RolloutStore, str], None]
+# The abort's last phase counts what is still open at most this often (`_count_abort_open`).
+ABORT_RECOUNT_S = 0.25
 
 
 class RolloutDriver:
@@ -258,6 +261,9 @@ class RolloutDriver:
         self._dirty = True
         self.slo_source = slo_source
         self._next_judgement = 0.0
+        # The abort's last phase: what was still open when last counted, and when.
+        self._abort_open: tuple[int, int, int] | None = None
+        self._abort_counted: tuple[int, float] = (-1, 0.0)  # (messages_handled, monotonic)
 
     # MQTT network thread: only enqueue.
     def _enqueue(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -432,7 +438,7 @@ class RolloutDriver:
         else:
             job = self.store.job(event.command_id)
             if job is None:
-                self._apply_activate_event(event)
+                self._apply_answer(event)
                 return
             if job.device_id != event.device_id:
                 return  # another rollout's, a manual command's, or a device lying about others
@@ -492,6 +498,42 @@ class RolloutDriver:
                 reason=event.reason,
             )
         self._record_event(rollout_id, event, event.state.value if settled else REFUSED)
+
+    def _apply_answer(self, event: JobEvent) -> None:
+        """An event of none of our deploy or rollback commands: the answer to one of our
+        `activate` or `cancel` commands, or nothing of ours."""
+        if self.store.activate_owner(event.command_id) is not None:
+            self._apply_activate_event(event)
+        else:
+            self._apply_cancel_answer(event)
+
+    def _apply_cancel_answer(self, event: JobEvent) -> None:
+        """The answer to one of our cancels. For a job we still know as STAGED, never
+        sent an `activate`, it is the cancel's acknowledgement, as the job's own CANCELED
+        event is (whichever comes first; the agent sends this one first): SUCCEEDED, the
+        cancel is stored and the parked job can no longer switch (or the device has no
+        such job: it never will); REJECTED not_cancelable, the staged job had already
+        ended there (expired, its end reported while nobody listened). Either way the
+        robot holds no staged engine of ours: the assignment ends CANCELED. An activated
+        job may be switching: only its own events tell."""
+        owner = self.store.cancel_owner(event.command_id)
+        if owner is None or owner[1] != event.device_id or event.is_refusal:
+            return  # a refused message says nothing of the job: the deadline judges it
+        settled = False
+        if event.state is JobState.SUCCEEDED:
+            settled = self.store.settle_staged_cancel(
+                event.command_id, code=ReasonCode.CANCELED.value,
+                reason=f"canceled by the abort: the robot acknowledged the cancel ({event.reason})",
+            )  # fmt: skip
+        elif event.state is JobState.REJECTED:
+            settled = self.store.settle_staged_cancel(
+                event.command_id, code=event.code,
+                reason=f"its staged job had already ended on the robot: {event.reason}",
+            )  # fmt: skip
+        if settled:  # in the event log only then: the answer that ended the job here
+            log.info("staged_cancel_acknowledged", rollout_id=owner[0],
+                     device_id=event.device_id, answer=event.state.value)  # fmt: skip
+            self._record_event(owner[0], event, event.state.value)
 
     def _apply_activate_event(self, event: JobEvent) -> None:
         """The answer to one of our `activate` commands. Its SUCCEEDED only says the switch
@@ -1002,6 +1044,8 @@ class RolloutDriver:
 
     # -- abort and rollback --------------------------------------------------------------
     def _begin_rollback(self, rollout: Rollout) -> Rollout:
+        """The abort's last phase: cancel the staged jobs never to activate, roll back the
+        devices that switched, and wait for both (`_step_rollback`)."""
         self._cancel_timed_out(rollout)
         self._cancel_timed_out(rollout, state=JOB_STAGED)  # staged jobs never to activate
         succeeded = [
@@ -1009,18 +1053,25 @@ class RolloutDriver:
             for a in self.store.assignments(rollout.id)
             if a.state == JobState.SUCCEEDED.value and a.rb_command_id is None and not a.rb_state
         ]
-        if rollout.kind != "deploy" or not rollout.rollback_on_abort or not succeeded:
-            self._skip_pending_waves(rollout)
+        if rollout.kind != "deploy" or not rollout.rollback_on_abort:
+            succeeded = []
+        canceling = self.store.staged_cancels_open(rollout.id)
+        self._skip_pending_waves(rollout)
+        if not succeeded and not canceling:
             self.store.set_state(rollout.id, ABORTED)
             self._dirty = True
             log.warning("rollout_aborted", rollout_id=rollout.id, reason=rollout.abort_reason)
             return self.store.get(rollout.id) or rollout
-        # The rollback runs as a pseudo-wave with its own deadline, so a resume after a
-        # crash in this phase knows it is rolling back and until when.
-        self._skip_pending_waves(rollout)
+        # The rollbacks and cancels are waited for as a pseudo-wave with its own deadline,
+        # so a resume after a crash in this phase knows it is rolling back and until when.
         self.store.add_rollback_wave(
-            rollout.id, len(succeeded), self.clock() + rollout.wave_timeout
+            rollout.id, len(succeeded) + canceling, self.clock() + rollout.wave_timeout
         )
+        self._dirty = True
+        if canceling:
+            log.warning("awaiting_staged_cancels", rollout_id=rollout.id, devices=canceling)
+        if not succeeded:
+            return self.store.get(rollout.id) or rollout
         to_publish: list[tuple[str, str, bytes]] = []
         with self._fenced():
             for a in succeeded:
@@ -1131,21 +1182,78 @@ class RolloutDriver:
         self.store.skip_pending_waves(rollout.id)
 
     def _step_rollback(self, rollout: Rollout, idx: int, deadline: float) -> Rollout:
-        sent, still_open = self.store.rollbacks_open(rollout.id)
-        if not still_open or self.clock() >= deadline:
+        """Until every rollback ended and every staged job's cancel was answered, or the
+        deadline: then the rest time out and the rollout is aborted."""
+        past = self.clock() >= deadline
+        sent, rollbacks_open, cancels_open = self._count_abort_open(rollout, force=past)
+        if (rollbacks_open or cancels_open) and not past:
+            return rollout
+        with self._fenced():  # one transaction, and only while this driver holds the lease
             self.store.time_out_rollbacks(
                 rollout.id, f"rollback did not finish within {rollout.wave_timeout:g}s"
             )
+            if cancels_open:
+                self._time_out_staged_cancels(rollout)
             self.store.end_wave(rollout.id, idx, "rolled_back")
             self.store.set_state(rollout.id, ABORTED)
-            self._dirty = True
-            log.warning(
-                "rollout_aborted",
-                rollout_id=rollout.id,
-                reason=rollout.abort_reason,
-                rolled_back=sent,
-            )
+        self._dirty = True
+        log.warning(
+            "rollout_aborted", rollout_id=rollout.id, reason=rollout.abort_reason, rolled_back=sent
+        )
         return self.store.get(rollout.id) or rollout
+
+    def _count_abort_open(self, rollout: Rollout, *, force: bool) -> tuple[int, int, int]:
+        """(rollbacks sent, rollbacks open, staged cancels open): two counts in SQL, taken
+        again only once messages were applied since the last (nothing else answers a
+        rollback or a cancel), at most every ABORT_RECOUNT_S, or when `force`d. Over
+        10,000 assignments a count reads every row of the rollout (tens of ms on SQLite,
+        wide rows): not on each 50 ms tick."""
+        handled, at = self._abort_counted
+        now = time.monotonic()
+        fresh = handled == self.messages_handled or now - at < ABORT_RECOUNT_S
+        if self._abort_open is not None and fresh and not force:
+            return self._abort_open
+        sent, rollbacks_open = self.store.rollbacks_open(rollout.id)
+        self._abort_open = (sent, rollbacks_open, self.store.staged_cancels_open(rollout.id))
+        self._abort_counted = (self.messages_handled, now)
+        return self._abort_open
+
+    def _time_out_staged_cancels(self, rollout: Rollout) -> None:
+        """STAGED devices that did not answer their cancel by the deadline end TIMED_OUT,
+        each with why as far as the registry knows (offline since when, or never seen):
+        they may still hold the staged engine until the cancel, queued in their broker
+        session, reaches them (or their stage_ttl_s ends the job)."""
+        late = self.store.staged_cancels_pending(rollout.id)
+        seen = self.registry.presence(late)
+        reasons = {
+            d: unacknowledged_cancel_reason(rollout.wave_timeout, *seen.get(d, (None, None)))
+            for d in late
+        }
+        timed_out = self.store.time_out_staged_cancels(rollout.id, reasons)
+        if timed_out:
+            log.warning("staged_cancels_unacknowledged", rollout_id=rollout.id,
+                        devices=timed_out)  # fmt: skip
+
+
+def unacknowledged_cancel_reason(
+    timeout: float, online: bool | None, last_seen: float | None
+) -> str:
+    """Why a STAGED device's cancel went unanswered, for `rollout status`."""
+    if online is None:
+        where = "never seen by this controller"
+    elif not online:
+        where = f"offline since {_utc(last_seen)} (its last message)" if last_seen else "offline"
+    else:
+        where = f"online, last message {_utc(last_seen)}" if last_seen else "online"
+    return (
+        f"cancel not acknowledged within the wave timeout of {timeout:g}s: {where}; it may "
+        "still hold the staged engine until the cancel, waiting in its broker session, "
+        "reaches it (or its stage_ttl_s ends the job)"
+    )
+
+
+def _utc(t: float | None) -> str:
+    return datetime.fromtimestamp(t or 0, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # -- creating a rollout ------------------------------------------------------------------

@@ -34,6 +34,10 @@ NO_PREVIOUS = "NO_PREVIOUS"  # a rollback that cannot be sent: no earlier versio
 # In the event log only: a device refused a message naming the command (a repeat, junk
 # carrying its id); not a state of the job.
 REFUSED = "REFUSED"
+# The code of a STAGED device whose abort's cancel was not answered within the wave
+# timeout (state TIMED_OUT): it may still hold the staged engine, so it is listed as
+# such; not a failure of the model (it staged).
+CANCEL_UNACKED = "cancel_unacknowledged"
 
 # Below this much free space on the database's disk a writer is about to fail.
 NEARLY_FULL_BYTES = 1 << 20
@@ -395,9 +399,23 @@ def is_not_staged(state: str, code: str | None) -> bool:
     return state == JobState.REJECTED.value and code == ReasonCode.NOT_STAGED.value
 
 
+def is_cancel_unacknowledged(state: str, code: str | None) -> bool:
+    """Its staged job's cancel went unanswered (`Assignment.cancel_unacknowledged`)."""
+    return state == JobState.TIMED_OUT.value and code == CANCEL_UNACKED
+
+
+def is_excused(state: str, code: str | None) -> bool:
+    """Ended without a verdict on the model (`Assignment.excused`)."""
+    return (
+        is_not_judged(state, code)
+        or is_not_staged(state, code)
+        or is_cancel_unacknowledged(state, code)
+    )
+
+
 def counts_as_failure(state: str, code: str | None) -> bool:
     """A commanded job that ended so counts against the model (`Assignment.failed`)."""
-    return state in FAILED and not (is_not_judged(state, code) or is_not_staged(state, code))
+    return state in FAILED and not is_excused(state, code)
 
 
 @dataclass
@@ -452,7 +470,19 @@ class Assignment:
     @property
     def excused(self) -> bool:
         """Ended without a verdict on the model: the failure rate leaves it out."""
-        return self.not_judged or self.not_staged
+        return is_excused(self.state, self.code)
+
+    @property
+    def cancel_pending(self) -> bool:
+        """STAGED with a cancel sent (an abort): the robot holds the staged engine until
+        it answers."""
+        return self.state == JOB_STAGED and self.cx_command_id is not None
+
+    @property
+    def cancel_unacknowledged(self) -> bool:
+        """Its staged job's cancel went unanswered within the abort's deadline: the robot
+        may still hold the staged engine (the cancel waits for it in the broker)."""
+        return is_cancel_unacknowledged(self.state, self.code)
 
     @property
     def not_staged(self) -> bool:
@@ -502,11 +532,17 @@ class RolloutSummary:
     # found no staged job (not counted as failures).
     staged: list[str] = field(default_factory=list)
     not_staged: list[dict[str, Any]] = field(default_factory=list)
+    # An abort of a staged rollout: STAGED devices whose cancel is not answered yet, and
+    # those that did not answer it in time (they may still hold the staged engine).
+    cancels_pending: list[str] = field(default_factory=list)
+    cancels_unacknowledged: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "staged": self.staged,
             "not_staged": self.not_staged,
+            "cancels_pending": self.cancels_pending,
+            "cancels_unacknowledged": self.cancels_unacknowledged,
             "slo_verdicts": self.slo_verdicts,
             "offline_pending": self.offline_pending,
             "not_judged": self.not_judged,
@@ -536,8 +572,9 @@ class StateGroup:
 
 
 class ListedJob(NamedTuple):
-    """An assignment a summary names by id: a failure, not judged, not staged, STAGED,
-    left to the release, or PENDING while offline."""
+    """An assignment a summary names by id: a failure, not judged, not staged, STAGED
+    (its abort's cancel pending or not), a cancel unanswered, left to the release, or
+    PENDING while offline."""
 
     device_id: str
     wave: int
@@ -545,6 +582,7 @@ class ListedJob(NamedTuple):
     code: str | None
     reason: str | None
     commanded: bool
+    cancel_sent: bool  # an abort's cancel (cx_command_id)
 
 
 def summary_from_counts(
@@ -595,11 +633,17 @@ def summary_from_counts(
             if j.commanded and is_not_judged(j.state, j.code)
         ],
         left_to_release=[j.device_id for j in listed if j.code == OFFLINE_CODE],
-        staged=[j.device_id for j in listed if j.state == JOB_STAGED],
+        staged=[j.device_id for j in listed if j.state == JOB_STAGED and not j.cancel_sent],
         not_staged=[
             {"device_id": j.device_id, "wave": j.wave, "reason": j.reason}
             for j in listed
             if is_not_staged(j.state, j.code)
+        ],
+        cancels_pending=[j.device_id for j in listed if j.state == JOB_STAGED and j.cancel_sent],
+        cancels_unacknowledged=[
+            {"device_id": j.device_id, "wave": j.wave, "reason": j.reason}
+            for j in listed
+            if is_cancel_unacknowledged(j.state, j.code)
         ],
     )
 
@@ -935,21 +979,30 @@ class RolloutStore:
                 if a.not_judged
             ],
             left_to_release=[a.device_id for a in assignments if a.code == OFFLINE_CODE],
-            staged=[a.device_id for a in assignments if a.state == JOB_STAGED],
+            staged=[
+                a.device_id for a in assignments if a.state == JOB_STAGED and not a.cancel_pending
+            ],
             not_staged=[
                 {"device_id": a.device_id, "wave": a.wave, "reason": a.reason}
                 for a in assignments
                 if a.not_staged
+            ],
+            cancels_pending=[a.device_id for a in assignments if a.cancel_pending],
+            cancels_unacknowledged=[
+                {"device_id": a.device_id, "wave": a.wave, "reason": a.reason}
+                for a in assignments
+                if a.cancel_unacknowledged
             ],
         )
 
     def light_summary(self, rollout_id: str) -> RolloutSummary:
         """`summary` without loading every assignment: the database counts them (GROUP BY
         wave and state) and returns rows only for the devices a summary names (failures,
-        not judged, not staged, STAGED, left to the release; PENDING ones only while some
-        device is offline). Equal to `summary`, at a fraction of its cost on a big rollout:
-        what the live view redraws and what status and lists show. Its reads share one
-        snapshot: the counts and the named devices agree while a driver writes."""
+        not judged, not staged, STAGED, cancels unanswered, left to the release; PENDING
+        ones only while some device is offline). Equal to `summary`, at a fraction of its
+        cost on a big rollout: what the live view redraws and what status and lists show.
+        Its reads share one snapshot: the counts and the named devices agree while a
+        driver writes."""
         with self._lock, self.conn.snapshot():
             rollout = self.get(rollout_id)
             if rollout is None:
@@ -972,14 +1025,17 @@ class RolloutStore:
                 "SELECT wave, state, rb_state, "
                 f"CASE WHEN state IN ({marks}) OR code=? THEN device_id END, COUNT(*), "
                 "SUM(CASE WHEN command_id IS NULL THEN 0 ELSE 1 END), MIN(position), "
-                "MAX(code), MAX(reason) FROM assignments WHERE rollout_id=? "
+                "MAX(code), MAX(reason), MAX(CASE WHEN cx_command_id IS NULL THEN 0 ELSE 1 END) "
+                "FROM assignments WHERE rollout_id=? "
                 "GROUP BY 1, 2, 3, 4",
                 (*states, OFFLINE_CODE, rollout_id),
             ).fetchall()
         # int(): PostgreSQL's SUM of a bigint is a numeric (a Decimal here).
         groups = [StateGroup(r[0], r[1], r[2], int(r[4]), int(r[5]), int(r[6])) for r in rows]
         named = sorted((r for r in rows if r[3] is not None), key=lambda r: r[6])
-        return groups, [ListedJob(r[3], r[0], r[1], r[7], r[8], bool(r[5])) for r in named]
+        return groups, [
+            ListedJob(r[3], r[0], r[1], r[7], r[8], bool(r[5]), bool(r[9])) for r in named
+        ]
 
     # -- writes ------------------------------------------------------------------------
     def set_state(self, rollout_id: str, state: str, *, abort_reason: str | None = None) -> None:
@@ -1511,6 +1567,68 @@ class RolloutStore:
                 (PENDING, *sorted(TERMINAL), rollout_id),
             ).fetchone()
         return int(row[0]), int(row[1])
+
+    def staged_cancels_open(self, rollout_id: str) -> int:
+        """STAGED devices whose cancel (an abort's) is not answered yet: one count in SQL,
+        what the abort's last phase waits for on each tick."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT COUNT(*) FROM assignments WHERE rollout_id=? AND state=? "
+                "AND cx_command_id IS NOT NULL",
+                (rollout_id, JOB_STAGED),
+            ).fetchone()
+        return int(row[0])
+
+    def staged_cancels_pending(self, rollout_id: str) -> list[str]:
+        """The ids of the devices `staged_cancels_open` counts."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT device_id FROM assignments WHERE rollout_id=? AND state=? "
+                "AND cx_command_id IS NOT NULL ORDER BY position",
+                (rollout_id, JOB_STAGED),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def time_out_staged_cancels(self, rollout_id: str, reasons: dict[str, str]) -> list[str]:
+        """The abort's deadline passed: each device of `reasons` whose staged job's cancel
+        is still unanswered ends TIMED_OUT, code CANCEL_UNACKED, with its reason (one that
+        answered meanwhile keeps its end). Returns those timed out."""
+        now = time.time()
+        with self.transaction() as c:
+            still = set(self.staged_cancels_pending(rollout_id))
+            late = [d for d in reasons if d in still]
+            c.executemany(
+                "UPDATE assignments SET state=?, reason=?, code=?, updated_at=? "
+                "WHERE rollout_id=? AND device_id=? AND state=?",
+                [
+                    (JobState.TIMED_OUT.value, reasons[d], CANCEL_UNACKED, now, rollout_id, d,
+                     JOB_STAGED)
+                    for d in late
+                ],
+            )  # fmt: skip
+        return late
+
+    def cancel_owner(self, command_id: str) -> tuple[str, str] | None:
+        """(rollout id, device id) of a cancel command we sent."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT rollout_id, device_id FROM assignments WHERE cx_command_id=?",
+                (command_id,),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def settle_staged_cancel(self, command_id: str, *, code: str | None, reason: str) -> bool:
+        """The device answered our cancel `command_id` of a job we still know as STAGED
+        and never sent an `activate` (one that was may be switching: it reports for
+        itself): it ends CANCELED, its staged engine gone or never to switch in. True
+        when it changed."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE assignments SET state=?, code=?, reason=?, updated_at=? "
+                "WHERE cx_command_id=? AND state=? AND ac_command_id IS NULL",
+                (JobState.CANCELED.value, code, reason, time.time(), command_id, JOB_STAGED),
+            )
+            return cur.rowcount == 1
 
     def open_count(self, rollout_id: str, wave: int, settled: frozenset[str] = frozenset()) -> int:
         """Commanded devices of the wave not yet in a terminal state, nor in one of

@@ -1,12 +1,13 @@
 """Telemetry ingestion: MQTT in, SQLite out, nothing lost silently.
 
-Two threads. paho's network thread only checks size, decodes and validates each sample
-(pydantic, from the raw bytes) and appends the row to a bounded queue; a writer thread
-takes everything queued, writes it in one transaction (executemany), and runs retention
-and downsampling every `maintenance_interval_s`. A sample that is oversized, not JSON,
-of another schema, invalid, published on another device's topic, or that finds the
-queue full, is dropped: counted by reason (`stats.dropped`) and logged (first time, then
-at most every 10 s per reason with the running count).
+Three threads. paho's network thread only checks size, decodes and validates each
+sample (pydantic, from the raw bytes) and appends the row to a bounded queue; a writer
+thread takes everything queued and writes it in one transaction; a third runs retention
+and downsampling every `maintenance_interval_s` (one process per database at a time).
+A sample that is oversized, not JSON, of another schema, invalid, published on another
+device's topic, or that finds the queue full, is dropped: counted by reason
+(`stats.dropped`) and logged (first time, then at most every 10 s per reason with the
+running count).
 
 On MQTT 5 the subscription is shared (`$share/<group>/jetfleet/v1/devices/+/telemetry`)
 so several `jetfleet serve` processes split the stream; on 3.1.1 it is a plain one.
@@ -150,6 +151,7 @@ class TelemetryIngester:
         self._messages = 0
         self._net: threading.Thread | None = None
         self._writer: threading.Thread | None = None
+        self._maintainer: threading.Thread | None = None
         self._head = self.topics.prefix + "/devices/"
         if protocol == "5":
             paho_speedups.install()
@@ -180,12 +182,18 @@ class TelemetryIngester:
         self._wake.clear()
         self._writer = threading.Thread(target=self._write_loop, name="telemetry-writer")
         self._writer.start()
+        if self.maintenance_interval_s != float("inf"):
+            self._maintainer = threading.Thread(
+                target=self._maintain_loop, name="telemetry-maintenance", daemon=True
+            )
+            self._maintainer.start()
         try:
             connect_first(self.client, self._brokers, **self._connect_args())
         except (OSError, ValueError) as e:
             self._stop.set()
             self._writer.join()
             self._writer = None
+            self._join_maintainer()
             raise ConnectionError(
                 f"telemetry ingester: cannot connect to {self.broker_url}: {e}"
             ) from e
@@ -216,6 +224,14 @@ class TelemetryIngester:
         if self._writer is not None:
             self._writer.join()
             self._writer = None
+        self._join_maintainer()
+
+    def _join_maintainer(self) -> None:
+        # A fold of a big database can run for seconds; it is a transaction, so leaving
+        # it mid-way (daemon thread, process exit) loses nothing.
+        if self._maintainer is not None:
+            self._maintainer.join(30)
+            self._maintainer = None
 
     def _leave_subscription(self, timeout: float) -> None:
         """Unsubscribe and read on until the UNSUBACK: what the broker sent before it is
@@ -352,7 +368,6 @@ class TelemetryIngester:
 
     def _write_loop(self) -> None:
         store = TelemetryStore(self.store_path)
-        next_maintenance = time.monotonic() + self.maintenance_interval_s
         try:
             while True:
                 stopping = self._stop.is_set()
@@ -363,9 +378,6 @@ class TelemetryIngester:
                     break
                 else:
                     self._stop.wait(self.idle_wait_s)
-                if time.monotonic() >= next_maintenance:
-                    next_maintenance = time.monotonic() + self.maintenance_interval_s
-                    self._maintain(store)
         finally:
             store.close()
 
@@ -390,6 +402,18 @@ class TelemetryIngester:
         self.stats.batches += 1
         if self.on_batch is not None:
             self.on_batch(self.stats)
+
+    # -- maintenance thread ----------------------------------------------------------
+
+    def _maintain_loop(self) -> None:
+        """Downsampling and retention on their own connection: a fold of a minute of a
+        big fleet takes seconds, which the writer would otherwise spend not writing."""
+        store = TelemetryStore(self.store_path)
+        try:
+            while not self._stop.wait(self.maintenance_interval_s):
+                self._maintain(store)
+        finally:
+            store.close()
 
     def _maintain(self, store: TelemetryStore) -> None:
         try:

@@ -39,6 +39,9 @@ MINUTE_RETENTION_S = 30 * 24 * 3600
 # Minutes are (re)computed from raw rows this far back on every maintenance run, so a
 # sample that arrives a little late still lands in its minute's mean.
 DOWNSAMPLE_LAG_S = 300
+# PostgreSQL advisory lock key of maintain(): one maintainer per database at a time.
+MAINTAIN_LOCK = 0x6A666D74  # "jfmt"
+_MAINTAIN_COUNTS = ("minutes", "raw_deleted", "minute_deleted", "partitions_dropped", "skipped")
 
 # The numeric columns, in row order after (device_id, ts). Plot/export metric names.
 METRICS: tuple[str, ...] = (
@@ -347,18 +350,24 @@ class TelemetryStore:
         raw_retention_s: float = RAW_RETENTION_S,
         minute_retention_s: float = MINUTE_RETENTION_S,
     ) -> dict[str, int]:
-        """Fold finished minutes into means, then apply retention. Returns row counts."""
+        """Fold finished minutes into means, then apply retention. Returns row counts
+        (`skipped`: 1 when another process was maintaining the database)."""
         now = time.time() if now is None else now
-        done_until = self._meta_float("downsampled_until")
-        end = (int(now) // 60) * 60  # the current minute is not finished
-        if done_until is None:
-            first = self.conn.execute("SELECT MIN(ts) FROM telemetry_raw").fetchone()[0]
-            start = (int(first) // 60) * 60 if first is not None else end
-        else:
-            start = int(done_until) - DOWNSAMPLE_LAG_S
         means = ", ".join(f"AVG({m})" for m in METRICS)
         replace = ", ".join(f"{c} = excluded.{c}" for c in ("n", *METRICS))
         with self.conn.transaction(exclusive=False):
+            # One maintainer at a time: ingesters on several hosts folding the same
+            # minutes deadlocked on telemetry_minute's index (seen at 10,000/s); the
+            # others skip this round, the next one catches up from downsampled_until.
+            if not self.conn.claim(MAINTAIN_LOCK):
+                return dict.fromkeys(_MAINTAIN_COUNTS, 0) | {"skipped": 1}
+            done_until = self._meta_float("downsampled_until")
+            end = (int(now) // 60) * 60  # the current minute is not finished
+            if done_until is None:
+                first = self.conn.execute("SELECT MIN(ts) FROM telemetry_raw").fetchone()[0]
+                start = (int(first) // 60) * 60 if first is not None else end
+            else:
+                start = int(done_until) - DOWNSAMPLE_LAG_S
             folded = self.conn.execute(
                 f"INSERT INTO telemetry_minute (device_id, minute, n, "
                 f"{', '.join(METRICS)}) SELECT device_id, {self._minute}, "
@@ -384,6 +393,7 @@ class TelemetryStore:
             "raw_deleted": raw_deleted,
             "minute_deleted": minute_deleted,
             "partitions_dropped": dropped,
+            "skipped": 0,
         }
 
     def _drop_partitions_before(self, cut: float) -> int:

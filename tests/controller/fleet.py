@@ -197,6 +197,10 @@ class SimFleet:
                 device_id=will_device.device_id, online=False, groups=will_device.groups
             )
             c.will_set(self.topics.status(will_device.device_id), will.encode(), 1, True)
+            # The device answers on this client from the moment it connects: a command
+            # queued in its session arrives right after CONNACK, and an answer sent before
+            # `client` was set would be dropped (the device would look silent).
+            will_device.client = c
         c.on_message = self._on_message
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
@@ -228,8 +232,8 @@ class SimFleet:
 
     def connect_device(self, device_id: str) -> None:
         d = self.devices[device_id]
-        d.client = self._client(f"{self.name}-{device_id}", d)
-        d.client.subscribe(self.topics.device_cmd(device_id), 1)
+        client = self._client(f"{self.name}-{device_id}", d)  # sets d.client first
+        client.subscribe(self.topics.device_cmd(device_id), 1)
         info = self._publish_status(d, online=True)
         if info is not None:
             info.wait_for_publish(10)

@@ -479,3 +479,29 @@ def test_staged_robots_serve_the_old_engine_until_activate_switches_them_in_seco
                what="both robots on 11.0.0")  # fmt: skip
     print(f"stage (download, build, gate) {stage_s:.1f}s; activate to all SUCCEEDED "
           f"{activate_s:.1f}s (two waves)")  # fmt: skip
+
+
+def test_abort_of_a_staged_rollout_ends_once_the_real_agents_canceled_their_staged_jobs(
+    fleet: Fleet,
+) -> None:
+    """The agent answers a cancel of its STAGED job at once (the cancel SUCCEEDED, then the
+    job CANCELED, code canceled): the abort waits for that, and ends with no robot STAGED."""
+    robots = ("robot-a", "robot-b")
+    before = {d: fleet.active(d) for d in robots}
+    out = fleet.jetfleet(
+        *rollout_start(fleet.bundle("12.0.0"), ",".join(robots), "100%"),
+        "--stage", "--wait", "--output", "json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rid = json.loads(out.stdout)["rollout"]["id"]
+    t0 = time.monotonic()
+    out = fleet.jetfleet("rollout", "abort", rid, "--wait", "--output", "json")
+    abort_s = time.monotonic() - t0
+    assert out.returncode == 1, out.stdout + out.stderr  # aborted
+    data = json.loads(out.stdout)
+    assert data["rollout"]["state"] == "aborted"
+    ended = {d["device_id"]: (d["state"], d["code"]) for d in data["devices"]}
+    assert ended == dict.fromkeys(robots, ("CANCELED", "canceled")), data["devices"]
+    assert (data["staged"], data["cancels_pending"], data["cancels_unacknowledged"]) == ([], [], [])
+    assert {d: fleet.active(d) for d in robots} == before  # the old engines never stopped
+    print(f"abort of a staged rollout to all CANCELED {abort_s:.1f}s")

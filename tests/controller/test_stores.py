@@ -329,6 +329,10 @@ def test_a_summary_counted_by_the_database_equals_the_one_folded_from_every_row(
         job(d)  # PENDING: robot-11 and robot-12 are offline
     for d in ids[15:18]:
         job(d, "BUILDING", "STAGED")
+    # An abort's cancels: one not answered yet, one not answered in time.
+    assert store.record_cancel("r-mix", "robot-16", "cx-16", b"cancel")
+    assert store.record_cancel("r-mix", "robot-17", "cx-17", b"cancel")
+    assert store.time_out_staged_cancels("r-mix", {"robot-17": "no answer"}) == ["robot-17"]
     job("robot-18", "STAGED")  # its activate finds the staged job gone
     assert store.record_activate("r-mix", "robot-18", "ac-18", b"activate", at=time.time())
     assert store.settle_activate("ac-18", "REJECTED", code="not_staged", reason="expired")
@@ -361,7 +365,8 @@ def test_a_summary_counted_by_the_database_equals_the_one_folded_from_every_row(
     assert [d["device_id"] for d in end.not_judged] == ["robot-04", "robot-21"]
     assert [d["device_id"] for d in end.not_staged] == ["robot-18"]
     assert end.offline_pending == ["robot-11", "robot-12"]
-    assert end.staged == ["robot-15", "robot-16", "robot-17"]
+    assert end.staged == ["robot-15"] and end.cancels_pending == ["robot-16"]
+    assert [d["device_id"] for d in end.cancels_unacknowledged] == ["robot-17"]
     assert end.left_to_release == ["robot-22", "robot-23"]
     assert end.rollbacks == {"SUCCEEDED": 1, "FAILED": 1, "PENDING": 1, "NO_PREVIOUS": 1}
     assert [w.state for w in end.waves] == ["done", "running", "skipped", "rollback"]

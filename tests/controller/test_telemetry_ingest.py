@@ -25,7 +25,12 @@ from agent.telemetry.loop import TelemetryLoop
 from agent.telemetry.sampler import TelemetrySampler
 from controller.sandbox.localbroker import LocalMosquitto, free_port
 from controller.telemetry.ingest import IngestPool, TelemetryIngester
-from controller.telemetry.store import TelemetryStore, default_telemetry_db, row_from_sample
+from controller.telemetry.store import (
+    MAINTAIN_LOCK,
+    TelemetryStore,
+    default_telemetry_db,
+    row_from_sample,
+)
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
 from protocol.topics import Topics
@@ -310,6 +315,50 @@ def test_retention_folds_old_samples_into_minute_means_then_deletes_them(db: str
     # A second run changes nothing: downsampling is idempotent.
     store.maintain(now)
     assert len(list(store.minute_rows("robot-a", 0))) == 2
+    store.close()
+
+
+def test_one_maintainer_at_a_time_the_others_skip_and_the_next_round_catches_up(
+    db: str,
+) -> None:
+    """Ingesters on several hosts each run maintenance; two folding the same minutes at
+    once deadlocked on telemetry_minute (PostgreSQL aborted one). Now the second skips."""
+    if not db.startswith("postgresql"):
+        pytest.skip("SQLite's write transaction already admits one maintainer")
+    target = default_telemetry_db(db)
+    first, second = TelemetryStore(target), TelemetryStore(target)
+    now = 1_800_000_000.0
+    s = sample("robot-a", at=now - 90, cpu={"percent": [40.0]})
+    first.insert_batch([row_from_sample(s, s.encode().decode())])
+    with first.conn.transaction(exclusive=False):
+        assert first.conn.claim(MAINTAIN_LOCK)  # what a maintainer elsewhere holds
+        counts = second.maintain(now)
+    assert counts["skipped"] == 1 and counts["minutes"] == 0
+    assert list(second.minute_rows("robot-a", 0)) == []
+    counts = second.maintain(now)
+    assert counts["skipped"] == 0 and counts["minutes"] == 1
+    assert [m["cpu_pct"] for m in second.minute_rows("robot-a", 0)] == [40.0]
+    first.close()
+    second.close()
+
+
+def test_maintenance_runs_beside_the_writer_on_its_own_connection(
+    mosquitto: LocalMosquitto, tmp_path: Path
+) -> None:
+    ing = TelemetryIngester(tmp_path / "t.db", mosquitto.url, maintenance_interval_s=0.2)
+    ing.start()
+    pub = Publisher(mosquitto, "robot-a")
+    try:
+        pub.publish(sample("robot-a", at=time.time() - 600, cpu={"percent": [30.0]}).encode())
+        assert ing.wait_stored(1, 10)
+        assert wait_for(lambda: ing.stats.maintenance_runs >= 2)
+        pub.publish(sample("robot-a", i=1).encode())
+        assert ing.wait_stored(2, 10)  # the writer goes on while maintenance runs
+    finally:
+        pub.close()
+        ing.stop()
+    store = TelemetryStore(tmp_path / "t.db", readonly=True)
+    assert [m["cpu_pct"] for m in store.minute_rows("robot-a", 0)] == [30.0]
     store.close()
 
 
