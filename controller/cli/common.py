@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, NoReturn
@@ -344,7 +345,7 @@ def gate_text(gate: dict[str, Any] | None) -> str:
 def finish(store: RolloutStore, rollout_id: str, output: Output) -> NoReturn:
     """Exit with the rollout's outcome: 0 succeeded, 1 aborted (its summary with --output
     json)."""
-    summary = store.summary(rollout_id)
+    summary = store.light_summary(rollout_id)
     if output is Output.json:
         data = summary.to_dict()
         data["devices"] = [a.to_dict() for a in store.assignments(rollout_id)]
@@ -352,6 +353,25 @@ def finish(store: RolloutStore, rollout_id: str, output: Output) -> NoReturn:
         print_json(data)
     state = summary.rollout.state
     raise typer.Exit(EXIT_OK if state == SUCCEEDED else EXIT_FAILED if state == ABORTED else 0)
+
+
+@dataclass
+class RedrawPacer:
+    """When a live view may recompute its summary again: `min_s` after the last one at
+    the soonest, and `factor` times what that one cost, so that on a slow database the
+    view asks less often instead of taking the host's CPU from the driver (at most
+    1/factor of its time)."""
+
+    min_s: float = 0.25
+    factor: float = 20.0
+    next_at: float = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def drawn(self, started: float, ended: float) -> None:
+        """A summary was computed from `started` to `ended` (monotonic seconds)."""
+        self.next_at = started + max(self.min_s, self.factor * (ended - started))
 
 
 def drive(
@@ -362,13 +382,16 @@ def drive(
     store, registry = open_store(s)
     console = Console(stderr=output is Output.json)
     live: Live | None = None
-    last = [0.0]
+    pacer = RedrawPacer()
 
     def progress(st: RolloutStore, rid: str) -> None:
-        if live is None or time.monotonic() - last[0] < 0.25:
+        # The driver's own thread: a redraw is time the driver does not drive.
+        if live is None or not pacer.due(time.monotonic()):
             return
-        last[0] = time.monotonic()
-        live.update(render(st.summary(rid)))
+        started = time.monotonic()
+        summary = st.light_summary(rid)
+        pacer.drawn(started, time.monotonic())
+        live.update(render(summary))
 
     try:
         driver = make_driver(s, keys, (store, registry), rollout_id, progress, standby=standby)
@@ -377,15 +400,15 @@ def drive(
     try:
         if output is Output.human and console.is_terminal:
             with Live(
-                render(store.summary(rollout_id)), console=console, refresh_per_second=4
+                render(store.light_summary(rollout_id)), console=console, refresh_per_second=4
             ) as lv:
                 live = lv
                 final = driver.run()
-                lv.update(render(store.summary(rollout_id), release_view(store, final)))
+                lv.update(render(store.light_summary(rollout_id), release_view(store, final)))
         else:
             final = driver.run()
             if output is Output.human:
-                console.print(render(store.summary(rollout_id), release_view(store, final)))
+                console.print(render(store.light_summary(rollout_id), release_view(store, final)))
     except DatabaseFullError:
         fail(
             f"the disk holding {s.db} is full: rollout {rollout_id} stopped at its last saved "
@@ -415,7 +438,7 @@ def launch(
     pid = spawn_driver(s, rollout_id)
     store, _ = open_store(s)
     if output is Output.json:
-        print_json({**store.summary(rollout_id).to_dict(), "driver_pid": pid})
+        print_json({**store.light_summary(rollout_id).to_dict(), "driver_pid": pid})
     else:
         typer.echo(
             f"rollout {rollout_id} started (driver pid {pid}); "

@@ -277,7 +277,7 @@ def status(
     s = settings(ctx)
     store, _ = open_store(s)
     r = find_rollout(store, rollout_id) if rollout_id else latest_rollout(store)
-    summary = store.summary(r.id)
+    summary = store.light_summary(r.id)
     lease = current_driver(store, r.id)
     driven = lease is not None
     release = release_view(store, r)
@@ -329,7 +329,7 @@ _WIDE_COLUMNS = ("waves", "max failure", "wave timeout", "canary", "abort reason
 
 
 def _list_row(store: RolloutStore, r: Rollout) -> dict[str, Any]:
-    sm = store.summary(r.id)
+    sm = store.light_summary(r.id)
     return {
         "id": r.id,
         "kind": r.kind,
@@ -410,7 +410,7 @@ def pause_cmd(
     if not pause(store, r.id):
         fail(f"rollout {r.id} is {r.state}; only a running rollout can be paused", EXIT_FAILED)
     if output is Output.json:
-        print_json(store.summary(r.id).to_dict())
+        print_json(store.light_summary(r.id).to_dict())
         return
     typer.echo(f"rollout {r.id} paused; `jetfleet rollout resume {r.id}` continues it")
 

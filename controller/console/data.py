@@ -279,7 +279,10 @@ class ConsoleData:
             store = self._rollouts()
             if store is None:
                 return []
-            return [self._rollout_brief(store.summary(r.id).to_dict()) for r in store.recent(limit)]
+            return [
+                self._rollout_brief(store.light_summary(r.id).to_dict())
+                for r in store.recent(limit)
+            ]
 
     @staticmethod
     def _rollout_brief(s: dict[str, Any]) -> dict[str, Any]:
@@ -310,7 +313,7 @@ class ConsoleData:
             r = store.find(rollout_id) if store is not None else None
             if store is None or r is None:
                 return None
-            out = store.summary(r.id).to_dict()
+            out = store.light_summary(r.id).to_dict()
             out["devices"] = [
                 {
                     k: a.to_dict()[k]

@@ -10,7 +10,8 @@ double, INTEGER a bigint, BLOB a bytea).
 `transaction()` is SQLite's BEGIN IMMEDIATE on both: one writer at a time, taken when
 the transaction begins, so a read-then-write inside it (is this device held? has this
 assignment a command?) cannot race another process. On PostgreSQL that is a
-transaction-scoped advisory lock every writer takes first.
+transaction-scoped advisory lock every writer takes first. `snapshot()` is several reads
+that see one state (SQLite's read transaction, PostgreSQL's REPEATABLE READ).
 """
 
 from __future__ import annotations
@@ -242,6 +243,25 @@ class Database:
                 if self.in_transaction:
                     self.conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Database]:
+        """Reads that see one state of the database, whatever commits meanwhile (counts
+        and the rows they count must agree): SQLite's read transaction, PostgreSQL's
+        REPEATABLE READ. Inside a transaction, that transaction's view."""
+        with self._lock:
+            if self.in_transaction:
+                yield self
+                return
+            if self.dialect == SQLITE:
+                self.conn.execute("BEGIN")
+            else:
+                self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield self
+            finally:
+                if self.in_transaction:
+                    self.conn.execute("COMMIT")
 
     def claim(self, key: int) -> bool:
         """Inside a transaction: take the named job for this transaction if no other

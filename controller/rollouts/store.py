@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from controller.db import Database
 from controller.db import is_disk_full as is_disk_full  # re-exported: the CLI's checks
@@ -389,6 +389,35 @@ class Bake:
     ended_at: float | None
 
 
+def is_not_judged(state: str, code: str | None) -> bool:
+    """The device's gate gave no verdict (`Assignment.not_judged`)."""
+    return state == JobState.FAILED.value and code == ReasonCode.NOT_JUDGED.value
+
+
+def is_not_staged(state: str, code: str | None) -> bool:
+    """Its `activate` found no STAGED job (`Assignment.not_staged`)."""
+    return state == JobState.REJECTED.value and code == ReasonCode.NOT_STAGED.value
+
+
+def is_cancel_unacknowledged(state: str, code: str | None) -> bool:
+    """Its staged job's cancel went unanswered (`Assignment.cancel_unacknowledged`)."""
+    return state == JobState.TIMED_OUT.value and code == CANCEL_UNACKED
+
+
+def is_excused(state: str, code: str | None) -> bool:
+    """Ended without a verdict on the model (`Assignment.excused`)."""
+    return (
+        is_not_judged(state, code)
+        or is_not_staged(state, code)
+        or is_cancel_unacknowledged(state, code)
+    )
+
+
+def counts_as_failure(state: str, code: str | None) -> bool:
+    """A commanded job that ended so counts against the model (`Assignment.failed`)."""
+    return state in FAILED and not is_excused(state, code)
+
+
 @dataclass
 class Assignment:
     rollout_id: str
@@ -436,12 +465,12 @@ class Assignment:
     def failed(self) -> bool:
         """A failure of the model on this device; one with no verdict is not (not_judged),
         nor a staged job the device no longer had when activated (not_staged)."""
-        return self.state in FAILED and not self.excused
+        return counts_as_failure(self.state, self.code)
 
     @property
     def excused(self) -> bool:
         """Ended without a verdict on the model: the failure rate leaves it out."""
-        return self.not_judged or self.not_staged or self.cancel_unacknowledged
+        return is_excused(self.state, self.code)
 
     @property
     def cancel_pending(self) -> bool:
@@ -453,19 +482,19 @@ class Assignment:
     def cancel_unacknowledged(self) -> bool:
         """Its staged job's cancel went unanswered within the abort's deadline: the robot
         may still hold the staged engine (the cancel waits for it in the broker)."""
-        return self.state == JobState.TIMED_OUT.value and self.code == CANCEL_UNACKED
+        return is_cancel_unacknowledged(self.state, self.code)
 
     @property
     def not_staged(self) -> bool:
         """Its `activate` found no STAGED job (it expired, stage_ttl_s, or the device lost
         it): it never switched, through no fault of the model."""
-        return self.state == JobState.REJECTED.value and self.code == ReasonCode.NOT_STAGED.value
+        return is_not_staged(self.state, self.code)
 
     @property
     def not_judged(self) -> bool:
         """The device's gate gave no verdict (its clocks or thermal state kept moving): the
         device, not the model, was the problem, so the failure rate leaves it out."""
-        return self.state == JobState.FAILED.value and self.code == ReasonCode.NOT_JUDGED.value
+        return is_not_judged(self.state, self.code)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -526,6 +555,97 @@ class RolloutSummary:
             "failures": self.failures,
             "rollbacks": self.rollbacks,
         }
+
+
+@dataclass(frozen=True)
+class StateGroup:
+    """The assignments of a rollout that share wave, job state and rollback state: how
+    many, how many were commanded, and the position of the first (a summary names the
+    states in the order the devices first show them)."""
+
+    wave: int
+    state: str
+    rb_state: str | None
+    count: int
+    commanded: int
+    first: int
+
+
+class ListedJob(NamedTuple):
+    """An assignment a summary names by id: a failure, not judged, not staged, STAGED
+    (its abort's cancel pending or not), a cancel unanswered, left to the release, or
+    PENDING while offline."""
+
+    device_id: str
+    wave: int
+    state: str
+    code: str | None
+    reason: str | None
+    commanded: bool
+    cancel_sent: bool  # an abort's cancel (cx_command_id)
+
+
+def summary_from_counts(
+    rollout: Rollout,
+    waves: list[Wave],
+    groups: list[StateGroup],
+    listed: list[ListedJob],
+    offline: set[str],
+    slo_verdicts: list[dict[str, Any]],
+) -> RolloutSummary:
+    """The summary `RolloutStore.summary` folds from every assignment, from the rollout's
+    state groups and the jobs it names (in position order) instead."""
+    counts: dict[int, dict[str, int]] = {}
+    rollbacks: dict[str, int] = {}
+    for g in sorted(groups, key=lambda g: g.first):  # first seen, first named
+        per_wave = counts.setdefault(g.wave, {})
+        per_wave[g.state] = per_wave.get(g.state, 0) + g.count
+        if g.rb_state:
+            rollbacks[g.rb_state] = rollbacks.get(g.rb_state, 0) + g.count
+    assigned = sum(g.commanded for g in groups)
+    failed = [j for j in listed if j.commanded and counts_as_failure(j.state, j.code)]
+    return RolloutSummary(
+        rollout=rollout,
+        waves=[
+            WaveSummary(w.idx, w.size, w.state, counts.get(w.idx, {}), w.deadline) for w in waves
+        ],
+        assigned=assigned,
+        failed=len(failed),
+        failure_rate=(len(failed) / assigned) if assigned else 0.0,
+        failures=[
+            {
+                "device_id": j.device_id,
+                "wave": j.wave,
+                "state": j.state,
+                "code": j.code,
+                "reason": j.reason,
+            }
+            for j in failed
+        ],
+        rollbacks=rollbacks,
+        slo_verdicts=slo_verdicts,
+        offline_pending=[
+            j.device_id for j in listed if j.state == PENDING and j.device_id in offline
+        ],
+        not_judged=[
+            {"device_id": j.device_id, "wave": j.wave, "reason": j.reason}
+            for j in listed
+            if j.commanded and is_not_judged(j.state, j.code)
+        ],
+        left_to_release=[j.device_id for j in listed if j.code == OFFLINE_CODE],
+        staged=[j.device_id for j in listed if j.state == JOB_STAGED and not j.cancel_sent],
+        not_staged=[
+            {"device_id": j.device_id, "wave": j.wave, "reason": j.reason}
+            for j in listed
+            if is_not_staged(j.state, j.code)
+        ],
+        cancels_pending=[j.device_id for j in listed if j.state == JOB_STAGED and j.cancel_sent],
+        cancels_unacknowledged=[
+            {"device_id": j.device_id, "wave": j.wave, "reason": j.reason}
+            for j in listed
+            if is_cancel_unacknowledged(j.state, j.code)
+        ],
+    )
 
 
 def slo_verdict_rows(
@@ -809,6 +929,9 @@ class RolloutStore:
         return a, a.rb_command_id == command_id
 
     def summary(self, rollout_id: str) -> RolloutSummary:
+        """Every assignment of the rollout loaded and folded: O(devices) rows and objects.
+        The reference `light_summary` is tested and benchmarked against
+        (bench/rollout_view.py); views use that one."""
         rollout = self.get(rollout_id)
         if rollout is None:
             raise KeyError(rollout_id)
@@ -871,6 +994,48 @@ class RolloutStore:
                 if a.cancel_unacknowledged
             ],
         )
+
+    def light_summary(self, rollout_id: str) -> RolloutSummary:
+        """`summary` without loading every assignment: the database counts them (GROUP BY
+        wave and state) and returns rows only for the devices a summary names (failures,
+        not judged, not staged, STAGED, cancels unanswered, left to the release; PENDING
+        ones only while some device is offline). Equal to `summary`, at a fraction of its
+        cost on a big rollout: what the live view redraws and what status and lists show.
+        Its reads share one snapshot: the counts and the named devices agree while a
+        driver writes."""
+        with self._lock, self.conn.snapshot():
+            rollout = self.get(rollout_id)
+            if rollout is None:
+                raise KeyError(rollout_id)
+            offline = set(self._offline()) if self._offline is not None else set()
+            groups, listed = self._tally(rollout_id, name_pending=bool(offline))
+            waves, slo = self.waves(rollout_id), self.slo_verdicts(rollout_id)
+        return summary_from_counts(rollout, waves, groups, listed, offline, slo)
+
+    def _tally(
+        self, rollout_id: str, *, name_pending: bool
+    ) -> tuple[list[StateGroup], list[ListedJob]]:
+        """The rollout's state groups and the jobs a summary may name, in one pass over its
+        assignments: a job in a failure state, STAGED, code offline (PENDING too, with
+        `name_pending`) is a group of its own, keyed by its device id."""
+        states = sorted(FAILED | {JOB_STAGED} | ({PENDING} if name_pending else set()))
+        marks = ",".join("?" for _ in states)
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT wave, state, rb_state, "
+                f"CASE WHEN state IN ({marks}) OR code=? THEN device_id END, COUNT(*), "
+                "SUM(CASE WHEN command_id IS NULL THEN 0 ELSE 1 END), MIN(position), "
+                "MAX(code), MAX(reason), MAX(CASE WHEN cx_command_id IS NULL THEN 0 ELSE 1 END) "
+                "FROM assignments WHERE rollout_id=? "
+                "GROUP BY 1, 2, 3, 4",
+                (*states, OFFLINE_CODE, rollout_id),
+            ).fetchall()
+        # int(): PostgreSQL's SUM of a bigint is a numeric (a Decimal here).
+        groups = [StateGroup(r[0], r[1], r[2], int(r[4]), int(r[5]), int(r[6])) for r in rows]
+        named = sorted((r for r in rows if r[3] is not None), key=lambda r: r[6])
+        return groups, [
+            ListedJob(r[3], r[0], r[1], r[7], r[8], bool(r[5]), bool(r[9])) for r in named
+        ]
 
     # -- writes ------------------------------------------------------------------------
     def set_state(self, rollout_id: str, state: str, *, abort_reason: str | None = None) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fleet import SimFleet, build_bundle, cli_env, make_devices, run_cli
 
+from controller.cli.common import RedrawPacer
 from controller.sandbox.localbroker import LocalMosquitto
 from controller.security.keystore import KeySet
 
@@ -55,3 +56,25 @@ def test_status_list_and_steering_of_an_ended_rollout(
         as_json = run_cli(env, "rollout", verb, rid, "-o", "json")
         assert as_json.returncode == 0, (verb, as_json.stderr)
         assert json.loads(as_json.stdout)["rollout"]["state"] == "succeeded", verb
+
+
+def test_a_rollout_followed_on_a_terminal_is_drawn_live_to_its_end(
+    mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], tmp_path: Path
+) -> None:
+    bundle = build_bundle(tmp_path / "build", keys.release, version="2.0.0")
+    with SimFleet(mosquitto.url, keys.trust, make_devices(2)):
+        # FORCE_COLOR: a terminal to rich, so `--wait` follows the rollout in a live view.
+        done = run_cli({**env, "FORCE_COLOR": "1"}, "rollout", "start", str(bundle),
+                       "--target", "all", "--wait", "--waves", "1,100%")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "\x1b[" in done.stdout and "SUCCEEDED" in done.stdout, done.stdout
+    assert "SUCCEEDED 1" in done.stdout and "failure rate 0% (0/2" in done.stdout, done.stdout
+
+
+def test_a_live_view_redraws_a_quarter_second_or_twenty_summary_costs_apart() -> None:
+    pacer = RedrawPacer()
+    assert pacer.due(0.0)
+    pacer.drawn(10.0, 10.0078125)  # a cheap summary (8 ms): four redraws a second
+    assert not pacer.due(10.2) and pacer.due(10.25)
+    pacer.drawn(16.0, 16.125)  # a slow database (125 ms): 2.5 s apart, 5 % of the time
+    assert not pacer.due(18.4) and pacer.due(18.5)

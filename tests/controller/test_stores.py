@@ -5,6 +5,7 @@ holder per device, one command per assignment), each process on its own connecti
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from controller.rollouts.store import (
     WAITING,
     DevicesHeldError,
     RolloutStore,
+    RolloutSummary,
     rollout_state_counts,
     rollouts_in_flight,
 )
@@ -121,6 +123,24 @@ def test_a_failed_transaction_leaves_nothing_and_nested_ones_join_the_outer(db: 
         conn.execute("INSERT INTO t VALUES (?)", ("kept",))
     other = open_database(db)  # what another process sees
     assert [r[0] for r in other.execute("SELECT k FROM t ORDER BY k")] == ["kept"]
+
+
+def test_reads_in_a_snapshot_agree_with_each_other_while_another_process_commits(
+    db: str,
+) -> None:
+    conn, other = open_database(db), open_database(db)
+    conn.executescript("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    count = "SELECT COUNT(*) FROM t"
+    with conn.snapshot():
+        assert conn.execute(count).fetchone()[0] == 0
+        with other.transaction():
+            other.execute("INSERT INTO t VALUES (?)", ("meanwhile",))
+        assert conn.execute(count).fetchone()[0] == 0
+    assert not conn.in_transaction
+    assert conn.execute(count).fetchone()[0] == 1
+    with conn.transaction(), conn.snapshot():  # inside a transaction: its own view
+        conn.execute("INSERT INTO t VALUES (?)", ("mine",))
+        assert conn.execute(count).fetchone()[0] == 2
 
 
 def test_migrations_apply_once_upgrade_an_older_schema_and_refuse_a_newer_one(db: str) -> None:
@@ -261,6 +281,103 @@ def test_a_rollout_goes_through_the_store_the_same_on_both_engines(db: str) -> N
     assert WAITING not in {a.state for a in store.assignments("r-abc")}
     history = store.device_history("robot-1")
     assert [(r.id, a.command_id) for r, a in history] == [("r-abc", "c1")]
+
+
+def same_summary_both_ways(store: RolloutStore, rid: str) -> RolloutSummary:
+    """The light summary equals the full one, field for field and in the order its
+    lists and counts come (the JSON of `rollout status`); the full one is returned."""
+    full, light = store.summary(rid), store.light_summary(rid)
+    assert light == full
+    assert json.dumps(light.to_dict()) == json.dumps(full.to_dict())
+    return full
+
+
+def test_a_summary_counted_by_the_database_equals_the_one_folded_from_every_row(db: str) -> None:
+    offline = {"robot-11", "robot-12", "robot-03", "robot-99"}
+    store = RolloutStore(open_database(db), offline=lambda: offline)
+    ids = [f"robot-{i:02d}" for i in range(35)]
+    create(store, "r-mix", [ids[:10], ids[10:25], ids[25:]], already_done={"robot-34": "on it"})
+    # Another rollout's jobs on some of the same devices count in neither summary.
+    create(store, "r-other", [ids[:5]], exclusive=False)
+    for d in ids[:5]:
+        assert store.record_command("r-other", d, f"o-{d}", b"env")
+        assert store.apply_job_state(f"o-{d}", "FAILED", device_id=d, code="crash")
+    assert same_summary_both_ways(store, "r-mix").assigned == 0
+
+    def job(device: str, *states: str, code: str | None = None) -> str:
+        cid = f"c-{device}"
+        assert store.record_command("r-mix", device, cid, b"signed")
+        for state in states:
+            assert store.apply_job_state(cid, state, device_id=device, code=code, reason=state)
+        return cid
+
+    store.start_wave("r-mix", 0, deadline=2e9)
+    for d in ids[:3]:
+        job(d, "RECEIVED", "SUCCEEDED")
+    job("robot-03", "DOWNLOADING", "FAILED", code="latency_regression")
+    job("robot-04", "FAILED", code="not_judged")
+    job("robot-05", "VALIDATING", "ROLLED_BACK", code="probation_failed")
+    job("robot-06", "CANCELED", code="canceled")
+    job("robot-07", "REJECTED", code="bad_signature")
+    retried = job("robot-08", "FAILED", code="download_failed")
+    assert store.reset_for_retry("r-mix", "robot-08", retried, 2e9, "retry 1 of 1")
+    job("robot-09")  # never answers
+    assert store.time_out("r-mix", 0, "no answer in 30s") == ["robot-09"]
+    store.end_wave("r-mix", 0)
+    mid = same_summary_both_ways(store, "r-mix")
+    assert (mid.assigned, mid.failed) == (9, 4)
+
+    store.start_wave("r-mix", 1, deadline=2e9)
+    for d in ids[10:15]:
+        job(d)  # PENDING: robot-11 and robot-12 are offline
+    for d in ids[15:18]:
+        job(d, "BUILDING", "STAGED")
+    # An abort's cancels: one not answered yet, one not answered in time.
+    assert store.record_cancel("r-mix", "robot-16", "cx-16", b"cancel")
+    assert store.record_cancel("r-mix", "robot-17", "cx-17", b"cancel")
+    assert store.time_out_staged_cancels("r-mix", {"robot-17": "no answer"}) == ["robot-17"]
+    job("robot-18", "STAGED")  # its activate finds the staged job gone
+    assert store.record_activate("r-mix", "robot-18", "ac-18", b"activate", at=time.time())
+    assert store.settle_activate("ac-18", "REJECTED", code="not_staged", reason="expired")
+    job("robot-19", "ON_HOLD", code="window")
+    job("robot-20", "DOWNLOADING")
+    job("robot-21", "FAILED", code="not_judged")
+    store.leave_to_release("r-mix", ["robot-22", "robot-23"], "offline at its wave")
+    job("robot-24", "SUCCEEDED")
+    store.start_bake("r-mix", 0, 100.0)
+    store.record_verdicts(
+        "r-mix", 0, [{"slo": "p99 < 5", "verdict": "PASS", "reason": "4.1", "mean": 4.1}], 101.0
+    )
+    assert store.request_abort("r-mix", "operator", rollback=True)
+    for d, rb_state in (("robot-03", "SUCCEEDED"), ("robot-05", "FAILED"), ("robot-07", None)):
+        assert store.record_rollback("r-mix", d, f"rb-{d}", b"rb", "1.0.0")
+        if rb_state:
+            assert store.apply_job_state(f"rb-{d}", rb_state, device_id=d)
+    store.mark_rollback_impossible("r-mix", "robot-06", "no earlier version")
+    store.add_rollback_wave("r-mix", 4, deadline=2e9)
+    store.skip_pending_waves("r-mix")
+
+    end = same_summary_both_ways(store, "r-mix")
+    assert (end.assigned, end.failed) == (22, 4)
+    assert [f["device_id"] for f in end.failures] == [
+        "robot-03",
+        "robot-05",
+        "robot-07",
+        "robot-09",
+    ]
+    assert [d["device_id"] for d in end.not_judged] == ["robot-04", "robot-21"]
+    assert [d["device_id"] for d in end.not_staged] == ["robot-18"]
+    assert end.offline_pending == ["robot-11", "robot-12"]
+    assert end.staged == ["robot-15"] and end.cancels_pending == ["robot-16"]
+    assert [d["device_id"] for d in end.cancels_unacknowledged] == ["robot-17"]
+    assert end.left_to_release == ["robot-22", "robot-23"]
+    assert end.rollbacks == {"SUCCEEDED": 1, "FAILED": 1, "PENDING": 1, "NO_PREVIOUS": 1}
+    assert [w.state for w in end.waves] == ["done", "running", "skipped", "rollback"]
+    assert end.waves[2].counts == {"WAITING": 9, "SUCCEEDED": 1} and end.slo_verdicts
+    offline.clear()  # nobody offline: PENDING devices are not named
+    assert same_summary_both_ways(store, "r-mix").offline_pending == []
+    with pytest.raises(KeyError):
+        store.light_summary("r-none")
 
 
 def test_release_history_keeps_versions_per_scope(db: str) -> None:
