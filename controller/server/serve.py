@@ -35,6 +35,7 @@ import structlog
 
 from controller.server.state import ServeState, remove_serve_state, write_serve_state
 from controller.telemetry.ingest import IngestPool
+from controller.telemetry.store import RAW_RETENTION_S
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -227,6 +228,7 @@ class ServeConfig:
     key: str = ""
     ingest: bool = True
     ingest_workers: int = 1
+    raw_retention_s: float = RAW_RETENTION_S
     idle_timeout_s: float = IDLE_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
     # The web console on the HTTP port (docs/console.md): beyond loopback only with a token.
@@ -379,6 +381,7 @@ class JetfleetServer:
             cert=cfg.cert,
             key=cfg.key,
             on_status=self.recorder.offer if self.recorder is not None else None,
+            raw_retention_s=cfg.raw_retention_s,
         )
 
     def _http_server(

@@ -30,7 +30,7 @@ import structlog
 from pydantic import ValidationError
 
 from controller.telemetry import paho_speedups
-from controller.telemetry.store import Row, TelemetryStore, row_from_sample
+from controller.telemetry.store import RAW_RETENTION_S, Row, TelemetryStore, row_from_sample
 from protocol.errors import ProtocolError, SchemaError
 from protocol.messages import DeviceStatus
 from protocol.telemetry import TelemetrySample
@@ -124,6 +124,7 @@ class TelemetryIngester:
         batch_max: int = 10_000,
         idle_wait_s: float = 0.05,
         maintenance_interval_s: float = 60.0,
+        raw_retention_s: float = RAW_RETENTION_S,
         on_status: Callable[[DeviceStatus], None] | None = None,
         subscribe_status: bool = True,
         on_batch: Callable[[IngestStats], None] | None = None,
@@ -137,6 +138,7 @@ class TelemetryIngester:
         self.batch_max = batch_max
         self.idle_wait_s = idle_wait_s
         self.maintenance_interval_s = maintenance_interval_s
+        self.raw_retention_s = raw_retention_s
         self.on_status = on_status
         self.subscribe_status = subscribe_status
         self.on_batch = on_batch
@@ -417,7 +419,7 @@ class TelemetryIngester:
 
     def _maintain(self, store: TelemetryStore) -> None:
         try:
-            counts = store.maintain()
+            counts = store.maintain(raw_retention_s=self.raw_retention_s)
             self.stats.maintenance_runs += 1
             log.info("telemetry_maintenance", **counts)
         except Exception as e:
@@ -487,7 +489,13 @@ class IngestPool:
 
         self._mp = mp.get_context("spawn")
         self.main = TelemetryIngester(store_path, broker_url, **kwargs)
-        own = ("on_status", "subscribe_status", "on_batch", "maintenance_interval_s")
+        own = (
+            "on_status",
+            "subscribe_status",
+            "on_batch",
+            "maintenance_interval_s",
+            "raw_retention_s",
+        )
         self._kwargs = {k: v for k, v in kwargs.items() if k not in own}
         self._store_path, self._broker_url = store_path, broker_url
         # A flag, not an Event: Event.set() waits for every process asleep on it to wake,

@@ -341,14 +341,16 @@ def test_one_maintainer_at_a_time_the_others_skip_and_the_next_round_catches_up(
     second.close()
 
 
-def test_maintenance_runs_beside_the_writer_on_its_own_connection(
+def test_maintenance_runs_beside_the_writer_and_keeps_raw_samples_as_long_as_told(
     mosquitto: LocalMosquitto, tmp_path: Path
 ) -> None:
-    ing = TelemetryIngester(tmp_path / "t.db", mosquitto.url, maintenance_interval_s=0.2)
+    ing = TelemetryIngester(
+        tmp_path / "t.db", mosquitto.url, maintenance_interval_s=0.2, raw_retention_s=3600
+    )
     ing.start()
     pub = Publisher(mosquitto, "robot-a")
     try:
-        pub.publish(sample("robot-a", at=time.time() - 600, cpu={"percent": [30.0]}).encode())
+        pub.publish(sample("robot-a", at=time.time() - 7200, cpu={"percent": [30.0]}).encode())
         assert ing.wait_stored(1, 10)
         assert wait_for(lambda: ing.stats.maintenance_runs >= 2)
         pub.publish(sample("robot-a", i=1).encode())
@@ -357,7 +359,9 @@ def test_maintenance_runs_beside_the_writer_on_its_own_connection(
         pub.close()
         ing.stop()
     store = TelemetryStore(tmp_path / "t.db", readonly=True)
+    # The sample of two hours ago is past the hour of raw retention: only its mean stays.
     assert [m["cpu_pct"] for m in store.minute_rows("robot-a", 0)] == [30.0]
+    assert store.count_raw("robot-a") == 1
     store.close()
 
 
