@@ -12,7 +12,17 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["notify", "ready", "status", "stopping", "watchdog", "watchdog_interval"]
+__all__ = [
+    "SEND_TIMEOUT_S",
+    "notify",
+    "ready",
+    "status",
+    "stopping",
+    "watchdog",
+    "watchdog_interval",
+]
+
+SEND_TIMEOUT_S = 1.0
 
 
 def _address(value: str) -> str | bytes | None:
@@ -29,8 +39,8 @@ def _address(value: str) -> str | bytes | None:
 def notify(**fields: str) -> bool:
     """Send `KEY=VALUE` lines, e.g. notify(READY="1", STATUS="connected").
 
-    Returns True when the datagram was sent, False when $NOTIFY_SOCKET is unset, malformed
-    or the send failed.
+    Returns True when the datagram was sent, False when $NOTIFY_SOCKET is unset, malformed,
+    the send failed or the receiver took none for SEND_TIMEOUT_S.
     """
     address = _address(os.environ.get("NOTIFY_SOCKET", ""))
     if address is None or not fields:
@@ -40,6 +50,10 @@ def notify(**fields: str) -> bool:
     payload = ("\n".join(lines) + "\n").encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # A datagram send blocks while the receiver's queue is full (10 datagrams by
+            # default) and a signal does not end it (the send is retried): a supervisor that
+            # stops reading would otherwise hang the daemon, its SIGTERM included.
+            sock.settimeout(SEND_TIMEOUT_S)
             sock.sendto(payload, address)
     except OSError:
         return False

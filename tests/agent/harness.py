@@ -125,11 +125,20 @@ class AgentProcess:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                self._dump_stuck()
                 self.proc.kill()
                 self.proc.wait()
         rc = self.proc.returncode
         self.proc = None
         return rc
+
+    def _dump_stuck(self) -> None:
+        """A shutdown that hangs is a bug: SIGUSR1 makes the agent write every thread's stack
+        to its log (faulthandler), and the log's tail goes to the test's captured output."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        print(f"agent did not stop on SIGTERM; its log ends:\n{self.log()[-20000:]}")
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,21 @@ def test_a_vanished_or_bogus_socket_returns_false_instead_of_raising(
         stream.bind(str(stream_path))
         monkeypatch.setenv("NOTIFY_SOCKET", str(stream_path))
         assert sdnotify.watchdog() is False
+
+
+def test_a_supervisor_that_stops_reading_cannot_hang_the_daemon(
+    path_socket: socket.socket,
+) -> None:
+    sent = 0
+    started = time.monotonic()
+    while sdnotify.watchdog():  # fills the receiver's queue, which is never read
+        sent += 1
+        assert sent < 100_000
+    blocked = time.monotonic() - started
+    assert sent >= 1
+    assert blocked < sdnotify.SEND_TIMEOUT_S + 2.0
+    assert _receive(path_socket) == {"WATCHDOG": "1"}  # what was queued is intact
+    assert sdnotify.stopping()  # and there is room again once the receiver reads
 
 
 @pytest.mark.parametrize(
