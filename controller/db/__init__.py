@@ -20,7 +20,7 @@ import functools
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,10 @@ class Database:
         self.target = target
         self._lock = threading.RLock()
         self._sql: dict[str, str] = {}
+        self._later: list[tuple[str, Sequence[Any]]] = []  # see execute_later
+        self._owner: int | None = None  # the thread inside transaction()
+        # Pipeline mode needs libpq 14 or later (psycopg[binary] ships one).
+        self._pipelines = dialect == POSTGRESQL and bool(psycopg.Pipeline.is_supported())
         self.max_params = 999 if dialect == SQLITE else _PG_PARAM_LIMIT
         if dialect == SQLITE:
             getlimit = getattr(conn, "getlimit", None)
@@ -165,13 +169,46 @@ class Database:
         """A cursor (fetchone, fetchall, rowcount, iteration) on both engines."""
         if self.dialect == SQLITE:
             return self.conn.execute(sql, params)
+        if self._later and self._owner == threading.get_ident():
+            return self._send_later(lambda: self._execute_pg(sql, params))
+        return self._execute_pg(sql, params)
+
+    def _execute_pg(self, sql: str, params: Sequence[Any]) -> Any:
         if not params:
             return self.conn.execute(sql)
         return self.conn.execute(self._translate(sql), params)
 
+    def execute_later(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose outcome nobody reads (no rows, no rowcount). Inside a PostgreSQL
+        transaction it waits for the next statement on this connection, or the commit,
+        and reaches the server with it in one round trip (psycopg's pipeline mode): a
+        job event's registry write then shares the round trip of its assignment's
+        update. In SQLite, or outside a transaction, it runs now. Its error, if any,
+        is raised by the statement it travels with, in the same transaction. Only the
+        thread that holds the transaction defers (another thread's statement on the
+        shared connection neither waits for it nor sends it)."""
+        if self._pipelines and self._owner == threading.get_ident():
+            self._later.append((self._translate(sql) if params else sql, params))
+        else:
+            self.execute(sql, params)
+
+    def _send_later(self, then: Callable[[], Any] | None = None) -> Any:
+        """The waiting writes, then `then`'s statement, in one pipeline: one round trip;
+        on leaving it every result is in (a cursor `then` returns can be read)."""
+        later, self._later = self._later, []
+        result = None
+        with self.conn.pipeline():
+            for sql, params in later:
+                self.conn.execute(sql, params or None)
+            if then is not None:
+                result = then()
+        return result
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
         if self.dialect == SQLITE:
             return self.conn.executemany(sql, rows)
+        if self._later and self._owner == threading.get_ident():
+            self._send_later()
         cur = self.conn.cursor()
         cur.executemany(self._translate(sql), list(rows))
         return cur
@@ -182,6 +219,8 @@ class Database:
         table routes each row to its partition). SQLite has no COPY: multi-row INSERTs."""
         if not self.postgres:
             raise DatabaseError(f"COPY into {table}: {self} is SQLite, which appends by INSERT")
+        if self._later and self._owner == threading.get_ident():
+            self._send_later()
         sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
         with self.conn.cursor() as cur, cur.copy(sql) as copy:
             for row in rows:
@@ -192,7 +231,7 @@ class Database:
         sqlite3's own executescript would commit the transaction it runs in."""
         for statement in re.sub(r"--[^\n]*", "", ddl).split(";"):
             if statement.strip():
-                self.conn.execute(self.ddl(statement))
+                self.execute(self.ddl(statement))
 
     def ddl(self, sql: str) -> str:
         if self.dialect == SQLITE:
@@ -234,15 +273,19 @@ class Database:
                 self.conn.execute("BEGIN")
                 if exclusive:
                     self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            self._owner = threading.get_ident()
             try:
                 yield self
-                self.conn.execute("COMMIT")
+                self.execute("COMMIT")
             except BaseException:
+                self._later.clear()
                 # SQLite may have rolled back already (SQLITE_FULL in a statement); a
                 # failed COMMIT leaves the transaction open.
                 if self.in_transaction:
                     self.conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._owner = None
 
     @contextmanager
     def snapshot(self) -> Iterator[Database]:
@@ -269,7 +312,7 @@ class Database:
         for). On SQLite the write transaction already excludes every other writer."""
         if self.dialect == SQLITE:
             return True
-        row = self.conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
+        row = self.execute("SELECT pg_try_advisory_xact_lock(?)", (key,)).fetchone()
         return bool(row[0])
 
     def close(self) -> None:

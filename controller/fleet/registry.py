@@ -162,7 +162,7 @@ class Registry:
         job = status.job.model_dump(mode="json") if status.job else None
         seen = (received_at or time.time()) if status.online else status.at.timestamp()
         with self._lock:
-            self.conn.execute(
+            self.conn.execute_later(  # nobody reads its outcome
                 """INSERT INTO devices (id, groups, online, last_seen, agent_version, hardware,
                        models, job, last_seq, status_at, trust_version, desired, windows)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -213,39 +213,26 @@ class Registry:
             "version": event.version,
         }
         seen = received_at or time.time()
-        # One statement for a known device (the driver's hot path): the job moves only
-        # for a newer event that is not a refusal's report; last seen moves for any.
+        # One statement whose outcome nobody reads, so on PostgreSQL it shares the round
+        # trip of the driver's next one (execute_later). An event before any status (the
+        # controller missed the retained one) inserts the device, since an event proves
+        # it is connected; for a known one the job moves only on a newer event that is
+        # not a refusal's report, and last seen moves on any.
         fresh = 0 if event.is_refusal else 1
+        newer = "?=1 AND (devices.last_seq IS NULL OR devices.last_seq < excluded.last_seq)"
         with self._lock:
-            cur = self.conn.execute(
-                "UPDATE devices SET last_seen=?, "
-                "job=CASE WHEN ?=1 AND (last_seq IS NULL OR last_seq < ?) THEN ? ELSE job END, "
-                "online=CASE WHEN ?=1 AND (last_seq IS NULL OR last_seq < ?) THEN 1 "
-                "ELSE online END, "
-                "last_seq=CASE WHEN ?=1 AND (last_seq IS NULL OR last_seq < ?) THEN ? "
-                "ELSE last_seq END WHERE id=?",
+            self.conn.execute_later(
+                "INSERT INTO devices (id, online, last_seen, job, last_seq) "
+                "VALUES (?, 1, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "last_seen=excluded.last_seen, "
+                f"job=CASE WHEN {newer} THEN excluded.job ELSE devices.job END, "
+                f"online=CASE WHEN {newer} THEN 1 ELSE devices.online END, "
+                f"last_seq=CASE WHEN {newer} THEN excluded.last_seq ELSE devices.last_seq END",
                 (
-                    seen,
-                    fresh,
-                    event.seq,
-                    json.dumps(job),
-                    fresh,
-                    event.seq,
-                    fresh,
-                    event.seq,
-                    event.seq,
-                    event.device_id,
+                    event.device_id, seen, None if event.is_refusal else json.dumps(job),
+                    event.seq, fresh, fresh, fresh,
                 ),
-            )
-            if cur.rowcount == 0:
-                # Events before any status (e.g. the controller missed the retained one):
-                # an event proves the device is connected.
-                self.conn.execute(
-                    "INSERT INTO devices (id, online, last_seen, job, last_seq) "
-                    "VALUES (?, 1, ?, ?, ?)",
-                    (event.device_id, seen, None if event.is_refusal else json.dumps(job),
-                     event.seq),
-                )  # fmt: skip
+            )  # fmt: skip
 
     def handle(self, topic: str, payload: bytes) -> DeviceStatus | JobEvent | None:
         """Apply one MQTT message of ours; returns what it was, None for other channels.

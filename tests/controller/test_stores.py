@@ -125,6 +125,37 @@ def test_a_failed_transaction_leaves_nothing_and_nested_ones_join_the_outer(db: 
     assert [r[0] for r in other.execute("SELECT k FROM t ORDER BY k")] == ["kept"]
 
 
+def test_a_write_sent_later_is_seen_by_the_next_statement_and_kept_or_lost_with_its_transaction(
+    db: str,
+) -> None:
+    conn = open_database(db)
+    conn.executescript("CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER)")
+    with conn.transaction():
+        conn.execute_later("INSERT INTO t VALUES (?, ?)", ("a", 1))
+        conn.execute_later("UPDATE t SET n = n + ? WHERE k = ?", (10, "a"))
+        # The next statement reads both writes: they reach the server ahead of it.
+        cur = conn.execute("UPDATE t SET n = n * 2 WHERE k = ? RETURNING n", ("a",))
+        assert cur.fetchone()[0] == 22
+        conn.execute_later("INSERT INTO t VALUES (?, ?)", ("b", 2))  # waits for COMMIT
+    other = open_database(db)  # what another process sees after the commit
+    assert [tuple(r) for r in other.execute("SELECT k, n FROM t ORDER BY k")] == [
+        ("a", 22),
+        ("b", 2),
+    ]
+    # A transaction that fails drops what was still waiting, and so does a bad write.
+    with pytest.raises(RuntimeError), conn.transaction():
+        conn.execute_later("INSERT INTO t VALUES (?, ?)", ("lost", 3))
+        raise RuntimeError("midway")
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"), conn.transaction():
+        conn.execute_later("INSERT INTO t VALUES (?, ?)", ("c", 4))
+        conn.execute_later("INSERT INTO t VALUES (?, ?)", ("a", 5))  # a duplicate key
+        conn.execute("SELECT 1")
+    assert not conn.in_transaction
+    # Outside a transaction it runs at once (autocommit): nothing waits to be lost.
+    conn.execute_later("INSERT INTO t VALUES (?, ?)", ("d", 6))
+    assert [r[0] for r in other.execute("SELECT k FROM t ORDER BY k")] == ["a", "b", "d"]
+
+
 def test_reads_in_a_snapshot_agree_with_each_other_while_another_process_commits(
     db: str,
 ) -> None:
