@@ -138,12 +138,13 @@ class Hub:
 
     def _rollouts(self, topics: set[str]) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
-        briefs = self.data.rollouts()
-        now = {b["id"]: json.dumps(b, sort_keys=True) for b in briefs}
-        changed = [b for b in briefs if self._seen.rollouts.get(b["id"]) != now[b["id"]]]
-        self._seen.rollouts = now
-        if changed:
-            out.append(("rollouts", "rollouts", {"changed": changed}))
+        if "rollouts" in topics:  # a rollout's own page needs no list
+            briefs = self.data.rollouts()
+            now = {b["id"]: json.dumps(b, sort_keys=True) for b in briefs}
+            changed = [b for b in briefs if self._seen.rollouts.get(b["id"]) != now[b["id"]]]
+            self._seen.rollouts = now
+            if changed:
+                out.append(("rollouts", "rollouts", {"changed": changed}))
         for t in sorted(topics):
             if t.startswith("rollout:"):
                 out += self._one_rollout(t)

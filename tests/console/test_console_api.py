@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controller.console.data import ConsoleData
 from controller.fleet.registry import Registry
+from controller.rollouts.store import RolloutStore
 from controller.server.serve import JetfleetServer, ServeConfig
 from controller.telemetry.store import TelemetryStore, default_telemetry_db, row_from_sample
 from protocol.messages import DeviceStatus, ModelSlot
@@ -122,3 +124,40 @@ def test_a_robot_drifts_from_its_groups_release(api: str) -> None:
 def test_bad_queries_get_a_one_line_reason(api: str, path: str, status: int, reason: str) -> None:
     r = httpx.get(api + path)
     assert r.status_code == status and reason in r.json()["error"]
+
+
+def test_the_rollout_list_counts_a_running_rollout_every_poll_and_a_finished_one_when_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "controller.db"
+    store = RolloutStore(Registry.open(db).conn)
+    for rid, device in (("r-done", "robot-1"), ("r-live", "robot-2")):
+        store.create(
+            rollout_id=rid, kind="deploy", model="detector", version="2.0.0", target=device,
+            waves_spec="100%", waves=[[device]], max_failure_rate=0.5, wave_timeout=30.0,
+            auto_rollback=True,
+        )  # fmt: skip
+        store.start_wave(rid, 0, deadline=2e9)
+        assert store.record_command(rid, device, f"c-{rid}", b"signed")
+    store.apply_job_state("c-r-done", "SUCCEEDED", seq=1, device_id="robot-1")
+    store.set_state("r-done", "succeeded")
+    data = ConsoleData(controller_db=db, telemetry_db=None)
+
+    def counts() -> dict[str, dict[str, int]]:
+        return {b["id"]: b["counts"] for b in data.rollouts()}
+
+    assert counts() == {"r-done": {"SUCCEEDED": 1}, "r-live": {"PENDING": 1}}
+    # A running rollout's progress shows on the next poll.
+    store.apply_job_state("c-r-live", "DOWNLOADING", seq=1, device_id="robot-2")
+    assert counts()["r-live"] == {"DOWNLOADING": 1}
+    # A finished one's late change (here forced) waits for its brief to come due...
+    store.conn.execute("UPDATE assignments SET state='FAILED' WHERE rollout_id='r-done'")
+    assert counts()["r-done"] == {"SUCCEEDED": 1}
+    monkeypatch.setattr("controller.console.data.FINISHED_BRIEF_TTL_S", 0.0)
+    assert counts()["r-done"] == {"FAILED": 1}
+    # ...and a change of its row (an operator's action) shows at once.
+    monkeypatch.setattr("controller.console.data.FINISHED_BRIEF_TTL_S", 3600.0)
+    assert counts()["r-done"] == {"FAILED": 1}
+    store.conn.execute("UPDATE assignments SET state='SUCCEEDED' WHERE rollout_id='r-done'")
+    store.conn.execute("UPDATE rollouts SET updated_at=updated_at+1 WHERE id='r-done'")
+    assert counts()["r-done"] == {"SUCCEEDED": 1}
