@@ -7,6 +7,10 @@ Side by side in one process on one database, alternating poll by poll:
   kept      a finished rollout's brief counted again only when its row changes or when
             FINISHED_BRIEF_TTL_S has passed; the running one's on every poll
 Between polls a device of the running rollout moves one step, so each poll has news.
+Then the running rollout's own page (`rollout:ID`), the same way:
+  baseline  its summary and every assignment read into Python (the whole device table)
+  kept      its summary and the DEVICES_SHOWN devices that changed last, picked by the
+            database
 Reported per backend: medians of the wall time and of this process's CPU per poll, the
 ratio, and the share of each second a poll a second would take.
 
@@ -66,6 +70,20 @@ def fill(target: str, rollouts: int, devices: int) -> RolloutStore:
     return store
 
 
+def detail_before(store: RolloutStore, rollout_id: str) -> dict[str, Any]:
+    """The rollout page's answer as the console built it before: every assignment."""
+    out = store.light_summary(rollout_id).to_dict()
+    keys = ("device_id", "wave", "state", "code", "reason", "gate", "rb_state", "updated_at")
+    out["devices"] = [{k: a.to_dict()[k] for k in keys} for a in store.assignments(rollout_id)]
+    return out
+
+
+def timed(work: Any) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
+
+
 def poll(data: ConsoleData, ttl: float) -> tuple[float, float, int]:
     console_data.FINISHED_BRIEF_TTL_S = ttl
     wall, cpu = time.perf_counter(), time.process_time()
@@ -95,11 +113,23 @@ def measure(kind: str, rollouts: int, devices: int, polls: int, tmp: Path) -> di
                 got[name].append((wall, cpu))
         briefs = {k: {b["id"]: b["counts"] for b in d.rollouts()} for k, (d, _) in ways.items()}
         assert briefs["baseline"] == briefs["kept"], "the kept briefs must equal the counted ones"
+        page = ConsoleData(target, None)
+        pages: dict[str, list[tuple[float, float]]] = {"baseline": [], "kept": []}
+        for i in range(polls):
+            device = f"robot-{(polls + i) % devices:05d}"
+            store.apply_job_state(f"{running}-{device}", STEPS[0], seq=1, device_id=device)
+            pages["baseline"].append(timed(lambda: detail_before(store, running)))
+            pages["kept"].append(timed(lambda: page.rollout(running)))
         return {
             "kind": kind,
             **{
                 f"{k}_{m}": statistics.median(x[j] for x in v) * 1000
                 for k, v in got.items()
+                for j, m in enumerate(("wall_ms", "cpu_ms"))
+            },
+            **{
+                f"page_{k}_{m}": statistics.median(x[j] for x in v)
+                for k, v in pages.items()
                 for j, m in enumerate(("wall_ms", "cpu_ms"))
             },
         }
@@ -121,6 +151,12 @@ def report(rollouts: int, devices: int, polls: int, results: list[dict[str, Any]
                 f"   ({r[k + '_wall_ms'] / 10:.1f} % of each second at one poll a second)"
             )
         print(f"    baseline / kept, wall: {r['baseline_wall_ms'] / r['kept_wall_ms']:.1f}x")
+        print(f"  {r['kind']}: the running rollout's page")
+        for k in ("baseline", "kept"):
+            w, c = r[f"page_{k}_wall_ms"], r[f"page_{k}_cpu_ms"]
+            print(f"    {k:<9} wall {w:8.1f} ms   CPU {c:8.1f} ms")
+        ratio = r["page_baseline_wall_ms"] / r["page_kept_wall_ms"]
+        print(f"    baseline / kept, wall: {ratio:.1f}x")
 
 
 def main() -> None:

@@ -25,6 +25,9 @@ MAX_WINDOW_S = 30 * 24 * 3600
 # the end (a rollback's late answer), and counting one costs 20-60 ms at 10,000 devices:
 # 50 of them on every one-second poll would keep a core busy.
 FINISHED_BRIEF_TTL_S = 60.0
+# A rollout page's device table: every device up to this many, else the ones that changed
+# last (its failures are listed apart, whatever their number).
+DEVICES_SHOWN = 500
 
 
 class QueryError(CodedError, ValueError):
@@ -340,22 +343,9 @@ class ConsoleData:
             if store is None or r is None:
                 return None
             out = store.light_summary(r.id).to_dict()
-            out["devices"] = [
-                {
-                    k: a.to_dict()[k]
-                    for k in (
-                        "device_id",
-                        "wave",
-                        "state",
-                        "code",
-                        "reason",
-                        "gate",
-                        "rb_state",
-                        "updated_at",
-                    )
-                }
-                for a in store.assignments(r.id)
-            ]
+            out["devices"], everyone = store.device_rows(r.id, DEVICES_SHOWN)
+            out["devices_total"] = sum(w["size"] for w in out["waves"])
+            out["devices_order"] = "wave" if everyone else "changed"
             slo = getattr(store, "slo_verdicts", None)  # SLO verdicts, where the store has them
             out["slo"] = slo(r.id) if callable(slo) else None
             out["release"] = rollout_release(r, read_rollout_releases(store.conn, r.id))

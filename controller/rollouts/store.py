@@ -892,6 +892,28 @@ class RolloutStore:
             rows = self.conn.execute(sql + " ORDER BY position", args).fetchall()
         return [Assignment.from_row(r) for r in rows]
 
+    def device_rows(self, rollout_id: str, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """What a page shows of the rollout's devices: every one in wave order when they
+        are at most `limit`, else the `limit` that changed last, newest first (the
+        database picks them: no row of the others is read into Python). The flag says
+        whether that is all of them."""
+        columns = ("device_id", "wave", "state", "code", "reason", "gate", "rb_state")
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT {', '.join(columns)}, updated_at, position FROM assignments "
+                "WHERE rollout_id=? ORDER BY COALESCE(updated_at, 0) DESC, position LIMIT ?",
+                (rollout_id, limit + 1),
+            ).fetchall()
+        everyone = len(rows) <= limit
+        if everyone:
+            rows = sorted(rows, key=lambda r: r[-1])
+        out = []
+        for r in rows[:limit]:
+            d = dict(zip((*columns, "updated_at"), r[:-1], strict=True))
+            d["gate"] = json.loads(d["gate"]) if d["gate"] else None
+            out.append(d)
+        return out, everyone
+
     def device_history(self, device_id: str, limit: int = 20) -> list[tuple[Rollout, Assignment]]:
         """The device's jobs across rollouts, newest first."""
         with self._lock:

@@ -161,3 +161,35 @@ def test_the_rollout_list_counts_a_running_rollout_every_poll_and_a_finished_one
     store.conn.execute("UPDATE assignments SET state='SUCCEEDED' WHERE rollout_id='r-done'")
     store.conn.execute("UPDATE rollouts SET updated_at=updated_at+1 WHERE id='r-done'")
     assert counts()["r-done"] == {"SUCCEEDED": 1}
+
+
+def test_a_big_rollouts_page_lists_the_devices_that_changed_last_and_a_small_ones_lists_all(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RolloutStore(Registry.open(db).conn)
+    ids = [f"robot-{i}" for i in range(4)]
+    store.create(
+        rollout_id="r-big", kind="deploy", model="detector", version="2.0.0", target="all",
+        waves_spec="1,100%", waves=[ids[:1], ids[1:]], max_failure_rate=0.5, wave_timeout=30.0,
+        auto_rollback=True,
+    )  # fmt: skip
+    store.start_wave("r-big", 0, deadline=2e9)
+    store.start_wave("r-big", 1, deadline=2e9)
+    for d in ids:
+        assert store.record_command("r-big", d, f"c-{d}", b"signed")
+    for d in ("robot-3", "robot-1"):  # robot-1 moves last
+        time.sleep(0.01)
+        store.apply_job_state(f"c-{d}", "DOWNLOADING", seq=1, device_id=d)
+    data = ConsoleData(controller_db=db, telemetry_db=None)
+    detail = data.rollout("r-big")
+    assert detail is not None
+    assert [d["device_id"] for d in detail["devices"]] == ids  # all of them, in wave order
+    assert (detail["devices_order"], detail["devices_total"]) == ("wave", 4)
+    monkeypatch.setattr("controller.console.data.DEVICES_SHOWN", 2)
+    detail = data.rollout("r-big")
+    assert detail is not None
+    assert [(d["device_id"], d["state"]) for d in detail["devices"]] == [
+        ("robot-1", "DOWNLOADING"),
+        ("robot-3", "DOWNLOADING"),
+    ]
+    assert (detail["devices_order"], detail["devices_total"]) == ("changed", 4)

@@ -25,7 +25,12 @@ def console(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
 
 
 def test_a_rollout_started_from_the_cli_appears_and_its_counts_move_live(
-    mosquitto: LocalMosquitto, keys: KeySet, env: dict[str, str], bundle: Path, console: str
+    mosquitto: LocalMosquitto,
+    keys: KeySet,
+    env: dict[str, str],
+    bundle: Path,
+    console: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with SimFleet(mosquitto.url, keys.trust, make_devices(3)), chromium_page() as page:
         page.goto(console + "/rollouts")
@@ -47,3 +52,10 @@ def test_a_rollout_started_from_the_cli_appears_and_its_counts_move_live(
         page.wait_for_selector("body[data-ready='1']")
         assert "SUCCEEDED 1" in page.locator("#waves").inner_text()
         screenshot(page, "rollout.png")
+        assert page.locator("#devices tbody tr").count() == 3
+        # A rollout bigger than the page's device table shows the devices that moved last.
+        monkeypatch.setattr("controller.console.data.DEVICES_SHOWN", 2)
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.locator("#devices tbody tr").count() == 2
+        assert "the 2 that changed last of 3" in page.locator("#devices-shown").inner_text()

@@ -66,6 +66,9 @@ function render(s) {
     el("h2", {}, "Release"), release,
     el("h2", {}, "SLO verdicts"), slo,
     el("h2", {}, "Devices"),
+    s.devices_order === "changed"
+      ? el("p", { class: "muted", id: "devices-shown" }, `the ${s.devices.length} that changed last of ${s.devices_total}, newest first; failures are all listed above`)
+      : "",
     el("table", { id: "devices" }, el("thead", {}, el("tr", {}, ["robot", "wave", "state", "reason", "gate"].map((h) => el("th", {}, h)))), el("tbody", {}, devices)));
   document.body.dataset.ready = "1";
 }
