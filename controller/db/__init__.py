@@ -213,6 +213,24 @@ class Database:
         cur.executemany(self._translate(sql), list(rows))
         return cur
 
+    def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """The statement once per row of parameters, in order; each one's first result row
+        (None where it returned none), e.g. an `UPDATE … RETURNING` per job event. On
+        PostgreSQL one `executemany` in pipeline mode: one round trip and ~15 µs of client
+        CPU a row instead of ~70 µs a statement."""
+        if not rows:
+            return []
+        if self.dialect == SQLITE:
+            return [self.conn.execute(sql, r).fetchone() for r in rows]
+        if self._later and self._owner == threading.get_ident():
+            self._send_later()
+        cur = self.conn.cursor()
+        cur.executemany(self._translate(sql), list(rows), returning=True)
+        out = [cur.fetchone()]
+        while cur.nextset():
+            out.append(cur.fetchone())
+        return out
+
     def copy_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         """Append rows with PostgreSQL's COPY FROM STDIN: one stream per batch, nothing to
         plan or bind per row (PostgreSQL's documented bulk-loading path; a partitioned

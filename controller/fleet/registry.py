@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -126,6 +126,37 @@ def _epoch(iso: str | None) -> float | None:
 
 
 # Ids per query when reading many devices' presence (within every engine's parameter limit).
+# A job event's registry write, one statement: an event before any status (the controller
+# missed the retained one) inserts the device, since an event proves it is connected; for
+# a known one the job moves only on a newer event that is not a refusal's report, and
+# last seen moves on any.
+_NEWER = "?=1 AND (devices.last_seq IS NULL OR devices.last_seq < excluded.last_seq)"
+_EVENT_UPSERT = (
+    "INSERT INTO devices (id, online, last_seen, job, last_seq) "
+    "VALUES (?, 1, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+    "last_seen=excluded.last_seen, "
+    f"job=CASE WHEN {_NEWER} THEN excluded.job ELSE devices.job END, "
+    f"online=CASE WHEN {_NEWER} THEN 1 ELSE devices.online END, "
+    f"last_seq=CASE WHEN {_NEWER} THEN excluded.last_seq ELSE devices.last_seq END"
+)
+
+
+def _event_row(event: JobEvent, seen: float) -> tuple[Any, ...]:
+    job = {
+        "command_id": event.command_id,
+        "state": event.state.value,
+        "kind": event.kind.value if event.kind else None,
+        "rollout_id": event.rollout_id,
+        "model": event.model,
+        "version": event.version,
+    }
+    fresh = 0 if event.is_refusal else 1
+    return (
+        event.device_id, seen, None if event.is_refusal else json.dumps(job), event.seq,
+        fresh, fresh, fresh,
+    )  # fmt: skip
+
+
 PRESENCE_BATCH = 500
 
 
@@ -204,60 +235,49 @@ class Registry:
 
     def apply_event(self, event: JobEvent, received_at: float | None = None) -> None:
         """Advance the device's job in flight; an event older than what we know is ignored."""
-        job = {
-            "command_id": event.command_id,
-            "state": event.state.value,
-            "kind": event.kind.value if event.kind else None,
-            "rollout_id": event.rollout_id,
-            "model": event.model,
-            "version": event.version,
-        }
-        seen = received_at or time.time()
-        # One statement whose outcome nobody reads, so on PostgreSQL it shares the round
-        # trip of the driver's next one (execute_later). An event before any status (the
-        # controller missed the retained one) inserts the device, since an event proves
-        # it is connected; for a known one the job moves only on a newer event that is
-        # not a refusal's report, and last seen moves on any.
-        fresh = 0 if event.is_refusal else 1
-        newer = "?=1 AND (devices.last_seq IS NULL OR devices.last_seq < excluded.last_seq)"
         with self._lock:
-            self.conn.execute_later(
-                "INSERT INTO devices (id, online, last_seen, job, last_seq) "
-                "VALUES (?, 1, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "last_seen=excluded.last_seen, "
-                f"job=CASE WHEN {newer} THEN excluded.job ELSE devices.job END, "
-                f"online=CASE WHEN {newer} THEN 1 ELSE devices.online END, "
-                f"last_seq=CASE WHEN {newer} THEN excluded.last_seq ELSE devices.last_seq END",
-                (
-                    event.device_id, seen, None if event.is_refusal else json.dumps(job),
-                    event.seq, fresh, fresh, fresh,
-                ),
-            )  # fmt: skip
+            # Nobody reads its outcome, so on PostgreSQL it shares the round trip of the
+            # driver's next statement (execute_later).
+            self.conn.execute_later(_EVENT_UPSERT, _event_row(event, received_at or time.time()))
+
+    def apply_events(self, events: Sequence[JobEvent], received_at: float | None = None) -> None:
+        """`apply_event` for each, in order, as one batch (the driver's run of job events)."""
+        seen = received_at or time.time()
+        with self._lock:
+            self.conn.executemany(_EVENT_UPSERT, [_event_row(e, seen) for e in events])
+
+    def read_event(self, topic: str, payload: bytes) -> JobEvent | None:
+        """The job event on a device's events topic, checked but not applied; None for any
+        other topic. Raises MessageError for a payload that is not a valid event, or one
+        whose device id disagrees with its topic (a device may only speak for itself)."""
+        parsed = self.topics.parse(topic)
+        if parsed.scope != "devices" or parsed.channel != "events":
+            return None
+        event = JobEvent.decode(payload)
+        if event.device_id != parsed.name:
+            raise MessageError(f"event on {topic} claims device {event.device_id!r}; ignored")
+        return event
 
     def handle(self, topic: str, payload: bytes) -> DeviceStatus | JobEvent | None:
         """Apply one MQTT message of ours; returns what it was, None for other channels.
 
         Raises MessageError for a payload that is not a valid status/event, or one whose
         device id disagrees with its topic (a device may only speak for itself)."""
-        parsed = self.topics.parse(topic)
-        if parsed.scope != "devices":
-            return None
-        if parsed.channel == "status":
-            if not payload:  # a cleared retained message: the device was decommissioned
-                self.forget(parsed.name)
-                return None
-            status = DeviceStatus.decode(payload)
-            if status.device_id != parsed.name:
-                raise MessageError(f"status on {topic} claims device {status.device_id!r}; ignored")
-            self.apply_status(status)
-            return status
-        if parsed.channel == "events":
-            event = JobEvent.decode(payload)
-            if event.device_id != parsed.name:
-                raise MessageError(f"event on {topic} claims device {event.device_id!r}; ignored")
+        event = self.read_event(topic, payload)
+        if event is not None:
             self.apply_event(event)
             return event
-        return None
+        parsed = self.topics.parse(topic)
+        if parsed.scope != "devices" or parsed.channel != "status":
+            return None
+        if not payload:  # a cleared retained message: the device was decommissioned
+            self.forget(parsed.name)
+            return None
+        status = DeviceStatus.decode(payload)
+        if status.device_id != parsed.name:
+            raise MessageError(f"status on {topic} claims device {status.device_id!r}; ignored")
+        self.apply_status(status)
+        return status
 
     def forget(self, device_id: str) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ on any host sharing the database: the holder of the rollout's lease
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -65,6 +66,7 @@ from controller.rollouts.store import (
     SUCCEEDED,
     WAITING_APPROVAL,
     Assignment,
+    JobStep,
     Rollout,
     RolloutStore,
     Wave,
@@ -264,6 +266,8 @@ class RolloutDriver:
         # The abort's last phase: what was still open when last counted, and when.
         self._abort_open: tuple[int, int, int] | None = None
         self._abort_counted: tuple[int, float] = (-1, 0.0)  # (messages_handled, monotonic)
+        # This rollout's deploy command ids -> device ids: events on them go as runs.
+        self._deploys: dict[str, str] = {}
 
     # MQTT network thread: only enqueue.
     def _enqueue(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -281,6 +285,7 @@ class RolloutDriver:
         try:
             self.mqtt.connect()
             self.mqtt.subscribe([self.topics.all_status(), self.topics.all_events(), self._marker])
+            self._deploys = self.store.deploy_commands(self.rollout_id)
             self._catch_up()
             self._recover()
             while not self.stop.is_set():
@@ -384,8 +389,7 @@ class RolloutDriver:
         started = time.perf_counter()
         try:
             with self.store.transaction():
-                for topic, payload in batch:
-                    self._apply(topic, payload)
+                self._apply_batch(batch)
                 self.store.record_events(self._events)
         finally:
             self._events.clear()
@@ -403,25 +407,85 @@ class RolloutDriver:
             self.lease.renew_if_due()
             self._drain()
 
+    def _apply_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        """Each message in order. Consecutive events that are steps of our own deploy
+        commands (most of a rollout's traffic) go as one run: their registry writes in
+        one statement, their jobs' moves in another (`_apply_run`). Anything else ends
+        the run first, so no message is applied ahead of one that came before it."""
+        run: list[JobEvent] = []
+        for topic, payload in batch:
+            event = self._deploy_step(topic, payload)
+            if event is not None:
+                run.append(event)
+                continue
+            self._apply_run(run)
+            self._apply(topic, payload)
+        self._apply_run(run)
+
+    def _deploy_step(self, topic: str, payload: bytes) -> JobEvent | None:
+        """The event, when it reports on one of this rollout's deploy commands from the
+        device it was sent to; None for anything else (`_apply` then takes it whole)."""
+        try:
+            event = self.registry.read_event(topic, payload)
+        except ProtocolError:
+            return None  # `_apply` logs it with its reason
+        if event is None or event.is_refusal:
+            return None
+        return event if self._deploys.get(event.command_id) == event.device_id else None
+
+    def _apply_run(self, run: list[JobEvent]) -> None:
+        """What `_apply` does for each event of the run, in two statements for all of them
+        (an event that was not progress then takes the per-event path, which settles it
+        as before: its job cannot have moved back meanwhile)."""
+        if not run:
+            return
+        try:
+            self.registry.apply_events(run)
+            moved = self.store.advance_jobs(
+                [
+                    JobStep(e.command_id, e.state.value, e.device_id, e.seq, e.reason, e.code,
+                            e.gate)
+                    for e in run
+                ]
+            )  # fmt: skip
+        except DB_ERRORS:
+            raise
+        except Exception:
+            log.exception("message_failed", topic=f"a run of {len(run)} job events")
+            run.clear()
+            return
+        for event, to in zip(run, moved, strict=True):
+            if to is not None:
+                self._record_event(to[0], event, event.state.value)
+            else:
+                self._guarded(event.device_id, functools.partial(self._apply_event, event))
+        run.clear()
+
     def _apply(self, topic: str, payload: bytes) -> None:
         if topic == self._marker:
             self._caught_up = True
             return
+        self._guarded(topic, lambda: self._apply_message(self.registry.handle(topic, payload)))
+
+    def _apply_message(self, message: DeviceStatus | JobEvent | None) -> None:
+        if isinstance(message, JobEvent):
+            self._apply_event(message)
+        elif isinstance(message, DeviceStatus):
+            self._apply_status(message)
+
+    @staticmethod
+    def _guarded(what: str, work: Callable[[], None]) -> None:
         try:
-            message = self.registry.handle(topic, payload)
-            if isinstance(message, JobEvent):
-                self._apply_event(message)
-            elif isinstance(message, DeviceStatus):
-                self._apply_status(message)
+            work()
         except ProtocolError as e:
             # A daemon never dies on bad input: log it with the reason and go on.
-            log.warning("bad_message_ignored", topic=topic, reason=e.reason, code=e.code)
+            log.warning("bad_message_ignored", topic=what, reason=e.reason, code=e.code)
         except DB_ERRORS:
             raise  # the database failed, not the message: the batch must not half-commit
         except Exception:
             # Nor on a message that trips a bug: one device's report must not stop the
             # rollout for the fleet.
-            log.exception("message_failed", topic=topic)
+            log.exception("message_failed", topic=what)
 
     def _apply_event(self, event: JobEvent) -> None:
         state, seq, reason, code = event.state.value, event.seq, event.reason, event.code
@@ -902,6 +966,7 @@ class RolloutDriver:
                     rollout.id, a.device_id, command_id, envelope, at=self.clock()
                 ):
                     to_publish.append((a.device_id, command_id, envelope))
+                    self._deploys[command_id] = a.device_id
             self.store.leave_to_release(
                 rollout.id,
                 skipped,

@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +60,29 @@ _ORDER_SQL = (
     + " ".join(f"WHEN '{k}' THEN {v}" for k, v in _PIPELINE_ORDER.items())
     + " ELSE -1 END)"
 )
+
+# A deploy command's job moves to a reported state if that is progress: not from a terminal
+# state, and to a terminal one or one further down the pipeline (`advances`, in SQL).
+_ADVANCE_SQL = (
+    "UPDATE assignments SET state=?, reason=?, code=?, last_seq=?, "
+    "gate=COALESCE(?, gate), updated_at=? WHERE command_id=? AND device_id=? "
+    f"AND state NOT IN ({','.join('?' for _ in TERMINAL)}) AND (?=1 OR {_ORDER_SQL} < ?) "
+    "RETURNING rollout_id, device_id"
+)
+
+
+@dataclass(frozen=True)
+class JobStep:
+    """A job event as `advance_jobs` applies it."""
+
+    command_id: str
+    state: str
+    device_id: str
+    seq: int | None = None
+    reason: str | None = None
+    code: str | None = None
+    gate: dict[str, Any] | None = None
+
 
 # Rollout states.
 SCHEDULED = "scheduled"  # --start-at in the future: stored, holds its devices, sends nothing
@@ -1475,20 +1498,38 @@ class RolloutStore:
         id, device id) when it moved; None when it did not (not a deploy command of ours,
         another device's, not progress): the caller then asks `job` and `apply_job_state`,
         which settle the rest (rollback commands, repeats) exactly as before."""
-        terminal = ",".join("?" for _ in TERMINAL)
-        progress = "" if state in TERMINAL else f" AND {_ORDER_SQL} < ?"
-        order = () if state in TERMINAL else (_PIPELINE_ORDER.get(state, -1),)
+        step = JobStep(command_id, state, device_id, seq, reason, code, gate)
+        return self.advance_jobs([step])[0]
+
+    def advance_jobs(self, steps: Sequence[JobStep]) -> list[tuple[str, str] | None]:
+        """`advance_job` for each step, in order, in one batch (one round trip on
+        PostgreSQL): what each returned."""
+        now = time.time()
+        terminal = sorted(TERMINAL)
         with self.transaction() as c:
-            row = c.execute(
-                "UPDATE assignments SET state=?, reason=?, code=?, last_seq=?, "
-                "gate=COALESCE(?, gate), updated_at=? WHERE command_id=? AND device_id=? "
-                f"AND state NOT IN ({terminal}){progress} RETURNING rollout_id, device_id",
-                (
-                    state, reason, code, seq, json.dumps(gate) if gate else None, time.time(),
-                    command_id, device_id, *sorted(TERMINAL), *order,
-                ),
-            ).fetchone()  # fmt: skip
-        return (row[0], row[1]) if row else None
+            rows = c.execute_each(
+                _ADVANCE_SQL,
+                [
+                    (
+                        s.state, s.reason, s.code, s.seq,
+                        json.dumps(s.gate) if s.gate else None, now,
+                        s.command_id, s.device_id, *terminal,
+                        1 if s.state in TERMINAL else 0, _PIPELINE_ORDER.get(s.state, -1),
+                    )
+                    for s in steps
+                ],
+            )  # fmt: skip
+        return [(r[0], r[1]) if r else None for r in rows]
+
+    def deploy_commands(self, rollout_id: str) -> dict[str, str]:
+        """The rollout's deploy command ids so far -> their device ids."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT command_id, device_id FROM assignments "
+                "WHERE rollout_id=? AND command_id IS NOT NULL",
+                (rollout_id,),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     def job(self, command_id: str) -> JobRow | None:
         """Where a deploy or rollback command we sent stands: one indexed read, what an

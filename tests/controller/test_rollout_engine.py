@@ -507,3 +507,56 @@ def test_a_device_busy_with_a_foreign_job_is_still_settled_from_the_version_its_
         (a,) = harness.store.assignments(rid)
         assert a.state == "SUCCEEDED" and "inferred from the device's status" in (a.reason or "")
         assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_a_burst_of_one_robots_events_with_repeats_and_late_ones_settles_in_arrival_order(
+    mosquitto: LocalMosquitto, keys: KeySet, db: str
+) -> None:
+    """Events that arrive together are applied as one run (two statements for all); a
+    repeat or a late older step inside it must not move the job back, and a status in
+    the middle is applied in its place."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    harness = ControllerHarness(db, mosquitto.url, keys.operator)
+    rid = harness.create(["robot-x"], waves_spec="100%")
+    driver = harness.driver(rid)
+    t = threading.Thread(target=driver.run)
+    t.start()
+    try:
+        wait_until(lambda: harness.store.assignments(rid)[0].command_id is not None)
+        cid = harness.store.assignments(rid)[0].command_id
+        steps = [
+            (1, "RECEIVED"), (2, "DOWNLOADING"), (1, "RECEIVED"), (3, "BUILDING"), (0, "status"),
+            (4, "VALIDATING"), (2, "DOWNLOADING"), (5, "ACTIVATING"), (6, "PROBATION"),
+            (7, "SUCCEEDED"), (5, "ACTIVATING"),
+        ]  # fmt: skip
+        client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        client.connect(mosquitto.host, mosquitto.port)
+        client.loop_start()
+        for seq, state in steps:
+            if state == "status":
+                topic, body = "jetfleet/v1/devices/robot-x/status", {
+                    "schema": "jetfleet.status/v1", "device_id": "robot-x", "online": True,
+                }  # fmt: skip
+            else:
+                topic, body = "jetfleet/v1/devices/robot-x/events", {
+                    "schema": "jetfleet.event/v1", "command_id": cid, "device_id": "robot-x",
+                    "state": state, "seq": seq,
+                }  # fmt: skip
+            client.publish(topic, json.dumps(body), qos=1)
+        client.loop_stop()
+        client.disconnect()
+        t.join(20)
+    finally:
+        driver.stop.set()
+        t.join(5)
+    assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
+    assert harness.store.assignments(rid)[0].state == "SUCCEEDED"
+    logged = [(e["seq"], e["state"]) for e in harness.store.events(rid)]
+    assert logged == [(s, st) for s, st in dict.fromkeys(steps) if st != "status"]
+    device = harness.registry.get("robot-x")
+    assert device is not None and device.online
+    assert (device.last_seq, device.job["state"]) == (7, "SUCCEEDED")  # type: ignore[index]
