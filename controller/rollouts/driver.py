@@ -427,8 +427,8 @@ class RolloutDriver:
         device it was sent to; None for anything else (`_apply` then takes it whole)."""
         try:
             event = self.registry.read_event(topic, payload)
-        except ProtocolError:
-            return None  # `_apply` logs it with its reason
+        except Exception:  # `_apply` takes it whole and logs why
+            return None
         if event is None or event.is_refusal:
             return None
         return event if self._deploys.get(event.command_id) == event.device_id else None
