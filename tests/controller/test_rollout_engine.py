@@ -536,6 +536,7 @@ def test_a_burst_of_one_robots_events_with_repeats_and_late_ones_settles_in_arri
         client = mqtt.Client(CallbackAPIVersion.VERSION2)
         client.connect(mosquitto.host, mosquitto.port)
         client.loop_start()
+        sent = []
         for seq, state in steps:
             if state == "status":
                 topic, body = "jetfleet/v1/devices/robot-x/status", {
@@ -546,7 +547,10 @@ def test_a_burst_of_one_robots_events_with_repeats_and_late_ones_settles_in_arri
                     "schema": "jetfleet.event/v1", "command_id": cid, "device_id": "robot-x",
                     "state": state, "seq": seq,
                 }  # fmt: skip
-            client.publish(topic, json.dumps(body), qos=1)
+            sent.append(client.publish(topic, json.dumps(body), qos=1))
+        for info in sent:  # every one acknowledged by the broker before we hang up
+            info.wait_for_publish(timeout=10)
+            assert info.is_published()
         client.loop_stop()
         client.disconnect()
         t.join(20)
