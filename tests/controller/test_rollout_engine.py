@@ -4,6 +4,9 @@ protocol (signed commands verified, real events and retained status)."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,23 @@ def harness(tmp_path: Path, mosquitto: LocalMosquitto, keys: KeySet) -> Controll
 
 def fleet_of(mosquitto: LocalMosquitto, keys: KeySet, n: int, **kw: object) -> SimFleet:
     return SimFleet(mosquitto.url, keys.trust, make_devices(n, **kw))  # type: ignore[arg-type]
+
+
+@contextmanager
+def driving(harness: ControllerHarness, rid: str) -> Iterator[tuple[str, threading.Thread]]:
+    """The rollout's driver on a thread of its own until the block ends; yields the first
+    device's command id once it is sent, and the thread."""
+    driver = harness.driver(rid)
+    t = threading.Thread(target=driver.run)
+    t.start()
+    try:
+        wait_until(lambda: harness.store.assignments(rid)[0].command_id is not None)
+        cid = harness.store.assignments(rid)[0].command_id
+        assert cid is not None
+        yield cid, t
+    finally:
+        driver.stop.set()
+        t.join(5)
 
 
 def test_failing_canary_aborts_and_the_other_devices_never_get_a_command(
@@ -188,14 +208,7 @@ def test_events_that_lie_about_their_device_or_are_garbage_do_not_move_the_rollo
     with fleet_of(mosquitto, keys, 1, step_s=0.2) as fleet:
         harness.sync()
         rid = harness.create(sorted(fleet.devices), waves_spec="100%")
-        driver = harness.driver(rid)
-        import threading
-
-        t = threading.Thread(target=driver.run)
-        t.start()
-        try:
-            wait_until(lambda: harness.store.assignments(rid)[0].command_id is not None)
-            cid = harness.store.assignments(rid)[0].command_id
+        with driving(harness, rid) as (cid, t):
             pub = ["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-q", "1"]
             forged = json.dumps(
                 {
@@ -215,9 +228,6 @@ def test_events_that_lie_about_their_device_or_are_garbage_do_not_move_the_rollo
                 [*pub, "-t", "jetfleet/v1/devices/robot-0000/events", "-m", "{oops"], check=True
             )
             t.join(20)
-        finally:
-            driver.stop.set()
-            t.join(5)
         assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
         assert harness.store.assignments(rid)[0].state == "SUCCEEDED"
 
@@ -515,19 +525,12 @@ def test_a_burst_of_one_robots_events_with_repeats_and_late_ones_settles_in_arri
     """Events that arrive together are applied as one run (two statements for all); a
     repeat or a late older step inside it must not move the job back, and a status in
     the middle is applied in its place."""
-    import threading
-
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     harness = ControllerHarness(db, mosquitto.url, keys.operator)
     rid = harness.create(["robot-x"], waves_spec="100%")
-    driver = harness.driver(rid)
-    t = threading.Thread(target=driver.run)
-    t.start()
-    try:
-        wait_until(lambda: harness.store.assignments(rid)[0].command_id is not None)
-        cid = harness.store.assignments(rid)[0].command_id
+    with driving(harness, rid) as (cid, t):
         steps = [
             (1, "RECEIVED"), (2, "DOWNLOADING"), (1, "RECEIVED"), (3, "BUILDING"), (0, "status"),
             (4, "VALIDATING"), (2, "DOWNLOADING"), (5, "ACTIVATING"), (6, "PROBATION"),
@@ -554,9 +557,6 @@ def test_a_burst_of_one_robots_events_with_repeats_and_late_ones_settles_in_arri
         client.loop_stop()
         client.disconnect()
         t.join(20)
-    finally:
-        driver.stop.set()
-        t.join(5)
     assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
     assert harness.store.assignments(rid)[0].state == "SUCCEEDED"
     logged = [(e["seq"], e["state"]) for e in harness.store.events(rid)]
