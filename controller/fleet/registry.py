@@ -125,7 +125,6 @@ def _epoch(iso: str | None) -> float | None:
         return None
 
 
-# Ids per query when reading many devices' presence (within every engine's parameter limit).
 # A job event's registry write, one statement: an event before any status (the controller
 # missed the retained one) inserts the device, since an event proves it is connected; for
 # a known one the job moves only on a newer event that is not a refusal's report, and
@@ -157,6 +156,7 @@ def _event_row(event: JobEvent, seen: float) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+# Ids per query when reading many devices' presence (within every engine's parameter limit).
 PRESENCE_BATCH = 500
 
 

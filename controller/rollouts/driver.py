@@ -412,11 +412,11 @@ class RolloutDriver:
         commands (most of a rollout's traffic) go as one run: their registry writes in
         one statement, their jobs' moves in another (`_apply_run`). Anything else ends
         the run first, so no message is applied ahead of one that came before it."""
-        run: list[JobEvent] = []
+        run: list[tuple[str, bytes, JobEvent]] = []
         for topic, payload in batch:
             event = self._deploy_step(topic, payload)
             if event is not None:
-                run.append(event)
+                run.append((topic, payload, event))
                 continue
             self._apply_run(run)
             self._apply(topic, payload)
@@ -433,28 +433,31 @@ class RolloutDriver:
             return None
         return event if self._deploys.get(event.command_id) == event.device_id else None
 
-    def _apply_run(self, run: list[JobEvent]) -> None:
+    def _apply_run(self, run: list[tuple[str, bytes, JobEvent]]) -> None:
         """What `_apply` does for each event of the run, in two statements for all of them
         (an event that was not progress then takes the per-event path, which settles it
         as before: its job cannot have moved back meanwhile)."""
         if not run:
             return
+        events = [e for _, _, e in run]
         try:
-            self.registry.apply_events(run)
+            self.registry.apply_events(events)
             moved = self.store.advance_jobs(
                 [
                     JobStep(e.command_id, e.state.value, e.device_id, e.seq, e.reason, e.code,
                             e.gate)
-                    for e in run
+                    for e in events
                 ]
             )  # fmt: skip
         except DB_ERRORS:
             raise
-        except Exception:
-            log.exception("message_failed", topic=f"a run of {len(run)} job events")
+        except Exception:  # a bug: each message then goes the per-message way, isolated
+            log.exception("run_failed", events=len(run))
+            for topic, payload, _ in run:
+                self._apply(topic, payload)
             run.clear()
             return
-        for event, to in zip(run, moved, strict=True):
+        for event, to in zip(events, moved, strict=True):
             if to is not None:
                 self._record_event(to[0], event, event.state.value)
             else:

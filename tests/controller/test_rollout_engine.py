@@ -519,48 +519,79 @@ def test_a_device_busy_with_a_foreign_job_is_still_settled_from_the_version_its_
         assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
 
 
+# One robot's burst: repeats, late older steps and a status in the middle.
+BURST = [
+    (1, "RECEIVED"), (2, "DOWNLOADING"), (1, "RECEIVED"), (3, "BUILDING"), (0, "status"),
+    (4, "VALIDATING"), (2, "DOWNLOADING"), (5, "ACTIVATING"), (6, "PROBATION"),
+    (7, "SUCCEEDED"), (5, "ACTIVATING"),
+]  # fmt: skip
+
+
+def publish_burst(mosquitto: LocalMosquitto, device: str, cid: str) -> None:
+    """BURST on one connection, every message acknowledged by the broker."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    sent = []
+    for seq, state in BURST:
+        if state == "status":
+            topic, body = f"jetfleet/v1/devices/{device}/status", {
+                "schema": "jetfleet.status/v1", "device_id": device, "online": True,
+            }  # fmt: skip
+        else:
+            topic, body = f"jetfleet/v1/devices/{device}/events", {
+                "schema": "jetfleet.event/v1", "command_id": cid, "device_id": device,
+                "state": state, "seq": seq,
+            }  # fmt: skip
+        sent.append(client.publish(topic, json.dumps(body), qos=1))
+    for info in sent:
+        info.wait_for_publish(timeout=10)
+        assert info.is_published()
+    client.loop_stop()
+    client.disconnect()
+
+
+def assert_burst_settled(harness: ControllerHarness, rid: str) -> None:
+    assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
+    assert harness.store.assignments(rid)[0].state == "SUCCEEDED"
+    logged = [(e["seq"], e["state"]) for e in harness.store.events(rid)]
+    assert logged == [(s, st) for s, st in dict.fromkeys(BURST) if st != "status"]
+    device = harness.registry.get("robot-x")
+    assert device is not None and device.online
+    assert (device.last_seq, device.job["state"]) == (7, "SUCCEEDED")  # type: ignore[index]
+
+
 def test_a_burst_of_one_robots_events_with_repeats_and_late_ones_settles_in_arrival_order(
     mosquitto: LocalMosquitto, keys: KeySet, db: str
 ) -> None:
     """Events that arrive together are applied as one run (two statements for all); a
     repeat or a late older step inside it must not move the job back, and a status in
     the middle is applied in its place."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     harness = ControllerHarness(db, mosquitto.url, keys.operator)
     rid = harness.create(["robot-x"], waves_spec="100%")
     with driving(harness, rid) as (cid, t):
-        steps = [
-            (1, "RECEIVED"), (2, "DOWNLOADING"), (1, "RECEIVED"), (3, "BUILDING"), (0, "status"),
-            (4, "VALIDATING"), (2, "DOWNLOADING"), (5, "ACTIVATING"), (6, "PROBATION"),
-            (7, "SUCCEEDED"), (5, "ACTIVATING"),
-        ]  # fmt: skip
-        client = mqtt.Client(CallbackAPIVersion.VERSION2)
-        client.connect(mosquitto.host, mosquitto.port)
-        client.loop_start()
-        sent = []
-        for seq, state in steps:
-            if state == "status":
-                topic, body = "jetfleet/v1/devices/robot-x/status", {
-                    "schema": "jetfleet.status/v1", "device_id": "robot-x", "online": True,
-                }  # fmt: skip
-            else:
-                topic, body = "jetfleet/v1/devices/robot-x/events", {
-                    "schema": "jetfleet.event/v1", "command_id": cid, "device_id": "robot-x",
-                    "state": state, "seq": seq,
-                }  # fmt: skip
-            sent.append(client.publish(topic, json.dumps(body), qos=1))
-        for info in sent:  # every one acknowledged by the broker before we hang up
-            info.wait_for_publish(timeout=10)
-            assert info.is_published()
-        client.loop_stop()
-        client.disconnect()
+        publish_burst(mosquitto, "robot-x", cid)
         t.join(20)
-    assert harness.store.get(rid).state == SUCCEEDED  # type: ignore[union-attr]
-    assert harness.store.assignments(rid)[0].state == "SUCCEEDED"
-    logged = [(e["seq"], e["state"]) for e in harness.store.events(rid)]
-    assert logged == [(s, st) for s, st in dict.fromkeys(steps) if st != "status"]
-    device = harness.registry.get("robot-x")
-    assert device is not None and device.online
-    assert (device.last_seq, device.job["state"]) == (7, "SUCCEEDED")  # type: ignore[index]
+    assert_burst_settled(harness, rid)
+
+
+def test_a_run_of_events_that_trips_a_bug_is_applied_message_by_message(
+    mosquitto: LocalMosquitto, keys: KeySet, harness: ControllerHarness,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    tripped = []
+
+    def broken(*_: object, **__: object) -> None:
+        tripped.append(1)
+        raise RuntimeError("a bug in the batch path")
+
+    monkeypatch.setattr(harness.registry, "apply_events", broken)
+    rid = harness.create(["robot-x"], waves_spec="100%")
+    with driving(harness, rid) as (cid, t):
+        publish_burst(mosquitto, "robot-x", cid)
+        t.join(20)
+    assert tripped  # the events did come as runs
+    assert_burst_settled(harness, rid)
